@@ -1,0 +1,3 @@
+from grokgate.cli import main
+
+raise SystemExit(main())

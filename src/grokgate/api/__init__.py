@@ -1,0 +1,1 @@
+"""The thin HTTP layer: routes, the error envelope, SSE framing, authentication."""

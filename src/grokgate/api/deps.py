@@ -1,0 +1,25 @@
+"""What the routes need, wired once by create_app() and reached through `request.app.state`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from starlette.requests import Request
+
+from grokgate.core.admission import Admission
+from grokgate.providers.base import ModelTable
+from grokgate.settings import Settings
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    admission: Admission
+    models: ModelTable
+    started_at: int = field(default_factory=lambda: int(time.time()))
+
+
+def gateway(request: Request) -> Gateway:
+    gw: Gateway = request.app.state.gateway
+    return gw

@@ -1,0 +1,37 @@
+"""Model list and health probes."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from starlette.responses import JSONResponse
+
+from grokgate.api.chat import authenticate
+from grokgate.api.deps import Gateway, gateway
+from grokgate.core.admission import Principal
+
+router = APIRouter()
+
+
+@router.get("/v1/models", tags=["models"], summary="List the public model names (OpenAI list shape)")
+@router.get("/grok/models", tags=["models"], include_in_schema=False)
+async def list_models(
+    gw: Annotated[Gateway, Depends(gateway)],
+    principal: Annotated[Principal, Depends(authenticate)],
+) -> dict[str, Any]:
+    created = gw.started_at
+    data = [{"id": name, "object": "model", "created": created, "owned_by": "grokgate"} for name in gw.models.names()]
+    return {"object": "list", "data": data}
+
+
+@router.get("/healthz", tags=["health"], summary="Liveness: the process serves HTTP")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["health"], summary="Readiness: every backend can take requests")
+async def readyz(gw: Annotated[Gateway, Depends(gateway)]) -> JSONResponse:
+    backends = {p.name: p.status() for p in gw.models.providers()}
+    ready = all(p.ready() for p in gw.models.providers())
+    return JSONResponse({"status": "ready" if ready else "loading", "backends": backends}, status_code=200 if ready else 503)

@@ -1,0 +1,163 @@
+"""SSE framing and the two ways a generation reaches the client: streamed, or collected into one body.
+
+Framing (contract section 5.1): `data: <one-line JSON>\\n\\n` per event, `: keep-alive` comments during
+silences, `data: [DONE]` last, and an error after the first byte as a `data: {"error": ...}` event.
+A client that disconnects is a normal ending: the generation is closed (freeing its slot) and the ticket
+settled, shielded from cancellation, whatever way the response ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import anyio
+import orjson
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from grokgate.core.completion import CompletionAccumulator, StreamAssembler
+from grokgate.core.errors import GatewayError
+from grokgate.core.events import Event, Usage
+from grokgate.providers.base import Generation
+
+log = logging.getLogger("grokgate.stream")
+
+DONE = b"data: [DONE]\n\n"
+KEEPALIVE = b": keep-alive\n\n"
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+def frame(payload: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+class _Marker:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+TIMEOUT = _Marker("timeout")
+END = _Marker("end")
+
+
+class Pump:
+    """Reads a generation with a deadline per event, without cancelling the read that is in flight."""
+
+    def __init__(self, generation: Generation) -> None:
+        self.generation = generation
+        self._pending: asyncio.Future[Event] | None = None
+
+    async def next(self, timeout: float | None) -> Event | _Marker:
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self.generation.__anext__())
+        done, _ = await asyncio.wait((self._pending,), timeout=timeout)
+        if not done:
+            return TIMEOUT
+        future, self._pending = self._pending, None
+        try:
+            return future.result()
+        except StopAsyncIteration:
+            return END
+
+    async def aclose(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
+        await self.generation.aclose()
+
+
+Settle = Callable[[Usage | None, bool, BaseException | None], Awaitable[None]]
+
+
+class SSEResponse(StreamingResponse):
+    """A streaming response that always closes its body iterator, shielded, however the stream ends."""
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                aclose = getattr(self.body_iterator, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+
+
+async def sse_events(
+    pump: Pump,
+    assembler: StreamAssembler,
+    first: Event | _Marker,
+    keepalive: float,
+    request_id: str,
+    settle: Settle,
+) -> AsyncIterator[bytes]:
+    """The body of a streamed completion; `first` was read before the 200 was committed."""
+    completed = False
+    failure: BaseException | None = None
+    try:
+        for chunk in assembler.opening():
+            yield frame(chunk)
+        event = first
+        while event is not END:
+            if event is TIMEOUT:
+                yield KEEPALIVE
+            else:
+                chunk = assembler.on_event(event)  # type: ignore[arg-type]
+                if chunk is not None:
+                    yield frame(chunk)
+            event = await pump.next(keepalive)
+        for chunk in assembler.closing():
+            yield frame(chunk)
+        completed = True
+        yield DONE
+    except GatewayError as exc:
+        failure = exc
+        yield frame({"error": exc.body(), "trace_id": request_id})
+    except Exception as exc:
+        failure = exc
+        log.exception("stream failed", extra={"request_id": request_id})
+        error = GatewayError(500, "api_error", "Internal server error.")
+        yield frame({"error": error.body(), "trace_id": request_id})
+    finally:
+        with anyio.CancelScope(shield=True):
+            await pump.aclose()
+            await settle(assembler.usage, completed, failure)
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def collect(
+    pump: Pump,
+    accumulator: CompletionAccumulator,
+    first: Event | _Marker,
+    receive: Receive,
+) -> dict[str, Any] | None:
+    """Collect a whole completion; None if the client disconnected first (the generation is stopped)."""
+
+    async def consume() -> dict[str, Any]:
+        event = first
+        while event is not END:
+            if event is not TIMEOUT:
+                accumulator.on_event(event)  # type: ignore[arg-type]
+            event = await pump.next(None)
+        return accumulator.result()
+
+    consumer = asyncio.ensure_future(consume())
+    watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+    try:
+        await asyncio.wait((consumer, watcher), return_when=asyncio.FIRST_COMPLETED)
+        if consumer.done():
+            return consumer.result()
+        return None
+    finally:
+        for task in (consumer, watcher):
+            task.cancel()
+        with anyio.CancelScope(shield=True):
+            await pump.aclose()

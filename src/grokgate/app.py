@@ -1,0 +1,96 @@
+"""create_app(): the one place that wires concrete classes together."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from starlette.responses import HTMLResponse
+from starlette.staticfiles import StaticFiles
+
+from grokgate import __version__
+from grokgate.api import chat, errors, meta
+from grokgate.api.deps import Gateway
+from grokgate.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from grokgate.core.admission import Admission, StaticKeyAdmission
+from grokgate.providers import base
+from grokgate.providers.base import ModelTable, Provider, Route
+from grokgate.settings import Settings
+
+DESCRIPTION = """The Grok Chat Completions API as AceData Cloud serves it: `POST /grok/chat/completions` with a
+bearer token, OpenAI chat-completion bodies and SSE streaming. Errors use the envelope
+`{"error": {"code", "message", "type", "param"}, "trace_id"}`; every response carries `x-request-id`."""
+
+
+def build_models(settings: Settings, local: Provider) -> ModelTable:
+    return ModelTable([Route(name, local, name) for name in settings.models])
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    admission: Admission | None = None,
+    models: ModelTable | None = None,
+) -> FastAPI:
+    settings = settings or Settings()
+    if models is None:
+        import grokgate.providers.local  # noqa: F401  (registers the "local" kind)
+
+        local = base.create(
+            "local",
+            model_path=settings.model_path,
+            cache_dir=settings.cache_dir,
+            threads=settings.threads,
+            slots=settings.slots,
+            ctx_per_slot=settings.ctx_per_slot,
+        )
+        models = build_models(settings, local)
+    gw = Gateway(settings=settings, admission=admission or StaticKeyAdmission(settings.api_keys), models=models)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for provider in gw.models.providers():
+            await provider.start()
+        try:
+            yield
+        finally:
+            for provider in gw.models.providers():
+                await provider.close()
+
+    app = FastAPI(
+        title="grokgate",
+        version=__version__,
+        description=DESCRIPTION,
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.gateway = gw
+    errors.install(app)
+    app.include_router(chat.router)
+    app.include_router(meta.router)
+    _mount_docs(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)  # outermost: even a 413 carries x-request-id
+    return app
+
+
+def _mount_docs(app: FastAPI) -> None:
+    """Swagger UI from assets shipped in a package, so /docs works offline."""
+    import fastapi_offline
+
+    static = Path(fastapi_offline.__file__).parent / "static"
+    app.mount("/docs-static", StaticFiles(directory=static), name="docs-static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="grokgate API",
+            swagger_js_url="/docs-static/swagger-ui-bundle.js",
+            swagger_css_url="/docs-static/swagger-ui.css",
+            swagger_favicon_url="/docs-static/favicon.png",
+        )

@@ -1,0 +1,90 @@
+"""`grokgate serve | model`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+from grokgate import __version__
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from grokgate.app import create_app
+    from grokgate.observability.logging import configure
+    from grokgate.settings import Settings
+
+    overrides: dict[str, Any] = {}
+    for name in ("host", "port", "threads", "slots", "ctx_per_slot", "keepalive_seconds", "log_level"):
+        value = getattr(args, name)
+        if value is not None:
+            overrides[name] = value
+    if args.model is not None:
+        overrides["model_path"] = Path(args.model)
+    settings = Settings(**overrides)
+    configure(settings.log_level)
+    if not settings.api_keys:
+        token = "gg-" + secrets.token_urlsafe(24)
+        settings.api_keys = [token]
+        print(
+            "grokgate: no GROKGATE_API_KEYS configured; this run accepts the token below (shown once):\n"
+            f"\n    Authorization: Bearer {token}\n",
+            flush=True,
+        )
+    app = create_app(settings)
+    print(f"grokgate: serving on http://{settings.host}:{settings.port}  (docs: /docs)", file=sys.stderr, flush=True)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    return 0
+
+
+def _model(args: argparse.Namespace) -> int:
+    from grokgate.providers.local import _progress_printer
+    from grokgate.providers.model_files import DEFAULT_MODEL, ModelFileError, ensure_model
+    from grokgate.settings import Settings
+
+    settings = Settings()
+    try:
+        path = ensure_model(DEFAULT_MODEL, settings.cache_dir, progress=_progress_printer("assembling model"))
+    except ModelFileError as exc:
+        print(f"grokgate: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grokgate", description="Self-hosted Grok Chat Completions gateway.")
+    parser.add_argument("--version", action="version", version=f"grokgate {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP server")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--model", metavar="PATH.gguf", help="serve this GGUF instead of the default model")
+    serve.add_argument("--threads", type=int, help="engine threads (default 1)")
+    serve.add_argument("--slots", type=int, help="parallel generation slots (default 4)")
+    serve.add_argument("--ctx-per-slot", type=int, help="context tokens per slot (default 4096)")
+    serve.add_argument("--keepalive-seconds", type=float, help="SSE keep-alive interval (default 10)")
+    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    serve.set_defaults(func=_serve)
+
+    model = sub.add_parser("model", help="assemble and verify the default model, print its path")
+    model.set_defaults(func=_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result

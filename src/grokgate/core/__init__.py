@@ -1,0 +1,1 @@
+"""Pure domain logic: no web framework, no SQL, no engine imports."""

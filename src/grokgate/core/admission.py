@@ -1,0 +1,84 @@
+"""Admission: the one choke point every inference request passes before it reaches a backend.
+
+`authenticate` turns the Authorization header into a principal; `admit` decides whether this request may
+run (limits, and later a credit reservation) and returns a ticket that is settled exactly once, on every
+ending. The accounts issue replaces `StaticKeyAdmission` with a store-backed implementation; the routes do
+not change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from typing import Protocol
+
+from grokgate.core.errors import GatewayError
+from grokgate.core.events import Usage
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: an id safe to log (never the token itself)."""
+
+    key_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionRequest:
+    request_id: str
+    model: str
+    choices: int
+    output_limit: int | None
+
+
+class Ticket(Protocol):
+    async def settle(self, usage: Usage | None, *, delivered: bool) -> None:
+        """Record the outcome; called once per request, shielded from cancellation."""
+
+
+class Admission(Protocol):
+    def authenticate(self, authorization: str | None) -> Principal: ...
+
+    async def admit(self, principal: Principal, request: AdmissionRequest) -> Ticket: ...
+
+
+def bearer_token(authorization: str | None) -> str:
+    """The token of an `Authorization: Bearer <token>` header, or AceData's auth errors."""
+    if authorization is None or not authorization.strip():
+        raise GatewayError(400, "no_token", "The Authorization header is missing: send 'Bearer <token>'.")
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise GatewayError(401, "invalid_token", "The specified token is invalid or wrong.")
+    return token
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+class _NoopTicket:
+    async def settle(self, usage: Usage | None, *, delivered: bool) -> None:
+        return None
+
+
+class StaticKeyAdmission:
+    """Tokens from settings, compared in constant time by their sha256 digests; no limits, no billing."""
+
+    def __init__(self, tokens: list[str]) -> None:
+        self._digests = [(_digest(t), f"key-{i}") for i, t in enumerate(tokens)]
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        presented = _digest(bearer_token(authorization))
+        match: str | None = None
+        for digest, key_id in self._digests:
+            # Compare against every key so the time taken does not reveal which one matched.
+            if hmac.compare_digest(presented, digest) and match is None:
+                match = key_id
+        if match is None:
+            raise GatewayError(401, "invalid_token", "The specified token is invalid or wrong.")
+        return Principal(key_id=match)
+
+    async def admit(self, principal: Principal, request: AdmissionRequest) -> Ticket:
+        return _NoopTicket()

@@ -1,0 +1,179 @@
+"""Provider events -> chat-completion objects: chunks for a stream, or one whole completion.
+
+The stream side enforces what clients rely on (contract section 5.7): the same `id` and `created` on every
+chunk, a role delta first for each choice, exactly one chunk with a non-null `finish_reason` per choice,
+`usage: null` everywhere but the final `choices: []` usage chunk (sent only when asked for).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from grokgate.core.events import Delta, Event, Finish, Usage, UsageReport
+
+FINISH_REASONS = {"stop", "length", "tool_calls", "content_filter", "function_call"}
+
+
+def normalise_finish_reason(reason: str) -> str:
+    if reason in FINISH_REASONS:
+        return reason
+    if reason in ("end_turn", "eos", "stop_sequence"):
+        return "stop"
+    if reason in ("max_tokens", "limit"):
+        return "length"
+    return "stop"
+
+
+def new_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+class ChunkFactory:
+    """Builds chunk dicts that share one id, creation time, model name and fingerprint."""
+
+    def __init__(self, model: str, fingerprint: str, completion_id: str | None = None,
+                 created: int | None = None) -> None:
+        self.id = completion_id or new_completion_id()
+        self.created = created if created is not None else int(time.time())
+        self.model = model
+        self.fingerprint = fingerprint
+
+    def chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": self.fingerprint,
+            "choices": choices,
+            "usage": usage,
+        }
+
+
+def _choice(index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None) -> dict[str, Any]:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+
+class StreamAssembler:
+    """Turns events into chunk dicts, keeping the stream invariants whatever the provider does."""
+
+    def __init__(self, factory: ChunkFactory, choices: int, include_usage: bool) -> None:
+        self.factory = factory
+        self.choices = choices
+        self.include_usage = include_usage
+        self._finished: set[int] = set()
+        self.usage: Usage | None = None
+
+    def opening(self) -> list[dict[str, Any]]:
+        return [self.factory.chunk([_choice(i, {"role": "assistant", "content": ""})]) for i in range(self.choices)]
+
+    def on_event(self, event: Event) -> dict[str, Any] | None:
+        if isinstance(event, Delta):
+            if event.index in self._finished:
+                return None
+            delta: dict[str, Any] = {}
+            if event.content is not None:
+                delta["content"] = event.content
+            if event.reasoning_content is not None:
+                delta["reasoning_content"] = event.reasoning_content
+            if event.tool_calls is not None:
+                delta["tool_calls"] = event.tool_calls
+            logprobs = {"content": event.logprobs} if event.logprobs is not None else None
+            return self.factory.chunk([_choice(event.index, delta, logprobs)])
+        if isinstance(event, Finish):
+            if event.index in self._finished:
+                return None
+            self._finished.add(event.index)
+            return self.factory.chunk([_choice(event.index, {}, None, normalise_finish_reason(event.reason))])
+        if isinstance(event, UsageReport):
+            self.usage = event.usage  # the last report wins: providers never send running sums
+        return None
+
+    def closing(self) -> list[dict[str, Any]]:
+        """Finish any choice the provider left open, then the usage chunk if the client asked for it."""
+        chunks = [
+            self.factory.chunk([_choice(i, {}, None, "stop")]) for i in range(self.choices) if i not in self._finished
+        ]
+        self._finished.update(range(self.choices))
+        if self.include_usage:
+            chunks.append(self.factory.chunk([], (self.usage or Usage()).as_dict()))
+        return chunks
+
+
+class _ChoiceState:
+    __slots__ = ("content", "finish", "logprobs", "reasoning", "tool_calls")
+
+    def __init__(self) -> None:
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self.logprobs: list[dict[str, Any]] | None = None
+        self.tool_calls: dict[int, dict[str, Any]] = {}
+        self.finish: str | None = None
+
+
+class CompletionAccumulator:
+    """Collects events into one `chat.completion` object (non-streaming responses)."""
+
+    def __init__(self, factory: ChunkFactory, choices: int) -> None:
+        self.factory = factory
+        self._choices = [_ChoiceState() for _ in range(choices)]
+        self.usage: Usage | None = None
+
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, UsageReport):
+            self.usage = event.usage
+            return
+        state = self._choices[event.index]
+        if isinstance(event, Finish):
+            state.finish = state.finish or normalise_finish_reason(event.reason)
+            return
+        if event.content:
+            state.content.append(event.content)
+        if event.reasoning_content:
+            state.reasoning.append(event.reasoning_content)
+        if event.logprobs is not None:
+            state.logprobs = (state.logprobs or []) + event.logprobs
+        for fragment in event.tool_calls or ():
+            _merge_tool_call(state.tool_calls, fragment)
+
+    def result(self) -> dict[str, Any]:
+        choices = []
+        for index, state in enumerate(self._choices):
+            message: dict[str, Any] = {"role": "assistant", "content": "".join(state.content)}
+            if state.reasoning:
+                message["reasoning_content"] = "".join(state.reasoning)
+            if state.tool_calls:
+                message["tool_calls"] = [state.tool_calls[k] for k in sorted(state.tool_calls)]
+                message["content"] = message["content"] or None
+            choices.append({
+                "index": index,
+                "message": message,
+                "logprobs": {"content": state.logprobs} if state.logprobs is not None else None,
+                "finish_reason": state.finish or "stop",
+            })
+        return {
+            "id": self.factory.id,
+            "object": "chat.completion",
+            "created": self.factory.created,
+            "model": self.factory.model,
+            "system_fingerprint": self.factory.fingerprint,
+            "choices": choices,
+            "usage": (self.usage or Usage()).as_dict(),
+        }
+
+
+def _merge_tool_call(calls: dict[int, dict[str, Any]], fragment: dict[str, Any]) -> None:
+    """Tool-call deltas: the first fragment of an index carries id and name, later ones append arguments."""
+    index = int(fragment.get("index", len(calls)))
+    call = calls.setdefault(index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+    if fragment.get("id"):
+        call["id"] = fragment["id"]
+    if fragment.get("type"):
+        call["type"] = fragment["type"]
+    function = fragment.get("function") or {}
+    if function.get("name"):
+        call["function"]["name"] = function["name"]
+    if function.get("arguments"):
+        call["function"]["arguments"] += function["arguments"]

@@ -1,0 +1,1 @@
+"""Logs now; metrics plug in here."""

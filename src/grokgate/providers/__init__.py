@@ -1,0 +1,1 @@
+"""Backends behind the public model names, one module each, created through one registry."""

@@ -1,0 +1,398 @@
+"""The embedded engine: llama.cpp (through xllamacpp) in-process, with continuous batching over slots.
+
+Each choice of a request is one engine job (n=1), so `n` up to 128 works whatever the slot count: jobs
+wait in a fair queue and `slots` worker threads feed them to the engine, which batches the running ones
+together. The engine call releases the GIL; its per-token callback runs in the worker thread and hands
+events to the event loop with `call_soon_threadsafe`, so the loop never waits on the model. Returning
+True from the callback aborts a job, which is how a client that hangs up frees its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from grokgate.core.errors import GatewayError
+from grokgate.core.events import Delta, Event, Finish, Usage, UsageReport
+from grokgate.core.fairqueue import FairQueue
+from grokgate.providers.base import register
+from grokgate.providers.model_files import DEFAULT_MODEL, ensure_model
+from grokgate.schemas.chat import ChatCompletionRequest
+
+log = logging.getLogger("grokgate.local")
+
+
+class _JobEnd:
+    __slots__ = ("usage",)
+
+    def __init__(self, usage: Usage | None) -> None:
+        self.usage = usage
+
+
+class _Job:
+    """One choice of one request, run by one worker thread."""
+
+    __slots__ = ("cancelled", "generated", "index", "loop", "payload", "queue", "usage")
+
+    def __init__(self, index: int, payload: dict[str, Any], loop: asyncio.AbstractEventLoop,
+                 queue: asyncio.Queue[Any]) -> None:
+        self.index = index
+        self.payload = payload
+        self.loop = loop
+        self.queue = queue
+        self.cancelled = False
+        self.generated = 0
+        self.usage: Usage | None = None
+
+    def post(self, item: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self.cancelled = True
+
+    def on_chunk(self, chunk: dict[str, Any]) -> bool:
+        """Engine callback (worker thread): translate one chunk; True aborts the generation."""
+        if self.cancelled:
+            return True
+        error = chunk.get("error")
+        if error is not None:
+            self.post(_engine_error(error))
+            return True
+        usage = chunk.get("usage")
+        if usage:
+            details = usage.get("prompt_tokens_details") or {}
+            self.usage = Usage(
+                prompt_tokens=int(usage.get("prompt_tokens", 0)),
+                completion_tokens=int(usage.get("completion_tokens", 0)),
+                cached_tokens=int(details.get("cached_tokens", 0)),
+            )
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            content = delta.get("content")
+            tool_calls = delta.get("tool_calls")
+            reasoning = delta.get("reasoning_content")
+            if content or tool_calls or reasoning:
+                self.generated += 1
+                logprobs = choice.get("logprobs")
+                self.post(Delta(
+                    index=self.index,
+                    content=content or None,
+                    logprobs=logprobs.get("content") if logprobs else None,
+                    tool_calls=tool_calls,
+                    reasoning_content=reasoning,
+                ))
+            reason = choice.get("finish_reason")
+            if reason:
+                self.post(Finish(index=self.index, reason=reason))
+        return self.cancelled
+
+
+def _engine_error(error: Any) -> GatewayError:
+    if not isinstance(error, dict):
+        return GatewayError(500, "api_error", f"The local engine failed: {error}")
+    code = int(error.get("code", 500) or 500)
+    message = str(error.get("message", "the local engine failed"))
+    if 400 <= code < 500:
+        return GatewayError(400, "bad_request", message, param="messages" if "context" in message else None)
+    return GatewayError(500, "api_error", f"The local engine failed: {message}")
+
+
+class LocalGeneration:
+    """Events of one request, merged from its n jobs; usage is reported once, when all jobs ended."""
+
+    def __init__(self, engine: LocalEngine, jobs: list[_Job], queue: asyncio.Queue[Any]) -> None:
+        self._engine = engine
+        self._jobs = jobs
+        self._queue = queue
+        self._open = len(jobs)
+        self._closed = False
+
+    def __aiter__(self) -> LocalGeneration:
+        return self
+
+    async def __anext__(self) -> Event:
+        while True:
+            if self._open == 0:
+                if self._closed:
+                    raise StopAsyncIteration
+                self._closed = True
+                return UsageReport(self._merged_usage())
+            item = await self._queue.get()
+            if isinstance(item, _JobEnd):
+                self._open -= 1
+                continue
+            if isinstance(item, GatewayError):
+                await self.aclose()
+                raise item
+            return item  # type: ignore[no-any-return]
+
+    def _merged_usage(self) -> Usage:
+        # The prompt is shared by the choices, so it is counted once; outputs add up.
+        reports = [j.usage for j in self._jobs if j.usage is not None]
+        first = max(reports, key=lambda u: u.prompt_tokens, default=Usage())
+        return Usage(
+            prompt_tokens=first.prompt_tokens,
+            cached_tokens=first.cached_tokens,
+            completion_tokens=sum(j.usage.completion_tokens if j.usage else j.generated for j in self._jobs),
+        )
+
+    def usage_so_far(self) -> Usage:
+        """What was consumed up to now, for a request that ends early."""
+        return self._merged_usage()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for job in self._jobs:
+            job.cancelled = True
+        self._engine.discard(self)
+
+
+class LocalEngine:
+    """Owns the xllamacpp server, the fair job queue and the worker threads."""
+
+    name = "local"
+
+    def __init__(
+        self,
+        *,
+        model_path: Path | None,
+        cache_dir: Path,
+        threads: int = 1,
+        slots: int = 4,
+        ctx_per_slot: int = 4096,
+        verbose: bool = False,
+    ) -> None:
+        self._model_path = model_path
+        self._cache_dir = cache_dir
+        self._threads = threads
+        self._slots = slots
+        self._ctx_per_slot = ctx_per_slot
+        self._verbose = verbose
+        self._server: Any = None
+        self._queue: FairQueue[_Job] = FairQueue()
+        self._workers: list[threading.Thread] = []
+        self._busy = 0
+        self._lock = threading.Lock()
+        self._tokens_generated = 0
+        self._jobs_done = 0
+        self._fingerprint = "local"
+        self._load_error: str | None = None
+        self._loading: asyncio.Task[None] | None = None
+        self._socket_dir: str | None = None
+        self.resolved_model: Path | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Begin loading in a thread; the server answers /healthz meanwhile and /readyz once loaded."""
+        self._loading = asyncio.create_task(asyncio.to_thread(self._load), name="local-engine-load")
+        self._loading.add_done_callback(self._on_loaded)
+
+    async def wait_ready(self) -> None:
+        if self._loading is not None:
+            await asyncio.shield(self._loading)
+
+    def _on_loaded(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            self._load_error = "loading was cancelled"
+        elif task.exception() is not None:
+            self._load_error = str(task.exception())
+            log.error("local engine failed to load: %s", self._load_error)
+
+    def _load(self) -> None:
+        import xllamacpp
+
+        started = time.monotonic()
+        if self._model_path is None:
+            path = ensure_model(DEFAULT_MODEL, self._cache_dir, progress=_progress_printer("assembling model"))
+            identity = DEFAULT_MODEL.sha256[:12]
+        else:
+            path = self._model_path.expanduser().resolve()
+            if not path.is_file():
+                raise FileNotFoundError(f"model file not found: {path}")
+            st = path.stat()
+            identity = hashlib.sha256(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        self.resolved_model = path
+        _status_line(f"loading {path.name} ({self._slots} slots, {self._threads} thread(s))...")
+
+        params = xllamacpp.CommonParams()
+        params.model.path = str(path)
+        params.n_parallel = self._slots
+        params.n_ctx = self._slots * self._ctx_per_slot
+        params.cpuparams.n_threads = self._threads
+        params.cpuparams_batch.n_threads = self._threads
+        params.verbosity = 3 if self._verbose else -1
+        # xllamacpp always opens llama.cpp's own HTTP listener and offers no switch to turn it off. Bind it
+        # to a Unix socket in a private (0700) directory and require a random key nobody knows, so nothing
+        # but this process can reach it.
+        self._socket_dir = tempfile.mkdtemp(prefix="grokgate-engine-")
+        params.hostnames = [str(Path(self._socket_dir) / "llama.sock")]
+        params.api_keys = [secrets.token_urlsafe(32)]
+        params.n_threads_http = 1
+        self._server = xllamacpp.Server(params)
+        self._fingerprint = f"fp_local_{identity}_xllamacpp-{xllamacpp.__version__}"
+
+        for i in range(self._slots):
+            worker = threading.Thread(target=self._work, name=f"local-engine-{i}", daemon=True)
+            worker.start()
+            self._workers.append(worker)
+        _status_line(f"model ready in {time.monotonic() - started:.1f}s")
+
+    async def close(self) -> None:
+        self._queue.close()
+        if self._loading is not None and not self._loading.done():
+            await asyncio.shield(self._loading)
+        for worker in self._workers:
+            await asyncio.to_thread(worker.join, 30)
+        self._server = None
+        if self._socket_dir:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+    # -- Provider ------------------------------------------------------------------------------------------
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def ready(self) -> bool:
+        return self._server is not None
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "ready": self.ready(),
+            "error": self._load_error,
+            "model": self.resolved_model.name if self.resolved_model else None,
+            "slots": self._slots,
+            "slots_busy": self._busy,
+            "queued": len(self._queue),
+            "tokens_generated": self._tokens_generated,
+            "jobs_done": self._jobs_done,
+        }
+
+    def check(self, request: ChatCompletionRequest) -> None:
+        for i, message in enumerate(request.messages):
+            if message.has_images():
+                raise GatewayError(
+                    400,
+                    "bad_request",
+                    f"The model '{request.model}' is served by a local text model that does not accept images.",
+                    param=f"messages[{i}].content",
+                )
+        if not self.ready():
+            reason = f" ({self._load_error})" if self._load_error else ""
+            raise GatewayError(
+                503, "model_loading", f"The local model is not loaded yet{reason}. Retry shortly.",
+                headers={"retry-after": "2"},
+            )
+
+    def generate(self, request: ChatCompletionRequest, upstream_model: str) -> LocalGeneration:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        base = _payload(request, upstream_model)
+        jobs = []
+        for index in range(request.choices):
+            payload = dict(base)
+            if request.seed is not None:
+                payload["seed"] = (request.seed + index) & 0xFFFFFFFF
+            jobs.append(_Job(index, payload, loop, queue))
+        generation = LocalGeneration(self, jobs, queue)
+        self._queue.put_group(id(generation), jobs)
+        return generation
+
+    def discard(self, generation: LocalGeneration) -> None:
+        for job in self._queue.discard(id(generation)):
+            job.post(_JobEnd(None))
+
+    # -- worker threads ----------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while (job := self._queue.get()) is not None:
+            if job.cancelled:
+                job.post(_JobEnd(None))
+                continue
+            with self._lock:
+                self._busy += 1
+            try:
+                self._server.handle_chat_completions(job.payload, job.on_chunk)
+            except ValueError as exc:  # xllamacpp raises ValueError for requests it cannot parse
+                job.post(GatewayError(400, "bad_request", str(exc)))
+            except Exception as exc:
+                log.exception("local engine job failed")
+                job.post(GatewayError(500, "api_error", f"The local engine failed: {exc}"))
+            finally:
+                with self._lock:
+                    self._busy -= 1
+                    self._tokens_generated += job.generated
+                    self._jobs_done += 1
+                job.post(_JobEnd(job.usage))
+
+
+_PASSTHROUGH = (
+    "temperature", "top_p", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs",
+    "tool_choice", "parallel_tool_calls",
+)
+
+
+def _payload(request: ChatCompletionRequest, upstream_model: str) -> dict[str, Any]:
+    """The engine request for one choice (n=1), from the validated public request."""
+    messages = []
+    for message in request.messages:
+        item = message.model_dump(exclude_none=True, by_alias=True)
+        if item["role"] == "developer":
+            item["role"] = "system"
+        messages.append(item)
+    payload: dict[str, Any] = {
+        "model": upstream_model,
+        "messages": messages,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "n": 1,
+    }
+    for name in _PASSTHROUGH:
+        value = getattr(request, name)
+        if value is not None:
+            payload[name] = value.model_dump(exclude_none=True) if hasattr(value, "model_dump") else value
+    if request.output_limit is not None:
+        payload["max_tokens"] = request.output_limit
+    if request.stop_list:
+        payload["stop"] = request.stop_list
+    if request.tools:
+        payload["tools"] = [t.model_dump(exclude_none=True) for t in request.tools]
+    if request.response_format is not None:
+        payload["response_format"] = request.response_format.model_dump(exclude_none=True, by_alias=True)
+    # The prompt cache reuses KV state across requests, which changes the numbers and so the text:
+    # a request that asks for reproducible output gets a fresh evaluation.
+    payload["cache_prompt"] = request.seed is None and request.temperature != 0
+    return payload
+
+
+def _status_line(text: str) -> None:
+    print(f"grokgate: {text}", file=sys.stderr, flush=True)
+
+
+def _progress_printer(label: str) -> Any:
+    last = [-1]
+
+    def show(done: int, total: int) -> None:
+        pct = done * 100 // max(total, 1)
+        if pct // 10 != last[0] // 10 or done == total:
+            last[0] = pct
+            _status_line(f"{label}: {pct}% ({done >> 20} / {total >> 20} MiB)")
+
+    return show
+
+
+@register("local")
+def create_local(**config: Any) -> LocalEngine:
+    return LocalEngine(**config)

@@ -1,0 +1,77 @@
+"""The one settings object. Nothing else in grokgate reads the environment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_MODELS = (
+    "grok-4",
+    "grok-4-1-fast",
+    "grok-4-1-fast-non-reasoning",
+    "grok-3",
+    "grok-3-mini",
+    "grok-2-vision",
+)
+
+
+def _xdg(var: str, fallback: str) -> Path:
+    base = os.environ.get(var) or str(Path.home() / fallback)
+    return Path(base) / "grokgate"
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every knob, read from `GROKGATE_*` environment variables (or passed in by the CLI and tests)."""
+
+    model_config = SettingsConfigDict(env_prefix="GROKGATE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    # Bearer tokens accepted by the minimal admission step (comma-separated in the environment).
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # Public model names, all served by the local engine until routing is configured.
+    models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(DEFAULT_MODELS))
+
+    # Embedded engine. `model_path` None means the default model assembled from its PyPI parts.
+    model_path: Path | None = None
+    threads: int = Field(default=1, ge=1, le=256)
+    slots: int = Field(default=4, ge=1, le=256)
+    ctx_per_slot: int = Field(default=4096, ge=256, le=1_048_576)
+    load_on_start: bool = True
+
+    cache_dir: Path = Field(default_factory=lambda: _xdg("XDG_CACHE_HOME", ".cache"))
+    data_dir: Path = Field(default_factory=lambda: _xdg("XDG_DATA_HOME", ".local/share"))
+
+    # Request bounds.
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_messages: int = Field(default=2048, ge=1)
+    max_tokens_limit: int = Field(default=131_072, ge=1)
+
+    # Streaming: a `: keep-alive` comment after this many seconds of silence.
+    keepalive_seconds: float = Field(default=10.0, gt=0)
+
+    log_level: str = "INFO"
+
+    @field_validator("api_keys", "models", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("models")
+    @classmethod
+    def _models_not_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one public model name is required")
+        return value
