@@ -41,11 +41,12 @@ class _JobEnd:
 class _Job:
     """One choice of one request, run by one worker thread."""
 
-    __slots__ = ("cancelled", "generated", "index", "loop", "payload", "queue", "usage")
+    __slots__ = ("cancelled", "exclusive", "generated", "index", "loop", "payload", "queue", "usage")
 
     def __init__(self, index: int, payload: dict[str, Any], loop: asyncio.AbstractEventLoop,
-                 queue: asyncio.Queue[Any]) -> None:
+                 queue: asyncio.Queue[Any], exclusive: bool) -> None:
         self.index = index
+        self.exclusive = exclusive
         self.payload = payload
         self.loop = loop
         self.queue = queue
@@ -183,7 +184,13 @@ class LocalEngine:
         self._queue: FairQueue[_Job] = FairQueue()
         self._workers: list[threading.Thread] = []
         self._busy = 0
-        self._lock = threading.Lock()
+        # Reproducible jobs (a seed, or temperature 0) run alone: llama.cpp's numbers, and so the sampled
+        # text, change with what else shares the batch. The gate admits either one such job or any
+        # number of ordinary ones, and a waiting exclusive job holds back new ordinary ones.
+        self._gate = threading.Condition()
+        self._exclusive_running = False
+        self._exclusive_waiting = 0
+        self._at_gate = 0
         self._tokens_generated = 0
         self._jobs_done = 0
         self._fingerprint = "local"
@@ -275,7 +282,7 @@ class LocalEngine:
             "model": self.resolved_model.name if self.resolved_model else None,
             "slots": self._slots,
             "slots_busy": self._busy,
-            "queued": len(self._queue),
+            "queued": len(self._queue) + self._at_gate,
             "tokens_generated": self._tokens_generated,
             "jobs_done": self._jobs_done,
         }
@@ -305,7 +312,7 @@ class LocalEngine:
             payload = dict(base)
             if request.seed is not None:
                 payload["seed"] = (request.seed + index) & 0xFFFFFFFF
-            jobs.append(_Job(index, payload, loop, queue))
+            jobs.append(_Job(index, payload, loop, queue, exclusive=not payload["cache_prompt"]))
         generation = LocalGeneration(self, jobs, queue)
         self._queue.put_group(id(generation), jobs)
         return generation
@@ -321,21 +328,42 @@ class LocalEngine:
             if job.cancelled:
                 job.post(_JobEnd(None))
                 continue
-            with self._lock:
-                self._busy += 1
+            self._enter(job.exclusive)
             try:
-                self._server.handle_chat_completions(job.payload, job.on_chunk)
+                if not job.cancelled:
+                    self._server.handle_chat_completions(job.payload, job.on_chunk)
             except ValueError as exc:  # xllamacpp raises ValueError for requests it cannot parse
                 job.post(GatewayError(400, "bad_request", str(exc)))
             except Exception as exc:
                 log.exception("local engine job failed")
                 job.post(GatewayError(500, "api_error", f"The local engine failed: {exc}"))
             finally:
-                with self._lock:
-                    self._busy -= 1
-                    self._tokens_generated += job.generated
-                    self._jobs_done += 1
+                self._leave(job)
                 job.post(_JobEnd(job.usage))
+
+    def _enter(self, exclusive: bool) -> None:
+        with self._gate:
+            self._at_gate += 1
+            if exclusive:
+                self._exclusive_waiting += 1
+                while self._busy or self._exclusive_running:
+                    self._gate.wait()
+                self._exclusive_waiting -= 1
+                self._exclusive_running = True
+            else:
+                while self._exclusive_running or self._exclusive_waiting:
+                    self._gate.wait()
+            self._at_gate -= 1
+            self._busy += 1
+
+    def _leave(self, job: _Job) -> None:
+        with self._gate:
+            self._busy -= 1
+            if job.exclusive:
+                self._exclusive_running = False
+            self._tokens_generated += job.generated
+            self._jobs_done += 1
+            self._gate.notify_all()
 
 
 _PASSTHROUGH = (

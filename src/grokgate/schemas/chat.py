@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from grokgate.core.errors import bad_request
 
@@ -70,14 +70,14 @@ class Message(_Lenient):
 
 
 class StreamOptions(_Lenient):
-    include_usage: bool | None = None
+    include_usage: StrictBool | None = None
 
 
 class FunctionDef(_Lenient):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
-    strict: bool | None = None
+    strict: StrictBool | None = None
 
 
 class Tool(_Lenient):
@@ -98,7 +98,7 @@ class JSONSchemaFormat(_Lenient):
     name: str
     description: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    strict: bool | None = False
+    strict: StrictBool | None = False
 
 
 class ResponseFormatText(_Lenient):
@@ -125,7 +125,7 @@ class ChatCompletionRequest(_Lenient):
     model: str
     messages: list[Message] = Field(min_length=1)
     n: int | None = Field(default=None, ge=1, le=128)
-    stream: bool | None = False
+    stream: StrictBool | None = False
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -134,14 +134,14 @@ class ChatCompletionRequest(_Lenient):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     seed: int | None = None
     stop: str | Annotated[list[str], Field(min_length=1, max_length=4)] | None = None
-    logprobs: bool | None = False
+    logprobs: StrictBool | None = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     stream_options: StreamOptions | None = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: StrictBool | None = None
     user: str | None = None
     reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
-    store: bool | None = None
+    store: StrictBool | None = None
     metadata: dict[str, str] | None = None
     logit_bias: dict[str, int] | None = None
     modalities: list[Literal["text", "audio"]] | None = None

@@ -1,0 +1,125 @@
+"""Many requests at once, fairness between requests, and disconnects that free their slots."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from typing import Any
+from urllib.parse import urlparse
+
+import httpx
+
+from tests.conftest import Server, user, wait_idle
+
+
+def test_many_concurrent_requests_all_answered(server: Server) -> None:
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as c:
+            async def one(i: int) -> httpx.Response:
+                body = {"model": "grok-3", "messages": user(f"Say the number {i}."), "max_tokens": 3,
+                        "stream": i % 2 == 0}
+                return await c.post("/grok/chat/completions", json=body,
+                                    headers={"Authorization": f"Bearer {server.token}"})
+            return await asyncio.gather(*(one(i) for i in range(24)))
+
+    responses = asyncio.run(run())
+    assert [r.status_code for r in responses] == [200] * 24
+    for i, r in enumerate(responses):
+        if i % 2 == 0:
+            assert r.text.endswith("data: [DONE]\n\n")
+        else:
+            assert r.json()["choices"][0]["message"]["content"]
+    assert len({r.headers["x-request-id"] for r in responses}) == 24
+
+
+def test_small_request_is_not_starved_by_a_large_n(server: Server) -> None:
+    """Jobs are served round-robin per request: n=1 arriving behind n=32 finishes long before it."""
+    wait_idle(server)
+
+    async def run() -> tuple[float, float]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as c:
+            headers = {"Authorization": f"Bearer {server.token}"}
+
+            async def timed(body: dict[str, Any], delay: float) -> float:
+                await asyncio.sleep(delay)
+                r = await c.post("/grok/chat/completions", json=body, headers=headers)
+                assert r.status_code == 200, r.text
+                return time.monotonic()
+
+            big = timed({"model": "grok-3", "messages": user("Write a poem."), "max_tokens": 8, "n": 32}, 0)
+            small = timed({"model": "grok-3", "messages": user("Say OK."), "max_tokens": 2}, 0.3)
+            big_done, small_done = await asyncio.gather(big, small)
+            return big_done, small_done
+
+    big_done, small_done = asyncio.run(run())
+    assert small_done < big_done
+
+
+def _raw_stream_then_hang_up(server: Server, body: bytes, read_events: int) -> None:
+    """Speak HTTP/1.1 on a plain socket, read a few events, then close the connection abruptly."""
+    url = urlparse(server.url)
+    with socket.create_connection((url.hostname, url.port)) as sock:
+        head = (f"POST /grok/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                f"Authorization: Bearer {server.token}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        sock.sendall(head + body)
+        received = b""
+        while received.count(b"data: ") < read_events:
+            data = sock.recv(65536)
+            assert data, "server closed early"
+            received += data
+        assert b"200 OK" in received
+
+
+def test_stream_disconnect_stops_generation_and_frees_the_slot(server: Server) -> None:
+    import json
+
+    wait_idle(server)
+    before = server.engine()
+    body = json.dumps({"model": "grok-3", "messages": user("Write a very long essay about rivers."),
+                       "max_tokens": 1000, "stream": True}).encode()
+    _raw_stream_then_hang_up(server, body, read_events=4)
+    hung_up = time.monotonic()
+    status = wait_idle(server, timeout=5)
+    freed_after = time.monotonic() - hung_up
+    assert status["jobs_done"] == before["jobs_done"] + 1
+    generated = status["tokens_generated"] - before["tokens_generated"]
+    assert generated < 100, f"generation went on after the hang-up: {generated} tokens"
+    assert freed_after < 2, freed_after
+    time.sleep(0.5)
+    assert server.engine()["tokens_generated"] == status["tokens_generated"], "nothing runs after the slot is free"
+
+
+def test_non_stream_disconnect_stops_generation(server: Server) -> None:
+    import json
+
+    wait_idle(server)
+    before = server.engine()
+    body = json.dumps({"model": "grok-3", "messages": user("Write a very long essay about mountains."),
+                       "max_tokens": 1000, "n": 2}).encode()
+    url = urlparse(server.url)
+    with socket.create_connection((url.hostname, url.port)) as sock:
+        sock.sendall((f"POST /grok/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                      f"Authorization: Bearer {server.token}\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+        deadline = time.monotonic() + 30
+        while server.engine()["slots_busy"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.5)
+    status = wait_idle(server, timeout=5)
+    assert status["jobs_done"] == before["jobs_done"] + 2
+    assert status["tokens_generated"] - before["tokens_generated"] < 200
+
+
+def test_queued_jobs_of_a_gone_client_never_run(server: Server) -> None:
+    import json
+
+    wait_idle(server)
+    before = server.engine()
+    body = json.dumps({"model": "grok-3", "messages": user("Write a story."), "max_tokens": 500,
+                       "n": 12, "stream": True}).encode()
+    _raw_stream_then_hang_up(server, body, read_events=14)  # 12 role deltas + a couple of tokens
+    status = wait_idle(server, timeout=5)
+    assert status["jobs_done"] - before["jobs_done"] <= 12
+    assert status["tokens_generated"] - before["tokens_generated"] < 150

