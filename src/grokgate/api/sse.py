@@ -50,10 +50,11 @@ class Pump:
         self.generation = generation
         self._pending: asyncio.Future[Event] | None = None
 
-    async def next(self, timeout: float | None) -> Event | _Marker:
+    async def next(self, wait: float | None) -> Event | _Marker:
+        """The next event, END, or TIMEOUT after `wait` seconds (the read goes on for the next call)."""
         if self._pending is None:
             self._pending = asyncio.ensure_future(self.generation.__anext__())
-        done, _ = await asyncio.wait((self._pending,), timeout=timeout)
+        done, _ = await asyncio.wait((self._pending,), timeout=wait)
         if not done:
             return TIMEOUT
         future, self._pending = self._pending, None
@@ -103,12 +104,10 @@ async def sse_events(
             yield frame(chunk)
         event = first
         while event is not END:
-            if event is TIMEOUT:
+            if isinstance(event, _Marker):
                 yield KEEPALIVE
-            else:
-                chunk = assembler.on_event(event)  # type: ignore[arg-type]
-                if chunk is not None:
-                    yield frame(chunk)
+            elif (payload := assembler.on_event(event)) is not None:
+                yield frame(payload)
             event = await pump.next(keepalive)
         for chunk in assembler.closing():
             yield frame(chunk)
@@ -144,8 +143,8 @@ async def collect(
     async def consume() -> dict[str, Any]:
         event = first
         while event is not END:
-            if event is not TIMEOUT:
-                accumulator.on_event(event)  # type: ignore[arg-type]
+            if not isinstance(event, _Marker):
+                accumulator.on_event(event)
             event = await pump.next(None)
         return accumulator.result()
 

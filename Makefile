@@ -1,0 +1,40 @@
+# Two commands do all set-up on a fresh clone: `make serve` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: serve test lint bench clean
+
+$(PY):
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "grokgate needs Python 3.11 or newer (set PYTHON=...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed-run: pyproject.toml | $(PY)
+	$(PIP) -e '.[local]'
+	$(VENV)/bin/grokgate model >/dev/null
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(PY)
+	$(PIP) -e '.[local,dev]'
+	$(VENV)/bin/grokgate model >/dev/null
+	touch $@ $(VENV)/.installed-run
+
+## serve: install grokgate with the local engine and default model, serve on http://127.0.0.1:8000
+serve: $(VENV)/.installed-run
+	$(VENV)/bin/grokgate serve $(ARGS)
+
+## test: install the dev extras and run the whole suite
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy
+
+bench: $(VENV)/.installed-dev
+	$(PY) bench/local_engine.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache test-artifacts
