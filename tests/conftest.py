@@ -57,7 +57,8 @@ def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None, wait_
                  name: str = "server") -> Server:
     port = free_port()
     log_path = tmp / f"{name}-{port}.log"
-    full_env = {**os.environ, "GROKGATE_API_KEYS": TOKEN, **(env or {})}
+    full_env = {**os.environ, "GROKGATE_API_KEYS": TOKEN, "GROKGATE_DATA_DIR": str(tmp / f"{name}-data"),
+                **(env or {})}
     # The default model is assembled once into the user's cache and reused by every server the tests start.
     log_file = log_path.open("wb")
     process = subprocess.Popen(

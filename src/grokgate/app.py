@@ -12,13 +12,19 @@ from starlette.responses import HTMLResponse
 from starlette.staticfiles import StaticFiles
 
 from grokgate import __version__
-from grokgate.api import chat, errors, meta
+from grokgate.api import account, admin, chat, errors, meta
 from grokgate.api.deps import Gateway
 from grokgate.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from grokgate.core.admission import Admission, StaticKeyAdmission
+from grokgate.core.billing import AccountAdmission, BillingPolicy
+from grokgate.core.limits import RateLimiter
+from grokgate.core.pricing import default_prices
 from grokgate.providers import base
 from grokgate.providers.base import ModelTable, Provider, Route
 from grokgate.settings import Settings
+from grokgate.store.limits_memory import MemoryRateLimiter
+from grokgate.store.limits_redis import RedisRateLimiter
+from grokgate.store.sql import SqlStore, default_url
 
 DESCRIPTION = """The Grok Chat Completions API as AceData Cloud serves it: `POST /grok/chat/completions` with a
 bearer token, OpenAI chat-completion bodies and SSE streaming. Errors use the envelope
@@ -48,10 +54,23 @@ def create_app(
             ctx_per_slot=settings.ctx_per_slot,
         )
         models = build_models(settings, local)
-    gw = Gateway(settings=settings, admission=admission or StaticKeyAdmission(settings.api_keys), models=models)
+    store = None
+    if admission is None and settings.accounts:
+        admission, store = build_accounts(settings)
+    gw = Gateway(
+        settings=settings,
+        admission=admission or StaticKeyAdmission(settings.api_keys),
+        models=models,
+        store=store,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if store is not None:
+            await store.open()
+            await store.seed_prices(default_prices(models.names(), settings.credits_per_usd))
+            # Whatever an earlier run of this instance held when it died is released before new traffic.
+            await store.reclaim(owner=store.owner, older_than_ms=settings.reservation_lease_seconds * 1000)
         for provider in gw.models.providers():
             await provider.start()
         try:
@@ -59,6 +78,11 @@ def create_app(
         finally:
             for provider in gw.models.providers():
                 await provider.close()
+            if store is not None:
+                await store.close()
+            limiter = getattr(gw.admission, "limiter", None)
+            if limiter is not None:
+                await limiter.close()
 
     app = FastAPI(
         title="grokgate",
@@ -72,10 +96,24 @@ def create_app(
     errors.install(app)
     app.include_router(chat.router)
     app.include_router(meta.router)
+    if store is not None:
+        app.include_router(account.router)
+        app.include_router(admin.router)
     _mount_docs(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)  # outermost: even a 413 carries x-request-id
     return app
+
+
+def build_accounts(settings: Settings) -> tuple[AccountAdmission, SqlStore]:
+    store = SqlStore(settings.database_url or default_url(settings.data_dir), owner=settings.instance())
+    limiter: RateLimiter
+    if settings.redis_url:
+        limiter = RedisRateLimiter(settings.redis_url, on_store_error=settings.rate_limit_store_error)
+    else:
+        limiter = MemoryRateLimiter()
+    policy = BillingPolicy(default_output_reservation=settings.default_output_reservation)
+    return AccountAdmission(store, limiter, settings.api_keys, policy), store
 
 
 def _mount_docs(app: FastAPI) -> None:

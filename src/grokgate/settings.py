@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -63,6 +64,25 @@ class Settings(BaseSettings):
     keepalive_seconds: float = Field(default=10.0, gt=0)
 
     log_level: str = "INFO"
+
+    # Accounts: tokens, credits, prices, ledger, rate limits. Off: GROKGATE_API_KEYS alone, no billing.
+    accounts: bool = True
+    # SQLAlchemy URL; default: SQLite in data_dir. `postgresql://...` for several replicas.
+    database_url: str | None = None
+    # With Redis, rate limits hold across replicas; without it they are per process.
+    redis_url: str | None = None
+    rate_limit_store_error: Literal["fail_open", "fail_closed"] = "fail_closed"
+    credits_per_usd: float = Field(default=1.0, gt=0)
+    # Output tokens reserved per choice when a request sets no max_tokens.
+    default_output_reservation: int = Field(default=4096, ge=1)
+    # Names this process's reservations, so a restart can release what a crash left held.
+    # Default: host name and port, so two processes on one host never release each other's reservations.
+    instance_id: str | None = None
+    # Reservations of any instance older than this are released (a replica that never came back).
+    reservation_lease_seconds: int = Field(default=3600, ge=60)
+
+    def instance(self) -> str:
+        return self.instance_id or f"{socket.gethostname()}:{self.port}"
 
     @field_validator("api_keys", "models", mode="before")
     @classmethod

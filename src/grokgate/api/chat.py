@@ -6,6 +6,7 @@ import logging
 import time
 from typing import Annotated, Any
 
+import anyio
 import orjson
 from fastapi import APIRouter, Depends, Header, Request
 from starlette.responses import Response
@@ -13,7 +14,7 @@ from starlette.responses import Response
 from grokgate.api.deps import Gateway, gateway
 from grokgate.api.errors import request_id_of
 from grokgate.api.sse import SSE_HEADERS, Pump, SSEResponse, collect, sse_events
-from grokgate.core.admission import AdmissionRequest, Principal
+from grokgate.core.admission import AdmissionRequest, Principal, Ticket
 from grokgate.core.completion import ChunkFactory, CompletionAccumulator, StreamAssembler
 from grokgate.core.errors import GatewayError
 from grokgate.core.events import Usage
@@ -23,11 +24,11 @@ log = logging.getLogger("grokgate.request")
 router = APIRouter(tags=["chat"], strict_content_type=False)
 
 
-def authenticate(
+async def authenticate(
     gw: Annotated[Gateway, Depends(gateway)],
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Principal:
-    return gw.admission.authenticate(authorization)
+    return await gw.admission.authenticate(authorization)
 
 
 @router.post("/grok/chat/completions", summary="Create a chat completion (Grok API)")
@@ -50,53 +51,78 @@ async def chat_completions(
         )
     route.provider.check(body)
     ticket = await gw.admission.admit(
-        principal, AdmissionRequest(request_id, body.model, body.choices, body.output_limit)
+        principal, AdmissionRequest(request_id, body.model, body.choices, body.output_limit, body.prompt_chars())
     )
-    pump = Pump(route.provider.generate(body, route.upstream_model))
-    factory = ChunkFactory(body.model, route.provider.fingerprint)
-    outcome: dict[str, Any] = {"status": 200}
-
-    async def settle(usage: Usage | None, delivered: bool, failure: BaseException | None) -> None:
-        await ticket.settle(usage, delivered=delivered)
-        _log_request(request_id, principal, body, route.provider.name, outcome, usage, failure, started)
-
+    run = _Run(request_id, principal, body, route.provider.name, ticket, started)
     try:
+        pump = Pump(route.provider.generate(body, route.upstream_model))
+        run.pump = pump
         # Read the first event before committing to 200, so errors raised before any output (a prompt
         # longer than the context, a busy backend) still get their proper status.
         first = await pump.next(gw.settings.keepalive_seconds)
-    except GatewayError as exc:
-        outcome["status"] = exc.status
-        await pump.aclose()
-        await settle(None, False, exc)
+    except BaseException as exc:
+        with anyio.CancelScope(shield=True):
+            if run.pump is not None:
+                await run.pump.aclose()
+            await run.finish(None, "error", exc)
         raise
 
+    factory = ChunkFactory(body.model, route.provider.fingerprint)
     if body.stream:
         assembler = StreamAssembler(factory, body.choices, body.include_usage)
-        stream = sse_events(pump, assembler, first, gw.settings.keepalive_seconds, request_id, settle)
-        return SSEResponse(stream, headers=SSE_HEADERS)
+        stream = sse_events(pump, assembler, first, gw.settings.keepalive_seconds, request_id, run.finish)
+        return SSEResponse(stream, headers={**SSE_HEADERS, **ticket.headers})
 
     accumulator = CompletionAccumulator(factory, body.choices)
     try:
         result = await collect(pump, accumulator, first, request.receive)
-    except GatewayError as exc:
-        outcome["status"] = exc.status
-        await settle(accumulator.usage, False, exc)
+    except BaseException as exc:
+        with anyio.CancelScope(shield=True):
+            await run.finish(accumulator.usage, "error", exc)
         raise
-    if result is None:
-        outcome["status"] = 499  # the client closed the connection; nobody will read this
-        await settle(accumulator.usage, False, None)
+    if result is None:  # the client closed the connection; nobody will read a response
+        await run.finish(accumulator.usage, "client_disconnected", None)
         return Response(status_code=499)
-    await settle(accumulator.usage, True, None)
-    return Response(orjson.dumps(result), media_type="application/json")
+    # Zero loss: the settlement is committed before the client receives the answer.
+    await run.finish(accumulator.usage, "ok", None)
+    return Response(orjson.dumps(result), media_type="application/json", headers=ticket.headers)
+
+
+class _Run:
+    """Settles one request exactly once, whatever way it ends, and logs it."""
+
+    def __init__(self, request_id: str, principal: Principal, body: ChatCompletionRequest, backend: str,
+                 ticket: Ticket, started: float) -> None:
+        self.request_id = request_id
+        self.principal = principal
+        self.body = body
+        self.backend = backend
+        self.ticket = ticket
+        self.started = started
+        self.pump: Pump | None = None
+        self.finished = False
+
+    async def finish(self, usage: Usage | None, status: str, failure: BaseException | None) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        estimated = False
+        if usage is None and self.pump is not None:
+            # Cut short: bill what the backend had consumed so far, counted by grokgate.
+            partial = getattr(self.pump.generation, "usage_so_far", None)
+            if partial is not None:
+                usage, estimated = partial(), True
+        with anyio.CancelScope(shield=True):
+            await self.ticket.settle(usage, status=status, estimated=estimated, backend=self.backend)
+        _log_request(self.request_id, self.principal, self.body, self.backend, status, usage, failure,
+                     self.started)
 
 
 def _log_request(request_id: str, principal: Principal, body: ChatCompletionRequest, backend: str,
-                 outcome: dict[str, Any], usage: Any, failure: BaseException | None, started: float) -> None:
-    status = outcome["status"]
+                 outcome: str, usage: Any, failure: BaseException | None, started: float) -> None:
+    status = 200 if outcome == "ok" else 499 if outcome == "client_disconnected" else 500
     if isinstance(failure, GatewayError):
         status = failure.status
-    elif failure is not None:
-        status = 500
     log.info(
         "chat completion",
         extra={
@@ -107,6 +133,7 @@ def _log_request(request_id: str, principal: Principal, body: ChatCompletionRequ
             "stream": bool(body.stream),
             "n": body.choices,
             "status": status,
+            "outcome": outcome,
             "prompt_tokens": usage.prompt_tokens if usage else None,
             "completion_tokens": usage.completion_tokens if usage else None,
             "latency_ms": round((time.perf_counter() - started) * 1000, 1),

@@ -10,6 +10,7 @@ from starlette.requests import Request
 from grokgate.core.admission import Admission
 from grokgate.providers.base import ModelTable
 from grokgate.settings import Settings
+from grokgate.store.sql import SqlStore
 
 
 @dataclass
@@ -17,6 +18,7 @@ class Gateway:
     settings: Settings
     admission: Admission
     models: ModelTable
+    store: SqlStore | None = None
     started_at: int = field(default_factory=lambda: int(time.time()))
 
 

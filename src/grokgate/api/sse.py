@@ -70,7 +70,7 @@ class Pump:
         await self.generation.aclose()
 
 
-Settle = Callable[[Usage | None, bool, BaseException | None], Awaitable[None]]
+Finish = Callable[[Usage | None, str, BaseException | None], Awaitable[None]]
 
 
 class SSEResponse(StreamingResponse):
@@ -94,10 +94,9 @@ async def sse_events(
     first: Event | _Marker,
     keepalive: float,
     request_id: str,
-    settle: Settle,
+    finish: Finish,
 ) -> AsyncIterator[bytes]:
     """The body of a streamed completion; `first` was read before the 200 was committed."""
-    completed = False
     failure: BaseException | None = None
     try:
         for chunk in assembler.opening():
@@ -109,9 +108,10 @@ async def sse_events(
             elif (payload := assembler.on_event(event)) is not None:
                 yield frame(payload)
             event = await pump.next(keepalive)
+        # Zero loss: the settlement is committed before the client sees the end of the stream.
+        await finish(assembler.usage, "ok", None)
         for chunk in assembler.closing():
             yield frame(chunk)
-        completed = True
         yield DONE
     except GatewayError as exc:
         failure = exc
@@ -124,7 +124,8 @@ async def sse_events(
     finally:
         with anyio.CancelScope(shield=True):
             await pump.aclose()
-            await settle(assembler.usage, completed, failure)
+            # No-op after a normal end; otherwise the client went away or the backend failed.
+            await finish(assembler.usage, "client_disconnected" if failure is None else "error", failure)
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:

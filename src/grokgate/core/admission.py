@@ -15,13 +15,18 @@ from typing import Protocol
 
 from grokgate.core.errors import GatewayError
 from grokgate.core.events import Usage
+from grokgate.core.limits import Limits
 
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling: an id safe to log (never the token itself)."""
+    """Who is calling: an id safe to log (never the token itself), and what it may do."""
 
     key_id: str
+    token_id: int | None = None
+    admin: bool = False
+    allowed_models: tuple[str, ...] | None = None
+    limits: Limits | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,15 +35,18 @@ class AdmissionRequest:
     model: str
     choices: int
     output_limit: int | None
+    prompt_chars: int = 0
 
 
 class Ticket(Protocol):
-    async def settle(self, usage: Usage | None, *, delivered: bool) -> None:
-        """Record the outcome; called once per request, shielded from cancellation."""
+    headers: dict[str, str]  # e.g. rate-limit headers for the response
+
+    async def settle(self, usage: Usage | None, *, status: str, estimated: bool = False, backend: str = "") -> None:
+        """Record the outcome (status: ok | client_disconnected | error); idempotent; called shielded."""
 
 
 class Admission(Protocol):
-    def authenticate(self, authorization: str | None) -> Principal: ...
+    async def authenticate(self, authorization: str | None) -> Principal: ...
 
     async def admit(self, principal: Principal, request: AdmissionRequest) -> Ticket: ...
 
@@ -59,7 +67,9 @@ def _digest(token: str) -> bytes:
 
 
 class _NoopTicket:
-    async def settle(self, usage: Usage | None, *, delivered: bool) -> None:
+    headers: dict[str, str] = {}  # noqa: RUF012  (never mutated)
+
+    async def settle(self, usage: Usage | None, *, status: str, estimated: bool = False, backend: str = "") -> None:
         return None
 
 
@@ -69,7 +79,7 @@ class StaticKeyAdmission:
     def __init__(self, tokens: list[str]) -> None:
         self._digests = [(_digest(t), f"key-{i}") for i, t in enumerate(tokens)]
 
-    def authenticate(self, authorization: str | None) -> Principal:
+    async def authenticate(self, authorization: str | None) -> Principal:
         presented = _digest(bearer_token(authorization))
         match: str | None = None
         for digest, key_id in self._digests:
@@ -78,7 +88,7 @@ class StaticKeyAdmission:
                 match = key_id
         if match is None:
             raise GatewayError(401, "invalid_token", "The specified token is invalid or wrong.")
-        return Principal(key_id=match)
+        return Principal(key_id=match, admin=True)
 
     async def admit(self, principal: Principal, request: AdmissionRequest) -> Ticket:
         return _NoopTicket()

@@ -24,6 +24,7 @@ from typing import Any
 from grokgate.core.errors import GatewayError
 from grokgate.core.events import Delta, Event, Finish, Usage, UsageReport
 from grokgate.core.fairqueue import FairQueue
+from grokgate.core.pricing import estimate_prompt_tokens
 from grokgate.providers.base import register
 from grokgate.providers.model_files import DEFAULT_MODEL, ensure_model
 from grokgate.schemas.chat import ChatCompletionRequest
@@ -41,7 +42,7 @@ class _JobEnd:
 class _Job:
     """One choice of one request, run by one worker thread."""
 
-    __slots__ = ("cancelled", "exclusive", "generated", "index", "loop", "payload", "queue", "usage")
+    __slots__ = ("cancelled", "exclusive", "generated", "index", "loop", "payload", "queue", "started", "usage")
 
     def __init__(self, index: int, payload: dict[str, Any], loop: asyncio.AbstractEventLoop,
                  queue: asyncio.Queue[Any], exclusive: bool) -> None:
@@ -51,6 +52,7 @@ class _Job:
         self.loop = loop
         self.queue = queue
         self.cancelled = False
+        self.started = False
         self.generated = 0
         self.usage: Usage | None = None
 
@@ -110,8 +112,10 @@ def _engine_error(error: Any) -> GatewayError:
 class LocalGeneration:
     """Events of one request, merged from its n jobs; usage is reported once, when all jobs ended."""
 
-    def __init__(self, engine: LocalEngine, jobs: list[_Job], queue: asyncio.Queue[Any]) -> None:
+    def __init__(self, engine: LocalEngine, jobs: list[_Job], queue: asyncio.Queue[Any],
+                 prompt_estimate: int) -> None:
         self._engine = engine
+        self._prompt_estimate = prompt_estimate
         self._jobs = jobs
         self._queue = queue
         self._open = len(jobs)
@@ -147,8 +151,12 @@ class LocalGeneration:
         )
 
     def usage_so_far(self) -> Usage:
-        """What was consumed up to now, for a request that ends early."""
-        return self._merged_usage()
+        """What was consumed up to now, for a request that ends early (llama.cpp reports usage only at the
+        end of a job, so the prompt of a cut job is estimated from its length)."""
+        usage = self._merged_usage()
+        if usage.prompt_tokens == 0 and any(j.started for j in self._jobs):
+            usage.prompt_tokens = self._prompt_estimate
+        return usage
 
     async def aclose(self) -> None:
         if self._closed:
@@ -313,7 +321,7 @@ class LocalEngine:
             if request.seed is not None:
                 payload["seed"] = (request.seed + index) & 0xFFFFFFFF
             jobs.append(_Job(index, payload, loop, queue, exclusive=not payload["cache_prompt"]))
-        generation = LocalGeneration(self, jobs, queue)
+        generation = LocalGeneration(self, jobs, queue, estimate_prompt_tokens(request.prompt_chars()))
         self._queue.put_group(id(generation), jobs)
         return generation
 
@@ -331,6 +339,7 @@ class LocalEngine:
             self._enter(job.exclusive)
             try:
                 if not job.cancelled:
+                    job.started = True
                     self._server.handle_chat_completions(job.payload, job.on_chunk)
             except ValueError as exc:  # xllamacpp raises ValueError for requests it cannot parse
                 job.post(GatewayError(400, "bad_request", str(exc)))

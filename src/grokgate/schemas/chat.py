@@ -160,6 +160,17 @@ class ChatCompletionRequest(_Lenient):
             if value is not None and value > max_tokens_limit:
                 raise bad_request(f"{name} must be at most {max_tokens_limit}.", name)
 
+    def prompt_chars(self) -> int:
+        """Characters of text in the prompt, for a cheap upper estimate of its tokens."""
+        total = 0
+        for message in self.messages:
+            if isinstance(message.content, str):
+                total += len(message.content)
+            elif message.content:
+                total += sum(len(p.text) for p in message.content if isinstance(p, TextPart))
+            total += sum(len(c.function.arguments) + len(c.function.name) for c in message.tool_calls or ())
+        return total
+
     @property
     def choices(self) -> int:
         return self.n or 1

@@ -1,0 +1,167 @@
+"""The admin HTTP API (admin token only): tokens, credits, prices, usage. The CLI does the same on the store."""
+
+from __future__ import annotations
+
+import csv
+import io
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
+
+from grokgate.api.chat import authenticate
+from grokgate.api.deps import Gateway, gateway
+from grokgate.core.accounts import parse_credits
+from grokgate.core.admission import Principal
+from grokgate.core.errors import GatewayError
+from grokgate.core.pricing import MICRO, Price
+from grokgate.store.sql import SqlStore
+
+
+async def require_admin(
+    principal: Annotated[Principal, Depends(authenticate)],
+    gw: Annotated[Gateway, Depends(gateway)],
+) -> SqlStore:
+    if not principal.admin:
+        raise GatewayError(403, "forbidden", "This API needs the admin token.")
+    assert gw.store is not None
+    return gw.store
+
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+Store = Annotated[SqlStore, Depends(require_admin)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class KeyCreate(_Strict):
+    name: str = Field(min_length=1, max_length=200)
+    allowed_models: list[str] | None = None
+    expires_at: int | None = Field(default=None, description="Unix seconds", gt=0)
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    max_concurrency: int | None = Field(default=None, ge=1)
+    credits: str | None = Field(default=None, description="Initial credits, e.g. \"10\" or \"0.5\"")
+
+
+class KeyUpdate(_Strict):
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    disabled: bool | None = None
+    allowed_models: list[str] | None = None
+    expires_at: int | None = Field(default=None, gt=0)
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    max_concurrency: int | None = Field(default=None, ge=1)
+
+
+class CreditsAdd(_Strict):
+    amount: str | int | float = Field(description="Credits to add, e.g. \"10\" or \"0.5\"")
+    note: str | None = Field(default=None, max_length=500)
+
+
+class PriceSet(_Strict):
+    input: str | int | float = Field(description="Credits per million input tokens")
+    cached_input: str | int | float = Field(description="Credits per million cached input tokens")
+    output: str | int | float = Field(description="Credits per million output (and reasoning) tokens")
+
+
+def parse_price(value: str | int | float, field: str) -> int:
+    try:
+        amount = Decimal(str(value).strip()) * MICRO
+    except (InvalidOperation, ValueError):
+        raise GatewayError(400, "bad_request", f"Not a price: {value!r}.", param=field) from None
+    if not amount.is_finite() or amount < 0 or amount != amount.to_integral_value() or amount > 10**15:
+        raise GatewayError(400, "bad_request",
+                           "A price is a non-negative number of credits with at most 6 decimals.", param=field)
+    return int(amount)
+
+
+@router.post("/keys", status_code=201, summary="Create a token (its secret is shown only in this answer)")
+async def create_key(body: KeyCreate, store: Store) -> dict[str, Any]:
+    initial = parse_credits(body.credits) if body.credits is not None else 0
+    record, secret = await store.create_token(
+        body.name, allowed_models=body.allowed_models, rpm=body.rpm, tpm=body.tpm,
+        max_concurrency=body.max_concurrency, expires_at=body.expires_at * 1000 if body.expires_at else None,
+    )
+    if initial:
+        record = await store.add_credits(record.id, initial, note="initial credits")
+    return {"token": secret, "key": record.public()}
+
+
+@router.get("/keys", summary="List tokens (by prefix; secrets are never shown again)")
+async def list_keys(store: Store) -> dict[str, Any]:
+    return {"object": "list", "data": [r.public() for r in await store.list_tokens()]}
+
+
+@router.get("/keys/{ref}", summary="One token, by id, name or prefix")
+async def show_key(ref: str, store: Store) -> dict[str, Any]:
+    return (await store.require_token(ref)).public()
+
+
+@router.patch("/keys/{ref}", summary="Change a token's name, limits, models, expiry or disabled flag")
+async def update_key(ref: str, body: KeyUpdate, store: Store) -> dict[str, Any]:
+    record = await store.require_token(ref)
+    fields = body.model_dump(exclude_unset=True)
+    if "expires_at" in fields and fields["expires_at"] is not None:
+        fields["expires_at"] *= 1000
+    return (await store.update_token(record.id, **fields)).public()
+
+
+@router.delete("/keys/{ref}", summary="Delete a token (its ledger rows stay)")
+async def delete_key(ref: str, store: Store) -> dict[str, Any]:
+    record = await store.require_token(ref)
+    await store.delete_token(record.id)
+    return {"deleted": True, "id": record.id}
+
+
+@router.post("/keys/{ref}/credits", summary="Top up a token's balance (recorded in the ledger)")
+async def add_credits(ref: str, body: CreditsAdd, store: Store) -> dict[str, Any]:
+    record = await store.require_token(ref)
+    return (await store.add_credits(record.id, parse_credits(body.amount), note=body.note)).public()
+
+
+def _price_json(p: Price) -> dict[str, Any]:
+    return {"model": p.model, "version": p.version, "input": p.input, "cached_input": p.cached_input,
+            "output": p.output, "unit": "micro-credits per million tokens"}
+
+
+@router.get("/prices", summary="Current prices and every earlier version")
+async def list_prices(store: Store) -> dict[str, Any]:
+    current = await store.current_prices()
+    history = await store.price_history()
+    return {"current": [_price_json(p) for p in current.values()], "history": [_price_json(p) for p in history]}
+
+
+@router.put("/prices/{model}", summary="Set a model's prices (creates a new version)")
+async def set_price(model: str, body: PriceSet, store: Store) -> dict[str, Any]:
+    price = Price(model, parse_price(body.input, "input"), parse_price(body.cached_input, "cached_input"),
+                  parse_price(body.output, "output"))
+    return _price_json(await store.set_price(price))
+
+
+@router.get("/usage", summary="Usage by day or model, for all tokens or one; CSV with format=csv")
+async def usage(
+    store: Store,
+    token: str | None = None,
+    since: Annotated[str | None, Query(pattern=r"^\d{4}-\d{2}-\d{2}$")] = None,
+    by: Literal["day", "model"] = "day",
+    format: Literal["json", "csv"] = "json",
+) -> Any:
+    token_id = (await store.require_token(token)).id if token else None
+    rows = await store.usage(token_id=token_id, since=since, by=by)
+    if format == "csv":
+        return Response(to_csv(rows), media_type="text/csv")
+    return {"object": "list", "by": by, "data": rows}
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out.getvalue()

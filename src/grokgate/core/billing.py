@@ -1,0 +1,149 @@
+"""Account-backed admission: authenticate, limit, reserve; then settle exactly once on every ending.
+
+The one choke point every inference request passes (peer lesson 1 and 2): admission reserves the most a
+request can cost in one atomic store operation before anything runs, and the ticket settles the real cost
+and releases the rest however the request ends.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from dataclasses import dataclass
+
+from grokgate.core.accounts import AccountStore, Settlement, TokenRecord, hash_token, now_ms
+from grokgate.core.admission import AdmissionRequest, Principal, bearer_token
+from grokgate.core.errors import GatewayError
+from grokgate.core.events import Usage
+from grokgate.core.limits import Limits, RateLimiter
+from grokgate.core.pricing import Price, cost_of, estimate_prompt_tokens, max_cost
+
+log = logging.getLogger("grokgate.billing")
+
+USED_UP = (
+    "Your balance is not sufficient for current request, please buy more in Ace Data Cloud "
+    "https://platform.acedata.cloud"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class BillingPolicy:
+    # Output bound used for the reservation when the request sets no max_tokens.
+    default_output_reservation: int = 4096
+
+
+class AccountTicket:
+    def __init__(self, admission: AccountAdmission, principal: Principal, request: AdmissionRequest,
+                 price: Price, reserved: int, limits: Limits | None, estimated_tokens: int,
+                 headers: dict[str, str]) -> None:
+        self._admission = admission
+        self.principal = principal
+        self.request = request
+        self.price = price
+        self.reserved = reserved
+        self.limits = limits
+        self.estimated_tokens = estimated_tokens
+        self.headers = headers
+        self.started = time.monotonic()
+        self.settled = False
+
+    async def settle(self, usage: Usage | None, *, status: str, estimated: bool = False,
+                     backend: str = "") -> None:
+        if self.settled:
+            return
+        self.settled = True
+        usage = usage or Usage()
+        # Bill what was consumed for answers the client got, whole or in part; bill nothing for a failure
+        # that delivered nothing (contract 1.8).
+        billable = status != "error" or usage.completion_tokens > 0
+        cost = cost_of(usage, self.price).total if billable else 0
+        settlement = Settlement(
+            request_id=self.request.request_id, token_id=self.principal.token_id, model=self.request.model,
+            backend=backend, usage=usage, cost=cost, price_version=self.price.version, status=status,
+            estimated=estimated, duration_ms=int((time.monotonic() - self.started) * 1000), reserved=self.reserved,
+        )
+        try:
+            await self._admission.store.settle(settlement)
+        finally:
+            if self.limits is not None:
+                await self._admission.limiter.release(
+                    self.principal.key_id, self.request.request_id, self.limits, self.estimated_tokens,
+                    usage.total_tokens,
+                )
+
+
+class AccountAdmission:
+    def __init__(self, store: AccountStore, limiter: RateLimiter, admin_tokens: list[str],
+                 policy: BillingPolicy | None = None) -> None:
+        self.store = store
+        self.limiter = limiter
+        self.policy = policy or BillingPolicy()
+        self._admin_hashes = [hash_token(t) for t in admin_tokens]
+
+    def is_admin(self, token_hash: str) -> bool:
+        found = False
+        for candidate in self._admin_hashes:
+            found |= hmac.compare_digest(token_hash, candidate)
+        return found
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        token_hash = hash_token(bearer_token(authorization))
+        if self.is_admin(token_hash):
+            return Principal(key_id="admin", admin=True)
+        record = await self.store.find_token(token_hash)
+        if record is None:
+            raise GatewayError(401, "invalid_token", "The specified token is invalid or wrong.")
+        if record.disabled:
+            raise GatewayError(403, "disabled", "This token has been disabled.")
+        if record.expires_at is not None and record.expires_at <= now_ms():
+            raise GatewayError(401, "token_expired", "This token has expired.")
+        return principal_of(record)
+
+    async def admit(self, principal: Principal, request: AdmissionRequest) -> AccountTicket:
+        if principal.allowed_models is not None and request.model not in principal.allowed_models:
+            allowed = ", ".join(principal.allowed_models) or "none"
+            raise GatewayError(403, "model_not_allowed",
+                               f"This token may not use the model '{request.model}' (allowed: {allowed}).",
+                               param="model")
+        price = await self.store.current_price(request.model)
+        if price is None:
+            raise GatewayError(500, "api_error", f"No price is configured for the model '{request.model}'.")
+        prompt = estimate_prompt_tokens(request.prompt_chars)
+        output = request.output_limit or self.policy.default_output_reservation
+        estimated_tokens = prompt + request.choices * output
+        if principal.admin or principal.token_id is None:
+            return AccountTicket(self, principal, request, price, 0, None, estimated_tokens, {})
+
+        limits = principal.limits or Limits()
+        decision = await self.limiter.acquire(principal.key_id, request.request_id, limits, estimated_tokens)
+        if not decision.allowed:
+            raise GatewayError(429, "too_many_requests", _limit_message(decision.reason),
+                               headers=decision.headers)
+        amount = max_cost(prompt, request.choices, output, price)
+        try:
+            reserved = await self.store.reserve(principal.token_id, request.request_id, amount)
+        except BaseException:
+            await self.limiter.release(principal.key_id, request.request_id, limits, estimated_tokens, 0)
+            raise
+        if not reserved:
+            await self.limiter.release(principal.key_id, request.request_id, limits, estimated_tokens, 0)
+            raise GatewayError(403, "used_up", USED_UP)
+        return AccountTicket(self, principal, request, price, amount, limits, estimated_tokens, decision.headers)
+
+
+def principal_of(record: TokenRecord) -> Principal:
+    return Principal(
+        key_id=f"tok-{record.id}",
+        token_id=record.id,
+        allowed_models=record.allowed_models,
+        limits=Limits(rpm=record.rpm, tpm=record.tpm, concurrency=record.max_concurrency),
+    )
+
+
+def _limit_message(reason: str | None) -> str:
+    if reason == "concurrency":
+        return "Concurrency limit exceeded for this token."
+    if reason == "store_unavailable":
+        return "Rate limits cannot be checked right now; retry shortly."
+    return "You have exceeded the rate limit."

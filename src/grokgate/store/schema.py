@@ -1,0 +1,104 @@
+"""Tables of the account store. Money columns are BigInteger micro-credits; times are epoch milliseconds."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(200), nullable=False),
+    Column("prefix", String(32), nullable=False),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=True),
+    Column("disabled", Boolean, nullable=False, default=False),
+    Column("allowed_models", JSON, nullable=True),
+    Column("rpm", Integer, nullable=True),
+    Column("tpm", Integer, nullable=True),
+    Column("max_concurrency", Integer, nullable=True),
+    # Available credits; what reservations hold has already been moved to `reserved`.
+    Column("balance", BigInteger, nullable=False, default=0),
+    Column("reserved", BigInteger, nullable=False, default=0),
+    CheckConstraint("balance >= 0", name="ck_api_tokens_balance_nonnegative"),
+    CheckConstraint("reserved >= 0", name="ck_api_tokens_reserved_nonnegative"),
+)
+
+prices = Table(
+    "prices",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("model", String(200), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("input", BigInteger, nullable=False),
+    Column("cached_input", BigInteger, nullable=False),
+    Column("output", BigInteger, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    UniqueConstraint("model", "version", name="uq_prices_model_version"),
+)
+
+reservations = Table(
+    "reservations",
+    metadata,
+    Column("request_id", String(64), primary_key=True),
+    Column("token_id", Integer, ForeignKey("api_tokens.id", ondelete="CASCADE"), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("owner", String(200), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+)
+
+ledger = Table(
+    "ledger",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("request_id", String(64), nullable=False, unique=True),
+    Column("token_id", Integer, nullable=True),  # null: a bootstrap admin token
+    Column("kind", String(16), nullable=False),  # usage | topup
+    Column("model", String(200), nullable=True),
+    Column("backend", String(100), nullable=True),
+    Column("prompt_tokens", Integer, nullable=False, default=0),
+    Column("cached_tokens", Integer, nullable=False, default=0),
+    Column("completion_tokens", Integer, nullable=False, default=0),
+    Column("reasoning_tokens", Integer, nullable=False, default=0),
+    # Signed balance movement: negative for usage, positive for top-ups.
+    Column("amount", BigInteger, nullable=False),
+    Column("cost", BigInteger, nullable=False, default=0),
+    Column("price_version", Integer, nullable=True),
+    Column("status", String(32), nullable=False),
+    Column("estimated", Boolean, nullable=False, default=False),
+    Column("duration_ms", Integer, nullable=True),
+    Column("note", String(500), nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Index("ix_ledger_token_created", "token_id", "created_at"),
+    Index("ix_ledger_created", "created_at"),
+)
+
+usage_daily = Table(
+    "usage_daily",
+    metadata,
+    Column("day", String(10), primary_key=True),
+    Column("token_id", Integer, primary_key=True),  # 0 for bootstrap admin tokens
+    Column("model", String(200), primary_key=True),
+    Column("requests", BigInteger, nullable=False, default=0),
+    Column("prompt_tokens", BigInteger, nullable=False, default=0),
+    Column("cached_tokens", BigInteger, nullable=False, default=0),
+    Column("completion_tokens", BigInteger, nullable=False, default=0),
+    Column("reasoning_tokens", BigInteger, nullable=False, default=0),
+    Column("cost", BigInteger, nullable=False, default=0),
+)

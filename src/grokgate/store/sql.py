@@ -1,0 +1,449 @@
+"""The account store on SQLAlchemy (async): SQLite by default, PostgreSQL for several replicas.
+
+Writes (reservations, settlements, top-ups) go through one writer task per process that commits whatever
+has queued up while the previous commit ran: many requests per transaction (group commit), and no
+"database is locked" fights between connections of one process. Correctness across processes rests on the
+statements themselves: a reservation is `UPDATE ... WHERE balance >= amount`, and a settlement locks the
+token row with an UPDATE before it reads the balance it charges against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import delete, event, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from grokgate.core.accounts import Settlement, TokenRecord, display_prefix, hash_token, new_secret, now_ms
+from grokgate.core.errors import GatewayError
+from grokgate.core.pricing import Price
+from grokgate.store.schema import api_tokens, ledger, prices, reservations, usage_daily
+
+log = logging.getLogger("grokgate.store")
+T = TypeVar("T")
+Op = Callable[[AsyncConnection], Awaitable[Any]]
+
+_CACHE_SECONDS = 2.0
+
+
+def normalise_url(url: str) -> str:
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://"):]
+    if url.startswith("postgresql://"):
+        return "postgresql+asyncpg://" + url[len("postgresql://"):]
+    if url.startswith("sqlite:///"):
+        return "sqlite+aiosqlite:///" + url[len("sqlite:///"):]
+    return url
+
+
+def default_url(data_dir: Path) -> str:
+    return f"sqlite+aiosqlite:///{data_dir / 'grokgate.db'}"
+
+
+class SqlStore:
+    def __init__(self, url: str, *, owner: str = "grokgate", max_batch: int = 256) -> None:
+        self.url = normalise_url(url)
+        self.owner = owner
+        self._max_batch = max_batch
+        self._engine: AsyncEngine | None = None
+        self._queue: list[tuple[Op, asyncio.Future[Any]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._tokens: dict[str, tuple[float, TokenRecord | None]] = {}
+        self._prices: tuple[float, dict[str, Price]] | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+
+    @property
+    def engine(self) -> AsyncEngine:
+        if self._engine is None:
+            raise RuntimeError("store is not open")
+        return self._engine
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    async def open(self, *, migrate: bool = True) -> None:
+        if self.url.startswith("sqlite"):
+            path = self.url.split(":///", 1)[1]
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._engine = create_async_engine(self.url, pool_pre_ping=True)
+        if self.dialect == "sqlite":
+            event.listen(self._engine.sync_engine, "connect", _sqlite_pragmas)
+        if migrate:
+            await self.upgrade()
+
+    async def upgrade(self) -> None:
+        from alembic import command
+        from alembic.config import Config
+
+        config = Config()
+        config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+
+        def run(sync_conn: Any) -> None:
+            config.attributes["connection"] = sync_conn
+            command.upgrade(config, "head")
+
+        async with self.engine.begin() as conn:
+            await conn.run_sync(run)
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            await asyncio.shield(self._writer)
+        if self._engine is not None:
+            await self._engine.dispose()
+            self._engine = None
+
+    # -- the writer ----------------------------------------------------------------------------------------
+
+    async def write(self, op: Op) -> Any:
+        """Run `op` in the next group transaction and return its result once committed."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((op, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._drain(), name="store-writer")
+        return await asyncio.shield(future)
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch:]
+            try:
+                async with self.engine.begin() as conn:
+                    results = [await op(conn) for op, _ in batch]
+            except Exception:
+                # One bad operation must not sink the others: run each in its own transaction.
+                for op, future in batch:
+                    try:
+                        async with self.engine.begin() as conn:
+                            result = await op(conn)
+                    except Exception as exc:
+                        if not future.done():
+                            future.set_exception(exc)
+                    else:
+                        if not future.done():
+                            future.set_result(result)
+                continue
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+
+    # -- tokens --------------------------------------------------------------------------------------------
+
+    async def create_token(self, name: str, *, allowed_models: list[str] | None = None,
+                           expires_at: int | None = None, rpm: int | None = None, tpm: int | None = None,
+                           max_concurrency: int | None = None) -> tuple[TokenRecord, str]:
+        secret = new_secret()
+        values = {
+            "name": name, "prefix": display_prefix(secret), "token_hash": hash_token(secret),
+            "created_at": now_ms(), "expires_at": expires_at, "disabled": False,
+            "allowed_models": allowed_models, "rpm": rpm, "tpm": tpm, "max_concurrency": max_concurrency,
+            "balance": 0, "reserved": 0,
+        }
+
+        async def op(conn: AsyncConnection) -> int:
+            result = await conn.execute(insert(api_tokens).values(**values).returning(api_tokens.c.id))
+            return int(result.scalar_one())
+
+        token_id = await self.write(op)
+        record = await self.get_token(token_id)
+        assert record is not None
+        return record, secret
+
+    async def get_token(self, ref: int | str) -> TokenRecord | None:
+        """By id, by name, or by prefix (`gg-xxxxxxxx`)."""
+        query = select(api_tokens)
+        if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+            query = query.where(api_tokens.c.id == int(ref))
+        elif ref.startswith("gg-"):
+            query = query.where(api_tokens.c.prefix == ref[:11])
+        else:
+            query = query.where(api_tokens.c.name == ref)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        if len(rows) > 1:
+            raise GatewayError(400, "bad_request", f"{ref!r} matches {len(rows)} tokens: use the id.")
+        return _record(rows[0]) if rows else None
+
+    async def require_token(self, ref: int | str) -> TokenRecord:
+        record = await self.get_token(ref)
+        if record is None:
+            raise GatewayError(404, "token_not_found", f"No token matches {ref!r}.")
+        return record
+
+    async def list_tokens(self) -> list[TokenRecord]:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(select(api_tokens).order_by(api_tokens.c.id))).mappings().all()
+        return [_record(r) for r in rows]
+
+    async def find_token(self, token_hash: str) -> TokenRecord | None:
+        loop = asyncio.get_running_loop()
+        cached = self._tokens.get(token_hash)
+        if cached is not None and cached[0] > loop.time():
+            return cached[1]
+        async with self.engine.connect() as conn:
+            query = select(api_tokens).where(api_tokens.c.token_hash == token_hash)
+            row = (await conn.execute(query)).mappings().first()
+        record = _record(row) if row else None
+        if len(self._tokens) > 10_000:
+            self._tokens.clear()
+        self._tokens[token_hash] = (loop.time() + _CACHE_SECONDS, record)
+        return record
+
+    async def update_token(self, token_id: int, **fields: Any) -> TokenRecord:
+        allowed = {"name", "disabled", "expires_at", "allowed_models", "rpm", "tpm", "max_concurrency"}
+        unknown = set(fields) - allowed
+        if unknown:
+            raise GatewayError(400, "bad_request", f"Cannot change {', '.join(sorted(unknown))}.")
+
+        async def op(conn: AsyncConnection) -> int:
+            result = await conn.execute(update(api_tokens).where(api_tokens.c.id == token_id).values(**fields))
+            return int(result.rowcount)
+
+        if fields and not await self.write(op):
+            raise GatewayError(404, "token_not_found", f"No token with id {token_id}.")
+        self._tokens.clear()
+        return await self.require_token(token_id)
+
+    async def delete_token(self, token_id: int) -> None:
+        async def op(conn: AsyncConnection) -> int:
+            await conn.execute(delete(reservations).where(reservations.c.token_id == token_id))
+            return int((await conn.execute(delete(api_tokens).where(api_tokens.c.id == token_id))).rowcount)
+
+        if not await self.write(op):
+            raise GatewayError(404, "token_not_found", f"No token with id {token_id}.")
+        self._tokens.clear()
+
+    async def add_credits(self, token_id: int, amount: int, note: str | None = None) -> TokenRecord:
+        if amount <= 0:
+            raise GatewayError(400, "bad_request", "The amount must be positive.", param="amount")
+
+        async def op(conn: AsyncConnection) -> int:
+            result = await conn.execute(
+                update(api_tokens).where(api_tokens.c.id == token_id).values(balance=api_tokens.c.balance + amount)
+            )
+            if result.rowcount:
+                await conn.execute(insert(ledger).values(
+                    request_id=f"topup-{uuid.uuid4().hex}", token_id=token_id, kind="topup", amount=amount, cost=0,
+                    prompt_tokens=0, cached_tokens=0, completion_tokens=0, reasoning_tokens=0, status="ok",
+                    estimated=False, note=note, created_at=now_ms(),
+                ))
+            return int(result.rowcount)
+
+        if not await self.write(op):
+            raise GatewayError(404, "token_not_found", f"No token with id {token_id}.")
+        return await self.require_token(token_id)
+
+    # -- prices --------------------------------------------------------------------------------------------
+
+    async def current_prices(self) -> dict[str, Price]:
+        loop = asyncio.get_running_loop()
+        if self._prices is not None and self._prices[0] > loop.time():
+            return self._prices[1]
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(select(prices).order_by(prices.c.model, prices.c.version))).mappings().all()
+        current = {r["model"]: _price(r) for r in rows}  # ordered by version: the last one wins
+        self._prices = (loop.time() + _CACHE_SECONDS, current)
+        return current
+
+    async def current_price(self, model: str) -> Price | None:
+        return (await self.current_prices()).get(model)
+
+    async def price_history(self, model: str | None = None) -> list[Price]:
+        query = select(prices).order_by(prices.c.model, prices.c.version)
+        if model:
+            query = query.where(prices.c.model == model)
+        async with self.engine.connect() as conn:
+            return [_price(r) for r in (await conn.execute(query)).mappings().all()]
+
+    async def set_price(self, price: Price) -> Price:
+        async def op(conn: AsyncConnection) -> int:
+            latest = (await conn.execute(
+                select(prices.c.version).where(prices.c.model == price.model).order_by(prices.c.version.desc()).limit(1)
+            )).scalar()
+            version = int(latest or 0) + 1
+            await conn.execute(insert(prices).values(
+                model=price.model, version=version, input=price.input, cached_input=price.cached_input,
+                output=price.output, created_at=now_ms(),
+            ))
+            return version
+
+        version = await self.write(op)
+        self._prices = None
+        return Price(price.model, price.input, price.cached_input, price.output, version)
+
+    async def seed_prices(self, defaults: list[Price]) -> None:
+        """Give every model without a price its default, once."""
+        existing = await self.current_prices()
+        for price in defaults:
+            if price.model not in existing:
+                await self.set_price(price)
+
+    # -- reservations and settlement --------------------------------------------------------------------------
+
+    async def reserve(self, token_id: int, request_id: str, amount: int) -> bool:
+        async def op(conn: AsyncConnection) -> bool:
+            moved = await conn.execute(
+                update(api_tokens)
+                .where(api_tokens.c.id == token_id, api_tokens.c.balance >= amount)
+                .values(balance=api_tokens.c.balance - amount, reserved=api_tokens.c.reserved + amount)
+            )
+            if not moved.rowcount:
+                return False
+            await conn.execute(insert(reservations).values(
+                request_id=request_id, token_id=token_id, amount=amount, owner=self.owner, created_at=now_ms()
+            ))
+            return True
+
+        return bool(await self.write(op))
+
+    async def settle(self, s: Settlement) -> None:
+        await self.write(lambda conn: _settle(conn, s))
+
+    async def reclaim(self, *, owner: str | None = None, older_than_ms: int | None = None) -> int:
+        """Release reservations left by a crash: this owner's, or any older than the cut-off."""
+        conditions = []
+        if owner is not None:
+            conditions.append(reservations.c.owner == owner)
+        if older_than_ms is not None:
+            conditions.append(reservations.c.created_at < now_ms() - older_than_ms)
+        if not conditions:
+            return 0
+
+        async def op(conn: AsyncConnection) -> int:
+            from sqlalchemy import or_
+
+            rows = (await conn.execute(
+                delete(reservations).where(or_(*conditions)).returning(reservations.c.token_id, reservations.c.amount)
+            )).all()
+            for token_id, amount in rows:
+                await conn.execute(update(api_tokens).where(api_tokens.c.id == token_id).values(
+                    balance=api_tokens.c.balance + amount, reserved=api_tokens.c.reserved - amount))
+            return len(rows)
+
+        count = int(await self.write(op))
+        if count:
+            log.warning("released reservations left by an earlier run", extra={"count": count})
+        return count
+
+    # -- reports -------------------------------------------------------------------------------------------
+
+    async def usage(self, *, token_id: int | None = None, since: str | None = None,
+                    by: str = "day") -> list[dict[str, Any]]:
+        from sqlalchemy import func
+
+        key = usage_daily.c.day if by == "day" else usage_daily.c.model
+        columns = [func.sum(getattr(usage_daily.c, c)).label(c) for c in
+                   ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens", "cost")]
+        query = select(key.label(by), *columns).group_by(key).order_by(key)
+        if token_id is not None:
+            query = query.where(usage_daily.c.token_id == token_id)
+        if since:
+            query = query.where(usage_daily.c.day >= since)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [{k: (int(v) if k != by else v) for k, v in r.items()} for r in rows]
+
+    async def ledger_rows(self, *, token_id: int | None = None, since_ms: int | None = None,
+                          limit: int = 1000) -> list[dict[str, Any]]:
+        query = select(ledger).order_by(ledger.c.id.desc()).limit(limit)
+        if token_id is not None:
+            query = query.where(ledger.c.token_id == token_id)
+        if since_ms is not None:
+            query = query.where(ledger.c.created_at >= since_ms)
+        async with self.engine.connect() as conn:
+            return [dict(r) for r in (await conn.execute(query)).mappings().all()]
+
+    async def totals(self) -> dict[str, int]:
+        """Sums for consistency checks: balances, reservations, and ledger movements."""
+        from sqlalchemy import func
+
+        async with self.engine.connect() as conn:
+            sums = select(func.coalesce(func.sum(api_tokens.c.balance), 0),
+                          func.coalesce(func.sum(api_tokens.c.reserved), 0))
+            balance, reserved = (await conn.execute(sums)).one()
+            moved = (await conn.execute(
+                select(func.coalesce(func.sum(ledger.c.amount), 0)).where(ledger.c.token_id.is_not(None))
+            )).scalar_one()
+            held = (await conn.execute(select(func.coalesce(func.sum(reservations.c.amount), 0)))).scalar_one()
+        return {"balance": int(balance), "reserved": int(reserved), "ledger": int(moved), "held": int(held)}
+
+
+async def _settle(conn: AsyncConnection, s: Settlement) -> None:
+    if (await conn.execute(select(ledger.c.id).where(ledger.c.request_id == s.request_id))).first():
+        return  # already settled: settlement is idempotent by request id
+    charge = 0
+    if s.token_id is not None:
+        held = 0
+        if s.reserved:
+            row = (await conn.execute(
+                delete(reservations).where(reservations.c.request_id == s.request_id).returning(reservations.c.amount)
+            )).first()
+            held = int(row[0]) if row else 0  # gone: released by crash recovery, charge the balance directly
+        # The UPDATE locks the row (PostgreSQL) or the database (SQLite) before the balance is read.
+        await conn.execute(update(api_tokens).where(api_tokens.c.id == s.token_id).values(
+            balance=api_tokens.c.balance + held, reserved=api_tokens.c.reserved - held))
+        balance = (await conn.execute(select(api_tokens.c.balance).where(api_tokens.c.id == s.token_id))).scalar()
+        charge = min(s.cost, int(balance or 0))  # never below zero
+        if charge:
+            await conn.execute(update(api_tokens).where(api_tokens.c.id == s.token_id).values(
+                balance=api_tokens.c.balance - charge))
+    u = s.usage
+    await conn.execute(insert(ledger).values(
+        request_id=s.request_id, token_id=s.token_id, kind="usage", model=s.model, backend=s.backend,
+        prompt_tokens=u.prompt_tokens, cached_tokens=u.cached_tokens, completion_tokens=u.completion_tokens,
+        reasoning_tokens=u.reasoning_tokens, amount=-charge, cost=s.cost, price_version=s.price_version,
+        status=s.status, estimated=s.estimated, duration_ms=s.duration_ms,
+        note=None if charge == s.cost else f"cost {s.cost} capped at the balance",
+        created_at=now_ms(),
+    ))
+    day = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
+    values = {"day": day, "token_id": s.token_id or 0, "model": s.model, "requests": 1,
+              "prompt_tokens": u.prompt_tokens, "cached_tokens": u.cached_tokens,
+              "completion_tokens": u.completion_tokens, "reasoning_tokens": u.reasoning_tokens, "cost": charge}
+    await conn.execute(_upsert_daily(conn.dialect.name, values))
+
+
+def _upsert_daily(dialect: str, values: dict[str, Any]) -> Any:
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert  # type: ignore[assignment]
+    stmt = dialect_insert(usage_daily).values(**values)
+    counters = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens", "cost")
+    return stmt.on_conflict_do_update(
+        index_elements=["day", "token_id", "model"],
+        set_={c: getattr(usage_daily.c, c) + getattr(stmt.excluded, c) for c in counters},
+    )
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cursor = dbapi_conn.cursor()
+    # WAL + NORMAL: a committed transaction survives the process being killed (not a power cut).
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _record(row: Any) -> TokenRecord:
+    models = row["allowed_models"]
+    return TokenRecord(
+        id=int(row["id"]), name=row["name"], prefix=row["prefix"], created_at=int(row["created_at"]),
+        expires_at=row["expires_at"], disabled=bool(row["disabled"]),
+        allowed_models=tuple(models) if models is not None else None,
+        rpm=row["rpm"], tpm=row["tpm"], max_concurrency=row["max_concurrency"],
+        balance=int(row["balance"]), reserved=int(row["reserved"]),
+    )
+
+
+def _price(row: Any) -> Price:
+    return Price(model=row["model"], input=int(row["input"]), cached_input=int(row["cached_input"]),
+                 output=int(row["output"]), version=int(row["version"]))
