@@ -144,3 +144,65 @@ def parse_sse(raw: str) -> SSE:
 
 def user(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
+
+
+PG_ADMIN_URL = os.environ.get("GROKGATE_TEST_PG", "postgresql://root@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("GROKGATE_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+def _pg_execute(sql: str) -> None:
+    import asyncio
+
+    import asyncpg
+
+    async def run() -> None:
+        conn = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test (skipped, with the reason, when PostgreSQL is absent)."""
+    import uuid
+
+    name = f"grokgate_test_{uuid.uuid4().hex[:12]}"
+    try:
+        _pg_execute(f'CREATE DATABASE "{name}"')
+    except (OSError, TimeoutError) as exc:  # not reachable; any other error is a real failure
+        pytest.skip(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc}")
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    _pg_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def redis_url() -> str:
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        pytest.skip(f"Redis is not reachable at {REDIS_URL}: {exc}")
+    return REDIS_URL
+
+
+def admin_post(server: Server, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    with server.client() as c:
+        r = c.post(path, json=body, headers={"Authorization": f"Bearer {server.token}"})
+    assert r.status_code in (200, 201), r.text
+    result: dict[str, Any] = r.json()
+    return result
+
+
+def create_key(server: Server, name: str, credits: str | None = None, **fields: Any) -> tuple[str, dict[str, Any]]:
+    """Create an account token through the admin API; returns (secret, key record)."""
+    body = {"name": name, **fields}
+    if credits is not None:
+        body["credits"] = credits
+    result = admin_post(server, "/admin/keys", body)
+    return result["token"], result["key"]

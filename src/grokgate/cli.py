@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = sub.add_parser("model", help="assemble and verify the default model, print its path")
     model.set_defaults(func=_model)
+
+    from grokgate.cli_admin import add_commands
+
+    add_commands(sub)
     return parser
 
 

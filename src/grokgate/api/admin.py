@@ -158,6 +158,16 @@ async def usage(
     return {"object": "list", "by": by, "data": rows}
 
 
+@router.get("/ledger", summary="Ledger rows, newest first: usage and top-ups")
+async def ledger(
+    store: Store,
+    token: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+) -> dict[str, Any]:
+    token_id = (await store.require_token(token)).id if token else None
+    return {"object": "list", "data": await store.ledger_rows(token_id=token_id, limit=limit)}
+
+
 def to_csv(rows: list[dict[str, Any]]) -> str:
     out = io.StringIO()
     if rows:

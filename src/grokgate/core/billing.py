@@ -118,6 +118,9 @@ class AccountAdmission:
         limits = principal.limits or Limits()
         decision = await self.limiter.acquire(principal.key_id, request.request_id, limits, estimated_tokens)
         if not decision.allowed:
+            if decision.reason == "store_unavailable":  # fail_closed, and the limit store is down
+                raise GatewayError(503, "rate_limiter_unavailable", _limit_message(decision.reason),
+                                   headers={"retry-after": "1", **decision.headers})
             raise GatewayError(429, "too_many_requests", _limit_message(decision.reason),
                                headers=decision.headers)
         amount = max_cost(prompt, request.choices, output, price)

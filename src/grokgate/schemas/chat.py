@@ -161,9 +161,11 @@ class ChatCompletionRequest(_Lenient):
                 raise bad_request(f"{name} must be at most {max_tokens_limit}.", name)
 
     def prompt_chars(self) -> int:
-        """Characters of text in the prompt, for a cheap upper estimate of its tokens."""
+        """Characters of text in the prompt, for a cheap upper estimate of its tokens (each message counts
+        16 more for its role and framing)."""
         total = 0
         for message in self.messages:
+            total += 16
             if isinstance(message.content, str):
                 total += len(message.content)
             elif message.content:

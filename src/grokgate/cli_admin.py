@@ -1,0 +1,220 @@
+"""`grokgate keys | credits | prices | usage | db`: account administration on the store directly.
+
+The same store methods back the admin HTTP API, so both paths validate and record alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from grokgate.core.accounts import format_credits, parse_credits
+from grokgate.core.errors import GatewayError
+from grokgate.core.pricing import Price
+
+
+def _store() -> Any:
+    from grokgate.settings import Settings
+    from grokgate.store.sql import SqlStore, default_url
+
+    settings = Settings()
+    return SqlStore(settings.database_url or default_url(settings.data_dir), owner=settings.instance())
+
+
+def _run(action: Callable[[Any, argparse.Namespace], Awaitable[int]], args: argparse.Namespace) -> int:
+    async def main() -> int:
+        store = _store()
+        await store.open()
+        try:
+            return await action(store, args)
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(main())
+    except GatewayError as exc:
+        print(f"grokgate: {exc.message}", file=sys.stderr)
+        return 1
+
+
+def _expiry(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        if text.isdigit():
+            return int(text) * 1000
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise GatewayError(400, "bad_request", f"Not a date: {text!r} (use YYYY-MM-DD or unix seconds).") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return int(when.timestamp() * 1000)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return value
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)
+
+
+async def keys_create(store: Any, args: argparse.Namespace) -> int:
+    credits = parse_credits(args.credits) if args.credits is not None else 0
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    record, secret = await store.create_token(
+        args.name, allowed_models=models, expires_at=_expiry(args.expires), rpm=args.rpm, tpm=args.tpm,
+        max_concurrency=args.concurrency,
+    )
+    if credits:
+        record = await store.add_credits(record.id, credits, note="initial credits")
+    print(f"created token {record.id} ({record.name}), balance {format_credits(record.balance)} credits")
+    print(f"secret (shown once, store it now): {secret}")
+    return 0
+
+
+async def keys_list(store: Any, args: argparse.Namespace) -> int:
+    rows = [r.public() for r in await store.list_tokens()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(_table(rows, ["id", "name", "prefix", "disabled", "balance_credits", "rpm", "tpm", "max_concurrency",
+                            "allowed_models", "expires_at"]))
+    return 0
+
+
+async def keys_show(store: Any, args: argparse.Namespace) -> int:
+    print(json.dumps((await store.require_token(args.ref)).public(), indent=2))
+    return 0
+
+
+async def keys_set_disabled(store: Any, args: argparse.Namespace) -> int:
+    record = await store.require_token(args.ref)
+    record = await store.update_token(record.id, disabled=args.command == "disable")
+    print(f"token {record.id} ({record.name}) {'disabled' if record.disabled else 'enabled'}")
+    return 0
+
+
+async def keys_delete(store: Any, args: argparse.Namespace) -> int:
+    record = await store.require_token(args.ref)
+    await store.delete_token(record.id)
+    print(f"token {record.id} ({record.name}) deleted; its ledger rows stay")
+    return 0
+
+
+async def credits_add(store: Any, args: argparse.Namespace) -> int:
+    amount = parse_credits(args.amount)
+    record = await store.require_token(args.ref)
+    record = await store.add_credits(record.id, amount, note=args.note)
+    print(f"token {record.id} ({record.name}): balance {format_credits(record.balance)} credits")
+    return 0
+
+
+async def prices_list(store: Any, args: argparse.Namespace) -> int:
+    history = await store.price_history(args.model)
+    rows = [{"model": p.model, "version": p.version, "input": format_credits(p.input),
+             "cached_input": format_credits(p.cached_input), "output": format_credits(p.output)} for p in history]
+    print("credits per million tokens")
+    print(_table(rows, ["model", "version", "input", "cached_input", "output"]))
+    return 0
+
+
+async def prices_set(store: Any, args: argparse.Namespace) -> int:
+    from grokgate.api.admin import parse_price
+
+    price = Price(args.model, parse_price(args.input, "input"), parse_price(args.cached_input, "cached_input"),
+                  parse_price(args.output, "output"))
+    saved = await store.set_price(price)
+    print(f"{saved.model}: price version {saved.version}")
+    return 0
+
+
+async def usage_report(store: Any, args: argparse.Namespace) -> int:
+    token_id = (await store.require_token(args.token)).id if args.token else None
+    rows = await store.usage(token_id=token_id, since=args.since, by=args.by)
+    if args.csv:
+        from grokgate.api.admin import to_csv
+
+        text = to_csv(rows)
+        if args.csv == "-":
+            sys.stdout.write(text)
+        else:
+            await asyncio.to_thread(Path(args.csv).write_text, text, newline="")
+            print(f"wrote {len(rows)} rows to {args.csv}")
+        return 0
+    for row in rows:
+        row["cost_credits"] = format_credits(row["cost"])
+    print(_table(rows, [args.by, "requests", "prompt_tokens", "cached_tokens", "completion_tokens",
+                        "reasoning_tokens", "cost_credits"]))
+    return 0
+
+
+async def db_upgrade(store: Any, args: argparse.Namespace) -> int:
+    print(f"database at {store.url.split('@')[-1]} is at the latest schema")
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    def command(parser: argparse.ArgumentParser, action: Callable[[Any, argparse.Namespace], Awaitable[int]]) -> None:
+        parser.set_defaults(func=lambda args: _run(action, args))
+
+    keys = sub.add_parser("keys", help="API tokens").add_subparsers(dest="command", required=True)
+    create = keys.add_parser("create", help="create a token; its secret is shown once")
+    create.add_argument("name")
+    create.add_argument("--credits", help="initial credits, e.g. 10 or 0.5")
+    create.add_argument("--models", help="allowed models, comma-separated (default: all)")
+    create.add_argument("--expires", help="expiry: YYYY-MM-DD[THH:MM] (UTC) or unix seconds")
+    create.add_argument("--rpm", type=_positive)
+    create.add_argument("--tpm", type=_positive)
+    create.add_argument("--concurrency", type=_positive, help="max requests in flight")
+    command(create, keys_create)
+    listing = keys.add_parser("list", help="list tokens (prefixes only)")
+    listing.add_argument("--json", action="store_true")
+    command(listing, keys_list)
+    for name, action, text in (("show", keys_show, "show one token"),
+                               ("disable", keys_set_disabled, "disable a token"),
+                               ("enable", keys_set_disabled, "enable a token"),
+                               ("delete", keys_delete, "delete a token")):
+        p = keys.add_parser(name, help=text)
+        p.add_argument("ref", help="id, name or prefix (gg-xxxxxxxx)")
+        command(p, action)
+
+    credits = sub.add_parser("credits", help="balances").add_subparsers(dest="command", required=True)
+    add = credits.add_parser("add", help="top up a token (recorded in the ledger)")
+    add.add_argument("ref", help="id, name or prefix")
+    add.add_argument("amount", help="credits, e.g. 10 or 0.5")
+    add.add_argument("--note")
+    command(add, credits_add)
+
+    prices = sub.add_parser("prices", help="per-model prices").add_subparsers(dest="command", required=True)
+    plist = prices.add_parser("list", help="every price version")
+    plist.add_argument("--model")
+    command(plist, prices_list)
+    pset = prices.add_parser("set", help="set a model's prices (credits per million tokens): a new version")
+    pset.add_argument("model")
+    pset.add_argument("--input", required=True)
+    pset.add_argument("--cached-input", required=True)
+    pset.add_argument("--output", required=True)
+    command(pset, prices_set)
+
+    usage = sub.add_parser("usage", help="usage report")
+    usage.add_argument("--token", help="id, name or prefix")
+    usage.add_argument("--since", help="YYYY-MM-DD")
+    usage.add_argument("--by", choices=["day", "model"], default="day")
+    usage.add_argument("--csv", metavar="FILE", help="write CSV to FILE ('-' for stdout)")
+    command(usage, usage_report)
+
+    db = sub.add_parser("db", help="database").add_subparsers(dest="command", required=True)
+    command(db.add_parser("upgrade", help="migrate the database to the latest schema"), db_upgrade)

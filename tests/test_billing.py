@@ -1,0 +1,242 @@
+"""Money under stress: concurrent overdraw, replicas, disconnects, crashes, and limits across replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import threading
+import time
+from typing import Any
+from urllib.parse import urlparse
+
+import httpx
+import pytest
+
+from tests.conftest import Server, create_key, start_server, stop_server, user
+
+CHEAP = {"model": "grok-3", "messages": user("hi"), "max_tokens": 1}
+
+
+def admin_get(server: Server, path: str) -> Any:
+    with server.client() as c:
+        r = c.get(path, headers={"Authorization": f"Bearer {server.token}"})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def reservation_of(server: Server, body: dict[str, Any]) -> int:
+    """What admission reserves for `body` at the current grok-3 price (mirrors core.pricing)."""
+    from grokgate.core.pricing import Price, estimate_prompt_tokens, max_cost
+    from grokgate.schemas.chat import ChatCompletionRequest
+
+    current = {p["model"]: p for p in admin_get(server, "/admin/prices")["current"]}["grok-3"]
+    price = Price("grok-3", current["input"], current["cached_input"], current["output"])
+    request = ChatCompletionRequest.model_validate(body)
+    return max_cost(estimate_prompt_tokens(request.prompt_chars()), request.choices, request.output_limit or 0, price)
+
+
+def fire(servers: list[Server], token: str, count: int, body: dict[str, Any]) -> list[httpx.Response]:
+    async def run() -> list[httpx.Response]:
+        clients = [httpx.AsyncClient(base_url=s.url, timeout=300) for s in servers]
+        try:
+            return await asyncio.gather(*(
+                clients[i % len(clients)].post("/grok/chat/completions", json=body,
+                                                headers={"Authorization": f"Bearer {token}"})
+                for i in range(count)
+            ))
+        finally:
+            for c in clients:
+                await c.aclose()
+
+    return asyncio.run(run())
+
+
+def check_books(server: Server, key_id: int, initial: int, served: int) -> dict[str, Any]:
+    key = admin_get(server, f"/admin/keys/{key_id}")
+    assert key["reserved"] == 0, "every reservation was settled"
+    assert key["balance"] >= 0
+    usage = admin_get(server, f"/admin/usage?token={key_id}&by=model")["data"]
+    charged = sum(r["cost"] for r in usage)
+    assert sum(r["requests"] for r in usage) == served, "one ledger row per served request"
+    assert initial - key["balance"] == charged, "the ledger's sum equals the balance moved"
+    rows = admin_get(server, f"/admin/ledger?token={key_id}&limit=10000")["data"]
+    assert -sum(r["amount"] for r in rows if r["kind"] == "usage") == charged
+    return key
+
+
+def race(servers: list[Server]) -> None:
+    reservation = reservation_of(servers[0], CHEAP)
+    initial = reservation * 10 + reservation // 2  # funded for about 10 requests
+    from grokgate.core.accounts import format_credits
+
+    token, key = create_key(servers[0], "racer", credits=format_credits(initial))
+    responses = fire(servers, token, 200, CHEAP)
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 403}, codes
+    refused = [r for r in responses if r.status_code == 403]
+    assert all(r.json()["error"]["code"] == "used_up" for r in refused)
+    served = codes.count(200)
+    # Reservations cover the worst case, so at least the 10 funded ones run; refunds of what they did not
+    # use may let a few more through, never an overdraft.
+    assert served >= 10 and refused, (served, len(refused))
+    check_books(servers[0], key["id"], initial, served)
+
+
+def test_concurrent_requests_cannot_overdraw(server: Server) -> None:
+    race([server])
+
+
+def test_concurrent_requests_across_two_processes_cannot_overdraw(
+        tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> None:
+    tmp = tmp_path_factory.mktemp("race-pg")
+    env = {"GROKGATE_DATABASE_URL": pg_url}
+    a = start_server(tmp, "--slots", "2", env=env, name="replica-a")
+    b = start_server(tmp, "--slots", "2", env=env, name="replica-b")
+    try:
+        race([a, b])
+    finally:
+        stop_server(a)
+        stop_server(b)
+
+
+def test_rpm_limit_holds_across_replicas(tmp_path_factory: pytest.TempPathFactory, pg_url: str,
+                                         redis_url: str) -> None:
+    tmp = tmp_path_factory.mktemp("limits")
+    env = {"GROKGATE_DATABASE_URL": pg_url, "GROKGATE_REDIS_URL": redis_url}
+    a = start_server(tmp, "--slots", "2", env=env, name="limits-a")
+    b = start_server(tmp, "--slots", "2", env=env, name="limits-b")
+    try:
+        token, _ = create_key(a, "limited", credits="10", rpm=5)
+        codes = []
+        limited: list[httpx.Response] = []
+        for i in range(12):
+            r = (a if i % 2 == 0 else b).chat(CHEAP, token=token)
+            codes.append(r.status_code)
+            if r.status_code == 429:
+                limited.append(r)
+        assert codes.count(200) == 5, codes
+        assert codes.count(429) == 7
+        for r in limited:
+            assert r.json()["error"]["code"] == "too_many_requests"
+            assert int(r.headers["retry-after"]) >= 1
+            assert r.headers["x-ratelimit-limit-requests"] == "5"
+            assert r.headers["x-ratelimit-remaining-requests"] == "0"
+    finally:
+        stop_server(a)
+        stop_server(b)
+
+
+def test_unreachable_redis_fails_closed_or_open_as_configured(tmp_path_factory: pytest.TempPathFactory) -> None:
+    tmp = tmp_path_factory.mktemp("redis-down")
+    closed = start_server(tmp, "--slots", "1", name="fail-closed",
+                          env={"GROKGATE_REDIS_URL": "redis://127.0.0.1:1/0",
+                               "GROKGATE_RATE_LIMIT_STORE_ERROR": "fail_closed"})
+    try:
+        token, _ = create_key(closed, "k", credits="1", rpm=100)
+        r = closed.chat(CHEAP, token=token)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "rate_limiter_unavailable"
+        assert "retry-after" in r.headers
+    finally:
+        stop_server(closed)
+    opened = start_server(tmp, "--slots", "1", name="fail-open",
+                          env={"GROKGATE_REDIS_URL": "redis://127.0.0.1:1/0",
+                               "GROKGATE_RATE_LIMIT_STORE_ERROR": "fail_open"})
+    try:
+        token, _ = create_key(opened, "k", credits="1", rpm=100)
+        assert opened.chat(CHEAP, token=token).status_code == 200
+        assert "grokgate.limits" in opened.log(), "degraded decisions are logged, never silent"
+    finally:
+        stop_server(opened)
+
+
+def test_disconnect_mid_stream_bills_prompt_and_generated_tokens(server: Server) -> None:
+    token, key = create_key(server, "streamer", credits="1")
+    body = json.dumps({"model": "grok-3", "messages": user("Write a long essay about the sea."),
+                       "max_tokens": 300, "stream": True}).encode()
+    url = urlparse(server.url)
+    with socket.create_connection((url.hostname, url.port)) as sock:
+        sock.sendall((f"POST /grok/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                      f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+        received = b""
+        while received.count(b'"content":"') < 6:  # the role delta's "" does not match; 5+ tokens
+            chunk = sock.recv(65536)
+            assert chunk
+            received += chunk
+        request_id = received.split(b"x-request-id: ", 1)[1].split(b"\r\n", 1)[0].decode()
+    deadline = time.monotonic() + 10
+    rows: list[dict[str, Any]] = []
+    while time.monotonic() < deadline and not rows:
+        rows = [r for r in admin_get(server, f"/admin/ledger?token={key['id']}")["data"] if r["kind"] == "usage"]
+        time.sleep(0.1)
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["request_id"] == request_id
+    assert row["status"] == "client_disconnected"
+    assert row["estimated"] is True
+    assert row["prompt_tokens"] > 0
+    assert 5 <= row["completion_tokens"] < 100, row
+    assert row["cost"] > 0 and row["amount"] == -row["cost"]
+    after = admin_get(server, f"/admin/keys/{key['id']}")
+    assert after["reserved"] == 0, "the reservation was released"
+    assert after["balance"] == 1_000_000 - row["cost"]
+
+
+def test_backend_error_before_output_is_not_billed(server: Server) -> None:
+    token, key = create_key(server, "too-long", credits="1")
+    r = server.chat({"model": "grok-3", "messages": user("hello " * 3000), "max_tokens": 5}, token=token)
+    assert r.status_code == 400
+    rows = admin_get(server, f"/admin/ledger?token={key['id']}")["data"]
+    usage = [row for row in rows if row["kind"] == "usage"]
+    assert len(usage) == 1 and usage[0]["status"] == "error" and usage[0]["amount"] == 0
+    after = admin_get(server, f"/admin/keys/{key['id']}")
+    assert (after["balance"], after["reserved"]) == (1_000_000, 0)
+
+
+def test_sigkill_loses_no_completed_request(tmp_path_factory: pytest.TempPathFactory) -> None:
+    tmp = tmp_path_factory.mktemp("crash")
+    env = {"GROKGATE_INSTANCE_ID": "crash-test"}
+    srv = start_server(tmp, "--slots", "4", env=env, name="crash")
+    token, key = create_key(srv, "victim", credits="5")
+    completed: list[str] = []
+    stop = threading.Event()
+
+    def client(i: int) -> None:
+        body = {"model": "grok-3", "messages": user(f"Count to {i + 3}."), "max_tokens": 2 + i % 6,
+                "stream": i % 2 == 0}
+        while not stop.is_set():
+            try:
+                with httpx.Client(base_url=srv.url, timeout=30) as c:
+                    r = c.post("/grok/chat/completions", json=body, headers={"Authorization": f"Bearer {token}"})
+                if r.status_code == 200 and (r.text.endswith("data: [DONE]\n\n") if body["stream"]
+                                             else "choices" in r.json()):
+                    completed.append(r.headers["x-request-id"])
+            except (httpx.HTTPError, json.JSONDecodeError):
+                return
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while len(completed) < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    srv.process.send_signal(signal.SIGKILL)
+    srv.process.wait()
+    stop.set()
+    for t in threads:
+        t.join()
+    assert len(completed) >= 6
+    data_env = {**env}
+    again = start_server(tmp, "--slots", "2", env=data_env, name="crash")  # same data dir, same instance id
+    try:
+        rows = admin_get(again, f"/admin/ledger?token={key['id']}&limit=10000")["data"]
+        in_ledger = {r["request_id"] for r in rows}
+        missing = [rid for rid in completed if rid not in in_ledger]
+        assert not missing, f"completed requests missing from the ledger: {missing}"
+        usage_rows = [r for r in rows if r["kind"] == "usage"]
+        check_books(again, key["id"], 5_000_000, len(usage_rows))
+    finally:
+        stop_server(again)
