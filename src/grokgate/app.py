@@ -12,6 +12,7 @@ from starlette.responses import HTMLResponse
 from starlette.staticfiles import StaticFiles
 
 from grokgate import __version__
+from grokgate import config as routing
 from grokgate.api import account, admin, chat, errors, meta
 from grokgate.api.deps import Gateway
 from grokgate.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
@@ -31,8 +32,29 @@ bearer token, OpenAI chat-completion bodies and SSE streaming. Errors use the en
 `{"error": {"code", "message", "type", "param"}, "trace_id"}`; every response carries `x-request-id`."""
 
 
-def build_models(settings: Settings, local: Provider) -> ModelTable:
-    return ModelTable([Route(name, local, name) for name in settings.models])
+def build_routing(settings: Settings) -> ModelTable:
+    """The routing file if there is one; else xAI when a key is set; else the local engine for every name."""
+    import grokgate.providers.local
+    import grokgate.providers.openai_compat
+    import grokgate.providers.xai  # noqa: F401  (each registers its kind)
+
+    def local() -> Provider:
+        engine: Provider = base.create(
+            "local",
+            model_path=settings.model_path,
+            cache_dir=settings.cache_dir,
+            threads=settings.threads,
+            slots=settings.slots,
+            ctx_per_slot=settings.ctx_per_slot,
+        )
+        return engine
+
+    config = routing.load(settings.config, settings.environment()) if settings.config else None
+    config = config or routing.default_config(settings)
+    if config is not None:
+        return routing.build(config, settings, local)
+    engine = local()
+    return ModelTable([Route(name, engine, name) for name in settings.models])
 
 
 def create_app(
@@ -43,17 +65,7 @@ def create_app(
 ) -> FastAPI:
     settings = settings or Settings()
     if models is None:
-        import grokgate.providers.local  # noqa: F401  (registers the "local" kind)
-
-        local = base.create(
-            "local",
-            model_path=settings.model_path,
-            cache_dir=settings.cache_dir,
-            threads=settings.threads,
-            slots=settings.slots,
-            ctx_per_slot=settings.ctx_per_slot,
-        )
-        models = build_models(settings, local)
+        models = build_routing(settings)
     store = None
     if admission is None and settings.accounts:
         admission, store = build_accounts(settings)

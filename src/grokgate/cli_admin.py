@@ -59,8 +59,8 @@ def _expiry(text: str | None) -> int | None:
 
 def _positive(text: str) -> int:
     value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be a positive integer")
+    if not 1 <= value <= 2_147_483_647:
+        raise argparse.ArgumentTypeError("must be a positive integer below 2**31")
     return value
 
 

@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODELS = (
@@ -45,6 +45,12 @@ class Settings(BaseSettings):
     # Public model names, all served by the local engine until routing is configured.
     models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(DEFAULT_MODELS))
 
+    # Routing: a YAML file of backends and models (docs/configuration.md). Without one: xAI when an xAI key is
+    # set, else the local engine.
+    config: Path | None = None
+    xai_api_key: str | None = Field(default=None, validation_alias=AliasChoices("GROKGATE_XAI_API_KEY", "XAI_API_KEY"))
+    xai_base_url: str = "https://api.x.ai/v1"
+
     # Embedded engine. `model_path` None means the default model assembled from its PyPI parts.
     model_path: Path | None = None
     threads: int = Field(default=1, ge=1, le=256)
@@ -80,6 +86,11 @@ class Settings(BaseSettings):
     instance_id: str | None = None
     # Reservations of any instance older than this are released (a replica that never came back).
     reservation_lease_seconds: int = Field(default=3600, ge=60)
+
+    @staticmethod
+    def environment() -> dict[str, str]:
+        """The environment, for `api_key_env` references in the routing file (read here and nowhere else)."""
+        return dict(os.environ)
 
     def instance(self) -> str:
         return self.instance_id or f"{socket.gethostname()}:{self.port}"

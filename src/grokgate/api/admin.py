@@ -8,7 +8,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 from starlette.responses import Response
 
 from grokgate.api.chat import authenticate
@@ -38,35 +38,45 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+INT32_MAX = 2_147_483_647  # the limit columns are 32-bit integers
+LAST_SECOND = 253_402_300_799  # 9999-12-31: expiries beyond it would overflow as milliseconds
+Amount = StrictStr | StrictInt | StrictFloat  # strict: JSON `true` must not become 1 credit
+
+
 class KeyCreate(_Strict):
     name: str = Field(min_length=1, max_length=200)
     allowed_models: list[str] | None = None
-    expires_at: int | None = Field(default=None, description="Unix seconds", gt=0)
-    rpm: int | None = Field(default=None, ge=1)
-    tpm: int | None = Field(default=None, ge=1)
-    max_concurrency: int | None = Field(default=None, ge=1)
-    credits: str | None = Field(default=None, description="Initial credits, e.g. \"10\" or \"0.5\"")
+    expires_at: int | None = Field(default=None, description="Unix seconds", gt=0, le=LAST_SECOND)
+    rpm: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    tpm: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    max_concurrency: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    credits: Amount | None = Field(default=None, description="Initial credits, e.g. \"10\" or \"0.5\"")
 
 
 class KeyUpdate(_Strict):
+    """Fields left out are unchanged; `null` clears the nullable ones (limits, models, expiry)."""
+
     name: str | None = Field(default=None, min_length=1, max_length=200)
     disabled: bool | None = None
     allowed_models: list[str] | None = None
-    expires_at: int | None = Field(default=None, gt=0)
-    rpm: int | None = Field(default=None, ge=1)
-    tpm: int | None = Field(default=None, ge=1)
-    max_concurrency: int | None = Field(default=None, ge=1)
+    expires_at: int | None = Field(default=None, gt=0, le=LAST_SECOND)
+    rpm: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    tpm: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    max_concurrency: int | None = Field(default=None, ge=1, le=INT32_MAX)
+
+
+NOT_NULLABLE = ("name", "disabled")
 
 
 class CreditsAdd(_Strict):
-    amount: str | int | float = Field(description="Credits to add, e.g. \"10\" or \"0.5\"")
+    amount: Amount = Field(description="Credits to add, e.g. \"10\" or \"0.5\"")
     note: str | None = Field(default=None, max_length=500)
 
 
 class PriceSet(_Strict):
-    input: str | int | float = Field(description="Credits per million input tokens")
-    cached_input: str | int | float = Field(description="Credits per million cached input tokens")
-    output: str | int | float = Field(description="Credits per million output (and reasoning) tokens")
+    input: Amount = Field(description="Credits per million input tokens")
+    cached_input: Amount = Field(description="Credits per million cached input tokens")
+    output: Amount = Field(description="Credits per million output (and reasoning) tokens")
 
 
 def parse_price(value: str | int | float, field: str) -> int:
@@ -106,6 +116,9 @@ async def show_key(ref: str, store: Store) -> dict[str, Any]:
 async def update_key(ref: str, body: KeyUpdate, store: Store) -> dict[str, Any]:
     record = await store.require_token(ref)
     fields = body.model_dump(exclude_unset=True)
+    for name in NOT_NULLABLE:
+        if name in fields and fields[name] is None:
+            raise GatewayError(400, "bad_request", f"{name} cannot be null.", param=name)
     if "expires_at" in fields and fields["expires_at"] is not None:
         fields["expires_at"] *= 1000
     return (await store.update_token(record.id, **fields)).public()

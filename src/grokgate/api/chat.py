@@ -67,11 +67,13 @@ async def chat_completions(
             await run.finish(None, "error", exc)
         raise
 
-    factory = ChunkFactory(body.model, route.provider.fingerprint)
+    run.backend = getattr(pump.generation, "backend", None) or run.backend
+    fingerprint = getattr(pump.generation, "fingerprint", None) or route.provider.fingerprint
+    factory = ChunkFactory(body.model, fingerprint)
     if body.stream:
         assembler = StreamAssembler(factory, body.choices, body.include_usage)
         stream = sse_events(pump, assembler, first, gw.settings.keepalive_seconds, request_id, run.finish)
-        return SSEResponse(stream, headers={**SSE_HEADERS, **ticket.headers})
+        return SSEResponse(stream, headers={**SSE_HEADERS, **ticket.headers, **run.overhead(pump)})
 
     accumulator = CompletionAccumulator(factory, body.choices)
     try:
@@ -85,7 +87,8 @@ async def chat_completions(
         return Response(status_code=499)
     # Zero loss: the settlement is committed before the client receives the answer.
     await run.finish(accumulator.usage, "ok", None)
-    return Response(orjson.dumps(result), media_type="application/json", headers=ticket.headers)
+    return Response(orjson.dumps(result), media_type="application/json", headers={**ticket.headers,
+                                                                                   **run.overhead(pump)})
 
 
 class _Run:
@@ -101,6 +104,11 @@ class _Run:
         self.started = started
         self.pump: Pump | None = None
         self.finished = False
+
+    def overhead(self, pump: Pump) -> dict[str, str]:
+        """Time spent in grokgate itself so far: everything but the wait on the backend."""
+        own = time.perf_counter() - self.started - pump.waited
+        return {"x-grokgate-overhead-ms": f"{max(own, 0.0) * 1000:.3f}"}
 
     async def finish(self, usage: Usage | None, status: str, failure: BaseException | None) -> None:
         if self.finished:

@@ -22,6 +22,7 @@ class Gateway:
     started_at: int = field(default_factory=lambda: int(time.time()))
 
 
-def gateway(request: Request) -> Gateway:
+async def gateway(request: Request) -> Gateway:
+    # async on purpose: FastAPI runs a plain `def` dependency in a thread pool, a thread hop per request.
     gw: Gateway = request.app.state.gateway
     return gw

@@ -9,7 +9,9 @@ settled, shielded from cancellation, whatever way the response ends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -49,12 +51,15 @@ class Pump:
     def __init__(self, generation: Generation) -> None:
         self.generation = generation
         self._pending: asyncio.Future[Event] | None = None
+        self.waited = 0.0  # seconds spent waiting on the backend: what is not grokgate's own overhead
 
     async def next(self, wait: float | None) -> Event | _Marker:
         """The next event, END, or TIMEOUT after `wait` seconds (the read goes on for the next call)."""
         if self._pending is None:
             self._pending = asyncio.ensure_future(self.generation.__anext__())
+        started = time.perf_counter()
         done, _ = await asyncio.wait((self._pending,), timeout=wait)
+        self.waited += time.perf_counter() - started
         if not done:
             return TIMEOUT
         future, self._pending = self._pending, None
@@ -64,9 +69,12 @@ class Pump:
             return END
 
     async def aclose(self) -> None:
-        if self._pending is not None:
-            self._pending.cancel()
-            self._pending = None
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            # Let the cancelled read unwind before closing: closing a generator that is still running raises.
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
         await self.generation.aclose()
 
 

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any
 
-from grokgate.core.events import Delta, Event, Finish, Usage, UsageReport
+from grokgate.core.events import Delta, Event, Extra, Finish, Usage, UsageReport
 
 FINISH_REASONS = {"stop", "length", "tool_calls", "content_filter", "function_call"}
 
@@ -65,6 +65,14 @@ class StreamAssembler:
         self.include_usage = include_usage
         self._finished: set[int] = set()
         self.usage: Usage | None = None
+        self._extras: dict[str, Any] = {}
+
+    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
+        chunk = self.factory.chunk(choices, usage)
+        if self._extras:  # passed-through keys ride on the next chunk out
+            chunk.update(self._extras)
+            self._extras = {}
+        return chunk
 
     def opening(self) -> list[dict[str, Any]]:
         return [self.factory.chunk([_choice(i, {"role": "assistant", "content": ""})]) for i in range(self.choices)]
@@ -81,24 +89,24 @@ class StreamAssembler:
             if event.tool_calls is not None:
                 delta["tool_calls"] = event.tool_calls
             logprobs = {"content": event.logprobs} if event.logprobs is not None else None
-            return self.factory.chunk([_choice(event.index, delta, logprobs)])
+            return self._chunk([_choice(event.index, delta, logprobs)])
         if isinstance(event, Finish):
             if event.index in self._finished:
                 return None
             self._finished.add(event.index)
-            return self.factory.chunk([_choice(event.index, {}, None, normalise_finish_reason(event.reason))])
+            return self._chunk([_choice(event.index, {}, None, normalise_finish_reason(event.reason))])
         if isinstance(event, UsageReport):
             self.usage = event.usage  # the last report wins: providers never send running sums
+        elif isinstance(event, Extra):
+            self._extras.update(event.fields)
         return None
 
     def closing(self) -> list[dict[str, Any]]:
         """Finish any choice the provider left open, then the usage chunk if the client asked for it."""
-        chunks = [
-            self.factory.chunk([_choice(i, {}, None, "stop")]) for i in range(self.choices) if i not in self._finished
-        ]
+        chunks = [self._chunk([_choice(i, {}, None, "stop")]) for i in range(self.choices) if i not in self._finished]
         self._finished.update(range(self.choices))
         if self.include_usage:
-            chunks.append(self.factory.chunk([], (self.usage or Usage()).as_dict()))
+            chunks.append(self._chunk([], (self.usage or Usage()).as_dict()))
         return chunks
 
 
@@ -120,10 +128,14 @@ class CompletionAccumulator:
         self.factory = factory
         self._choices = [_ChoiceState() for _ in range(choices)]
         self.usage: Usage | None = None
+        self._extras: dict[str, Any] = {}
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, UsageReport):
             self.usage = event.usage
+            return
+        if isinstance(event, Extra):
+            self._extras.update(event.fields)
             return
         state = self._choices[event.index]
         if isinstance(event, Finish):
@@ -161,6 +173,7 @@ class CompletionAccumulator:
             "system_fingerprint": self.factory.fingerprint,
             "choices": choices,
             "usage": (self.usage or Usage()).as_dict(),
+            **self._extras,
         }
 
 

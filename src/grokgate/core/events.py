@@ -56,4 +56,11 @@ class UsageReport:
     usage: Usage = field(default_factory=Usage)
 
 
-Event = Delta | Finish | UsageReport
+@dataclass(slots=True)
+class Extra:
+    """Top-level response keys a backend adds and clients may want (xAI's `citations`), passed through."""
+
+    fields: dict[str, Any]
+
+
+Event = Delta | Finish | UsageReport | Extra

@@ -43,7 +43,7 @@ class Provider(Protocol):
     def generate(self, request: ChatCompletionRequest, upstream_model: str) -> Generation: ...
 
 
-ProviderFactory = Callable[..., Provider]
+ProviderFactory = Callable[..., Any]  # a Provider, or an upstream backend the router drives
 
 _FACTORIES: dict[str, ProviderFactory] = {}
 ENTRY_POINT_GROUP = "grokgate.providers"
@@ -57,7 +57,7 @@ def register(kind: str) -> Callable[[ProviderFactory], ProviderFactory]:
     return decorate
 
 
-def create(kind: str, **config: Any) -> Provider:
+def create(kind: str, **config: Any) -> Any:
     """Build a provider by kind; third-party kinds come from the `grokgate.providers` entry point group."""
     if kind not in _FACTORIES:
         for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
@@ -77,10 +77,11 @@ class Route:
 
 
 class ModelTable:
-    """Public model name -> the backend that serves it."""
+    """Public model name -> the backend that serves it; `backends` are what the app starts and stops."""
 
-    def __init__(self, routes: list[Route]) -> None:
+    def __init__(self, routes: list[Route], backends: list[Any] | None = None) -> None:
         self._routes = {r.public_name: r for r in routes}
+        self._backends = backends
 
     def names(self) -> list[str]:
         return list(self._routes)
@@ -89,6 +90,8 @@ class ModelTable:
         return self._routes.get(name)
 
     def providers(self) -> list[Provider]:
+        if self._backends is not None:
+            return list(self._backends)
         unique: dict[int, Provider] = {}
         for route in self._routes.values():
             unique.setdefault(id(route.provider), route.provider)

@@ -1,0 +1,33 @@
+"""Upstream usage objects -> one `Usage` with OpenAI semantics (peer lessons 5 and 7).
+
+OpenAI: `completion_tokens` includes reasoning, total = prompt + completion. xAI: `completion_tokens`
+excludes reasoning, total = prompt + completion + reasoning. The arithmetic of the object itself says which
+convention it follows, so no per-provider flag can be forgotten. Cached tokens are a subset of the prompt.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from grokgate.core.events import Usage
+
+
+def _int(value: Any) -> int:
+    try:
+        return max(0, int(value or 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+def normalise_usage(raw: dict[str, Any]) -> Usage:
+    prompt = _int(raw.get("prompt_tokens"))
+    completion = _int(raw.get("completion_tokens"))
+    total = _int(raw.get("total_tokens"))
+    prompt_details = raw.get("prompt_tokens_details") or {}
+    completion_details = raw.get("completion_tokens_details") or {}
+    reasoning = _int(completion_details.get("reasoning_tokens"))
+    cached = min(_int(prompt_details.get("cached_tokens")), prompt)
+    if reasoning and total == prompt + completion + reasoning:
+        completion += reasoning  # xAI arithmetic: reasoning was outside completion_tokens
+    reasoning = min(reasoning, completion)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached, reasoning_tokens=reasoning)

@@ -1,0 +1,308 @@
+"""An OpenAI-compatible upstream: vLLM, llama.cpp's server, another grokgate, or any such server.
+
+One pooled keep-alive httpx client per backend, created once. A request goes out as a stream when the
+client streams (always asking for usage) and as one JSON request otherwise; either way the reply becomes
+`core.events`. Failures before the first event raise `UpstreamFailure`, which the router may retry on
+another key or backend; failures after it are errors of the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import orjson
+
+from grokgate.core.breaker import Breaker
+from grokgate.core.errors import GatewayError
+from grokgate.core.events import Delta, Event, Extra, Finish, UsageReport
+from grokgate.core.usage import normalise_usage
+from grokgate.providers.base import register
+from grokgate.schemas.chat import ChatCompletionRequest
+
+log = logging.getLogger("grokgate.upstream")
+
+PASSTHROUGH_KEYS = ("citations",)
+
+
+class UpstreamFailure(Exception):
+    """An upstream attempt failed before any output: the router decides whether to try elsewhere."""
+
+    def __init__(self, error: GatewayError, *, retryable: bool, retry_after: float | None = None) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
+@dataclass
+class UpstreamKey:
+    value: str
+    breaker: Breaker = field(default_factory=Breaker)
+
+
+@dataclass
+class BackendConfig:
+    name: str
+    base_url: str
+    api_keys: list[str] = field(default_factory=list)
+    timeout: float = 600.0  # total deadline of one request
+    connect_timeout: float = 5.0
+    read_timeout: float = 300.0  # longest silence while reading (reasoning models think quietly)
+    max_in_flight: int = 256
+    fanout_n: bool = False  # the upstream ignores n: send n requests and merge them
+    cooldown: float = 30.0
+    failure_threshold: int = 3
+
+
+class OpenAICompatBackend:
+    kind = "openai"
+
+    def __init__(self, config: BackendConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.breaker = Breaker(config.failure_threshold, config.cooldown)
+        self.keys = [UpstreamKey(k, Breaker(config.failure_threshold, config.cooldown)) for k in config.api_keys]
+        self._rotation = itertools.count()
+        timeout = httpx.Timeout(connect=config.connect_timeout, read=config.read_timeout, write=30.0, pool=30.0)
+        limits = httpx.Limits(max_connections=config.max_in_flight, max_keepalive_connections=config.max_in_flight)
+        self.client = httpx.AsyncClient(base_url=config.base_url.rstrip("/"), timeout=timeout, limits=limits)
+
+    # -- what the router asks ------------------------------------------------------------------------------
+
+    @property
+    def fingerprint(self) -> str:
+        return f"fp_{self.kind}_{self.name}"
+
+    def ready(self) -> bool:
+        return True
+
+    def status(self) -> dict[str, Any]:
+        return {"kind": self.kind, "state": self.breaker.state,
+                "keys": [k.breaker.state for k in self.keys]}
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    def check(self, request: ChatCompletionRequest) -> None:
+        return None
+
+    def available(self, tried: set[int]) -> bool:
+        return self.breaker.state != "open" and self._pick_key(tried, probe=False) is not None
+
+    def _pick_key(self, tried: set[int], probe: bool = True) -> int | None:
+        if not self.keys:
+            return -1 if -1 not in tried else None
+        start = next(self._rotation) if probe else 0
+        for offset in range(len(self.keys)):
+            i = (start + offset) % len(self.keys)
+            if i in tried:
+                continue
+            if (self.keys[i].breaker.allow() if probe else self.keys[i].breaker.state != "open"):
+                return i
+        return None
+
+    def retry_in(self) -> float:
+        waits = [k.breaker.retry_in() for k in self.keys] or [0.0]
+        return max(self.breaker.retry_in(), min(waits))
+
+    # -- one attempt ---------------------------------------------------------------------------------------
+
+    def payload(self, request: ChatCompletionRequest, upstream_model: str, stream: bool) -> dict[str, Any]:
+        body = request.model_dump(exclude_none=True, by_alias=True)
+        body["model"] = upstream_model
+        body["stream"] = stream
+        if stream:
+            body["stream_options"] = {"include_usage": True}  # always: usage is what billing reads
+        else:
+            body.pop("stream_options", None)
+        return body
+
+    async def attempt(self, body: dict[str, Any], tried: set[int]) -> AsyncGenerator[Event]:
+        """Send one request on one key; the iterator's first step raises UpstreamFailure or yields an event."""
+        key_index = self._pick_key(tried)
+        if key_index is None:
+            raise UpstreamFailure(GatewayError(503, "upstream_unavailable", f"No usable key for {self.name}."),
+                                  retryable=True)
+        tried.add(key_index)
+        key = self.keys[key_index] if key_index >= 0 else None
+        headers = {"Authorization": f"Bearer {key.value}"} if key else {}
+        stream = bool(body.get("stream"))
+        try:
+            request = self.client.build_request("POST", "/chat/completions", content=orjson.dumps(body),
+                                                headers={**headers, "content-type": "application/json"})
+            response = await self.client.send(request, stream=True)
+        except httpx.TimeoutException:
+            self.breaker.failure()
+            raise UpstreamFailure(GatewayError(504, "timeout", f"The upstream {self.name} timed out."),
+                                  retryable=True) from None
+        except httpx.HTTPError as exc:
+            self.breaker.failure()
+            raise UpstreamFailure(GatewayError(502, "api_error", f"The upstream {self.name} is unreachable: "
+                                               f"{type(exc).__name__}."), retryable=True) from None
+        if response.status_code != 200:
+            raw = await _read_quietly(response)
+            raise self._failure(response.status_code, raw, response.headers, key)
+        self.breaker.success()
+        if key:
+            key.breaker.success()
+        return self._events(response) if stream else self._json_events(response)
+
+    def _failure(self, status: int, raw: bytes, headers: httpx.Headers, key: UpstreamKey | None) -> UpstreamFailure:
+        message = upstream_message(raw)
+        retry_after = _retry_after(headers)
+        if status == 429:
+            if key:
+                key.breaker.failure(retry_after if retry_after is not None else self.config.cooldown)
+            return UpstreamFailure(GatewayError(429, "too_many_requests", f"The upstream is rate limiting: {message}",
+                                                headers={"retry-after": str(int(retry_after or 1))}),
+                                   retryable=True, retry_after=retry_after)
+        if status in (401, 402, 403) or (status == 400 and "api key" in message.lower()):
+            # The key is grokgate's, not the caller's: a misconfiguration, never a 401 to the client.
+            if key:
+                key.breaker.failure(self.config.cooldown)
+            log.error("upstream rejected our key", extra={"backend": self.name, "status": status})
+            return UpstreamFailure(GatewayError(502, "api_error", f"The upstream {self.name} refused grokgate's "
+                                                "credentials; the operator must fix the configured API key."),
+                                   retryable=True)
+        if status == 404:
+            return UpstreamFailure(GatewayError(502, "api_error", f"The upstream {self.name} does not know the "
+                                                f"model: {message}"), retryable=True)
+        if 400 <= status < 500:
+            return UpstreamFailure(GatewayError(400, "bad_request", f"The upstream refused the request: {message}"),
+                                   retryable=False)
+        self.breaker.failure()
+        return UpstreamFailure(GatewayError(502, "api_error", f"The upstream {self.name} failed ({status})."),
+                               retryable=True, retry_after=retry_after)
+
+    async def _events(self, response: httpx.Response) -> AsyncGenerator[Event]:
+        usage: dict[str, Any] | None = None
+        try:
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue  # comments (keep-alives), event names, blank separators
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = orjson.loads(data)
+                if not isinstance(chunk, dict):
+                    continue
+                if chunk.get("error"):
+                    raise GatewayError(502, "api_error", f"The upstream failed mid-stream: {upstream_message(data)}")
+                if chunk.get("usage"):
+                    usage = chunk["usage"]  # keep the last, never the sum (some upstreams repeat it cumulatively)
+                extras = {k: chunk[k] for k in PASSTHROUGH_KEYS if chunk.get(k)}
+                if extras:
+                    yield Extra(extras)
+                for event in _choice_events(chunk.get("choices") or (), delta_key="delta"):
+                    yield event
+        except httpx.TimeoutException:
+            raise GatewayError(504, "timeout", "The upstream went silent for too long.") from None
+        except httpx.HTTPError:
+            raise GatewayError(502, "api_error", "The upstream connection broke mid-stream.") from None
+        finally:
+            await response.aclose()
+        if usage is not None:
+            yield UsageReport(normalise_usage(usage))
+
+    async def _json_events(self, response: httpx.Response) -> AsyncGenerator[Event]:
+        try:
+            raw = await response.aread()
+        except httpx.TimeoutException:
+            raise GatewayError(504, "timeout", "The upstream timed out.") from None
+        except httpx.HTTPError:
+            raise GatewayError(502, "api_error", "The upstream connection broke.") from None
+        finally:
+            await response.aclose()
+        body = orjson.loads(raw)
+        extras = {k: body[k] for k in PASSTHROUGH_KEYS if body.get(k)}
+        if extras:
+            yield Extra(extras)
+        for event in _choice_events(body.get("choices") or (), delta_key="message"):
+            yield event
+        if body.get("usage"):
+            yield UsageReport(normalise_usage(body["usage"]))
+
+
+def _choice_events(choices: Any, delta_key: str) -> list[Event]:
+    events: list[Event] = []
+    for choice in choices:
+        index = int(choice.get("index", 0))
+        delta = choice.get(delta_key) or {}
+        content = delta.get("content")
+        reasoning = delta.get("reasoning_content")
+        tool_calls = delta.get("tool_calls")
+        logprobs = (choice.get("logprobs") or {}).get("content")
+        if content or reasoning or tool_calls or logprobs:
+            events.append(Delta(index=index, content=content or None, reasoning_content=reasoning or None,
+                                tool_calls=_tool_calls(tool_calls) if tool_calls else None, logprobs=logprobs))
+        if choice.get("finish_reason"):
+            events.append(Finish(index=index, reason=choice["finish_reason"]))
+    return events
+
+
+def _tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep `index`, `id`, `type` and `function.name` on every fragment that has them (contract 5.8)."""
+    out = []
+    for i, call in enumerate(calls):
+        item = dict(call)
+        item.setdefault("index", i)
+        if item.get("id") and "type" not in item:
+            item["type"] = "function"
+        out.append(item)
+    return out
+
+
+def upstream_message(raw: bytes | str) -> str:
+    """The message of an upstream error body: xAI's flat `{code, error}` or OpenAI's `{error: {message}}`."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+        return text.strip()[:500] or "no details"
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict):
+            return str(error.get("message") or error)[:500]
+        if error:
+            return str(error)[:500]
+        return str(body.get("message") or body.get("code") or body)[:500]
+    return str(body)[:500]
+
+
+async def _read_quietly(response: httpx.Response) -> bytes:
+    try:
+        return await asyncio.wait_for(response.aread(), 10)
+    except (httpx.HTTPError, TimeoutError):
+        return b""
+    finally:
+        await response.aclose()
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    value = headers.get("retry-after-ms")
+    if value:
+        try:
+            return float(value) / 1000
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value:
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+@register("openai")
+def create_openai(**config: Any) -> OpenAICompatBackend:
+    return OpenAICompatBackend(BackendConfig(**config))

@@ -1,0 +1,251 @@
+"""One public model over ordered routes: retries, fallback and cool-downs, only before the first byte.
+
+Routes are tried by priority (lower first), and within a priority in a weighted random order. An upstream
+route is retried on another key, then the next route, on connect errors, timeouts, 429 and 5xx; a 4xx that
+is the caller's fault ends the request at once. Once the first event has been read nothing is retried: the
+client may already hold output. Every request has a total deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any
+
+from grokgate.core.errors import GatewayError
+from grokgate.core.events import Delta, Event, Finish, Usage, UsageReport
+from grokgate.providers.openai_compat import OpenAICompatBackend, UpstreamFailure
+from grokgate.schemas.chat import ChatCompletionRequest
+
+
+@dataclass(frozen=True)
+class Candidate:
+    backend: Any  # OpenAICompatBackend, or any Provider (the local engine)
+    model: str
+    priority: int = 0
+    weight: int = 1
+
+
+class RoutedModel:
+    """A Provider for one public model name."""
+
+    def __init__(self, public_name: str, candidates: list[Candidate], deadline: float = 600.0) -> None:
+        if not candidates:
+            raise ValueError(f"model {public_name} has no routes")
+        self.public_name = public_name
+        self.candidates = candidates
+        self.deadline = deadline
+        self.name = candidates[0].backend.name
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.candidates[0].backend.fingerprint)
+
+    def ready(self) -> bool:
+        return any(c.backend.ready() for c in self.candidates)
+
+    def status(self) -> dict[str, Any]:
+        routes = [{"backend": c.backend.name, "model": c.model, "priority": c.priority} for c in self.candidates]
+        return {"routes": routes}
+
+    async def start(self) -> None:
+        return None  # backends are started once by the app, not once per model
+
+    async def close(self) -> None:
+        return None
+
+    def usable(self, request: ChatCompletionRequest) -> tuple[list[Candidate], GatewayError | None]:
+        usable, refusal = [], None
+        for c in self.candidates:
+            try:
+                c.backend.check(request)
+            except GatewayError as exc:
+                refusal = refusal or exc
+                continue
+            usable.append(c)
+        return usable, refusal
+
+    def check(self, request: ChatCompletionRequest) -> None:
+        usable, refusal = self.usable(request)
+        if not usable and refusal is not None:
+            raise refusal
+
+    def ordered(self, candidates: list[Candidate]) -> list[Candidate]:
+        result: list[Candidate] = []
+        for priority in sorted({c.priority for c in candidates}):
+            group = [c for c in candidates if c.priority == priority]
+            while group:
+                pick = random.choices(group, weights=[max(c.weight, 0) or 1 for c in group])[0]
+                group.remove(pick)
+                result.append(pick)
+        return result
+
+    def generate(self, request: ChatCompletionRequest, upstream_model: str) -> RoutedGeneration:
+        candidates = self.ordered(self.usable(request)[0])
+        return RoutedGeneration(request, candidates, time.monotonic() + self.deadline)
+
+
+class RoutedGeneration:
+    def __init__(self, request: ChatCompletionRequest, candidates: list[Candidate], deadline: float) -> None:
+        self.request = request
+        self.candidates = candidates
+        self.deadline = deadline
+        self.backend: str | None = None
+        self.fingerprint: str | None = None
+        self._events: Any = None
+        self._closed = False
+
+    def __aiter__(self) -> RoutedGeneration:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._closed:
+            raise StopAsyncIteration
+        if self._events is None:
+            return await self._open()
+        try:
+            async with asyncio.timeout_at(self._loop_deadline()):
+                event: Event = await self._events.__anext__()
+                return event
+        except TimeoutError:
+            raise GatewayError(504, "timeout", "The request ran past its deadline.") from None
+
+    def _loop_deadline(self) -> float:
+        return asyncio.get_running_loop().time() + max(0.0, self.deadline - time.monotonic())
+
+    async def _open(self) -> Event:
+        failures: list[UpstreamFailure] = []
+        for candidate in self.candidates:
+            backend = candidate.backend
+            if not isinstance(backend, OpenAICompatBackend):
+                generation = backend.generate(self.request, candidate.model)
+                try:
+                    first: Event = await generation.__anext__()
+                except GatewayError as exc:
+                    if exc.status != 503:
+                        raise
+                    failures.append(UpstreamFailure(exc, retryable=True))
+                    continue
+                self._use(generation, backend)
+                return first
+            tried: set[int] = set()
+            while backend.available(tried):
+                if time.monotonic() >= self.deadline:
+                    raise GatewayError(504, "timeout", "No upstream answered before the deadline.")
+                try:
+                    async with asyncio.timeout_at(self._loop_deadline()):
+                        events = await self._attempt(backend, candidate.model, tried)
+                        first = await events.__anext__()
+                except UpstreamFailure as failure:
+                    if not failure.retryable:
+                        raise failure.error from None
+                    failures.append(failure)
+                    continue
+                except (GatewayError, StopAsyncIteration) as exc:  # broke before any output: try elsewhere
+                    error = exc if isinstance(exc, GatewayError) else GatewayError(502, "api_error", "Empty reply.")
+                    failures.append(UpstreamFailure(error, retryable=True))
+                    continue
+                except TimeoutError:
+                    raise GatewayError(504, "timeout", "No upstream answered before the deadline.") from None
+                self._use(events, backend)
+                return first
+        raise final_error(failures, self.candidates)
+
+    async def _attempt(self, backend: OpenAICompatBackend, model: str, tried: set[int]) -> AsyncGenerator[Event]:
+        stream = bool(self.request.stream)
+        n = self.request.choices
+        if n == 1 or not backend.config.fanout_n:
+            return await backend.attempt(backend.payload(self.request, model, stream), tried)
+        # The upstream ignores n: n single requests, merged under their own indexes.
+        streams: list[AsyncGenerator[Event]] = []
+        try:
+            for i in range(n):
+                body = backend.payload(self.request, model, stream)
+                body["n"] = 1
+                if self.request.seed is not None:
+                    body["seed"] = self.request.seed + i
+                streams.append(await backend.attempt(body, set(tried)))
+        except BaseException:
+            for s in streams:
+                await s.aclose()
+            raise
+        return merge_choices(streams)
+
+    def _use(self, events: Any, backend: Any) -> None:
+        self._events = events
+        self.backend = backend.name
+        self.fingerprint = backend.fingerprint
+
+    def usage_so_far(self) -> Usage | None:
+        partial = getattr(self._events, "usage_so_far", None)
+        return partial() if partial is not None else None
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._events is not None:
+            await self._events.aclose()
+
+
+async def merge_choices(streams: list[AsyncGenerator[Event]]) -> AsyncGenerator[Event]:
+    """Interleave n single-choice streams, re-indexed 0..n-1; usage adds up (each request was billed)."""
+    queue: asyncio.Queue[tuple[int, Event | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncGenerator[Event]) -> None:
+        try:
+            async for event in stream:
+                await queue.put((i, event))
+        except BaseException as exc:
+            await queue.put((i, exc))
+            return
+        await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    total = Usage()
+    open_streams = len(streams)
+    try:
+        while open_streams:
+            i, item = await queue.get()
+            if item is None:
+                open_streams -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            elif isinstance(item, UsageReport):
+                u = item.usage
+                total = Usage(total.prompt_tokens + u.prompt_tokens, total.completion_tokens + u.completion_tokens,
+                              total.cached_tokens + u.cached_tokens, total.reasoning_tokens + u.reasoning_tokens)
+            elif isinstance(item, Delta | Finish):
+                item.index = i
+                yield item
+            else:
+                yield item
+        yield UsageReport(total)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            await stream.aclose()
+
+
+def final_error(failures: list[UpstreamFailure], candidates: list[Candidate]) -> GatewayError:
+    """The caller's answer when every route failed: 429 if rate limits are why, else timeout, else 502/503."""
+    if not failures:
+        waits = [c.backend.retry_in() for c in candidates if isinstance(c.backend, OpenAICompatBackend)]
+        cooling = max(1, int(min(waits, default=1.0)) + 1)
+        return GatewayError(503, "upstream_unavailable", "Every upstream for this model is cooling down after "
+                            "failures; retry shortly.", headers={"retry-after": str(cooling)})
+    limited = [f for f in failures if f.error.status == 429]
+    if limited and len(limited) == len(failures):
+        wait = min((f.retry_after for f in limited if f.retry_after is not None), default=1.0)
+        return GatewayError(429, "too_many_requests", "Every upstream for this model is rate limiting; retry later.",
+                            headers={"retry-after": str(max(1, int(wait + 0.999)))})
+    if any(f.error.status == 504 for f in failures) and all(f.error.status in (504, 429) for f in failures):
+        return GatewayError(504, "timeout", "The upstream inference timed out.")
+    last = failures[-1].error
+    return GatewayError(last.status if last.status >= 500 else 502, last.code if last.status >= 500 else "api_error",
+                        last.message, headers=last.headers)
+

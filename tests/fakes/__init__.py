@@ -1,0 +1,1 @@
+"""In-process fakes of upstream services, for grokgate's tests."""
