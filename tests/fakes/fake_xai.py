@@ -180,6 +180,9 @@ class FakeXAI:
                  content: str = DEFAULT_CONTENT, host: str = "127.0.0.1") -> None:
         self.api_keys, self.chunks, self.strict, self.content, self.host = list(api_keys), chunks, strict, content, host
         self.requests: list[dict[str, Any]] = []
+        # Quirk switches for every request, as if each carried these x-fake-* headers (grokgate does not
+        # forward its clients' headers upstream, so tests set them here).
+        self.header_defaults: dict[str, str] = {}
         self.url = ""
         self.port = 0
         self._faults: collections.deque[dict[str, Any]] = collections.deque()
@@ -200,6 +203,7 @@ class FakeXAI:
         with self._lock:
             self._faults.clear()
             self.requests.clear()
+            self.header_defaults.clear()
 
     @property
     def chat_requests(self) -> list[dict[str, Any]]:
@@ -276,7 +280,7 @@ class FakeXAI:
 
     async def _chat(self, request: Request) -> Response:
         raw = await request.body()
-        headers = self._record(request, raw)
+        headers = {**self.header_defaults, **self._record(request, raw)}
         with self._lock:
             fault = self._faults.popleft() if self._faults else None
         if fault is None and headers.get("x-fake-fault"):

@@ -66,6 +66,7 @@ class StreamAssembler:
         self._finished: set[int] = set()
         self.usage: Usage | None = None
         self._extras: dict[str, Any] = {}
+        self._last_finish: list[dict[str, Any]] | None = None
 
     def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
         chunk = self.factory.chunk(choices, usage)
@@ -94,7 +95,13 @@ class StreamAssembler:
             if event.index in self._finished:
                 return None
             self._finished.add(event.index)
-            return self._chunk([_choice(event.index, {}, None, normalise_finish_reason(event.reason))])
+            finish = [_choice(event.index, {}, None, normalise_finish_reason(event.reason))]
+            if len(self._finished) == self.choices:
+                # The last finish waits for the end of the stream, so top-level keys that come late
+                # (xAI's citations ride on its final chunk) can still go out with it.
+                self._last_finish = finish
+                return None
+            return self._chunk(finish)
         if isinstance(event, UsageReport):
             self.usage = event.usage  # the last report wins: providers never send running sums
         elif isinstance(event, Extra):
@@ -103,8 +110,10 @@ class StreamAssembler:
 
     def closing(self) -> list[dict[str, Any]]:
         """Finish any choice the provider left open, then the usage chunk if the client asked for it."""
-        chunks = [self._chunk([_choice(i, {}, None, "stop")]) for i in range(self.choices) if i not in self._finished]
+        chunks = [self._chunk(self._last_finish)] if self._last_finish else []
+        chunks += [self._chunk([_choice(i, {}, None, "stop")]) for i in range(self.choices) if i not in self._finished]
         self._finished.update(range(self.choices))
+        self._last_finish = None
         if self.include_usage:
             chunks.append(self._chunk([], (self.usage or Usage()).as_dict()))
         return chunks

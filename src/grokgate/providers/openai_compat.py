@@ -1,9 +1,11 @@
 """An OpenAI-compatible upstream: vLLM, llama.cpp's server, another grokgate, or any such server.
 
-One pooled keep-alive httpx client per backend, created once. A request goes out as a stream when the
-client streams (always asking for usage) and as one JSON request otherwise; either way the reply becomes
-`core.events`. Failures before the first event raise `UpstreamFailure`, which the router may retry on
-another key or backend; failures after it are errors of the stream.
+One pooled keep-alive aiohttp session per backend, created once (aiohttp rather than httpx: on this hot
+path httpx's per-request cost was the largest single item in the profile, see docs/benchmarks.md).
+A request goes out as a stream when the client streams (always asking for usage) and as one JSON
+request otherwise; either way the reply becomes `core.events`. Failures before the first event raise
+`UpstreamFailure`, which the router may retry on another key or backend; failures after it are errors
+of the stream.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
+from multidict import CIMultiDictProxy
 
 from grokgate.core.breaker import Breaker
 from grokgate.core.errors import GatewayError
@@ -69,9 +72,8 @@ class OpenAICompatBackend:
         self.breaker = Breaker(config.failure_threshold, config.cooldown)
         self.keys = [UpstreamKey(k, Breaker(config.failure_threshold, config.cooldown)) for k in config.api_keys]
         self._rotation = itertools.count()
-        timeout = httpx.Timeout(connect=config.connect_timeout, read=config.read_timeout, write=30.0, pool=30.0)
-        limits = httpx.Limits(max_connections=config.max_in_flight, max_keepalive_connections=config.max_in_flight)
-        self.client = httpx.AsyncClient(base_url=config.base_url.rstrip("/"), timeout=timeout, limits=limits)
+        self.url = config.base_url.rstrip("/") + "/chat/completions"
+        self._session: aiohttp.ClientSession | None = None
 
     # -- what the router asks ------------------------------------------------------------------------------
 
@@ -87,10 +89,19 @@ class OpenAICompatBackend:
                 "keys": [k.breaker.state for k in self.keys]}
 
     async def start(self) -> None:
-        return None
+        self.session()
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:  # needs the running loop, so made on first use
+            connector = aiohttp.TCPConnector(limit=self.config.max_in_flight, keepalive_timeout=30)
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout,
+                                            sock_read=self.config.read_timeout)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=True)
+        return self._session
 
     async def close(self) -> None:
-        await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     def check(self, request: ChatCompletionRequest) -> None:
         return None
@@ -134,29 +145,30 @@ class OpenAICompatBackend:
                                   retryable=True)
         tried.add(key_index)
         key = self.keys[key_index] if key_index >= 0 else None
-        headers = {"Authorization": f"Bearer {key.value}"} if key else {}
+        headers = {"Content-Type": "application/json"}
+        if key:
+            headers["Authorization"] = f"Bearer {key.value}"
         stream = bool(body.get("stream"))
         try:
-            request = self.client.build_request("POST", "/chat/completions", content=orjson.dumps(body),
-                                                headers={**headers, "content-type": "application/json"})
-            response = await self.client.send(request, stream=True)
-        except httpx.TimeoutException:
+            response = await self.session().post(self.url, data=orjson.dumps(body), headers=headers)
+        except TimeoutError:
             self.breaker.failure()
             raise UpstreamFailure(GatewayError(504, "timeout", f"The upstream {self.name} timed out."),
                                   retryable=True) from None
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, OSError) as exc:
             self.breaker.failure()
             raise UpstreamFailure(GatewayError(502, "api_error", f"The upstream {self.name} is unreachable: "
                                                f"{type(exc).__name__}."), retryable=True) from None
-        if response.status_code != 200:
+        if response.status != 200:
             raw = await _read_quietly(response)
-            raise self._failure(response.status_code, raw, response.headers, key)
+            raise self._failure(response.status, raw, response.headers, key)
         self.breaker.success()
         if key:
             key.breaker.success()
         return self._events(response) if stream else self._json_events(response)
 
-    def _failure(self, status: int, raw: bytes, headers: httpx.Headers, key: UpstreamKey | None) -> UpstreamFailure:
+    def _failure(self, status: int, raw: bytes, headers: CIMultiDictProxy[str],
+                 key: UpstreamKey | None) -> UpstreamFailure:
         message = upstream_message(raw)
         retry_after = _retry_after(headers)
         if status == 429:
@@ -183,15 +195,17 @@ class OpenAICompatBackend:
         return UpstreamFailure(GatewayError(502, "api_error", f"The upstream {self.name} failed ({status})."),
                                retryable=True, retry_after=retry_after)
 
-    async def _events(self, response: httpx.Response) -> AsyncGenerator[Event]:
+    async def _events(self, response: aiohttp.ClientResponse) -> AsyncGenerator[Event]:
         usage: dict[str, Any] | None = None
+        done = False
         try:
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue  # comments (keep-alives), event names, blank separators
+            async for line in _lines(response):
+                if done or not line.startswith(b"data:"):
+                    continue  # comments (keep-alives), event names, and whatever follows [DONE]
                 data = line[5:].strip()
-                if data == "[DONE]":
-                    break
+                if data == b"[DONE]":
+                    done = True  # read on to the end, so the connection goes back to the pool
+                    continue
                 chunk = orjson.loads(data)
                 if not isinstance(chunk, dict):
                     continue
@@ -204,25 +218,29 @@ class OpenAICompatBackend:
                     yield Extra(extras)
                 for event in _choice_events(chunk.get("choices") or (), delta_key="delta"):
                     yield event
-        except httpx.TimeoutException:
+        except TimeoutError:
             raise GatewayError(504, "timeout", "The upstream went silent for too long.") from None
-        except httpx.HTTPError:
+        except (aiohttp.ClientError, OSError):
             raise GatewayError(502, "api_error", "The upstream connection broke mid-stream.") from None
+        except orjson.JSONDecodeError:
+            raise GatewayError(502, "api_error", "The upstream sent an event that is not JSON.") from None
         finally:
-            await response.aclose()
+            _finish(response)
         if usage is not None:
             yield UsageReport(normalise_usage(usage))
 
-    async def _json_events(self, response: httpx.Response) -> AsyncGenerator[Event]:
+    async def _json_events(self, response: aiohttp.ClientResponse) -> AsyncGenerator[Event]:
         try:
-            raw = await response.aread()
-        except httpx.TimeoutException:
+            raw = await response.read()
+            body = orjson.loads(raw)
+        except TimeoutError:
             raise GatewayError(504, "timeout", "The upstream timed out.") from None
-        except httpx.HTTPError:
+        except (aiohttp.ClientError, OSError):
             raise GatewayError(502, "api_error", "The upstream connection broke.") from None
+        except orjson.JSONDecodeError:
+            raise GatewayError(502, "api_error", "The upstream reply is not JSON.") from None
         finally:
-            await response.aclose()
-        body = orjson.loads(raw)
+            _finish(response)
         extras = {k: body[k] for k in PASSTHROUGH_KEYS if body.get(k)}
         if extras:
             yield Extra(extras)
@@ -230,6 +248,30 @@ class OpenAICompatBackend:
             yield event
         if body.get("usage"):
             yield UsageReport(normalise_usage(body["usage"]))
+
+
+MAX_LINE = 8 << 20  # one SSE line (one chunk) larger than this is refused rather than buffered without end
+
+
+async def _lines(response: aiohttp.ClientResponse) -> AsyncGenerator[bytes]:
+    buffer = b""
+    async for data in response.content.iter_any():
+        buffer += data
+        while (end := buffer.find(b"\n")) >= 0:
+            yield buffer[:end].rstrip(b"\r")
+            buffer = buffer[end + 1:]
+        if len(buffer) > MAX_LINE:
+            raise GatewayError(502, "api_error", "The upstream sent an event larger than 8 MiB.")
+    if buffer:
+        yield buffer
+
+
+def _finish(response: aiohttp.ClientResponse) -> None:
+    """Back to the pool when fully read; otherwise (client gone, error) drop the connection."""
+    if response.content.at_eof():
+        response.release()
+    else:
+        response.close()
 
 
 def _choice_events(choices: Any, delta_key: str) -> list[Event]:
@@ -278,16 +320,16 @@ def upstream_message(raw: bytes | str) -> str:
     return str(body)[:500]
 
 
-async def _read_quietly(response: httpx.Response) -> bytes:
+async def _read_quietly(response: aiohttp.ClientResponse) -> bytes:
     try:
-        return await asyncio.wait_for(response.aread(), 10)
-    except (httpx.HTTPError, TimeoutError):
+        return await asyncio.wait_for(response.read(), 10)
+    except (aiohttp.ClientError, OSError, TimeoutError):
         return b""
     finally:
-        await response.aclose()
+        _finish(response)
 
 
-def _retry_after(headers: httpx.Headers) -> float | None:
+def _retry_after(headers: CIMultiDictProxy[str]) -> float | None:
     value = headers.get("retry-after-ms")
     if value:
         try:

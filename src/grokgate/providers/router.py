@@ -17,6 +17,7 @@ from typing import Any
 
 from grokgate.core.errors import GatewayError
 from grokgate.core.events import Delta, Event, Finish, Usage, UsageReport
+from grokgate.core.pricing import estimate_prompt_tokens
 from grokgate.providers.openai_compat import OpenAICompatBackend, UpstreamFailure
 from grokgate.schemas.chat import ChatCompletionRequest
 
@@ -97,6 +98,7 @@ class RoutedGeneration:
         self.fingerprint: str | None = None
         self._events: Any = None
         self._closed = False
+        self._deltas = 0  # output events seen: an estimate of completion tokens if the stream is cut
 
     def __aiter__(self) -> RoutedGeneration:
         return self
@@ -109,9 +111,11 @@ class RoutedGeneration:
         try:
             async with asyncio.timeout_at(self._loop_deadline()):
                 event: Event = await self._events.__anext__()
-                return event
         except TimeoutError:
             raise GatewayError(504, "timeout", "The request ran past its deadline.") from None
+        if isinstance(event, Delta):
+            self._deltas += 1
+        return event
 
     def _loop_deadline(self) -> float:
         return asyncio.get_running_loop().time() + max(0.0, self.deadline - time.monotonic())
@@ -151,6 +155,8 @@ class RoutedGeneration:
                 except TimeoutError:
                     raise GatewayError(504, "timeout", "No upstream answered before the deadline.") from None
                 self._use(events, backend)
+                if isinstance(first, Delta):
+                    self._deltas += 1
                 return first
         raise final_error(failures, self.candidates)
 
@@ -180,8 +186,14 @@ class RoutedGeneration:
         self.fingerprint = backend.fingerprint
 
     def usage_so_far(self) -> Usage | None:
+        """For a request cut short: the backend's own figure if it has one, else an estimate (the prompt from
+        its length, one token per output event) so a client that hangs up is still billed."""
         partial = getattr(self._events, "usage_so_far", None)
-        return partial() if partial is not None else None
+        if partial is not None:
+            return partial()  # type: ignore[no-any-return]
+        if self._events is None:
+            return None
+        return Usage(prompt_tokens=estimate_prompt_tokens(self.request.prompt_chars()), completion_tokens=self._deltas)
 
     async def aclose(self) -> None:
         if self._closed:

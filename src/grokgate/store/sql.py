@@ -10,7 +10,6 @@ token row with an UPDATE before it reads the balance it charges against.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -23,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from grokgate.core.accounts import Settlement, TokenRecord, display_prefix, hash_token, new_secret, now_ms
 from grokgate.core.errors import GatewayError
 from grokgate.core.pricing import Price
+from grokgate.store.batch import Reservation, reserve_many, settle_many
 from grokgate.store.schema import api_tokens, ledger, prices, reservations, usage_daily
 
 log = logging.getLogger("grokgate.store")
@@ -52,7 +52,7 @@ class SqlStore:
         self.owner = owner
         self._max_batch = max_batch
         self._engine: AsyncEngine | None = None
-        self._queue: list[tuple[Op, asyncio.Future[Any]]] = []
+        self._queue: list[tuple[str, Any, asyncio.Future[Any]]] = []
         self._writer: asyncio.Task[None] | None = None
         self._tokens: dict[str, tuple[float, TokenRecord | None]] = {}
         self._prices: tuple[float, dict[str, Price]] | None = None
@@ -105,8 +105,11 @@ class SqlStore:
 
     async def write(self, op: Op) -> Any:
         """Run `op` in the next group transaction and return its result once committed."""
+        return await self._submit("op", op)
+
+    async def _submit(self, kind: str, payload: Any) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((op, future))
+        self._queue.append((kind, payload, future))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._drain(), name="store-writer")
         return await asyncio.shield(future)
@@ -116,13 +119,14 @@ class SqlStore:
             batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch:]
             try:
                 async with self.engine.begin() as conn:
-                    results = [await op(conn) for op, _ in batch]
+                    results = await self._run(conn, batch)
             except Exception:
                 # One bad operation must not sink the others: run each in its own transaction.
-                for op, future in batch:
+                for item in batch:
+                    future = item[2]
                     try:
                         async with self.engine.begin() as conn:
-                            result = await op(conn)
+                            (result,) = await self._run(conn, [item])
                     except Exception as exc:
                         if not future.done():
                             future.set_exception(exc)
@@ -130,9 +134,26 @@ class SqlStore:
                         if not future.done():
                             future.set_result(result)
                 continue
-            for (_, future), result in zip(batch, results, strict=True):
+            for (_, _, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)
+
+    async def _run(self, conn: AsyncConnection, batch: list[tuple[str, Any, Any]]) -> list[Any]:
+        """One batch in one transaction: plain operations, then settlements (they free credits), then
+        reservations, each kind in a few statements for the whole batch."""
+        results: list[Any] = [None] * len(batch)
+        for i, (kind, payload, _) in enumerate(batch):
+            if kind == "op":
+                results[i] = await payload(conn)
+        settles = [payload for kind, payload, _ in batch if kind == "settle"]
+        if settles:
+            await settle_many(conn, settles)
+        reserves = [(i, payload) for i, (kind, payload, _) in enumerate(batch) if kind == "reserve"]
+        if reserves:
+            granted = await reserve_many(conn, [p for _, p in reserves], self.owner)
+            for (i, _), ok in zip(reserves, granted, strict=True):
+                results[i] = ok
+        return results
 
     # -- tokens --------------------------------------------------------------------------------------------
 
@@ -288,23 +309,10 @@ class SqlStore:
     # -- reservations and settlement --------------------------------------------------------------------------
 
     async def reserve(self, token_id: int, request_id: str, amount: int) -> bool:
-        async def op(conn: AsyncConnection) -> bool:
-            moved = await conn.execute(
-                update(api_tokens)
-                .where(api_tokens.c.id == token_id, api_tokens.c.balance >= amount)
-                .values(balance=api_tokens.c.balance - amount, reserved=api_tokens.c.reserved + amount)
-            )
-            if not moved.rowcount:
-                return False
-            await conn.execute(insert(reservations).values(
-                request_id=request_id, token_id=token_id, amount=amount, owner=self.owner, created_at=now_ms()
-            ))
-            return True
-
-        return bool(await self.write(op))
+        return bool(await self._submit("reserve", Reservation(token_id, request_id, amount)))
 
     async def settle(self, s: Settlement) -> None:
-        await self.write(lambda conn: _settle(conn, s))
+        await self._submit("settle", s)
 
     async def reclaim(self, *, owner: str | None = None, older_than_ms: int | None = None) -> int:
         """Release reservations left by a crash: this owner's, or any older than the cut-off."""
@@ -373,54 +381,6 @@ class SqlStore:
             )).scalar_one()
             held = (await conn.execute(select(func.coalesce(func.sum(reservations.c.amount), 0)))).scalar_one()
         return {"balance": int(balance), "reserved": int(reserved), "ledger": int(moved), "held": int(held)}
-
-
-async def _settle(conn: AsyncConnection, s: Settlement) -> None:
-    if (await conn.execute(select(ledger.c.id).where(ledger.c.request_id == s.request_id))).first():
-        return  # already settled: settlement is idempotent by request id
-    charge = 0
-    if s.token_id is not None:
-        held = 0
-        if s.reserved:
-            row = (await conn.execute(
-                delete(reservations).where(reservations.c.request_id == s.request_id).returning(reservations.c.amount)
-            )).first()
-            held = int(row[0]) if row else 0  # gone: released by crash recovery, charge the balance directly
-        # The UPDATE locks the row (PostgreSQL) or the database (SQLite) before the balance is read.
-        await conn.execute(update(api_tokens).where(api_tokens.c.id == s.token_id).values(
-            balance=api_tokens.c.balance + held, reserved=api_tokens.c.reserved - held))
-        balance = (await conn.execute(select(api_tokens.c.balance).where(api_tokens.c.id == s.token_id))).scalar()
-        charge = min(s.cost, int(balance or 0))  # never below zero
-        if charge:
-            await conn.execute(update(api_tokens).where(api_tokens.c.id == s.token_id).values(
-                balance=api_tokens.c.balance - charge))
-    u = s.usage
-    await conn.execute(insert(ledger).values(
-        request_id=s.request_id, token_id=s.token_id, kind="usage", model=s.model, backend=s.backend,
-        prompt_tokens=u.prompt_tokens, cached_tokens=u.cached_tokens, completion_tokens=u.completion_tokens,
-        reasoning_tokens=u.reasoning_tokens, amount=-charge, cost=s.cost, price_version=s.price_version,
-        status=s.status, estimated=s.estimated, duration_ms=s.duration_ms,
-        note=None if charge == s.cost else f"cost {s.cost} capped at the balance",
-        created_at=now_ms(),
-    ))
-    day = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
-    values = {"day": day, "token_id": s.token_id or 0, "model": s.model, "requests": 1,
-              "prompt_tokens": u.prompt_tokens, "cached_tokens": u.cached_tokens,
-              "completion_tokens": u.completion_tokens, "reasoning_tokens": u.reasoning_tokens, "cost": charge}
-    await conn.execute(_upsert_daily(conn.dialect.name, values))
-
-
-def _upsert_daily(dialect: str, values: dict[str, Any]) -> Any:
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert  # type: ignore[assignment]
-    stmt = dialect_insert(usage_daily).values(**values)
-    counters = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens", "cost")
-    return stmt.on_conflict_do_update(
-        index_elements=["day", "token_id", "model"],
-        set_={c: getattr(usage_daily.c, c) + getattr(stmt.excluded, c) for c in counters},
-    )
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
