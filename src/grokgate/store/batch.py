@@ -8,12 +8,12 @@ both spend the same credits. A batch of N requests over T tokens costs about 2T 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, delete, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import Connection, bindparam, delete, insert, select, update
 
 from grokgate.core.accounts import Settlement, now_ms
 from grokgate.store.schema import api_tokens, ledger, reservations, usage_daily
@@ -28,9 +28,9 @@ class Reservation:
     amount: int
 
 
-async def _lock_balance(conn: AsyncConnection, token_id: int, delta: int = 0) -> int | None:
+def _lock_balance(conn: Connection, token_id: int, delta: int = 0) -> int | None:
     """Add `delta` to the balance (0 just locks) and return the balance, or None for an unknown token."""
-    result = await conn.execute(
+    result = conn.execute(
         update(api_tokens).where(api_tokens.c.id == token_id)
         .values(balance=api_tokens.c.balance + delta, reserved=api_tokens.c.reserved - delta)
         .returning(api_tokens.c.balance)
@@ -39,14 +39,14 @@ async def _lock_balance(conn: AsyncConnection, token_id: int, delta: int = 0) ->
     return int(row[0]) if row else None
 
 
-async def reserve_many(conn: AsyncConnection, items: list[Reservation], owner: str) -> list[bool]:
+def reserve_many(conn: Connection, items: list[Reservation], owner: str) -> list[bool]:
     granted = [False] * len(items)
     by_token: dict[int, list[int]] = defaultdict(list)
     for i, item in enumerate(items):
         by_token[item.token_id].append(i)
     rows = []
     for token_id, indexes in by_token.items():
-        balance = await _lock_balance(conn, token_id)
+        balance = _lock_balance(conn, token_id)
         if balance is None:
             continue
         total = 0
@@ -57,16 +57,16 @@ async def reserve_many(conn: AsyncConnection, items: list[Reservation], owner: s
                 rows.append({"request_id": items[i].request_id, "token_id": token_id, "amount": items[i].amount,
                              "owner": owner, "created_at": now_ms()})
         if total:
-            await conn.execute(update(api_tokens).where(api_tokens.c.id == token_id).values(
+            conn.execute(update(api_tokens).where(api_tokens.c.id == token_id).values(
                 balance=api_tokens.c.balance - total, reserved=api_tokens.c.reserved + total))
     if rows:
-        await conn.execute(insert(reservations), rows)
+        conn.execute(insert(reservations), rows)
     return granted
 
 
-async def settle_many(conn: AsyncConnection, items: list[Settlement]) -> None:
+def settle_many(conn: Connection, items: list[Settlement]) -> None:
     ids = [s.request_id for s in items]
-    done = set((await conn.execute(select(ledger.c.request_id).where(ledger.c.request_id.in_(ids)))).scalars())
+    done = set((conn.execute(select(ledger.c.request_id).where(ledger.c.request_id.in_(ids)))).scalars())
     fresh: dict[str, Settlement] = {}
     for s in items:
         if s.request_id not in done:  # settlement is idempotent by request id
@@ -76,7 +76,7 @@ async def settle_many(conn: AsyncConnection, items: list[Settlement]) -> None:
     held: dict[str, int] = {}
     reserved_ids = [s.request_id for s in fresh.values() if s.reserved and s.token_id is not None]
     if reserved_ids:
-        result = await conn.execute(delete(reservations).where(reservations.c.request_id.in_(reserved_ids))
+        result = conn.execute(delete(reservations).where(reservations.c.request_id.in_(reserved_ids))
                                     .returning(reservations.c.request_id, reservations.c.amount))
         held = {rid: int(amount) for rid, amount in result.all()}  # missing: released by crash recovery
 
@@ -87,7 +87,7 @@ async def settle_many(conn: AsyncConnection, items: list[Settlement]) -> None:
             by_token[s.token_id].append(s)
     for token_id, settlements in by_token.items():
         released = sum(held.get(s.request_id, 0) for s in settlements)
-        balance = await _lock_balance(conn, token_id, released)
+        balance = _lock_balance(conn, token_id, released)
         remaining = balance or 0
         total = 0
         for s in settlements:
@@ -96,7 +96,7 @@ async def settle_many(conn: AsyncConnection, items: list[Settlement]) -> None:
             remaining -= charge
             total += charge
         if total:
-            await conn.execute(update(api_tokens).where(api_tokens.c.id == token_id).values(
+            conn.execute(update(api_tokens).where(api_tokens.c.id == token_id).values(
                 balance=api_tokens.c.balance - total))
 
     created = now_ms()
@@ -117,11 +117,12 @@ async def settle_many(conn: AsyncConnection, items: list[Settlement]) -> None:
         for name, value in zip(COUNTERS, (1, u.prompt_tokens, u.cached_tokens, u.completion_tokens,
                                           u.reasoning_tokens, charge), strict=True):
             totals[name] += value
-    await conn.execute(insert(ledger), rows)
-    await conn.execute(_upsert_daily(conn.dialect.name),
+    conn.execute(insert(ledger), rows)
+    conn.execute(_upsert_daily(conn.dialect.name),
                        [{"day": d, "token_id": t, "model": m, **c} for (d, t, m), c in daily.items()])
 
 
+@functools.cache
 def _upsert_daily(dialect: str) -> Any:
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as dialect_insert

@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, event, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy import Connection, Engine, create_engine, delete, event, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import StaticPool
 
 from grokgate.core.accounts import Settlement, TokenRecord, display_prefix, hash_token, new_secret, now_ms
 from grokgate.core.errors import GatewayError
@@ -27,7 +28,7 @@ from grokgate.store.schema import api_tokens, ledger, prices, reservations, usag
 
 log = logging.getLogger("grokgate.store")
 T = TypeVar("T")
-Op = Callable[[AsyncConnection], Awaitable[Any]]
+Op = Callable[[Connection], Any]
 
 _CACHE_SECONDS = 2.0
 
@@ -52,6 +53,7 @@ class SqlStore:
         self.owner = owner
         self._max_batch = max_batch
         self._engine: AsyncEngine | None = None
+        self._sync_engine: Engine | None = None  # SQLite's writer
         self._queue: list[tuple[str, Any, asyncio.Future[Any]]] = []
         self._writer: asyncio.Task[None] | None = None
         self._tokens: dict[str, tuple[float, TokenRecord | None]] = {}
@@ -77,6 +79,9 @@ class SqlStore:
         self._engine = create_async_engine(self.url, pool_pre_ping=True)
         if self.dialect == "sqlite":
             event.listen(self._engine.sync_engine, "connect", _sqlite_pragmas)
+            self._sync_engine = create_engine(self.url.replace("+aiosqlite", ""), poolclass=StaticPool,
+                                              connect_args={"check_same_thread": False})
+            event.listen(self._sync_engine, "connect", _sqlite_pragmas)
         if migrate:
             await self.upgrade()
 
@@ -100,6 +105,9 @@ class SqlStore:
         if self._engine is not None:
             await self._engine.dispose()
             self._engine = None
+        if self._sync_engine is not None:
+            self._sync_engine.dispose()
+            self._sync_engine = None
 
     # -- the writer ----------------------------------------------------------------------------------------
 
@@ -118,15 +126,13 @@ class SqlStore:
         while self._queue:
             batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch:]
             try:
-                async with self.engine.begin() as conn:
-                    results = await self._run(conn, batch)
+                results = await self._execute(batch)
             except Exception:
                 # One bad operation must not sink the others: run each in its own transaction.
                 for item in batch:
                     future = item[2]
                     try:
-                        async with self.engine.begin() as conn:
-                            (result,) = await self._run(conn, [item])
+                        (result,) = await self._execute([item])
                     except Exception as exc:
                         if not future.done():
                             future.set_exception(exc)
@@ -138,19 +144,34 @@ class SqlStore:
                 if not future.done():
                     future.set_result(result)
 
-    async def _run(self, conn: AsyncConnection, batch: list[tuple[str, Any, Any]]) -> list[Any]:
-        """One batch in one transaction: plain operations, then settlements (they free credits), then
-        reservations, each kind in a few statements for the whole batch."""
+    async def _execute(self, batch: list[tuple[str, Any, Any]]) -> list[Any]:
+        """One transaction for the batch. SQLite: the whole batch in one thread hop on a plain sqlite3
+        connection (aiosqlite hops threads once per statement, which made the writer the bottleneck).
+        PostgreSQL: the same synchronous code, driven over asyncpg by SQLAlchemy's run_sync."""
+        if self._sync_engine is not None:
+            return await asyncio.to_thread(self._execute_sync, batch)
+        async with self.engine.begin() as conn:
+            results: list[Any] = await conn.run_sync(self._run, batch)
+            return results
+
+    def _execute_sync(self, batch: list[tuple[str, Any, Any]]) -> list[Any]:
+        assert self._sync_engine is not None
+        with self._sync_engine.begin() as conn:
+            return self._run(conn, batch)
+
+    def _run(self, conn: Connection, batch: list[tuple[str, Any, Any]]) -> list[Any]:
+        """Plain operations, then settlements (they free credits), then reservations, each kind in a few
+        statements for the whole batch."""
         results: list[Any] = [None] * len(batch)
         for i, (kind, payload, _) in enumerate(batch):
             if kind == "op":
-                results[i] = await payload(conn)
+                results[i] = payload(conn)
         settles = [payload for kind, payload, _ in batch if kind == "settle"]
         if settles:
-            await settle_many(conn, settles)
+            settle_many(conn, settles)
         reserves = [(i, payload) for i, (kind, payload, _) in enumerate(batch) if kind == "reserve"]
         if reserves:
-            granted = await reserve_many(conn, [p for _, p in reserves], self.owner)
+            granted = reserve_many(conn, [p for _, p in reserves], self.owner)
             for (i, _), ok in zip(reserves, granted, strict=True):
                 results[i] = ok
         return results
@@ -168,8 +189,8 @@ class SqlStore:
             "balance": 0, "reserved": 0,
         }
 
-        async def op(conn: AsyncConnection) -> int:
-            result = await conn.execute(insert(api_tokens).values(**values).returning(api_tokens.c.id))
+        def op(conn: Connection) -> int:
+            result = conn.execute(insert(api_tokens).values(**values).returning(api_tokens.c.id))
             return int(result.scalar_one())
 
         token_id = await self.write(op)
@@ -223,8 +244,8 @@ class SqlStore:
         if unknown:
             raise GatewayError(400, "bad_request", f"Cannot change {', '.join(sorted(unknown))}.")
 
-        async def op(conn: AsyncConnection) -> int:
-            result = await conn.execute(update(api_tokens).where(api_tokens.c.id == token_id).values(**fields))
+        def op(conn: Connection) -> int:
+            result = conn.execute(update(api_tokens).where(api_tokens.c.id == token_id).values(**fields))
             return int(result.rowcount)
 
         if fields and not await self.write(op):
@@ -233,9 +254,9 @@ class SqlStore:
         return await self.require_token(token_id)
 
     async def delete_token(self, token_id: int) -> None:
-        async def op(conn: AsyncConnection) -> int:
-            await conn.execute(delete(reservations).where(reservations.c.token_id == token_id))
-            return int((await conn.execute(delete(api_tokens).where(api_tokens.c.id == token_id))).rowcount)
+        def op(conn: Connection) -> int:
+            conn.execute(delete(reservations).where(reservations.c.token_id == token_id))
+            return int((conn.execute(delete(api_tokens).where(api_tokens.c.id == token_id))).rowcount)
 
         if not await self.write(op):
             raise GatewayError(404, "token_not_found", f"No token with id {token_id}.")
@@ -245,12 +266,12 @@ class SqlStore:
         if amount <= 0:
             raise GatewayError(400, "bad_request", "The amount must be positive.", param="amount")
 
-        async def op(conn: AsyncConnection) -> int:
-            result = await conn.execute(
+        def op(conn: Connection) -> int:
+            result = conn.execute(
                 update(api_tokens).where(api_tokens.c.id == token_id).values(balance=api_tokens.c.balance + amount)
             )
             if result.rowcount:
-                await conn.execute(insert(ledger).values(
+                conn.execute(insert(ledger).values(
                     request_id=f"topup-{uuid.uuid4().hex}", token_id=token_id, kind="topup", amount=amount, cost=0,
                     prompt_tokens=0, cached_tokens=0, completion_tokens=0, reasoning_tokens=0, status="ok",
                     estimated=False, note=note, created_at=now_ms(),
@@ -284,12 +305,12 @@ class SqlStore:
             return [_price(r) for r in (await conn.execute(query)).mappings().all()]
 
     async def set_price(self, price: Price) -> Price:
-        async def op(conn: AsyncConnection) -> int:
-            latest = (await conn.execute(
+        def op(conn: Connection) -> int:
+            latest = (conn.execute(
                 select(prices.c.version).where(prices.c.model == price.model).order_by(prices.c.version.desc()).limit(1)
             )).scalar()
             version = int(latest or 0) + 1
-            await conn.execute(insert(prices).values(
+            conn.execute(insert(prices).values(
                 model=price.model, version=version, input=price.input, cached_input=price.cached_input,
                 output=price.output, created_at=now_ms(),
             ))
@@ -324,14 +345,14 @@ class SqlStore:
         if not conditions:
             return 0
 
-        async def op(conn: AsyncConnection) -> int:
+        def op(conn: Connection) -> int:
             from sqlalchemy import or_
 
-            rows = (await conn.execute(
+            rows = (conn.execute(
                 delete(reservations).where(or_(*conditions)).returning(reservations.c.token_id, reservations.c.amount)
             )).all()
             for token_id, amount in rows:
-                await conn.execute(update(api_tokens).where(api_tokens.c.id == token_id).values(
+                conn.execute(update(api_tokens).where(api_tokens.c.id == token_id).values(
                     balance=api_tokens.c.balance + amount, reserved=api_tokens.c.reserved - amount))
             return len(rows)
 
