@@ -63,6 +63,33 @@ def _model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_check(args: argparse.Namespace) -> int:
+    from grokgate import config as routing
+    from grokgate.settings import Settings
+
+    settings = Settings()
+    path = Path(args.config) if args.config else settings.config
+    try:
+        if path is None:
+            parsed = routing.default_config(settings)
+            where = "no routing file: " + ("xAI (XAI_API_KEY is set)" if parsed else "the local engine")
+        else:
+            parsed = routing.load(path, settings.environment())
+            where = str(path)
+    except routing.ConfigError as exc:
+        print(f"grokgate: {exc}", file=sys.stderr)
+        return 1
+    print(f"ok: {where}")
+    if parsed is not None:
+        for name, backend in parsed.backends.items():
+            keys = f", {len(backend.api_keys)} key(s)" if backend.kind != "local" else ""
+            print(f"  backend {name}: {backend.kind} {backend.base_url or ''}{keys}")
+        for model, routes in parsed.models.items():
+            chain = " -> ".join(f"{r.backend}:{r.model or model} (priority {r.priority})" for r in routes)
+            print(f"  model {model}: {chain}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grokgate", description="Self-hosted Grok Chat Completions gateway.")
     parser.add_argument("--version", action="version", version=f"grokgate {__version__}")
@@ -81,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = sub.add_parser("model", help="assemble and verify the default model, print its path")
     model.set_defaults(func=_model)
+
+    config = sub.add_parser("config", help="the routing file").add_subparsers(dest="command", required=True)
+    check = config.add_parser("check", help="validate the routing file (GROKGATE_CONFIG or --config)")
+    check.add_argument("--config", metavar="PATH", help="grokgate.yaml to check")
+    check.set_defaults(func=_config_check)
 
     from grokgate.cli_admin import add_commands
 

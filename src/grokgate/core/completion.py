@@ -79,6 +79,8 @@ class StreamAssembler:
         return [self.factory.chunk([_choice(i, {"role": "assistant", "content": ""})]) for i in range(self.choices)]
 
     def on_event(self, event: Event) -> dict[str, Any] | None:
+        if isinstance(event, Delta | Finish) and not 0 <= event.index < self.choices:
+            return None  # an upstream answering more choices than asked for: not ours to forward
         if isinstance(event, Delta):
             if event.index in self._finished:
                 return None
@@ -145,6 +147,8 @@ class CompletionAccumulator:
             return
         if isinstance(event, Extra):
             self._extras.update(event.fields)
+            return
+        if not 0 <= event.index < len(self._choices):
             return
         state = self._choices[event.index]
         if isinstance(event, Finish):
