@@ -20,6 +20,7 @@ from grokgate.core.admission import Admission, StaticKeyAdmission
 from grokgate.core.billing import AccountAdmission, BillingPolicy
 from grokgate.core.limits import RateLimiter
 from grokgate.core.pricing import default_prices
+from grokgate.observability.metrics import backend_state
 from grokgate.providers import base
 from grokgate.providers.base import ModelTable, Provider, Route
 from grokgate.settings import Settings
@@ -75,6 +76,9 @@ def create_app(
         models=models,
         store=store,
     )
+    gw.metrics.add_state("backends", backend_state(models.providers(), getattr(gw.admission, "limiter", None)))
+    if store is not None:
+        store.on_commit = gw.metrics.observe_commit
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

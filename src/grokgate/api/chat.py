@@ -18,6 +18,7 @@ from grokgate.core.admission import AdmissionRequest, Principal, Ticket
 from grokgate.core.completion import ChunkFactory, CompletionAccumulator, StreamAssembler
 from grokgate.core.errors import GatewayError
 from grokgate.core.events import Usage
+from grokgate.observability.metrics import Metrics
 from grokgate.schemas.chat import ChatCompletionRequest
 
 log = logging.getLogger("grokgate.request")
@@ -53,13 +54,14 @@ async def chat_completions(
     ticket = await gw.admission.admit(
         principal, AdmissionRequest(request_id, body.model, body.choices, body.output_limit, body.prompt_chars())
     )
-    run = _Run(request_id, principal, body, route.provider.name, ticket, started)
+    run = _Run(request_id, principal, body, route.provider.name, ticket, started, gw.metrics)
     try:
         pump = Pump(route.provider.generate(body, route.upstream_model))
         run.pump = pump
         # Read the first event before committing to 200, so errors raised before any output (a prompt
         # longer than the context, a busy backend) still get their proper status.
         first = await pump.next(gw.settings.keepalive_seconds)
+        gw.metrics.first_event.labels(body.model).observe(time.perf_counter() - started)
     except BaseException as exc:
         with anyio.CancelScope(shield=True):
             if run.pump is not None:
@@ -95,7 +97,7 @@ class _Run:
     """Settles one request exactly once, whatever way it ends, and logs it."""
 
     def __init__(self, request_id: str, principal: Principal, body: ChatCompletionRequest, backend: str,
-                 ticket: Ticket, started: float) -> None:
+                 ticket: Ticket, started: float, metrics: Metrics) -> None:
         self.request_id = request_id
         self.principal = principal
         self.body = body
@@ -104,11 +106,14 @@ class _Run:
         self.started = started
         self.pump: Pump | None = None
         self.finished = False
+        self.metrics = metrics
+        metrics.in_flight.inc()
 
     def overhead(self, pump: Pump) -> dict[str, str]:
         """Time spent in grokgate itself so far: everything but the wait on the backend."""
-        own = time.perf_counter() - self.started - pump.waited
-        return {"x-grokgate-overhead-ms": f"{max(own, 0.0) * 1000:.3f}"}
+        own = max(time.perf_counter() - self.started - pump.waited, 0.0)
+        self.metrics.overhead.observe(own)
+        return {"x-grokgate-overhead-ms": f"{own * 1000:.3f}"}
 
     async def finish(self, usage: Usage | None, status: str, failure: BaseException | None) -> None:
         if self.finished:
@@ -120,14 +125,20 @@ class _Run:
             partial = getattr(self.pump.generation, "usage_so_far", None)
             if partial is not None:
                 usage, estimated = partial(), True
-        with anyio.CancelScope(shield=True):
-            await self.ticket.settle(usage, status=status, estimated=estimated, backend=self.backend)
-        _log_request(self.request_id, self.principal, self.body, self.backend, status, usage, failure,
-                     self.started)
+        try:
+            with anyio.CancelScope(shield=True):
+                await self.ticket.settle(usage, status=status, estimated=estimated, backend=self.backend)
+        finally:
+            self.metrics.in_flight.dec()
+            http_status = _log_request(self.request_id, self.principal, self.body, self.backend, status, usage,
+                                       failure, self.started)
+            self.metrics.observe_request(model=self.body.model, backend=self.backend, status=http_status,
+                                         stream=bool(self.body.stream), seconds=time.perf_counter() - self.started,
+                                         usage=usage, charged=getattr(self.ticket, "cost", 0))
 
 
 def _log_request(request_id: str, principal: Principal, body: ChatCompletionRequest, backend: str,
-                 outcome: str, usage: Any, failure: BaseException | None, started: float) -> None:
+                 outcome: str, usage: Any, failure: BaseException | None, started: float) -> int:
     status = 200 if outcome == "ok" else 499 if outcome == "client_disconnected" else 500
     if isinstance(failure, GatewayError):
         status = failure.status
@@ -147,4 +158,5 @@ def _log_request(request_id: str, principal: Principal, body: ChatCompletionRequ
             "latency_ms": round((time.perf_counter() - started) * 1000, 1),
         },
     )
+    return status
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from starlette.requests import Request
 
 from grokgate.core.admission import Admission
+from grokgate.observability.metrics import Metrics
 from grokgate.providers.base import ModelTable
 from grokgate.settings import Settings
 from grokgate.store.sql import SqlStore
@@ -19,6 +20,7 @@ class Gateway:
     admission: Admission
     models: ModelTable
     store: SqlStore | None = None
+    metrics: Metrics = field(default_factory=Metrics)
     started_at: int = field(default_factory=lambda: int(time.time()))
 
 

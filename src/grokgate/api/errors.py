@@ -27,6 +27,12 @@ def request_id_of(request: Request) -> str:
     return str(request.scope.get("state", {}).get("request_id", ""))
 
 
+def _count(request: Request, error: GatewayError) -> None:
+    gateway = getattr(request.app.state, "gateway", None)
+    if gateway is not None:
+        gateway.metrics.errors.labels(error.code).inc()
+
+
 def error_response(error: GatewayError, request_id: str) -> Response:
     body = orjson.dumps({"error": error.body(), "trace_id": request_id})
     headers = {"x-request-id": request_id, **error.headers}
@@ -84,11 +90,14 @@ def too_large(exc: StarletteHTTPException) -> GatewayError:
 def install(app: FastAPI) -> None:
     async def on_gateway_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, GatewayError)
+        _count(request, exc)
         return error_response(exc, request_id_of(request))
 
     async def on_validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        return error_response(validation_error(list(exc.errors()), exc.body), request_id_of(request))
+        error = validation_error(list(exc.errors()), exc.body)
+        _count(request, error)
+        return error_response(error, request_id_of(request))
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
@@ -100,12 +109,15 @@ def install(app: FastAPI) -> None:
             error = GatewayError(405, "method_not_allowed", f"{request.method} is not allowed here.")
         else:
             error = GatewayError(exc.status_code, "bad_request", str(exc.detail))
+        _count(request, error)
         return error_response(error, request_id_of(request))
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         rid = request_id_of(request)
         log.exception("unhandled error", extra={"request_id": rid})
-        return error_response(GatewayError(500, "api_error", "Internal server error."), rid)
+        error = GatewayError(500, "api_error", "Internal server error.")
+        _count(request, error)
+        return error_response(error, rid)
 
     app.add_exception_handler(GatewayError, on_gateway_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

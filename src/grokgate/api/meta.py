@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
-from starlette.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.responses import JSONResponse, Response
 
 from grokgate.api.chat import authenticate
 from grokgate.api.deps import Gateway, gateway
@@ -23,6 +24,11 @@ async def list_models(
     created = gw.started_at
     data = [{"id": name, "object": "model", "created": created, "owned_by": "grokgate"} for name in gw.models.names()]
     return {"object": "list", "data": data}
+
+
+@router.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=Response)
+async def metrics(gw: Annotated[Gateway, Depends(gateway)]) -> Response:
+    return Response(gw.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/healthz", tags=["health"], summary="Liveness: the process serves HTTP")

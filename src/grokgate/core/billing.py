@@ -47,6 +47,7 @@ class AccountTicket:
         self.headers = headers
         self.started = time.monotonic()
         self.settled = False
+        self.cost = 0
 
     async def settle(self, usage: Usage | None, *, status: str, estimated: bool = False,
                      backend: str = "") -> None:
@@ -58,6 +59,7 @@ class AccountTicket:
         # that delivered nothing (contract 1.8).
         billable = status != "error" or usage.completion_tokens > 0
         cost = cost_of(usage, self.price).total if billable else 0
+        self.cost = cost
         settlement = Settlement(
             request_id=self.request.request_id, token_id=self.principal.token_id, model=self.request.model,
             backend=backend, usage=usage, cost=cost, price_version=self.price.version, status=status,

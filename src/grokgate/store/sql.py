@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +59,7 @@ class SqlStore:
         self._writer: asyncio.Task[None] | None = None
         self._tokens: dict[str, tuple[float, TokenRecord | None]] = {}
         self._prices: tuple[float, dict[str, Price]] | None = None
+        self.on_commit: Callable[[float, int], None] | None = None  # metrics: (seconds, operations)
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
@@ -125,8 +127,11 @@ class SqlStore:
     async def _drain(self) -> None:
         while self._queue:
             batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch:]
+            started = time.perf_counter()
             try:
                 results = await self._execute(batch)
+                if self.on_commit is not None:
+                    self.on_commit(time.perf_counter() - started, len(batch))
             except Exception:
                 # One bad operation must not sink the others: run each in its own transaction.
                 for item in batch:
