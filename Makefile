@@ -19,6 +19,10 @@ $(VENV)/.installed-run: pyproject.toml | $(PY)
 $(VENV)/.installed-dev: pyproject.toml | $(PY)
 	$(PIP) -e '.[local,dev]'
 	$(VENV)/bin/grokgate model >/dev/null
+	@# The console's browser tests drive Debian's chromium (browser downloads are not possible here).
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \
+		|| echo "chromium not installed: the browser tests will be skipped"; }
 	touch $@ $(VENV)/.installed-run
 
 ## serve: install grokgate with the local engine and default model, serve on http://127.0.0.1:8000

@@ -87,3 +87,25 @@ def test_no_unbounded_labels(gw: tuple[Server, FakeXAI]) -> None:
     text = httpx.get(f"{srv.url}/metrics").text
     assert srv.token not in text
     assert "request_id" not in text and "gg-" not in text
+
+
+def test_one_structured_log_line_per_request_without_secrets(gw: tuple[Server, FakeXAI]) -> None:
+    import json as jsonlib
+
+    srv, _ = gw
+    token, key = create_key(srv, "logged", credits="1")
+    secret_text = "my secret message body 4242"
+    r = srv.chat({"model": "grok-3", "messages": user(secret_text)}, token=token)
+    assert r.status_code == 200
+    request_id = r.headers["x-request-id"]
+    lines = [jsonlib.loads(line) for line in srv.log().splitlines() if line.startswith("{")]
+    mine = [e for e in lines if e.get("request_id") == request_id]
+    assert len(mine) == 1
+    entry = mine[0]
+    assert entry["msg"] == "chat completion" and entry["level"] == "info"
+    assert entry["token"] == key["prefix"]
+    assert entry["status"] == 200 and entry["model"] == "grok-3" and entry["backend"] == "up"
+    assert entry["prompt_tokens"] == r.json()["usage"]["prompt_tokens"]
+    assert entry["cost"] > 0 and entry["latency_ms"] > 0 and entry["overhead_ms"] >= 0
+    log_text = srv.log()
+    assert token not in log_text and secret_text not in log_text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 import anyio
 import orjson
@@ -106,12 +106,14 @@ class _Run:
         self.started = started
         self.pump: Pump | None = None
         self.finished = False
+        self.overhead_ms: float | None = None
         self.metrics = metrics
         metrics.in_flight.inc()
 
     def overhead(self, pump: Pump) -> dict[str, str]:
         """Time spent in grokgate itself so far: everything but the wait on the backend."""
         own = max(time.perf_counter() - self.started - pump.waited, 0.0)
+        self.overhead_ms = own * 1000
         self.metrics.overhead.observe(own)
         return {"x-grokgate-overhead-ms": f"{own * 1000:.3f}"}
 
@@ -130,33 +132,33 @@ class _Run:
                 await self.ticket.settle(usage, status=status, estimated=estimated, backend=self.backend)
         finally:
             self.metrics.in_flight.dec()
-            http_status = _log_request(self.request_id, self.principal, self.body, self.backend, status, usage,
-                                       failure, self.started)
+            seconds = time.perf_counter() - self.started
+            http_status = 200 if status == "ok" else 499 if status == "client_disconnected" else 500
+            if isinstance(failure, GatewayError):
+                http_status = failure.status
+            cost = getattr(self.ticket, "cost", 0)
             self.metrics.observe_request(model=self.body.model, backend=self.backend, status=http_status,
-                                         stream=bool(self.body.stream), seconds=time.perf_counter() - self.started,
-                                         usage=usage, charged=getattr(self.ticket, "cost", 0))
+                                         stream=bool(self.body.stream), seconds=seconds, usage=usage, charged=cost)
+            if log.isEnabledFor(logging.INFO):
+                self._log(http_status, status, usage, estimated, cost, seconds)
 
-
-def _log_request(request_id: str, principal: Principal, body: ChatCompletionRequest, backend: str,
-                 outcome: str, usage: Any, failure: BaseException | None, started: float) -> int:
-    status = 200 if outcome == "ok" else 499 if outcome == "client_disconnected" else 500
-    if isinstance(failure, GatewayError):
-        status = failure.status
-    log.info(
-        "chat completion",
-        extra={
-            "request_id": request_id,
-            "key": principal.key_id,
-            "model": body.model,
-            "backend": backend,
-            "stream": bool(body.stream),
-            "n": body.choices,
-            "status": status,
+    def _log(self, http_status: int, outcome: str, usage: Usage | None, estimated: bool, cost: int,
+             seconds: float) -> None:
+        """One structured line per request: ids, counts, money and timings; never the token or the text."""
+        log.info("chat completion", extra={
+            "request_id": self.request_id,
+            "token": self.principal.prefix or self.principal.key_id,
+            "model": self.body.model,
+            "backend": self.backend,
+            "stream": bool(self.body.stream),
+            "n": self.body.choices,
+            "status": http_status,
             "outcome": outcome,
             "prompt_tokens": usage.prompt_tokens if usage else None,
             "completion_tokens": usage.completion_tokens if usage else None,
-            "latency_ms": round((time.perf_counter() - started) * 1000, 1),
-        },
-    )
-    return status
+            "estimated": estimated,
+            "cost": cost,
+            "latency_ms": round(seconds * 1000, 2),
+            "overhead_ms": round(self.overhead_ms, 3) if self.overhead_ms is not None else None,
+        })
 

@@ -23,6 +23,7 @@ class Principal:
     """Who is calling: an id safe to log (never the token itself), and what it may do."""
 
     key_id: str
+    prefix: str | None = None  # the token's display prefix (gg-xxxxxxxx), safe to log
     token_id: int | None = None
     admin: bool = False
     allowed_models: tuple[str, ...] | None = None

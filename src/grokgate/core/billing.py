@@ -140,6 +140,7 @@ class AccountAdmission:
 def principal_of(record: TokenRecord) -> Principal:
     return Principal(
         key_id=f"tok-{record.id}",
+        prefix=record.prefix,
         token_id=record.id,
         allowed_models=record.allowed_models,
         limits=Limits(rpm=record.rpm, tpm=record.tpm, concurrency=record.max_concurrency),
