@@ -240,3 +240,15 @@ def test_sigkill_loses_no_completed_request(tmp_path_factory: pytest.TempPathFac
         check_books(again, key["id"], 5_000_000, len(usage_rows))
     finally:
         stop_server(again)
+
+
+def test_one_serving_process_per_sqlite_file(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Reservations on SQLite live in the serving process's memory, so a second one must not start on it."""
+    tmp = tmp_path_factory.mktemp("sqlite-lock")
+    env = {"GROKGATE_DATA_DIR": str(tmp / "shared-data")}
+    first = start_server(tmp, "--slots", "1", env=env, name="first")
+    try:
+        with pytest.raises(RuntimeError, match="several processes need PostgreSQL"):
+            start_server(tmp, "--slots", "1", env=env, name="second")
+    finally:
+        stop_server(first)

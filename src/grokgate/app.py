@@ -13,7 +13,7 @@ from starlette.staticfiles import StaticFiles
 
 from grokgate import __version__
 from grokgate import config as routing
-from grokgate.api import account, admin, chat, errors, meta
+from grokgate.api import account, admin, chat, console, errors, meta
 from grokgate.api.deps import Gateway
 from grokgate.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from grokgate.core.admission import Admission, StaticKeyAdmission
@@ -83,7 +83,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if store is not None:
-            await store.open()
+            await store.open(serve=True)
             await store.seed_prices(default_prices(models.names(), settings.credits_per_usd))
             # Whatever an earlier run of this instance held when it died is released before new traffic.
             await store.reclaim(owner=store.owner, older_than_ms=settings.reservation_lease_seconds * 1000)
@@ -118,6 +118,7 @@ def create_app(
     if store is not None:
         app.include_router(account.router)
         app.include_router(admin.router)
+        app.include_router(console.router)  # the web console at /console and its endpoints
     _mount_docs(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)  # outermost: even a 413 carries x-request-id

@@ -64,17 +64,26 @@ def reserve_many(conn: Connection, items: list[Reservation], owner: str) -> list
     return granted
 
 
-def settle_many(conn: Connection, items: list[Settlement]) -> None:
+def settle_many(conn: Connection, items: list[Settlement], *, shared: bool = True) -> dict[int, int]:
+    """Settle the batch; returns each touched token's balance after it (for the in-process cache).
+
+    `shared=False` (one SQLite process, reservations in memory): no reservation rows to release, and no
+    earlier settlement can exist (each request settles once, and a crashed run's requests never settle),
+    so two statements per batch are skipped.
+    """
     ids = [s.request_id for s in items]
-    done = set((conn.execute(select(ledger.c.request_id).where(ledger.c.request_id.in_(ids)))).scalars())
+    done: set[str] = set()
+    if shared:
+        done = set((conn.execute(select(ledger.c.request_id).where(ledger.c.request_id.in_(ids)))).scalars())
     fresh: dict[str, Settlement] = {}
     for s in items:
         if s.request_id not in done:  # settlement is idempotent by request id
             fresh.setdefault(s.request_id, s)
+    balances: dict[int, int] = {}
     if not fresh:
-        return
+        return balances
     held: dict[str, int] = {}
-    reserved_ids = [s.request_id for s in fresh.values() if s.reserved and s.token_id is not None]
+    reserved_ids = [s.request_id for s in fresh.values() if shared and s.reserved and s.token_id is not None]
     if reserved_ids:
         result = conn.execute(delete(reservations).where(reservations.c.request_id.in_(reserved_ids))
                                     .returning(reservations.c.request_id, reservations.c.amount))
@@ -98,6 +107,8 @@ def settle_many(conn: Connection, items: list[Settlement]) -> None:
         if total:
             conn.execute(update(api_tokens).where(api_tokens.c.id == token_id).values(
                 balance=api_tokens.c.balance - total))
+        if balance is not None:
+            balances[token_id] = remaining
 
     created = now_ms()
     day = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
@@ -119,7 +130,8 @@ def settle_many(conn: Connection, items: list[Settlement]) -> None:
             totals[name] += value
     conn.execute(insert(ledger), rows)
     conn.execute(_upsert_daily(conn.dialect.name),
-                       [{"day": d, "token_id": t, "model": m, **c} for (d, t, m), c in daily.items()])
+                 [{"day": d, "token_id": t, "model": m, **c} for (d, t, m), c in daily.items()])
+    return balances
 
 
 @functools.cache

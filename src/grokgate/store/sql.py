@@ -10,6 +10,7 @@ token row with an UPDATE before it reads the balance it charges against.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -60,6 +61,14 @@ class SqlStore:
         self._tokens: dict[str, tuple[float, TokenRecord | None]] = {}
         self._prices: tuple[float, dict[str, Price]] | None = None
         self.on_commit: Callable[[float, int], None] | None = None  # metrics: (seconds, operations)
+        # SQLite serves one process, so reservations live in memory: the request path then waits for one
+        # commit (its settlement), not two. Each token's committed balance is cached (refreshed when older
+        # than _CACHE_SECONDS, kept current by our own settlements) and what is held is subtracted from it.
+        self._memory_holds = False
+        self._held: dict[int, int] = {}
+        self._balance_cache: dict[int, tuple[float, int]] = {}
+        self._balance_version: dict[int, int] = {}  # bumped by every settlement/top-up of a token
+        self._lock_file: Any = None
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
@@ -73,7 +82,9 @@ class SqlStore:
     def dialect(self) -> str:
         return self.engine.dialect.name
 
-    async def open(self, *, migrate: bool = True) -> None:
+    async def open(self, *, migrate: bool = True, serve: bool = False) -> None:
+        """`serve`: this process admits requests. On SQLite that makes it the only such process (a lock
+        file enforces it) and lets reservations live in memory."""
         if self.url.startswith("sqlite"):
             path = self.url.split(":///", 1)[1]
             if path and path != ":memory:":
@@ -84,6 +95,9 @@ class SqlStore:
             self._sync_engine = create_engine(self.url.replace("+aiosqlite", ""), poolclass=StaticPool,
                                               connect_args={"check_same_thread": False})
             event.listen(self._sync_engine, "connect", _sqlite_pragmas)
+            if serve:
+                self._lock_file = _exclusive_lock(self.url)
+                self._memory_holds = True
         if migrate:
             await self.upgrade()
 
@@ -110,6 +124,9 @@ class SqlStore:
         if self._sync_engine is not None:
             self._sync_engine.dispose()
             self._sync_engine = None
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
 
     # -- the writer ----------------------------------------------------------------------------------------
 
@@ -171,9 +188,11 @@ class SqlStore:
         for i, (kind, payload, _) in enumerate(batch):
             if kind == "op":
                 results[i] = payload(conn)
-        settles = [payload for kind, payload, _ in batch if kind == "settle"]
+        settles = [(i, payload) for i, (kind, payload, _) in enumerate(batch) if kind == "settle"]
         if settles:
-            settle_many(conn, settles)
+            balances = settle_many(conn, [p for _, p in settles], shared=not self._memory_holds)
+            for i, _ in settles:
+                results[i] = balances
         reserves = [(i, payload) for i, (kind, payload, _) in enumerate(batch) if kind == "reserve"]
         if reserves:
             granted = reserve_many(conn, [p for _, p in reserves], self.owner)
@@ -216,7 +235,7 @@ class SqlStore:
             rows = (await conn.execute(query)).mappings().all()
         if len(rows) > 1:
             raise GatewayError(400, "bad_request", f"{ref!r} matches {len(rows)} tokens: use the id.")
-        return _record(rows[0]) if rows else None
+        return self._with_holds(_record(rows[0])) if rows else None
 
     async def require_token(self, ref: int | str) -> TokenRecord:
         record = await self.get_token(ref)
@@ -227,7 +246,7 @@ class SqlStore:
     async def list_tokens(self) -> list[TokenRecord]:
         async with self.engine.connect() as conn:
             rows = (await conn.execute(select(api_tokens).order_by(api_tokens.c.id))).mappings().all()
-        return [_record(r) for r in rows]
+        return [self._with_holds(_record(r)) for r in rows]
 
     async def find_token(self, token_hash: str) -> TokenRecord | None:
         loop = asyncio.get_running_loop()
@@ -285,6 +304,8 @@ class SqlStore:
 
         if not await self.write(op):
             raise GatewayError(404, "token_not_found", f"No token with id {token_id}.")
+        self._balance_cache.pop(token_id, None)
+        self._balance_version[token_id] = self._balance_version.get(token_id, 0) + 1
         return await self.require_token(token_id)
 
     # -- prices --------------------------------------------------------------------------------------------
@@ -335,10 +356,53 @@ class SqlStore:
     # -- reservations and settlement --------------------------------------------------------------------------
 
     async def reserve(self, token_id: int, request_id: str, amount: int) -> bool:
-        return bool(await self._submit("reserve", Reservation(token_id, request_id, amount)))
+        if not self._memory_holds:
+            return bool(await self._submit("reserve", Reservation(token_id, request_id, amount)))
+        balance = await self._committed_balance(token_id)
+        held = self._held.get(token_id, 0)
+        # No await between the check and the hold: the event loop makes this one atomic step.
+        if balance is None or balance - held < amount:
+            return False
+        self._held[token_id] = held + amount
+        return True
 
     async def settle(self, s: Settlement) -> None:
-        await self._submit("settle", s)
+        try:
+            balances: dict[int, int] = await self._submit("settle", s)
+        finally:
+            if self._memory_holds and s.token_id is not None and s.reserved:
+                self._held[s.token_id] = max(0, self._held.get(s.token_id, 0) - s.reserved)
+        if self._memory_holds:
+            now = asyncio.get_running_loop().time()
+            for token_id, balance in balances.items():
+                self._balance_cache[token_id] = (now, balance)
+                self._balance_version[token_id] = self._balance_version.get(token_id, 0) + 1
+
+    async def _committed_balance(self, token_id: int) -> int | None:
+        loop = asyncio.get_running_loop()
+        cached = self._balance_cache.get(token_id)
+        if cached is not None and cached[0] + _CACHE_SECONDS > loop.time():
+            return cached[1]
+        version = self._balance_version.get(token_id, 0)
+        async with self.engine.connect() as conn:
+            value = (await conn.execute(select(api_tokens.c.balance).where(api_tokens.c.id == token_id))).scalar()
+        if value is None:
+            return None
+        if self._balance_version.get(token_id, 0) != version:
+            # A settlement or top-up committed while we read: our value may predate it. Use what the
+            # settlement cached, or (after a top-up cleared it) read again.
+            if token_id in self._balance_cache:
+                return self._balance_cache[token_id][1]
+            return await self._committed_balance(token_id)
+        # A top-up by another process shows up here within _CACHE_SECONDS; only this process spends.
+        self._balance_cache[token_id] = (loop.time(), int(value))
+        return int(value)
+
+    def _with_holds(self, record: TokenRecord) -> TokenRecord:
+        held = self._held.get(record.id, 0)
+        if not held:
+            return record
+        return dataclasses.replace(record, balance=record.balance - held, reserved=record.reserved + held)
 
     async def reclaim(self, *, owner: str | None = None, older_than_ms: int | None = None) -> int:
         """Release reservations left by a crash: this owner's, or any older than the cut-off."""
@@ -407,6 +471,90 @@ class SqlStore:
             )).scalar_one()
             held = (await conn.execute(select(func.coalesce(func.sum(reservations.c.amount), 0)))).scalar_one()
         return {"balance": int(balance), "reserved": int(reserved), "ledger": int(moved), "held": int(held)}
+
+    # -- console queries: every one is a range of ix_ledger_created / ix_ledger_token_created ------------------
+
+    @staticmethod
+    def ledger_page_query(*, token_id: int | None = None, model: str | None = None, status: str | None = None,
+                          kind: str | None = None, since_ms: int | None = None, until_ms: int | None = None,
+                          cursor: tuple[int, int] | None = None, limit: int = 100) -> Any:
+        """Newest first by (created_at, id), so the order comes straight from an index whose leading
+        column (after token_id) is created_at; `cursor` is the (created_at, id) of the last row already
+        shown. `status` "!x" means "anything but x". Model, status and kind are filters on the rows the range
+        yields, so a selective one costs a walk of that range (bounded by since/until), never the table."""
+        from sqlalchemy import and_, or_
+
+        query = select(ledger)
+        if token_id is not None:
+            query = query.where(ledger.c.token_id == token_id)
+        if since_ms is not None:
+            query = query.where(ledger.c.created_at >= since_ms)
+        upper = until_ms
+        if cursor is not None:
+            at, row_id = cursor
+            upper = at + 1 if upper is None else min(upper, at + 1)
+            query = query.where(or_(ledger.c.created_at < at, and_(ledger.c.created_at == at, ledger.c.id < row_id)))
+        if upper is not None:
+            query = query.where(ledger.c.created_at < upper)
+        if model is not None:
+            query = query.where(ledger.c.model == model)
+        if status is not None:
+            negate = status.startswith("!")
+            value = status[1:] if negate else status
+            query = query.where(ledger.c.status != value if negate else ledger.c.status == value)
+        if kind is not None:
+            query = query.where(ledger.c.kind == kind)
+        return query.order_by(ledger.c.created_at.desc(), ledger.c.id.desc()).limit(limit)
+
+    async def ledger_page(self, *, limit: int = 100, **filters: Any) -> tuple[list[dict[str, Any]], bool]:
+        """One page of ledger rows and whether more follow (one extra row is read to know)."""
+        query = self.ledger_page_query(limit=limit + 1, **filters)
+        async with self.engine.connect() as conn:
+            rows = [dict(r) for r in (await conn.execute(query)).mappings().all()]
+        return rows[:limit], len(rows) > limit
+
+    @staticmethod
+    def ledger_errors_query(*, token_id: int | None = None, since_ms: int, until_ms: int) -> Any:
+        """Failed requests (status != ok) per UTC day number and status, over one created_at range."""
+        from sqlalchemy import func
+
+        day = (ledger.c.created_at // 86_400_000).label("day_number")
+        query = (select(day, ledger.c.status, func.count().label("count"))
+                 .where(ledger.c.created_at >= since_ms, ledger.c.created_at < until_ms,
+                        ledger.c.kind == "usage", ledger.c.status != "ok")
+                 .group_by(day, ledger.c.status).order_by(day, ledger.c.status))
+        if token_id is not None:
+            query = query.where(ledger.c.token_id == token_id)
+        return query
+
+    async def ledger_errors(self, *, token_id: int | None = None, since_ms: int,
+                            until_ms: int) -> list[dict[str, Any]]:
+        """[{day: "YYYY-MM-DD" (UTC), status, count}] for the failed requests in [since_ms, until_ms)."""
+        import datetime as dt
+
+        query = self.ledger_errors_query(token_id=token_id, since_ms=since_ms, until_ms=until_ms)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        epoch = dt.date(1970, 1, 1)
+        return [{"day": (epoch + dt.timedelta(days=int(d))).isoformat(), "status": s, "count": int(n)}
+                for d, s, n in rows]
+
+
+def _exclusive_lock(url: str) -> Any:
+    """One serving process per SQLite file: reservations are held in its memory."""
+    import fcntl
+
+    path = url.split(":///", 1)[1]
+    if not path or path == ":memory:":
+        return None
+    handle = open(path + ".lock", "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RuntimeError(f"another grokgate is serving from {path}; several processes need PostgreSQL "
+                           "(GROKGATE_DATABASE_URL)") from None
+    return handle
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
