@@ -317,5 +317,17 @@ try:
 except Exception as exc:  # noqa: BLE001
     print("- grokgate ledger check failed: %r" % exc)
 PY
+for name in grokgate grokgate-noacct; do
+  log=$WORK/$name.log
+  [ -f "$log" ] || continue
+  # started with --log-level WARNING: anything but the start-up banner is worth a look
+  n=$(grep -cv '^grokgate: serving on ' "$log" || true)
+  if [ "$n" = 0 ]; then
+    echo "- $name log: no warnings or errors"
+  else
+    echo "- $name log: $n line(s) besides the banner; first ones:"
+    grep -v '^grokgate: serving on ' "$log" | head -n 5 | cut -c1-300 | sed 's/^/  /'
+  fi
+done
 echo "- raw JSON: $JSON_OUT"
 OK=1
