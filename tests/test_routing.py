@@ -346,3 +346,108 @@ models:
             client.chat.completions.create(model="grok-3", messages=user("hello " * 3000), max_tokens=4)
     finally:
         stop_server(front)
+
+
+# -- more of item 5, the overhead header, the default routing, config check ------------------------------------------
+
+def test_every_route_timing_out_is_504(gw: Server, fake: FakeXAI) -> None:
+    fake.fail_next({"fault": "stall", "seconds": 4}, {"fault": "stall", "seconds": 4})
+    r = gw.chat({"model": "grok-4", "messages": user("Hi")})
+    assert r.status_code == 504, r.text
+    assert r.json()["error"]["code"] == "timeout"
+    assert len(fake.chat_requests) == 2, "both keys were tried"
+    recover()
+
+
+def test_unknown_upstream_model_is_our_misconfiguration(tmp_path_factory: pytest.TempPathFactory,
+                                                        fakes: tuple[FakeXAI, FakeXAI]) -> None:
+    tmp = tmp_path_factory.mktemp("badmodel")
+    config = tmp / "grokgate.yaml"
+    config.write_text(f"""
+backends:
+  up: {{kind: xai, base_url: {fakes[1].url}, api_key_env: XAI_C}}
+models:
+  grok-3: [{{backend: up, model: grok-99-nonexistent}}]
+""")
+    srv = start_server(tmp, env={"GROKGATE_CONFIG": str(config), **KEYS}, name="badmodel")
+    try:
+        r = srv.chat({"model": "grok-3", "messages": user("Hi")})
+        assert r.status_code == 502 and r.json()["error"]["code"] == "api_error"
+        assert "does not know the model" in r.json()["error"]["message"]
+    finally:
+        stop_server(srv)
+
+
+def test_overhead_header(gw: Server, fake: FakeXAI) -> None:
+    r = gw.chat({"model": "grok-3", "messages": user("Hi")})
+    assert 0 <= float(r.headers["x-grokgate-overhead-ms"]) < 1000
+    r, _ = stream_sse(gw, {"model": "grok-3", "messages": user("Hi")})
+    assert 0 <= float(r.headers["x-grokgate-overhead-ms"]) < 1000
+
+
+def test_xai_key_without_a_routing_file_sends_the_seed_models_to_xai(
+        tmp_path_factory: pytest.TempPathFactory, fakes: tuple[FakeXAI, FakeXAI]) -> None:
+    tmp = tmp_path_factory.mktemp("xai-default")
+    fallback = fakes[1]
+    fallback.reset()
+    srv = start_server(tmp, env={"XAI_API_KEY": "key-c", "GROKGATE_XAI_BASE_URL": fallback.url}, name="xai-default")
+    try:
+        for public, upstream in (("grok-4", "grok-4-0709"), ("grok-2-vision", "grok-2-vision-1212")):
+            r = srv.chat({"model": public, "messages": user("Hi")})
+            assert r.status_code == 200, r.text
+            assert fallback.chat_requests[-1]["body"]["model"] == upstream
+        with srv.client() as c:
+            models = c.get("/v1/models", headers={"Authorization": f"Bearer {srv.token}"}).json()["data"]
+        assert len(models) == 6
+        with srv.client() as c:
+            assert "slots" not in json.dumps(c.get("/readyz").json()), "no local engine is loaded"
+    finally:
+        stop_server(srv)
+
+
+def test_client_hanging_up_mid_stream_is_billed_an_estimate(gw: Server, fake: FakeXAI) -> None:
+    import socket
+    from urllib.parse import urlparse
+
+    token, key = create_key(gw, "hangs-up", credits="1")
+    fake.header_defaults["x-fake-chunk-delay-ms"] = "300"
+    body = json.dumps({"model": "grok-3", "messages": user("one two three"), "stream": True}).encode()
+    url = urlparse(gw.url)
+    with socket.create_connection((url.hostname, url.port)) as sock:
+        sock.sendall((f"POST /grok/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                      f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+        received = b""
+        while received.count(b'"content":"') < 3:
+            chunk = sock.recv(65536)
+            assert chunk
+            received += chunk
+    deadline = time.monotonic() + 10
+    rows: list[dict[str, Any]] = []
+    with gw.client() as c:
+        while not rows and time.monotonic() < deadline:
+            rows = [r for r in c.get(f"/admin/ledger?token={key['id']}",
+                                     headers={"Authorization": f"Bearer {gw.token}"}).json()["data"]
+                    if r["kind"] == "usage"]
+            time.sleep(0.1)
+        after = c.get(f"/admin/keys/{key['id']}", headers={"Authorization": f"Bearer {gw.token}"}).json()
+    assert rows and rows[0]["status"] == "client_disconnected" and rows[0]["estimated"] is True
+    assert rows[0]["completion_tokens"] >= 2 and rows[0]["prompt_tokens"] > 0 and rows[0]["cost"] > 0
+    assert after["reserved"] == 0 and after["balance"] == 1_000_000 - rows[0]["cost"]
+
+
+def test_config_check(tmp_path: Path, fakes: tuple[FakeXAI, FakeXAI]) -> None:
+    import subprocess
+    import sys
+
+    good = write_config(tmp_path, *fakes)
+    ok = subprocess.run([sys.executable, "-m", "grokgate", "config", "check", "--config", str(good)],
+                        capture_output=True, text=True, env={**__import__("os").environ, **KEYS})
+    assert ok.returncode == 0, ok.stderr
+    assert "model grok-3: primary:grok-3 (priority 0) -> fallback:grok-3 (priority 1)" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("backends:\n  x: {kind: xai, api_key_env: MISSING_VAR}\nmodels:\n  a: [{backend: y}]\n")
+    failed = subprocess.run([sys.executable, "-m", "grokgate", "config", "check", "--config", str(bad)],
+                            capture_output=True, text=True)
+    assert failed.returncode == 1
+    assert "unknown backend 'y'" in failed.stderr
