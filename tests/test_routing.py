@@ -351,6 +351,7 @@ models:
 # -- more of item 5, the overhead header, the default routing, config check ------------------------------------------
 
 def test_every_route_timing_out_is_504(gw: Server, fake: FakeXAI) -> None:
+    recover()  # earlier tests may have left a key resting
     fake.fail_next({"fault": "stall", "seconds": 4}, {"fault": "stall", "seconds": 4})
     r = gw.chat({"model": "grok-4", "messages": user("Hi")})
     assert r.status_code == 504, r.text
