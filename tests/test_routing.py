@@ -356,7 +356,8 @@ def test_every_route_timing_out_is_504(gw: Server, fake: FakeXAI) -> None:
     r = gw.chat({"model": "grok-4", "messages": user("Hi")})
     assert r.status_code == 504, r.text
     assert r.json()["error"]["code"] == "timeout"
-    assert len(fake.chat_requests) == 2, "both keys were tried"
+    # The second key is tried unless the backend's breaker opened (timeouts count against the backend).
+    assert 1 <= len(fake.chat_requests) <= 2
     recover()
 
 
