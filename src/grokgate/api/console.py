@@ -1,0 +1,277 @@
+"""The web console at /console (static files shipped in grokgate/web) and the few endpoints it needs.
+
+New endpoints (the console also uses the admin and account APIs as they are):
+
+- `GET /admin/ledger/search` (admin): ledger rows filtered by token, model, status, kind and UTC date range,
+  newest first, paginated with an opaque cursor, JSON or CSV.
+- `GET /v1/ledger` (any account token): the same for the calling token's own rows.
+- `GET /admin/ledger/errors` (admin) and `GET /v1/ledger/errors` (own): failed requests per day and status.
+- `GET /admin/models` (admin): the routing table: each public model, its routes and its current price.
+
+Every ledger query is a range of `ix_ledger_created` or `ix_ledger_token_created` (see SqlStore.ledger_page).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import FileResponse, Response
+from starlette.staticfiles import StaticFiles
+
+from grokgate.api.account import _own_token_id
+from grokgate.api.admin import require_admin, to_csv
+from grokgate.api.chat import authenticate
+from grokgate.api.deps import Gateway, gateway
+from grokgate.core.accounts import format_credits
+from grokgate.core.admission import Principal
+from grokgate.core.errors import GatewayError
+from grokgate.store.sql import SqlStore
+
+WEB = Path(__file__).resolve().parent.parent / "web"
+DAY_MS = 86_400_000
+MAX_LIMIT = 10_000
+MAX_ERROR_DAYS = 366
+# The console keeps a bearer token in sessionStorage: a strict policy keeps injected script from running.
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
+PAGE_HEADERS = {"content-security-policy": CSP, "referrer-policy": "no-referrer", "x-content-type-options": "nosniff",
+                "cache-control": "no-cache"}
+
+router = APIRouter()
+_assets = StaticFiles(directory=WEB / "assets", check_dir=False)
+
+# -- the console itself --------------------------------------------------------------------------------------
+
+
+@router.get("/console", include_in_schema=False)
+@router.get("/console/", include_in_schema=False)
+async def console_page() -> Response:
+    """The single page; navigation inside it is by URL fragment (#/usage), so one route serves it all."""
+    return FileResponse(WEB / "index.html", media_type="text/html", headers=PAGE_HEADERS)
+
+
+@router.get("/console/assets/{path:path}", include_in_schema=False)
+async def console_asset(path: str, request: Request) -> Response:
+    # StaticFiles does the safe path lookup (no escaping the folder), ETags and 304s; a miss is a 404 envelope.
+    response = await _assets.get_response(path, request.scope)
+    response.headers["x-content-type-options"] = "nosniff"
+    response.headers["cache-control"] = "no-cache"
+    return response
+
+
+# -- query parameters ----------------------------------------------------------------------------------------
+
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_CURSOR = re.compile(r"^(\d{1,15})\.(\d{1,15})$")
+_STATUS = re.compile(r"^!?[a-z_]{1,32}$")
+
+
+def _bad(message: str, param: str) -> GatewayError:
+    return GatewayError(400, "bad_request", message, param=param)
+
+
+def parse_day(value: str | None, param: str) -> dt.date | None:
+    if value is None or value == "":
+        return None
+    try:
+        if not _DATE.match(value):
+            raise ValueError
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise _bad(f"'{param}' must be a date written YYYY-MM-DD, got {value!r}.", param) from None
+
+
+def day_ms(day: dt.date) -> int:
+    return (day - dt.date(1970, 1, 1)).days * DAY_MS
+
+
+def date_range(since: str | None, until: str | None) -> tuple[int | None, int | None]:
+    """UTC days, both inclusive -> [since_ms, until_ms) epoch milliseconds."""
+    start, end = parse_day(since, "since"), parse_day(until, "until")
+    if start is not None and end is not None and start > end:
+        raise _bad("'since' is after 'until'.", "since")
+    return (day_ms(start) if start else None), (day_ms(end) + DAY_MS if end else None)
+
+
+def parse_cursor(value: str | None) -> tuple[int, int] | None:
+    if value is None or value == "":
+        return None
+    match = _CURSOR.match(value)
+    if not match:
+        raise _bad("'cursor' is not one this API handed out (use next_cursor of the previous page).", "cursor")
+    return int(match.group(1)), int(match.group(2))
+
+
+def check_limit(limit: int) -> int:
+    if not 1 <= limit <= MAX_LIMIT:
+        raise _bad(f"'limit' must be between 1 and {MAX_LIMIT}.", "limit")
+    return limit
+
+
+def check_status(status: str | None) -> str | None:
+    if status is None or status == "":
+        return None
+    if not _STATUS.match(status):
+        raise _bad("'status' is a status such as ok, error or client_disconnected; '!ok' means any other.",
+                   "status")
+    return status
+
+
+def check_text(value: str | None, param: str) -> str | None:
+    if value is None or value == "":
+        return None
+    if len(value) > 200:
+        raise _bad(f"'{param}' is too long.", param)
+    return value
+
+
+# -- ledger --------------------------------------------------------------------------------------------------
+
+
+def _row_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A ledger row as the console shows it: times in seconds, money also as credits."""
+    return {**row, "created_at": row["created_at"] // 1000, "amount_credits": format_credits(int(row["amount"])),
+            "cost_credits": format_credits(int(row["cost"]))}
+
+
+async def _ledger(store: SqlStore, *, token_id: int | None, model: str | None, status: str | None, kind: str | None,
+                  since: str | None, until: str | None, cursor: str | None, limit: int, format: str) -> Any:
+    since_ms, until_ms = date_range(since, until)
+    rows, more = await store.ledger_page(
+        token_id=token_id, model=check_text(model, "model"), status=check_status(status), kind=kind,
+        since_ms=since_ms, until_ms=until_ms, cursor=parse_cursor(cursor), limit=check_limit(limit),
+    )
+    data = [_row_json(r) for r in rows]
+    last = rows[-1] if rows and more else None
+    next_cursor = f"{last['created_at']}.{last['id']}" if last else None
+    if format == "csv":
+        headers = {"content-disposition": 'attachment; filename="ledger.csv"'}
+        if next_cursor:
+            headers["x-next-cursor"] = next_cursor
+        return Response(to_csv(data), media_type="text/csv", headers=headers)
+    return {"object": "list", "data": data, "has_more": more, "next_cursor": next_cursor}
+
+
+Kind = Literal["usage", "topup"]
+Format = Literal["json", "csv"]
+AdminStore = Annotated[SqlStore, Depends(require_admin)]
+
+
+@router.get("/admin/ledger/search", tags=["admin"],
+            summary="Ledger rows filtered by token, model, status, kind and UTC dates; paginated; JSON or CSV")
+async def admin_ledger(
+    store: AdminStore,
+    token: str | None = None,
+    model: str | None = None,
+    status: str | None = None,
+    kind: Kind | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    cursor: str | None = None,
+    limit: int = 100,
+    format: Format = "json",
+) -> Any:
+    """`status=!ok` lists every failed row; `since`/`until` are inclusive UTC days (YYYY-MM-DD); pass the
+    answer's `next_cursor` as `cursor` for the next page (CSV: the `x-next-cursor` header)."""
+    token = check_text(token, "token")
+    token_id = (await store.require_token(token)).id if token else None
+    return await _ledger(store, token_id=token_id, model=model, status=status, kind=kind, since=since, until=until,
+                         cursor=cursor, limit=limit, format=format)
+
+
+async def _own(
+    principal: Annotated[Principal, Depends(authenticate)],
+    gw: Annotated[Gateway, Depends(gateway)],
+) -> tuple[SqlStore, int]:
+    assert gw.store is not None
+    return gw.store, _own_token_id(principal)
+
+
+Own = Annotated[tuple[SqlStore, int], Depends(_own)]
+
+
+@router.get("/v1/ledger", tags=["account"], summary="The calling token's own ledger rows (filters as the admin's)")
+async def own_ledger(
+    own: Own,
+    model: str | None = None,
+    status: str | None = None,
+    kind: Kind | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    cursor: str | None = None,
+    limit: int = 100,
+    format: Format = "json",
+) -> Any:
+    store, token_id = own
+    return await _ledger(store, token_id=token_id, model=model, status=status, kind=kind, since=since, until=until,
+                         cursor=cursor, limit=limit, format=format)
+
+
+async def _errors(store: SqlStore, token_id: int | None, since: str | None, until: str | None) -> dict[str, Any]:
+    today = dt.datetime.now(dt.UTC).date()
+    end = parse_day(until, "until") or today
+    start = parse_day(since, "since") or end - dt.timedelta(days=29)
+    if start > end:
+        raise _bad("'since' is after 'until'.", "since")
+    if (end - start).days >= MAX_ERROR_DAYS:
+        raise _bad(f"Ask for at most {MAX_ERROR_DAYS} days of errors at a time.", "since")
+    rows = await store.ledger_errors(token_id=token_id, since_ms=day_ms(start), until_ms=day_ms(end) + DAY_MS)
+    by_status: dict[str, int] = {}
+    by_day: dict[str, int] = {}
+    for r in rows:
+        by_status[r["status"]] = by_status.get(r["status"], 0) + r["count"]
+        by_day[r["day"]] = by_day.get(r["day"], 0) + r["count"]
+    return {"object": "errors", "since": start.isoformat(), "until": end.isoformat(),
+            "total": sum(by_status.values()), "by_status": by_status,
+            "by_day": [{"day": d, "count": n} for d, n in by_day.items()]}
+
+
+@router.get("/admin/ledger/errors", tags=["admin"], summary="Failed requests per UTC day and status")
+async def admin_errors(store: AdminStore, token: str | None = None, since: str | None = None,
+                       until: str | None = None) -> dict[str, Any]:
+    """Requests whose status is not `ok`, over [since, until] (UTC days; default the last 30)."""
+    token = check_text(token, "token")
+    token_id = (await store.require_token(token)).id if token else None
+    return await _errors(store, token_id, since, until)
+
+
+@router.get("/v1/ledger/errors", tags=["account"], summary="The calling token's failed requests per day and status")
+async def own_errors(own: Own, since: str | None = None, until: str | None = None) -> dict[str, Any]:
+    store, token_id = own
+    return await _errors(store, token_id, since, until)
+
+
+# -- routing table -------------------------------------------------------------------------------------------
+
+
+def _routes(route: Any) -> list[dict[str, Any]]:
+    """A RoutedModel's candidates, or the one provider of a plain route (the local engine)."""
+    provider = route.provider
+    candidates = getattr(provider, "candidates", None)
+    if candidates is None:
+        return [{"backend": provider.name, "kind": getattr(provider, "kind", provider.name),
+                 "model": route.upstream_model, "priority": 0, "weight": 1, "ready": bool(provider.ready())}]
+    return [{"backend": c.backend.name, "kind": getattr(c.backend, "kind", c.backend.name), "model": c.model,
+             "priority": c.priority, "weight": c.weight, "ready": bool(c.backend.ready())} for c in candidates]
+
+
+@router.get("/admin/models", tags=["admin"], summary="The routing table: public models, their routes and prices")
+async def admin_models(store: AdminStore, gw: Annotated[Gateway, Depends(gateway)]) -> dict[str, Any]:
+    prices = await store.current_prices()
+    data = []
+    for name in gw.models.names():
+        route = gw.models.get(name)
+        assert route is not None
+        price = prices.get(name)
+        data.append({
+            "id": name,
+            "routes": _routes(route),
+            "price": None if price is None else {"version": price.version, "input": price.input,
+                                                 "cached_input": price.cached_input, "output": price.output,
+                                                 "unit": "micro-credits per million tokens"},
+        })
+    return {"object": "list", "data": data}
