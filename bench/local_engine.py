@@ -98,7 +98,7 @@ def run_direct(model_path: str, slots: int, concurrency: int, max_tokens: int, t
         for w in workers:
             w.join()
         results[label] = single(per_stream) if n == 1 else aggregate(per_stream)
-    del server
+    server = None  # release the engine before the next round loads another
     return results
 
 
