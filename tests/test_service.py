@@ -88,3 +88,22 @@ def test_engine_listener_is_not_on_tcp(server: Server) -> None:
     socket_dirs = list(Path("/tmp").glob("grokgate-engine-*"))
     assert socket_dirs, "the engine's socket lives in a private directory"
     assert all(oct(d.stat().st_mode & 0o777) == "0o700" for d in socket_dirs)
+
+
+def test_local_engine_metrics(server: Server) -> None:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def read() -> dict[str, float]:
+        text = httpx.get(f"{server.url}/metrics").text
+        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+
+    before = read()
+    r = server.chat({"model": "grok-3", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "n": 2})
+    assert r.status_code == 200
+    after = read()
+    assert after["grokgate_local_jobs_started_total"] - before["grokgate_local_jobs_started_total"] == 2
+    generated = after["grokgate_local_tokens_generated_total"] - before["grokgate_local_tokens_generated_total"]
+    assert generated == r.json()["usage"]["completion_tokens"]
+    assert after["grokgate_local_queue_wait_seconds_total"] >= before["grokgate_local_queue_wait_seconds_total"]
+    assert after["grokgate_local_queued_jobs"] == 0

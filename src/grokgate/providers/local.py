@@ -42,7 +42,8 @@ class _JobEnd:
 class _Job:
     """One choice of one request, run by one worker thread."""
 
-    __slots__ = ("cancelled", "exclusive", "generated", "index", "loop", "payload", "queue", "started", "usage")
+    __slots__ = ("cancelled", "created", "exclusive", "generated", "index", "loop", "payload", "queue", "started",
+                 "usage")
 
     def __init__(self, index: int, payload: dict[str, Any], loop: asyncio.AbstractEventLoop,
                  queue: asyncio.Queue[Any], exclusive: bool) -> None:
@@ -52,6 +53,7 @@ class _Job:
         self.loop = loop
         self.queue = queue
         self.cancelled = False
+        self.created = time.monotonic()
         self.started = False
         self.generated = 0
         self.usage: Usage | None = None
@@ -201,6 +203,8 @@ class LocalEngine:
         self._at_gate = 0
         self._tokens_generated = 0
         self._jobs_done = 0
+        self._jobs_started = 0
+        self._queue_wait_seconds = 0.0  # summed from a job's creation to its start: the fair queue's wait
         self._fingerprint = "local"
         self._load_error: str | None = None
         self._loading: asyncio.Task[None] | None = None
@@ -293,6 +297,8 @@ class LocalEngine:
             "queued": len(self._queue) + self._at_gate,
             "tokens_generated": self._tokens_generated,
             "jobs_done": self._jobs_done,
+            "jobs_started": self._jobs_started,
+            "queue_wait_seconds": round(self._queue_wait_seconds, 6),
         }
 
     def check(self, request: ChatCompletionRequest) -> None:
@@ -340,6 +346,9 @@ class LocalEngine:
             try:
                 if not job.cancelled:
                     job.started = True
+                    with self._gate:
+                        self._jobs_started += 1
+                        self._queue_wait_seconds += time.monotonic() - job.created
                     self._server.handle_chat_completions(job.payload, job.on_chunk)
             except ValueError as exc:  # xllamacpp raises ValueError for requests it cannot parse
                 job.post(GatewayError(400, "bad_request", str(exc)))
