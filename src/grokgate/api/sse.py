@@ -46,35 +46,54 @@ END = _Marker("end")
 
 
 class Pump:
-    """Reads a generation with a deadline per event, without cancelling the read that is in flight."""
+    """Reads a generation with a deadline per event, without ever cancelling a read in flight.
+
+    One reader task per request moves events into a small bounded queue (the bound keeps backpressure);
+    waiting on the queue with a timeout is safe to cancel, where cancelling the generator's own read would
+    tear down the upstream stream. This costs one task per request instead of one per event.
+    """
 
     def __init__(self, generation: Generation) -> None:
         self.generation = generation
-        self._pending: asyncio.Future[Event] | None = None
+        self._queue: asyncio.Queue[Event | _Marker | BaseException] = asyncio.Queue(maxsize=16)
+        self._reader: asyncio.Task[None] | None = None
         self.waited = 0.0  # seconds spent waiting on the backend: what is not grokgate's own overhead
+
+    async def _read(self) -> None:
+        try:
+            async for event in self.generation:
+                await self._queue.put(event)
+        except Exception as exc:  # handed to the consumer, which raises it
+            await self._queue.put(exc)
+            return
+        await self._queue.put(END)
 
     async def next(self, wait: float | None) -> Event | _Marker:
         """The next event, END, or TIMEOUT after `wait` seconds (the read goes on for the next call)."""
-        if self._pending is None:
-            self._pending = asyncio.ensure_future(self.generation.__anext__())
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read())
         started = time.perf_counter()
-        done, _ = await asyncio.wait((self._pending,), timeout=wait)
-        self.waited += time.perf_counter() - started
-        if not done:
-            return TIMEOUT
-        future, self._pending = self._pending, None
         try:
-            return future.result()
-        except StopAsyncIteration:
-            return END
+            if wait is None:
+                item = await self._queue.get()
+            else:
+                async with asyncio.timeout(wait):
+                    item = await self._queue.get()
+        except TimeoutError:
+            return TIMEOUT
+        finally:
+            self.waited += time.perf_counter() - started
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
     async def aclose(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
+        reader, self._reader = self._reader, None
+        if reader is not None and not reader.done():
             # Let the cancelled read unwind before closing: closing a generator that is still running raises.
-            pending.cancel()
+            reader.cancel()
             with contextlib.suppress(BaseException):
-                await pending
+                await reader
         await self.generation.aclose()
 
 
