@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -138,13 +139,27 @@ def _row_json(row: dict[str, Any]) -> dict[str, Any]:
             "cost_credits": format_credits(int(row["cost"]))}
 
 
-async def _ledger(store: SqlStore, *, token_id: int | None, model: str | None, status: str | None, kind: str | None,
-                  since: str | None, until: str | None, cursor: str | None, limit: int, format: str) -> Any:
-    since_ms, until_ms = date_range(since, until)
+@dataclass
+class LedgerQuery:
+    """The ledger filters both the admin's and a holder's endpoint take (as query parameters)."""
+
+    model: str | None = None
+    status: str | None = None
+    kind: Literal["usage", "topup"] | None = None
+    since: str | None = None
+    until: str | None = None
+    cursor: str | None = None
+    limit: int = 100
+    format: Literal["json", "csv"] = "json"
+
+
+async def _ledger(store: SqlStore, token_id: int | None, q: LedgerQuery) -> Any:
+    since_ms, until_ms = date_range(q.since, q.until)
     rows, more = await store.ledger_page(
-        token_id=token_id, model=check_text(model, "model"), status=check_status(status), kind=kind,
-        since_ms=since_ms, until_ms=until_ms, cursor=parse_cursor(cursor), limit=check_limit(limit),
+        token_id=token_id, model=check_text(q.model, "model"), status=check_status(q.status), kind=q.kind,
+        since_ms=since_ms, until_ms=until_ms, cursor=parse_cursor(q.cursor), limit=check_limit(q.limit),
     )
+    format = q.format
     data = [_row_json(r) for r in rows]
     last = rows[-1] if rows and more else None
     next_cursor = f"{last['created_at']}.{last['id']}" if last else None
@@ -156,31 +171,17 @@ async def _ledger(store: SqlStore, *, token_id: int | None, model: str | None, s
     return {"object": "list", "data": data, "has_more": more, "next_cursor": next_cursor}
 
 
-Kind = Literal["usage", "topup"]
-Format = Literal["json", "csv"]
 AdminStore = Annotated[SqlStore, Depends(require_admin)]
 
 
 @router.get("/admin/ledger/search", tags=["admin"],
             summary="Ledger rows filtered by token, model, status, kind and UTC dates; paginated; JSON or CSV")
-async def admin_ledger(
-    store: AdminStore,
-    token: str | None = None,
-    model: str | None = None,
-    status: str | None = None,
-    kind: Kind | None = None,
-    since: str | None = None,
-    until: str | None = None,
-    cursor: str | None = None,
-    limit: int = 100,
-    format: Format = "json",
-) -> Any:
+async def admin_ledger(store: AdminStore, q: Annotated[LedgerQuery, Depends()], token: str | None = None) -> Any:
     """`status=!ok` lists every failed row; `since`/`until` are inclusive UTC days (YYYY-MM-DD); pass the
     answer's `next_cursor` as `cursor` for the next page (CSV: the `x-next-cursor` header)."""
     token = check_text(token, "token")
     token_id = (await store.require_token(token)).id if token else None
-    return await _ledger(store, token_id=token_id, model=model, status=status, kind=kind, since=since, until=until,
-                         cursor=cursor, limit=limit, format=format)
+    return await _ledger(store, token_id, q)
 
 
 async def _own(
@@ -195,20 +196,9 @@ Own = Annotated[tuple[SqlStore, int], Depends(_own)]
 
 
 @router.get("/v1/ledger", tags=["account"], summary="The calling token's own ledger rows (filters as the admin's)")
-async def own_ledger(
-    own: Own,
-    model: str | None = None,
-    status: str | None = None,
-    kind: Kind | None = None,
-    since: str | None = None,
-    until: str | None = None,
-    cursor: str | None = None,
-    limit: int = 100,
-    format: Format = "json",
-) -> Any:
+async def own_ledger(own: Own, q: Annotated[LedgerQuery, Depends()]) -> Any:
     store, token_id = own
-    return await _ledger(store, token_id=token_id, model=model, status=status, kind=kind, since=since, until=until,
-                         cursor=cursor, limit=limit, format=format)
+    return await _ledger(store, token_id, q)
 
 
 async def _errors(store: SqlStore, token_id: int | None, since: str | None, until: str | None) -> dict[str, Any]:
