@@ -56,7 +56,6 @@ class Settings(BaseSettings):
     threads: int = Field(default=1, ge=1, le=256)
     slots: int = Field(default=4, ge=1, le=256)
     ctx_per_slot: int = Field(default=4096, ge=256, le=1_048_576)
-    load_on_start: bool = True
 
     cache_dir: Path = Field(default_factory=lambda: _xdg("XDG_CACHE_HOME", ".cache"))
     data_dir: Path = Field(default_factory=lambda: _xdg("XDG_DATA_HOME", ".local/share"))
