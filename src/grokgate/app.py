@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from starlette.responses import HTMLResponse
+from starlette.routing import Route as StarletteRoute
 from starlette.staticfiles import StaticFiles
 
 from grokgate import __version__
@@ -122,6 +123,10 @@ def create_app(
         app.include_router(console.router)  # the web console at /console and its endpoints
     _mount_docs(app)
     _describe_chat_body(app)
+    # The chat routes are also served by plain Starlette routes placed first: the same endpoint, minus
+    # FastAPI's per-request machinery (route wrappers, exit stacks, empty dependency solving). The FastAPI
+    # routes stay registered behind them, for the OpenAPI document.
+    app.router.routes[0:0] = [StarletteRoute(p, chat.chat_completions, methods=["POST"]) for p in chat.PATHS]
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)  # outermost: even a 413 carries x-request-id
     return app

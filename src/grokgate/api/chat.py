@@ -36,6 +36,7 @@ async def authenticate(
 # The body is parsed here rather than by FastAPI: its dependency solving and dict-based validation were the
 # largest item in the hot path's profile, and pydantic validates the raw JSON bytes directly. The OpenAPI
 # document still describes the body (components added in app.py).
+PATHS = ("/grok/chat/completions", "/v1/chat/completions")
 CHAT_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"application/json": {
     "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}}}
 
