@@ -10,9 +10,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import httpx
 import pytest
@@ -140,6 +142,29 @@ def parse_sse(raw: str) -> SSE:
                 payload = line[len("data: "):]
                 events.append(payload if payload == "[DONE]" else json.loads(payload))
     return SSE(raw, events, comments)
+
+
+@contextmanager
+def raw_request(server: Server, body: dict[str, Any], token: str | None = None) -> Iterator[socket.socket]:
+    """POST a chat completion on a plain socket, so a test can read part of the answer and hang up abruptly
+    (leaving the `with` block closes the connection)."""
+    url = urlparse(server.url)
+    payload = json.dumps(body).encode()
+    with socket.create_connection((url.hostname, url.port)) as sock:
+        sock.sendall((f"POST /grok/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                      f"Authorization: Bearer {token or server.token}\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload)
+        yield sock
+
+
+def read_until(sock: socket.socket, marker: bytes, count: int) -> bytes:
+    """Read until `marker` was seen `count` times; returns everything read (headers included)."""
+    received = b""
+    while received.count(marker) < count:
+        data = sock.recv(65536)
+        assert data, "the server closed the connection early"
+        received += data
+    return received
 
 
 def user(text: str) -> list[dict[str, str]]:

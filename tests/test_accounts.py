@@ -115,7 +115,7 @@ def reservation(p: dict[str, Any], text: str, max_tokens: int, n: int = 1) -> in
     from grokgate.schemas.chat import ChatCompletionRequest
 
     body = ChatCompletionRequest.model_validate({"model": p["model"], "messages": user(text)})
-    prompt = estimate_prompt_tokens(body.prompt_chars())
+    prompt = estimate_prompt_tokens(body.prompt_chars)
     return ceil_div(prompt * p["input"], 10**6) + ceil_div(n * max_tokens * p["output"], 10**6)
 
 

@@ -5,16 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import threading
 import time
 from typing import Any
-from urllib.parse import urlparse
 
 import httpx
 import pytest
 
-from tests.conftest import Server, create_key, start_server, stop_server, user
+from tests.conftest import Server, create_key, raw_request, read_until, start_server, stop_server, user
 
 CHEAP = {"model": "grok-3", "messages": user("hi"), "max_tokens": 1}
 
@@ -34,7 +32,7 @@ def reservation_of(server: Server, body: dict[str, Any]) -> int:
     current = {p["model"]: p for p in admin_get(server, "/admin/prices")["current"]}["grok-3"]
     price = Price("grok-3", current["input"], current["cached_input"], current["output"])
     request = ChatCompletionRequest.model_validate(body)
-    return max_cost(estimate_prompt_tokens(request.prompt_chars()), request.choices, request.output_limit or 0, price)
+    return max_cost(estimate_prompt_tokens(request.prompt_chars), request.choices, request.output_limit or 0, price)
 
 
 def fire(servers: list[Server], token: str, count: int, body: dict[str, Any]) -> list[httpx.Response]:
@@ -154,18 +152,10 @@ def test_unreachable_redis_fails_closed_or_open_as_configured(tmp_path_factory: 
 
 def test_disconnect_mid_stream_bills_prompt_and_generated_tokens(server: Server) -> None:
     token, key = create_key(server, "streamer", credits="1")
-    body = json.dumps({"model": "grok-3", "messages": user("Write a long essay about the sea."),
-                       "max_tokens": 300, "stream": True}).encode()
-    url = urlparse(server.url)
-    with socket.create_connection((url.hostname, url.port)) as sock:
-        sock.sendall((f"POST /grok/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\n"
-                      f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
-                      f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
-        received = b""
-        while received.count(b'"content":"') < 6:  # the role delta's "" does not match; 5+ tokens
-            chunk = sock.recv(65536)
-            assert chunk
-            received += chunk
+    body = {"model": "grok-3", "messages": user("Write a long essay about the sea."), "max_tokens": 300,
+            "stream": True}
+    with raw_request(server, body, token) as sock:
+        received = read_until(sock, b'"content":"', 6)  # the role delta's "" does not match: 5+ tokens
         request_id = received.split(b"x-request-id: ", 1)[1].split(b"\r\n", 1)[0].decode()
     deadline = time.monotonic() + 10
     rows: list[dict[str, Any]] = []

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from typing import Any
-from urllib.parse import urlparse
 
 import httpx
 
-from tests.conftest import Server, user, wait_idle
+from tests.conftest import Server, raw_request, read_until, user, wait_idle
 
 
 def test_many_concurrent_requests_all_answered(server: Server) -> None:
@@ -56,30 +54,14 @@ def test_small_request_is_not_starved_by_a_large_n(server: Server) -> None:
     assert small_done < big_done
 
 
-def _raw_stream_then_hang_up(server: Server, body: bytes, read_events: int) -> None:
-    """Speak HTTP/1.1 on a plain socket, read a few events, then close the connection abruptly."""
-    url = urlparse(server.url)
-    with socket.create_connection((url.hostname, url.port)) as sock:
-        head = (f"POST /grok/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\n"
-                f"Authorization: Bearer {server.token}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode()
-        sock.sendall(head + body)
-        received = b""
-        while received.count(b"data: ") < read_events:
-            data = sock.recv(65536)
-            assert data, "server closed early"
-            received += data
-        assert b"200 OK" in received
-
-
 def test_stream_disconnect_stops_generation_and_frees_the_slot(server: Server) -> None:
-    import json
 
     wait_idle(server)
     before = server.engine()
-    body = json.dumps({"model": "grok-3", "messages": user("Write a very long essay about rivers."),
-                       "max_tokens": 1000, "stream": True}).encode()
-    _raw_stream_then_hang_up(server, body, read_events=4)
+    body = {"model": "grok-3", "messages": user("Write a very long essay about rivers."), "max_tokens": 1000,
+            "stream": True}
+    with raw_request(server, body) as sock:
+        assert b"200 OK" in read_until(sock, b"data: ", 4)
     hung_up = time.monotonic()
     status = wait_idle(server, timeout=5)
     freed_after = time.monotonic() - hung_up
@@ -92,17 +74,12 @@ def test_stream_disconnect_stops_generation_and_frees_the_slot(server: Server) -
 
 
 def test_non_stream_disconnect_stops_generation(server: Server) -> None:
-    import json
 
     wait_idle(server)
     before = server.engine()
-    body = json.dumps({"model": "grok-3", "messages": user("Write a very long essay about mountains."),
-                       "max_tokens": 1000, "n": 2}).encode()
-    url = urlparse(server.url)
-    with socket.create_connection((url.hostname, url.port)) as sock:
-        sock.sendall((f"POST /grok/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\n"
-                      f"Authorization: Bearer {server.token}\r\nContent-Type: application/json\r\n"
-                      f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+    body = {"model": "grok-3", "messages": user("Write a very long essay about mountains."), "max_tokens": 1000,
+            "n": 2}
+    with raw_request(server, body):
         deadline = time.monotonic() + 30
         while server.engine()["slots_busy"] < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -113,13 +90,12 @@ def test_non_stream_disconnect_stops_generation(server: Server) -> None:
 
 
 def test_queued_jobs_of_a_gone_client_never_run(server: Server) -> None:
-    import json
 
     wait_idle(server)
     before = server.engine()
-    body = json.dumps({"model": "grok-3", "messages": user("Write a story."), "max_tokens": 500,
-                       "n": 12, "stream": True}).encode()
-    _raw_stream_then_hang_up(server, body, read_events=14)  # 12 role deltas + a couple of tokens
+    body = {"model": "grok-3", "messages": user("Write a story."), "max_tokens": 500, "n": 12, "stream": True}
+    with raw_request(server, body) as sock:
+        read_until(sock, b"data: ", 14)  # 12 role deltas + a couple of tokens
     status = wait_idle(server, timeout=5)
     assert status["jobs_done"] - before["jobs_done"] <= 12
     assert status["tokens_generated"] - before["tokens_generated"] < 150

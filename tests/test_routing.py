@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Server, create_key, parse_sse, start_server, stop_server, user
+from tests.conftest import Server, create_key, parse_sse, raw_request, read_until, start_server, stop_server, user
 from tests.fakes.fake_xai import FakeXAI
 
 KEYS = {"XAI_A": "key-a", "XAI_B": "key-b", "XAI_C": "key-c"}
@@ -408,22 +408,10 @@ def test_xai_key_without_a_routing_file_sends_the_seed_models_to_xai(
 
 
 def test_client_hanging_up_mid_stream_is_billed_an_estimate(gw: Server, fake: FakeXAI) -> None:
-    import socket
-    from urllib.parse import urlparse
-
     token, key = create_key(gw, "hangs-up", credits="1")
     fake.header_defaults["x-fake-chunk-delay-ms"] = "300"
-    body = json.dumps({"model": "grok-3", "messages": user("one two three"), "stream": True}).encode()
-    url = urlparse(gw.url)
-    with socket.create_connection((url.hostname, url.port)) as sock:
-        sock.sendall((f"POST /grok/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\n"
-                      f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
-                      f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
-        received = b""
-        while received.count(b'"content":"') < 3:
-            chunk = sock.recv(65536)
-            assert chunk
-            received += chunk
+    with raw_request(gw, {"model": "grok-3", "messages": user("one two three"), "stream": True}, token) as sock:
+        read_until(sock, b'"content":"', 3)
     deadline = time.monotonic() + 10
     rows: list[dict[str, Any]] = []
     with gw.client() as c:

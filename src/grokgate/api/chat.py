@@ -59,7 +59,7 @@ async def chat_completions(request: Request) -> Response:
         )
     route.provider.check(body)
     ticket = await gw.admission.admit(
-        principal, AdmissionRequest(request_id, body.model, body.choices, body.output_limit, body.prompt_chars())
+        principal, AdmissionRequest(request_id, body.model, body.choices, body.output_limit, body.prompt_chars)
     )
     run = _Run(request_id, principal, body, route.provider.name, ticket, started, gw.metrics)
     try:

@@ -218,10 +218,6 @@ class LocalEngine:
         self._loading = asyncio.create_task(asyncio.to_thread(self._load), name="local-engine-load")
         self._loading.add_done_callback(self._on_loaded)
 
-    async def wait_ready(self) -> None:
-        if self._loading is not None:
-            await asyncio.shield(self._loading)
-
     def _on_loaded(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
             self._load_error = "loading was cancelled"
@@ -327,7 +323,7 @@ class LocalEngine:
             if request.seed is not None:
                 payload["seed"] = (request.seed + index) & 0xFFFFFFFF
             jobs.append(_Job(index, payload, loop, queue, exclusive=not payload["cache_prompt"]))
-        generation = LocalGeneration(self, jobs, queue, estimate_prompt_tokens(request.prompt_chars()))
+        generation = LocalGeneration(self, jobs, queue, estimate_prompt_tokens(request.prompt_chars))
         self._queue.put_group(id(generation), jobs)
         return generation
 

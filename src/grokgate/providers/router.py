@@ -193,7 +193,7 @@ class RoutedGeneration:
             return partial()  # type: ignore[no-any-return]
         if self._events is None:
             return None
-        return Usage(prompt_tokens=estimate_prompt_tokens(self.request.prompt_chars()), completion_tokens=self._deltas)
+        return Usage(prompt_tokens=estimate_prompt_tokens(self.request.prompt_chars), completion_tokens=self._deltas)
 
     async def aclose(self) -> None:
         if self._closed:

@@ -6,6 +6,7 @@ they understand; the local engine reads only the fields declared here.
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
@@ -160,6 +161,7 @@ class ChatCompletionRequest(_Lenient):
             if value is not None and value > max_tokens_limit:
                 raise bad_request(f"{name} must be at most {max_tokens_limit}.", name)
 
+    @cached_property
     def prompt_chars(self) -> int:
         """Characters of text in the prompt, for a cheap upper estimate of its tokens (each message counts
         16 more for its role and framing)."""

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from grokgate.store.schema import api_tokens, ledger, reservations, usage_daily
+from grokgate.store.schema import ledger, usage_daily
 
 
 class Reports:
@@ -46,22 +46,6 @@ class Reports:
             query = query.where(ledger.c.created_at >= since_ms)
         async with self.engine.connect() as conn:
             return [dict(r) for r in (await conn.execute(query)).mappings().all()]
-
-    async def totals(self) -> dict[str, int]:
-        """Sums for consistency checks: balances, reservations, and ledger movements."""
-        from sqlalchemy import func
-
-        async with self.engine.connect() as conn:
-            sums = select(func.coalesce(func.sum(api_tokens.c.balance), 0),
-                          func.coalesce(func.sum(api_tokens.c.reserved), 0))
-            balance, reserved = (await conn.execute(sums)).one()
-            moved = (await conn.execute(
-                select(func.coalesce(func.sum(ledger.c.amount), 0)).where(ledger.c.token_id.is_not(None))
-            )).scalar_one()
-            held = (await conn.execute(select(func.coalesce(func.sum(reservations.c.amount), 0)))).scalar_one()
-        return {"balance": int(balance), "reserved": int(reserved), "ledger": int(moved), "held": int(held)}
-
-    # -- console queries: every one is a range of ix_ledger_created / ix_ledger_token_created ------------------
 
     @staticmethod
     def ledger_page_query(*, token_id: int | None = None, model: str | None = None, status: str | None = None,
