@@ -3,17 +3,22 @@
 Per token, the balance row is locked first with an UPDATE (PostgreSQL row lock; SQLite's write lock), read
 back, and the decisions are made in Python against that locked value, so concurrent replicas can never
 both spend the same credits. A batch of N requests over T tokens costs about 2T + 4 statements, not 4N.
+
+On SQLite the row inserts are single multi-row statements rather than `executemany`: the writer runs in a
+thread, and Python's sqlite3 releases and retakes the GIL for every row it steps; each retake competes with
+the event loop's thread (a forced switch), which cost the serving thread more than the writes themselves.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import functools
+import sqlite3
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, insert, select, update
+from sqlalchemy import Connection, Table, bindparam, delete, insert, select, update
 
 from grokgate.core.accounts import Settlement, now_ms
 from grokgate.store.schema import api_tokens, ledger, reservations, usage_daily
@@ -28,14 +33,35 @@ class Reservation:
     amount: int
 
 
+# The statements are built once: constructing a SQLAlchemy statement costs more Python than running it.
+_balance = api_tokens.c.balance
+_LOCK_BALANCE = (
+    update(api_tokens).where(api_tokens.c.id == bindparam("token"))
+    .values(balance=_balance + bindparam("delta"), reserved=api_tokens.c.reserved - bindparam("delta"))
+    .returning(_balance)
+)
+_CHARGE_IN_FULL = (
+    update(api_tokens)
+    .where(api_tokens.c.id == bindparam("token"), _balance + bindparam("freed") >= bindparam("charge"))
+    .values(balance=_balance + bindparam("freed") - bindparam("charge"),
+            reserved=api_tokens.c.reserved - bindparam("freed"))
+    .returning(_balance)
+)
+_CHARGE = update(api_tokens).where(api_tokens.c.id == bindparam("token")).values(balance=_balance - bindparam("charge"))
+_HOLD = (update(api_tokens).where(api_tokens.c.id == bindparam("token"))
+         .values(balance=_balance - bindparam("hold"), reserved=api_tokens.c.reserved + bindparam("hold")))
+
+
 def _lock_balance(conn: Connection, token_id: int, delta: int = 0) -> int | None:
     """Add `delta` to the balance (0 just locks) and return the balance, or None for an unknown token."""
-    result = conn.execute(
-        update(api_tokens).where(api_tokens.c.id == token_id)
-        .values(balance=api_tokens.c.balance + delta, reserved=api_tokens.c.reserved - delta)
-        .returning(api_tokens.c.balance)
-    )
-    row = result.first()
+    row = conn.execute(_LOCK_BALANCE, {"token": token_id, "delta": delta}).first()
+    return int(row[0]) if row else None
+
+
+def _charge_in_full(conn: Connection, token_id: int, released: int, amount: int) -> int | None:
+    """Release `released` and charge `amount` if the balance covers it; the balance after, or None (the
+    balance falls short, or the token is gone) with nothing changed."""
+    row = conn.execute(_CHARGE_IN_FULL, {"token": token_id, "freed": released, "charge": amount}).first()
     return int(row[0]) if row else None
 
 
@@ -57,8 +83,7 @@ def reserve_many(conn: Connection, items: list[Reservation], owner: str) -> list
                 rows.append({"request_id": items[i].request_id, "token_id": token_id, "amount": items[i].amount,
                              "owner": owner, "created_at": now_ms()})
         if total:
-            conn.execute(update(api_tokens).where(api_tokens.c.id == token_id).values(
-                balance=api_tokens.c.balance - total, reserved=api_tokens.c.reserved + total))
+            conn.execute(_HOLD, {"token": token_id, "hold": total})
     if rows:
         conn.execute(insert(reservations), rows)
     return granted
@@ -96,6 +121,12 @@ def settle_many(conn: Connection, items: list[Settlement], *, shared: bool = Tru
             by_token[s.token_id].append(s)
     for token_id, settlements in by_token.items():
         released = sum(held.get(s.request_id, 0) for s in settlements)
+        wanted = sum(s.cost for s in settlements)
+        after = _charge_in_full(conn, token_id, released, wanted)
+        if after is not None:  # the usual case: one statement
+            charges.update((s.request_id, s.cost) for s in settlements)
+            balances[token_id] = after
+            continue
         balance = _lock_balance(conn, token_id, released)
         remaining = balance or 0
         total = 0
@@ -105,8 +136,7 @@ def settle_many(conn: Connection, items: list[Settlement], *, shared: bool = Tru
             remaining -= charge
             total += charge
         if total:
-            conn.execute(update(api_tokens).where(api_tokens.c.id == token_id).values(
-                balance=api_tokens.c.balance - total))
+            conn.execute(_CHARGE, {"token": token_id, "charge": total})
         if balance is not None:
             balances[token_id] = remaining
 
@@ -128,10 +158,35 @@ def settle_many(conn: Connection, items: list[Settlement], *, shared: bool = Tru
         for name, value in zip(COUNTERS, (1, u.prompt_tokens, u.cached_tokens, u.completion_tokens,
                                           u.reasoning_tokens, charge), strict=True):
             totals[name] += value
-    conn.execute(insert(ledger), rows)
-    conn.execute(_upsert_daily(conn.dialect.name),
-                 [{"day": d, "token_id": t, "model": m, **c} for (d, t, m), c in daily.items()])
+    daily_rows = [{"day": d, "token_id": t, "model": m, **c} for (d, t, m), c in daily.items()]
+    if conn.dialect.name == "sqlite":
+        insert_rows(conn, ledger, rows)
+        insert_rows(conn, usage_daily, daily_rows, conflict=_SQLITE_DAILY_CONFLICT)
+    else:
+        conn.execute(insert(ledger), rows)
+        conn.execute(_upsert_daily(conn.dialect.name), daily_rows)
     return balances
+
+
+# SQLite's limit on bound variables per statement: 32766 since 3.32, 999 before.
+_SQLITE_VARIABLES = 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
+_SQLITE_DAILY_CONFLICT = "ON CONFLICT (day, token_id, model) DO UPDATE SET " + ", ".join(
+    f"{c} = {c} + excluded.{c}" for c in COUNTERS)
+
+
+def insert_rows(conn: Connection, table: Table, rows: list[dict[str, Any]], conflict: str = "") -> None:
+    """INSERT the rows (all with the same keys, all plain values) in as few SQLite statements as the
+    variable limit allows; `conflict` is an optional ON CONFLICT clause."""
+    if not rows:
+        return
+    columns = list(rows[0])
+    per_statement = max(1, _SQLITE_VARIABLES // len(columns))
+    group = "(" + ", ".join("?" * len(columns)) + ")"
+    for start in range(0, len(rows), per_statement):
+        chunk = rows[start:start + per_statement]
+        sql = (f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES "
+               f"{', '.join([group] * len(chunk))} {conflict}")
+        conn.exec_driver_sql(sql, tuple(row[c] for row in chunk for c in columns))
 
 
 @functools.cache
