@@ -26,6 +26,7 @@ from grokgate.core.accounts import Settlement, TokenRecord, display_prefix, hash
 from grokgate.core.errors import GatewayError
 from grokgate.core.pricing import Price
 from grokgate.store.batch import Reservation, reserve_many, settle_many
+from grokgate.store.cache import RefreshingCache
 from grokgate.store.reports import Reports
 from grokgate.store.schema import api_tokens, ledger, prices, reservations
 
@@ -59,16 +60,15 @@ class SqlStore(Reports):
         self._sync_engine: Engine | None = None  # SQLite's writer
         self._queue: list[tuple[str, Any, asyncio.Future[Any]]] = []
         self._writer: asyncio.Task[None] | None = None
-        self._tokens: dict[str, tuple[float, TokenRecord | None]] = {}
-        self._prices: tuple[float, dict[str, Price]] | None = None
+        self._tokens: RefreshingCache[str, TokenRecord | None] = RefreshingCache(_CACHE_SECONDS)
+        self._prices: RefreshingCache[str, dict[str, Price]] = RefreshingCache(_CACHE_SECONDS)
         self.on_commit: Callable[[float, int], None] | None = None  # metrics: (seconds, operations)
         # SQLite serves one process, so reservations live in memory: the request path then waits for one
         # commit (its settlement), not two. Each token's committed balance is cached (refreshed when older
         # than _CACHE_SECONDS, kept current by our own settlements) and what is held is subtracted from it.
         self._memory_holds = False
         self._held: dict[int, int] = {}
-        self._balance_cache: dict[int, tuple[float, int]] = {}
-        self._balance_version: dict[int, int] = {}  # bumped by every settlement/top-up of a token
+        self._balances: RefreshingCache[int, int | None] = RefreshingCache(_CACHE_SECONDS)
         self._lock_file: Any = None
 
     # -- lifecycle -----------------------------------------------------------------------------------------
@@ -219,6 +219,7 @@ class SqlStore(Reports):
             return int(result.scalar_one())
 
         token_id = await self.write(op)
+        self._balances.invalidate(token_id)  # SQLite may reuse the id of a deleted token
         record = await self.get_token(token_id)
         assert record is not None
         return record, secret
@@ -250,18 +251,13 @@ class SqlStore(Reports):
         return [self._with_holds(_record(r)) for r in rows]
 
     async def find_token(self, token_hash: str) -> TokenRecord | None:
-        loop = asyncio.get_running_loop()
-        cached = self._tokens.get(token_hash)
-        if cached is not None and cached[0] > loop.time():
-            return cached[1]
+        return await self._tokens.get(token_hash, lambda: self._read_token(token_hash))
+
+    async def _read_token(self, token_hash: str) -> TokenRecord | None:
         async with self.engine.connect() as conn:
             query = select(api_tokens).where(api_tokens.c.token_hash == token_hash)
             row = (await conn.execute(query)).mappings().first()
-        record = _record(row) if row else None
-        if len(self._tokens) > 10_000:
-            self._tokens.clear()
-        self._tokens[token_hash] = (loop.time() + _CACHE_SECONDS, record)
-        return record
+        return _record(row) if row else None
 
     async def update_token(self, token_id: int, **fields: Any) -> TokenRecord:
         allowed = {"name", "disabled", "expires_at", "allowed_models", "rpm", "tpm", "max_concurrency"}
@@ -275,7 +271,7 @@ class SqlStore(Reports):
 
         if fields and not await self.write(op):
             raise GatewayError(404, "token_not_found", f"No token with id {token_id}.")
-        self._tokens.clear()
+        self._tokens.invalidate()
         return await self.require_token(token_id)
 
     async def delete_token(self, token_id: int) -> None:
@@ -285,7 +281,8 @@ class SqlStore(Reports):
 
         if not await self.write(op):
             raise GatewayError(404, "token_not_found", f"No token with id {token_id}.")
-        self._tokens.clear()
+        self._tokens.invalidate()
+        self._balances.invalidate(token_id)
 
     async def add_credits(self, token_id: int, amount: int, note: str | None = None) -> TokenRecord:
         if amount <= 0:
@@ -305,21 +302,18 @@ class SqlStore(Reports):
 
         if not await self.write(op):
             raise GatewayError(404, "token_not_found", f"No token with id {token_id}.")
-        self._balance_cache.pop(token_id, None)
-        self._balance_version[token_id] = self._balance_version.get(token_id, 0) + 1
+        self._balances.invalidate(token_id)
         return await self.require_token(token_id)
 
     # -- prices --------------------------------------------------------------------------------------------
 
     async def current_prices(self) -> dict[str, Price]:
-        loop = asyncio.get_running_loop()
-        if self._prices is not None and self._prices[0] > loop.time():
-            return self._prices[1]
+        return await self._prices.get("current", self._read_prices)
+
+    async def _read_prices(self) -> dict[str, Price]:
         async with self.engine.connect() as conn:
             rows = (await conn.execute(select(prices).order_by(prices.c.model, prices.c.version))).mappings().all()
-        current = {r["model"]: _price(r) for r in rows}  # ordered by version: the last one wins
-        self._prices = (loop.time() + _CACHE_SECONDS, current)
-        return current
+        return {r["model"]: _price(r) for r in rows}  # ordered by version: the last one wins
 
     async def current_price(self, model: str) -> Price | None:
         return (await self.current_prices()).get(model)
@@ -344,7 +338,7 @@ class SqlStore(Reports):
             return version
 
         version = await self.write(op)
-        self._prices = None
+        self._prices.invalidate()
         return Price(price.model, price.input, price.cached_input, price.output, version)
 
     async def seed_prices(self, defaults: list[Price]) -> None:
@@ -374,30 +368,19 @@ class SqlStore(Reports):
             if self._memory_holds and s.token_id is not None and s.reserved:
                 self._held[s.token_id] = max(0, self._held.get(s.token_id, 0) - s.reserved)
         if self._memory_holds:
-            now = asyncio.get_running_loop().time()
+            # The balance each settlement read under the row lock is the newest committed one.
             for token_id, balance in balances.items():
-                self._balance_cache[token_id] = (now, balance)
-                self._balance_version[token_id] = self._balance_version.get(token_id, 0) + 1
+                self._balances.put(token_id, balance)
 
     async def _committed_balance(self, token_id: int) -> int | None:
-        loop = asyncio.get_running_loop()
-        cached = self._balance_cache.get(token_id)
-        if cached is not None and cached[0] + _CACHE_SECONDS > loop.time():
-            return cached[1]
-        version = self._balance_version.get(token_id, 0)
+        # A top-up by another process shows up within _CACHE_SECONDS (or at our next settlement of this
+        # token, which reads the balance); only this process spends from it.
+        return await self._balances.get(token_id, lambda: self._read_balance(token_id))
+
+    async def _read_balance(self, token_id: int) -> int | None:
         async with self.engine.connect() as conn:
             value = (await conn.execute(select(api_tokens.c.balance).where(api_tokens.c.id == token_id))).scalar()
-        if value is None:
-            return None
-        if self._balance_version.get(token_id, 0) != version:
-            # A settlement or top-up committed while we read: our value may predate it. Use what the
-            # settlement cached, or (after a top-up cleared it) read again.
-            if token_id in self._balance_cache:
-                return self._balance_cache[token_id][1]
-            return await self._committed_balance(token_id)
-        # A top-up by another process shows up here within _CACHE_SECONDS; only this process spends.
-        self._balance_cache[token_id] = (loop.time(), int(value))
-        return int(value)
+        return None if value is None else int(value)
 
     def _with_holds(self, record: TokenRecord) -> TokenRecord:
         held = self._held.get(record.id, 0)
