@@ -19,7 +19,10 @@ class _KeyState:
     requests_at: int = 0
     tokens: int = 0
     tokens_at: int = 0
-    in_flight: dict[str, int] = field(default_factory=dict)  # request id -> lease expiry (ms)
+    # request id -> lease expiry (ms). Every lease runs the same length from when it was taken, so the dict's
+    # (insertion) order is expiry order: expired leases are at its front and the last one ends latest.
+    in_flight: dict[str, int] = field(default_factory=dict)
+    last_lease_end: int = 0  # of the newest live lease; 0 when none
     idle_at: int = 0  # when both buckets are empty and every lease has expired, given the last limits seen
 
 
@@ -61,8 +64,18 @@ class MemoryRateLimiter:
         state.idle_at = max(
             state.requests_at + full_in_ms(state.requests, limits.rpm),
             state.tokens_at + full_in_ms(state.tokens, limits.tpm),
-            max(state.in_flight.values(), default=0),
+            state.last_lease_end,
         )
+
+    @staticmethod
+    def _expire_leases(state: _KeyState, now: int) -> None:
+        # A lease that ran out belongs to a request whose release never came (crashed or lost); stop counting it.
+        in_flight = state.in_flight
+        while in_flight:
+            oldest = next(iter(in_flight))
+            if in_flight[oldest] > now:
+                break
+            del in_flight[oldest]
 
     async def acquire(self, key: str, request_id: str, limits: Limits, tokens: int) -> Decision:
         now = self._now()
@@ -70,16 +83,14 @@ class MemoryRateLimiter:
         cost = max(0, tokens)
         state = self._states.get(key) or _KeyState(requests_at=now, tokens_at=now)
         self._drain(state, limits, now)
-        # A lease that ran out belongs to a request whose release never came (crashed or lost); stop counting it.
-        for rid in [r for r, expiry in state.in_flight.items() if expiry <= now]:
-            del state.in_flight[rid]
+        self._expire_leases(state, now)
         decision = decide(limits, cost, state.requests, state.tokens, len(state.in_flight))
         if decision.allowed:
             if limits.rpm is not None:
                 state.requests += WINDOW_MS
             if limits.tpm is not None:
                 state.tokens += cost * WINDOW_MS
-            state.in_flight[request_id] = now + self._lease_ms
+            state.last_lease_end = state.in_flight[request_id] = max(now + self._lease_ms, state.last_lease_end)
             self._update_idle_at(state, limits)
             self._states[key] = state
         return decision
@@ -90,6 +101,7 @@ class MemoryRateLimiter:
         state = self._states.get(key)
         if state is None or state.in_flight.pop(request_id, None) is None:
             return
+        state.last_lease_end = state.in_flight[next(reversed(state.in_flight))] if state.in_flight else 0
         now = self._now()
         delta = max(0, actual_tokens) - max(0, estimated_tokens)
         if limits.tpm is not None and delta:
