@@ -25,6 +25,7 @@ from grokgate.core.pricing import default_prices
 from grokgate.observability.metrics import backend_state
 from grokgate.providers import base
 from grokgate.providers.base import ModelTable, Provider, Route
+from grokgate.runtime import tune_gc
 from grokgate.settings import Settings
 from grokgate.store.limits_memory import MemoryRateLimiter
 from grokgate.store.limits_redis import RedisRateLimiter
@@ -91,6 +92,8 @@ def create_app(
             await store.reclaim(owner=store.owner, older_than_ms=settings.reservation_lease_seconds * 1000)
         for provider in gw.models.providers():
             await provider.start()
+        if settings.tune_gc:
+            tune_gc()
         try:
             yield
         finally:

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
+    # Freeze startup objects out of the garbage collector and collect less often (grokgate.runtime).
+    tune_gc: bool = True
+
     # Accounts: tokens, credits, prices, ledger, rate limits. Off: GROKGATE_API_KEYS alone, no billing.
     accounts: bool = True
     # SQLAlchemy URL; default: SQLite in data_dir. `postgresql://...` for several replicas.
