@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # grokgate vs LiteLLM vs the upstream called directly, in one run, with the shared harness in ../shared/bench.
 #
-#   bash bench/gateway.sh [--with-accounts-off] [gateway_bench.py args...]
+#   bash bench/gateway.sh [--with-accounts-off] [--no-litellm] [gateway_bench.py args...]
 #
 # Run from anywhere (it cds to the repo root); needs .venv (`make test` or `make serve` made it) and node.
 # It starts, and on exit stops, every process it needs:
@@ -11,6 +11,7 @@
 #     next free port, grok-3 routed to the fake upstream through a routing file, benchmarked with a funded
 #     account token (not the admin token), so admission, reservation, settlement and the ledger are measured,
 #   - with --with-accounts-off, a second grokgate with GROKGATE_ACCOUNTS=false (target "grokgate-noacct").
+#   --no-litellm leaves LiteLLM out: with --with-accounts-off, the accounts overhead alone, in half the time.
 # Then it runs gateway_bench.py (defaults: --concurrency 1,16,64 --modes nonstream,stream -d 10 --warmup 2
 # --rounds 2; any extra args are passed through and win, e.g. `-d 5 --rounds 1`), prints its Markdown table,
 # and after it grokgate's idle RSS, the x-grokgate-overhead-ms header of a few single requests, the non-200
@@ -38,11 +39,13 @@ die() { say "ERROR: $*"; exit 1; }
 
 # ---- arguments -------------------------------------------------------------------------------------------
 WITH_NOACCT=0
+NO_LITELLM=0
 EXTRA=()
 JSON_OUT=""
 while [ $# -gt 0 ]; do
   case $1 in
     --with-accounts-off) WITH_NOACCT=1 ;;
+    --no-litellm) NO_LITELLM=1 ;;
     -h|--help) sed -n '2,22p' "${BASH_SOURCE[0]}"; exit 0 ;;
     --json-out) [ $# -ge 2 ] || die "--json-out needs a path"; JSON_OUT=$2; shift ;;
     --json-out=*) JSON_OUT=${1#--json-out=} ;;
@@ -147,6 +150,8 @@ code=$(curl -s -o /dev/null -w '%{http_code}' -X POST "http://127.0.0.1:$UPSTREA
 [ "$code" = 200 ] || die "the service on :$UPSTREAM_PORT is not the fake upstream (POST answered $code)"
 
 # ---- 3. LiteLLM ------------------------------------------------------------------------------------------
+LITELLM_LINE="(not run: --no-litellm)"
+if [ "$NO_LITELLM" = 0 ]; then
 LITELLM_PORT=$(free_port 4000)
 say "step 3: starting LiteLLM on :$LITELLM_PORT (takes ~15 s: readiness, then 5 s idle for its RSS figure)"
 "$SHARED/start_litellm.sh" "$SHARED/litellm_config.yaml" "$LITELLM_PORT" 1 "$WORK/litellm.log" \
@@ -158,6 +163,7 @@ LITELLM_PID=$(sed -n 's/^PID=\([0-9]*\).*/\1/p' <<<"$LITELLM_LINE")
 [ -n "$LITELLM_PID" ] || die "no PID from start_litellm.sh: $(cat "$WORK/litellm_start.out")"
 kill -0 "$LITELLM_PID" 2>/dev/null || die "litellm exited; see $WORK/litellm.log"
 say "litellm: $LITELLM_LINE"
+fi
 
 # ---- 4. grokgate -----------------------------------------------------------------------------------------
 ADMIN_TOKEN="gg-admin-bench-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
@@ -226,7 +232,7 @@ smoke() {  # smoke NAME URL KEY
   done
 }
 say "smoke test: one non-streaming and one streaming request through each gateway"
-smoke litellm "http://127.0.0.1:$LITELLM_PORT/v1/chat/completions" "$LITELLM_KEY"
+[ "$NO_LITELLM" = 1 ] || smoke litellm "http://127.0.0.1:$LITELLM_PORT/v1/chat/completions" "$LITELLM_KEY"
 smoke grokgate "$GG_URL/grok/chat/completions" "$TOKEN"
 [ -z "$GG2_PORT" ] || smoke grokgate-noacct "http://127.0.0.1:$GG2_PORT/grok/chat/completions" "$ADMIN_TOKEN"
 
@@ -259,8 +265,10 @@ if [ -n "$GG2_PORT" ]; then
 fi
 
 # ---- 5. the benchmark ------------------------------------------------------------------------------------
-TARGETS=(--target "litellm|http://127.0.0.1:$LITELLM_PORT|/v1/chat/completions|$LITELLM_KEY|$LITELLM_PID"
-         --target "grokgate|$GG_URL|/grok/chat/completions|$TOKEN|$GG_PID")
+TARGETS=(--target "grokgate|$GG_URL|/grok/chat/completions|$TOKEN|$GG_PID")
+[ "$NO_LITELLM" = 1 ] ||
+  TARGETS=(--target "litellm|http://127.0.0.1:$LITELLM_PORT|/v1/chat/completions|$LITELLM_KEY|$LITELLM_PID"
+           "${TARGETS[@]}")
 [ -z "$GG2_PORT" ] ||
   TARGETS+=(--target "grokgate-noacct|http://127.0.0.1:$GG2_PORT|/grok/chat/completions|$ADMIN_TOKEN|$GG2_PID")
 say "step 5: gateway_bench.py (progress below; the table follows on stdout)"
