@@ -368,3 +368,24 @@ def test_go_durations_and_headers() -> None:
 def test_limits_must_be_positive(bad: dict[str, int]) -> None:
     with pytest.raises(ValueError):
         Limits(**bad)
+
+
+def test_memory_lease_taken_again_moves_to_the_newest_place() -> None:
+    """Leases expire in the order they were taken; one taken again (same request id, still held) must count
+    from its new start, so the older leases behind it still expire on time."""
+    now = [1000.0]
+    lim = MemoryRateLimiter(lease_seconds=10, clock=lambda: now[0])
+    limits = Limits(concurrency=3)
+
+    async def run() -> None:
+        assert (await lim.acquire("k", "a", limits, 0)).allowed  # t=0: ends at 10
+        now[0] += 5
+        assert (await lim.acquire("k", "b", limits, 0)).allowed  # t=5: ends at 15
+        now[0] += 1
+        assert (await lim.acquire("k", "a", limits, 0)).allowed  # t=6: "a" again, now ends at 16
+        now[0] += 9.5  # t=15.5: "b" expired (never released); only "a" is live
+        assert (await lim.acquire("k", "c", limits, 0)).allowed
+        assert (await lim.acquire("k", "d", limits, 0)).allowed
+        assert not (await lim.acquire("k", "e", limits, 0)).allowed  # "a", "c", "d"
+
+    asyncio.run(run())

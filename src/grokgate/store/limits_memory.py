@@ -90,6 +90,7 @@ class MemoryRateLimiter:
                 state.requests += WINDOW_MS
             if limits.tpm is not None:
                 state.tokens += cost * WINDOW_MS
+            state.in_flight.pop(request_id, None)  # re-inserted at the end, where the newest lease belongs
             state.last_lease_end = state.in_flight[request_id] = max(now + self._lease_ms, state.last_lease_end)
             self._update_idle_at(state, limits)
             self._states[key] = state
