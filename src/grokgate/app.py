@@ -92,11 +92,12 @@ def create_app(
             await store.reclaim(owner=store.owner, older_than_ms=settings.reservation_lease_seconds * 1000)
         for provider in gw.models.providers():
             await provider.start()
-        if settings.tune_gc:
-            tune_gc()
+        untune = tune_gc() if settings.tune_gc else None
         try:
             yield
         finally:
+            if untune is not None:
+                untune()
             for provider in gw.models.providers():
                 await provider.close()
             if store is not None:

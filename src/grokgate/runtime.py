@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 
 # Collect the youngest generation after this many net allocations of tracked objects (CPython's default is
 # 700). Requests in flight hold a few hundred short-lived objects each; at the default, every collection
@@ -11,15 +12,24 @@ import gc
 GEN0_THRESHOLD = 10_000
 
 
-def tune_gc() -> None:
+def tune_gc() -> Callable[[], None]:
     """Once startup is done: move everything that exists now (modules, classes, the app, caches, compiled
     statements) out of the collector's reach with `gc.freeze()`, and raise the young generation's threshold.
 
     Measured with ../shared/bench/loadgen.py at 64 connections (docs/benchmarks.md): with CPython's defaults
     the collector took about a quarter of the serving thread, full collections over ~150k startup objects
     most of it.
+
+    Returns what undoes it, for the app's shutdown: an app embedded in a longer-lived process (tests, another
+    server) must not leave its objects frozen or the thresholds changed.
     """
+    before = gc.get_threshold()
     gc.collect()
     gc.freeze()
-    _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(GEN0_THRESHOLD, gen1, gen2)
+    gc.set_threshold(GEN0_THRESHOLD, before[1], before[2])
+
+    def undo() -> None:
+        gc.set_threshold(*before)
+        gc.unfreeze()
+
+    return undo
