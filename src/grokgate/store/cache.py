@@ -63,6 +63,13 @@ class RefreshingCache(Generic[K, V]):
         if len(self._versions) > 2 * self._max_entries:
             self._forget_versions()
 
+    async def aclose(self) -> None:
+        """Cancel the reads in flight (at shutdown, before the engine they use goes away)."""
+        tasks = list(self._loading.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def _forget_versions(self) -> None:
         # Versions matter only to reads in flight; keeping the others would grow without bound.
         self._versions = {k: v for k, v in self._versions.items() if k in self._loading}
@@ -94,5 +101,5 @@ class RefreshingCache(Generic[K, V]):
         if self._loading.get(key) is task:
             del self._loading[key]
         if not task.cancelled() and task.exception() is not None:
-            # Waiters get the exception; a background refresh has none, so say it here.
-            log.warning("cache refresh failed", exc_info=task.exception())
+            # Waiters get the exception too; a background refresh has none, so it is logged here.
+            log.warning("cache read failed", exc_info=task.exception())

@@ -119,6 +119,8 @@ class SqlStore(Reports):
     async def close(self) -> None:
         if self._writer is not None:
             await asyncio.shield(self._writer)
+        for cache in (self._tokens, self._prices, self._balances):
+            await cache.aclose()
         if self._engine is not None:
             await self._engine.dispose()
             self._engine = None
@@ -373,8 +375,9 @@ class SqlStore(Reports):
                 self._balances.put(token_id, balance)
 
     async def _committed_balance(self, token_id: int) -> int | None:
-        # A top-up by another process shows up within _CACHE_SECONDS (or at our next settlement of this
-        # token, which reads the balance); only this process spends from it.
+        # A top-up by another process shows up within twice _CACHE_SECONDS (an expired entry is served
+        # while it is read again), or at our next settlement of this token, which reads the balance; only
+        # this process spends from it.
         return await self._balances.get(token_id, lambda: self._read_balance(token_id))
 
     async def _read_balance(self, token_id: int) -> int | None:
