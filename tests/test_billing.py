@@ -242,3 +242,85 @@ def test_one_serving_process_per_sqlite_file(tmp_path_factory: pytest.TempPathFa
             start_server(tmp, "--slots", "1", env=env, name="second")
     finally:
         stop_server(first)
+
+
+def _writer_pid(server: Server) -> int | None:
+    """The SQLite writer child of a serving process, if it has one."""
+    from pathlib import Path
+
+    pid = server.process.pid
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                if b"grokgate.store.writer_child" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    return int(child)
+            except FileNotFoundError:
+                continue
+    return None
+
+
+def test_writer_process_killed_under_load_loses_and_doubles_nothing(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Settlements commit in a child process. Killed mid-batch, it either committed the batch or not; the
+    server settles the batch itself, skipping what the ledger already has, and starts a new child."""
+    tmp = tmp_path_factory.mktemp("writer-kill")
+    srv = start_server(tmp, "--slots", "4", name="writer-kill")
+    try:
+        token, key = create_key(srv, "w", credits="5")
+        first = _writer_pid(srv)
+        assert first is not None, "the SQLite writer process runs"
+        answers: list[tuple[int, str]] = []
+        stop = threading.Event()
+
+        def client() -> None:
+            with httpx.Client(base_url=srv.url, timeout=60) as c:
+                while not stop.is_set():
+                    r = c.post("/grok/chat/completions", json=CHEAP, headers={"Authorization": f"Bearer {token}"})
+                    answers.append((r.status_code, r.headers["x-request-id"]))
+
+        threads = [threading.Thread(target=client) for _ in range(6)]
+        for t in threads:
+            t.start()
+        killed = []
+        for _ in range(2):
+            deadline = time.monotonic() + 30
+            pid = _writer_pid(srv)
+            while (pid is None or pid in killed) and time.monotonic() < deadline:
+                time.sleep(0.05)
+                pid = _writer_pid(srv)
+            assert pid is not None and pid not in killed, "a new writer process replaces a dead one"
+            seen = len(answers)
+            while len(answers) < seen + 10 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            signal_pid(pid, signal.SIGKILL)
+            killed.append(pid)
+        time.sleep(0.5)
+        stop.set()
+        for t in threads:
+            t.join()
+
+        assert answers and {code for code, _ in answers} == {200}, answers
+        rows = admin_get(srv, f"/admin/ledger?token={key['id']}&limit=10000")["data"]
+        usage_ids = [r["request_id"] for r in rows if r["kind"] == "usage"]
+        assert sorted(usage_ids) == sorted(rid for _, rid in answers), "each answer in the ledger exactly once"
+        check_books(srv, key["id"], 5_000_000, len(answers))
+        assert "SQLite writer process" in srv.log()  # its end was logged, one way or the other
+    finally:
+        stop_server(srv)
+
+
+def signal_pid(pid: int, sig: int) -> None:
+    import os
+
+    os.kill(pid, sig)
+
+
+def test_settlements_in_a_writer_thread_cannot_overdraw(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """GROKGATE_SQLITE_WRITER=thread: the same race, with settlements committed by a thread of the server."""
+    tmp = tmp_path_factory.mktemp("race-thread")
+    srv = start_server(tmp, "--slots", "2", env={"GROKGATE_SQLITE_WRITER": "thread"}, name="thread-writer")
+    try:
+        assert _writer_pid(srv) is None
+        race([srv])
+    finally:
+        stop_server(srv)

@@ -137,7 +137,8 @@ def create_app(
 
 
 def build_accounts(settings: Settings) -> tuple[AccountAdmission, SqlStore]:
-    store = SqlStore(settings.database_url or default_url(settings.data_dir), owner=settings.instance())
+    store = SqlStore(settings.database_url or default_url(settings.data_dir), owner=settings.instance(),
+                     writer_process=settings.sqlite_writer == "process")
     limiter: RateLimiter
     if settings.redis_url:
         limiter = RedisRateLimiter(settings.redis_url, on_store_error=settings.rate_limit_store_error)

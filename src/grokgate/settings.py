@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     # Freeze startup objects out of the garbage collector and collect less often (grokgate.runtime).
     tune_gc: bool = True
 
+    # SQLite: commit settlements in a child process (own GIL) or in a thread of the serving process.
+    sqlite_writer: Literal["process", "thread"] = "process"
+
     # Accounts: tokens, credits, prices, ledger, rate limits. Off: GROKGATE_API_KEYS alone, no billing.
     accounts: bool = True
     # SQLAlchemy URL; default: SQLite in data_dir. `postgresql://...` for several replicas.

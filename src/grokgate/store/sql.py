@@ -25,10 +25,11 @@ from sqlalchemy.pool import StaticPool
 from grokgate.core.accounts import Settlement, TokenRecord, display_prefix, hash_token, new_secret, now_ms
 from grokgate.core.errors import GatewayError
 from grokgate.core.pricing import Price
-from grokgate.store.batch import Reservation, reserve_many, settle_many
+from grokgate.store.batch import Reservation, reserve_many, settle_many, sqlite_statements
 from grokgate.store.cache import RefreshingCache
 from grokgate.store.reports import Reports
 from grokgate.store.schema import api_tokens, ledger, prices, reservations
+from grokgate.store.sqlite_writer import SqliteWriter, WriterFailed
 
 log = logging.getLogger("grokgate.store")
 T = TypeVar("T")
@@ -52,10 +53,13 @@ def default_url(data_dir: Path) -> str:
 
 
 class SqlStore(Reports):
-    def __init__(self, url: str, *, owner: str = "grokgate", max_batch: int = 256) -> None:
+    def __init__(self, url: str, *, owner: str = "grokgate", max_batch: int = 256,
+                 writer_process: bool = True) -> None:
         self.url = normalise_url(url)
         self.owner = owner
         self._max_batch = max_batch
+        self._use_writer_process = writer_process
+        self._settler: SqliteWriter | None = None  # SQLite, serving: settlements commit in a child process
         self._engine: AsyncEngine | None = None
         self._sync_engine: Engine | None = None  # SQLite's writer
         self._queue: list[tuple[str, Any, asyncio.Future[Any]]] = []
@@ -101,6 +105,17 @@ class SqlStore(Reports):
                 self._memory_holds = True
         if migrate:
             await self.upgrade()
+        if self._memory_holds and self._use_writer_process:
+            path = self.url.split(":///", 1)[1]
+            if path and path != ":memory:":
+                settler = SqliteWriter(path, sqlite_statements())
+                try:
+                    await settler.start()
+                except (OSError, WriterFailed):
+                    log.warning("the SQLite writer process did not start; settlements commit in a thread",
+                                exc_info=True)
+                else:
+                    self._settler = settler
 
     async def upgrade(self) -> None:
         from alembic import command
@@ -121,6 +136,9 @@ class SqlStore(Reports):
             await asyncio.shield(self._writer)
         for cache in (self._tokens, self._prices, self._balances):
             await cache.aclose()
+        if self._settler is not None:
+            await self._settler.close()
+            self._settler = None
         if self._engine is not None:
             await self._engine.dispose()
             self._engine = None
@@ -166,18 +184,68 @@ class SqlStore(Reports):
                             future.set_result(result)
                 continue
             for (_, _, future), result in zip(batch, results, strict=True):
-                if not future.done():
+                if future.done():
+                    continue
+                if isinstance(result, _Failed):
+                    future.set_exception(result.exc)
+                else:
                     future.set_result(result)
 
     async def _execute(self, batch: list[tuple[str, Any, Any]]) -> list[Any]:
         """One transaction for the batch. SQLite: the whole batch in one thread hop on a plain sqlite3
         connection (aiosqlite hops threads once per statement, which made the writer the bottleneck).
-        PostgreSQL: the same synchronous code, driven over asyncpg by SQLAlchemy's run_sync."""
+        PostgreSQL: the same synchronous code, driven over asyncpg by SQLAlchemy's run_sync. With the SQLite
+        writer process, settlements commit there, after the batch's other operations."""
+        if self._settler is not None and any(kind == "settle" for kind, _, _ in batch):
+            return await self._execute_split(batch)
         if self._sync_engine is not None:
             return await asyncio.to_thread(self._execute_sync, batch)
         async with self.engine.begin() as conn:
             results: list[Any] = await conn.run_sync(self._run, batch)
             return results
+
+    async def _execute_split(self, batch: list[tuple[str, Any, Any]]) -> list[Any]:
+        assert self._settler is not None
+        results: list[Any] = [None] * len(batch)
+        others = [i for i, (kind, _, _) in enumerate(batch) if kind != "settle"]
+        if others:
+            done = await asyncio.to_thread(self._execute_sync, [batch[i] for i in others])
+            for i, result in zip(others, done, strict=True):
+                results[i] = result
+        # From here on nothing may raise: the operations above are committed, and _drain would run them again.
+        settles = [(i, payload) for i, (kind, payload, _) in enumerate(batch) if kind == "settle"]
+        try:
+            balances = await self._settle_in_writer([payload for _, payload in settles])
+            for i, _ in settles:
+                results[i] = balances
+        except Exception:
+            # One bad settlement must not sink the others: each on its own.
+            for i, payload in settles:
+                try:
+                    results[i] = await self._settle_in_writer([payload])
+                except Exception as exc:
+                    results[i] = _Failed(exc)
+        return results
+
+    async def _settle_in_writer(self, settlements: list[Settlement]) -> dict[int, int]:
+        assert self._settler is not None
+        unique = list({s.request_id: s for s in reversed(settlements)}.values())  # the first of each id
+        try:
+            return await self._settler.settle(unique)
+        except WriterFailed:
+            # The child is stopped, so the batch committed there entirely or not at all; the shared path
+            # skips what the ledger already has (and then cannot say those tokens' balances, so the cache
+            # reads them again). The next batch starts a new child.
+            log.warning("the SQLite writer process failed; settling its batch in this process", exc_info=True)
+            for s in unique:
+                if s.token_id is not None:
+                    self._balances.invalidate(s.token_id)
+            return await asyncio.to_thread(self._settle_checked, unique)
+
+    def _settle_checked(self, settlements: list[Settlement]) -> dict[int, int]:
+        assert self._sync_engine is not None
+        with self._sync_engine.begin() as conn:
+            return settle_many(conn, settlements, shared=True)
 
     def _execute_sync(self, batch: list[tuple[str, Any, Any]]) -> list[Any]:
         assert self._sync_engine is not None
@@ -416,6 +484,15 @@ class SqlStore(Reports):
         if count:
             log.warning("released reservations left by an earlier run", extra={"count": count})
         return count
+
+
+class _Failed:
+    """A result that is an exception (one settlement of a batch whose others went through)."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
 
 
 def _exclusive_lock(url: str) -> Any:

@@ -1,0 +1,155 @@
+"""The settlement of a batch, written against a small runner so that it runs unchanged through SQLAlchemy
+(PostgreSQL), on a sqlite3 cursor in the serving process, and in the SQLite writer process, which imports no
+SQLAlchemy (store/sqlite_writer.py).
+
+Per token, the balance row is locked by the UPDATE that charges it, and the decisions are made against that
+locked value, so concurrent replicas can never both spend the same credits. When the balance covers the
+whole batch (the usual case) that is one statement; otherwise the row is locked, the charges are capped at
+the balance (never below zero), and the capped total is charged.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+
+if TYPE_CHECKING:
+    from grokgate.core.accounts import Settlement
+
+COUNTERS = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens", "cost")
+
+# Statement names, each bound to SQL by the runner. Parameters: token, delta / freed, charge / hold.
+LOCK_BALANCE = "lock_balance"  # balance += delta, reserved -= delta; RETURNING balance
+CHARGE_IN_FULL = "charge_in_full"  # if balance + freed >= charge: balance += freed - charge, reserved -= freed
+CHARGE = "charge"  # balance -= charge
+HOLD = "hold"  # balance -= hold, reserved += hold
+
+SQLITE_DAILY_CONFLICT = "ON CONFLICT (day, token_id, model) DO UPDATE SET " + ", ".join(
+    f"{c} = {c} + excluded.{c}" for c in COUNTERS)
+
+
+class UsageRow(NamedTuple):
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    reasoning_tokens: int
+
+
+class SettlementRow(NamedTuple):
+    """A Settlement as plain data, for the writer process: it then needs none of grokgate.core's imports."""
+
+    request_id: str
+    token_id: int | None
+    model: str
+    backend: str
+    usage: UsageRow
+    cost: int
+    price_version: int | None
+    status: str
+    estimated: bool
+    duration_ms: int
+
+
+def as_row(s: Settlement) -> SettlementRow:
+    u = s.usage
+    return SettlementRow(s.request_id, s.token_id, s.model, s.backend,
+                         UsageRow(u.prompt_tokens, u.completion_tokens, u.cached_tokens, u.reasoning_tokens),
+                         s.cost, s.price_version, s.status, s.estimated, s.duration_ms)
+
+
+class Runner(Protocol):
+    def first(self, name: str, params: dict[str, Any]) -> Any: ...
+
+    def execute(self, name: str, params: dict[str, Any]) -> None: ...
+
+    def insert(self, table: str, rows: list[dict[str, Any]], *, daily: bool = False) -> None: ...
+
+
+def charge_and_record(run: Runner, fresh: Sequence[Settlement | SettlementRow],
+                      held: dict[str, int]) -> dict[int, int]:
+    """Charge each settlement's cost (releasing what its reservation held, `held` by request id) and append
+    its ledger row and daily totals; returns each touched token's balance after it."""
+    charges: dict[str, int] = {}
+    balances: dict[int, int] = {}
+    by_token: dict[int, list[Settlement | SettlementRow]] = defaultdict(list)
+    for s in fresh:
+        if s.token_id is not None:
+            by_token[s.token_id].append(s)
+    for token_id, settlements in sorted(by_token.items()):  # one lock order for every replica: no deadlocks
+        released = sum(held.get(s.request_id, 0) for s in settlements)
+        wanted = sum(s.cost for s in settlements)
+        row = run.first(CHARGE_IN_FULL, {"token": token_id, "freed": released, "charge": wanted})
+        if row is not None:
+            charges.update((s.request_id, s.cost) for s in settlements)
+            balances[token_id] = int(row[0])
+            continue
+        row = run.first(LOCK_BALANCE, {"token": token_id, "delta": released})
+        remaining = int(row[0]) if row is not None else 0
+        total = 0
+        for s in settlements:
+            charge = min(s.cost, remaining)  # never below zero
+            charges[s.request_id] = charge
+            remaining -= charge
+            total += charge
+        if total:
+            run.execute(CHARGE, {"token": token_id, "charge": total})
+        if row is not None:
+            balances[token_id] = remaining
+
+    created = int(time.time() * 1000)
+    day = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
+    rows = []
+    daily: dict[tuple[str, int, str], dict[str, int]] = {}
+    for s in fresh:
+        u, charge = s.usage, charges.get(s.request_id, 0)
+        rows.append({
+            "request_id": s.request_id, "token_id": s.token_id, "kind": "usage", "model": s.model,
+            "backend": s.backend, "prompt_tokens": u.prompt_tokens, "cached_tokens": u.cached_tokens,
+            "completion_tokens": u.completion_tokens, "reasoning_tokens": u.reasoning_tokens, "amount": -charge,
+            "cost": s.cost, "price_version": s.price_version, "status": s.status, "estimated": s.estimated,
+            "duration_ms": s.duration_ms, "created_at": created,
+            "note": None if charge == s.cost or s.token_id is None else f"cost {s.cost} capped at the balance",
+        })
+        totals = daily.setdefault((day, s.token_id or 0, s.model), dict.fromkeys(COUNTERS, 0))
+        for name, value in zip(COUNTERS, (1, u.prompt_tokens, u.cached_tokens, u.completion_tokens,
+                                          u.reasoning_tokens, charge), strict=True):
+            totals[name] += value
+    run.insert("ledger", rows)
+    run.insert("usage_daily", [{"day": d, "token_id": t, "model": m, **c} for (d, t, m), c in daily.items()],
+               daily=True)
+    return balances
+
+
+class SqliteCursorRunner:
+    """The runner on a sqlite3 cursor, with each statement's SQL and parameter order given (compiled from
+    SQLAlchemy once, by the caller). Row inserts are single multi-row statements rather than `executemany`:
+    sqlite3 hands the GIL back and forth once per row it steps, and in a writer thread each retake competes
+    with the event loop's thread."""
+
+    def __init__(self, cursor: Any, statements: dict[str, tuple[str, tuple[str, ...]]], variables: int) -> None:
+        self.cursor = cursor
+        self.statements = statements
+        self.variables = variables
+
+    def first(self, name: str, params: dict[str, Any]) -> Any:
+        sql, names = self.statements[name]
+        return self.cursor.execute(sql, [params[n] for n in names]).fetchone()
+
+    def execute(self, name: str, params: dict[str, Any]) -> None:
+        sql, names = self.statements[name]
+        self.cursor.execute(sql, [params[n] for n in names])
+
+    def insert(self, table: str, rows: list[dict[str, Any]], *, daily: bool = False) -> None:
+        if not rows:
+            return
+        conflict = SQLITE_DAILY_CONFLICT if daily else ""
+        columns = list(rows[0])
+        per_statement = max(1, self.variables // len(columns))
+        group = "(" + ", ".join("?" * len(columns)) + ")"
+        for start in range(0, len(rows), per_statement):
+            chunk = rows[start:start + per_statement]
+            sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES {', '.join([group] * len(chunk))} {conflict}"
+            self.cursor.execute(sql, [row[c] for row in chunk for c in columns])

@@ -1,0 +1,213 @@
+"""The SQLite writer process: what happens to a batch when it dies.
+
+If it dies before its answer arrives, nobody knows whether the batch committed. The store then stops the
+child (so nothing is still writing) and settles the batch itself with the ledger check: what committed is
+skipped, the rest is charged once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from grokgate.core.accounts import Settlement
+from grokgate.core.events import Usage
+from grokgate.store.sql import SqlStore
+from grokgate.store.sqlite_writer import SqliteWriter, WriterFailed
+from tests.conftest import create_key, start_server, stop_server
+from tests.test_billing import CHEAP, _writer_pid, admin_get, check_books
+
+
+def _settlement(token_id: int, cost: int) -> Settlement:
+    return Settlement(request_id=uuid.uuid4().hex, token_id=token_id, model="grok-3", backend="test",
+                      usage=Usage(prompt_tokens=10, completion_tokens=5), cost=cost, price_version=1,
+                      status="ok", estimated=False, duration_ms=1, reserved=0)
+
+
+def test_batch_committed_but_answer_lost_is_not_charged_twice(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    async def scenario() -> None:
+        store = SqlStore(f"sqlite:///{tmp_path}/g.db")
+        await store.open(serve=True)
+        try:
+            record, _ = await store.create_token("t")
+            await store.add_credits(record.id, 1_000_000)
+            real_call = SqliteWriter._call
+            calls = {"n": 0}
+
+            async def commit_then_vanish(self: SqliteWriter, payload: Any) -> tuple[str, Any]:
+                answer = await real_call(self, payload)
+                if isinstance(payload, list):
+                    calls["n"] += 1
+                    if calls["n"] == 1:  # the first batch committed in the child, then the answer was lost
+                        raise WriterFailed("simulated: the answer never arrived")
+                return answer
+
+            monkeypatch.setattr(SqliteWriter, "_call", commit_then_vanish)
+            batch = [_settlement(record.id, 1000 + i) for i in range(5)]
+            await asyncio.gather(*(store.settle(s) for s in batch))
+            after = await store.get_token(record.id)
+            assert after is not None and after.balance == 1_000_000 - sum(s.cost for s in batch)
+            rows = await store.ledger_rows(token_id=record.id, limit=100)
+            usage = [r for r in rows if r["kind"] == "usage"]
+            assert sorted(r["request_id"] for r in usage) == sorted(s.request_id for s in batch)
+            # The next batch goes to a new child.
+            more = _settlement(record.id, 7)
+            await store.settle(more)
+            again = await store.get_token(record.id)
+            assert again is not None and again.balance == after.balance - 7
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_writer_killed_in_the_middle_of_a_batch(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The child is stopped (SIGSTOP) so that requests wait on its answer, then killed: their batch settles in
+    the server instead, and every answer is in the ledger once."""
+    tmp = tmp_path_factory.mktemp("writer-midbatch")
+    srv = start_server(tmp, "--slots", "4", name="writer-midbatch")
+    try:
+        token, key = create_key(srv, "m", credits="5")
+        pid = _writer_pid(srv)
+        assert pid is not None
+        answers: list[tuple[int, str]] = []
+
+        def one() -> None:
+            with httpx.Client(base_url=srv.url, timeout=60) as c:
+                r = c.post("/grok/chat/completions", json=CHEAP, headers={"Authorization": f"Bearer {token}"})
+                answers.append((r.status_code, r.headers["x-request-id"]))
+
+        import os
+
+        os.kill(pid, signal.SIGSTOP)
+        threads = [threading.Thread(target=one) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(3)  # the requests have generated and now wait for their settlement
+        assert not answers, "no answer before its settlement is committed"
+        os.kill(pid, signal.SIGKILL)
+        for t in threads:
+            t.join()
+        assert sorted(code for code, _ in answers) == [200] * 4, answers
+        rows = admin_get(srv, f"/admin/ledger?token={key['id']}&limit=100")["data"]
+        assert sorted(r["request_id"] for r in rows if r["kind"] == "usage") == sorted(rid for _, rid in answers)
+        check_books(srv, key["id"], 5_000_000, 4)
+        assert "the SQLite writer process failed; settling its batch in this process" in srv.log()
+        one()  # the next batch starts a new writer
+        assert answers[-1][0] == 200
+        new = _writer_pid(srv)
+        assert new is not None and new != pid, "the next batch started a new writer"
+    finally:
+        stop_server(srv)
+
+
+def test_a_stuck_writer_is_replaced_and_its_batch_settled_here(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        import os
+
+        store = SqlStore(f"sqlite:///{tmp_path}/g.db")
+        await store.open(serve=True)
+        try:
+            record, _ = await store.create_token("t")
+            await store.add_credits(record.id, 1_000_000)
+            settler = store._settler
+            assert settler is not None and settler.pid is not None
+            settler.timeout = 0.5
+            stuck = settler.pid
+            os.kill(stuck, signal.SIGSTOP)
+            started = time.monotonic()
+            batch = [_settlement(record.id, 100) for _ in range(3)]
+            await asyncio.gather(*(store.settle(s) for s in batch))
+            assert time.monotonic() - started < 5
+            after = await store.get_token(record.id)
+            assert after is not None and after.balance == 1_000_000 - 300
+            rows = await store.ledger_rows(token_id=record.id, limit=100)
+            assert sorted(r["request_id"] for r in rows if r["kind"] == "usage") == sorted(s.request_id for s in batch)
+            with pytest.raises(ProcessLookupError):
+                os.kill(stuck, 0)  # killed and reaped
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_same_settlement_twice_in_one_batch_is_charged_once(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        store = SqlStore(f"sqlite:///{tmp_path}/g.db")
+        await store.open(serve=True)
+        try:
+            record, _ = await store.create_token("t")
+            await store.add_credits(record.id, 1_000_000)
+            s = _settlement(record.id, 250)
+            await asyncio.gather(store.settle(s), store.settle(s))
+            after = await store.get_token(record.id)
+            assert after is not None and after.balance == 1_000_000 - 250
+            rows = await store.ledger_rows(token_id=record.id, limit=100)
+            assert [r["request_id"] for r in rows if r["kind"] == "usage"] == [s.request_id]
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_admin_writes_in_a_batch_whose_settlement_fails_run_once(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A top-up committed in the same batch as a settlement that fails must not be applied again."""
+    async def scenario() -> None:
+        store = SqlStore(f"sqlite:///{tmp_path}/g.db")
+        await store.open(serve=True)
+        try:
+            record, _ = await store.create_token("t")
+
+            async def refuse(self: SqliteWriter, items: Any) -> dict[int, int]:
+                raise RuntimeError("settlement failed in the SQLite writer: simulated")
+
+            monkeypatch.setattr(SqliteWriter, "settle", refuse)
+            s = _settlement(record.id, 10)
+            results = await asyncio.gather(store.add_credits(record.id, 5_000), store.settle(s),
+                                           return_exceptions=True)
+            assert isinstance(results[1], RuntimeError)
+            after = await store.get_token(record.id)
+            assert after is not None and after.balance == 5_000
+            rows = await store.ledger_rows(token_id=record.id, limit=100)
+            assert [r["kind"] for r in rows] == ["topup"]
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_no_new_writer_can_start_settles_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The child died and no new one can be started (out of pids, say): settlements still commit, here."""
+    async def scenario() -> None:
+        import os
+
+        store = SqlStore(f"sqlite:///{tmp_path}/g.db")
+        await store.open(serve=True)
+        try:
+            record, _ = await store.create_token("t")
+            await store.add_credits(record.id, 1_000_000)
+            settler = store._settler
+            assert settler is not None and settler.pid is not None
+            os.kill(settler.pid, signal.SIGKILL)
+            monkeypatch.setattr("grokgate.store.sqlite_writer.sys.executable", str(tmp_path / "no-python"))
+            for _ in range(2):  # the first finds the child dead, the second finds no child at all
+                batch = [_settlement(record.id, 100) for _ in range(3)]
+                await asyncio.gather(*(store.settle(s) for s in batch))
+            after = await store.get_token(record.id)
+            assert after is not None and after.balance == 1_000_000 - 600
+            rows = await store.ledger_rows(token_id=record.id, limit=100)
+            assert len([r for r in rows if r["kind"] == "usage"]) == 6
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
