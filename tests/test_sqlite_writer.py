@@ -8,22 +8,38 @@ skipped, the rest is charged once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from grokgate.core.accounts import Settlement
+from grokgate.core.accounts import Settlement, TokenRecord
 from grokgate.core.events import Usage
 from grokgate.store.sql import SqlStore
 from grokgate.store.sqlite_writer import SqliteWriter, WriterFailed
 from tests.conftest import create_key, start_server, stop_server
 from tests.test_billing import CHEAP, _writer_pid, admin_get, check_books
+
+
+@contextlib.asynccontextmanager
+async def _funded_store(tmp_path: Path, credits: int = 1_000_000) -> AsyncIterator[tuple[SqlStore, TokenRecord]]:
+    """A serving SQLite store (so with its writer process) and one token holding `credits`."""
+    store = SqlStore(f"sqlite:///{tmp_path}/g.db")
+    await store.open(serve=True)
+    try:
+        record, _ = await store.create_token("t")
+        if credits:
+            await store.add_credits(record.id, credits)
+        yield store, record
+    finally:
+        await store.close()
 
 
 def _settlement(token_id: int, cost: int) -> Settlement:
@@ -35,11 +51,7 @@ def _settlement(token_id: int, cost: int) -> Settlement:
 def test_batch_committed_but_answer_lost_is_not_charged_twice(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     async def scenario() -> None:
-        store = SqlStore(f"sqlite:///{tmp_path}/g.db")
-        await store.open(serve=True)
-        try:
-            record, _ = await store.create_token("t")
-            await store.add_credits(record.id, 1_000_000)
+        async with _funded_store(tmp_path) as (store, record):
             real_call = SqliteWriter._call
             calls = {"n": 0}
 
@@ -64,8 +76,6 @@ def test_batch_committed_but_answer_lost_is_not_charged_twice(tmp_path: Path,
             await store.settle(more)
             again = await store.get_token(record.id)
             assert again is not None and again.balance == after.balance - 7
-        finally:
-            await store.close()
 
     asyncio.run(scenario())
 
@@ -114,11 +124,7 @@ def test_a_stuck_writer_is_replaced_and_its_batch_settled_here(tmp_path: Path) -
     async def scenario() -> None:
         import os
 
-        store = SqlStore(f"sqlite:///{tmp_path}/g.db")
-        await store.open(serve=True)
-        try:
-            record, _ = await store.create_token("t")
-            await store.add_credits(record.id, 1_000_000)
+        async with _funded_store(tmp_path) as (store, record):
             settler = store._settler
             assert settler is not None and settler.pid is not None
             settler.timeout = 0.5
@@ -134,27 +140,19 @@ def test_a_stuck_writer_is_replaced_and_its_batch_settled_here(tmp_path: Path) -
             assert sorted(r["request_id"] for r in rows if r["kind"] == "usage") == sorted(s.request_id for s in batch)
             with pytest.raises(ProcessLookupError):
                 os.kill(stuck, 0)  # killed and reaped
-        finally:
-            await store.close()
 
     asyncio.run(scenario())
 
 
 def test_the_same_settlement_twice_in_one_batch_is_charged_once(tmp_path: Path) -> None:
     async def scenario() -> None:
-        store = SqlStore(f"sqlite:///{tmp_path}/g.db")
-        await store.open(serve=True)
-        try:
-            record, _ = await store.create_token("t")
-            await store.add_credits(record.id, 1_000_000)
+        async with _funded_store(tmp_path) as (store, record):
             s = _settlement(record.id, 250)
             await asyncio.gather(store.settle(s), store.settle(s))
             after = await store.get_token(record.id)
             assert after is not None and after.balance == 1_000_000 - 250
             rows = await store.ledger_rows(token_id=record.id, limit=100)
             assert [r["request_id"] for r in rows if r["kind"] == "usage"] == [s.request_id]
-        finally:
-            await store.close()
 
     asyncio.run(scenario())
 
@@ -163,10 +161,7 @@ def test_admin_writes_in_a_batch_whose_settlement_fails_run_once(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A top-up committed in the same batch as a settlement that fails must not be applied again."""
     async def scenario() -> None:
-        store = SqlStore(f"sqlite:///{tmp_path}/g.db")
-        await store.open(serve=True)
-        try:
-            record, _ = await store.create_token("t")
+        async with _funded_store(tmp_path, credits=0) as (store, record):
 
             async def refuse(self: SqliteWriter, items: Any) -> dict[int, int]:
                 raise RuntimeError("settlement failed in the SQLite writer: simulated")
@@ -180,8 +175,6 @@ def test_admin_writes_in_a_batch_whose_settlement_fails_run_once(tmp_path: Path,
             assert after is not None and after.balance == 5_000
             rows = await store.ledger_rows(token_id=record.id, limit=100)
             assert [r["kind"] for r in rows] == ["topup"]
-        finally:
-            await store.close()
 
     asyncio.run(scenario())
 
@@ -191,11 +184,7 @@ def test_no_new_writer_can_start_settles_here(tmp_path: Path, monkeypatch: pytes
     async def scenario() -> None:
         import os
 
-        store = SqlStore(f"sqlite:///{tmp_path}/g.db")
-        await store.open(serve=True)
-        try:
-            record, _ = await store.create_token("t")
-            await store.add_credits(record.id, 1_000_000)
+        async with _funded_store(tmp_path) as (store, record):
             settler = store._settler
             assert settler is not None and settler.pid is not None
             os.kill(settler.pid, signal.SIGKILL)
@@ -207,7 +196,5 @@ def test_no_new_writer_can_start_settles_here(tmp_path: Path, monkeypatch: pytes
             assert after is not None and after.balance == 1_000_000 - 600
             rows = await store.ledger_rows(token_id=record.id, limit=100)
             assert len([r for r in rows if r["kind"] == "usage"]) == 6
-        finally:
-            await store.close()
 
     asyncio.run(scenario())
