@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import threading
 import time
@@ -24,8 +25,8 @@ from grokgate.core.accounts import Settlement, TokenRecord
 from grokgate.core.events import Usage
 from grokgate.store.sql import SqlStore
 from grokgate.store.sqlite_writer import SqliteWriter, WriterFailed
-from tests.conftest import create_key, start_server, stop_server
-from tests.test_billing import CHEAP, _writer_pid, admin_get, check_books
+from tests.conftest import Server, create_key, start_server, stop_server
+from tests.test_billing import CHEAP, admin_get, check_books, race
 
 
 @contextlib.asynccontextmanager
@@ -87,7 +88,7 @@ def test_writer_killed_in_the_middle_of_a_batch(tmp_path_factory: pytest.TempPat
     srv = start_server(tmp, "--slots", "4", name="writer-midbatch")
     try:
         token, key = create_key(srv, "m", credits="5")
-        pid = _writer_pid(srv)
+        pid = writer_pid(srv)
         assert pid is not None
         answers: list[tuple[int, str]] = []
 
@@ -95,8 +96,6 @@ def test_writer_killed_in_the_middle_of_a_batch(tmp_path_factory: pytest.TempPat
             with httpx.Client(base_url=srv.url, timeout=60) as c:
                 r = c.post("/grok/chat/completions", json=CHEAP, headers={"Authorization": f"Bearer {token}"})
                 answers.append((r.status_code, r.headers["x-request-id"]))
-
-        import os
 
         os.kill(pid, signal.SIGSTOP)
         threads = [threading.Thread(target=one) for _ in range(4)]
@@ -114,7 +113,7 @@ def test_writer_killed_in_the_middle_of_a_batch(tmp_path_factory: pytest.TempPat
         assert "the SQLite writer process failed; settling its batch in this process" in srv.log()
         one()  # the next batch starts a new writer
         assert answers[-1][0] == 200
-        new = _writer_pid(srv)
+        new = writer_pid(srv)
         assert new is not None and new != pid, "the next batch started a new writer"
     finally:
         stop_server(srv)
@@ -122,8 +121,6 @@ def test_writer_killed_in_the_middle_of_a_batch(tmp_path_factory: pytest.TempPat
 
 def test_a_stuck_writer_is_replaced_and_its_batch_settled_here(tmp_path: Path) -> None:
     async def scenario() -> None:
-        import os
-
         async with _funded_store(tmp_path) as (store, record):
             settler = store._settler
             assert settler is not None and settler.pid is not None
@@ -182,8 +179,6 @@ def test_admin_writes_in_a_batch_whose_settlement_fails_run_once(tmp_path: Path,
 def test_no_new_writer_can_start_settles_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The child died and no new one can be started (out of pids, say): settlements still commit, here."""
     async def scenario() -> None:
-        import os
-
         async with _funded_store(tmp_path) as (store, record):
             settler = store._settler
             assert settler is not None and settler.pid is not None
@@ -198,3 +193,77 @@ def test_no_new_writer_can_start_settles_here(tmp_path: Path, monkeypatch: pytes
             assert len([r for r in rows if r["kind"] == "usage"]) == 6
 
     asyncio.run(scenario())
+
+
+def writer_pid(server: Server) -> int | None:
+    """The SQLite writer child of a serving process, if it has one."""
+    pid = server.process.pid
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                if b"grokgate.store.writer_child" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    return int(child)
+            except FileNotFoundError:
+                continue
+    return None
+
+
+def test_writer_process_killed_under_load_loses_and_doubles_nothing(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Settlements commit in a child process. Killed mid-batch, it either committed the batch or not; the
+    server settles the batch itself, skipping what the ledger already has, and starts a new child."""
+    tmp = tmp_path_factory.mktemp("writer-kill")
+    srv = start_server(tmp, "--slots", "4", name="writer-kill")
+    try:
+        token, key = create_key(srv, "w", credits="5")
+        first = writer_pid(srv)
+        assert first is not None, "the SQLite writer process runs"
+        answers: list[tuple[int, str]] = []
+        stop = threading.Event()
+
+        def client() -> None:
+            with httpx.Client(base_url=srv.url, timeout=60) as c:
+                while not stop.is_set():
+                    r = c.post("/grok/chat/completions", json=CHEAP, headers={"Authorization": f"Bearer {token}"})
+                    answers.append((r.status_code, r.headers["x-request-id"]))
+
+        threads = [threading.Thread(target=client) for _ in range(6)]
+        for t in threads:
+            t.start()
+        killed = []
+        for _ in range(2):
+            deadline = time.monotonic() + 30
+            pid = writer_pid(srv)
+            while (pid is None or pid in killed) and time.monotonic() < deadline:
+                time.sleep(0.05)
+                pid = writer_pid(srv)
+            assert pid is not None and pid not in killed, "a new writer process replaces a dead one"
+            seen = len(answers)
+            while len(answers) < seen + 10 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        time.sleep(0.5)
+        stop.set()
+        for t in threads:
+            t.join()
+
+        assert answers and {code for code, _ in answers} == {200}, answers
+        rows = admin_get(srv, f"/admin/ledger?token={key['id']}&limit=10000")["data"]
+        usage_ids = [r["request_id"] for r in rows if r["kind"] == "usage"]
+        assert sorted(usage_ids) == sorted(rid for _, rid in answers), "each answer in the ledger exactly once"
+        check_books(srv, key["id"], 5_000_000, len(answers))
+        assert "SQLite writer process" in srv.log()  # its end was logged, one way or the other
+    finally:
+        stop_server(srv)
+
+
+def test_settlements_in_a_writer_thread_cannot_overdraw(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """GROKGATE_SQLITE_WRITER=thread: the same race, with settlements committed by a thread of the server."""
+    tmp = tmp_path_factory.mktemp("race-thread")
+    srv = start_server(tmp, "--slots", "2", env={"GROKGATE_SQLITE_WRITER": "thread"}, name="thread-writer")
+    try:
+        assert writer_pid(srv) is None
+        race([srv])
+    finally:
+        stop_server(srv)
