@@ -31,7 +31,10 @@ def test_response_echoes_model_and_fingerprint(server: Server) -> None:
 
 
 def test_usage_on_every_response(server: Server) -> None:
-    result = ok(server, {"model": "grok-3", "messages": user("Count to ten."), "max_tokens": 3, "n": 2})
+    # Greedy, so neither choice can sample an end-of-turn within 3 tokens: llama.cpp reports a sampled
+    # end-of-turn as "stop" even when it lands on the limit.
+    result = ok(server, {"model": "grok-3", "messages": user("Count to ten."), "max_tokens": 3, "n": 2,
+                         "temperature": 0})
     usage = result["usage"]
     assert usage["completion_tokens"] == 6, "both choices hit the 3-token limit"
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
@@ -40,7 +43,7 @@ def test_usage_on_every_response(server: Server) -> None:
 
 def test_max_completion_tokens_wins(server: Server) -> None:
     result = ok(server, {"model": "grok-3", "messages": user("Count to fifty."), "max_tokens": 20,
-                         "max_completion_tokens": 2})
+                         "max_completion_tokens": 2, "temperature": 0})
     assert result["usage"]["completion_tokens"] == 2
     assert result["choices"][0]["finish_reason"] == "length"
 
