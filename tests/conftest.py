@@ -216,6 +216,32 @@ def redis_url() -> str:
     return REDIS_URL
 
 
+def call(server: Server, method: str, path: str, token: str | None, **kwargs: Any) -> httpx.Response:
+    """One request on a fresh connection (a 500 closes the server's side of a kept-alive one)."""
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    with server.client() as c:
+        return c.request(method, path, headers=headers, **kwargs)
+
+
+def ok(r: httpx.Response, status: int = 200) -> Any:
+    assert r.status_code == status, r.text
+    return r.json()
+
+
+def err(r: httpx.Response, status: int, code: str, param: str | None = None) -> dict[str, Any]:
+    """Check the contract's error envelope and return its `error` object."""
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error", "trace_id"}, body
+    assert set(body["error"]) == {"code", "message", "type", "param"}, body
+    assert body["error"]["code"] == code, body
+    assert body["error"]["message"], body
+    assert body["trace_id"] == r.headers["x-request-id"]
+    if param is not None:
+        assert body["error"]["param"] == param, body
+    return dict(body["error"])
+
+
 def admin_post(server: Server, path: str, body: dict[str, Any]) -> dict[str, Any]:
     with server.client() as c:
         r = c.post(path, json=body, headers={"Authorization": f"Bearer {server.token}"})

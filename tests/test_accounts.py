@@ -14,7 +14,19 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import PG_ADMIN_URL, TOKEN, Server, _pg_execute, start_server, stop_server, user
+from tests.conftest import (
+    PG_ADMIN_URL,
+    TOKEN,
+    Server,
+    _pg_execute,
+    call,
+    create_key,
+    err,
+    ok,
+    start_server,
+    stop_server,
+    user,
+)
 
 FAST = "grok-4-1-fast"
 USED_UP = ("Your balance is not sufficient for current request, please buy more in Ace Data Cloud "
@@ -48,34 +60,12 @@ def srv(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 # -- helpers -----------------------------------------------------------------------------------------------
 
 def api(srv: Server, method: str, path: str, token: str | None = TOKEN, **kwargs: Any) -> httpx.Response:
-    """One request on a fresh connection (a 500 closes the server's side of a kept-alive one)."""
-    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
-    with srv.client() as c:
-        return c.request(method, path, headers=headers, **kwargs)
+    return call(srv, method, path, token, **kwargs)
 
 
-def ok(r: httpx.Response, status: int = 200) -> Any:
-    assert r.status_code == status, r.text
-    return r.json()
-
-
-def err(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    """Check the error envelope and return its `error` object."""
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error", "trace_id"}
-    assert set(body["error"]) == {"code", "message", "type", "param"}
-    assert body["error"]["code"] == code, body
-    assert body["trace_id"] == r.headers["x-request-id"]
-    return dict(body["error"])
-
-
-def new_key(srv: Server, credits: str | None = None, **fields: Any) -> tuple[str, dict[str, Any]]:
-    body = {"name": f"t-{uuid.uuid4().hex[:10]}", **fields}
-    if credits is not None:
-        body["credits"] = credits
-    created = ok(api(srv, "POST", "/admin/keys", json=body), 201)
-    return created["token"], created["key"]
+def new_key(srv: Server, credits: str | None = None, name: str | None = None,
+            **fields: Any) -> tuple[str, dict[str, Any]]:
+    return create_key(srv, name or f"t-{uuid.uuid4().hex[:10]}", credits, **fields)
 
 
 def record(srv: Server, ref: int | str) -> dict[str, Any]:

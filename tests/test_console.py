@@ -22,7 +22,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from grokgate.store.schema import ledger
 from grokgate.store.sql import SqlStore
-from tests.conftest import ARTIFACTS, Server, start_server, stop_server, user
+from tests.conftest import ARTIFACTS, Server, call, create_key, err, ok, start_server, stop_server, user
 
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = ARTIFACTS / "console"
@@ -41,34 +41,8 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 # -- HTTP helpers --------------------------------------------------------------------------------------------
 
-def call(srv: Server, method: str, path: str, token: str | None, **kwargs: Any) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
-    with srv.client() as c:
-        return c.request(method, path, headers=headers, **kwargs)
-
-
-def ok(r: httpx.Response, status: int = 200) -> Any:
-    assert r.status_code == status, r.text
-    return r.json()
-
-
-def err(r: httpx.Response, status: int, code: str, param: str | None = None) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    body: dict[str, Any] = r.json()
-    assert set(body) == {"error", "trace_id"}, body
-    assert body["error"]["code"] == code, body
-    assert body["error"]["message"], body
-    if param is not None:
-        assert body["error"]["param"] == param, body
-    return body
-
-
 def new_key(srv: Server, name: str, credits: str | None = "5", **fields: Any) -> tuple[str, dict[str, Any]]:
-    body: dict[str, Any] = {"name": name, **fields}
-    if credits:
-        body["credits"] = credits
-    created = ok(call(srv, "POST", "/admin/keys", srv.token, json=body), 201)
-    return created["token"], created["key"]
+    return create_key(srv, name, credits or None, **fields)
 
 
 def chat(srv: Server, token: str, model: str = FAST, max_tokens: int = 2, text: str = "hi") -> httpx.Response:
