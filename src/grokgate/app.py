@@ -25,6 +25,7 @@ from grokgate.core.pricing import default_prices
 from grokgate.observability.metrics import backend_state
 from grokgate.providers import base
 from grokgate.providers.base import ModelTable, Provider, Route
+from grokgate.providers.model_files import CATALOG
 from grokgate.runtime import tune_gc
 from grokgate.settings import Settings
 from grokgate.store.limits_memory import MemoryRateLimiter
@@ -46,6 +47,7 @@ def build_routing(settings: Settings) -> ModelTable:
         engine: Provider = base.create(
             "local",
             model_path=settings.model_path,
+            catalog_model=CATALOG[settings.local_model],
             cache_dir=settings.cache_dir,
             threads=settings.threads,
             slots=settings.slots,

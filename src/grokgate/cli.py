@@ -24,7 +24,12 @@ def _serve(args: argparse.Namespace) -> int:
         if value is not None:
             overrides[name] = value
     if args.model is not None:
-        overrides["model_path"] = Path(args.model)
+        from grokgate.providers.model_files import CATALOG
+
+        if args.model in CATALOG:
+            overrides["local_model"] = args.model
+        else:
+            overrides["model_path"] = Path(args.model)
     settings = Settings(**overrides)
     configure(settings.log_level)
     if not settings.api_keys:
@@ -50,12 +55,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _model(args: argparse.Namespace) -> int:
     from grokgate.providers.local import _progress_printer
-    from grokgate.providers.model_files import DEFAULT_MODEL, ModelFileError, ensure_model
+    from grokgate.providers.model_files import CATALOG, ModelFileError, ensure_model
     from grokgate.settings import Settings
 
-    settings = Settings()
+    settings = Settings(**({"local_model": args.name} if args.name else {}))
+    model = CATALOG[settings.local_model]
     try:
-        path = ensure_model(DEFAULT_MODEL, settings.cache_dir, progress=_progress_printer("assembling model"))
+        path = ensure_model(model, settings.cache_dir, progress=_progress_printer(f"assembling {model.name}"))
     except ModelFileError as exc:
         print(f"grokgate: {exc}", file=sys.stderr)
         return 1
@@ -98,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the HTTP server")
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
-    serve.add_argument("--model", metavar="PATH.gguf", help="serve this GGUF instead of the default model")
+    serve.add_argument("--model", metavar="NAME|PATH.gguf",
+                       help="a catalog model (qwen2.5-coder-0.5b, the default, or qwen2.5-coder-1.5b) or any GGUF file")
     serve.add_argument("--threads", type=int, help="engine threads (default 1)")
     serve.add_argument("--slots", type=int, help="parallel generation slots (default 4)")
     serve.add_argument("--ctx-per-slot", type=int, help="context tokens per slot (default 4096)")
@@ -106,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     serve.set_defaults(func=_serve)
 
-    model = sub.add_parser("model", help="assemble and verify the default model, print its path")
+    model = sub.add_parser("model", help="assemble and verify a catalog model, print its path")
+    model.add_argument("name", nargs="?",
+                       help="qwen2.5-coder-0.5b or qwen2.5-coder-1.5b (default: GROKGATE_LOCAL_MODEL)")
     model.set_defaults(func=_model)
 
     config = sub.add_parser("config", help="the routing file").add_subparsers(dest="command", required=True)
@@ -121,6 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
     args = build_parser().parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except ValidationError as exc:
+        if exc.title != "Settings":
+            raise
+        # A setting out of range is the operator's to fix: name it, without a traceback. The input is not
+        # echoed: it may be a URL with a password in it.
+        problems = "\n".join(f"  GROKGATE_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}"
+                             for e in exc.errors(include_url=False))
+        print(f"grokgate: invalid settings:\n{problems}", file=sys.stderr)
+        return 2
     return result

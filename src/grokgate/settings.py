@@ -51,8 +51,10 @@ class Settings(BaseSettings):
     xai_api_key: str | None = Field(default=None, validation_alias=AliasChoices("GROKGATE_XAI_API_KEY", "XAI_API_KEY"))
     xai_base_url: str = "https://api.x.ai/v1"
 
-    # Embedded engine. `model_path` None means the default model assembled from its PyPI parts.
+    # Embedded engine: `model_path`, any GGUF file, wins over `local_model`, a catalog model assembled from its
+    # PyPI parts (providers/model_files.py).
     model_path: Path | None = None
+    local_model: str = "qwen2.5-coder-0.5b"
     threads: int = Field(default=1, ge=1, le=256)
     slots: int = Field(default=4, ge=1, le=256)
     ctx_per_slot: int = Field(default=4096, ge=256, le=1_048_576)
@@ -104,6 +106,15 @@ class Settings(BaseSettings):
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("local_model")
+    @classmethod
+    def _in_catalog(cls, value: str) -> str:
+        from grokgate.providers.model_files import CATALOG
+
+        if value not in CATALOG:
+            raise ValueError(f"unknown local model {value!r}; the catalog has {', '.join(CATALOG)}")
+        return value
 
     @field_validator("models")
     @classmethod

@@ -26,7 +26,7 @@ from grokgate.core.events import Delta, Event, Finish, Usage, UsageReport
 from grokgate.core.fairqueue import FairQueue
 from grokgate.core.pricing import estimate_prompt_tokens
 from grokgate.providers.base import register
-from grokgate.providers.model_files import DEFAULT_MODEL, ensure_model
+from grokgate.providers.model_files import DEFAULT_MODEL, CatalogModel, ensure_model
 from grokgate.schemas.chat import ChatCompletionRequest
 
 log = logging.getLogger("grokgate.local")
@@ -179,12 +179,14 @@ class LocalEngine:
         *,
         model_path: Path | None,
         cache_dir: Path,
+        catalog_model: CatalogModel = DEFAULT_MODEL,
         threads: int = 1,
         slots: int = 4,
         ctx_per_slot: int = 4096,
         verbose: bool = False,
     ) -> None:
         self._model_path = model_path
+        self._catalog_model = catalog_model
         self._cache_dir = cache_dir
         self._threads = threads
         self._slots = slots
@@ -230,8 +232,9 @@ class LocalEngine:
 
         started = time.monotonic()
         if self._model_path is None:
-            path = ensure_model(DEFAULT_MODEL, self._cache_dir, progress=_progress_printer("assembling model"))
-            identity = DEFAULT_MODEL.sha256[:12]
+            model = self._catalog_model
+            path = ensure_model(model, self._cache_dir, progress=_progress_printer(f"assembling {model.name}"))
+            identity = model.sha256[:12]
         else:
             path = self._model_path.expanduser().resolve()
             if not path.is_file():
