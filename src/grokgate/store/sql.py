@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, delete, event, insert, select, update
+from sqlalchemy import Connection, Engine, create_engine, delete, event, insert, make_url, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
@@ -74,6 +74,8 @@ class SqlStore(Reports):
         self._held: dict[int, int] = {}
         self._balances: RefreshingCache[int, int | None] = RefreshingCache(_CACHE_SECONDS)
         self._lock_file: Any = None
+        self._unsettled = 0  # reservations granted and not yet settled: close() waits for them
+        self._closed = False
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
@@ -90,10 +92,9 @@ class SqlStore(Reports):
     async def open(self, *, migrate: bool = True, serve: bool = False) -> None:
         """`serve`: this process admits requests. On SQLite that makes it the only such process (a lock
         file enforces it) and lets reservations live in memory."""
-        if self.url.startswith("sqlite"):
-            path = self.url.split(":///", 1)[1]
-            if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+        path = _sqlite_file(self.url)
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._engine = create_async_engine(self.url, pool_pre_ping=True)
         if self.dialect == "sqlite":
             event.listen(self._engine.sync_engine, "connect", _sqlite_pragmas)
@@ -106,8 +107,7 @@ class SqlStore(Reports):
         if migrate:
             await self.upgrade()
         if self._memory_holds and self._use_writer_process:
-            path = self.url.split(":///", 1)[1]
-            if path and path != ":memory:":
+            if path is not None:
                 settler = SqliteWriter(path, sqlite_statements())
                 try:
                     await settler.start()
@@ -131,9 +131,25 @@ class SqlStore(Reports):
         async with self.engine.begin() as conn:
             await conn.run_sync(run)
 
-    async def close(self) -> None:
-        if self._writer is not None:
-            await asyncio.shield(self._writer)
+    async def close(self, grace: float = 10.0) -> None:
+        """Settle what is owed, then close. At shutdown the server cancels requests it gave up waiting for
+        and starts this at once; their settlements arrive from their `finally` a moment later, so this waits
+        (up to `grace` seconds) for every granted reservation to be settled and every queued write to commit."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self._queue or self._unsettled or (self._writer is not None and not self._writer.done()):
+            if loop.time() >= deadline:
+                log.warning("closing the store with %d reservation(s) unsettled and %d write(s) queued",
+                            self._unsettled, len(self._queue))
+                break
+            if self._writer is not None and not self._writer.done():
+                await asyncio.shield(self._writer)
+            else:
+                await asyncio.sleep(0.01)
+        self._closed = True
+        for future in [f for _, _, f in self._queue if not f.done()]:
+            future.set_exception(RuntimeError("the store is closed"))
+        self._queue.clear()
         for cache in (self._tokens, self._prices, self._balances):
             await cache.aclose()
         if self._settler is not None:
@@ -156,6 +172,8 @@ class SqlStore(Reports):
         return await self._submit("op", op)
 
     async def _submit(self, kind: str, payload: Any) -> Any:
+        if self._closed:
+            raise RuntimeError("the store is closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((kind, payload, future))
         if self._writer is None or self._writer.done():
@@ -168,8 +186,6 @@ class SqlStore(Reports):
             started = time.perf_counter()
             try:
                 results = await self._execute(batch)
-                if self.on_commit is not None:
-                    self.on_commit(time.perf_counter() - started, len(batch))
             except Exception:
                 # One bad operation must not sink the others: run each in its own transaction.
                 for item in batch:
@@ -183,6 +199,8 @@ class SqlStore(Reports):
                         if not future.done():
                             future.set_result(result)
                 continue
+            if self.on_commit is not None:  # outside the try: the batch is committed and must not run again
+                self.on_commit(time.perf_counter() - started, len(batch))
             for (_, _, future), result in zip(batch, results, strict=True):
                 if future.done():
                     continue
@@ -219,10 +237,13 @@ class SqlStore(Reports):
             for i, _ in settles:
                 results[i] = balances
         except Exception:
-            # One bad settlement must not sink the others: each on its own.
+            # One bad settlement must not sink the others: each on its own, in this process and through the
+            # ledger check, since a child that failed mid-answer may have committed the batch after all.
             for i, payload in settles:
+                if payload.token_id is not None:
+                    self._balances.invalidate(payload.token_id)
                 try:
-                    results[i] = await self._settle_in_writer([payload])
+                    results[i] = await asyncio.to_thread(self._settle_checked, [payload])
                 except Exception as exc:
                     results[i] = _Failed(exc)
         return results
@@ -422,21 +443,25 @@ class SqlStore(Reports):
 
     async def reserve(self, token_id: int, request_id: str, amount: int) -> bool:
         if not self._memory_holds:
-            return bool(await self._submit("reserve", Reservation(token_id, request_id, amount)))
-        balance = await self._committed_balance(token_id)
-        held = self._held.get(token_id, 0)
-        # No await between the check and the hold: the event loop makes this one atomic step.
-        if balance is None or balance - held < amount:
-            return False
-        self._held[token_id] = held + amount
-        return True
+            granted = bool(await self._submit("reserve", Reservation(token_id, request_id, amount)))
+        else:
+            balance = await self._committed_balance(token_id)
+            held = self._held.get(token_id, 0)
+            # No await between the check and the hold: the event loop makes this one atomic step.
+            granted = balance is not None and balance - held >= amount
+            if granted:
+                self._held[token_id] = held + amount
+        self._unsettled += granted and amount > 0
+        return granted
 
     async def settle(self, s: Settlement) -> None:
         try:
             balances: dict[int, int] = await self._submit("settle", s)
         finally:
-            if self._memory_holds and s.token_id is not None and s.reserved:
-                self._held[s.token_id] = max(0, self._held.get(s.token_id, 0) - s.reserved)
+            if s.token_id is not None and s.reserved:
+                self._unsettled = max(0, self._unsettled - 1)
+                if self._memory_holds:
+                    self._held[s.token_id] = max(0, self._held.get(s.token_id, 0) - s.reserved)
         if self._memory_holds:
             # The balance each settlement read under the row lock is the newest committed one.
             for token_id, balance in balances.items():
@@ -499,8 +524,8 @@ def _exclusive_lock(url: str) -> Any:
     """One serving process per SQLite file: reservations are held in its memory."""
     import fcntl
 
-    path = url.split(":///", 1)[1]
-    if not path or path == ":memory:":
+    path = _sqlite_file(url)
+    if path is None:
         return None
     handle = open(path + ".lock", "a")
     try:
@@ -510,6 +535,15 @@ def _exclusive_lock(url: str) -> Any:
         raise RuntimeError(f"another grokgate is serving from {path}; several processes need PostgreSQL "
                            "(GROKGATE_DATABASE_URL)") from None
     return handle
+
+
+def _sqlite_file(url: str) -> str | None:
+    """The database file of a SQLite URL (None for another database or memory); a query string such as
+    `?timeout=20` is not part of it."""
+    parsed = make_url(url)
+    if not parsed.drivername.startswith("sqlite") or not parsed.database or parsed.database == ":memory:":
+        return None
+    return parsed.database
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -57,9 +57,9 @@ class SqliteWriter:
         except OSError as exc:  # no process could be started (out of pids or descriptors): settle here instead
             raise WriterFailed(f"the SQLite writer process could not start ({exc!r})") from exc
         try:
-            status, detail = await self._call(self._setup)
+            status, detail = await self._call(_frame(self._setup))
         except BaseException:
-            await self.stop()
+            await self.stop(kill=True)
             raise
         if status != "ok":
             await self.stop()
@@ -73,48 +73,58 @@ class SqliteWriter:
         if self._proc is not None and self._proc.returncode is not None:
             log.warning("the SQLite writer process exited with %s; starting a new one", self._proc.returncode)
             self._proc = None
+        frame = _frame([as_row(s) for s in items])  # an error here is the batch's: nothing was sent yet
         if self._proc is None:
             await self.start()
         try:
-            status, detail = await self._call([as_row(s) for s in items])
+            status, detail = await self._call(frame)
         except BaseException:
-            await self.stop()  # half a frame may be in the pipe: this child is done
+            # Half a frame may be in the pipe, or the child is stuck: it is done. Killed rather than waited
+            # for, so a stuck child costs one timeout, not two; once it has exited nothing of it still writes.
+            await self.stop(kill=True)
             raise
         if status != "ok":
             raise RuntimeError(f"settlement failed in the SQLite writer: {detail}")
         balances: dict[int, int] = detail
         return balances
 
-    async def _call(self, payload: Any) -> tuple[str, Any]:
+    async def _call(self, frame: bytes) -> tuple[str, Any]:
         proc = self._proc
         assert proc is not None and proc.stdin is not None and proc.stdout is not None
-        data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
         try:
-            proc.stdin.write(LENGTH.pack(len(data)) + data)
+            proc.stdin.write(frame)
             async with asyncio.timeout(self.timeout):
                 await proc.stdin.drain()
                 (size,) = LENGTH.unpack(await proc.stdout.readexactly(LENGTH.size))
-                answer: tuple[str, Any] = pickle.loads(await proc.stdout.readexactly(size))
-        except (OSError, asyncio.IncompleteReadError) as exc:
-            raise WriterFailed(f"the SQLite writer process is gone ({exc!r})") from exc
+                status, detail = pickle.loads(await proc.stdout.readexactly(size))
         except TimeoutError as exc:
             raise WriterFailed(f"the SQLite writer process did not answer in {self.timeout:g} s") from exc
-        return answer
+        except Exception as exc:  # gone (a broken pipe, a short read) or an answer that is not one
+            raise WriterFailed(f"the SQLite writer process failed ({exc!r})") from exc
+        return status, detail
 
     async def close(self) -> None:
         """For good: a batch that comes after this settles in the serving process instead."""
         self._closed = True
         await self.stop()
 
-    async def stop(self) -> None:
-        """Close its input and wait for it to finish; kill it if it does not."""
+    async def stop(self, *, kill: bool = False) -> None:
+        """Close its input and wait for it to finish its batch; kill it if it does not (or at once)."""
         proc, self._proc = self._proc, None
         if proc is None or proc.returncode is not None:
             return
         if proc.stdin is not None:
             proc.stdin.close()
-        try:
-            await asyncio.wait_for(proc.wait(), self.timeout)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+        if not kill:
+            try:
+                await asyncio.wait_for(proc.wait(), self.timeout)
+                return
+            except TimeoutError:
+                pass
+        proc.kill()
+        await proc.wait()
+
+
+def _frame(payload: Any) -> bytes:
+    data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+    return LENGTH.pack(len(data)) + data

@@ -44,6 +44,9 @@ def main() -> None:
         # The same settings as the serving process's connections (store/sql.py).
         for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=10000", "foreign_keys=ON"):
             db.execute(f"PRAGMA {pragma}")
+        # A path that is not the serving process's database (an empty new file) fails here, at setup, so the
+        # parent settles in a thread instead of failing every batch.
+        db.execute("SELECT 1 FROM api_tokens, ledger, usage_daily LIMIT 0")
         run = SqliteCursorRunner(db.cursor(), setup["statements"], db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
     except Exception as exc:  # reported to the parent
         write_frame(sink, ("error", repr(exc)))
