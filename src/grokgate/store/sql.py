@@ -158,8 +158,8 @@ class SqlStore(Reports):
         if self._engine is not None:
             await self._engine.dispose()
             self._engine = None
-        if self._sync_engine is not None:
-            self._sync_engine.dispose()
+        if self._sync_engine is not None:  # closing SQLite's last connection checkpoints the WAL: disk work
+            await asyncio.to_thread(self._sync_engine.dispose)
             self._sync_engine = None
         if self._lock_file is not None:
             self._lock_file.close()
