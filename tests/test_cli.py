@@ -91,7 +91,8 @@ def test_larger_catalog_model_by_name(tmp_path_factory: pytest.TempPathFactory) 
     from grokgate.providers.model_files import LARGER_MODEL
 
     tmp = tmp_path_factory.mktemp("larger")
-    env = {"GROKGATE_CACHE_DIR": str(tmp / "cache")}
+    # The flag names the model, so it wins over a GGUF path left in the environment.
+    env = {"GROKGATE_CACHE_DIR": str(tmp / "cache"), "GROKGATE_MODEL_PATH": str(tmp / "elsewhere.gguf")}
     installed = _installed(LARGER_MODEL.packages[0])
     srv = start_server(tmp, "--model", "qwen2.5-coder-1.5b", "--slots", "1", env=env, wait_ready=installed,
                        name="larger-model")

@@ -26,8 +26,9 @@ def _serve(args: argparse.Namespace) -> int:
     if args.model is not None:
         from grokgate.providers.model_files import CATALOG
 
-        if args.model in CATALOG:
+        if args.model in CATALOG:  # the flag wins over a GROKGATE_MODEL_PATH in the environment
             overrides["local_model"] = args.model
+            overrides["model_path"] = None
         else:
             overrides["model_path"] = Path(args.model)
     settings = Settings(**overrides)

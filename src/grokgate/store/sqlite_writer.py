@@ -24,7 +24,7 @@ from typing import Any
 
 from grokgate.core.accounts import Settlement
 from grokgate.store.settling import as_row
-from grokgate.store.writer_child import LENGTH
+from grokgate.store.writer_child import LENGTH, encode_frame
 
 log = logging.getLogger("grokgate.store")
 
@@ -57,7 +57,7 @@ class SqliteWriter:
         except OSError as exc:  # no process could be started (out of pids or descriptors): settle here instead
             raise WriterFailed(f"the SQLite writer process could not start ({exc!r})") from exc
         try:
-            status, detail = await self._call(_frame(self._setup))
+            status, detail = await self._call(encode_frame(self._setup))
         except BaseException:
             await self.stop(kill=True)
             raise
@@ -73,7 +73,7 @@ class SqliteWriter:
         if self._proc is not None and self._proc.returncode is not None:
             log.warning("the SQLite writer process exited with %s; starting a new one", self._proc.returncode)
             self._proc = None
-        frame = _frame([as_row(s) for s in items])  # an error here is the batch's: nothing was sent yet
+        frame = encode_frame([as_row(s) for s in items])  # an error here is the batch's: nothing was sent yet
         if self._proc is None:
             await self.start()
         try:
@@ -123,8 +123,3 @@ class SqliteWriter:
                 pass
         proc.kill()
         await proc.wait()
-
-
-def _frame(payload: Any) -> bytes:
-    data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
-    return LENGTH.pack(len(data)) + data

@@ -26,9 +26,13 @@ def read_frame(stream: BinaryIO) -> Any:
     return pickle.loads(stream.read(size))
 
 
-def write_frame(stream: BinaryIO, payload: Any) -> None:
+def encode_frame(payload: Any) -> bytes:
     data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(LENGTH.pack(len(data)) + data)
+    return LENGTH.pack(len(data)) + data
+
+
+def write_frame(stream: BinaryIO, payload: Any) -> None:
+    stream.write(encode_frame(payload))
     stream.flush()
 
 
