@@ -140,10 +140,14 @@ def create_app(
 
 def build_accounts(settings: Settings) -> tuple[AccountAdmission, SqlStore]:
     store = SqlStore(settings.database_url or default_url(settings.data_dir), owner=settings.instance(),
-                     writer_process=settings.sqlite_writer == "process")
+                     writer_process=settings.sqlite_writer == "process",
+                     heartbeat_seconds=settings.instance_heartbeat_seconds,
+                     dead_after_seconds=settings.instance_dead_after_seconds)
     limiter: RateLimiter
     if settings.redis_url:
-        limiter = RedisRateLimiter(settings.redis_url, on_store_error=settings.rate_limit_store_error)
+        limiter = RedisRateLimiter(settings.redis_url, on_store_error=settings.rate_limit_store_error,
+                                   max_connections=settings.redis_max_connections,
+                                   pool_timeout=settings.redis_pool_timeout_seconds)
     else:
         limiter = MemoryRateLimiter()
     policy = BillingPolicy(default_output_reservation=settings.default_output_reservation)

@@ -93,6 +93,27 @@ class Settings(BaseSettings):
     instance_id: str | None = None
     # Reservations of any instance older than this are released (a replica that never came back).
     reservation_lease_seconds: int = Field(default=3600, ge=60)
+    # Each live instance renews a heartbeat this often; the living release the reservations of an instance
+    # whose heartbeat is older than `instance_dead_after_seconds` (a replica killed and rescheduled under a
+    # new instance id).
+    instance_heartbeat_seconds: float = Field(default=10.0, gt=0, le=300)
+    instance_dead_after_seconds: float = Field(default=45.0, gt=0, le=3600)
+    # Redis connection pool of the rate limiter: requests wait up to the timeout for a free connection.
+    redis_max_connections: int = Field(default=64, ge=1, le=10_000)
+    redis_pool_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+
+    # HTTP server bounds (grokgate.server): what one client can hold before a request reaches the app.
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    max_header_count: int = Field(default=100, ge=8, le=10_000)
+    header_timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
+    body_timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
+    # Open connections in all and per client address; 0 = derived from the process's descriptor limit.
+    max_connections: int = Field(default=0, ge=0, le=1_000_000)
+    max_connections_per_client: int = Field(default=256, ge=1, le=1_000_000)
+
+    # /metrics: `loopback` (open to 127.0.0.1/::1 only), `open`, `token` (Bearer metrics_token), or `off`.
+    metrics_access: Literal["loopback", "open", "token", "off"] = "loopback"
+    metrics_token: str | None = None
 
     @staticmethod
     def environment() -> dict[str, str]:

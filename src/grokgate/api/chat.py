@@ -9,11 +9,11 @@ from typing import Annotated, Any
 import anyio
 import orjson
 from fastapi import APIRouter, Depends, Header, Request
-from pydantic import ValidationError
 from starlette.responses import Response
 
+from grokgate.api.body import parse_body
 from grokgate.api.deps import Gateway, gateway
-from grokgate.api.errors import request_id_of, validation_error
+from grokgate.api.errors import request_id_of
 from grokgate.api.sse import SSE_HEADERS, Pump, SSEResponse, collect, sse_events
 from grokgate.core.admission import AdmissionRequest, Principal, Ticket
 from grokgate.core.completion import ChunkFactory, CompletionAccumulator, StreamAssembler
@@ -98,20 +98,6 @@ async def chat_completions(request: Request) -> Response:
     await run.finish(accumulator.usage, "ok", None)
     return Response(orjson.dumps(result), media_type="application/json", headers={**ticket.headers,
                                                                                    **run.overhead(pump)})
-
-
-async def parse_body(request: Request) -> ChatCompletionRequest:
-    content_type = request.headers.get("content-type", "")
-    raw = await request.body()
-    media = content_type.split(";", 1)[0].strip().lower()
-    if media and media != "application/json" and not media.endswith("+json"):
-        raise GatewayError(400, "bad_request", "Send the body as JSON with 'Content-Type: application/json'.")
-    if not raw.strip():
-        raise GatewayError(400, "bad_request", "A JSON request body is required.")
-    try:
-        return ChatCompletionRequest.model_validate_json(raw)
-    except ValidationError as exc:
-        raise validation_error([dict(e) for e in exc.errors(include_url=False)]) from None
 
 
 class _Run:

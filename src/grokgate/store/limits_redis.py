@@ -97,6 +97,8 @@ class RedisRateLimiter:
         key_prefix: str = "grokgate:rl:",
         on_store_error: Literal["fail_open", "fail_closed"] = "fail_open",
         lease_seconds: float = 600.0,
+        max_connections: int = 64,
+        pool_timeout: float = 2.0,
     ) -> None:
         if lease_seconds <= 0:
             raise ValueError("lease_seconds must be positive")

@@ -54,9 +54,12 @@ def default_url(data_dir: Path) -> str:
 
 class SqlStore(Reports):
     def __init__(self, url: str, *, owner: str = "grokgate", max_batch: int = 256,
-                 writer_process: bool = True) -> None:
+                 writer_process: bool = True, heartbeat_seconds: float = 10.0,
+                 dead_after_seconds: float = 45.0) -> None:
         self.url = normalise_url(url)
         self.owner = owner
+        self.heartbeat_seconds = heartbeat_seconds
+        self.dead_after_seconds = dead_after_seconds
         self._max_batch = max_batch
         self._use_writer_process = writer_process
         self._settler: SqliteWriter | None = None  # SQLite, serving: settlements commit in a child process
