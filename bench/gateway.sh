@@ -12,6 +12,8 @@
 #     account token (not the admin token), so admission, reservation, settlement and the ledger are measured,
 #   - with --with-accounts-off, a second grokgate with GROKGATE_ACCOUNTS=false (target "grokgate-noacct").
 #   --no-litellm leaves LiteLLM out: with --with-accounts-off, the accounts overhead alone, in half the time.
+#   --base REV adds "grokgate-base": grokgate as of git revision REV (a temporary worktree on PYTHONPATH, same
+#     venv), accounts on, measured in the same alternating rounds: a change's before/after on one host, one run.
 # Then it runs gateway_bench.py (defaults: --concurrency 1,16,64 --modes nonstream,stream -d 10 --warmup 2
 # --rounds 2; any extra args are passed through and win, e.g. `-d 5 --rounds 1`), prints its Markdown table,
 # and after it grokgate's idle RSS, the x-grokgate-overhead-ms header of a few single requests, the non-200
@@ -40,12 +42,14 @@ die() { say "ERROR: $*"; exit 1; }
 # ---- arguments -------------------------------------------------------------------------------------------
 WITH_NOACCT=0
 NO_LITELLM=0
+BASE_REV=""
 EXTRA=()
 JSON_OUT=""
 while [ $# -gt 0 ]; do
   case $1 in
     --with-accounts-off) WITH_NOACCT=1 ;;
     --no-litellm) NO_LITELLM=1 ;;
+    --base) [ $# -ge 2 ] || die "--base needs a git revision"; BASE_REV=$2; shift ;;
     -h|--help) sed -n '2,22p' "${BASH_SOURCE[0]}"; exit 0 ;;
     --json-out) [ $# -ge 2 ] || die "--json-out needs a path"; JSON_OUT=$2; shift ;;
     --json-out=*) JSON_OUT=${1#--json-out=} ;;
@@ -65,7 +69,7 @@ WORK=$(mktemp -d "$TMPBASE/grokgate-gateway-bench.XXXXXX")
 # ---- process bookkeeping and cleanup ---------------------------------------------------------------------
 # Every long-lived process is started with setsid, so it leads its own process group and stopping the group
 # stops whatever it spawned. Only PIDs recorded here are ever signalled.
-UPSTREAM_PID="" LITELLM_PID="" LITELLM_STARTER_PID="" GG_PID="" GG2_PID=""
+UPSTREAM_PID="" LITELLM_PID="" LITELLM_STARTER_PID="" GG_PID="" GG2_PID="" GG3_PID="" BASE_TREE=""
 OK=0
 
 pgid_of() { awk '{sub(/^.*\) /, ""); print $3}' "/proc/$1/stat" 2>/dev/null; }
@@ -90,6 +94,8 @@ cleanup() {
   trap - EXIT INT TERM
   set +e
   stop_proc grokgate-noacct "$GG2_PID"
+  stop_proc grokgate-base "$GG3_PID"
+  [ -z "$BASE_TREE" ] || git -C "$ROOT" worktree remove --force "$BASE_TREE" 2>/dev/null || true
   stop_proc grokgate "$GG_PID"
   if [ -z "$LITELLM_PID" ] && [ -n "$LITELLM_STARTER_PID" ]; then
     # interrupted while start_litellm.sh was still waiting: its child is the litellm we started
@@ -176,10 +182,10 @@ models:
   $MODEL: [{backend: fake}]
 EOF
 
-start_grokgate() {  # start_grokgate NAME PORT ACCOUNTS(true|false) PIDVAR: the pid goes into $PIDVAR at once
+start_grokgate() {  # start_grokgate NAME PORT ACCOUNTS(true|false) PIDVAR [SRC]: the pid goes into $PIDVAR at once
   local name=$1 port=$2 accounts=$3 pid
   mkdir -p "$WORK/data-$name"
-  setsid env GROKGATE_API_KEYS="$ADMIN_TOKEN" GROKGATE_DATA_DIR="$WORK/data-$name" \
+  setsid env ${5:+PYTHONPATH="$5"} GROKGATE_API_KEYS="$ADMIN_TOKEN" GROKGATE_DATA_DIR="$WORK/data-$name" \
     GROKGATE_CONFIG="$WORK/grokgate.yaml" GROKGATE_ACCOUNTS="$accounts" \
     "$GROKGATE" serve --port "$port" --log-level WARNING >"$WORK/$name.log" 2>&1 &
   pid=$!
@@ -215,6 +221,18 @@ if [ "$WITH_NOACCT" = 1 ]; then
   GG2_IDLE_RSS_KB=$(rss_kb "$GG2_PID")
 fi
 
+GG3_PORT="" BASE_TOKEN=""
+if [ -n "$BASE_REV" ]; then
+  BASE_TREE="$WORK/base-tree"
+  git -C "$ROOT" worktree add --detach "$BASE_TREE" "$BASE_REV" >&2 || die "cannot check out $BASE_REV"
+  GG3_PORT=$(free_port $((GG_PORT + 2)))
+  say "starting grokgate-base ($BASE_REV, accounts on) on :$GG3_PORT"
+  start_grokgate grokgate-base "$GG3_PORT" true GG3_PID "$BASE_TREE/src"
+  BASE_TOKEN=$(curl -s -X POST "http://127.0.0.1:$GG3_PORT/admin/keys" -H "Authorization: Bearer $ADMIN_TOKEN" \
+    -H 'content-type: application/json' -d '{"name": "bench", "credits": "100000000"}' |
+    "$BENCH_PY" -c 'import json,sys; print(json.load(sys.stdin)["token"])') || die "no token from grokgate-base"
+fi
+
 # One request of each kind through every target, so a misconfiguration fails here and not as a column of errors.
 chat_body() {  # chat_body STREAM(0|1)
   if [ "$1" = 1 ]; then
@@ -234,6 +252,7 @@ smoke() {  # smoke NAME URL KEY
 say "smoke test: one non-streaming and one streaming request through each gateway"
 [ "$NO_LITELLM" = 1 ] || smoke litellm "http://127.0.0.1:$LITELLM_PORT/v1/chat/completions" "$LITELLM_KEY"
 smoke grokgate "$GG_URL/grok/chat/completions" "$TOKEN"
+[ -z "$GG3_PORT" ] || smoke grokgate-base "http://127.0.0.1:$GG3_PORT/grok/chat/completions" "$BASE_TOKEN"
 [ -z "$GG2_PORT" ] || smoke grokgate-noacct "http://127.0.0.1:$GG2_PORT/grok/chat/completions" "$ADMIN_TOKEN"
 
 # x-grokgate-overhead-ms of N sequential single requests; prints "n=.. min=.. p50=.. max=.. ms"
@@ -271,6 +290,8 @@ TARGETS=(--target "grokgate|$GG_URL|/grok/chat/completions|$TOKEN|$GG_PID")
            "${TARGETS[@]}")
 [ -z "$GG2_PORT" ] ||
   TARGETS+=(--target "grokgate-noacct|http://127.0.0.1:$GG2_PORT|/grok/chat/completions|$ADMIN_TOKEN|$GG2_PID")
+[ -z "$GG3_PORT" ] ||
+  TARGETS+=(--target "grokgate-base|http://127.0.0.1:$GG3_PORT|/grok/chat/completions|$BASE_TOKEN|$GG3_PID")
 say "step 5: gateway_bench.py (progress below; the table follows on stdout)"
 "$BENCH_PY" "$SHARED/gateway_bench.py" --label grokgate-vs-litellm \
   --direct-url "http://127.0.0.1:$UPSTREAM_PORT/v1/chat/completions" --model "$MODEL" --python "$BENCH_PY" \
@@ -325,7 +346,7 @@ try:
 except Exception as exc:  # noqa: BLE001
     print("- grokgate ledger check failed: %r" % exc)
 PY
-for name in grokgate grokgate-noacct; do
+for name in grokgate grokgate-noacct grokgate-base; do
   log=$WORK/$name.log
   [ -f "$log" ] || continue
   # started with --log-level WARNING: anything but the start-up banner is worth a look
