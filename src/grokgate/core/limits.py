@@ -54,7 +54,14 @@ class RateLimiter(Protocol):
 
     async def release(
         self, key: str, request_id: str, limits: Limits, estimated_tokens: int, actual_tokens: int
-    ) -> None: ...
+    ) -> None:
+        """End an acquired request: free its slot and correct its tokens by actual - estimated.
+
+        Idempotent. A later acquire of the same key in this process sees it; when nothing was used
+        (`actual_tokens <= 0`) a shared store may apply it for other processes a moment later, which can only
+        make a limit stricter for that moment (store/limits_redis.py).
+        """
+        ...
 
     async def close(self) -> None: ...
 

@@ -8,14 +8,26 @@ the drained levels, from which Python builds the same Decision the in-process li
 Keys per limited key (hash-tagged so both land in one cluster slot):
   <prefix>{<key>}:b  hash: r/rt = requests level/updated ms, t/tt = tokens level/updated ms
   <prefix>{<key>}:f  sorted set: in-flight request ids scored by lease expiry (ms)
+
+Round trips: one per acquire, one per release of a request that used tokens. A release of a request that
+used nothing (refused for credits after the limiter let it through, or failed before any output) is not
+sent on its own: it rides on this process's next acquire or release of the same key, or on a batched
+flush a moment later (`release_delay`). Giving capacity back late can only make a limit stricter for that
+moment, never looser, and a burst of credit refusals then costs Redis one round trip each instead of two.
+
+Connections come from a blocking pool: a command waits up to `pool_timeout` for a free connection (redis-py's
+default pool raises at once when its 100 connections are busy, which turned healthy bursts into 503s); a pool
+still exhausted after that is a store error like an unreachable server (counted in `degraded_total`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from itertools import islice
 from typing import Literal
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -33,12 +45,49 @@ STORE_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTime
 # Slack added to every TTL so a key never vanishes while its state still matters.
 _TTL_SLACK_MS = 1000
 
+# Deferred releases carried by one acquire or release (on a request's path: kept short), and by one call
+# of a background flush per key.
+_CARRY_MAX = 64
+_FLUSH_MAX = 1000
+# Deferred releases held at most: past it (Redis unreachable for long, fail_open serving on), a release is
+# dropped with a warning and its lease frees the slot instead.
+_DEFERRED_MAX = 10_000
+# A flush that failed for a store error is retried after this long.
+_FLUSH_RETRY_S = 1.0
+
+ReleasePairs = list[str | int]  # request id, actual - estimated tokens, request id, ...
+
 _NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# KEYS: bucket hash, in-flight zset. ARGV: rpm, tpm, concurrency (0 = unlimited), tokens, request id, lease ms.
+# Releases carried by a call: ARGV from `first` on are pairs (request id, actual - estimated tokens). A request
+# still in flight gives its slot back and its token correction is applied to the drained level `tk`; one no
+# longer there (released already, or its lease expired and was purged) changes nothing, so a release sent
+# twice counts once. Counts the requests found in `found`; sets `given` when the token level moved.
+def _apply_releases(first: int) -> str:
+    return f"""
+local found, given = 0, false
+for i = {first}, #ARGV, 2 do
+  if redis.call('ZREM', KEYS[2], ARGV[i]) == 1 then
+    found = found + 1
+    local d = tonumber(ARGV[i + 1])
+    if tpm > 0 and d ~= 0 then tk = math.max(0, tk + d * {WINDOW_MS}); given = true end
+  end
+end
+"""
+
+
+# Writes the token level `tk` back after releases moved it, keeping the hash alive until it drains.
+_STORE_TOKENS = f"""
+redis.call('HSET', KEYS[1], 't', string.format('%.0f', tk), 'tt', string.format('%.0f', now))
+local need = math.ceil(tk / tpm) + {_TTL_SLACK_MS}
+if redis.call('PTTL', KEYS[1]) < need then redis.call('PEXPIRE', KEYS[1], string.format('%.0f', need)) end
+"""
+
+# KEYS: bucket hash, in-flight zset. ARGV: rpm, tpm, concurrency (0 = unlimited), tokens, request id, lease ms,
+# then release pairs (see _apply_releases), applied before the decision.
 # Returns {allowed, drained requests level, drained tokens level, live in-flight count}, levels before this
 # request is recorded. Numbers are formatted with %.0f because tostring() would round them to 14 digits.
 ACQUIRE_LUA = _NOW + f"""
@@ -52,12 +101,16 @@ local function drain(level, at, limit)
 end
 local r = drain(tonumber(s[1]), s[2], rpm)
 local tk = drain(tonumber(s[3]), s[4], tpm)
+{_apply_releases(7)}
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 local n = redis.call('ZCARD', KEYS[2])
 local ok = (rpm == 0 or r + (1 - rpm) * W <= 0)
   and (tpm == 0 or tk + (cost - tpm) * W <= 0)
   and (conc == 0 or n < conc)
-if not ok then return {{0, r, tk, n}} end
+if not ok then
+  if given then {_STORE_TOKENS} end
+  return {{0, r, tk, n}}
+end
 local nr, nt, ttl = 0, 0, 0
 if rpm > 0 then nr = r + W; ttl = math.ceil(nr / rpm) end
 if tpm > 0 then nt = tk + cost * W; ttl = math.max(ttl, math.ceil(nt / tpm)) end
@@ -72,21 +125,25 @@ redis.call('PEXPIRE', KEYS[2], string.format('%.0f', tonumber(last[2]) - now + {
 return {{1, r, tk, n}}
 """
 
-# KEYS: bucket hash, in-flight zset. ARGV: request id, tpm (0 = unlimited), actual - estimated tokens.
-# Returns 1 if the request was in flight, 0 if unknown (already released, or its lease expired and was purged).
+# KEYS: bucket hash, in-flight zset. ARGV: tpm (0 = unlimited), then release pairs (see _apply_releases).
+# Returns how many of them were in flight (the others were released already, or their lease expired and was
+# purged).
 RELEASE_LUA = _NOW + f"""
-if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then return 0 end
-local tpm, delta = tonumber(ARGV[2]), tonumber(ARGV[3])
-if tpm == 0 or delta == 0 then return 1 end
-local s = redis.call('HMGET', KEYS[1], 't', 'tt')
+local tpm = tonumber(ARGV[1])
 local tk = 0
-if s[1] then tk = math.max(0, tonumber(s[1]) - math.max(0, now - tonumber(s[2] or now)) * tpm) end
-tk = math.max(0, tk + delta * {WINDOW_MS})
-redis.call('HSET', KEYS[1], 't', string.format('%.0f', tk), 'tt', string.format('%.0f', now))
-local need = math.ceil(tk / tpm) + {_TTL_SLACK_MS}
-if redis.call('PTTL', KEYS[1]) < need then redis.call('PEXPIRE', KEYS[1], string.format('%.0f', need)) end
-return 1
+if tpm > 0 then
+  local s = redis.call('HMGET', KEYS[1], 't', 'tt')
+  if s[1] then tk = math.max(0, tonumber(s[1]) - math.max(0, now - tonumber(s[2] or now)) * tpm) end
+end
+{_apply_releases(2)}
+if given then {_STORE_TOKENS} end
+return found
 """
+
+
+def _pool_exhausted(exc: BaseException) -> bool:
+    # How redis-py's BlockingConnectionPool reports its wait running out (redis/asyncio/connection.py).
+    return isinstance(exc, RedisConnectionError) and isinstance(exc.__cause__, TimeoutError)
 
 
 class RedisRateLimiter:
@@ -99,47 +156,102 @@ class RedisRateLimiter:
         lease_seconds: float = 600.0,
         max_connections: int = 64,
         pool_timeout: float = 2.0,
+        release_delay: float = 0.05,
     ) -> None:
         if lease_seconds <= 0:
             raise ValueError("lease_seconds must be positive")
         if on_store_error not in ("fail_open", "fail_closed"):
             raise ValueError(f"on_store_error must be 'fail_open' or 'fail_closed', got {on_store_error!r}")
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, got {max_connections!r}")
+        if pool_timeout <= 0 or release_delay < 0:
+            raise ValueError("pool_timeout must be positive and release_delay not negative")
         if isinstance(client, str):
             # The limiter sits on every request's path: when Redis is down, answer (degraded) within about a
-            # second instead of redis-py's defaults of 5 s timeouts and 10 retries.
-            client = Redis.from_url(
-                client, socket_timeout=0.5, socket_connect_timeout=0.5,
+            # second instead of redis-py's defaults of 5 s timeouts and 10 retries. The retry covers sending
+            # and reading, not the wait for a pool connection, which `pool_timeout` bounds on its own.
+            pool = BlockingConnectionPool.from_url(
+                client, max_connections=max_connections, timeout=pool_timeout,
+                socket_timeout=0.5, socket_connect_timeout=0.5,
                 retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
             )
+            client = Redis.from_pool(pool)  # the client owns the pool: aclose() closes both
             self._owns_client = True
+            self._pool_hint = (f"; all {max_connections} connections stayed busy for {pool_timeout:g} s: see "
+                               "GROKGATE_REDIS_MAX_CONNECTIONS and GROKGATE_REDIS_POOL_TIMEOUT_SECONDS")
         else:
             self._owns_client = False
+            self._pool_hint = ""
         self._redis = client
         self._prefix = key_prefix
         self._on_store_error = on_store_error
         self._lease_ms = max(1, round(lease_seconds * 1000))
         self._acquire = client.register_script(ACQUIRE_LUA)
         self._release = client.register_script(RELEASE_LUA)
+        self._release_delay = release_delay
+        # Releases of requests that used nothing, not sent yet: key -> {request id: actual - estimated tokens},
+        # and the key's tpm limit when they were made.
+        self._deferred: dict[str, dict[str, int]] = {}
+        self._deferred_tpm: dict[str, int] = {}
+        self._deferred_total = 0
+        self._flusher: asyncio.Task[None] | None = None
         self.degraded_total = 0  # decisions made without the store; read by metrics
 
     def _keys(self, key: str) -> list[str]:
         base = f"{self._prefix}{{{key}}}"
         return [f"{base}:b", f"{base}:f"]
 
+    def _take(self, key: str, limit: int) -> ReleasePairs:
+        """Remove up to `limit` deferred releases of `key`, as script arguments."""
+        held = self._deferred.get(key)
+        if not held:
+            return []
+        if len(held) <= limit:
+            del self._deferred[key]
+            self._deferred_tpm.pop(key, None)
+            taken = list(held.items())
+        else:
+            taken = [(request_id, held.pop(request_id)) for request_id in list(islice(held, limit))]
+        self._deferred_total -= len(taken)
+        return [v for pair in taken for v in pair]
+
+    def _put_back(self, key: str, tpm: int, pairs: ReleasePairs) -> None:
+        """Keep releases whose call failed for a later one (sending one twice is harmless: see the scripts)."""
+        if not pairs:
+            return
+        held = self._deferred.setdefault(key, {})
+        self._deferred_tpm.setdefault(key, tpm)
+        for i in range(0, len(pairs), 2):
+            request_id = str(pairs[i])
+            if request_id not in held:
+                held[request_id] = int(pairs[i + 1])
+                self._deferred_total += 1
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if self._flusher is None and self._deferred:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_later())
+
     async def acquire(self, key: str, request_id: str, limits: Limits, tokens: int) -> Decision:
         cost = max(0, tokens)
-        args: list[int | str] = [
-            limits.rpm or 0, limits.tpm or 0, limits.concurrency or 0, cost, request_id, self._lease_ms
-        ]
+        tpm = limits.tpm or 0
+        carried = self._take(key, _CARRY_MAX)
+        args: list[int | str] = [limits.rpm or 0, tpm, limits.concurrency or 0, cost, request_id, self._lease_ms,
+                                 *carried]
         try:
             result = await self._acquire(keys=self._keys(key), args=args)
         except STORE_ERRORS as exc:
+            self._put_back(key, tpm, carried)
             self.degraded_total += 1
-            log.warning("rate-limit store unavailable (%s: %s); %s for key %s",
-                        type(exc).__name__, exc, self._on_store_error.replace("_", " "), key)
+            log.warning("rate-limit store unavailable (%s: %s%s); %s for key %s", type(exc).__name__, exc,
+                        self._pool_hint if _pool_exhausted(exc) else "", self._on_store_error.replace("_", " "),
+                        key)
             if self._on_store_error == "fail_open":
                 return Decision(True, "store_unavailable", 0.0, {})
             return Decision(False, "store_unavailable", 1.0, {"retry-after": "1"})
+        except BaseException:
+            self._put_back(key, tpm, carried)  # cancelled (the client left) or a bug: the releases still count
+            raise
         allowed, requests_level, tokens_level, in_flight = (int(v) for v in result)
         decision = decide(limits, cost, requests_level, tokens_level, in_flight)
         if decision.allowed != bool(allowed):
@@ -151,13 +263,91 @@ class RedisRateLimiter:
         self, key: str, request_id: str, limits: Limits, estimated_tokens: int, actual_tokens: int
     ) -> None:
         delta = max(0, actual_tokens) - max(0, estimated_tokens)
+        tpm = limits.tpm or 0
+        if actual_tokens <= 0:
+            # Nothing used: only capacity goes back, and late is safe (module docstring). No await, so a later
+            # acquire of this key in this process carries it.
+            if self._deferred_total >= _DEFERRED_MAX:
+                log.warning("rate-limit release dropped for key %s (%d releases waiting for the store); "
+                            "its lease will expire instead", key, self._deferred_total)
+                return
+            held = self._deferred.setdefault(key, {})
+            if request_id not in held:
+                self._deferred_total += 1
+            held[request_id] = delta
+            self._deferred_tpm[key] = tpm
+            self._schedule_flush()
+            return
+        carried = [request_id, delta, *self._take(key, _CARRY_MAX)]
         try:
-            await self._release(keys=self._keys(key), args=[request_id, limits.tpm or 0, delta])
+            await self._release(keys=self._keys(key), args=[tpm, *carried])
         except STORE_ERRORS as exc:
             # The lease expiry frees the slot eventually; a lost token correction only errs by one request.
+            # Releases it carried for others are kept for the next call.
+            self._put_back(key, tpm, carried[2:])
             log.warning("rate-limit release failed for key %s (%s: %s); its lease will expire instead",
                         key, type(exc).__name__, exc)
+        except BaseException:
+            self._put_back(key, tpm, carried[2:])
+            raise
+
+    async def _flush_later(self) -> None:
+        """Send the deferred releases a moment after the first one, batched per key, until none is left."""
+        delay = self._release_delay
+        try:
+            while True:
+                await asyncio.sleep(delay)
+                if not self._deferred:
+                    return
+                delay = _FLUSH_RETRY_S if await self._flush() else self._release_delay
+        finally:
+            self._flusher = None
+
+    async def _flush(self) -> bool:
+        """One call per key with deferred releases, all at once; True when a store error kept some back."""
+        batch: list[tuple[str, int, ReleasePairs]] = []
+        for key in list(self._deferred):
+            tpm = self._deferred_tpm.get(key, 0)
+            batch.append((key, tpm, self._take(key, _FLUSH_MAX)))
+        try:
+            results = await asyncio.gather(
+                *(self._release(keys=self._keys(key), args=[tpm, *pairs]) for key, tpm, pairs in batch),
+                return_exceptions=True)
+        except BaseException:
+            for key, tpm, pairs in batch:
+                self._put_back(key, tpm, pairs)
+            raise
+        failed: BaseException | None = None
+        for (key, tpm, pairs), result in zip(batch, results, strict=True):
+            if isinstance(result, STORE_ERRORS):
+                failed = result
+                self._put_back(key, tpm, pairs)
+            elif isinstance(result, BaseException):
+                log.error("rate-limit release failed for key %s (%s: %s); its lease will expire instead",
+                          key, type(result).__name__, result)
+        if failed is not None:
+            log.warning("rate-limit releases not sent (%s: %s); %d waiting, retried in %.0f s",
+                        type(failed).__name__, failed, self._deferred_total, _FLUSH_RETRY_S)
+        return failed is not None
+
+    async def flush(self) -> None:
+        """Send the deferred releases now (close() does; tests use it to make "a moment later" now)."""
+        if self._deferred:
+            await self._flush()
 
     async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.wait([self._flusher])  # what it carried was put back
+        try:
+            # Best effort: what is not sent now is freed by the leases.
+            await asyncio.wait_for(self.flush(), timeout=1.0)
+        except TimeoutError:
+            pass
+        if self._flusher is not None:  # a failed flush scheduled a retry: nobody is left to run it
+            self._flusher.cancel()
+        self._deferred.clear()
+        self._deferred_tpm.clear()
+        self._deferred_total = 0
         if self._owns_client:
             await self._redis.aclose()

@@ -1,0 +1,345 @@
+"""Bursts against a healthy Redis (issue 9, item 7): the rate limiter's connection pool waits for a free
+connection instead of failing, a request refused for credits costs one Redis round trip, and a pool still
+exhausted after its timeout is a store error handled as `rate_limit_store_error` says."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from redis.asyncio import Redis
+
+from grokgate.core.accounts import Settlement, TokenRecord, format_credits
+from grokgate.core.admission import AdmissionRequest, Principal
+from grokgate.core.billing import AccountAdmission
+from grokgate.core.errors import GatewayError
+from grokgate.core.limits import Decision, Limits
+from grokgate.core.pricing import Price
+from grokgate.store.limits_redis import RedisRateLimiter
+from tests.conftest import create_key, start_server, stop_server, user
+from tests.fakes.fake_xai import FakeXAI
+from tests.test_billing import admin_get, check_books, reservation_of
+
+BODY = {"model": "grok-3", "messages": user("hi"), "max_tokens": 1}
+BURST = 1000
+FUNDED_FOR = 100
+
+# The servers' rate-limit keys are `grokgate:rl:{tok-<id>}`, and a fresh database numbers tokens from 1, as
+# other tests' fresh databases do: a Redis database of its own keeps their buckets apart.
+BURST_REDIS_DB = 13
+
+
+def _with_db(url: str, db: int) -> str:
+    return f"{url.rsplit('/', 1)[0]}/{db}"
+
+
+def _delete_token_keys(url: str, token_id: int) -> None:
+    with redis.Redis.from_url(url) as r:
+        r.delete(f"grokgate:rl:{{tok-{token_id}}}:b", f"grokgate:rl:{{tok-{token_id}}}:f")
+
+
+@pytest.fixture
+def burst_redis_url(redis_url: str) -> str:
+    return _with_db(redis_url, BURST_REDIS_DB)
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of this test's own; its keys are deleted afterwards (never FLUSHALL)."""
+    prefix = f"grokgate-burst-test:{uuid.uuid4().hex}:"
+    yield prefix
+    with redis.Redis.from_url(redis_url) as r:
+        for key in r.scan_iter(match=f"{prefix}*"):
+            r.delete(key)
+
+
+def write_routing(tmp: Path, fake: FakeXAI) -> Path:
+    path = tmp / "grokgate.yaml"
+    path.write_text(f"""
+backends:
+  xai:
+    kind: xai
+    base_url: {fake.url}
+    api_key_env: BURST_XAI_KEY
+models:
+  grok-3: [{{backend: xai}}]
+""")
+    return path
+
+
+def fire(urls: list[str], token: str, count: int) -> list[httpx.Response]:
+    """`count` requests at once, spread over the replicas, each on its own connection."""
+    async def run() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=count, max_keepalive_connections=0)
+        clients = [httpx.AsyncClient(base_url=u, timeout=300, limits=limits) for u in urls]
+        try:
+            return await asyncio.gather(*(
+                clients[i % len(clients)].post("/grok/chat/completions", json=BODY,
+                                                headers={"Authorization": f"Bearer {token}"})
+                for i in range(count)
+            ))
+        finally:
+            for c in clients:
+                await c.aclose()
+
+    return asyncio.run(run())
+
+
+def test_burst_on_two_replicas_gets_only_200_and_used_up(
+        tmp_path_factory: pytest.TempPathFactory, pg_url: str, burst_redis_url: str) -> None:
+    """Done-when of issue 9: 1,000 requests at once over two replicas (PostgreSQL + Redis, fail_closed) on a
+    token funded for about 100: every answer is a 200 or a 403 used_up, never a 503 from the rate limiter."""
+    tmp = tmp_path_factory.mktemp("burst")
+    with FakeXAI(api_keys=["burst-key"]).start() as fake:
+        env = {
+            "GROKGATE_DATABASE_URL": pg_url,
+            "GROKGATE_REDIS_URL": burst_redis_url,
+            "GROKGATE_RATE_LIMIT_STORE_ERROR": "fail_closed",
+            "GROKGATE_CONFIG": str(write_routing(tmp, fake)),
+            "BURST_XAI_KEY": "burst-key",
+            # Every request of the burst comes from 127.0.0.1 on its own connection.
+            "GROKGATE_MAX_CONNECTIONS_PER_CLIENT": str(BURST),
+            "GROKGATE_LOG_LEVEL": "WARNING",
+        }
+        a = start_server(tmp, env=env, name="burst-a")
+        b = start_server(tmp, env=env, name="burst-b")
+        token_id: int | None = None
+        try:
+            initial = reservation_of(a, BODY) * FUNDED_FOR
+            # Limits high enough never to refuse: what is tested is the limiter's store under a burst.
+            token, key = create_key(a, "burst", credits=format_credits(initial), rpm=1_000_000,
+                                    tpm=1_000_000_000, max_concurrency=100_000)
+            token_id = int(key["id"])
+            _delete_token_keys(burst_redis_url, token_id)  # a previous, interrupted run of this test
+
+            responses = fire([a.url, b.url], token, BURST)
+
+            codes = [r.status_code for r in responses]
+            tally = {code: codes.count(code) for code in sorted(set(codes))}
+            assert tally.get(503, 0) == 0, f"503 answers: {tally}; {responses[codes.index(503)].text}"
+            assert set(codes) <= {200, 403}, tally
+            refused = [r.json()["error"]["code"] for r in responses if r.status_code == 403]
+            assert set(refused) <= {"used_up"}, refused
+            served = codes.count(200)
+            assert served >= 1 and refused, tally
+            key_after = check_books(a, token_id, initial, served)
+            assert key_after["balance"] >= 0
+            usage_rows = [r for r in admin_get(a, f"/admin/ledger?token={token_id}&limit=10000")["data"]
+                          if r["kind"] == "usage"]
+            assert len(usage_rows) == served
+            assert all(r["amount"] <= 0 for r in usage_rows)
+            assert "rate-limit store unavailable" not in a.log() + b.log()
+        finally:
+            stop_server(a)
+            stop_server(b)
+            if token_id is not None:
+                _delete_token_keys(burst_redis_url, token_id)
+
+
+# -- the limiter on its own, against the real Redis --------------------------------------------------------
+
+
+class CountingRedis(Redis):
+    """Counts commands sent (each a round trip: the limiter never pipelines a request's commands)."""
+
+    sent: list[str]
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.sent.append(str(args[0]))
+        return await super().execute_command(*args, **options)
+
+
+def counting_client(url: str) -> CountingRedis:
+    client = CountingRedis.from_url(url)
+    client.sent = []
+    return client
+
+
+class NoCredits:
+    """The slice of the account store admission uses: a price, and no credits for any reservation."""
+
+    def __init__(self) -> None:
+        self.reserve_calls = 0
+
+    async def find_token(self, token_hash: str) -> TokenRecord | None:
+        return None
+
+    async def current_price(self, model: str) -> Price | None:
+        return Price(model, 3_000_000, 750_000, 15_000_000)
+
+    async def reserve(self, token_id: int, request_id: str, amount: int) -> bool:
+        self.reserve_calls += 1
+        return False
+
+    async def settle(self, settlement: Settlement) -> None:
+        raise AssertionError("a refused request is never settled")
+
+
+async def until_allowed(limiter: RedisRateLimiter, key: str, limits: Limits, deadline_s: float = 10) -> Decision:
+    """Poll (the release of a refused request may be sent a moment after the refusal)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    while True:
+        decision = await limiter.acquire(key, f"probe-{uuid.uuid4().hex}", limits, 1)
+        if decision.allowed or loop.time() > end:
+            return decision
+        await asyncio.sleep(0.02)
+
+
+def test_refused_for_credits_costs_one_redis_round_trip(redis_url: str, redis_prefix: str) -> None:
+    """A request the limiter lets through but the balance refuses: one round trip on its path (before: a second
+    one to release its slot); the slot still goes back, to this replica at once, to the others by a flush."""
+    limits = Limits(rpm=1000, tpm=1_000_000, concurrency=1)
+    principal = Principal(key_id="tok-7", token_id=7, limits=limits)
+
+    async def run() -> None:
+        client = counting_client(redis_url)
+        other = Redis.from_url(redis_url)
+        # No background flush during the test, so every command counted is one a request made.
+        limiter = RedisRateLimiter(client, key_prefix=redis_prefix, on_store_error="fail_closed",
+                                   release_delay=3600)
+        other_replica = RedisRateLimiter(other, key_prefix=redis_prefix, on_store_error="fail_closed")
+        store = NoCredits()
+        admission = AccountAdmission(store, limiter, [])  # type: ignore[arg-type]
+        try:
+            # Both scripts loaded once (an unknown script costs a SCRIPT LOAD the first time, ever).
+            await limiter.acquire("warm-up", "w", Limits(), 0)
+            await limiter.release("warm-up", "w", Limits(), 1, 1)
+            for i in range(3):
+                client.sent.clear()
+                with pytest.raises(GatewayError) as refused:
+                    await admission.admit(principal, AdmissionRequest(f"r{i}", "grok-3", 1, 16, 10))
+                assert (refused.value.status, refused.value.code) == (403, "used_up")
+                # Each admit found the slot free (concurrency 1): the previous refusal gave it back.
+                assert client.sent == ["EVALSHA"], client.sent
+            assert store.reserve_calls == 3
+            client.sent.clear()
+            await limiter.flush()  # what the background flush sends a moment later
+            assert client.sent == ["EVALSHA"], client.sent
+            assert (await other_replica.acquire("tok-7", "elsewhere", limits, 1)).allowed
+        finally:
+            await limiter.close()
+            await other_replica.close()
+            await client.aclose()
+            await other.aclose()
+
+    asyncio.run(run())
+
+
+def test_refused_request_slot_is_freed_for_other_replicas_without_more_traffic(
+        redis_url: str, redis_prefix: str) -> None:
+    limits = Limits(concurrency=1)
+    principal = Principal(key_id="tok-8", token_id=8, limits=limits)
+
+    async def run() -> Decision:
+        limiter = RedisRateLimiter(redis_url, key_prefix=redis_prefix, on_store_error="fail_closed")
+        other_replica = RedisRateLimiter(redis_url, key_prefix=redis_prefix, on_store_error="fail_closed")
+        try:
+            with pytest.raises(GatewayError):
+                await AccountAdmission(NoCredits(), limiter, []).admit(  # type: ignore[arg-type]
+                    principal, AdmissionRequest("r", "grok-3", 1, 16, 10))
+            return await until_allowed(other_replica, "tok-8", limits)
+        finally:
+            await limiter.close()
+            await other_replica.close()
+
+    assert asyncio.run(run()).allowed
+
+
+def test_pool_waits_for_a_free_connection(redis_url: str, redis_prefix: str) -> None:
+    """More commands at once than the pool has connections: they wait for one, none fails."""
+    async def run() -> tuple[list[Decision], int]:
+        limiter = RedisRateLimiter(redis_url, key_prefix=redis_prefix, on_store_error="fail_closed",
+                                   max_connections=4, pool_timeout=30)
+        try:
+            decisions = await asyncio.gather(*(
+                limiter.acquire(f"k{i % 7}", f"r{i}", Limits(rpm=10_000), 1) for i in range(400)))
+            return decisions, limiter.degraded_total
+        finally:
+            await limiter.close()
+
+    decisions, degraded = asyncio.run(run())
+    assert degraded == 0
+    assert {(d.allowed, d.reason) for d in decisions} == {(True, None)}
+
+
+@pytest.mark.parametrize("mode", ["fail_open", "fail_closed"])
+def test_pool_exhausted_past_its_timeout_is_a_store_error(
+        mode: str, redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    async def run() -> tuple[Decision, int]:
+        limiter = RedisRateLimiter(redis_url, key_prefix=redis_prefix, on_store_error=mode,  # type: ignore[arg-type]
+                                   max_connections=1, pool_timeout=0.2)
+        pool = limiter._redis.connection_pool
+        held = await pool.get_connection()  # the pool's only connection, taken by someone else
+        try:
+            return await limiter.acquire("k", "r", Limits(rpm=10), 1), limiter.degraded_total
+        finally:
+            await pool.release(held)
+            await limiter.close()
+
+    with caplog.at_level(logging.WARNING, logger="grokgate.limits"):
+        decision, degraded = asyncio.run(run())
+    assert degraded == 1
+    if mode == "fail_open":
+        assert (decision.allowed, decision.reason) == (True, "store_unavailable")
+    else:
+        assert (decision.allowed, decision.reason, decision.headers) == (
+            False, "store_unavailable", {"retry-after": "1"})
+    assert any("rate-limit store unavailable" in r.getMessage() and "all 1 connections stayed busy for 0.2 s"
+               in r.getMessage() for r in caplog.records)
+
+
+def test_release_carried_by_a_refused_acquire_is_recorded(redis_url: str, redis_prefix: str) -> None:
+    """The script applies carried releases before deciding; when it then refuses, what they gave back
+    (tokens, a slot) must still be written, as another replica sees."""
+    limits = Limits(tpm=1000, concurrency=1)
+
+    async def run() -> tuple[Decision, Decision]:
+        limiter = RedisRateLimiter(redis_url, key_prefix=redis_prefix, release_delay=3600)
+        other_replica = RedisRateLimiter(redis_url, key_prefix=redis_prefix)
+        try:
+            assert (await limiter.acquire("k", "a", limits, 600)).allowed
+            await limiter.release("k", "a", limits, estimated_tokens=600, actual_tokens=0)  # deferred
+            never_fits = await limiter.acquire("k", "big", limits, 1001)  # carries a's release
+            return never_fits, await other_replica.acquire("k", "b", limits, 1000)
+        finally:
+            await limiter.close()
+            await other_replica.close()
+
+    never_fits, whole_budget = asyncio.run(run())
+    assert (never_fits.allowed, never_fits.reason) == (False, "tpm")
+    assert whole_budget.allowed, whole_budget
+
+
+def test_releases_carried_by_a_failed_call_are_kept(redis_url: str, redis_prefix: str) -> None:
+    limits = Limits(concurrency=1)
+
+    async def run() -> tuple[Decision, Decision]:
+        limiter = RedisRateLimiter(redis_url, key_prefix=redis_prefix, on_store_error="fail_closed",
+                                   max_connections=1, pool_timeout=0.2, release_delay=3600)
+        other_replica = RedisRateLimiter(redis_url, key_prefix=redis_prefix)
+        try:
+            assert (await limiter.acquire("k", "a", limits, 1)).allowed
+            await limiter.release("k", "a", limits, 1, 0)  # deferred
+            pool = limiter._redis.connection_pool
+            held = await pool.get_connection()
+            try:
+                failed = await limiter.acquire("k", "b", limits, 1)  # carries a's release, gets no connection
+            finally:
+                await pool.release(held)
+            await limiter.flush()
+            return failed, await other_replica.acquire("k", "c", limits, 1)
+        finally:
+            await limiter.close()
+            await other_replica.close()
+
+    failed, after_flush = asyncio.run(run())
+    assert (failed.allowed, failed.reason) == (False, "store_unavailable")
+    assert after_flush.allowed, after_flush
