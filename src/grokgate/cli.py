@@ -16,6 +16,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from grokgate.app import create_app
     from grokgate.observability.logging import configure
+    from grokgate.server import BACKLOG, KEEP_ALIVE_SECONDS, http_protocol
     from grokgate.settings import Settings
 
     overrides: dict[str, Any] = {}
@@ -33,6 +34,8 @@ def _serve(args: argparse.Namespace) -> int:
             overrides["model_path"] = Path(args.model)
     settings = Settings(**overrides)
     configure(settings.log_level)
+    # Before the app opens anything: this raises the descriptor limit the app's pools and files share.
+    protocol = http_protocol(settings)
     if not settings.api_keys:
         token = "gg-" + secrets.token_urlsafe(24)
         settings.api_keys = [token]
@@ -50,6 +53,11 @@ def _serve(args: argparse.Namespace) -> int:
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=5,
+        # grokgate.server: bounds on heads, bodies' arrival and connections; no WebSocket (the app has none).
+        http=protocol,
+        ws="none",
+        backlog=BACKLOG,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
     )
     return 0
 
