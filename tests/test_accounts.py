@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import re
 import time
 import uuid
@@ -99,13 +100,13 @@ def cost(usage: dict[str, Any], p: dict[str, Any]) -> int:
 
 
 def reservation(p: dict[str, Any], text: str, max_tokens: int, n: int = 1) -> int:
-    """What admission reserves: the server's own prompt estimate (a tunable heuristic) priced uncached, plus
-    n * max_tokens at the output price, each rounded up."""
-    from grokgate.core.pricing import estimate_prompt_tokens
-    from grokgate.schemas.chat import ChatCompletionRequest
+    """What admission reserves: the prompt's upper bound from the body's bytes (core/pricing.py), priced
+    uncached, plus n * max_tokens at the output price, each rounded up."""
+    from grokgate.core.pricing import PromptShape, prompt_token_bound
 
-    body = ChatCompletionRequest.model_validate({"model": p["model"], "messages": user(text)})
-    prompt = estimate_prompt_tokens(body.prompt_chars)
+    body = {"model": p["model"], "messages": user(text), "max_tokens": max_tokens}  # what chat() sends
+    raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()  # httpx's encoding
+    prompt = prompt_token_bound(raw, PromptShape(messages=1))
     return ceil_div(prompt * p["input"], 10**6) + ceil_div(n * max_tokens * p["output"], 10**6)
 
 

@@ -26,13 +26,16 @@ def admin_get(server: Server, path: str) -> Any:
 
 def reservation_of(server: Server, body: dict[str, Any]) -> int:
     """What admission reserves for `body` at the current grok-3 price (mirrors core.pricing)."""
-    from grokgate.core.pricing import Price, estimate_prompt_tokens, max_cost
+    from grokgate.core.pricing import Price, max_cost, prompt_token_bound
+    from grokgate.providers.router import prompt_shape
     from grokgate.schemas.chat import ChatCompletionRequest
 
     current = {p["model"]: p for p in admin_get(server, "/admin/prices")["current"]}["grok-3"]
     price = Price("grok-3", current["input"], current["cached_input"], current["output"])
-    request = ChatCompletionRequest.model_validate(body)
-    return max_cost(estimate_prompt_tokens(request.prompt_chars), request.choices, request.output_limit or 0, price)
+    raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()  # the bytes httpx sends
+    request = ChatCompletionRequest.model_validate_json(raw)
+    return max_cost(prompt_token_bound(raw, prompt_shape(request)), request.choices, request.output_limit or 0,
+                    price)
 
 
 def fire(servers: list[Server], token: str, count: int, body: dict[str, Any]) -> list[httpx.Response]:

@@ -35,7 +35,11 @@ ride on the last chunk (also non-stream, top level) when ``search_parameters`` i
 Request headers: ``x-fake-usage-every-chunk: 1`` (choice chunk j of N carries usage with completion and reasoning
 scaled ``* j // N``, so the last is the true total), ``x-fake-finish-reason: <reason>`` (replaces every finish
 reason), ``x-fake-chunk-delay-ms: N`` (sleep between stream chunks), ``x-fake-cached-tokens: N``,
-``x-fake-fault: name[;key=value...]`` (e.g. ``stall;seconds=0.5``; used only when no queued fault is pending).
+``x-fake-fault: name[;key=value...]`` (e.g. ``stall;seconds=0.5``; used only when no queued fault is pending),
+``x-fake-prompt-from-body: 1`` (``prompt_tokens = len(request body bytes) // 4``, as an upstream whose tokenizer sees
+everything the body carries: tools, schemas, images), ``x-fake-prompt-tokens: N`` (report ``N`` prompt tokens, as an
+upstream that counts more than it was sent), ``x-fake-content-chars: N`` (every choice's text is ``N``
+characters of words instead of ``content``; ``#i`` suffixes as usual).
 
 Faults (:data:`FAULTS`; queued ones are consumed FIFO, one per ``POST /chat/completions``, whatever the request):
 ``500``/``502``/``503``; ``429`` (``retry_after``, default 1, sent as ``retry-after``); ``bad_key`` (the 400 wrong-key
@@ -324,7 +328,7 @@ class FakeXAI:
             problem = self._validate(body, str(model))
             if problem:
                 return _error(400, problem)
-        return self._answer(body, headers, fault)
+        return self._answer(body, headers, fault, len(raw))
 
     @staticmethod
     def _validate(body: dict[str, Any], model: str) -> str | None:
@@ -361,10 +365,18 @@ class FakeXAI:
         return None
 
     # ----- answers -------------------------------------------------------------------------------------------------
-    def _answer(self, body: dict[str, Any], headers: dict[str, str], fault: dict[str, Any] | None) -> Response:
+    def _answer(self, body: dict[str, Any], headers: dict[str, str], fault: dict[str, Any] | None,
+                raw_size: int) -> Response:
         model, n = str(body["model"]), max(1, int(body.get("n") or 1))
         reasoning = is_reasoning(model)
         prompt = 10 + sum(words(t) for m in body["messages"] for t in _texts(m.get("content")))
+        if headers.get("x-fake-prompt-from-body", "").lower() in ("1", "true", "yes"):
+            prompt = raw_size // 4
+        if headers.get("x-fake-prompt-tokens"):
+            prompt = int(headers["x-fake-prompt-tokens"])
+        content = self.content
+        if headers.get("x-fake-content-chars"):
+            content = _filler(int(headers["x-fake-content-chars"]))
         cached = min(int(headers.get("x-fake-cached-tokens") or 0), prompt)
         tools, tool_choice = body.get("tools") or [], body.get("tool_choice")
         tool_name = None
@@ -375,7 +387,7 @@ class FakeXAI:
             else body.get("max_tokens")
         choices: list[dict[str, Any]] = []
         for i in range(n):
-            text, finish = self.content if i == 0 else f"{self.content} #{i}", "stop"
+            text, finish = content if i == 0 else f"{content} #{i}", "stop"
             if tool_name is not None:
                 text, finish = "", "tool_calls"
             elif isinstance(limit, int) and limit < words(text):
@@ -440,6 +452,11 @@ class FakeXAI:
         parts = [b"data: " + orjson.dumps(ch) + b"\n\n" for ch in chunks] + [b"data: [DONE]\n\n"]
         delay = float(headers.get("x-fake-chunk-delay-ms") or 0) / 1000
         return _Raw(200, {"content-type": "text/event-stream", "cache-control": "no-cache"}, parts, fault, delay)
+
+
+def _filler(chars: int) -> str:
+    """``chars`` characters of short words (``words()`` of it is about chars / 6)."""
+    return ("lorem ipsum dolor sit amet " * (chars // 27 + 1))[:chars]
 
 
 def _texts(content: Any) -> list[str]:

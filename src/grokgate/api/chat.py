@@ -19,7 +19,9 @@ from grokgate.core.admission import AdmissionRequest, Principal, Ticket
 from grokgate.core.completion import ChunkFactory, CompletionAccumulator, StreamAssembler
 from grokgate.core.errors import GatewayError
 from grokgate.core.events import Usage
+from grokgate.core.pricing import prompt_token_bound
 from grokgate.observability.metrics import Metrics
+from grokgate.providers.router import prompt_shape
 from grokgate.schemas.chat import ChatCompletionRequest
 
 log = logging.getLogger("grokgate.request")
@@ -58,9 +60,14 @@ async def chat_completions(request: Request) -> Response:
             param="model",
         )
     route.provider.check(body)
+    # The prompt's upper bound, from the raw body (Starlette kept the bytes parse_body read; this call is free):
+    # it covers tools, schemas and tool-call arguments as well as message text (core/pricing.py).
+    copies = getattr(route.provider, "prompt_copies", None)
+    prompt = prompt_token_bound(await request.body(), prompt_shape(body)) * (copies(body) if copies else 1)
     ticket = await gw.admission.admit(
-        principal, AdmissionRequest(request_id, body.model, body.choices, body.output_limit, body.prompt_chars)
+        principal, AdmissionRequest(request_id, body.model, body.choices, body.output_limit, prompt)
     )
+    hold_output(body, ticket.output_limit)
     run = _Run(request_id, principal, body, route.provider.name, ticket, started, gw.metrics)
     try:
         pump = Pump(route.provider.generate(body, route.upstream_model))
@@ -100,6 +107,19 @@ async def chat_completions(request: Request) -> Response:
                                                                                    **run.overhead(pump)})
 
 
+def hold_output(body: ChatCompletionRequest, limit: int | None) -> None:
+    """Ask the backend for no more output per choice than the admission paid for: a request without a cap gets
+    the reserved one (xai.py sends it as max_completion_tokens, openai_compat forwards it, the local engine
+    reads `output_limit`). When both caps are set, `max_completion_tokens` is the one reserved, and an upstream
+    that reads only `max_tokens` must not be given a larger one."""
+    if limit is None:
+        return
+    if body.max_completion_tokens is None and body.max_tokens is None:
+        body.max_tokens = limit
+    elif body.max_completion_tokens is not None and body.max_tokens is not None:
+        body.max_tokens = body.max_completion_tokens
+
+
 class _Run:
     """Settles one request exactly once, whatever way it ends, and logs it."""
 
@@ -129,15 +149,18 @@ class _Run:
         if self.finished:
             return
         self.finished = True
-        estimated = False
+        estimated = usage is not None and usage.estimated  # the router's estimate for a backend without usage
         if usage is None and self.pump is not None:
             # Cut short: bill what the backend had consumed so far, counted by grokgate.
             partial = getattr(self.pump.generation, "usage_so_far", None)
             if partial is not None:
-                usage, estimated = partial(), True
+                usage = partial()
+                estimated = usage is not None
         try:
             with anyio.CancelScope(shield=True):
                 await self.ticket.settle(usage, status=status, estimated=estimated, backend=self.backend)
+            if getattr(self.ticket, "overrun", False):
+                self.metrics.overruns.labels(self.body.model).inc()
         finally:
             if self.pump is not None and status == "ok":
                 self.overhead(self.pump)

@@ -35,12 +35,14 @@ class AdmissionRequest:
     request_id: str
     model: str
     choices: int
-    output_limit: int | None
-    prompt_chars: int = 0
+    output_limit: int | None  # the caller's per-choice output cap, if any
+    prompt_tokens: int  # an upper bound of the prompt's tokens (core.pricing.prompt_token_bound)
 
 
 class Ticket(Protocol):
     headers: dict[str, str]  # e.g. rate-limit headers for the response
+    # The per-choice output the admission paid for; the request must ask its backend for no more (None: no bound).
+    output_limit: int | None
 
     async def settle(self, usage: Usage | None, *, status: str, estimated: bool = False, backend: str = "") -> None:
         """Record the outcome (status: ok | client_disconnected | error); idempotent; called shielded."""
@@ -69,6 +71,7 @@ def _digest(token: str) -> bytes:
 
 class _NoopTicket:
     headers: dict[str, str] = {}  # noqa: RUF012  (never mutated)
+    output_limit: int | None = None  # nothing is paid for, so nothing is bounded
 
     async def settle(self, usage: Usage | None, *, status: str, estimated: bool = False, backend: str = "") -> None:
         return None

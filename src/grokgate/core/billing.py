@@ -17,7 +17,7 @@ from grokgate.core.admission import AdmissionRequest, Principal, bearer_token
 from grokgate.core.errors import GatewayError
 from grokgate.core.events import Usage
 from grokgate.core.limits import Limits, RateLimiter
-from grokgate.core.pricing import Price, cost_of, estimate_prompt_tokens, max_cost
+from grokgate.core.pricing import Price, cost_of, max_cost
 
 log = logging.getLogger("grokgate.billing")
 
@@ -36,7 +36,7 @@ class BillingPolicy:
 class AccountTicket:
     def __init__(self, admission: AccountAdmission, principal: Principal, request: AdmissionRequest,
                  price: Price, reserved: int, limits: Limits | None, estimated_tokens: int,
-                 headers: dict[str, str]) -> None:
+                 headers: dict[str, str], output_limit: int) -> None:
         self._admission = admission
         self.principal = principal
         self.request = request
@@ -45,9 +45,11 @@ class AccountTicket:
         self.limits = limits
         self.estimated_tokens = estimated_tokens
         self.headers = headers
+        self.output_limit: int | None = output_limit
         self.started = time.monotonic()
         self.settled = False
         self.cost = 0
+        self.overrun = False  # the cost exceeded the reservation: a bound that did not hold
 
     async def settle(self, usage: Usage | None, *, status: str, estimated: bool = False,
                      backend: str = "") -> None:
@@ -60,6 +62,16 @@ class AccountTicket:
         billable = status != "error" or usage.completion_tokens > 0
         cost = cost_of(usage, self.price).total if billable else 0
         self.cost = cost
+        if cost > self.reserved and self.principal.token_id is not None:
+            # The reservation is an upper bound of what a request can cost, so this means the bound failed (an
+            # upstream counting more than it could have); the store then charges what the balance still
+            # holds, capped. Never silent: an error line here, and a metric from the caller (api/chat.py).
+            self.overrun = True
+            log.error("settlement cost exceeds the reservation", extra={
+                "request_id": self.request.request_id, "token": self.principal.prefix or self.principal.key_id,
+                "model": self.request.model, "backend": backend, "cost": cost, "reserved": self.reserved,
+                "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                "estimated": estimated})
         settlement = Settlement(
             request_id=self.request.request_id, token_id=self.principal.token_id, model=self.request.model,
             backend=backend, usage=usage, cost=cost, price_version=self.price.version, status=status,
@@ -111,11 +123,13 @@ class AccountAdmission:
         price = await self.store.current_price(request.model)
         if price is None:
             raise GatewayError(500, "api_error", f"No price is configured for the model '{request.model}'.")
-        prompt = estimate_prompt_tokens(request.prompt_chars)
+        # One bound for both the token-rate limit and the money: the prompt's upper bound, every choice at its
+        # output bound (the caller's cap, else the policy's default, which the request is then held to).
+        prompt = request.prompt_tokens
         output = request.output_limit or self.policy.default_output_reservation
         estimated_tokens = prompt + request.choices * output
         if principal.admin or principal.token_id is None:
-            return AccountTicket(self, principal, request, price, 0, None, estimated_tokens, {})
+            return AccountTicket(self, principal, request, price, 0, None, estimated_tokens, {}, output)
 
         limits = principal.limits or Limits()
         decision = await self.limiter.acquire(principal.key_id, request.request_id, limits, estimated_tokens)
@@ -134,7 +148,8 @@ class AccountAdmission:
         if not reserved:
             await self.limiter.release(principal.key_id, request.request_id, limits, estimated_tokens, 0)
             raise GatewayError(403, "used_up", USED_UP)
-        return AccountTicket(self, principal, request, price, amount, limits, estimated_tokens, decision.headers)
+        return AccountTicket(self, principal, request, price, amount, limits, estimated_tokens, decision.headers,
+                             output)
 
 
 def principal_of(record: TokenRecord) -> Principal:

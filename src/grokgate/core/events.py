@@ -2,7 +2,8 @@
 
 Providers translate their wire format into these events; the API layer turns them into chat-completion
 chunks or a whole chat completion. A provider reports usage once, for the whole request (never a running
-sum), as its last event.
+sum), as its last event. A backend that reports none is estimated from its text by the router
+(providers/router.py), so the client and the ledger see the same figures.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ class Usage:
     completion_tokens: int = 0  # includes reasoning tokens (OpenAI semantics)
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+    # Counted by grokgate from the text (the backend reported none): the ledger row is marked estimated.
+    estimated: bool = False
 
     @property
     def total_tokens(self) -> int:

@@ -9,6 +9,7 @@ rate, never both.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from grokgate.core.events import Usage
 
@@ -95,6 +96,67 @@ def default_prices(models: list[str], credits_per_usd: float) -> list[Price]:
 
 
 def estimate_prompt_tokens(chars: int) -> int:
-    """A deliberately high estimate for reservations: 2 characters per token (real text averages 3-4), plus
-    room for a chat template's own system prompt and framing (Qwen's adds about 30 tokens)."""
+    """A rough prompt estimate from characters of message text (2 per token, plus 64 for a chat template):
+    what the local engine uses for a prompt cut short before llama.cpp counted it. Reservations use
+    `prompt_token_bound` instead, which covers everything that reaches the model."""
     return chars // 2 + 64
+
+
+# -- What a request can cost, and what it is billed when the backend says nothing ------------------------------------
+#
+# The bound: byte-level BPE tokenizers (Qwen's, Grok's) emit at most one token per byte of the text they are
+# given, and the text a model receives is the request body minus its JSON syntax, plus what the chat template
+# adds. Decoding JSON never makes text longer (escapes only shrink), so the body's size in bytes bounds every
+# message, name and tool-call argument. Tools, JSON schemas and tool-call arguments are re-serialised by the
+# template (`tojson` in transformers' and llama.cpp's renderers writes Python's ", " and ": " separators), which can
+# be longer than a compact body: one byte more per comma or colon in the body covers that. An image's tokens do
+# not depend on its URL or its bytes, so an image costs IMAGE_TOKENS in place of its URL. Not covered: templates
+# that pretty-print (`tojson(indent=...)`) or \u-escape non-ASCII text, and prompt text an upstream adds itself
+# (xAI Live Search sources); the settlement reports any cost above the reservation (see core/billing.py).
+
+TEMPLATE_TOKENS = 256  # a template's own system prompt and tool preamble (Qwen2.5's tool preamble is ~150)
+MESSAGE_TOKENS = 16  # role and turn markers per message (Qwen's are 5)
+TOOL_CALL_TOKENS = 32  # the framing a template wraps each assistant tool call in (<tool_call>{"name": ...})
+# An image part, whatever its size or URL: vision models bill an image by the tiles it is resized into, a
+# bounded number (OpenAI's high detail tops out near 1,100 tokens; xAI's image guide describes 448-px tiles of
+# 256 tokens, under 2,000 in all); 4,096 leaves room for other vision upstreams.
+IMAGE_TOKENS = 4096
+# Estimates when a backend reports no usage: one token per 3 bytes of UTF-8 text. English averages about 4
+# characters per token and code about 3; a CJK character is 3 bytes and about one token.
+BYTES_PER_TOKEN = 3
+
+
+class PromptShape(NamedTuple):
+    """What the prompt is made of beyond its bytes (counted from the parsed request). A NamedTuple: built once
+    per request, and a frozen dataclass costs over a microsecond to build."""
+
+    messages: int = 0
+    tool_calls: int = 0  # assistant tool calls in the history
+    images: int = 0
+    image_url_bytes: int = 0  # the URLs' share of the body (data: URLs are large), replaced by IMAGE_TOKENS
+
+
+def _framing(shape: PromptShape) -> int:
+    return shape.messages * MESSAGE_TOKENS + shape.tool_calls * TOOL_CALL_TOKENS + shape.images * IMAGE_TOKENS
+
+
+def prompt_token_bound(body: bytes, shape: PromptShape) -> int:
+    """At most how many prompt tokens a request whose raw JSON body is `body` can be billed (see above)."""
+    text = max(0, len(body) - shape.image_url_bytes) + body.count(b",") + body.count(b":")
+    return text + _framing(shape) + TEMPLATE_TOKENS
+
+
+def estimate_output_tokens(text_bytes: int) -> int:
+    """Tokens billed for `text_bytes` bytes of UTF-8 output (or prompt text) when the backend counted none."""
+    return _ceil_div(max(0, text_bytes), BYTES_PER_TOKEN)
+
+
+def estimate_prompt(text_bytes: int, shape: PromptShape) -> int:
+    """The prompt billed when the backend counted none: its text by the bytes rule, plus framing and images.
+    Never above `prompt_token_bound` of the same request, so it never exceeds the reservation."""
+    return estimate_output_tokens(text_bytes) + _framing(shape)
+
+
+def utf8_len(text: str) -> int:
+    """Bytes of `text` in UTF-8, without encoding it when it is ASCII (`isascii` is O(1) in CPython)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))

@@ -34,6 +34,9 @@ class Metrics:
                                   "started (the x-grokgate-overhead-ms header)", buckets=OVERHEAD_BUCKETS, registry=r)
         self.tokens = Counter("grokgate_tokens", "Tokens by model and class", ["model", "kind"], registry=r)
         self.credits = Counter("grokgate_credits_charged", "Micro-credits charged", ["model"], registry=r)
+        self.overruns = Counter("grokgate_settlement_overruns", "Settlements whose cost exceeded their reservation "
+                                "(the store then caps the charge at the balance): should stay 0", ["model"],
+                                registry=r)
         self.errors = Counter("grokgate_errors", "Error responses by AceData code (any route)", ["code"], registry=r)
         self.in_flight = Gauge("grokgate_requests_in_flight", "Chat completions being served", registry=r)
         self.commit = Histogram("grokgate_store_commit_seconds", "Ledger/store group-commit duration",

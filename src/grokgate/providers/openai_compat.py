@@ -5,7 +5,7 @@ path httpx's per-request cost was the largest single item in the profile, see do
 A request goes out as a stream when the client streams (always asking for usage) and as one JSON
 request otherwise; either way the reply becomes `core.events`. Failures before the first event raise
 `UpstreamFailure`, which the router may retry on another key or backend; failures after it are errors
-of the stream.
+of the stream. The router records the backend breaker's success once the first event arrives.
 """
 
 from __future__ import annotations
@@ -162,7 +162,8 @@ class OpenAICompatBackend:
         if response.status != 200:
             raw = await _read_quietly(response)
             raise self._failure(response.status, raw, response.headers, key)
-        self.breaker.success()
+        # The key was accepted. The backend's own breaker waits for the first event (providers/router.py): a
+        # 200 whose body then stalls is not a success.
         if key:
             key.breaker.success()
         return self._events(response) if stream else self._json_events(response)

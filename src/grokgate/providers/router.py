@@ -4,6 +4,14 @@ Routes are tried by priority (lower first), and within a priority in a weighted 
 route is retried on another key, then the next route, on connect errors, timeouts, 429 and 5xx; a 4xx that
 is the caller's fault ends the request at once. Once the first event has been read nothing is retried: the
 client may already hold output. Every request has a total deadline.
+
+A backend's breaker counts what happens before the first event: a success is the first event itself (a 200
+whose body then stalls or breaks is a failure), so a backend that stalls until the deadline is skipped once its
+breaker opens instead of making every later request wait the whole deadline.
+
+Usage: a backend that reports none (or is cut short) is billed an estimate from the text that went through
+(core/pricing.py: one token per 3 bytes), reported as the stream's last event, so the client is shown exactly
+what the ledger charges, and the row is marked estimated.
 """
 
 from __future__ import annotations
@@ -15,11 +23,13 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from grokgate.core.errors import GatewayError
 from grokgate.core.events import Delta, Event, Finish, Usage, UsageReport
-from grokgate.core.pricing import estimate_prompt_tokens
+from grokgate.core.pricing import PromptShape, estimate_output_tokens, estimate_prompt, utf8_len
 from grokgate.providers.openai_compat import OpenAICompatBackend, UpstreamFailure
-from grokgate.schemas.chat import ChatCompletionRequest
+from grokgate.schemas.chat import ChatCompletionRequest, ImagePart, TextPart
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,12 @@ class RoutedModel:
         if not usable and refusal is not None:
             raise refusal
 
+    def prompt_copies(self, request: ChatCompletionRequest) -> int:
+        """How many times an upstream may bill this request's prompt: n when a route sends n single requests."""
+        fans_out = any(isinstance(c.backend, OpenAICompatBackend) and c.backend.config.fanout_n
+                       for c in self.candidates)
+        return request.choices if fans_out else 1
+
     def ordered(self, candidates: list[Candidate]) -> list[Candidate]:
         result: list[Candidate] = []
         for priority in sorted({c.priority for c in candidates}):
@@ -98,24 +114,61 @@ class RoutedGeneration:
         self.fingerprint: str | None = None
         self._events: Any = None
         self._closed = False
-        self._deltas = 0  # output events seen: an estimate of completion tokens if the stream is cut
+        self._ended = False
+        self._output_bytes = 0  # UTF-8 bytes of output seen: the estimate's input if no usage comes
+        self._usage: Usage | None = None  # the backend's report, or our estimate once the stream ended
+        self._prompt_copies = 1  # n when the request went out as n single requests (each bills the prompt)
 
     def __aiter__(self) -> RoutedGeneration:
         return self
 
     async def __anext__(self) -> Event:
-        if self._closed:
+        if self._closed or self._ended:
             raise StopAsyncIteration
         if self._events is None:
-            return await self._open()
+            return self._seen(await self._open())
         try:
             async with asyncio.timeout_at(self._loop_deadline()):
                 event: Event = await self._events.__anext__()
         except TimeoutError:
             raise GatewayError(504, "timeout", "The request ran past its deadline.") from None
+        except StopAsyncIteration:
+            self._ended = True
+            if self._usage is not None:
+                raise
+            # A complete reply without usage: bill an estimate, and show the client that same figure.
+            self._usage = self._estimate()
+            return UsageReport(self._usage)
+        return self._seen(event)
+
+    def _seen(self, event: Event) -> Event:
         if isinstance(event, Delta):
-            self._deltas += 1
+            # A few len() calls per event; `utf8_len` encodes only non-ASCII text.
+            size = 0
+            if event.content:
+                size += utf8_len(event.content)
+            if event.reasoning_content:
+                size += utf8_len(event.reasoning_content)
+            for call in event.tool_calls or ():
+                function = call.get("function") or {}
+                for value in (function.get("name"), function.get("arguments")):
+                    if isinstance(value, str):
+                        size += utf8_len(value)
+            self._output_bytes += size
+        elif isinstance(event, UsageReport):
+            self._usage = event.usage
         return event
+
+    def _estimate(self) -> Usage:
+        """The backend's usage, estimated from the request and the output seen (on rare paths only: a backend
+        that reports none, or a request cut short). The output is capped at what the backend was asked for, so
+        the estimate stays within the reservation."""
+        request = self.request
+        prompt = estimate_prompt(prompt_text_bytes(request), prompt_shape(request)) * self._prompt_copies
+        completion = estimate_output_tokens(self._output_bytes)
+        if request.output_limit is not None:
+            completion = min(completion, request.choices * request.output_limit)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, estimated=True)
 
     def _loop_deadline(self) -> float:
         return asyncio.get_running_loop().time() + max(0.0, self.deadline - time.monotonic())
@@ -143,20 +196,23 @@ class RoutedGeneration:
                     async with asyncio.timeout_at(self._loop_deadline()):
                         events = await self._attempt(backend, candidate.model, tried)
                         first = await events.__anext__()
-                except UpstreamFailure as failure:
+                except UpstreamFailure as failure:  # the backend's breaker was told by attempt()
                     if not failure.retryable:
                         raise failure.error from None
                     failures.append(failure)
                     continue
                 except (GatewayError, StopAsyncIteration) as exc:  # broke before any output: try elsewhere
+                    backend.breaker.failure()
                     error = exc if isinstance(exc, GatewayError) else GatewayError(502, "api_error", "Empty reply.")
                     failures.append(UpstreamFailure(error, retryable=True))
                     continue
                 except TimeoutError:
+                    # Stalled until the deadline before its first event: a failure like any other, so the breaker
+                    # opens and later requests go elsewhere (or fail fast) instead of waiting as long.
+                    backend.breaker.failure()
                     raise GatewayError(504, "timeout", "No upstream answered before the deadline.") from None
+                backend.breaker.success()
                 self._use(events, backend)
-                if isinstance(first, Delta):
-                    self._deltas += 1
                 return first
         raise final_error(failures, self.candidates)
 
@@ -166,6 +222,7 @@ class RoutedGeneration:
         if n == 1 or not backend.config.fanout_n:
             return await backend.attempt(backend.payload(self.request, model, stream), tried)
         # The upstream ignores n: n single requests, merged under their own indexes.
+        self._prompt_copies = n
         streams: list[AsyncGenerator[Event]] = []
         try:
             for i in range(n):
@@ -186,14 +243,16 @@ class RoutedGeneration:
         self.fingerprint = backend.fingerprint
 
     def usage_so_far(self) -> Usage | None:
-        """For a request cut short: the backend's own figure if it has one, else an estimate (the prompt from
-        its length, one token per output event) so a client that hangs up is still billed."""
+        """For a request cut short: the backend's own figure if it has one, else an estimate from the prompt and
+        the output seen so far (core/pricing.py), so a client that hangs up is still billed."""
         partial = getattr(self._events, "usage_so_far", None)
         if partial is not None:
             return partial()  # type: ignore[no-any-return]
         if self._events is None:
             return None
-        return Usage(prompt_tokens=estimate_prompt_tokens(self.request.prompt_chars), completion_tokens=self._deltas)
+        if self._usage is not None:
+            return self._usage
+        return self._estimate()
 
     async def aclose(self) -> None:
         if self._closed:
@@ -218,6 +277,7 @@ async def merge_choices(streams: list[AsyncGenerator[Event]]) -> AsyncGenerator[
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     total = Usage()
+    reported: set[int] = set()
     open_streams = len(streams)
     try:
         while open_streams:
@@ -228,6 +288,7 @@ async def merge_choices(streams: list[AsyncGenerator[Event]]) -> AsyncGenerator[
                 raise item
             elif isinstance(item, UsageReport):
                 u = item.usage
+                reported.add(i)
                 total = Usage(total.prompt_tokens + u.prompt_tokens, total.completion_tokens + u.completion_tokens,
                               total.cached_tokens + u.cached_tokens, total.reasoning_tokens + u.reasoning_tokens)
             elif isinstance(item, Delta | Finish):
@@ -235,7 +296,9 @@ async def merge_choices(streams: list[AsyncGenerator[Event]]) -> AsyncGenerator[
                 yield item
             else:
                 yield item
-        yield UsageReport(total)
+        # A sum that misses a request would under-bill: without every report the router estimates the whole.
+        if len(reported) == len(streams):
+            yield UsageReport(total)
     finally:
         for task in tasks:
             task.cancel()
@@ -261,3 +324,38 @@ def final_error(failures: list[UpstreamFailure], candidates: list[Candidate]) ->
     return GatewayError(last.status if last.status >= 500 else 502, last.code if last.status >= 500 else "api_error",
                         last.message, headers=last.headers)
 
+
+def prompt_shape(request: ChatCompletionRequest) -> PromptShape:
+    """What the prompt holds beyond its bytes, for core.pricing's bound and estimates: one pass over the messages
+    (no text is measured)."""
+    tool_calls = images = url_bytes = 0
+    for message in request.messages:
+        if message.tool_calls:
+            tool_calls += len(message.tool_calls)
+        if isinstance(message.content, list):
+            for part in message.content:
+                if isinstance(part, ImagePart):
+                    images += 1
+                    url_bytes += len(part.image_url.url)  # characters: never more than its share of the body
+    return PromptShape(messages=len(request.messages), tool_calls=tool_calls, images=images,
+                       image_url_bytes=url_bytes)
+
+
+def prompt_text_bytes(request: ChatCompletionRequest) -> int:
+    """UTF-8 bytes of the text a prompt carries (messages, names, tool calls, tool and schema JSON); only when a
+    backend reported no usage, so serialising the tools here is off the common path."""
+    size = 0
+    for message in request.messages:
+        for text in (message.content if isinstance(message.content, str) else None, message.name,
+                     message.reasoning_content, message.refusal):
+            if text:
+                size += utf8_len(text)
+        if isinstance(message.content, list):
+            size += sum(utf8_len(p.text) for p in message.content if isinstance(p, TextPart))
+        for call in message.tool_calls or ():
+            size += utf8_len(call.function.name) + utf8_len(call.function.arguments)
+    if request.tools:
+        size += len(orjson.dumps([t.model_dump(exclude_none=True) for t in request.tools]))
+    if request.response_format is not None:
+        size += len(orjson.dumps(request.response_format.model_dump(exclude_none=True, by_alias=True)))
+    return size

@@ -5,7 +5,8 @@ SQLAlchemy (store/sqlite_writer.py).
 Per token, the balance row is locked by the UPDATE that charges it, and the decisions are made against that
 locked value, so concurrent replicas can never both spend the same credits. When the balance covers the
 whole batch (the usual case) that is one statement; otherwise the row is locked, the charges are capped at
-the balance (never below zero), and the capped total is charged.
+the balance (never below zero), and the capped total is charged. Reservations bound every cost, so a cap means a
+bound failed: it is logged as an error (and counted by the serving process), not only noted on the ledger row.
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ def charge_and_record(run: Runner, fresh: Sequence[Settlement | SettlementRow],
             charges[s.request_id] = charge
             remaining -= charge
             total += charge
+            if charge < s.cost:
+                _report_capped(s, charge)
         if total:
             run.execute(CHARGE, {"token": token_id, "charge": total})
         if row is not None:
@@ -121,6 +124,18 @@ def charge_and_record(run: Runner, fresh: Sequence[Settlement | SettlementRow],
     run.insert("usage_daily", [{"day": d, "token_id": t, "model": m, **c} for (d, t, m), c in daily.items()],
                daily=True)
     return balances
+
+
+def _report_capped(s: Settlement | SettlementRow, charge: int) -> None:
+    """Usage given away: unreachable while reservations bound the cost (core/pricing.py), so loud if taken.
+    The serving process also counts it (the overrun metric in api/chat.py). Imported here, on this path only, so
+    the SQLite writer process does not load logging otherwise; there, with no handler configured, the line goes
+    to its stderr, which is the server's."""
+    import logging
+
+    logging.getLogger("grokgate.billing").error(
+        "settlement capped at the balance: cost %d, charged %d (request %s, token %s)", s.cost, charge,
+        s.request_id, s.token_id)
 
 
 class SqliteCursorRunner:
