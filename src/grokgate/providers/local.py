@@ -21,13 +21,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from grokgate.core.errors import GatewayError
+import orjson
+
+from grokgate.core.errors import GatewayError, bad_request
 from grokgate.core.events import Delta, Event, Finish, Usage, UsageReport
 from grokgate.core.fairqueue import FairQueue
 from grokgate.core.pricing import estimate_prompt_tokens
 from grokgate.providers.base import register
 from grokgate.providers.model_files import DEFAULT_MODEL, CatalogModel, ensure_model
-from grokgate.schemas.chat import ChatCompletionRequest
+from grokgate.schemas.chat import ChatCompletionRequest, ToolCall
 
 log = logging.getLogger("grokgate.local")
 
@@ -70,7 +72,7 @@ class _Job:
             return True
         error = chunk.get("error")
         if error is not None:
-            self.post(_engine_error(error))
+            self.post(_engine_error(error, self.payload))
             return True
         usage = chunk.get("usage")
         if usage:
@@ -101,14 +103,37 @@ class _Job:
         return self.cancelled
 
 
-def _engine_error(error: Any) -> GatewayError:
+# A 500 never carries llama.cpp's text (parser internals, file paths): the server log has it.
+_ENGINE_FAILED = "The local engine failed to run this request."
+
+# llama.cpp's words when a JSON schema (tools[].function.parameters, response_format) cannot become a grammar.
+_SCHEMA_WORDS = ("Unable to generate parser", "JSON schema", "grammar", "min_value or max_value")
+
+
+def _engine_error(error: Any, payload: dict[str, Any]) -> GatewayError:
     if not isinstance(error, dict):
-        return GatewayError(500, "api_error", f"The local engine failed: {error}")
+        log.error("local engine error: %s", error)
+        return GatewayError(500, "api_error", _ENGINE_FAILED)
     code = int(error.get("code", 500) or 500)
     message = str(error.get("message", "the local engine failed"))
     if 400 <= code < 500:
-        return GatewayError(400, "bad_request", message, param="messages" if "context" in message else None)
-    return GatewayError(500, "api_error", f"The local engine failed: {message}")
+        return _refused(message, payload)
+    log.error("local engine error %s: %s", code, message)
+    return GatewayError(500, "api_error", _ENGINE_FAILED)
+
+
+def _refused(message: str, payload: dict[str, Any]) -> GatewayError:
+    """A request llama.cpp refused (its own 400): say which field, in our words where we know the case."""
+    if any(word in message for word in _SCHEMA_WORDS):  # first: a schema may well name a property "context"
+        # llama.cpp does not say which schema; name the field when only one of them carries any.
+        tools = bool(payload.get("tools"))
+        schema = (payload.get("response_format") or {}).get("type") == "json_schema"
+        param = "tools" if tools and not schema else "response_format" if schema and not tools else None
+        where = f"the JSON schema in '{param}'" if param else "the JSON schemas of this request"
+        detail = message.rsplit("failed: ", 1)[-1].rstrip(".")  # past "Unable to generate parser ... failed: "
+        return GatewayError(400, "bad_request", f"The local engine cannot turn {where} into a grammar: {detail}.",
+                            param=param)
+    return GatewayError(400, "bad_request", message, param="messages" if "context" in message else None)
 
 
 class LocalGeneration:
@@ -301,7 +326,10 @@ class LocalEngine:
         }
 
     def check(self, request: ChatCompletionRequest) -> None:
-        for i, message in enumerate(request.messages):
+        """Refuse, in our words and naming the field, what llama.cpp would refuse with its own message (or, for
+        tool-call arguments, with a 500)."""
+        messages = request.messages
+        for i, message in enumerate(messages):
             if message.has_images():
                 raise GatewayError(
                     400,
@@ -309,6 +337,21 @@ class LocalEngine:
                     f"The model '{request.model}' is served by a local text model that does not accept images.",
                     param=f"messages[{i}].content",
                 )
+            if message.tool_calls:
+                _check_arguments(i, message.tool_calls)
+            elif message.role == "assistant" and message.content is None:
+                raise bad_request("The local engine needs an assistant message to have content or tool_calls.",
+                                  f"messages[{i}].content")
+        last = len(messages) - 1
+        if messages[last].role == "assistant":  # llama.cpp continues it (a prefill)
+            if messages[last].tool_calls:
+                raise bad_request("The local engine cannot continue an assistant message that has tool_calls: "
+                                  "send the tools' results after it.", f"messages[{last}].tool_calls")
+            if last > 0 and messages[last - 1].role == "assistant":
+                raise bad_request("The local engine continues one assistant message at the end of the "
+                                  "conversation, not two.", f"messages[{last}]")
+        if request.tools and request.logprobs and request.stream:
+            raise bad_request("The local engine cannot return logprobs in a stream when tools are given.", "logprobs")
         if not self.ready():
             reason = f" ({self._load_error})" if self._load_error else ""
             raise GatewayError(
@@ -350,10 +393,10 @@ class LocalEngine:
                         self._queue_wait_seconds += time.monotonic() - job.created
                     self._server.handle_chat_completions(job.payload, job.on_chunk)
             except ValueError as exc:  # xllamacpp raises ValueError for requests it cannot parse
-                job.post(GatewayError(400, "bad_request", str(exc)))
-            except Exception as exc:
+                job.post(_refused(str(exc), job.payload))
+            except Exception:
                 log.exception("local engine job failed")
-                job.post(GatewayError(500, "api_error", f"The local engine failed: {exc}"))
+                job.post(GatewayError(500, "api_error", _ENGINE_FAILED))
             finally:
                 self._leave(job)
                 job.post(_JobEnd(job.usage))
@@ -381,6 +424,17 @@ class LocalEngine:
             self._tokens_generated += job.generated
             self._jobs_done += 1
             self._gate.notify_all()
+
+
+def _check_arguments(index: int, calls: list[ToolCall]) -> None:
+    # llama.cpp parses every call's arguments to render the chat template and answers a 500 with its parser's
+    # message when they are not JSON. orjson refuses what its parser refuses (NaN, 1e400, empty text).
+    for j, call in enumerate(calls):
+        try:
+            orjson.loads(call.function.arguments)
+        except orjson.JSONDecodeError:
+            raise bad_request("Tool call arguments must be JSON text (the local engine reads them).",
+                              f"messages[{index}].tool_calls[{j}].function.arguments") from None
 
 
 _PASSTHROUGH = (

@@ -9,11 +9,22 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, model_validator
 
 from grokgate.core.errors import bad_request
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
+
+# Integers a client may send anywhere are bounded to what every encoder on the way can carry (orjson, the
+# engines' JSON libraries): a signed 64-bit integer. api/body.py refuses the ones in free-form fields.
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+MAX_TOOLS = 128  # xAI's documented maximum (and OpenAI's)
+MAX_STOP = 4
+
+# logit_bias: token ids (decimal digits) to a bias of -100..100 (OpenAI's rule).
+TokenId = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,10}$")]
+Bias = Annotated[int, Field(ge=-100, le=100)]
 
 
 class _Lenient(BaseModel):
@@ -133,8 +144,8 @@ class ChatCompletionRequest(_Lenient):
     top_p: float | None = Field(default=None, ge=0, le=1)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    seed: int | None = None
-    stop: str | Annotated[list[str], Field(min_length=1, max_length=4)] | None = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    stop: str | Annotated[list[str], Field(min_length=1, max_length=MAX_STOP)] | None = None
     logprobs: StrictBool | None = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     stream_options: StreamOptions | None = None
@@ -144,9 +155,9 @@ class ChatCompletionRequest(_Lenient):
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
     store: StrictBool | None = None
     metadata: dict[str, str] | None = None
-    logit_bias: dict[str, int] | None = None
+    logit_bias: dict[TokenId, Bias] | None = None
     modalities: list[Literal["text", "audio"]] | None = None
-    tools: list[Tool] | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["none", "auto", "required"] | ToolChoiceObject | None = None
     response_format: ResponseFormat | None = None
 
