@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from starlette.responses import FileResponse, Response
 from starlette.staticfiles import StaticFiles
 
@@ -69,6 +70,19 @@ async def console_asset(path: str, request: Request) -> Response:
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _CURSOR = re.compile(r"^(\d{1,15})\.(\d{1,15})$")
 _STATUS = re.compile(r"^!?[a-z_]{1,32}$")
+# What the OpenAPI document says of each parameter. The handlers below check them (with messages naming the
+# parameter), so these only describe. An empty value means "not given", so the query forms allow it.
+DATE_FORMAT: dict[str, JsonValue] = {"format": "date", "pattern": _DATE.pattern, "description": "A UTC day, YYYY-MM-DD"}
+CURSOR_FORMAT: dict[str, JsonValue] = {"pattern": _CURSOR.pattern,
+                                       "description": "`next_cursor` of the previous page (opaque)"}
+DATE_QUERY: dict[str, JsonValue] = {"type": "string", "anyOf": [DATE_FORMAT, {"maxLength": 0}],
+                                    "description": "A UTC day, YYYY-MM-DD, inclusive; empty: not given"}
+CURSOR_QUERY: dict[str, JsonValue] = {"type": "string", "pattern": rf"^({_CURSOR.pattern[1:-1]})?$",
+                                      "description": "`next_cursor` of the previous page (opaque); empty: the first"}
+STATUS_QUERY: dict[str, JsonValue] = {"type": "string", "pattern": rf"^({_STATUS.pattern[1:-1]})?$",
+                                      "description": "A status (ok, error, client_disconnected...); `!ok`: any other"}
+Day = Annotated[str | None, Query(json_schema_extra=DATE_QUERY)]
+Text = Annotated[str | None, Query(json_schema_extra={"maxLength": 200})]
 
 
 def _bad(message: str, param: str) -> GatewayError:
@@ -130,6 +144,100 @@ def check_text(value: str | None, param: str) -> str | None:
     return value
 
 
+# -- response bodies, for the OpenAPI document (the routes return plain dicts: nothing is validated at runtime) --
+
+
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+Micro = Annotated[int, Field(description="micro-credits (millionths of a credit)")]
+Credits = Annotated[str, Field(description="the same amount in credits, as a decimal string",
+                               pattern=r"^-?\d+(\.\d+)?$")]
+DayString = Annotated[str, Field(json_schema_extra=DATE_FORMAT)]
+
+
+class LedgerRow(_Closed):
+    id: int
+    request_id: str
+    token_id: int | None = Field(description="null: the bootstrap admin token")
+    kind: str = Field(description="usage or topup")
+    model: str | None
+    backend: str | None
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+    amount: Micro = Field(description="the balance's movement in micro-credits: negative for usage")
+    cost: Micro
+    price_version: int | None
+    status: str
+    estimated: bool = Field(description="token counts estimated by grokgate, not reported by the backend")
+    duration_ms: int | None
+    note: str | None
+    created_at: int = Field(description="Unix seconds")
+    amount_credits: Credits
+    cost_credits: Credits
+
+
+class LedgerPage(_Closed):
+    object: Literal["list"]
+    data: list[LedgerRow]
+    has_more: bool
+    next_cursor: str | None = Field(json_schema_extra=CURSOR_FORMAT)
+
+
+class ErrorDay(_Closed):
+    day: DayString
+    count: int
+
+
+class ErrorCounts(_Closed):
+    object: Literal["errors"]
+    since: DayString
+    until: DayString
+    total: int
+    by_status: dict[str, int]
+    by_day: list[ErrorDay]
+
+
+class RouteInfo(_Closed):
+    backend: str
+    kind: str
+    model: str
+    priority: int
+    weight: int
+    ready: bool
+
+
+class PriceInfo(_Closed):
+    version: int
+    input: Micro
+    cached_input: Micro
+    output: Micro
+    unit: Literal["micro-credits per million tokens"]
+
+
+class ModelRoutes(_Closed):
+    id: str
+    routes: list[RouteInfo]
+    price: PriceInfo | None
+
+
+class RoutingTable(_Closed):
+    object: Literal["list"]
+    data: list[ModelRoutes]
+
+
+LEDGER_RESPONSES: dict[int | str, dict[str, Any]] = {200: {
+    "model": LedgerPage,
+    "description": "One page, newest first; `format=csv`: the same rows as CSV",
+    "content": {"text/csv": {"schema": {"type": "string"}}},
+    "headers": {"x-next-cursor": {"description": "CSV only: the cursor of the next page, absent on the last",
+                                  "schema": {"type": "string", **CURSOR_FORMAT}}},
+}}
+
+
 # -- ledger --------------------------------------------------------------------------------------------------
 
 
@@ -143,13 +251,13 @@ def _row_json(row: dict[str, Any]) -> dict[str, Any]:
 class LedgerQuery:
     """The ledger filters both the admin's and a holder's endpoint take (as query parameters)."""
 
-    model: str | None = None
-    status: str | None = None
+    model: Text = None
+    status: Annotated[str | None, Query(json_schema_extra=STATUS_QUERY)] = None
     kind: Literal["usage", "topup"] | None = None
-    since: str | None = None
-    until: str | None = None
-    cursor: str | None = None
-    limit: int = 100
+    since: Day = None
+    until: Day = None
+    cursor: Annotated[str | None, Query(json_schema_extra=CURSOR_QUERY)] = None
+    limit: Annotated[int, Query(json_schema_extra={"minimum": 1, "maximum": MAX_LIMIT})] = 100
     format: Literal["json", "csv"] = "json"
 
 
@@ -174,9 +282,9 @@ async def _ledger(store: SqlStore, token_id: int | None, q: LedgerQuery) -> Any:
 AdminStore = Annotated[SqlStore, Depends(require_admin)]
 
 
-@router.get("/admin/ledger/search", tags=["admin"],
+@router.get("/admin/ledger/search", tags=["admin"], responses=LEDGER_RESPONSES,
             summary="Ledger rows filtered by token, model, status, kind and UTC dates; paginated; JSON or CSV")
-async def admin_ledger(store: AdminStore, q: Annotated[LedgerQuery, Depends()], token: str | None = None) -> Any:
+async def admin_ledger(store: AdminStore, q: Annotated[LedgerQuery, Depends()], token: Text = None) -> Any:
     """`status=!ok` lists every failed row; `since`/`until` are inclusive UTC days (YYYY-MM-DD); pass the
     answer's `next_cursor` as `cursor` for the next page (CSV: the `x-next-cursor` header)."""
     token = check_text(token, "token")
@@ -195,7 +303,8 @@ async def _own(
 Own = Annotated[tuple[SqlStore, int], Depends(_own)]
 
 
-@router.get("/v1/ledger", tags=["account"], summary="The calling token's own ledger rows (filters as the admin's)")
+@router.get("/v1/ledger", tags=["account"], responses=LEDGER_RESPONSES,
+            summary="The calling token's own ledger rows (filters as the admin's)")
 async def own_ledger(own: Own, q: Annotated[LedgerQuery, Depends()]) -> Any:
     store, token_id = own
     return await _ledger(store, token_id, q)
@@ -204,7 +313,8 @@ async def own_ledger(own: Own, q: Annotated[LedgerQuery, Depends()]) -> Any:
 async def _errors(store: SqlStore, token_id: int | None, since: str | None, until: str | None) -> dict[str, Any]:
     today = dt.datetime.now(dt.UTC).date()
     end = parse_day(until, "until") or today
-    start = parse_day(since, "since") or end - dt.timedelta(days=29)
+    # The default window is the 30 days up to `until`, cut short at 0001-01-01 (before it, no date exists).
+    start = parse_day(since, "since") or end - dt.timedelta(days=min(29, (end - dt.date.min).days))
     if start > end:
         raise _bad("'since' is after 'until'.", "since")
     if (end - start).days >= MAX_ERROR_DAYS:
@@ -220,17 +330,18 @@ async def _errors(store: SqlStore, token_id: int | None, since: str | None, unti
             "by_day": [{"day": d, "count": n} for d, n in by_day.items()]}
 
 
-@router.get("/admin/ledger/errors", tags=["admin"], summary="Failed requests per UTC day and status")
-async def admin_errors(store: AdminStore, token: str | None = None, since: str | None = None,
-                       until: str | None = None) -> dict[str, Any]:
+@router.get("/admin/ledger/errors", tags=["admin"], summary="Failed requests per UTC day and status",
+            response_model=None, responses={200: {"model": ErrorCounts}})
+async def admin_errors(store: AdminStore, token: Text = None, since: Day = None, until: Day = None) -> dict[str, Any]:
     """Requests whose status is not `ok`, over [since, until] (UTC days; default the last 30)."""
     token = check_text(token, "token")
     token_id = (await store.require_token(token)).id if token else None
     return await _errors(store, token_id, since, until)
 
 
-@router.get("/v1/ledger/errors", tags=["account"], summary="The calling token's failed requests per day and status")
-async def own_errors(own: Own, since: str | None = None, until: str | None = None) -> dict[str, Any]:
+@router.get("/v1/ledger/errors", tags=["account"], summary="The calling token's failed requests per day and status",
+            response_model=None, responses={200: {"model": ErrorCounts}})
+async def own_errors(own: Own, since: Day = None, until: Day = None) -> dict[str, Any]:
     store, token_id = own
     return await _errors(store, token_id, since, until)
 
@@ -249,7 +360,8 @@ def _routes(route: Any) -> list[dict[str, Any]]:
              "priority": c.priority, "weight": c.weight, "ready": bool(c.backend.ready())} for c in candidates]
 
 
-@router.get("/admin/models", tags=["admin"], summary="The routing table: public models, their routes and prices")
+@router.get("/admin/models", tags=["admin"], summary="The routing table: public models, their routes and prices",
+            response_model=None, responses={200: {"model": RoutingTable}})
 async def admin_models(store: AdminStore, gw: Annotated[Gateway, Depends(gateway)]) -> dict[str, Any]:
     prices = await store.current_prices()
     data = []
