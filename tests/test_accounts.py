@@ -132,7 +132,8 @@ def test_create_list_show_and_the_secret_is_shown_once(srv: Server) -> None:
     for ref in (key["id"], key["name"], key["prefix"]):
         assert record(srv, ref) == key
     twin, _ = new_key(srv, name=key["name"])
-    assert "matches 2 tokens" in err(api(srv, "GET", f"/admin/keys/{key['name']}"), 400, "bad_request")["message"]
+    ambiguous = err(api(srv, "GET", f"/admin/keys/{key['name']}"), 409, "ambiguous_reference")
+    assert "matches 2 tokens" in ambiguous["message"]
     assert record(srv, twin[:11])["id"] != key["id"]
 
 

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -43,12 +44,23 @@ def _run(action: Callable[[Any, argparse.Namespace], Awaitable[int]], args: argp
         return 1
 
 
+LAST_SECOND = 253_402_300_799  # 9999-12-31, as the admin API bounds expiries
+
+
+def _ascii_digits(text: str) -> bool:
+    # str.isdigit() and int() also take "²" or "١": only ASCII digits are numbers here, as in the admin API.
+    return text.isascii() and text.isdigit()
+
+
 def _expiry(text: str | None) -> int | None:
     if text is None:
         return None
     try:
-        if text.isdigit():
-            return int(text) * 1000
+        if _ascii_digits(text):
+            seconds = int(text) if len(text) <= 20 else LAST_SECOND + 1
+            if not 0 < seconds <= LAST_SECOND:
+                raise ValueError
+            return seconds * 1000
         when = dt.datetime.fromisoformat(text)
     except ValueError:
         raise GatewayError(400, "bad_request", f"Not a date: {text!r} (use YYYY-MM-DD or unix seconds).") from None
@@ -58,10 +70,19 @@ def _expiry(text: str | None) -> int | None:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 2_147_483_647:
+    if not _ascii_digits(text) or len(text) > 10 or not 1 <= int(text) <= 2_147_483_647:
         raise argparse.ArgumentTypeError("must be a positive integer below 2**31")
-    return value
+    return int(text)
+
+
+def _day(text: str) -> str:
+    try:
+        if re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", text):
+            dt.date.fromisoformat(text)
+            return text
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError("must be a date, YYYY-MM-DD")
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -188,7 +209,7 @@ def add_commands(sub: Any) -> None:
                                ("enable", keys_set_disabled, "enable a token"),
                                ("delete", keys_delete, "delete a token")):
         p = keys.add_parser(name, help=text)
-        p.add_argument("ref", help="id, name or prefix (gg-xxxxxxxx)")
+        p.add_argument("ref", help="id, name or prefix (gg-xxxxxxxx); refused when it could mean two tokens")
         command(p, action)
 
     credits = sub.add_parser("credits", help="balances").add_subparsers(dest="command", required=True)
@@ -211,7 +232,7 @@ def add_commands(sub: Any) -> None:
 
     usage = sub.add_parser("usage", help="usage report")
     usage.add_argument("--token", help="id, name or prefix")
-    usage.add_argument("--since", help="YYYY-MM-DD")
+    usage.add_argument("--since", type=_day, help="YYYY-MM-DD")
     usage.add_argument("--by", choices=["day", "model"], default="day")
     usage.add_argument("--csv", metavar="FILE", help="write CSV to FILE ('-' for stdout)")
     command(usage, usage_report)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Callable, Coroutine
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Path, Query
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+from starlette.requests import Request
 from starlette.responses import Response
 
 from grokgate.api.chat import authenticate
@@ -30,7 +33,25 @@ async def require_admin(
     return gw.store
 
 
-router = APIRouter(prefix="/admin", tags=["admin"])
+class AdminRoute(APIRoute):
+    """Checks the admin token before anything reads the body. FastAPI reads and parses a route's body before it
+    solves its dependencies, so with `require_admin` alone a client without a token could make the server
+    read (up to the body limit) and validate a body, and would get that body's 400 instead of the auth error."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def admin_first(request: Request) -> Response:
+            gw: Gateway = request.app.state.gateway
+            principal = await gw.admission.authenticate(request.headers.get("authorization"))
+            if not principal.admin:
+                raise GatewayError(403, "forbidden", "This API needs the admin token.")
+            return await handler(request)
+
+        return admin_first
+
+
+router = APIRouter(prefix="/admin", tags=["admin"], route_class=AdminRoute)
 Store = Annotated[SqlStore, Depends(require_admin)]
 
 
@@ -43,8 +64,19 @@ LAST_SECOND = 253_402_300_799  # 9999-12-31: expiries beyond it would overflow a
 Amount = StrictStr | StrictInt | StrictFloat  # strict: JSON `true` must not become 1 credit
 
 
+# What check_token_name and check_text (core/accounts.py) accept, for the OpenAPI document; the store checks.
+_CONTROL = "\\u0000-\\u001f\\u007f-\\u009f"
+_TEXT = {"pattern": f"^[^{_CONTROL}]*[^\\s{_CONTROL}][^{_CONTROL}]*$"}
+TOKEN_NAME: dict[str, Any] = {
+    **_TEXT,
+    "not": {"anyOf": [{"pattern": "^\\s*[0-9]+\\s*$"}, {"pattern": "^\\s*[gG][gG]-"}]},
+    "description": "Not blank, no control characters, not a number and not starting with 'gg-' (those read as "
+                   "a token's id or prefix)",
+}
+
+
 class KeyCreate(_Strict):
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=200, json_schema_extra=TOKEN_NAME)
     allowed_models: list[str] | None = None
     expires_at: int | None = Field(default=None, description="Unix seconds", gt=0, le=LAST_SECOND)
     rpm: int | None = Field(default=None, ge=1, le=INT32_MAX)
@@ -56,7 +88,7 @@ class KeyCreate(_Strict):
 class KeyUpdate(_Strict):
     """Fields left out are unchanged; `null` clears the nullable ones (limits, models, expiry)."""
 
-    name: str | None = Field(default=None, min_length=1, max_length=200)
+    name: str | None = Field(default=None, min_length=1, max_length=200, json_schema_extra=TOKEN_NAME)
     disabled: bool | None = None
     allowed_models: list[str] | None = None
     expires_at: int | None = Field(default=None, gt=0, le=LAST_SECOND)
@@ -150,7 +182,8 @@ async def list_prices(store: Store) -> dict[str, Any]:
 
 
 @router.put("/prices/{model}", summary="Set a model's prices (creates a new version)")
-async def set_price(model: str, body: PriceSet, store: Store) -> dict[str, Any]:
+async def set_price(model: Annotated[str, Path(json_schema_extra={**_TEXT, "maxLength": 200})], body: PriceSet,
+                    store: Store) -> dict[str, Any]:
     price = Price(model, parse_price(body.input, "input"), parse_price(body.cached_input, "cached_input"),
                   parse_price(body.output, "output"))
     return _price_json(await store.set_price(price))

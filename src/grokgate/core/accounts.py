@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
+import unicodedata
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Protocol
@@ -14,6 +15,9 @@ from grokgate.core.events import Usage
 from grokgate.core.pricing import MICRO, Price
 
 TOKEN_PREFIX = "gg-"
+PREFIX_LENGTH = len(TOKEN_PREFIX) + 8  # what display_prefix keeps
+ID_MAX = 2**31 - 1  # token ids are 32-bit integers (int4 on PostgreSQL)
+NAME_MAX = 200  # the name column's length
 
 
 def new_secret() -> str:
@@ -27,6 +31,83 @@ def hash_token(token: str) -> str:
 
 def display_prefix(token: str) -> str:
     return token[: len(TOKEN_PREFIX) + 8]
+
+
+def storable(text: str) -> bool:
+    """Text a database column can hold: UTF-8 encodable (no lone surrogates, which argv can carry) and no
+    control characters (PostgreSQL refuses NUL in text; the others only make names unreadable)."""
+    return _encodable(text) and not any(unicodedata.category(c) == "Cc" for c in text)
+
+
+def check_text(value: str, param: str, *, max_length: int = NAME_MAX) -> str:
+    """A name-like field (a token's name, a model's): 1..max_length storable characters, not blank."""
+    if not value.strip():
+        raise GatewayError(400, "bad_request", f"'{param}' must not be empty or blank.", param=param)
+    if len(value) > max_length:
+        raise GatewayError(400, "bad_request", f"'{param}' is longer than {max_length} characters.", param=param)
+    if not storable(value):
+        raise GatewayError(400, "bad_request", f"'{param}' must not contain control characters.", param=param)
+    return value
+
+
+def check_token_name(name: str) -> str:
+    """Names are references too (`/admin/keys/{ref}`, `grokgate credits add REF`), so a name must never read
+    as an id or a prefix: a token named "2" would otherwise be confused with the token whose id is 2."""
+    check_text(name, "name")
+    bare = name.strip()
+    if bare.isascii() and bare.isdigit():  # only ASCII digits are ids (parse_ref)
+        raise GatewayError(400, "bad_request", f"A token name cannot be a number ({name!r} reads as a token id).",
+                           param="name")
+    if bare.lower().startswith(TOKEN_PREFIX):
+        raise GatewayError(400, "bad_request",
+                           f"A token name cannot start with {TOKEN_PREFIX!r} (it reads as a token prefix).",
+                           param="name")
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRef:
+    """Everything one reference may mean. A token matches when it has this id, this prefix or this name; a
+    reference that matches two tokens is refused (tokens named before names were checked can read as ids)."""
+
+    text: str
+    id: int | None
+    prefix: str | None
+    name: str | None
+
+    @property
+    def empty(self) -> bool:
+        return self.id is None and self.prefix is None and self.name is None
+
+
+def parse_ref(ref: int | str) -> TokenRef:
+    """Only ASCII digits are an id (int() and str.isdigit() also take "١" or "²"), and only within the id
+    column's range: anything else cannot be an id, so it is looked up as a name (and is simply not found)."""
+    if isinstance(ref, int):
+        return TokenRef(str(ref), ref if 1 <= ref <= ID_MAX else None, None, None)
+    token_id = None
+    digits = ref.lstrip("0")
+    if ref.isascii() and ref.isdigit() and len(digits) <= len(str(ID_MAX)) and 1 <= int(digits or "0") <= ID_MAX:
+        token_id = int(digits)
+    prefix = ref[:PREFIX_LENGTH] if ref.startswith(TOKEN_PREFIX) and storable(ref) else None
+    name = ref if 0 < len(ref) <= NAME_MAX and _encodable(ref) else None
+    return TokenRef(ref, token_id, prefix, name)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def ambiguous(ref: str, candidates: list[TokenRecord]) -> GatewayError:
+    """409 naming every token a reference matches, with what tells them apart."""
+    listed = "; ".join(f"id {t.id} ({t.prefix}, named {t.name!r})" for t in candidates)
+    return GatewayError(409, "ambiguous_reference",
+                        f"{ref!r} matches {len(candidates)} tokens: {listed}. Use the id or the prefix of the one "
+                        "you mean, or rename one of them.")
 
 
 def now_ms() -> int:

@@ -81,6 +81,8 @@ class Reports:
 
     async def ledger_page(self, *, limit: int = 100, **filters: Any) -> tuple[list[dict[str, Any]], bool]:
         """One page of ledger rows and whether more follow (one extra row is read to know)."""
+        if any(isinstance(v, str) and "\x00" in v for v in filters.values()):
+            return [], False  # no row holds NUL (PostgreSQL text cannot), and asyncpg would refuse to send it
         query = self.ledger_page_query(limit=limit + 1, **filters)
         async with self.engine.connect() as conn:
             rows = [dict(r) for r in (await conn.execute(query)).mappings().all()]

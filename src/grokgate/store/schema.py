@@ -1,4 +1,5 @@
-"""Tables of the account store. Money columns are BigInteger micro-credits; times are epoch milliseconds."""
+"""Tables of the account store. Money columns are BigInteger micro-credits; times are epoch milliseconds
+(except the heartbeats of `instances`, which are the database's own timestamps)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     Column,
+    DateTime,
     ForeignKey,
     Index,
     Integer,
@@ -61,6 +63,17 @@ reservations = Table(
     Column("amount", BigInteger, nullable=False),
     Column("owner", String(200), nullable=False),
     Column("created_at", BigInteger, nullable=False),
+)
+
+# The serving instances of a shared database (PostgreSQL), each renewing its heartbeat; the living release
+# the reservations of an instance whose heartbeat is too old. Times are the database's (now()), not the
+# replicas' clocks.
+instances = Table(
+    "instances",
+    metadata,
+    Column("owner", String(200), primary_key=True),  # reservations.owner
+    Column("heartbeat_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
 )
 
 ledger = Table(

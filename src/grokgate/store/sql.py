@@ -14,21 +14,52 @@ import dataclasses
 import logging
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, delete, event, insert, make_url, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Interval,
+    Table,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    literal,
+    make_url,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
-from grokgate.core.accounts import Settlement, TokenRecord, display_prefix, hash_token, new_secret, now_ms
+from grokgate.core.accounts import (
+    Settlement,
+    TokenRecord,
+    ambiguous,
+    check_text,
+    check_token_name,
+    display_prefix,
+    hash_token,
+    new_secret,
+    now_ms,
+    parse_ref,
+    storable,
+)
 from grokgate.core.errors import GatewayError
 from grokgate.core.pricing import Price
 from grokgate.store.batch import Reservation, reserve_many, settle_many, sqlite_statements
 from grokgate.store.cache import RefreshingCache
 from grokgate.store.reports import Reports
-from grokgate.store.schema import api_tokens, ledger, prices, reservations
+from grokgate.store.schema import api_tokens, instances, ledger, prices, reservations
 from grokgate.store.sqlite_writer import SqliteWriter, WriterFailed
 
 log = logging.getLogger("grokgate.store")
@@ -36,6 +67,9 @@ T = TypeVar("T")
 Op = Callable[[Connection], Any]
 
 _CACHE_SECONDS = 2.0
+# PostgreSQL advisory lock key for migrations ("grokgate" in ASCII; one 64-bit namespace per database).
+_MIGRATION_LOCK = 0x67726F6B67617465
+_MIN_MISSED_BEATS = 3
 
 
 def normalise_url(url: str) -> str:
@@ -59,7 +93,15 @@ class SqlStore(Reports):
         self.url = normalise_url(url)
         self.owner = owner
         self.heartbeat_seconds = heartbeat_seconds
+        # A live instance must never look dead between two of its heartbeats (a slow commit, a busy loop).
+        if dead_after_seconds < _MIN_MISSED_BEATS * heartbeat_seconds:
+            log.warning("instance_dead_after_seconds %.3g is below %d heartbeats of %.3g s; using %.3g",
+                        dead_after_seconds, _MIN_MISSED_BEATS, heartbeat_seconds,
+                        _MIN_MISSED_BEATS * heartbeat_seconds)
+            dead_after_seconds = _MIN_MISSED_BEATS * heartbeat_seconds
         self.dead_after_seconds = dead_after_seconds
+        self._heartbeat: asyncio.Task[None] | None = None  # shared databases, serving: heartbeat and sweep
+        self._beaten = False  # our instance row was written at least once
         self._max_batch = max_batch
         self._use_writer_process = writer_process
         self._settler: SqliteWriter | None = None  # SQLite, serving: settlements commit in a child process
@@ -109,6 +151,12 @@ class SqlStore(Reports):
                 self._memory_holds = True
         if migrate:
             await self.upgrade()
+        if serve and self.dialect != "sqlite":
+            # A shared database keeps reservation rows: announce that this instance is alive, release what
+            # dead ones left, and keep doing both while serving.
+            await self._beat()
+            await self._sweep()
+            self._heartbeat = asyncio.create_task(self._heartbeats(), name="store-heartbeat")
         if self._memory_holds and self._use_writer_process:
             if path is not None:
                 settler = SqliteWriter(path, sqlite_statements())
@@ -132,6 +180,11 @@ class SqlStore(Reports):
             command.upgrade(config, "head")
 
         async with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # Replicas started together on an empty database would each create alembic_version and the
+                # tables, and all but one fail (a unique violation in the catalog). One migrates at a time;
+                # the others then find the schema at head. Released at commit.
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
             await conn.run_sync(run)
 
     async def close(self, grace: float = 10.0) -> None:
@@ -149,6 +202,16 @@ class SqlStore(Reports):
                 await asyncio.shield(self._writer)
             else:
                 await asyncio.sleep(0.01)
+        if self._heartbeat is not None:
+            # Heartbeats went on while settlements drained (others must not take us for dead meanwhile).
+            # Nothing of ours settles after this, so what is still held is released now, not after a lease.
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+            self._heartbeat = None
+            try:
+                await self._retire()
+            except Exception:
+                log.warning("could not release this instance's reservations at shutdown", exc_info=True)
         self._closed = True
         for future in [f for _, _, f in self._queue if not f.done()]:
             future.set_exception(RuntimeError("the store is closed"))
@@ -300,6 +363,7 @@ class SqlStore(Reports):
     async def create_token(self, name: str, *, allowed_models: list[str] | None = None,
                            expires_at: int | None = None, rpm: int | None = None, tpm: int | None = None,
                            max_concurrency: int | None = None) -> tuple[TokenRecord, str]:
+        check_token_name(name)
         secret = new_secret()
         values = {
             "name": name, "prefix": display_prefix(secret), "token_hash": hash_token(secret),
@@ -319,18 +383,27 @@ class SqlStore(Reports):
         return record, secret
 
     async def get_token(self, ref: int | str) -> TokenRecord | None:
-        """By id, by name, or by prefix (`gg-xxxxxxxx`)."""
-        query = select(api_tokens)
-        if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
-            query = query.where(api_tokens.c.id == int(ref))
-        elif ref.startswith("gg-"):
-            query = query.where(api_tokens.c.prefix == ref[:11])
-        else:
-            query = query.where(api_tokens.c.name == ref)
+        """By id, by name, or by prefix (`gg-xxxxxxxx`). A reference is checked against every meaning it
+        can have, so a token named "2" (allowed before names were checked) and the token whose id is 2 make
+        "2" ambiguous: 409 naming both, never a silent choice."""
+        parsed = parse_ref(ref)
+        name = parsed.name
+        if name is not None and "\x00" in name and self.dialect == "postgresql":
+            name = None  # PostgreSQL text cannot hold NUL, so no name has one (and asyncpg would refuse it)
+        conditions = []
+        if parsed.id is not None:
+            conditions.append(api_tokens.c.id == parsed.id)
+        if parsed.prefix is not None:
+            conditions.append(api_tokens.c.prefix == parsed.prefix)
+        if name is not None:
+            conditions.append(api_tokens.c.name == name)
+        if not conditions:
+            return None
+        query = select(api_tokens).where(or_(*conditions)).order_by(api_tokens.c.id)
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).mappings().all()
         if len(rows) > 1:
-            raise GatewayError(400, "bad_request", f"{ref!r} matches {len(rows)} tokens: use the id.")
+            raise ambiguous(parsed.text, [_record(r) for r in rows])
         return self._with_holds(_record(rows[0])) if rows else None
 
     async def require_token(self, ref: int | str) -> TokenRecord:
@@ -358,6 +431,8 @@ class SqlStore(Reports):
         unknown = set(fields) - allowed
         if unknown:
             raise GatewayError(400, "bad_request", f"Cannot change {', '.join(sorted(unknown))}.")
+        if fields.get("name") is not None:
+            check_token_name(fields["name"])
 
         def op(conn: Connection) -> int:
             result = conn.execute(update(api_tokens).where(api_tokens.c.id == token_id).values(**fields))
@@ -414,12 +489,16 @@ class SqlStore(Reports):
 
     async def price_history(self, model: str | None = None) -> list[Price]:
         query = select(prices).order_by(prices.c.model, prices.c.version)
+        if model and not storable(model):
+            return []  # no model can have this name (PostgreSQL would refuse to compare it)
         if model:
             query = query.where(prices.c.model == model)
         async with self.engine.connect() as conn:
             return [_price(r) for r in (await conn.execute(query)).mappings().all()]
 
     async def set_price(self, price: Price) -> Price:
+        check_text(price.model, "model")
+
         def op(conn: Connection) -> int:
             latest = (conn.execute(
                 select(prices.c.version).where(prices.c.model == price.model).order_by(prices.c.version.desc()).limit(1)
@@ -436,11 +515,22 @@ class SqlStore(Reports):
         return Price(price.model, price.input, price.cached_input, price.output, version)
 
     async def seed_prices(self, defaults: list[Price]) -> None:
-        """Give every model without a price its default, once."""
+        """Give every model without a price its default, once. Replicas starting together all try: version 1
+        of a model is inserted by the first and skipped by the others (no unique violation at start)."""
         existing = await self.current_prices()
-        for price in defaults:
-            if price.model not in existing:
-                await self.set_price(price)
+        missing = [p for p in defaults if p.model not in existing]
+        if not missing:
+            return
+        rows = [{"model": p.model, "version": 1, "input": p.input, "cached_input": p.cached_input,
+                 "output": p.output, "created_at": now_ms()} for p in missing]
+
+        def op(conn: Connection) -> None:
+            stmt = _dialect_insert(conn.dialect.name, prices).on_conflict_do_nothing(
+                index_elements=["model", "version"])
+            conn.execute(stmt, rows)
+
+        await self.write(op)
+        self._prices.invalidate()
 
     # -- reservations and settlement --------------------------------------------------------------------------
 
@@ -489,29 +579,123 @@ class SqlStore(Reports):
 
     async def reclaim(self, *, owner: str | None = None, older_than_ms: int | None = None) -> int:
         """Release reservations left by a crash: this owner's, or any older than the cut-off."""
-        conditions = []
+        conditions: list[ColumnElement[bool]] = []
         if owner is not None:
             conditions.append(reservations.c.owner == owner)
         if older_than_ms is not None:
             conditions.append(reservations.c.created_at < now_ms() - older_than_ms)
         if not conditions:
             return 0
-
-        def op(conn: Connection) -> int:
-            from sqlalchemy import or_
-
-            rows = (conn.execute(
-                delete(reservations).where(or_(*conditions)).returning(reservations.c.token_id, reservations.c.amount)
-            )).all()
-            for token_id, amount in rows:
-                conn.execute(update(api_tokens).where(api_tokens.c.id == token_id).values(
-                    balance=api_tokens.c.balance + amount, reserved=api_tokens.c.reserved - amount))
-            return len(rows)
-
-        count = int(await self.write(op))
+        count = int(await self.write(lambda conn: _release(conn, or_(*conditions))))
         if count:
             log.warning("released reservations left by an earlier run", extra={"count": count})
         return count
+
+    # -- instances: heartbeats, and the reservations of dead ones ---------------------------------------------
+
+    def _stale(self) -> ColumnElement[bool]:
+        """Another instance whose heartbeat is older than dead_after, by the database's clock (replicas'
+        clocks may disagree; the database's is the one they share)."""
+        limit = literal(timedelta(seconds=self.dead_after_seconds), Interval())
+        return (instances.c.heartbeat_at < func.now() - limit) & (instances.c.owner != self.owner)
+
+    async def _heartbeats(self) -> None:
+        """Beat every heartbeat_seconds; sweep alongside, in its own task, so a sweep waiting on the writer
+        (a busy group commit, a lock held by another replica) never delays a beat."""
+        sweep: asyncio.Task[None] | None = None
+        try:
+            while True:
+                await asyncio.sleep(self.heartbeat_seconds)
+                try:
+                    await self._beat()
+                except Exception:  # the database may be briefly away: keep beating
+                    log.warning("instance heartbeat failed", exc_info=True)
+                if sweep is None or sweep.done():
+                    sweep = asyncio.create_task(self._sweep_logged(), name="store-sweep")
+        finally:
+            if sweep is not None:
+                sweep.cancel()
+                await asyncio.gather(sweep, return_exceptions=True)
+
+    async def _sweep_logged(self) -> None:
+        try:
+            await self._sweep()
+        except Exception:
+            log.warning("releasing dead instances' reservations failed", exc_info=True)
+
+    async def _beat(self) -> None:
+        """Renew our heartbeat, on its own connection: a backlog of the writer must not make us look dead."""
+        async with self.engine.begin() as conn:
+            renewed = (await conn.execute(update(instances).where(instances.c.owner == self.owner)
+                                          .values(heartbeat_at=func.now()))).rowcount
+            if not renewed:
+                stmt = _dialect_insert(self.dialect, instances).values(
+                    owner=self.owner, heartbeat_at=func.now(), started_at=func.now())
+                await conn.execute(stmt.on_conflict_do_update(index_elements=["owner"],
+                                                              set_={"heartbeat_at": func.now()}))
+        if not renewed and self._beaten:
+            log.error("this instance (%s) was taken for dead (no heartbeat for %.3g s): its reservations were "
+                      "released, so requests in flight are charged without them", self.owner,
+                      self.dead_after_seconds)
+        self._beaten = True
+
+    async def _sweep(self) -> int:
+        """Release the reservations of instances that stopped beating (killed, or rescheduled under a new
+        instance id, so no restart of theirs would release them), then forget those instances. A read
+        first: the usual answer is "nobody is dead", and that costs no write."""
+        async with self.engine.connect() as conn:
+            dead = (await conn.execute(select(instances.c.owner).where(self._stale()))).scalars().all()
+        if not dead:
+            return 0
+        stale = self._stale()
+
+        def op(conn: Connection) -> int:
+            # The staleness is checked again inside the transaction: an instance that beat since is alive.
+            count = _release(conn, reservations.c.owner.in_(select(instances.c.owner).where(stale)))
+            conn.execute(delete(instances).where(stale))
+            return count
+
+        count = int(await self.write(op))
+        log.log(logging.WARNING if count else logging.INFO,
+                "released the reservations of instances with no heartbeat for %.3g s", self.dead_after_seconds,
+                extra={"count": count, "instances": sorted(dead)})
+        return count
+
+    async def _retire(self) -> None:
+        owner = self.owner
+
+        def op(conn: Connection) -> int:
+            count = _release(conn, reservations.c.owner == owner)
+            conn.execute(delete(instances).where(instances.c.owner == owner))
+            return count
+
+        count = int(await self.write(op))
+        if count:
+            log.warning("released reservations still held at shutdown", extra={"count": count})
+
+
+def _release(conn: Connection, condition: ColumnElement[bool]) -> int:
+    """Delete the reservations matching `condition` and give their amounts back, one UPDATE per token in
+    id order (the order settlements lock tokens in, so the two cannot deadlock). A settlement that comes
+    later finds its reservation gone and charges the balance directly (store/batch.py)."""
+    rows = conn.execute(
+        delete(reservations).where(condition).returning(reservations.c.token_id, reservations.c.amount)).all()
+    freed: dict[int, int] = defaultdict(int)
+    for token_id, amount in rows:
+        freed[int(token_id)] += int(amount)
+    for token_id, amount in sorted(freed.items()):
+        conn.execute(update(api_tokens).where(api_tokens.c.id == token_id).values(
+            balance=api_tokens.c.balance + amount, reserved=api_tokens.c.reserved - amount))
+    return len(rows)
+
+
+def _dialect_insert(dialect: str, table: Table) -> Any:
+    """INSERT with ON CONFLICT (both databases grokgate runs on have it)."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert  # type: ignore[assignment]
+    return dialect_insert(table)
 
 
 class _Failed:
