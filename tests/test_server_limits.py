@@ -419,6 +419,27 @@ def test_a_stalled_body_gets_408(gw: Server) -> None:
     wait_for_log(gw, "body_timeout")
 
 
+def test_a_body_cut_off_by_its_client_or_the_timeout_logs_no_traceback(gw: Server) -> None:
+    """Starlette raises ClientDisconnect from request.body(): a normal ending, never a 500 with a traceback
+    (unrated, so any client could flood the log with them)."""
+    before = gw.log().count("Traceback")
+    body = json.dumps({"model": "grok-3", "messages": user("Hi")}).encode()
+    head = (b"POST /grok/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            + f"Authorization: Bearer {gw.token}\r\nContent-Type: application/json\r\n".encode()
+            + f"Content-Length: {len(body) + 100}\r\n\r\n".encode())
+    with connect(gw, "127.0.0.12") as sock:  # the client hangs up half-way through its body
+        sock.sendall(head + body[:10])
+        time.sleep(0.3)
+    with connect(gw, "127.0.0.12") as sock:  # the body timeout gives up on it
+        sock.sendall(head + body)
+        read_until_closed(sock, BODY_TIMEOUT + SLACK)
+    assert healthz(gw) == 200
+    time.sleep(0.5)
+    log = gw.log()
+    assert log.count("Traceback") == before, log[-3000:]
+    assert "unhandled error" not in log
+
+
 def test_a_dripped_body_after_the_answer_is_closed(gw: Server) -> None:
     """No token: the 401 goes out before the body is read; a client that then drips the body forever (each
     byte cancels the keep-alive timer) is closed after the body timeout."""

@@ -53,6 +53,9 @@ def _serve(args: argparse.Namespace) -> int:
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=5,
+        # The peer address is the socket's: X-Forwarded-For from a local proxy must not rewrite it (the
+        # /metrics loopback rule and the per-client connection bound read it).
+        proxy_headers=False,
         # grokgate.server: bounds on heads, bodies' arrival and connections; no WebSocket (the app has none).
         http=protocol,
         ws="none",
@@ -149,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # A setting out of range is the operator's to fix: name it, without a traceback. The input is not
         # echoed: it may be a URL with a password in it.
-        problems = "\n".join(f"  GROKGATE_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}"
+        # A rule across settings (a model validator) has no location: its message names the variables.
+        problems = "\n".join(f"  GROKGATE_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" if e["loc"]
+                             else f"  {e['msg'].removeprefix('Value error, ')}"
                              for e in exc.errors(include_url=False))
         print(f"grokgate: invalid settings:\n{problems}", file=sys.stderr)
         return 2

@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODELS = (
@@ -143,3 +143,9 @@ class Settings(BaseSettings):
         if not value:
             raise ValueError("at least one public model name is required")
         return value
+
+    @model_validator(mode="after")
+    def _metrics_token_given(self) -> Settings:
+        if self.metrics_access == "token" and not (self.metrics_token or "").strip():
+            raise ValueError("GROKGATE_METRICS_ACCESS=token needs a non-empty GROKGATE_METRICS_TOKEN")
+        return self

@@ -13,7 +13,10 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
+from starlette.routing import Match, Mount
+from starlette.types import Scope
 
 from grokgate.core.errors import GatewayError
 
@@ -107,6 +110,11 @@ def install(app: FastAPI) -> None:
             error = GatewayError(404, "no_api", f"The API {request.url.path} is not registered.")
         elif exc.status_code == 405:
             error = GatewayError(405, "method_not_allowed", f"{request.method} is not allowed here.")
+            # Every 405 carries Allow (RFC 9110 15.5.6); a mount (static files) names its own methods.
+            allowed = allowed_methods(request.app, request.scope) or [
+                m.strip() for m in (exc.headers or {}).get("Allow", "").split(",") if m.strip()]
+            if allowed:
+                error.headers["allow"] = ", ".join(allowed)
         else:
             error = GatewayError(exc.status_code, "bad_request", str(exc.detail))
         _count(request, error)
@@ -119,7 +127,34 @@ def install(app: FastAPI) -> None:
         _count(request, error)
         return error_response(error, rid)
 
+    async def on_client_gone(request: Request, exc: Exception) -> Response:
+        # The client left while its body was arriving (or grokgate.server gave up waiting for it): a normal
+        # ending, not a 500 with a traceback anyone could flood the log with. Nobody reads this answer.
+        return Response(status_code=400, headers={"x-request-id": request_id_of(request)})
+
+    app.add_exception_handler(ClientDisconnect, on_client_gone)
     app.add_exception_handler(GatewayError, on_gateway_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected)
+
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(app: Any, scope: Scope) -> list[str]:
+    """Every method some route serves at this path. Starlette's own `Allow` names only the first route that
+    matched the path (GET of /admin/keys/{ref}, not its PATCH and DELETE), so each method is tried in turn.
+    A mount (static files) decides inside itself: it gives no answer here."""
+    allowed = []
+    for method in _METHODS:
+        probe = {"type": "http", "method": method, "path": scope["path"], "root_path": scope.get("root_path", ""),
+                 "headers": [], "query_string": b""}
+        for route in app.router.routes:
+            match, _ = route.matches(probe)
+            if match is Match.FULL:
+                if not isinstance(route, Mount):
+                    allowed.append(method)
+                break
+    return allowed
