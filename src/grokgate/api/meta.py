@@ -69,6 +69,22 @@ async def list_models(
     return {"object": "list", "data": data}
 
 
+@router.get("/v1/models/{model}", tags=["models"], summary="Describe one public model (OpenAI model object)",
+            response_model=None, responses={200: {"model": ModelCard}})
+@router.get("/grok/models/{model}", tags=["models"], include_in_schema=False)
+async def retrieve_model(
+    model: str,
+    gw: Annotated[Gateway, Depends(gateway)],
+    principal: Annotated[Principal, Depends(authenticate)],
+) -> dict[str, Any]:
+    """What the openai SDK's `client.models.retrieve(name)` reads; an unknown name is 404 `model_not_found`."""
+    if gw.models.get(model) is None:
+        available = ", ".join(gw.models.names())
+        raise GatewayError(404, "model_not_found", f"The model '{model}' does not exist. Available models: "
+                           f"{available}.", param="model")
+    return {"id": model, "object": "model", "created": gw.started_at, "owned_by": "grokgate"}
+
+
 @router.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=Response,
             responses={200: {"description": "The Prometheus text format", "content": METRICS_CONTENT}})
 async def metrics(request: Request, gw: Annotated[Gateway, Depends(gateway)]) -> Response:

@@ -182,6 +182,8 @@ def _describe_operation(path: str, op: dict[str, Any], settings: Settings) -> No
         statuses.add("400")
     if parameters & {"ref", "token"}:
         statuses |= {"404", "409"}
+    if "model" in parameters:  # /v1/models/{model}: model_not_found
+        statuses.add("404")
     if "requestBody" in op:
         statuses |= {"400", "413"}
     if path == "/metrics":
