@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from grokgate.core.accounts import format_credits, parse_credits
+from grokgate.core.accounts import format_credits, parse_credits, parse_price
 from grokgate.core.errors import GatewayError
 from grokgate.core.pricing import Price
 
@@ -93,7 +93,8 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 async def keys_create(store: Any, args: argparse.Namespace) -> int:
-    credits = parse_credits(args.credits) if args.credits is not None else 0
+    # Zero is a valid starting balance, as in POST /admin/keys; only top-ups must add something.
+    credits = parse_credits(args.credits, "--credits", allow_zero=True) if args.credits is not None else 0
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     record, secret = await store.create_token(
         args.name, allowed_models=models, expires_at=_expiry(args.expires), rpm=args.rpm, tpm=args.tpm,
@@ -153,10 +154,8 @@ async def prices_list(store: Any, args: argparse.Namespace) -> int:
 
 
 async def prices_set(store: Any, args: argparse.Namespace) -> int:
-    from grokgate.api.admin import parse_price
-
-    price = Price(args.model, parse_price(args.input, "input"), parse_price(args.cached_input, "cached_input"),
-                  parse_price(args.output, "output"))
+    price = Price(args.model, parse_price(args.input, "--input"), parse_price(args.cached_input, "--cached-input"),
+                  parse_price(args.output, "--output"))
     saved = await store.set_price(price)
     print(f"{saved.model}: price version {saved.version}")
     return 0

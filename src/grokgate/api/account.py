@@ -2,26 +2,118 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import re
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from grokgate.api.chat import authenticate
 from grokgate.api.deps import Gateway, gateway
+from grokgate.api.openapi import ErrorEnvelope
 from grokgate.core.accounts import format_credits
 from grokgate.core.admission import Principal
 from grokgate.core.errors import GatewayError
 
 router = APIRouter(tags=["account"])
 
+NO_ACCOUNT = "The bootstrap admin token has no account (no balance, usage or ledger of its own); use /admin/*."
+
 
 def _own_token_id(principal: Principal) -> int:
+    # 403, not 400: the request is well formed, this token may just not use it (as a holder's token may not use
+    # /admin/*). The OpenAPI document lists it (OWN_RESPONSES).
     if principal.token_id is None:
-        raise GatewayError(400, "bad_request", "The bootstrap admin token has no account; use /admin/keys.")
+        raise GatewayError(403, "forbidden", NO_ACCOUNT)
     return principal.token_id
 
 
-@router.get("/v1/balance", summary="The calling token's balance")
+# -- query parameters ------------------------------------------------------------------------------------------
+
+_DAY = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
+SINCE_QUERY: dict[str, JsonValue] = {"type": "string", "format": "date", "pattern": _DAY.pattern,
+                                     "description": "The first UTC day to count, YYYY-MM-DD (inclusive)"}
+
+
+def check_day(value: str | None, param: str) -> str | None:
+    """A real calendar day written YYYY-MM-DD (what `format: date` says), or None. The store compares days as
+    text, so "2024-02-30" would silently mean "from March"; it is refused instead."""
+    if value is None:
+        return None
+    try:
+        if not _DAY.fullmatch(value):  # fullmatch: `$` alone would let a trailing newline through
+            raise ValueError
+        dt.date.fromisoformat(value)
+    except ValueError:
+        raise GatewayError(400, "bad_request", f"'{param}' must be a date written YYYY-MM-DD, got {value!r}.",
+                           param=param) from None
+    return value
+
+
+# -- response bodies, for the OpenAPI document (the routes return plain dicts: nothing is validated per request) --
+
+
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+Micro = Annotated[int, Field(description="Micro-credits (millionths of a credit)")]
+SignedCredits = Annotated[str, Field(description="The same amount in credits, as a decimal string",
+                                     pattern=r"^-?[0-9]+(\.[0-9]{1,6})?$")]
+Count = Annotated[int, Field(ge=0)]
+
+
+class _UsageTotals(_Closed):
+    requests: Count
+    prompt_tokens: Count
+    cached_tokens: Count
+    completion_tokens: Count
+    reasoning_tokens: Count
+    cost: Micro
+
+
+class UsageByDay(_UsageTotals):
+    day: str = Field(description="A UTC day, YYYY-MM-DD", json_schema_extra={"format": "date"})
+
+
+class UsageByModel(_UsageTotals):
+    model: str
+
+
+class UsageReport(_Closed):
+    object: Literal["list"]
+    by: Literal["day", "model"]
+    data: list[UsageByDay] | list[UsageByModel] = Field(description="Rows keyed by `day` or by `model`, as `by` "
+                                                                    "says, in that key's order")
+
+
+class BalanceToken(_Closed):
+    id: int
+    name: str
+    prefix: str
+
+
+class Balance(_Closed):
+    object: Literal["balance"]
+    token: BalanceToken
+    balance: Micro
+    reserved: Micro = Field(description="Micro-credits held for requests in flight")
+    balance_credits: SignedCredits
+    unit: Literal["micro-credits"]
+
+
+# The 403 a holder's own routes add to the usual ones (a disabled token); api/openapi.py adds the rest.
+OWN_FORBIDDEN: dict[int | str, dict[str, Any]] = {403: {
+    "model": ErrorEnvelope,
+    "description": "`forbidden`: the bootstrap admin token (GROKGATE_API_KEYS) has no account; `disabled`: the "
+                   "token is disabled",
+}}
+
+
+@router.get("/v1/balance", summary="The calling token's balance", response_model=None,
+            responses={200: {"model": Balance, "description": "The balance, in micro-credits and in credits"},
+                       **OWN_FORBIDDEN})
 @router.get("/grok/balance", include_in_schema=False)
 async def balance(
     principal: Annotated[Principal, Depends(authenticate)],
@@ -39,14 +131,17 @@ async def balance(
     }
 
 
-@router.get("/v1/usage", summary="The calling token's usage, by day or by model")
+@router.get("/v1/usage", summary="The calling token's usage, by day or by model", response_model=None,
+            responses={200: {"model": UsageReport, "description": "Totals per UTC day or per model"},
+                       **OWN_FORBIDDEN})
 @router.get("/grok/usage", include_in_schema=False)
 async def usage(
     principal: Annotated[Principal, Depends(authenticate)],
     gw: Annotated[Gateway, Depends(gateway)],
-    since: Annotated[str | None, Query(pattern=r"^\d{4}-\d{2}-\d{2}$", description="YYYY-MM-DD")] = None,
+    since: Annotated[str | None, Query(json_schema_extra=SINCE_QUERY)] = None,
     by: Annotated[Literal["day", "model"], Query()] = "day",
 ) -> dict[str, Any]:
     assert gw.store is not None
-    rows = await gw.store.usage(token_id=_own_token_id(principal), since=since, by=by)
+    token_id = _own_token_id(principal)
+    rows = await gw.store.usage(token_id=token_id, since=check_day(since, "since"), by=by)
     return {"object": "list", "by": by, "data": rows}

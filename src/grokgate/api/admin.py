@@ -5,21 +5,21 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Callable, Coroutine
-from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, WithJsonSchema
 from starlette.requests import Request
 from starlette.responses import Response
 
+from grokgate.api.account import SINCE_QUERY, Micro, SignedCredits, UsageReport, check_day
 from grokgate.api.chat import authenticate
 from grokgate.api.deps import Gateway, gateway
-from grokgate.core.accounts import parse_credits
+from grokgate.core.accounts import credits_schema, parse_credits, parse_price
 from grokgate.core.admission import Principal
 from grokgate.core.errors import GatewayError
-from grokgate.core.pricing import MICRO, Price
+from grokgate.core.pricing import Price
 from grokgate.store.sql import SqlStore
 
 
@@ -61,7 +61,12 @@ class _Strict(BaseModel):
 
 INT32_MAX = 2_147_483_647  # the limit columns are 32-bit integers
 LAST_SECOND = 253_402_300_799  # 9999-12-31: expiries beyond it would overflow as milliseconds
-Amount = StrictStr | StrictInt | StrictFloat  # strict: JSON `true` must not become 1 credit
+# Strict: JSON `true` must not become 1 credit. Floats pass pydantic only so that parse_credits can take `2.0` (an
+# integer by JSON Schema's rule) and refuse `2.5` with a message naming the field; the document states the rule.
+_Number = StrictStr | StrictInt | StrictFloat
+Amount = Annotated[_Number, WithJsonSchema(credits_schema(positive=False))]
+PositiveAmount = Annotated[_Number, WithJsonSchema(credits_schema(positive=True))]
+OptionalAmount = Annotated[_Number | None, WithJsonSchema(credits_schema(positive=False, nullable=True))]
 
 
 # What check_token_name and check_text (core/accounts.py) accept, for the OpenAPI document; the store checks.
@@ -82,7 +87,8 @@ class KeyCreate(_Strict):
     rpm: int | None = Field(default=None, ge=1, le=INT32_MAX)
     tpm: int | None = Field(default=None, ge=1, le=INT32_MAX)
     max_concurrency: int | None = Field(default=None, ge=1, le=INT32_MAX)
-    credits: Amount | None = Field(default=None, description="Initial credits, e.g. \"10\" or \"0.5\"")
+    credits: OptionalAmount = Field(default=None, description="Initial credits (zero or more), e.g. \"10\" or "
+                                                              "\"0.5\"; null or left out: none")
 
 
 class KeyUpdate(_Strict):
@@ -101,7 +107,7 @@ NOT_NULLABLE = ("name", "disabled")
 
 
 class CreditsAdd(_Strict):
-    amount: Amount = Field(description="Credits to add, e.g. \"10\" or \"0.5\"")
+    amount: PositiveAmount = Field(description="Credits to add (more than zero), e.g. \"10\" or \"0.5\"")
     note: str | None = Field(default=None, max_length=500)
 
 
@@ -111,20 +117,94 @@ class PriceSet(_Strict):
     output: Amount = Field(description="Credits per million output (and reasoning) tokens")
 
 
-def parse_price(value: str | int | float, field: str) -> int:
-    try:
-        amount = Decimal(str(value).strip()) * MICRO
-    except (InvalidOperation, ValueError):
-        raise GatewayError(400, "bad_request", f"Not a price: {value!r}.", param=field) from None
-    if not amount.is_finite() or amount < 0 or amount != amount.to_integral_value() or amount > 10**15:
-        raise GatewayError(400, "bad_request",
-                           "A price is a non-negative number of credits with at most 6 decimals.", param=field)
-    return int(amount)
+# -- response bodies, for the OpenAPI document (the routes return plain dicts: nothing is validated per request) --
 
 
-@router.post("/keys", status_code=201, summary="Create a token (its secret is shown only in this answer)")
+class TokenPublic(_Strict):
+    """A token as every admin answer shows it (core/accounts.py TokenRecord.public): never its secret."""
+
+    id: int
+    name: str
+    prefix: str = Field(description="The secret's first characters (gg-xxxxxxxx): a reference to the token")
+    created_at: int = Field(description="Unix seconds")
+    expires_at: int | None = Field(description="Unix seconds; null: never expires")
+    disabled: bool
+    allowed_models: list[str] | None = Field(description="null: every model")
+    rpm: int | None = Field(description="Requests per minute; null: no limit")
+    tpm: int | None = Field(description="Tokens per minute; null: no limit")
+    max_concurrency: int | None = Field(description="Requests in flight; null: no limit")
+    balance: Micro
+    reserved: Micro = Field(description="Micro-credits held for requests in flight")
+    balance_credits: SignedCredits
+
+
+class KeyCreated(_Strict):
+    token: str = Field(description="The secret: shown in this answer only")
+    key: TokenPublic
+
+
+class KeyList(_Strict):
+    object: Literal["list"]
+    data: list[TokenPublic]
+
+
+class KeyDeleted(_Strict):
+    deleted: Literal[True]
+    id: int
+
+
+class PriceVersion(_Strict):
+    model: str
+    version: int = Field(description="1 for a model's first price, one more for each change")
+    input: Micro
+    cached_input: Micro
+    output: Micro = Field(description="Also charged for reasoning tokens")
+    unit: Literal["micro-credits per million tokens"]
+
+
+class PriceList(_Strict):
+    current: list[PriceVersion]
+    history: list[PriceVersion] = Field(description="Every version of every model, the current ones included")
+
+
+class LedgerEntry(_Strict):
+    """A ledger row as the store holds it. Unlike every other time in this API, `created_at` is in
+    milliseconds (the console's /admin/ledger/search shows the same rows in seconds)."""
+
+    id: int
+    request_id: str
+    token_id: int | None = Field(description="null: the bootstrap admin token")
+    kind: str = Field(description="usage or topup")
+    model: str | None
+    backend: str | None
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+    amount: int = Field(description="The balance's movement in micro-credits: negative for usage")
+    cost: Micro
+    price_version: int | None
+    status: str = Field(description="ok (top-ups too), error, client_disconnected...")
+    estimated: bool = Field(description="Token counts estimated by grokgate, not reported by the backend")
+    duration_ms: int | None
+    note: str | None
+    created_at: int = Field(description="Unix milliseconds (not seconds)")
+
+
+class LedgerList(_Strict):
+    object: Literal["list"]
+    data: list[LedgerEntry]
+
+
+def _ok(model: type[BaseModel], description: str, status: int = 200) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": model, "description": description}}
+
+
+@router.post("/keys", status_code=201, summary="Create a token (its secret is shown only in this answer)",
+             response_model=None, responses=_ok(KeyCreated, "The token, with its secret", 201))
 async def create_key(body: KeyCreate, store: Store) -> dict[str, Any]:
-    initial = parse_credits(body.credits) if body.credits is not None else 0
+    # Zero is a valid starting balance (a token funded later); a top-up, by contrast, must add something.
+    initial = parse_credits(body.credits, "credits", allow_zero=True) if body.credits is not None else 0
     record, secret = await store.create_token(
         body.name, allowed_models=body.allowed_models, rpm=body.rpm, tpm=body.tpm,
         max_concurrency=body.max_concurrency, expires_at=body.expires_at * 1000 if body.expires_at else None,
@@ -134,17 +214,20 @@ async def create_key(body: KeyCreate, store: Store) -> dict[str, Any]:
     return {"token": secret, "key": record.public()}
 
 
-@router.get("/keys", summary="List tokens (by prefix; secrets are never shown again)")
+@router.get("/keys", summary="List tokens (by prefix; secrets are never shown again)", response_model=None,
+            responses=_ok(KeyList, "Every token, by id"))
 async def list_keys(store: Store) -> dict[str, Any]:
     return {"object": "list", "data": [r.public() for r in await store.list_tokens()]}
 
 
-@router.get("/keys/{ref}", summary="One token, by id, name or prefix")
+@router.get("/keys/{ref}", summary="One token, by id, name or prefix", response_model=None,
+            responses=_ok(TokenPublic, "The token"))
 async def show_key(ref: str, store: Store) -> dict[str, Any]:
     return (await store.require_token(ref)).public()
 
 
-@router.patch("/keys/{ref}", summary="Change a token's name, limits, models, expiry or disabled flag")
+@router.patch("/keys/{ref}", summary="Change a token's name, limits, models, expiry or disabled flag",
+              response_model=None, responses=_ok(TokenPublic, "The token as changed"))
 async def update_key(ref: str, body: KeyUpdate, store: Store) -> dict[str, Any]:
     record = await store.require_token(ref)
     fields = body.model_dump(exclude_unset=True)
@@ -156,17 +239,20 @@ async def update_key(ref: str, body: KeyUpdate, store: Store) -> dict[str, Any]:
     return (await store.update_token(record.id, **fields)).public()
 
 
-@router.delete("/keys/{ref}", summary="Delete a token (its ledger rows stay)")
+@router.delete("/keys/{ref}", summary="Delete a token (its ledger rows stay)", response_model=None,
+               responses=_ok(KeyDeleted, "The token is deleted"))
 async def delete_key(ref: str, store: Store) -> dict[str, Any]:
     record = await store.require_token(ref)
     await store.delete_token(record.id)
     return {"deleted": True, "id": record.id}
 
 
-@router.post("/keys/{ref}/credits", summary="Top up a token's balance (recorded in the ledger)")
+@router.post("/keys/{ref}/credits", summary="Top up a token's balance (recorded in the ledger)",
+             response_model=None, responses=_ok(TokenPublic, "The token with its new balance"))
 async def add_credits(ref: str, body: CreditsAdd, store: Store) -> dict[str, Any]:
+    amount = parse_credits(body.amount, "amount")
     record = await store.require_token(ref)
-    return (await store.add_credits(record.id, parse_credits(body.amount), note=body.note)).public()
+    return (await store.add_credits(record.id, amount, note=body.note)).public()
 
 
 def _price_json(p: Price) -> dict[str, Any]:
@@ -174,14 +260,16 @@ def _price_json(p: Price) -> dict[str, Any]:
             "output": p.output, "unit": "micro-credits per million tokens"}
 
 
-@router.get("/prices", summary="Current prices and every earlier version")
+@router.get("/prices", summary="Current prices and every earlier version", response_model=None,
+            responses=_ok(PriceList, "Prices in micro-credits per million tokens"))
 async def list_prices(store: Store) -> dict[str, Any]:
     current = await store.current_prices()
     history = await store.price_history()
     return {"current": [_price_json(p) for p in current.values()], "history": [_price_json(p) for p in history]}
 
 
-@router.put("/prices/{model}", summary="Set a model's prices (creates a new version)")
+@router.put("/prices/{model}", summary="Set a model's prices (creates a new version)", response_model=None,
+            responses=_ok(PriceVersion, "The new version"))
 async def set_price(model: Annotated[str, Path(json_schema_extra={**_TEXT, "maxLength": 200})], body: PriceSet,
                     store: Store) -> dict[str, Any]:
     price = Price(model, parse_price(body.input, "input"), parse_price(body.cached_input, "cached_input"),
@@ -189,14 +277,17 @@ async def set_price(model: Annotated[str, Path(json_schema_extra={**_TEXT, "maxL
     return _price_json(await store.set_price(price))
 
 
-@router.get("/usage", summary="Usage by day or model, for all tokens or one; CSV with format=csv")
+@router.get("/usage", summary="Usage by day or model, for all tokens or one; CSV with format=csv",
+            response_model=None, responses=_ok(UsageReport, "Totals per UTC day or per model, oldest day first; "
+                                                            "`format=csv`: the same rows as CSV"))
 async def usage(
     store: Store,
     token: str | None = None,
-    since: Annotated[str | None, Query(pattern=r"^\d{4}-\d{2}-\d{2}$")] = None,
+    since: Annotated[str | None, Query(json_schema_extra=SINCE_QUERY)] = None,
     by: Literal["day", "model"] = "day",
     format: Literal["json", "csv"] = "json",
 ) -> Any:
+    since = check_day(since, "since")
     token_id = (await store.require_token(token)).id if token else None
     rows = await store.usage(token_id=token_id, since=since, by=by)
     if format == "csv":
@@ -204,7 +295,8 @@ async def usage(
     return {"object": "list", "by": by, "data": rows}
 
 
-@router.get("/ledger", summary="Ledger rows, newest first: usage and top-ups")
+@router.get("/ledger", summary="Ledger rows, newest first: usage and top-ups", response_model=None,
+            responses=_ok(LedgerList, "The newest rows; `created_at` in milliseconds"))
 async def ledger(
     store: Store,
     token: str | None = None,

@@ -32,7 +32,8 @@ class ErrorEnvelope(BaseModel):
 ERRORS = {
     "400": "Bad request: an invalid parameter or body (`bad_request`), or no `Authorization` header (`no_token`)",
     "401": "The token is invalid or has expired (`invalid_token`, `token_expired`)",
-    "403": "Not allowed: a disabled token (`disabled`), not the admin token (`forbidden`), a model the token may "
+    "403": "Not allowed: a disabled token (`disabled`), not the admin token or the bootstrap admin token on a "
+           "holder's own routes (`forbidden`), a model the token may "
            "not use (`model_not_allowed`), not enough credits (`used_up`)",
     "404": "Not found: the token named (`token_not_found`), the model (`model_not_found`)",
     "409": "The reference names more than one token (`ambiguous_reference`): use its id or prefix",

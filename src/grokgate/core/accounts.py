@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import time
 import unicodedata
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Protocol
 
 from grokgate.core.errors import GatewayError
@@ -114,21 +115,57 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def parse_credits(text: str | int | float | Decimal) -> int:
-    """Credits as written by a person ("10", "0.25") -> micro-credits, exactly; refuses negatives and junk."""
-    try:
-        value = Decimal(str(text).strip())
-    except (InvalidOperation, ValueError):
-        raise GatewayError(400, "bad_request", f"Not an amount of credits: {text!r}.", param="amount") from None
-    if not value.is_finite() or value <= 0:
-        raise GatewayError(400, "bad_request", "The amount must be a positive number of credits.", param="amount")
-    micro = value * MICRO
-    if micro != micro.to_integral_value():
-        raise GatewayError(400, "bad_request", "Amounts are counted in millionths of a credit at most.",
-                           param="amount")
-    if micro > 10**15:
-        raise GatewayError(400, "bad_request", "The amount is too large.", param="amount")
-    return int(micro)
+# -- amounts of credits, as people and the admin API write them --------------------------------------------------
+#
+# One format for initial credits, top-ups and prices, stated in the OpenAPI document (credits_schema) and
+# checked here, so that what the document allows is exactly what is taken: a string of ASCII digits with at most
+# 6 decimals ("10", "0.25"), or a whole number of credits times 10^-k written "Ne-k" (k = 1..6: "1500e-6" is
+# 1500 micro-credits), or a JSON integer; always below 10^9 credits (10^15 micro-credits, far below int64).
+# JSON numbers with a fraction are refused: a binary float cannot say 0.1 exactly, and money here is exact.
+# `\d` is not used: in Python it also matches "١" or "１", which Decimal() would read as digits.
+
+CREDITS_MAX = 999_999_999  # whole credits; with 6 decimals every amount stays below 10**15 micro-credits
+_PLAIN = r"[0-9]{1,9}(\.[0-9]{1,6})?"
+# "Ne-k" is N x 10^-k credits, i.e. N x 10^(6-k) micro-credits: N may have 9 + k digits and stay in bounds.
+_SCALED = [rf"[0-9]{{1,{9 + k}}}[eE]-{k}" for k in range(1, 7)]
+CREDITS_PATTERN = "^(" + "|".join([_PLAIN, *_SCALED]) + ")$"
+ZERO_PATTERN = r"^0+(\.0+)?([eE]-[1-6])?$"  # the strings CREDITS_PATTERN allows that mean zero
+_CREDITS_RE = re.compile(CREDITS_PATTERN)
+_CREDITS_HELP = ('a number of credits as a string ("10", "0.25": at most 6 decimals; "1500e-6": micro-credits) '
+                 f"or a whole number, below {CREDITS_MAX + 1:,}")
+
+
+def credits_schema(*, positive: bool, nullable: bool = False) -> dict[str, object]:
+    """The JSON schema of an amount of credits (parse_credits' rule), for the OpenAPI document."""
+    text: dict[str, object] = {"type": "string", "pattern": CREDITS_PATTERN}
+    if positive:
+        text["not"] = {"pattern": ZERO_PATTERN}
+    whole: dict[str, object] = {"type": "integer", "minimum": 1 if positive else 0, "maximum": CREDITS_MAX}
+    forms: list[dict[str, object]] = [text, whole, {"type": "null"}] if nullable else [text, whole]
+    return {"anyOf": forms,
+            "description": ("More than zero: " if positive else "Zero or more: ") + _CREDITS_HELP}
+
+
+def parse_credits(value: object, param: str = "amount", *, allow_zero: bool = False) -> int:
+    """Credits as written by a person or a client ("10", "0.25", 3) -> micro-credits, exactly. Refuses what
+    CREDITS_PATTERN does not describe, negatives, zero unless `allow_zero`, and anything from 10^9 credits."""
+    micro: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        micro = value * MICRO if 0 <= value <= CREDITS_MAX else None
+    elif isinstance(value, float) and value.is_integer():  # JSON 2.0: an integer by JSON Schema's rule
+        micro = int(value) * MICRO if 0 <= value <= CREDITS_MAX else None
+    elif isinstance(value, str) and _CREDITS_RE.fullmatch(value):
+        micro = int(Decimal(value) * MICRO)  # exact: the pattern allows no more than 6 decimals in any form
+    if micro is None:
+        raise GatewayError(400, "bad_request", f"'{param}' must be {_CREDITS_HELP}; got {value!r}.", param=param)
+    if micro == 0 and not allow_zero:
+        raise GatewayError(400, "bad_request", f"'{param}' must be a positive number of credits.", param=param)
+    return micro
+
+
+def parse_price(value: object, param: str) -> int:
+    """A price in credits per million tokens (zero is a valid price) -> micro-credits per million tokens."""
+    return parse_credits(value, param, allow_zero=True)
 
 
 def format_credits(micro: int) -> str:
