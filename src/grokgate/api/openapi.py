@@ -224,7 +224,7 @@ def describe_api(app: FastAPI, settings: Settings) -> None:
             schemas = components.setdefault("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
                 schemas.pop(name, None)
-            body = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            body = ChatCompletionRequest.openapi_schema(settings.max_messages, settings.max_tokens_limit)
             schemas.update(body.pop("$defs", {}))
             schemas["ChatCompletionRequest"] = body
             schemas["ChatCompletion"] = CHAT_COMPLETION
