@@ -149,9 +149,7 @@ def test_stream_assembler_keeps_the_invariants() -> None:
     chunks = assembler.opening()
     for event in (Delta(1, "a"), Finish(1, "end_turn"), Finish(1, "stop"), Delta(1, "late"), Delta(0, "b"),
                   Finish(0, "length"), Extra({"citations": ["u"]}), UsageReport(Usage(3, 4)), UsageReport(Usage(3, 5))):
-        chunk = assembler.on_event(event)
-        if chunk:
-            chunks.append(chunk)
+        chunks.extend(assembler.on_event(event))
     chunks += assembler.closing()
     assert {c["id"] for c in chunks} == {"chatcmpl-1"} and {c["created"] for c in chunks} == {7}
     finishes = [(ch["index"], ch["finish_reason"]) for c in chunks for ch in c["choices"] if ch["finish_reason"]]

@@ -10,7 +10,7 @@ from starlette.routing import Route as StarletteRoute
 
 from grokgate import __version__
 from grokgate import config as routing
-from grokgate.api import account, admin, chat, console, errors, meta
+from grokgate.api import account, admin, chat, console, errors, ledger, meta
 from grokgate.api.deps import Gateway
 from grokgate.api.docs import mount_docs
 from grokgate.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
@@ -19,11 +19,12 @@ from grokgate.core.admission import Admission, StaticKeyAdmission
 from grokgate.core.billing import AccountAdmission, BillingPolicy
 from grokgate.core.limits import RateLimiter
 from grokgate.core.pricing import default_prices
-from grokgate.observability.metrics import backend_state
+from grokgate.observability.metrics import Metrics, backend_state
 from grokgate.providers import base
 from grokgate.providers.base import ModelTable, Provider, Route
 from grokgate.providers.model_files import CATALOG
 from grokgate.runtime import tune_gc
+from grokgate.serving import Serving
 from grokgate.settings import Settings
 from grokgate.store.limits_memory import MemoryRateLimiter
 from grokgate.store.limits_redis import RedisRateLimiter
@@ -72,12 +73,11 @@ def create_app(
     store = None
     if admission is None and settings.accounts:
         admission, store = build_accounts(settings)
-    gw = Gateway(
-        settings=settings,
-        admission=admission or StaticKeyAdmission(settings.api_keys),
-        models=models,
-        store=store,
-    )
+    admission = admission or StaticKeyAdmission(settings.api_keys)
+    metrics = Metrics()
+    serving = Serving(admission, models, metrics, keepalive=settings.keepalive_seconds)
+    gw = Gateway(settings=settings, admission=admission, models=models, serving=serving, store=store,
+                 metrics=metrics)
     gw.metrics.add_state("backends", backend_state(models.providers(), getattr(gw.admission, "limiter", None)))
     if store is not None:
         store.on_commit = gw.metrics.observe_commit
@@ -127,7 +127,8 @@ def create_app(
     if store is not None:
         app.include_router(account.router)
         app.include_router(admin.router)
-        app.include_router(console.router)  # the web console at /console and its endpoints
+        app.include_router(ledger.router)
+        app.include_router(console.router)  # the web console at /console (static files)
     mount_docs(app)
     describe_api(app, settings)
     # The chat routes are also served by plain Starlette routes placed first: the same endpoint, minus

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import secrets
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,15 +66,27 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def progress_printer(label: str) -> Callable[[int, int], None]:
+    """A progress callback (providers/model_files.py `Progress`) printing a line per 10% on stderr."""
+    last = [-1]
+
+    def show(done: int, total: int) -> None:
+        pct = done * 100 // max(total, 1)
+        if pct // 10 != last[0] // 10 or done == total:
+            last[0] = pct
+            print(f"grokgate: {label}: {pct}% ({done >> 20} / {total >> 20} MiB)", file=sys.stderr, flush=True)
+
+    return show
+
+
 def _model(args: argparse.Namespace) -> int:
-    from grokgate.providers.local import _progress_printer
     from grokgate.providers.model_files import CATALOG, ModelFileError, ensure_model
     from grokgate.settings import Settings
 
     settings = Settings(**({"local_model": args.name} if args.name else {}))
     model = CATALOG[settings.local_model]
     try:
-        path = ensure_model(model, settings.cache_dir, progress=_progress_printer(f"assembling {model.name}"))
+        path = ensure_model(model, settings.cache_dir, progress=progress_printer(f"assembling {model.name}"))
     except ModelFileError as exc:
         print(f"grokgate: {exc}", file=sys.stderr)
         return 1

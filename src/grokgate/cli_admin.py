@@ -165,7 +165,7 @@ async def usage_report(store: Any, args: argparse.Namespace) -> int:
     token_id = (await store.require_token(args.token)).id if args.token else None
     rows = await store.usage(token_id=token_id, since=args.since, by=args.by)
     if args.csv:
-        from grokgate.api.admin import to_csv
+        from grokgate.store.reports import to_csv
 
         text = to_csv(rows)
         if args.csv == "-":

@@ -9,25 +9,13 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
-from grokgate.api.chat import authenticate
-from grokgate.api.deps import Gateway, gateway
+from grokgate.api.deps import Gateway, authenticate, gateway, own_token_id
 from grokgate.api.openapi import ErrorEnvelope
 from grokgate.core.accounts import format_credits
 from grokgate.core.admission import Principal
 from grokgate.core.errors import GatewayError
 
 router = APIRouter(tags=["account"])
-
-NO_ACCOUNT = "The bootstrap admin token has no account (no balance, usage or ledger of its own); use /admin/*."
-
-
-def _own_token_id(principal: Principal) -> int:
-    # 403, not 400: the request is well formed, this token may just not use it (as a holder's token may not use
-    # /admin/*). The OpenAPI document lists it (OWN_RESPONSES).
-    if principal.token_id is None:
-        raise GatewayError(403, "forbidden", NO_ACCOUNT)
-    return principal.token_id
-
 
 # -- query parameters ------------------------------------------------------------------------------------------
 
@@ -120,7 +108,7 @@ async def balance(
     gw: Annotated[Gateway, Depends(gateway)],
 ) -> dict[str, Any]:
     assert gw.store is not None
-    record = await gw.store.require_token(_own_token_id(principal))
+    record = await gw.store.require_token(own_token_id(principal))
     return {
         "object": "balance",
         "token": {"id": record.id, "name": record.name, "prefix": record.prefix},
@@ -142,6 +130,6 @@ async def usage(
     by: Annotated[Literal["day", "model"], Query()] = "day",
 ) -> dict[str, Any]:
     assert gw.store is not None
-    token_id = _own_token_id(principal)
+    token_id = own_token_id(principal)
     rows = await gw.store.usage(token_id=token_id, since=check_day(since, "since"), by=by)
     return {"object": "list", "by": by, "data": rows}

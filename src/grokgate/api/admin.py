@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Literal
 
@@ -14,23 +12,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from grokgate.api.account import SINCE_QUERY, Micro, SignedCredits, UsageReport, check_day
-from grokgate.api.chat import authenticate
-from grokgate.api.deps import Gateway, gateway
-from grokgate.core.accounts import credits_schema, parse_credits, parse_price
-from grokgate.core.admission import Principal
+from grokgate.api.deps import Gateway, require_admin
+from grokgate.core.accounts import AdminStore, credits_schema, parse_credits, parse_price
 from grokgate.core.errors import GatewayError
 from grokgate.core.pricing import Price
-from grokgate.store.sql import SqlStore
-
-
-async def require_admin(
-    principal: Annotated[Principal, Depends(authenticate)],
-    gw: Annotated[Gateway, Depends(gateway)],
-) -> SqlStore:
-    if not principal.admin:
-        raise GatewayError(403, "forbidden", "This API needs the admin token.")
-    assert gw.store is not None
-    return gw.store
+from grokgate.store.reports import to_csv
 
 
 class AdminRoute(APIRoute):
@@ -52,7 +38,7 @@ class AdminRoute(APIRoute):
 
 
 router = APIRouter(prefix="/admin", tags=["admin"], route_class=AdminRoute)
-Store = Annotated[SqlStore, Depends(require_admin)]
+Store = Annotated[AdminStore, Depends(require_admin)]
 
 
 class _Strict(BaseModel):
@@ -304,12 +290,3 @@ async def ledger(
 ) -> dict[str, Any]:
     token_id = (await store.require_token(token)).id if token else None
     return {"object": "list", "data": await store.ledger_rows(token_id=token_id, limit=limit)}
-
-
-def to_csv(rows: list[dict[str, Any]]) -> str:
-    out = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return out.getvalue()

@@ -12,8 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict
 from starlette.responses import JSONResponse, Response
 
-from grokgate.api.chat import authenticate
-from grokgate.api.deps import Gateway, gateway
+from grokgate.api.deps import Gateway, authenticate, gateway
 from grokgate.core.admission import Principal
 from grokgate.core.errors import GatewayError
 from grokgate.settings import Settings

@@ -9,7 +9,7 @@ import time
 import unicodedata
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Protocol
+from typing import Any, Protocol
 
 from grokgate.core.errors import GatewayError
 from grokgate.core.events import Usage
@@ -234,3 +234,44 @@ class AccountStore(Protocol):
 
     async def settle(self, settlement: Settlement) -> None:
         """Charge the cost, release the rest of the reservation, append the ledger row: once per request."""
+
+
+class ReportStore(Protocol):
+    """Read-only reports on the ledger and the daily aggregates (store/reports.py): what the account and ledger
+    APIs read. Rows are plain dicts of column values."""
+
+    async def usage(self, *, token_id: int | None = None, since: str | None = None,
+                    by: str = "day") -> list[dict[str, Any]]: ...
+
+    async def ledger_rows(self, *, token_id: int | None = None, since_ms: int | None = None,
+                          limit: int = 1000) -> list[dict[str, Any]]: ...
+
+    async def ledger_page(self, *, limit: int = 100, **filters: Any) -> tuple[list[dict[str, Any]], bool]: ...
+
+    async def ledger_errors(self, *, token_id: int | None = None, since_ms: int,
+                            until_ms: int) -> list[dict[str, Any]]: ...
+
+
+class AdminStore(ReportStore, Protocol):
+    """Tokens, credits and prices, as the admin API, the console and the CLI change them (store/sql.py)."""
+
+    async def create_token(self, name: str, *, allowed_models: list[str] | None = None,
+                           expires_at: int | None = None, rpm: int | None = None, tpm: int | None = None,
+                           max_concurrency: int | None = None) -> tuple[TokenRecord, str]: ...
+
+    async def list_tokens(self) -> list[TokenRecord]: ...
+
+    async def require_token(self, ref: int | str) -> TokenRecord:
+        """The one token `ref` (id, prefix or name) names: 404 if none, 409 if it could mean several."""
+
+    async def update_token(self, token_id: int, **fields: Any) -> TokenRecord: ...
+
+    async def delete_token(self, token_id: int) -> None: ...
+
+    async def add_credits(self, token_id: int, amount: int, note: str | None = None) -> TokenRecord: ...
+
+    async def current_prices(self) -> dict[str, Price]: ...
+
+    async def price_history(self, model: str | None = None) -> list[Price]: ...
+
+    async def set_price(self, price: Price) -> Price: ...

@@ -43,9 +43,13 @@ class Ticket(Protocol):
     headers: dict[str, str]  # e.g. rate-limit headers for the response
     # The per-choice output the admission paid for; the request must ask its backend for no more (None: no bound).
     output_limit: int | None
+    # Set by `settle`: the micro-credits charged, and whether that exceeded the reservation (a bound that failed).
+    cost: int
+    overrun: bool
 
     async def settle(self, usage: Usage | None, *, status: str, estimated: bool = False, backend: str = "") -> None:
-        """Record the outcome (status: ok | client_disconnected | error); idempotent; called shielded."""
+        """Record the outcome (status: ok | client_disconnected | error); idempotent; called shielded, once per
+        request, by the serving layer (serving/lifecycle.py)."""
 
 
 class Admission(Protocol):
@@ -72,6 +76,8 @@ def _digest(token: str) -> bytes:
 class _NoopTicket:
     headers: dict[str, str] = {}  # noqa: RUF012  (never mutated)
     output_limit: int | None = None  # nothing is paid for, so nothing is bounded
+    cost = 0
+    overrun = False
 
     async def settle(self, usage: Usage | None, *, status: str, estimated: bool = False, backend: str = "") -> None:
         return None

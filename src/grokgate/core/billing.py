@@ -1,8 +1,9 @@
 """Account-backed admission: authenticate, limit, reserve; then settle exactly once on every ending.
 
-The one choke point every inference request passes (peer lesson 1 and 2): admission reserves the most a
-request can cost in one atomic store operation before anything runs, and the ticket settles the real cost
-and releases the rest however the request ends.
+The one choke point every inference request passes (docs/architecture.md, "Accounts"): admission reserves the
+most a request can cost in one atomic store operation before anything runs, and the ticket settles the real cost
+and releases the rest however the request ends (the serving layer calls `settle` once, shielded:
+serving/lifecycle.py).
 """
 
 from __future__ import annotations
@@ -58,14 +59,14 @@ class AccountTicket:
         self.settled = True
         usage = usage or Usage()
         # Bill what was consumed for answers the client got, whole or in part; bill nothing for a failure
-        # that delivered nothing (contract 1.8).
+        # that delivered nothing (docs/architecture.md, "Accounts").
         billable = status != "error" or usage.completion_tokens > 0
         cost = cost_of(usage, self.price).total if billable else 0
         self.cost = cost
         if cost > self.reserved and self.principal.token_id is not None:
             # The reservation is an upper bound of what a request can cost, so this means the bound failed (an
             # upstream counting more than it could have); the store then charges what the balance still
-            # holds, capped. Never silent: an error line here, and a metric from the caller (api/chat.py).
+            # holds, capped. Never silent: an error line here, and a metric from the caller (serving/lifecycle.py).
             self.overrun = True
             log.error("settlement cost exceeds the reservation", extra={
                 "request_id": self.request.request_id, "token": self.principal.prefix or self.principal.key_id,

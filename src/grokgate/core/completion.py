@@ -1,8 +1,10 @@
 """Provider events -> chat-completion objects: chunks for a stream, or one whole completion.
 
-The stream side enforces what clients rely on (contract section 5.7): the same `id` and `created` on every
-chunk, a role delta first for each choice, exactly one chunk with a non-null `finish_reason` per choice,
-`usage: null` everywhere but the final `choices: []` usage chunk (sent only when asked for).
+These are the chat wire format's renderers: `StreamAssembler` is a `serving.wire.StreamRenderer` and
+`CompletionAccumulator` a `serving.wire.Collector` (serving/chat.py builds them per request). The stream side
+enforces what clients rely on (docs/architecture.md, "Events, not wire formats"): the same `id` and `created`
+on every chunk, a role delta first for each choice, exactly one chunk with a non-null `finish_reason` per
+choice, `usage: null` everywhere but the final `choices: []` usage chunk (sent only when asked for).
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ import time
 import uuid
 from typing import Any
 
-from grokgate.core.events import Delta, Event, Extra, Finish, Usage, UsageReport
+from grokgate.core.errors import GatewayError
+from grokgate.core.events import JSON, Delta, Event, Extra, Finish, JSONObject, Usage, UsageReport
 
 FINISH_REASONS = {"stop", "length", "tool_calls", "content_filter", "function_call"}
+NOTHING: tuple[dict[str, Any], ...] = ()
 
 
 def normalise_finish_reason(reason: str) -> str:
@@ -78,12 +82,13 @@ class StreamAssembler:
     def opening(self) -> list[dict[str, Any]]:
         return [self.factory.chunk([_choice(i, {"role": "assistant", "content": ""})]) for i in range(self.choices)]
 
-    def on_event(self, event: Event) -> dict[str, Any] | None:
+    def on_event(self, event: Event) -> tuple[dict[str, Any], ...]:
+        """The chunks this event makes: one, or none (held back, dropped, or not a chunk of its own)."""
         if isinstance(event, Delta | Finish) and not 0 <= event.index < self.choices:
-            return None  # an upstream answering more choices than asked for: not ours to forward
+            return NOTHING  # an upstream answering more choices than asked for: not ours to forward
         if isinstance(event, Delta):
             if event.index in self._finished:
-                return None
+                return NOTHING
             delta: dict[str, Any] = {}
             if event.content is not None:
                 delta["content"] = event.content
@@ -92,23 +97,23 @@ class StreamAssembler:
             if event.tool_calls is not None:
                 delta["tool_calls"] = event.tool_calls
             logprobs = {"content": event.logprobs} if event.logprobs is not None else None
-            return self._chunk([_choice(event.index, delta, logprobs)])
+            return (self._chunk([_choice(event.index, delta, logprobs)]),)
         if isinstance(event, Finish):
             if event.index in self._finished:
-                return None
+                return NOTHING
             self._finished.add(event.index)
             finish = [_choice(event.index, {}, None, normalise_finish_reason(event.reason))]
             if len(self._finished) == self.choices:
                 # The last finish waits for the end of the stream, so top-level keys that come late
                 # (xAI's citations ride on its final chunk) can still go out with it.
                 self._last_finish = finish
-                return None
-            return self._chunk(finish)
+                return NOTHING
+            return (self._chunk(finish),)
         if isinstance(event, UsageReport):
             self.usage = event.usage  # the last report wins: providers never send running sums
         elif isinstance(event, Extra):
             self._extras.update(event.fields)
-        return None
+        return NOTHING
 
     def closing(self) -> list[dict[str, Any]]:
         """Finish any choice the provider left open, then the usage chunk if the client asked for it."""
@@ -119,6 +124,11 @@ class StreamAssembler:
         if self.include_usage:
             chunks.append(self._chunk([], (self.usage or Usage()).as_dict()))
         return chunks
+
+    def failed(self, error: GatewayError, trace_id: str) -> list[dict[str, Any]]:
+        """After the first byte an error is one `data:` event in the envelope, and the stream ends without
+        `[DONE]` (the framing adds nothing after it)."""
+        return [{"error": error.body(), "trace_id": trace_id}]
 
 
 class _ChoiceState:
@@ -190,16 +200,23 @@ class CompletionAccumulator:
         }
 
 
-def _merge_tool_call(calls: dict[int, dict[str, Any]], fragment: dict[str, Any]) -> None:
+def _merge_tool_call(calls: dict[int, dict[str, Any]], fragment: JSONObject) -> None:
     """Tool-call deltas: the first fragment of an index carries id and name, later ones append arguments."""
-    index = int(fragment.get("index", len(calls)))
-    call = calls.setdefault(index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
-    if fragment.get("id"):
+    index = fragment.get("index")
+    call = calls.setdefault(index if isinstance(index, int) else len(calls),
+                            {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+    if _text(fragment.get("id")):
         call["id"] = fragment["id"]
-    if fragment.get("type"):
+    if _text(fragment.get("type")):
         call["type"] = fragment["type"]
-    function = fragment.get("function") or {}
-    if function.get("name"):
-        call["function"]["name"] = function["name"]
-    if function.get("arguments"):
-        call["function"]["arguments"] += function["arguments"]
+    function = fragment.get("function")
+    if not isinstance(function, dict):
+        return
+    if name := _text(function.get("name")):
+        call["function"]["name"] = name
+    if arguments := _text(function.get("arguments")):
+        call["function"]["arguments"] += arguments
+
+
+def _text(value: JSON) -> str:
+    return value if isinstance(value, str) else ""

@@ -1,15 +1,19 @@
 """What a provider yields while it generates: one vocabulary for every backend.
 
-Providers translate their wire format into these events; the API layer turns them into chat-completion
-chunks or a whole chat completion. A provider reports usage once, for the whole request (never a running
-sum), as its last event. A backend that reports none is estimated from its text by the router
-(providers/router.py), so the client and the ledger see the same figures.
+Providers translate their wire format into these events; a wire format of the serving layer turns them into
+chat-completion chunks or a whole chat completion (core/completion.py, serving/chat.py). A provider reports
+usage once, for the whole request (never a running sum), as its last event. A backend that reports none is
+estimated from its text by the router (providers/router.py), so the client and the ledger see the same figures.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
+
+# JSON as providers pass it through (logprobs, tool-call fragments, xAI's citations): what orjson reads and writes.
+JSON: TypeAlias = "str | int | float | bool | list[JSON] | dict[str, JSON] | None"
+JSONObject: TypeAlias = "dict[str, JSON]"
 
 
 @dataclass(slots=True)
@@ -41,8 +45,8 @@ class Delta:
 
     index: int
     content: str | None = None
-    logprobs: list[dict[str, Any]] | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    logprobs: list[JSONObject] | None = None
+    tool_calls: list[JSONObject] | None = None
     reasoning_content: str | None = None
 
 
@@ -63,7 +67,7 @@ class UsageReport:
 class Extra:
     """Top-level response keys a backend adds and clients may want (xAI's `citations`), passed through."""
 
-    fields: dict[str, Any]
+    fields: JSONObject
 
 
 Event = Delta | Finish | UsageReport | Extra

@@ -1,20 +1,21 @@
 """Prometheus metrics on their own registry. Labels are bounded: model and backend names come from the
 configuration, statuses are HTTP codes; never token or request ids.
 
-Request metrics are recorded once per request where it is settled (api/chat.py `_Run.finish`); engine,
-backend and limiter state are read at scrape time by a collector, so the hot path pays nothing for them.
+Request metrics are recorded by the serving layer, once per request where it is settled
+(serving/lifecycle.py `Lifecycle.settle`); engine, backend and limiter state are read at scrape time by a
+collector, so the hot path pays nothing for them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from grokgate.core.events import Usage
+from grokgate.providers.base import Provider
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
@@ -44,8 +45,16 @@ class Metrics:
         self.commit_batch = Histogram("grokgate_store_commit_batch_size", "Operations per group commit",
                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
 
-    def observe_request(self, *, model: str, backend: str, status: int, stream: bool, seconds: float,
-                        usage: Usage | None, charged: int) -> None:
+    def request_started(self) -> None:
+        self.in_flight.inc()
+
+    def observe_first_event(self, model: str, seconds: float) -> None:
+        self.first_event.labels(model).observe(seconds)
+
+    def request_ended(self, *, model: str, backend: str, status: int, stream: bool, seconds: float,
+                      usage: Usage | None, charged: int) -> None:
+        """Once per request, when it is settled (the pair of `request_started`)."""
+        self.in_flight.dec()
         self.requests.labels(model, backend, str(status)).inc()
         self.latency.labels(model, "true" if stream else "false").observe(seconds)
         if usage is not None:
@@ -79,7 +88,7 @@ class _Collector(Collector):
         return iter(())
 
 
-def backend_state(providers: list[Any], limiter: Any) -> Callable[[], Iterator[Metric]]:
+def backend_state(providers: Sequence[Provider], limiter: object) -> Callable[[], Iterator[Metric]]:
     def read() -> Iterator[Metric]:
         slots = GaugeMetricFamily("grokgate_local_slots", "Local engine slots", labels=["state"])
         queued = GaugeMetricFamily("grokgate_local_queued_jobs", "Local engine jobs waiting for a slot")
@@ -104,10 +113,11 @@ def backend_state(providers: list[Any], limiter: Any) -> Callable[[], Iterator[M
                 breaker.add_metric([provider.name], 0 if status["state"] == "closed" else 1)
                 cooling.add_metric([provider.name], sum(1 for s in status.get("keys", ()) if s != "closed"))
         yield from (slots, queued, generated, started, waited, breaker, cooling)
-        if limiter is not None and hasattr(limiter, "degraded_total"):
+        degraded_total = getattr(limiter, "degraded_total", None)  # a limiter with a shared store counts these
+        if isinstance(degraded_total, int):
             degraded = CounterMetricFamily("grokgate_rate_limiter_degraded",
                                            "Rate-limit decisions made without the shared store")
-            degraded.add_metric([], limiter.degraded_total)
+            degraded.add_metric([], degraded_total)
             yield degraded
 
     return read

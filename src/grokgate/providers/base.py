@@ -1,18 +1,48 @@
-"""What every backend implements, and the one registry that creates them (built-in or third-party)."""
+"""The provider seam: what every backend implements, and the one registry that creates them.
+
+Three protocols, each exactly what its callers use (mypy strict checks them, see pyproject.toml):
+
+- `Generation`: the events of one request (core/events.py), plus what the serving layer asks when it settles
+  (`serving/lifecycle.py`): the backend that actually served it, its fingerprint, and the usage consumed so far
+  when the request is cut short.
+- `Provider`: a backend that serves a public model (the local engine, a routed model of `providers/router.py`,
+  a third-party kind). The serving layer calls `check`, `prompt_copies` and `generate`; the app starts and
+  stops it and reads `ready` and `status` for /readyz and the metrics.
+- `Upstream`: a Provider the router drives attempt by attempt (providers/openai_compat.py, xai.py): keys and a
+  breaker decide whether and where to try, and failures before the first event are `UpstreamFailure`s the
+  router may retry elsewhere. The router tells the two apart by this protocol, once, when a route is built.
+
+Third-party kinds register a factory under the `grokgate.providers` entry-point group; `create` finds them.
+"""
 
 from __future__ import annotations
 
 import importlib.metadata as metadata
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, TypedDict, TypeVar, runtime_checkable
 
-from grokgate.core.events import Event
+from grokgate.core.errors import GatewayError
+from grokgate.core.events import Event, Usage, UsageReport
 from grokgate.schemas.chat import ChatCompletionRequest
 
 
 class Generation(Protocol):
-    """The events of one request. `aclose` stops the generation (the client went away) and frees its slot."""
+    """The events of one request, ending with one `UsageReport` for the whole request when the backend has one.
+
+    `aclose` stops the generation (the client went away, or the request ended) and frees what it holds; it may
+    be called at any point, also before the first event, and more than once."""
+
+    @property
+    def backend(self) -> str:
+        """The name of the backend that serves this request (a routed model's pick, once the first event came)."""
+
+    @property
+    def fingerprint(self) -> str:
+        """That backend's `system_fingerprint` (backend and model build)."""
+
+    def usage_so_far(self) -> Usage | None:
+        """What the request consumed up to now, for a request cut short (None: nothing is known to be used)."""
 
     def __aiter__(self) -> AsyncIterator[Event]: ...
 
@@ -21,9 +51,39 @@ class Generation(Protocol):
     async def aclose(self) -> None: ...
 
 
+class RouteStatus(TypedDict):
+    backend: str
+    model: str
+    priority: int
+
+
+class BackendStatus(TypedDict, total=False):
+    """What /readyz shows of a backend, and the scrape-time metrics read (observability/metrics.py)."""
+
+    ready: bool
+    error: str | None
+    # The local engine (providers/local.py).
+    model: str | None
+    slots: int
+    slots_busy: int
+    queued: int
+    tokens_generated: int
+    jobs_done: int
+    jobs_started: int
+    queue_wait_seconds: float
+    # An upstream (providers/openai_compat.py): its kind, its breaker's state and each key's.
+    kind: str
+    state: str
+    keys: list[str]
+    # A routed model (providers/router.py).
+    routes: list[RouteStatus]
+
+
 @runtime_checkable
 class Provider(Protocol):
-    name: str
+    @property
+    def name(self) -> str:
+        """The backend's name in metrics, logs and the ledger."""
 
     @property
     def fingerprint(self) -> str:
@@ -31,33 +91,105 @@ class Provider(Protocol):
 
     def ready(self) -> bool: ...
 
-    def status(self) -> dict[str, Any]: ...
+    def status(self) -> BackendStatus: ...
 
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
 
     def check(self, request: ChatCompletionRequest) -> None:
-        """Refuse, with a GatewayError, what this backend cannot do (before anything is sent)."""
+        """Refuse, with a GatewayError, what this backend cannot do (before anything is reserved or sent)."""
 
-    def generate(self, request: ChatCompletionRequest, upstream_model: str) -> Generation: ...
+    def prompt_copies(self, request: ChatCompletionRequest) -> int:
+        """How many times the backend may bill this request's prompt: n when it sends n single requests."""
+
+    def generate(self, request: ChatCompletionRequest, upstream_model: str) -> Generation:
+        """Start generating. Errors before any output are raised by the generation's first step."""
 
 
-ProviderFactory = Callable[..., Any]  # a Provider, or an upstream backend the router drives
+class UpstreamFailure(Exception):
+    """An upstream attempt failed before any output: the router decides whether to try elsewhere."""
 
+    def __init__(self, error: GatewayError, *, retryable: bool, retry_after: float | None = None) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
+@runtime_checkable
+class Upstream(Provider, Protocol):
+    """A Provider the router drives one attempt at a time (retries, key rotation and fallback are the router's)."""
+
+    def available(self, tried: set[int]) -> bool:
+        """Whether an attempt can be made now: the breaker is not open and a key not in `tried` is usable."""
+
+    def retry_in(self) -> float:
+        """Seconds until a resting backend or key may be tried again."""
+
+    async def attempt(self, request: ChatCompletionRequest, model: str,
+                      tried: set[int]) -> AsyncGenerator[Event]:
+        """Send the request on one key (added to `tried`). Raises UpstreamFailure for a refusal; the returned
+        events' first step raises a GatewayError if the reply breaks before its first event."""
+
+    def succeeded(self) -> None:
+        """The first event arrived: the backend's breaker counts a success."""
+
+    def failed(self) -> None:
+        """The reply broke or stalled before its first event: the breaker counts a failure."""
+
+
+class EventsGeneration:
+    """A `Generation` over an async generator of events, for providers that need nothing more: it reports the
+    last `UsageReport` it passed on as the usage so far."""
+
+    def __init__(self, events: AsyncGenerator[Event], backend: str, fingerprint: str) -> None:
+        self._events = events
+        self._backend = backend
+        self._fingerprint = fingerprint
+        self._usage: Usage | None = None
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def usage_so_far(self) -> Usage | None:
+        return self._usage
+
+    def __aiter__(self) -> EventsGeneration:
+        return self
+
+    async def __anext__(self) -> Event:
+        event = await self._events.__anext__()
+        if isinstance(event, UsageReport):
+            self._usage = event.usage
+        return event
+
+    async def aclose(self) -> None:
+        await self._events.aclose()
+
+
+ProviderFactory = Callable[..., Provider]
+"""Makes a Provider (or an Upstream) from the routing file's options of a backend (config.py)."""
+
+_F = TypeVar("_F", bound=ProviderFactory)
 _FACTORIES: dict[str, ProviderFactory] = {}
 ENTRY_POINT_GROUP = "grokgate.providers"
 
 
-def register(kind: str) -> Callable[[ProviderFactory], ProviderFactory]:
-    def decorate(factory: ProviderFactory) -> ProviderFactory:
+def register(kind: str) -> Callable[[_F], _F]:
+    def decorate(factory: _F) -> _F:
         _FACTORIES[kind] = factory
         return factory
 
     return decorate
 
 
-def create(kind: str, **config: Any) -> Any:
+def create(kind: str, **config: object) -> Provider:
     """Build a provider by kind; third-party kinds come from the `grokgate.providers` entry point group."""
     if kind not in _FACTORIES:
         for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
@@ -66,7 +198,10 @@ def create(kind: str, **config: Any) -> Any:
     if kind not in _FACTORIES:
         known = ", ".join(sorted(_FACTORIES)) or "none"
         raise ValueError(f"unknown provider kind {kind!r} (known: {known})")
-    return _FACTORIES[kind](**config)
+    provider = _FACTORIES[kind](**config)
+    if not isinstance(provider, Provider):  # a third-party factory that returns something else fails here, once
+        raise TypeError(f"the {kind!r} provider factory returned {type(provider).__name__}, not a Provider")
+    return provider
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +214,7 @@ class Route:
 class ModelTable:
     """Public model name -> the backend that serves it; `backends` are what the app starts and stops."""
 
-    def __init__(self, routes: list[Route], backends: list[Any] | None = None) -> None:
+    def __init__(self, routes: list[Route], backends: list[Provider] | None = None) -> None:
         self._routes = {r.public_name: r for r in routes}
         self._backends = backends
 

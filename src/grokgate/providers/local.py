@@ -5,6 +5,9 @@ wait in a fair queue and `slots` worker threads feed them to the engine, which b
 together. The engine call releases the GIL; its per-token callback runs in the worker thread and hands
 events to the event loop with `call_soon_threadsafe`, so the loop never waits on the model. Returning
 True from the callback aborts a job, which is how a client that hangs up frees its slot.
+
+Loading reports its steps (assembling a catalog model, loading, ready) on the `grokgate.local` logger; printing
+progress is the command line's (cli.py passes its printer to `ensure_model` for `grokgate model`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import hashlib
 import logging
 import secrets
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -27,8 +29,8 @@ from grokgate.core.errors import GatewayError, bad_request
 from grokgate.core.events import Delta, Event, Finish, Usage, UsageReport
 from grokgate.core.fairqueue import FairQueue
 from grokgate.core.pricing import estimate_prompt_tokens
-from grokgate.providers.base import register
-from grokgate.providers.model_files import DEFAULT_MODEL, CatalogModel, ensure_model
+from grokgate.providers.base import BackendStatus, register
+from grokgate.providers.model_files import DEFAULT_MODEL, CatalogModel, Progress, ensure_model
 from grokgate.schemas.chat import ChatCompletionRequest, ToolCall
 
 log = logging.getLogger("grokgate.local")
@@ -148,6 +150,14 @@ class LocalGeneration:
         self._open = len(jobs)
         self._closed = False
 
+    @property
+    def backend(self) -> str:
+        return self._engine.name
+
+    @property
+    def fingerprint(self) -> str:
+        return self._engine.fingerprint
+
     def __aiter__(self) -> LocalGeneration:
         return self
 
@@ -165,7 +175,8 @@ class LocalGeneration:
             if isinstance(item, GatewayError):
                 await self.aclose()
                 raise item
-            return item  # type: ignore[no-any-return]
+            event: Event = item
+            return event
 
     def _merged_usage(self) -> Usage:
         # The prompt is shared by the choices, so it is counted once; outputs add up.
@@ -209,6 +220,7 @@ class LocalEngine:
         slots: int = 4,
         ctx_per_slot: int = 4096,
         verbose: bool = False,
+        progress: Progress | None = None,
     ) -> None:
         self._model_path = model_path
         self._catalog_model = catalog_model
@@ -217,6 +229,7 @@ class LocalEngine:
         self._slots = slots
         self._ctx_per_slot = ctx_per_slot
         self._verbose = verbose
+        self._progress = progress  # called while a catalog model is assembled (default: a log line per 10%)
         self._server: Any = None
         self._queue: FairQueue[_Job] = FairQueue()
         self._workers: list[threading.Thread] = []
@@ -258,7 +271,7 @@ class LocalEngine:
         started = time.monotonic()
         if self._model_path is None:
             model = self._catalog_model
-            path = ensure_model(model, self._cache_dir, progress=_progress_printer(f"assembling {model.name}"))
+            path = ensure_model(model, self._cache_dir, progress=self._progress or _progress_log(model.name))
             identity = model.sha256[:12]
         else:
             path = self._model_path.expanduser().resolve()
@@ -267,7 +280,7 @@ class LocalEngine:
             st = path.stat()
             identity = hashlib.sha256(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
         self.resolved_model = path
-        _status_line(f"loading {path.name} ({self._slots} slots, {self._threads} thread(s))...")
+        log.info("loading %s (%d slots, %d thread(s))", path.name, self._slots, self._threads)
 
         params = xllamacpp.CommonParams()
         params.model.path = str(path)
@@ -290,7 +303,7 @@ class LocalEngine:
             worker = threading.Thread(target=self._work, name=f"local-engine-{i}", daemon=True)
             worker.start()
             self._workers.append(worker)
-        _status_line(f"model ready in {time.monotonic() - started:.1f}s")
+        log.info("model ready in %.1fs", time.monotonic() - started)
 
     async def close(self) -> None:
         self._queue.close()
@@ -311,7 +324,7 @@ class LocalEngine:
     def ready(self) -> bool:
         return self._server is not None
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> BackendStatus:
         return {
             "ready": self.ready(),
             "error": self._load_error,
@@ -358,6 +371,9 @@ class LocalEngine:
                 503, "model_loading", f"The local model is not loaded yet{reason}. Retry shortly.",
                 headers={"retry-after": "2"},
             )
+
+    def prompt_copies(self, request: ChatCompletionRequest) -> int:
+        return 1  # the choices share one prompt evaluation; llama.cpp reports (and grokgate bills) it once
 
     def generate(self, request: ChatCompletionRequest, upstream_model: str) -> LocalGeneration:
         loop = asyncio.get_running_loop()
@@ -476,20 +492,17 @@ def _payload(request: ChatCompletionRequest, upstream_model: str) -> dict[str, A
     return payload
 
 
-def _status_line(text: str) -> None:
-    print(f"grokgate: {text}", file=sys.stderr, flush=True)
-
-
-def _progress_printer(label: str) -> Any:
+def _progress_log(name: str) -> Progress:
+    """Assembly progress as a log line per 10% (the server's default; `grokgate model` prints its own)."""
     last = [-1]
 
-    def show(done: int, total: int) -> None:
+    def report(done: int, total: int) -> None:
         pct = done * 100 // max(total, 1)
         if pct // 10 != last[0] // 10 or done == total:
             last[0] = pct
-            _status_line(f"{label}: {pct}% ({done >> 20} / {total >> 20} MiB)")
+            log.info("assembling %s: %d%% (%d / %d MiB)", name, pct, done >> 20, total >> 20)
 
-    return show
+    return report
 
 
 @register("local")

@@ -6,6 +6,9 @@ A request goes out as a stream when the client streams (always asking for usage)
 request otherwise; either way the reply becomes `core.events`. Failures before the first event raise
 `UpstreamFailure`, which the router may retry on another key or backend; failures after it are errors
 of the stream. The router records the backend breaker's success once the first event arrives.
+
+A backend is an `Upstream` (providers/base.py): the router drives `attempt` itself. It is also a plain
+`Provider` whose `generate` is a route of one candidate, for code that serves a model straight from it.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
@@ -23,24 +27,17 @@ from multidict import CIMultiDictProxy
 
 from grokgate.core.breaker import Breaker
 from grokgate.core.errors import GatewayError
-from grokgate.core.events import Delta, Event, Extra, Finish, UsageReport
+from grokgate.core.events import Delta, Event, Extra, Finish, JSONObject, Usage, UsageReport
 from grokgate.core.usage import normalise_usage
-from grokgate.providers.base import register
+from grokgate.providers.base import BackendStatus, UpstreamFailure, register
 from grokgate.schemas.chat import ChatCompletionRequest
+
+if TYPE_CHECKING:
+    from grokgate.providers.router import RoutedGeneration
 
 log = logging.getLogger("grokgate.upstream")
 
 PASSTHROUGH_KEYS = ("citations",)
-
-
-class UpstreamFailure(Exception):
-    """An upstream attempt failed before any output: the router decides whether to try elsewhere."""
-
-    def __init__(self, error: GatewayError, *, retryable: bool, retry_after: float | None = None) -> None:
-        super().__init__(error.message)
-        self.error = error
-        self.retryable = retryable
-        self.retry_after = retry_after
 
 
 @dataclass
@@ -84,7 +81,7 @@ class OpenAICompatBackend:
     def ready(self) -> bool:
         return True
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> BackendStatus:
         return {"kind": self.kind, "state": self.breaker.state,
                 "keys": [k.breaker.state for k in self.keys]}
 
@@ -105,6 +102,23 @@ class OpenAICompatBackend:
 
     def check(self, request: ChatCompletionRequest) -> None:
         return None
+
+    def prompt_copies(self, request: ChatCompletionRequest) -> int:
+        """n when the upstream ignores `n` and the request goes out as n single requests, each billing the prompt."""
+        return request.choices if self.config.fanout_n else 1
+
+    def generate(self, request: ChatCompletionRequest, upstream_model: str) -> RoutedGeneration:
+        """This backend alone as a route: its keys are rotated and retried like any routed model's."""
+        from grokgate.providers.router import Candidate, RoutedGeneration  # the router imports this module
+
+        return RoutedGeneration(request, [Candidate(self, upstream_model)], time.monotonic() + self.config.timeout,
+                                self.name, self.fingerprint)
+
+    def succeeded(self) -> None:
+        self.breaker.success()
+
+    def failed(self) -> None:
+        self.breaker.failure()
 
     def available(self, tried: set[int]) -> bool:
         return self.breaker.state != "open" and self._pick_key(tried, probe=False) is not None
@@ -137,8 +151,30 @@ class OpenAICompatBackend:
             body.pop("stream_options", None)
         return body
 
-    async def attempt(self, body: dict[str, Any], tried: set[int]) -> AsyncGenerator[Event]:
-        """Send one request on one key; the iterator's first step raises UpstreamFailure or yields an event."""
+    async def attempt(self, request: ChatCompletionRequest, model: str, tried: set[int]) -> AsyncGenerator[Event]:
+        """Send the request (n single requests for a fan-out backend, merged); raises UpstreamFailure for a refusal,
+        and the events' first step raises a GatewayError when the reply breaks before its first event."""
+        stream = bool(request.stream)
+        n = request.choices
+        if n == 1 or not self.config.fanout_n:
+            return await self._send(self.payload(request, model, stream), tried)
+        # The upstream ignores n: n single requests, merged under their own indexes.
+        streams: list[AsyncGenerator[Event]] = []
+        try:
+            for i in range(n):
+                body = self.payload(request, model, stream)
+                body["n"] = 1
+                if request.seed is not None:
+                    body["seed"] = request.seed + i
+                streams.append(await self._send(body, set(tried)))
+        except BaseException:
+            for s in streams:
+                await s.aclose()
+            raise
+        return merge_choices(streams)
+
+    async def _send(self, body: dict[str, Any], tried: set[int]) -> AsyncGenerator[Event]:
+        """Send one request on one key; the iterator's first step raises a GatewayError or yields an event."""
         key_index = self._pick_key(tried)
         if key_index is None:
             raise UpstreamFailure(GatewayError(503, "upstream_unavailable", f"No usable key for {self.name}."),
@@ -251,6 +287,50 @@ class OpenAICompatBackend:
             yield UsageReport(normalise_usage(body["usage"]))
 
 
+async def merge_choices(streams: list[AsyncGenerator[Event]]) -> AsyncGenerator[Event]:
+    """Interleave n single-choice streams, re-indexed 0..n-1; usage adds up (each request was billed)."""
+    queue: asyncio.Queue[tuple[int, Event | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncGenerator[Event]) -> None:
+        try:
+            async for event in stream:
+                await queue.put((i, event))
+        except BaseException as exc:
+            await queue.put((i, exc))
+            return
+        await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    total = Usage()
+    reported: set[int] = set()
+    open_streams = len(streams)
+    try:
+        while open_streams:
+            i, item = await queue.get()
+            if item is None:
+                open_streams -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            elif isinstance(item, UsageReport):
+                u = item.usage
+                reported.add(i)
+                total = Usage(total.prompt_tokens + u.prompt_tokens, total.completion_tokens + u.completion_tokens,
+                              total.cached_tokens + u.cached_tokens, total.reasoning_tokens + u.reasoning_tokens)
+            elif isinstance(item, Delta | Finish):
+                item.index = i
+                yield item
+            else:
+                yield item
+        # A sum that misses a request would under-bill: without every report the router estimates the whole.
+        if len(reported) == len(streams):
+            yield UsageReport(total)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            await stream.aclose()
+
+
 MAX_LINE = 8 << 20  # one SSE line (one chunk) larger than this is refused rather than buffered without end
 
 
@@ -292,9 +372,10 @@ def _choice_events(choices: Any, delta_key: str) -> list[Event]:
     return events
 
 
-def _tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Keep `index`, `id`, `type` and `function.name` on every fragment that has them (contract 5.8)."""
-    out = []
+def _tool_calls(calls: list[dict[str, Any]]) -> list[JSONObject]:
+    """Keep `index`, `id`, `type` and `function.name` on every fragment that has them (clients look up a call's
+    fragments by `index`, and the first fragment of a call carries its id and name)."""
+    out: list[JSONObject] = []
     for i, call in enumerate(calls):
         item = dict(call)
         item.setdefault("index", i)

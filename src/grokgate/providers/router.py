@@ -1,9 +1,11 @@
 """One public model over ordered routes: retries, fallback and cool-downs, only before the first byte.
 
-Routes are tried by priority (lower first), and within a priority in a weighted random order. An upstream
-route is retried on another key, then the next route, on connect errors, timeouts, 429 and 5xx; a 4xx that
-is the caller's fault ends the request at once. Once the first event has been read nothing is retried: the
-client may already hold output. Every request has a total deadline.
+Routes are tried by priority (lower first), and within a priority in a weighted random order. A route's
+backend is driven by what it implements (providers/base.py): an `Upstream` attempt by attempt, any other
+`Provider` through its own `generate`. An upstream route is retried on another key, then the next route, on
+connect errors, timeouts, 429 and 5xx; a 4xx that is the caller's fault ends the request at once. Once the
+first event has been read nothing is retried: the client may already hold output. Every request has a total
+deadline.
 
 A backend's breaker counts what happens before the first event: a success is the first event itself (a 200
 whose body then stalls or breaks is a failure), so a backend that stalls until the deadline is skipped once its
@@ -20,24 +22,28 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 import orjson
 
 from grokgate.core.errors import GatewayError
-from grokgate.core.events import Delta, Event, Finish, Usage, UsageReport
+from grokgate.core.events import Delta, Event, Usage, UsageReport
 from grokgate.core.pricing import PromptShape, estimate_output_tokens, estimate_prompt, utf8_len
-from grokgate.providers.openai_compat import OpenAICompatBackend, UpstreamFailure
+from grokgate.providers.base import BackendStatus, Generation, Provider, RouteStatus, Upstream, UpstreamFailure
 from grokgate.schemas.chat import ChatCompletionRequest, ImagePart, TextPart
 
 
 @dataclass(frozen=True)
 class Candidate:
-    backend: Any  # OpenAICompatBackend, or any Provider (the local engine)
+    backend: Provider  # an Upstream (driven attempt by attempt), or any other Provider (the local engine)
     model: str
     priority: int = 0
     weight: int = 1
+    # The backend as an Upstream, or None: decided once here, by protocol, not on every request.
+    upstream: Upstream | None = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "upstream", self.backend if isinstance(self.backend, Upstream) else None)
 
 
 class RoutedModel:
@@ -53,13 +59,13 @@ class RoutedModel:
 
     @property
     def fingerprint(self) -> str:
-        return str(self.candidates[0].backend.fingerprint)
+        return self.candidates[0].backend.fingerprint
 
     def ready(self) -> bool:
         return any(c.backend.ready() for c in self.candidates)
 
-    def status(self) -> dict[str, Any]:
-        routes = [{"backend": c.backend.name, "model": c.model, "priority": c.priority} for c in self.candidates]
+    def status(self) -> BackendStatus:
+        routes = [RouteStatus(backend=c.backend.name, model=c.model, priority=c.priority) for c in self.candidates]
         return {"routes": routes}
 
     async def start(self) -> None:
@@ -69,7 +75,8 @@ class RoutedModel:
         return None
 
     def usable(self, request: ChatCompletionRequest) -> tuple[list[Candidate], GatewayError | None]:
-        usable, refusal = [], None
+        usable: list[Candidate] = []
+        refusal: GatewayError | None = None
         for c in self.candidates:
             try:
                 c.backend.check(request)
@@ -85,10 +92,10 @@ class RoutedModel:
             raise refusal
 
     def prompt_copies(self, request: ChatCompletionRequest) -> int:
-        """How many times an upstream may bill this request's prompt: n when a route sends n single requests."""
-        fans_out = any(isinstance(c.backend, OpenAICompatBackend) and c.backend.config.fanout_n
-                       for c in self.candidates)
-        return request.choices if fans_out else 1
+        """The most any route may bill this request's prompt (n when a route sends n single requests)."""
+        if request.choices == 1:
+            return 1
+        return max(c.backend.prompt_copies(request) for c in self.candidates)
 
     def ordered(self, candidates: list[Candidate]) -> list[Candidate]:
         result: list[Candidate] = []
@@ -102,22 +109,36 @@ class RoutedModel:
 
     def generate(self, request: ChatCompletionRequest, upstream_model: str) -> RoutedGeneration:
         candidates = self.ordered(self.usable(request)[0])
-        return RoutedGeneration(request, candidates, time.monotonic() + self.deadline)
+        return RoutedGeneration(request, candidates, time.monotonic() + self.deadline, self.name, self.fingerprint)
 
 
 class RoutedGeneration:
-    def __init__(self, request: ChatCompletionRequest, candidates: list[Candidate], deadline: float) -> None:
+    """A `Generation` over the first route that answers: until its first event it tries the candidates in
+    order; after it, it passes that route's events on, counting their output for an estimate."""
+
+    def __init__(self, request: ChatCompletionRequest, candidates: list[Candidate], deadline: float,
+                 backend: str, fingerprint: str) -> None:
         self.request = request
         self.candidates = candidates
         self.deadline = deadline
-        self.backend: str | None = None
-        self.fingerprint: str | None = None
-        self._events: Any = None
+        self._backend = backend  # the first route's, until one answers
+        self._fingerprint = fingerprint
+        # The route that answered: a provider's own generation, or an upstream's events (exactly one is set).
+        self._generation: Generation | None = None
+        self._events: AsyncGenerator[Event] | None = None
         self._closed = False
         self._ended = False
         self._output_bytes = 0  # UTF-8 bytes of output seen: the estimate's input if no usage comes
         self._usage: Usage | None = None  # the backend's report, or our estimate once the stream ended
         self._prompt_copies = 1  # n when the request went out as n single requests (each bills the prompt)
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
 
     def __aiter__(self) -> RoutedGeneration:
         return self
@@ -125,11 +146,12 @@ class RoutedGeneration:
     async def __anext__(self) -> Event:
         if self._closed or self._ended:
             raise StopAsyncIteration
-        if self._events is None:
+        source = self._generation if self._generation is not None else self._events
+        if source is None:
             return self._seen(await self._open())
         try:
             async with asyncio.timeout_at(self._loop_deadline()):
-                event: Event = await self._events.__anext__()
+                event: Event = await source.__anext__()
         except TimeoutError:
             raise GatewayError(504, "timeout", "The request ran past its deadline.") from None
         except StopAsyncIteration:
@@ -150,10 +172,11 @@ class RoutedGeneration:
             if event.reasoning_content:
                 size += utf8_len(event.reasoning_content)
             for call in event.tool_calls or ():
-                function = call.get("function") or {}
-                for value in (function.get("name"), function.get("arguments")):
-                    if isinstance(value, str):
-                        size += utf8_len(value)
+                function = call.get("function")
+                if isinstance(function, dict):
+                    for value in (function.get("name"), function.get("arguments")):
+                        if isinstance(value, str):
+                            size += utf8_len(value)
             self._output_bytes += size
         elif isinstance(event, UsageReport):
             self._usage = event.usage
@@ -176,25 +199,30 @@ class RoutedGeneration:
     async def _open(self) -> Event:
         failures: list[UpstreamFailure] = []
         for candidate in self.candidates:
-            backend = candidate.backend
-            if not isinstance(backend, OpenAICompatBackend):
-                generation = backend.generate(self.request, candidate.model)
+            upstream = candidate.upstream
+            if upstream is None:
+                # A provider (the local engine): it has no keys to rotate; a 503 (still loading) moves on.
+                generation = self._generation = candidate.backend.generate(self.request, candidate.model)
                 try:
-                    first: Event = await generation.__anext__()
-                except GatewayError as exc:
-                    if exc.status != 503:
+                    first = await generation.__anext__()
+                except BaseException as exc:
+                    # Closed on every failure, cancellation included (the client left while this request was
+                    # queued): its jobs must not run later for nobody.
+                    self._generation = None
+                    await generation.aclose()
+                    if not isinstance(exc, GatewayError) or exc.status != 503:
                         raise
                     failures.append(UpstreamFailure(exc, retryable=True))
                     continue
-                self._use(generation, backend)
+                self._use(candidate.backend, candidate.backend.prompt_copies(self.request))
                 return first
             tried: set[int] = set()
-            while backend.available(tried):
+            while upstream.available(tried):
                 if time.monotonic() >= self.deadline:
                     raise GatewayError(504, "timeout", "No upstream answered before the deadline.")
                 try:
                     async with asyncio.timeout_at(self._loop_deadline()):
-                        events = await self._attempt(backend, candidate.model, tried)
+                        events = self._events = await upstream.attempt(self.request, candidate.model, tried)
                         first = await events.__anext__()
                 except UpstreamFailure as failure:  # the backend's breaker was told by attempt()
                     if not failure.retryable:
@@ -202,52 +230,40 @@ class RoutedGeneration:
                     failures.append(failure)
                     continue
                 except (GatewayError, StopAsyncIteration) as exc:  # broke before any output: try elsewhere
-                    backend.breaker.failure()
+                    await self._drop_events()
+                    upstream.failed()
                     error = exc if isinstance(exc, GatewayError) else GatewayError(502, "api_error", "Empty reply.")
                     failures.append(UpstreamFailure(error, retryable=True))
                     continue
                 except TimeoutError:
                     # Stalled until the deadline before its first event: a failure like any other, so the breaker
                     # opens and later requests go elsewhere (or fail fast) instead of waiting as long.
-                    backend.breaker.failure()
+                    await self._drop_events()
+                    upstream.failed()
                     raise GatewayError(504, "timeout", "No upstream answered before the deadline.") from None
-                backend.breaker.success()
-                self._use(events, backend)
+                except BaseException:
+                    await self._drop_events()  # cancelled while waiting: the upstream connection is let go now
+                    raise
+                upstream.succeeded()
+                self._use(upstream, upstream.prompt_copies(self.request))
                 return first
         raise final_error(failures, self.candidates)
 
-    async def _attempt(self, backend: OpenAICompatBackend, model: str, tried: set[int]) -> AsyncGenerator[Event]:
-        stream = bool(self.request.stream)
-        n = self.request.choices
-        if n == 1 or not backend.config.fanout_n:
-            return await backend.attempt(backend.payload(self.request, model, stream), tried)
-        # The upstream ignores n: n single requests, merged under their own indexes.
-        self._prompt_copies = n
-        streams: list[AsyncGenerator[Event]] = []
-        try:
-            for i in range(n):
-                body = backend.payload(self.request, model, stream)
-                body["n"] = 1
-                if self.request.seed is not None:
-                    body["seed"] = self.request.seed + i
-                streams.append(await backend.attempt(body, set(tried)))
-        except BaseException:
-            for s in streams:
-                await s.aclose()
-            raise
-        return merge_choices(streams)
+    async def _drop_events(self) -> None:
+        events, self._events = self._events, None
+        if events is not None:
+            await events.aclose()
 
-    def _use(self, events: Any, backend: Any) -> None:
-        self._events = events
-        self.backend = backend.name
-        self.fingerprint = backend.fingerprint
+    def _use(self, backend: Provider, prompt_copies: int) -> None:
+        self._backend = backend.name
+        self._fingerprint = backend.fingerprint
+        self._prompt_copies = prompt_copies
 
     def usage_so_far(self) -> Usage | None:
         """For a request cut short: the backend's own figure if it has one, else an estimate from the prompt and
         the output seen so far (core/pricing.py), so a client that hangs up is still billed."""
-        partial = getattr(self._events, "usage_so_far", None)
-        if partial is not None:
-            return partial()  # type: ignore[no-any-return]
+        if self._generation is not None:
+            return self._generation.usage_so_far()
         if self._events is None:
             return None
         if self._usage is not None:
@@ -258,58 +274,17 @@ class RoutedGeneration:
         if self._closed:
             return
         self._closed = True
+        # Closed, but kept: `usage_so_far` still reads what they consumed (the settlement comes after the close).
+        if self._generation is not None:
+            await self._generation.aclose()
         if self._events is not None:
             await self._events.aclose()
-
-
-async def merge_choices(streams: list[AsyncGenerator[Event]]) -> AsyncGenerator[Event]:
-    """Interleave n single-choice streams, re-indexed 0..n-1; usage adds up (each request was billed)."""
-    queue: asyncio.Queue[tuple[int, Event | BaseException | None]] = asyncio.Queue()
-
-    async def pump(i: int, stream: AsyncGenerator[Event]) -> None:
-        try:
-            async for event in stream:
-                await queue.put((i, event))
-        except BaseException as exc:
-            await queue.put((i, exc))
-            return
-        await queue.put((i, None))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    total = Usage()
-    reported: set[int] = set()
-    open_streams = len(streams)
-    try:
-        while open_streams:
-            i, item = await queue.get()
-            if item is None:
-                open_streams -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            elif isinstance(item, UsageReport):
-                u = item.usage
-                reported.add(i)
-                total = Usage(total.prompt_tokens + u.prompt_tokens, total.completion_tokens + u.completion_tokens,
-                              total.cached_tokens + u.cached_tokens, total.reasoning_tokens + u.reasoning_tokens)
-            elif isinstance(item, Delta | Finish):
-                item.index = i
-                yield item
-            else:
-                yield item
-        # A sum that misses a request would under-bill: without every report the router estimates the whole.
-        if len(reported) == len(streams):
-            yield UsageReport(total)
-    finally:
-        for task in tasks:
-            task.cancel()
-        for stream in streams:
-            await stream.aclose()
 
 
 def final_error(failures: list[UpstreamFailure], candidates: list[Candidate]) -> GatewayError:
     """The caller's answer when every route failed: 429 if rate limits are why, else timeout, else 502/503."""
     if not failures:
-        waits = [c.backend.retry_in() for c in candidates if isinstance(c.backend, OpenAICompatBackend)]
+        waits = [c.upstream.retry_in() for c in candidates if c.upstream is not None]
         cooling = max(1, int(min(waits, default=1.0)) + 1)
         return GatewayError(503, "upstream_unavailable", "Every upstream for this model is cooling down after "
                             "failures; retry shortly.", headers={"retry-after": str(cooling)})

@@ -1,4 +1,4 @@
-"""xAI's API: the OpenAI-compatible adapter plus what xAI does differently (contract sections 2 and 4).
+"""xAI's API: the OpenAI-compatible adapter plus what xAI does differently (its request rules and its errors).
 
 Requests are translated before they leave: `stop` becomes an array; reasoning models lose penalties and
 `stop` (xAI would refuse them), grok-3 loses `presence_penalty`; `reasoning_effort` reaches only

@@ -6,6 +6,8 @@ Every query reads the daily aggregates or an indexed range of the ledger (`ix_le
 
 from __future__ import annotations
 
+import csv
+import io
 from typing import Any
 
 from sqlalchemy import select
@@ -114,3 +116,12 @@ class Reports:
         return [{"day": (epoch + dt.timedelta(days=int(d))).isoformat(), "status": s, "count": int(n)}
                 for d, s, n in rows]
 
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    """Report rows as CSV, one column per key of the first row; no rows, no header (an empty body)."""
+    out = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out.getvalue()

@@ -1,0 +1,346 @@
+"""One request's whole life, whatever its wire format: admit -> generate -> first event -> stream or collect ->
+settle exactly once, however it ends -> metrics and one log line.
+
+`Serving.serve` is the entry point (api/chat.py calls it): it resolves the model, lets the backend refuse early,
+admits (limits and the credit reservation: core/billing.py), holds the request to the output it paid for, opens
+the generation and reads its first event before any status is committed, so errors raised before any output
+keep their HTTP status. It answers with a wire-neutral result: `Streamed` (framed bytes to send), `Collected`
+(one payload) or `ABANDONED` (the client left before a collected answer was ready); errors before the first
+event are raised as GatewayErrors.
+
+Invariants kept here, and only here:
+- Settlement happens exactly once per admitted request (`Lifecycle.settle`), shielded from cancellation, on
+  every ending: completed, failed before or after the first event, client gone, stream closed unread.
+- Zero loss: a stream's settlement commits before its closing payloads and end marker; a collected answer's
+  before the response exists.
+- A disconnect is a normal ending: the generation is closed (its slot freed) and what it consumed is billed
+  (the backend's usage so far, else the router's estimate). The HTTP layer detects the disconnect
+  (api/sse.py `until_disconnected`, for both paths) and either closes the stream or lets `collected` see it.
+- `x-grokgate-overhead-ms`: time spent in grokgate, measured once (at the response start for a stream, at the
+  end for a collected answer), everything but the wait on the backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Final
+
+import anyio
+
+from grokgate.core.admission import Admission, AdmissionRequest, Principal, Ticket
+from grokgate.core.errors import GatewayError
+from grokgate.core.events import Event, Usage
+from grokgate.observability.metrics import Metrics
+from grokgate.providers.base import Generation, ModelTable, Provider
+from grokgate.schemas.chat import ChatCompletionRequest
+from grokgate.serving.pump import END, Marker, Pump
+from grokgate.serving.wire import Collector, Payload, StreamRenderer, WireFormat
+
+log = logging.getLogger("grokgate.request")
+stream_log = logging.getLogger("grokgate.stream")
+
+# How a request ended, as the ledger records it (core/admission.py Ticket.settle).
+OK: Final = "ok"
+DISCONNECTED: Final = "client_disconnected"
+ERROR: Final = "error"
+
+INTERNAL_ERROR = GatewayError(500, "api_error", "Internal server error.")
+
+UntilGone = Callable[[], Awaitable[None]]
+"""Returns once the client has gone away (api/sse.py `until_disconnected`); it may never return."""
+
+
+class Call:
+    """One request as the lifecycle sees it, whatever its wire format (serving/chat.py builds it for chat)."""
+
+    __slots__ = ("prompt_tokens", "request", "request_id", "started")
+
+    def __init__(self, request: ChatCompletionRequest, prompt_tokens: int, request_id: str, started: float) -> None:
+        self.request = request  # what the providers receive
+        self.prompt_tokens = prompt_tokens  # an upper bound of one copy of the prompt (core/pricing.py)
+        self.request_id = request_id
+        self.started = started  # time.perf_counter() when the request arrived
+
+
+class Streamed:
+    """A streamed answer: framed bytes, and the headers to start the response with. Iterate it once; close it
+    always (api/sse.py SSEResponse does, shielded): closing ends the request even if nothing was read."""
+
+    __slots__ = ("_body", "_life", "headers")
+
+    def __init__(self, life: Lifecycle, body: AsyncGenerator[bytes], headers: dict[str, str]) -> None:
+        self._life = life
+        self._body = body
+        self.headers = headers
+
+    def __aiter__(self) -> AsyncGenerator[bytes]:
+        return self._body
+
+    async def aclose(self) -> None:
+        await self._body.aclose()  # runs the body's own ending if it started
+        await self._life.end(None, None)  # else the request ends here: a stream nobody read is a disconnect
+
+
+class Collected:
+    """A collected answer, settled: the response body and its headers."""
+
+    __slots__ = ("body", "headers")
+
+    def __init__(self, body: Payload, headers: dict[str, str]) -> None:
+        self.body = body
+        self.headers = headers
+
+
+class Abandoned:
+    """The client went away before the collected answer was ready: nobody reads a response."""
+
+    __slots__ = ()
+
+
+ABANDONED: Final = Abandoned()
+Result = Streamed | Collected | Abandoned
+
+
+class Serving:
+    """Serves requests for one app: what every request's lifecycle needs, built once."""
+
+    def __init__(self, admission: Admission, models: ModelTable, metrics: Metrics, *, keepalive: float) -> None:
+        self.admission = admission
+        self.models = models
+        self.metrics = metrics
+        self.keepalive = keepalive  # seconds of silence before a keep-alive; also the first event's longest wait
+
+    async def serve(self, call: Call, principal: Principal, wire: WireFormat, until_gone: UntilGone) -> Result:
+        request = call.request
+        route = self.models.get(request.model)
+        if route is None:
+            available = ", ".join(self.models.names())
+            raise GatewayError(
+                404, "model_not_found", f"The model '{request.model}' does not exist. Available models: {available}.",
+                param="model",
+            )
+        provider = route.provider
+        provider.check(request)
+        prompt = call.prompt_tokens * provider.prompt_copies(request)
+        ticket = await self.admission.admit(
+            principal, AdmissionRequest(call.request_id, request.model, request.choices, request.output_limit, prompt)
+        )
+        hold_output(request, ticket.output_limit)
+        life = Lifecycle(self, call, principal, ticket, wire, provider.name)
+        await life.open(provider, route.upstream_model)
+        if request.stream:
+            return life.streamed()
+        return await life.collected(until_gone)
+
+
+def hold_output(request: ChatCompletionRequest, limit: int | None) -> None:
+    """Ask the backend for no more output per choice than the admission paid for: a request without a cap gets
+    the reserved one (xai.py sends it as max_completion_tokens, openai_compat forwards it, the local engine
+    reads `output_limit`). When both caps are set, `max_completion_tokens` is the one reserved, and an upstream
+    that reads only `max_tokens` must not be given a larger one."""
+    if limit is None:
+        return
+    if request.max_completion_tokens is None and request.max_tokens is None:
+        request.max_tokens = limit
+    elif request.max_completion_tokens is not None and request.max_tokens is not None:
+        request.max_tokens = request.max_completion_tokens
+
+
+class Lifecycle:
+    """One admitted request, from its generation to its settlement."""
+
+    __slots__ = ("_settled", "backend", "call", "first", "generation", "overhead_ms", "principal", "pump",
+                 "serving", "ticket", "wire")
+
+    def __init__(self, serving: Serving, call: Call, principal: Principal, ticket: Ticket, wire: WireFormat,
+                 backend: str) -> None:
+        self.serving = serving
+        self.call = call
+        self.principal = principal
+        self.ticket = ticket
+        self.wire = wire
+        self.backend = backend  # the provider's name until the generation says which backend served it
+        self.generation: Generation | None = None
+        self.pump: Pump | None = None
+        self.first: Event | Marker = END
+        self.overhead_ms: float | None = None
+        self._settled = False
+        serving.metrics.request_started()
+
+    # -- the first event ---------------------------------------------------------------------------------------
+
+    async def open(self, provider: Provider, upstream_model: str) -> None:
+        """Start the generation and read its first event (at most one keep-alive interval): a failure here is
+        settled and raised, and keeps its HTTP status."""
+        try:
+            self.generation = provider.generate(self.call.request, upstream_model)
+            self.pump = Pump(self.generation)
+            self.first = await self.pump.next(self.serving.keepalive)
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                if self.pump is not None:
+                    await self.pump.aclose()
+                await self.settle(None, ERROR, exc)
+            raise
+        self.backend = self.generation.backend
+        self.serving.metrics.observe_first_event(self.call.request.model, time.perf_counter() - self.call.started)
+
+    # -- streamed ----------------------------------------------------------------------------------------------
+
+    def streamed(self) -> Streamed:
+        assert self.generation is not None
+        renderer = self.wire.renderer(self.call.request, self.generation.fingerprint)
+        return Streamed(self, self._stream(renderer), {**self.ticket.headers, **self.overhead_header()})
+
+    async def _stream(self, renderer: StreamRenderer) -> AsyncGenerator[bytes]:
+        framing = self.wire.framing
+        frame = framing.frame
+        pump = self.pump
+        assert pump is not None
+        keepalive = self.serving.keepalive
+        failure: BaseException | None = None
+        try:
+            for payload in renderer.opening():
+                yield frame(payload)
+            event = self.first
+            while event is not END:
+                if isinstance(event, Marker):  # TIMEOUT: a silence
+                    yield framing.keepalive
+                else:
+                    for payload in renderer.on_event(event):
+                        yield frame(payload)
+                event = await pump.next(keepalive)
+            # Zero loss: the settlement is committed before the client sees the end of the stream.
+            await self.settle(renderer.usage, OK, None)
+            for payload in renderer.closing():
+                yield frame(payload)
+            if framing.done:
+                yield framing.done
+        except GatewayError as exc:
+            failure = exc
+            for payload in renderer.failed(exc, self.call.request_id):
+                yield frame(payload)
+        except Exception as exc:
+            failure = exc
+            stream_log.exception("stream failed", extra={"request_id": self.call.request_id})
+            for payload in renderer.failed(INTERNAL_ERROR, self.call.request_id):
+                yield frame(payload)
+        finally:
+            # A no-op after a normal end; otherwise the client went away or the backend failed.
+            await self.end(renderer.usage, failure)
+
+    # -- collected ---------------------------------------------------------------------------------------------
+
+    async def collected(self, until_gone: UntilGone) -> Collected | Abandoned:
+        assert self.generation is not None
+        collector = self.wire.collector(self.call.request, self.generation.fingerprint)
+        try:
+            body = await self._collect(collector, until_gone)
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await self.settle(collector.usage, ERROR, exc)
+            raise
+        if body is None:
+            await self.settle(collector.usage, DISCONNECTED, None)
+            return ABANDONED
+        # Zero loss: the settlement is committed before the client receives the answer.
+        await self.settle(collector.usage, OK, None)
+        return Collected(body, {**self.ticket.headers, **self.overhead_header()})
+
+    async def _collect(self, collector: Collector, until_gone: UntilGone) -> Payload | None:
+        """The whole answer; None if the client went away first (the generation is then stopped)."""
+        pump = self.pump
+        assert pump is not None
+
+        async def consume() -> Payload:
+            event = self.first
+            while event is not END:
+                if not isinstance(event, Marker):
+                    collector.on_event(event)
+                event = await pump.next(None)
+            return collector.result()
+
+        consumer = asyncio.ensure_future(consume())
+        watcher = asyncio.ensure_future(until_gone())
+        try:
+            await asyncio.wait((consumer, watcher), return_when=asyncio.FIRST_COMPLETED)
+            return consumer.result() if consumer.done() else None
+        finally:
+            for task in (consumer, watcher):
+                task.cancel()
+            with anyio.CancelScope(shield=True):
+                await pump.aclose()
+
+    # -- the end -----------------------------------------------------------------------------------------------
+
+    async def end(self, usage: Usage | None, failure: BaseException | None) -> None:
+        """Stop the generation and settle, if that has not happened: after a failure, or as a disconnect."""
+        if self._settled:
+            return
+        with anyio.CancelScope(shield=True):
+            if self.pump is not None:
+                await self.pump.aclose()
+            await self.settle(usage, DISCONNECTED if failure is None else ERROR, failure)
+
+    async def settle(self, usage: Usage | None, outcome: str, failure: BaseException | None) -> None:
+        """Exactly once per request: the ticket (shielded), then the metrics and the log line."""
+        if self._settled:
+            return
+        self._settled = True
+        estimated = usage is not None and usage.estimated  # the router's estimate for a backend without usage
+        if usage is None and self.generation is not None:
+            # Cut short: bill what the backend had consumed so far (its count, or grokgate's estimate).
+            usage = self.generation.usage_so_far()
+            estimated = usage is not None
+        ticket = self.ticket
+        metrics = self.serving.metrics
+        request = self.call.request
+        try:
+            with anyio.CancelScope(shield=True):
+                await ticket.settle(usage, status=outcome, estimated=estimated, backend=self.backend)
+            if ticket.overrun:
+                metrics.overruns.labels(request.model).inc()
+        finally:
+            if outcome == OK:
+                self.overhead_header()
+            seconds = time.perf_counter() - self.call.started
+            status = 200 if outcome == OK else 499 if outcome == DISCONNECTED else 500
+            if isinstance(failure, GatewayError):
+                status = failure.status
+            metrics.request_ended(model=request.model, backend=self.backend, status=status,
+                                  stream=bool(request.stream), seconds=seconds, usage=usage, charged=ticket.cost)
+            if log.isEnabledFor(logging.INFO):
+                self._log(status, outcome, usage, estimated, ticket.cost, seconds)
+
+    def overhead_header(self) -> dict[str, str]:
+        """Time spent in grokgate itself so far: everything but the wait on the backend (measured once)."""
+        if self.overhead_ms is None:
+            waited = self.pump.waited if self.pump is not None else 0.0
+            own = max(time.perf_counter() - self.call.started - waited, 0.0)
+            self.overhead_ms = own * 1000
+            self.serving.metrics.overhead.observe(own)
+        return {"x-grokgate-overhead-ms": f"{self.overhead_ms:.3f}"}
+
+    def _log(self, status: int, outcome: str, usage: Usage | None, estimated: bool, cost: int,
+             seconds: float) -> None:
+        """One structured line per request: ids, counts, money and timings; never the token or the text."""
+        request = self.call.request
+        log.info(self.wire.label, extra={
+            "request_id": self.call.request_id,
+            "token": self.principal.prefix or self.principal.key_id,
+            "model": request.model,
+            "backend": self.backend,
+            "stream": bool(request.stream),
+            "n": request.choices,
+            "status": status,
+            "outcome": outcome,
+            "prompt_tokens": usage.prompt_tokens if usage else None,
+            "completion_tokens": usage.completion_tokens if usage else None,
+            "estimated": estimated,
+            "cost": cost,
+            "latency_ms": round(seconds * 1000, 2),
+            "overhead_ms": round(self.overhead_ms, 3) if self.overhead_ms is not None else None,
+        })
