@@ -8,8 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.routing import Route as StarletteRoute
 
-from grokgate import __version__
-from grokgate import config as routing
+from grokgate import __version__, routing
 from grokgate.api import account, admin, chat, console, errors, ledger, meta
 from grokgate.api.deps import Gateway
 from grokgate.api.docs import mount_docs

@@ -95,7 +95,7 @@ def _model(args: argparse.Namespace) -> int:
 
 
 def _config_check(args: argparse.Namespace) -> int:
-    from grokgate import config as routing
+    from grokgate import routing
     from grokgate.settings import Settings
 
     settings = Settings()

@@ -1,4 +1,4 @@
-"""The error envelope: `{"error": {"code", "message", "type", "param"}, "trace_id"}` (contract section 4).
+"""The error envelope: `{"error": {"code", "message", "type", "param"}, "trace_id"}` (AceData's shape and codes).
 
 AceData clients read `error.code`, `error.message` and `trace_id`; the OpenAI SDK reads `body.error`.
 `trace_id` always equals the response's `x-request-id`.

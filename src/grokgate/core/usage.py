@@ -1,4 +1,5 @@
-"""Upstream usage objects -> one `Usage` with OpenAI semantics (peer lessons 5 and 7).
+"""Upstream usage objects -> one `Usage` with OpenAI semantics: the last usage object, never a sum; cached and
+reasoning tokens counted once each.
 
 OpenAI: `completion_tokens` includes reasoning, total = prompt + completion. xAI: `completion_tokens`
 excludes reasoning, total = prompt + completion + reasoning. The arithmetic of the object itself says which

@@ -174,7 +174,7 @@ class EventsGeneration:
 
 
 ProviderFactory = Callable[..., Provider]
-"""Makes a Provider (or an Upstream) from the routing file's options of a backend (config.py)."""
+"""Makes a Provider (or an Upstream) from the routing file's options of a backend (routing.py)."""
 
 _F = TypeVar("_F", bound=ProviderFactory)
 _FACTORIES: dict[str, ProviderFactory] = {}

@@ -1,4 +1,4 @@
-"""The chat-completions request, validated with AceData's ranges (contract section 1.3).
+"""The chat-completions request, validated with AceData's ranges (temperature 0..2, top_p 0..1, n 1..128, ...).
 
 Unknown top-level fields are accepted and kept (`extra="allow"`), so upstream adapters can forward what
 they understand; the local engine reads only the fields declared here.
