@@ -20,6 +20,8 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from starlette.responses import Response
 
+from grokgate.api.account import Micro, SignedCredits
+from grokgate.api.admin import LedgerEntry
 from grokgate.api.deps import Gateway, authenticate, gateway, own_token_id, require_admin
 from grokgate.core.accounts import AdminStore, ReportStore, format_credits
 from grokgate.core.admission import Principal
@@ -118,33 +120,15 @@ class _Closed(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-Micro = Annotated[int, Field(description="micro-credits (millionths of a credit)")]
-Credits = Annotated[str, Field(description="the same amount in credits, as a decimal string",
-                               pattern=r"^-?\d+(\.\d+)?$")]
 DayString = Annotated[str, Field(json_schema_extra=DATE_FORMAT)]
 
 
-class LedgerRow(_Closed):
-    id: int
-    request_id: str
-    token_id: int | None = Field(description="null: the bootstrap admin token")
-    kind: str = Field(description="usage or topup")
-    model: str | None
-    backend: str | None
-    prompt_tokens: int
-    cached_tokens: int
-    completion_tokens: int
-    reasoning_tokens: int
-    amount: Micro = Field(description="the balance's movement in micro-credits: negative for usage")
-    cost: Micro
-    price_version: int | None
-    status: str
-    estimated: bool = Field(description="token counts estimated by grokgate, not reported by the backend")
-    duration_ms: int | None
-    note: str | None
+class LedgerRow(LedgerEntry):
+    """A ledger row as the console shows it: times in seconds, money also as credits."""
+
     created_at: int = Field(description="Unix seconds")
-    amount_credits: Credits
-    cost_credits: Credits
+    amount_credits: SignedCredits
+    cost_credits: SignedCredits
 
 
 class LedgerPage(_Closed):
