@@ -1,13 +1,29 @@
-"""Tests drive a real grokgate server, started in a subprocess on a free port, over HTTP."""
+"""The test harness: two tiers, and every test isolated from the user's data and cache.
+
+- In-process (the default tier): the app built by `create_app`, with scripted providers at the provider seam
+  (tests/inproc.py: `ScriptedProvider`, `serve_app`, `app_server`), served over HTTP by uvicorn in a thread of the
+  test process: no model, no database server, milliseconds per test.
+- End-to-end (`@pytest.mark.e2e`): a real `grokgate serve` subprocess (`start_server`, the session's `server`),
+  the real model, real PostgreSQL/Redis, for what only they can show. A test that uses the shared `server`,
+  `pg_url` or `redis_url` is e2e by that alone; one that calls `start_server` must say so, or it fails. So
+  `pytest -m "not e2e"` needs no model and no database server (SQLite files in tmp_path are fine there).
+
+Isolation: the session (and every process it starts, inheriting its environment) runs with XDG_DATA_HOME,
+XDG_CACHE_HOME, GROKGATE_DATA_DIR and GROKGATE_CACHE_DIR in a temporary directory of its own, and without the
+caller's other GROKGATE_* settings; the catalog model is shared read-only through a link in that cache. So tests
+never open the user's SQLite file (a running `grokgate serve` holds its lock) nor write the user's cache.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +37,114 @@ import pytest
 
 TOKEN = "test-token-5f0c"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+E2E = pytest.mark.e2e
+
+# Test configuration the harness keeps from the environment (every other GROKGATE_* variable is removed).
+_KEEP = ("GROKGATE_TEST_",)
+_SESSION_DIR: Path | None = None
+_CURRENT: pytest.Item | None = None
+
+
+def _user_cache_dir() -> Path:
+    """Where `grokgate model` (make test's install step) leaves the catalog model: settings.py's default."""
+    inherited = os.environ.get("GROKGATE_TEST_USER_CACHE_DIR")  # an xdist worker: the controller's finding
+    if inherited:
+        return Path(inherited)
+    if os.environ.get("GROKGATE_CACHE_DIR"):
+        return Path(os.environ["GROKGATE_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "grokgate"
+
+
+def _share_model(user_cache: Path, cache: Path) -> None:
+    """Link the verified catalog GGUF into the session's cache, with its `.verified` stamp, so servers find it
+    there without hashing it again and without writing the user's cache (if ensure_model ever rebuilds it, it
+    replaces the link, not the user's file). Without a verified file nothing is linked: the first server
+    assembles the model into the session's cache."""
+    from grokgate.providers.model_files import DEFAULT_MODEL
+
+    source = user_cache / "models" / DEFAULT_MODEL.filename
+    stamp = source.with_name(source.name + ".verified")
+    if not (source.is_file() and stamp.is_file()):
+        return
+    target = cache / "models" / source.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.symlink_to(source.resolve())
+    target.with_name(stamp.name).write_text(stamp.read_text())
+
+
+def _isolate_environment() -> Path:
+    global _SESSION_DIR
+    user_cache = _user_cache_dir()
+    for name in [n for n in os.environ if n.startswith("GROKGATE_") and not n.startswith(_KEEP)]:
+        del os.environ[name]
+    os.environ.pop("XAI_API_KEY", None)
+    _SESSION_DIR = Path(tempfile.mkdtemp(prefix="grokgate-tests-"))
+    paths = {"XDG_DATA_HOME": _SESSION_DIR / "xdg-data", "XDG_CACHE_HOME": _SESSION_DIR / "xdg-cache",
+             "GROKGATE_DATA_DIR": _SESSION_DIR / "data", "GROKGATE_CACHE_DIR": _SESSION_DIR / "cache"}
+    for name, path in paths.items():
+        path.mkdir()
+        os.environ[name] = str(path)
+    os.environ["GROKGATE_TEST_USER_CACHE_DIR"] = str(user_cache)
+    _share_model(user_cache, paths["GROKGATE_CACHE_DIR"])
+    return _SESSION_DIR
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "e2e: end-to-end: a real grokgate server, the real model, or a real "
+                                       "SQLite/PostgreSQL/Redis (deselect with -m 'not e2e')")
+    if _SESSION_DIR is None:
+        _isolate_environment()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _SESSION_DIR is not None:
+        shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+
+
+_E2E_FIXTURES = {"server", "pg_url", "redis_url"}
+
+
+def _uses_harness_fixture(item: pytest.Item, name: str) -> bool:
+    """Whether `item` uses this module's fixture `name` (not a module's own fixture of the same name)."""
+    info = getattr(item, "_fixtureinfo", None)
+    defs = info.name2fixturedefs.get(name) if info is not None else None
+    return bool(defs) and defs[-1].func.__module__ == __name__
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that use the shared server, PostgreSQL or Redis are e2e whatever they say. A module that marks
+    none of its tests and starts servers itself (written before the tiers) is e2e as a whole."""
+    tiered = {item.path for item in items if item.get_closest_marker("e2e") is not None}
+    sources: dict[Path, bool] = {}
+    for item in items:
+        if item.get_closest_marker("e2e") is not None:
+            continue
+        if any(_uses_harness_fixture(item, name) for name in _E2E_FIXTURES):
+            item.add_marker(E2E)
+        elif item.path not in tiered:
+            if item.path not in sources:
+                sources[item.path] = "start_server(" in item.path.read_text()
+            if sources[item.path]:
+                item.add_marker(E2E)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    global _CURRENT
+    _CURRENT = item
+
+
+def require_e2e(what: str) -> None:
+    """Fail a test that reaches for a real server or database without saying so (`@pytest.mark.e2e`)."""
+    if _CURRENT is not None and _CURRENT.get_closest_marker("e2e") is None:
+        pytest.fail(f"{_CURRENT.nodeid} uses {what}: mark it @pytest.mark.e2e, or use the in-process tier "
+                    "(tests/inproc.py)", pytrace=False)
+
+
+def session_dir() -> Path:
+    """This session's own directory (its default data and cache dirs live here)."""
+    assert _SESSION_DIR is not None
+    return _SESSION_DIR
 
 
 def free_port() -> int:
@@ -55,34 +179,60 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
 
-def start_server(tmp: Path, *args: str, env: dict[str, str] | None = None, wait_ready: bool = True,
-                 name: str = "server") -> Server:
+def start_server(tmp: Path, *args: str, env: dict[str, str | None] | None = None, wait_ready: bool = True,
+                 name: str = "server", timeout: float = 120) -> Server:
+    """Start `grokgate serve` on a free port with its own data dir under `tmp`; fails at once if it exits.
+    `env` adds to the session's environment; a None value removes that variable."""
+    return start_servers(tmp, (name, args, env or {}), wait_ready=wait_ready, timeout=timeout)[0]
+
+
+def start_servers(tmp: Path, *specs: tuple[str, tuple[str, ...], dict[str, str | None]], wait_ready: bool = True,
+                  timeout: float = 120) -> list[Server]:
+    """Start several servers at once, each `(name, args, env)`: their start-ups (imports, migrations, model
+    load) overlap instead of adding up. Any that exits fails the call at once, and the others are stopped."""
+    require_e2e("a grokgate server subprocess")
+    servers = [_launch(tmp, *spec) for spec in specs]
+    try:
+        for i, spec in enumerate(specs):
+            for attempt in range(3):
+                if _wait_started(servers[i], wait_ready, timeout, retry_port=attempt < 2):
+                    break
+                servers[i] = _launch(tmp, *spec)  # another process took the port: try another one
+        return servers
+    except BaseException:
+        for started in servers:
+            stop_server(started)
+        raise
+
+
+def _launch(tmp: Path, name: str, args: tuple[str, ...], env: dict[str, str | None]) -> Server:
     port = free_port()
     log_path = tmp / f"{name}-{port}.log"
-    full_env = {**os.environ, "GROKGATE_API_KEYS": TOKEN, "GROKGATE_DATA_DIR": str(tmp / f"{name}-data"),
-                **(env or {})}
-    # The default model is assembled once into the user's cache and reused by every server the tests start.
-    log_file = log_path.open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "grokgate", "serve", "--port", str(port), *args],
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        env=full_env,
-    )
-    server = Server(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
-    deadline = time.monotonic() + 300
+    full_env = {**os.environ, "GROKGATE_API_KEYS": TOKEN, "GROKGATE_DATA_DIR": str(tmp / f"{name}-data"), **env}
+    for unset in [k for k, v in env.items() if v is None]:  # None: not in this server's environment
+        del full_env[unset]
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen([sys.executable, "-m", "grokgate", "serve", "--port", str(port), *args],
+                                   stdout=log_file, stderr=subprocess.STDOUT, env=full_env)
+    return Server(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
+
+
+def _wait_started(server: Server, wait_ready: bool, timeout: float, retry_port: bool) -> bool:
+    """True once the server answers; False if it lost its port to another process (and `retry_port`)."""
+    deadline = time.monotonic() + timeout
+    probe = f"{server.url}/readyz" if wait_ready else f"{server.url}/healthz"
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"grokgate exited with {process.returncode}:\n{server.log()}")
+        if server.process.poll() is not None:
+            if retry_port and "address already in use" in server.log().lower():
+                return False
+            raise RuntimeError(f"grokgate exited with {server.process.returncode}:\n{server.log()}")
         try:
-            r = httpx.get(f"{server.url}/readyz" if wait_ready else f"{server.url}/healthz", timeout=2)
-            if r.status_code == 200:
-                return server
+            if httpx.get(probe, timeout=2).status_code == 200:
+                return True
         except httpx.HTTPError:
             pass
-        time.sleep(0.2)
-    stop_server(server)
-    raise RuntimeError(f"grokgate did not become ready:\n{server.log()}")
+        time.sleep(0.05)
+    raise RuntimeError(f"grokgate did not become ready in {timeout:.0f} s:\n{server.log()}")
 
 
 def stop_server(server: Server) -> None:
@@ -97,7 +247,9 @@ def stop_server(server: Server) -> None:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The shared server: 4 slots, a small context per slot, a short keep-alive interval."""
+    """The shared server (e2e): the local engine with 4 slots, a small context per slot, a short keep-alive
+    interval. One per session (per xdist worker): tests that use it must not depend on its idle state without
+    `wait_idle`."""
     tmp = tmp_path_factory.mktemp("server")
     srv = start_server(tmp, "--slots", "4", "--ctx-per-slot", "1024", "--keepalive-seconds", "0.5")
     yield srv
@@ -195,6 +347,7 @@ def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database for one test (skipped, with the reason, when PostgreSQL is absent)."""
     import uuid
 
+    require_e2e("PostgreSQL")
     name = f"grokgate_test_{uuid.uuid4().hex[:12]}"
     try:
         _pg_execute(f'CREATE DATABASE "{name}"')
@@ -209,6 +362,7 @@ def pg_url() -> Iterator[str]:
 def redis_url() -> str:
     import redis
 
+    require_e2e("Redis")
     try:
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
     except (redis.ConnectionError, redis.TimeoutError) as exc:

@@ -25,6 +25,7 @@ import httpx
 import pytest
 
 from tests.conftest import (
+    E2E,
     PG_ADMIN_URL,
     TOKEN,
     Server,
@@ -34,6 +35,7 @@ from tests.conftest import (
     err,
     ok,
     start_server,
+    start_servers,
     stop_server,
     user,
 )
@@ -141,6 +143,7 @@ def cli(srv: Server, *args: str) -> subprocess.CompletedProcess[str]:
 
 # -- item 4: a reference never resolves silently to the wrong token ----------------------------------------------
 
+@E2E
 @pytest.mark.parametrize("name", ["2", "0042", "gg-abcdefgh", "GG-something", "a\x00b", " "])
 def test_names_that_look_like_ids_or_prefixes_are_refused(srv: Server, name: str) -> None:
     before = ok(api(srv, "GET", "/admin/keys"))["data"]
@@ -151,6 +154,7 @@ def test_names_that_look_like_ids_or_prefixes_are_refused(srv: Server, name: str
     assert len(ok(api(srv, "GET", "/admin/keys"))["data"]) == len(before) + 1
 
 
+@E2E
 def test_the_cli_refuses_the_same_names(srv: Server) -> None:
     before = len(ok(api(srv, "GET", "/admin/keys"))["data"])
     for name in ("2", "gg-abcdefgh"):
@@ -160,6 +164,7 @@ def test_the_cli_refuses_the_same_names(srv: Server) -> None:
     assert len(ok(api(srv, "GET", "/admin/keys"))["data"]) == before
 
 
+@E2E
 def test_the_cli_takes_only_ascii_numbers_and_answers_odd_refs_without_a_traceback(srv: Server) -> None:
     before = len(ok(api(srv, "GET", "/admin/keys"))["data"])
     for args in (["keys", "create", "digits", "--rpm", "\u0663"], ["keys", "create", "big", "--rpm", "9" * 30],
@@ -173,6 +178,7 @@ def test_the_cli_takes_only_ascii_numbers_and_answers_odd_refs_without_a_traceba
         assert done.returncode == 1 and "No token matches" in done.stderr, (ref, done)
 
 
+@E2E
 def test_a_legacy_name_that_is_another_tokens_id_is_409_not_a_silent_top_up(srv: Server) -> None:
     _, target = create_key(srv, f"target-{uuid.uuid4().hex[:8]}", credits="1")
     _, legacy = create_key(srv, f"legacy-{uuid.uuid4().hex[:8]}", credits="1")
@@ -204,6 +210,7 @@ def test_a_legacy_name_that_is_another_tokens_id_is_409_not_a_silent_top_up(srv:
     assert record(srv, ref)["id"] == target["id"]
 
 
+@E2E
 def test_a_legacy_name_that_is_another_tokens_prefix_is_409(srv: Server) -> None:
     _, target = create_key(srv, f"target-{uuid.uuid4().hex[:8]}")
     _, legacy = create_key(srv, f"legacy-{uuid.uuid4().hex[:8]}")
@@ -214,6 +221,7 @@ def test_a_legacy_name_that_is_another_tokens_prefix_is_409(srv: Server) -> None
     assert record(srv, target["id"])["balance"] == 0 and record(srv, legacy["id"])["balance"] == 0
 
 
+@E2E
 def test_a_legacy_name_that_matches_nothing_else_still_resolves(srv: Server) -> None:
     _, key = create_key(srv, f"lonely-{uuid.uuid4().hex[:8]}")
     odd = f"gg-{uuid.uuid4().hex[:12]}"  # not any token's prefix
@@ -247,6 +255,7 @@ def _quoted(ref: str) -> str:
     return quote(ref.encode("utf-8", "surrogatepass"), safe="")
 
 
+@E2E
 @pytest.mark.parametrize("ref", ODD_REFS, ids=lambda r: repr(r))
 def test_odd_refs_are_404_on_every_admin_route(srv: Server, ref: str) -> None:
     create_key(srv, f"first-{uuid.uuid4().hex[:8]}", credits="1")
@@ -261,12 +270,14 @@ def test_odd_refs_are_404_on_every_admin_route(srv: Server, ref: str) -> None:
     assert record(srv, 1) == one, "nothing was changed"
 
 
+@E2E
 def test_odd_price_model_names_are_400_not_500(srv: Server) -> None:
     free = {"input": "0", "cached_input": "0", "output": "0"}
     for model in ("a\x00b", "x" * 201):
         err(api(srv, "PUT", f"/admin/prices/{_quoted(model)}", json=free), 400, "bad_request", param="model")
 
 
+@E2E
 def test_unstorable_text_in_a_name_or_a_ledger_filter_is_not_500(srv: Server) -> None:
     headers = {"authorization": f"Bearer {TOKEN}", "content-type": "application/json"}
     with srv.client() as c:  # a lone surrogate, which JSON allows and UTF-8 cannot encode
@@ -282,6 +293,7 @@ BODY_ROUTES = [("POST", "/admin/keys"), ("PATCH", "/admin/keys/1"), ("POST", "/a
                ("PUT", "/admin/prices/grok-3")]
 
 
+@E2E
 @pytest.mark.parametrize(("method", "path"), BODY_ROUTES)
 def test_admin_auth_errors_come_before_body_errors(srv: Server, method: str, path: str) -> None:
     secret, _ = create_key(srv, f"holder-{uuid.uuid4().hex[:8]}")
@@ -298,6 +310,7 @@ def test_admin_auth_errors_come_before_body_errors(srv: Server, method: str, pat
         err(send(secret, content), 403, "forbidden")
 
 
+@E2E
 @pytest.mark.parametrize(("method", "path"), BODY_ROUTES)
 def test_admin_answers_an_unauthenticated_client_without_waiting_for_its_body(srv: Server, method: str,
                                                                                path: str) -> None:
@@ -326,44 +339,64 @@ import asyncio, sys
 from grokgate.core.pricing import default_prices
 from grokgate.store.sql import SqlStore
 
-async def main() -> None:
-    store = SqlStore(sys.argv[1], owner=sys.argv[2])
+async def main(url: str) -> None:
+    store = SqlStore(url, owner=sys.argv[1])
     print("ready", flush=True)
     sys.stdin.readline()  # every process starts at once
     await store.open(serve=True)
     await store.seed_prices(default_prices(["grok-3", "grok-4"], 1.0))
     await store.close()
 
-asyncio.run(main())
+# One empty database per line, the same for every process: one race each (the imports are paid once).
+for line in sys.stdin:
+    try:
+        asyncio.run(main(line.strip()))
+        print("ok", flush=True)
+    except Exception as exc:
+        print("failed: " + repr(exc).replace(chr(10), " "), flush=True)
 """
 
 
 def test_replicas_starting_at_once_on_an_empty_database_all_migrate() -> None:
-    processes = 6
-    for attempt in range(4):
-        name, url = new_database()
-        try:
-            procs = [subprocess.Popen([sys.executable, "-c", MIGRATE, url, f"racer-{i}"], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                     for i in range(processes)]
-            for p in procs:
-                assert p.stdout is not None and p.stdout.readline().strip() == "ready"
-            for p in procs:
-                assert p.stdin is not None
-                p.stdin.write("go\n")
-                p.stdin.flush()
-            failures = []
-            for i, p in enumerate(procs):
-                _, stderr = p.communicate(timeout=120)
-                if p.returncode != 0:
-                    failures.append(f"process {i}: {[line for line in stderr.splitlines() if 'Error' in line][-1:]}")
-            assert not failures, f"attempt {attempt}: {failures}"
-            version = pg_fetch(url, "SELECT version_num FROM alembic_version")
-            assert len(version) == 1
-            seeded = pg_fetch(url, "SELECT model, count(*) AS n FROM prices GROUP BY model ORDER BY model")
-            assert [(r["model"], r["n"]) for r in seeded] == [("grok-3", 1), ("grok-4", 1)], "each price seeded once"
-        finally:
-            drop_database(name)
+    processes, attempts = 6, 4
+    procs = [subprocess.Popen([sys.executable, "-c", MIGRATE, f"racer-{i}"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(processes)]
+
+    def tell_all(line: str) -> None:
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write(line + "\n")
+            p.stdin.flush()
+
+    def hear_all() -> list[str]:
+        answers = []
+        for p in procs:
+            assert p.stdout is not None
+            answers.append(p.stdout.readline().strip())
+        return answers
+
+    try:
+        for attempt in range(attempts):
+            name, url = new_database()
+            try:
+                tell_all(url)
+                assert hear_all() == ["ready"] * processes, attempt
+                tell_all("go")
+                outcomes = hear_all()
+                failures = [f"process {i}: {o}" for i, o in enumerate(outcomes) if o != "ok"]
+                assert not failures, f"attempt {attempt}: {failures}"
+                version = pg_fetch(url, "SELECT version_num FROM alembic_version")
+                assert len(version) == 1
+                seeded = pg_fetch(url, "SELECT model, count(*) AS n FROM prices GROUP BY model ORDER BY model")
+                assert [(r["model"], r["n"]) for r in seeded] == [("grok-3", 1), ("grok-4", 1)], \
+                    "each price seeded once"
+            finally:
+                drop_database(name)
+    finally:
+        for p in procs:
+            _, stderr = p.communicate(timeout=120)  # closes its input: the process ends after its last race
+            assert p.returncode == 0, stderr[-2000:]
 
 
 # -- item 3: a dead replica's reservations are released by the living ----------------------------------------------
@@ -384,14 +417,15 @@ def wait_for(predicate: Any, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+@E2E
 def test_a_killed_replicas_reservations_are_released_by_a_live_one(
         tmp_path_factory: pytest.TempPathFactory, fake: FakeXAI, pg_url: str) -> None:
     tmp = tmp_path_factory.mktemp("dead-replica")
     env = {**routing_env(tmp, fake), "GROKGATE_DATABASE_URL": pg_url,
            "GROKGATE_INSTANCE_HEARTBEAT_SECONDS": str(HEARTBEAT),
            "GROKGATE_INSTANCE_DEAD_AFTER_SECONDS": str(DEAD_AFTER)}
-    a = start_server(tmp, env={**env, "GROKGATE_INSTANCE_ID": "pod-a-1"}, name="replica-a")
-    b = start_server(tmp, env={**env, "GROKGATE_INSTANCE_ID": "pod-b-1"}, name="replica-b")
+    a, b = start_servers(tmp, ("replica-a", (), {**env, "GROKGATE_INSTANCE_ID": "pod-a-1"}),
+                         ("replica-b", (), {**env, "GROKGATE_INSTANCE_ID": "pod-b-1"}))
     fake.reset()
     results: dict[str, int] = {}
 
@@ -408,7 +442,7 @@ def test_a_killed_replicas_reservations_are_released_by_a_live_one(
         for t in threads:
             t.start()
         wait_for(lambda: len(fake.chat_requests) == 3, 60, "A's requests to reach the upstream")
-        fake.fail_next({"fault": "stall", "seconds": 20})  # B's request stays in flight through the sweeps
+        fake.fail_next({"fault": "stall", "seconds": 600})  # B's request stays in flight through the sweeps
         b_thread = threading.Thread(target=send, args=(b, "b"), daemon=True)
         b_thread.start()
         wait_for(lambda: len(fake.chat_requests) == 4, 60, "B's request to reach the upstream")
@@ -426,6 +460,7 @@ def test_a_killed_replicas_reservations_are_released_by_a_live_one(
         after = ok(api(b, "GET", f"/admin/keys/{key['id']}"))
         assert (after["reserved"], after["balance"]) == (one, 10_000_000 - one)
 
+        fake.release_stalls()  # B's upstream answers now (A's stalled requests end with it; A is gone)
         b_thread.join(120)
         assert results["b"] == 200
         final = ok(api(b, "GET", f"/admin/keys/{key['id']}"))

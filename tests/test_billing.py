@@ -11,10 +11,23 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
-from tests.conftest import Server, create_key, raw_request, read_until, start_server, stop_server, user
+from tests.conftest import (
+    Server,
+    create_key,
+    raw_request,
+    read_until,
+    start_server,
+    start_servers,
+    stop_server,
+    user,
+)
+
+pytestmark = pytest.mark.e2e  # the real server, model or databases (tests/conftest.py)
 
 CHEAP = {"model": "grok-3", "messages": user("hi"), "max_tokens": 1}
+RPM_REDIS_DB = 12
 
 
 def admin_get(server: Server, path: str) -> Any:
@@ -93,8 +106,7 @@ def test_concurrent_requests_across_two_processes_cannot_overdraw(
         tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> None:
     tmp = tmp_path_factory.mktemp("race-pg")
     env = {"GROKGATE_DATABASE_URL": pg_url}
-    a = start_server(tmp, "--slots", "2", env=env, name="replica-a")
-    b = start_server(tmp, "--slots", "2", env=env, name="replica-b")
+    a, b = start_servers(tmp, ("replica-a", ("--slots", "2"), env), ("replica-b", ("--slots", "2"), env))
     try:
         race([a, b])
     finally:
@@ -105,9 +117,15 @@ def test_concurrent_requests_across_two_processes_cannot_overdraw(
 def test_rpm_limit_holds_across_replicas(tmp_path_factory: pytest.TempPathFactory, pg_url: str,
                                          redis_url: str) -> None:
     tmp = tmp_path_factory.mktemp("limits")
-    env = {"GROKGATE_DATABASE_URL": pg_url, "GROKGATE_REDIS_URL": redis_url}
-    a = start_server(tmp, "--slots", "2", env=env, name="limits-a")
-    b = start_server(tmp, "--slots", "2", env=env, name="limits-b")
+    # The servers' buckets are `grokgate:rl:{tok-<id>}` and a fresh database numbers tokens from 1: a Redis
+    # database of this test's own, emptied of those keys first, so neither another test nor a run a minute
+    # ago counts against this token (test_burst.py uses database 13 the same way).
+    url = f"{redis_url.rsplit('/', 1)[0]}/{RPM_REDIS_DB}"
+    with redis.Redis.from_url(url) as r:
+        for key in r.scan_iter(match="grokgate:rl:*"):
+            r.delete(key)
+    env = {"GROKGATE_DATABASE_URL": pg_url, "GROKGATE_REDIS_URL": url}
+    a, b = start_servers(tmp, ("limits-a", ("--slots", "2"), env), ("limits-b", ("--slots", "2"), env))
     try:
         token, _ = create_key(a, "limited", credits="10", rpm=5)
         codes = []
@@ -131,25 +149,21 @@ def test_rpm_limit_holds_across_replicas(tmp_path_factory: pytest.TempPathFactor
 
 def test_unreachable_redis_fails_closed_or_open_as_configured(tmp_path_factory: pytest.TempPathFactory) -> None:
     tmp = tmp_path_factory.mktemp("redis-down")
-    closed = start_server(tmp, "--slots", "1", name="fail-closed",
-                          env={"GROKGATE_REDIS_URL": "redis://127.0.0.1:1/0",
-                               "GROKGATE_RATE_LIMIT_STORE_ERROR": "fail_closed"})
+    dead = {"GROKGATE_REDIS_URL": "redis://127.0.0.1:1/0"}
+    closed, opened = start_servers(
+        tmp, ("fail-closed", ("--slots", "1"), {**dead, "GROKGATE_RATE_LIMIT_STORE_ERROR": "fail_closed"}),
+        ("fail-open", ("--slots", "1"), {**dead, "GROKGATE_RATE_LIMIT_STORE_ERROR": "fail_open"}))
     try:
         token, _ = create_key(closed, "k", credits="1", rpm=100)
         r = closed.chat(CHEAP, token=token)
         assert r.status_code == 503, r.text
         assert r.json()["error"]["code"] == "rate_limiter_unavailable"
         assert "retry-after" in r.headers
-    finally:
-        stop_server(closed)
-    opened = start_server(tmp, "--slots", "1", name="fail-open",
-                          env={"GROKGATE_REDIS_URL": "redis://127.0.0.1:1/0",
-                               "GROKGATE_RATE_LIMIT_STORE_ERROR": "fail_open"})
-    try:
         token, _ = create_key(opened, "k", credits="1", rpm=100)
         assert opened.chat(CHEAP, token=token).status_code == 200
         assert "grokgate.limits" in opened.log(), "degraded decisions are logged, never silent"
     finally:
+        stop_server(closed)
         stop_server(opened)
 
 

@@ -23,9 +23,11 @@ from grokgate.core.errors import GatewayError
 from grokgate.core.limits import Decision, Limits
 from grokgate.core.pricing import Price
 from grokgate.store.limits_redis import RedisRateLimiter
-from tests.conftest import create_key, start_server, stop_server, user
+from tests.conftest import create_key, start_servers, stop_server, user
 from tests.fakes.fake_xai import FakeXAI
 from tests.test_billing import admin_get, check_books, reservation_of
+
+pytestmark = pytest.mark.e2e  # the real server, model or databases (tests/conftest.py)
 
 BODY = {"model": "grok-3", "messages": user("hi"), "max_tokens": 1}
 BURST = 1000
@@ -108,8 +110,7 @@ def test_burst_on_two_replicas_gets_only_200_and_used_up(
             "GROKGATE_MAX_CONNECTIONS_PER_CLIENT": str(BURST),
             "GROKGATE_LOG_LEVEL": "WARNING",
         }
-        a = start_server(tmp, env=env, name="burst-a")
-        b = start_server(tmp, env=env, name="burst-b")
+        a, b = start_servers(tmp, ("burst-a", (), env), ("burst-b", (), env))
         token_id: int | None = None
         try:
             initial = reservation_of(a, BODY) * FUNDED_FOR

@@ -332,6 +332,17 @@ def test_stall_respected_and_does_not_block_others(fake: FakeXAI) -> None:
     assert time.monotonic() - start >= 0.2
 
 
+def test_release_ends_the_stalls_under_way(fake: FakeXAI) -> None:
+    fake.fail_next({"fault": "stall", "seconds": 600}, {"fault": "stall", "seconds": 600})
+    with ThreadPoolExecutor(2) as pool:
+        stalled = [pool.submit(post, fake, body()) for _ in range(2)]
+        while len(fake.chat_requests) < 2:
+            time.sleep(0.01)
+        assert not any(f.done() for f in stalled)
+        fake.release_stalls()
+        assert [f.result(timeout=60).status_code for f in stalled] == [200, 200]
+
+
 def test_reset_mid_stream(fake: FakeXAI) -> None:
     fake.fail_next({"fault": "reset_mid_stream", "after": 3}, "reset_mid_stream", "reset_mid_stream")
     for expected in (3, 2):

@@ -6,8 +6,11 @@ import json
 from typing import Any
 
 import jsonschema
+import pytest
 
 from tests.conftest import Server, user
+
+pytestmark = pytest.mark.e2e  # the real server, model or databases (tests/conftest.py)
 
 
 def ok(server: Server, body: dict[str, Any]) -> dict[str, Any]:

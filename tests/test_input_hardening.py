@@ -19,6 +19,8 @@ import pytest
 from tests.conftest import Server, err, start_server, stop_server, user
 from tests.fakes.fake_xai import FakeXAI
 
+pytestmark = pytest.mark.e2e  # the real server, model or databases (tests/conftest.py)
+
 INT64_MAX = 2**63 - 1
 INT64_MIN = -(2**63)
 BASE: dict[str, Any] = {"model": "grok-3", "messages": user("Say OK."), "max_tokens": 1}

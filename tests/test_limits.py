@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from grokgate.core.limits import Decision, Limits, RateLimiter, go_duration, rate_limit_headers
 from grokgate.store.limits_memory import MemoryRateLimiter
 from grokgate.store.limits_redis import RedisRateLimiter
+from tests.conftest import E2E
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 DEAD_REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1: every command fails to connect
@@ -46,7 +47,7 @@ def redis_prefix(redis_up: bool) -> Iterator[str]:
             r.delete(k)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=E2E)])
 def make(request: pytest.FixtureRequest) -> Factory:
     """A factory, so each limiter (and its Redis connections) is created inside the test's event loop."""
     if request.param == "memory":
@@ -270,6 +271,7 @@ def test_lease_expiry_frees_a_leaked_slot(make: Factory) -> None:
     asyncio.run(run())
 
 
+@E2E
 def test_redis_replicas_share_one_limit(redis_prefix: str) -> None:
     limits = Limits(rpm=3, concurrency=10)
 
@@ -290,6 +292,7 @@ def test_redis_replicas_share_one_limit(redis_prefix: str) -> None:
     assert asyncio.run(run()) == [True, True, True, False, False]
 
 
+@E2E
 def test_redis_keys_expire_and_release_cleans_up(redis_prefix: str) -> None:
     limits = Limits(rpm=10, tpm=1000, concurrency=2)
 

@@ -12,6 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import Server, create_key, start_server, stop_server, user
 from tests.fakes.fake_xai import FakeXAI
 
+pytestmark = pytest.mark.e2e  # the real server, model or databases (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, FakeXAI]]:
@@ -106,6 +108,9 @@ def test_one_structured_log_line_per_request_without_secrets(gw: tuple[Server, F
     assert entry["token"] == key["prefix"]
     assert entry["status"] == 200 and entry["model"] == "grok-3" and entry["backend"] == "up"
     assert entry["prompt_tokens"] == r.json()["usage"]["prompt_tokens"]
-    assert entry["cost"] > 0 and entry["latency_ms"] > 0 and entry["overhead_ms"] >= 0
+    assert entry["cost"] > 0 and entry["latency_ms"] > 0
+    # The overhead logged is the one the client was told, and a part of the request's latency.
+    assert entry["overhead_ms"] == float(r.headers["x-grokgate-overhead-ms"])
+    assert 0 < entry["overhead_ms"] <= entry["latency_ms"]
     log_text = srv.log()
     assert token not in log_text and secret_text not in log_text

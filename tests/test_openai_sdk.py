@@ -7,6 +7,8 @@ import pytest
 
 from tests.conftest import Server, user
 
+pytestmark = pytest.mark.e2e  # the real server, model or databases (tests/conftest.py)
+
 
 @pytest.fixture
 def client(server: Server) -> openai.OpenAI:

@@ -15,6 +15,8 @@ import pytest
 from tests.conftest import Server, create_key, parse_sse, raw_request, read_until, start_server, stop_server, user
 from tests.fakes.fake_xai import FakeXAI
 
+pytestmark = pytest.mark.e2e  # the real server, model or databases (tests/conftest.py)
+
 KEYS = {"XAI_A": "key-a", "XAI_B": "key-b", "XAI_C": "key-c"}
 COOLDOWN = 1.0  # the test config's cool-down; tests that cool keys or backends wait it out at the end
 
@@ -380,11 +382,21 @@ models:
         stop_server(srv)
 
 
-def test_overhead_header(gw: Server, fake: FakeXAI) -> None:
-    r = gw.chat({"model": "grok-3", "messages": user("Hi")})
-    assert 0 <= float(r.headers["x-grokgate-overhead-ms"]) < 1000
-    r, _ = stream_sse(gw, {"model": "grok-3", "messages": user("Hi")})
-    assert 0 <= float(r.headers["x-grokgate-overhead-ms"]) < 1000
+@pytest.mark.parametrize("stream", [False, True])
+def test_overhead_header_leaves_out_the_wait_on_the_backend(gw: Server, fake: FakeXAI, stream: bool) -> None:
+    """The upstream stalls 0.8 s before it answers (under the 1.5 s read timeout): that wait is the backend's,
+    so grokgate's overhead is at most what the client waited minus the stall."""
+    fake.fail_next({"fault": "stall", "seconds": 0.8})
+    started = time.perf_counter()
+    if stream:
+        r, sse = stream_sse(gw, {"model": "grok-3", "messages": user("Hi")})
+        assert sse.events[-1] == "[DONE]"
+    else:
+        r = gw.chat({"model": "grok-3", "messages": user("Hi")})
+    waited_ms = (time.perf_counter() - started) * 1000
+    assert r.status_code == 200 and len(fake.chat_requests) == 1, r.text
+    overhead_ms = float(r.headers["x-grokgate-overhead-ms"])
+    assert 0 < overhead_ms <= waited_ms - 800, (overhead_ms, waited_ms)
 
 
 def test_xai_key_without_a_routing_file_sends_the_seed_models_to_xai(

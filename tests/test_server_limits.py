@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import pytest
 
 from grokgate.server import LimitLog, client_key, derive_max_connections
-from tests.conftest import Server, parse_sse, start_server, stop_server, user
+from tests.conftest import E2E, Server, parse_sse, start_server, stop_server, user
 from tests.fakes.fake_xai import FakeXAI
 
 MAX_HEADER_BYTES = 16384
@@ -251,6 +251,7 @@ def wait_all_closed(socks: list[socket.socket], timeout: float) -> dict[socket.s
 
 # -- item 5: header size and count --------------------------------------------------------------------------------
 
+@E2E
 def test_header_over_the_byte_limit_is_431(gw: Server) -> None:
     data = get_with_headers(gw, [("x-big", "a" * (MAX_HEADER_BYTES + 4000))])
     check_envelope(data, 431, "headers_too_large")
@@ -292,6 +293,7 @@ def check_cut_off(sock: socket.socket, sender: threading.Thread, sent: list[int]
     assert sent[0] < total, "the server read all of it before it refused it"
 
 
+@E2E
 def test_a_huge_header_is_cut_off_early_while_others_are_served(gw: Server) -> None:
     """16 MB of one header, streamed: refused (431 or a close) long before the end, and /healthz answers while
     it is being sent."""
@@ -304,6 +306,7 @@ def test_a_huge_header_is_cut_off_early_while_others_are_served(gw: Server) -> N
     assert time.monotonic() - started < SLACK
 
 
+@E2E
 def test_a_huge_trailer_is_cut_off_early(gw: Server) -> None:
     """A chunked body's trailer fields are parsed like header fields (and joined the same quadratic way)."""
     body = json.dumps({"model": "grok-3", "messages": user("Hi")}).encode()
@@ -316,6 +319,7 @@ def test_a_huge_trailer_is_cut_off_early(gw: Server) -> None:
     check_cut_off(sock, sender, sent, total)
 
 
+@E2E
 def test_too_many_headers_is_431(gw: Server) -> None:
     # Host and Connection are two of them.
     data = get_with_headers(gw, [(f"x-h{i}", "v") for i in range(MAX_HEADER_COUNT - 1)])
@@ -326,6 +330,7 @@ def test_too_many_headers_is_431(gw: Server) -> None:
 
 # -- item 6: connections, header and body timeouts -----------------------------------------------------------------
 
+@E2E
 def test_idle_half_sent_requests_from_one_address(gw: Server) -> None:
     """More half-sent requests than one client may hold: the extra ones are closed at once, /healthz from
     another address answers meanwhile, and the held ones get a 408 after the header timeout."""
@@ -353,6 +358,7 @@ def test_idle_half_sent_requests_from_one_address(gw: Server) -> None:
     assert healthz(gw, "127.0.0.2") == 200, "the address may connect again once its connections are gone"
 
 
+@E2E
 def test_descriptor_exhaustion_from_one_address(gw: Server) -> None:
     """The reported attack at a small scale: the server started with a 512-descriptor soft limit; 600 idle
     half-sent requests from one address must not take every descriptor."""
@@ -369,6 +375,7 @@ def test_descriptor_exhaustion_from_one_address(gw: Server) -> None:
     assert soft == hard, "the soft descriptor limit is raised to the hard one"
 
 
+@E2E
 def test_total_connection_limit(gw: Server) -> None:
     """Past GROKGATE_MAX_CONNECTIONS every new connection is closed at once (a reverse proxy's job to do better),
     the server stays up, and once the idle ones time out it serves again."""
@@ -386,6 +393,7 @@ def test_total_connection_limit(gw: Server) -> None:
     assert healthz(gw, "127.0.0.8") == 200
 
 
+@E2E
 def test_a_dripped_head_is_closed_after_the_header_timeout(gw: Server) -> None:
     """Slowloris: one header byte at a time, each well inside any idle timeout."""
     with connect(gw, "127.0.0.9") as sock:
@@ -407,6 +415,7 @@ def test_a_dripped_head_is_closed_after_the_header_timeout(gw: Server) -> None:
         check_envelope(data, 408, "request_timeout")
 
 
+@E2E
 def test_a_stalled_body_gets_408(gw: Server) -> None:
     body = json.dumps({"model": "grok-3", "messages": user("Hi")}).encode()
     with connect(gw, "127.0.0.10") as sock:
@@ -419,6 +428,7 @@ def test_a_stalled_body_gets_408(gw: Server) -> None:
     wait_for_log(gw, "body_timeout")
 
 
+@E2E
 def test_a_body_cut_off_by_its_client_or_the_timeout_logs_no_traceback(gw: Server) -> None:
     """Starlette raises ClientDisconnect from request.body(): a normal ending, never a 500 with a traceback
     (unrated, so any client could flood the log with them)."""
@@ -440,6 +450,7 @@ def test_a_body_cut_off_by_its_client_or_the_timeout_logs_no_traceback(gw: Serve
     assert "unhandled error" not in log
 
 
+@E2E
 def test_a_dripped_body_after_the_answer_is_closed(gw: Server) -> None:
     """No token: the 401 goes out before the body is read; a client that then drips the body forever (each
     byte cancels the keep-alive timer) is closed after the body timeout."""
@@ -463,6 +474,7 @@ def test_a_dripped_body_after_the_answer_is_closed(gw: Server) -> None:
     assert closed, "the dripped body kept the connection open"
 
 
+@E2E
 def test_an_invalid_request_gets_the_envelope_and_a_rate_limited_line(gw: Server) -> None:
     """uvicorn answered text/plain and logged a warning for every one (a log flood on demand)."""
     for _ in range(20):
@@ -476,6 +488,7 @@ def test_an_invalid_request_gets_the_envelope_and_a_rate_limited_line(gw: Server
     assert "Invalid HTTP request received." not in gw.log()
 
 
+@E2E
 def test_an_upgrade_request_is_served_as_http(gw: Server) -> None:
     with connect(gw) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
@@ -486,6 +499,7 @@ def test_an_upgrade_request_is_served_as_http(gw: Server) -> None:
 
 # -- what must not change ------------------------------------------------------------------------------------------
 
+@E2E
 def test_keep_alive_survives_an_idle_gap_longer_than_the_header_timeout(gw: Server) -> None:
     with connect(gw) as sock:
         responses = Responses(sock)
@@ -496,6 +510,7 @@ def test_keep_alive_survives_an_idle_gap_longer_than_the_header_timeout(gw: Serv
         assert responses.next()[0] == 200
 
 
+@E2E
 def test_pipelined_requests_are_answered_in_order(gw: Server) -> None:
     with connect(gw) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /nope HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -505,6 +520,7 @@ def test_pipelined_requests_are_answered_in_order(gw: Server) -> None:
         assert responses.buffer == b""
 
 
+@E2E
 def test_a_large_body_is_not_counted_as_header(gw: Server, fake: FakeXAI) -> None:
     """1 MB of body arrives in the same reads as the head: no 431."""
     words = "hi " * 350_000
@@ -513,6 +529,7 @@ def test_a_large_body_is_not_counted_as_header(gw: Server, fake: FakeXAI) -> Non
     assert len(fake.chat_requests) == 1
 
 
+@E2E
 def test_a_chunked_body_with_large_chunks_and_a_trailer(gw: Server, fake: FakeXAI) -> None:
     """Chunk data is not counted as trailer: two chunks of ~600 KB each, over many reads, then a small trailer."""
     body = json.dumps({"model": "grok-3", "messages": user("hi " * 400_000)}).encode()
@@ -529,6 +546,7 @@ def test_a_chunked_body_with_large_chunks_and_a_trailer(gw: Server, fake: FakeXA
     assert len(fake.chat_requests) == 1
 
 
+@E2E
 def test_slow_answers_and_streams_outlast_the_timeouts(gw: Server, fake: FakeXAI) -> None:
     """The header and body timeouts end when the request has arrived: an answer may take longer."""
     fake.header_defaults["x-fake-chunk-delay-ms"] = "700"  # 5 chunks: ~3.5 s, past both timeouts

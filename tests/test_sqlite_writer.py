@@ -29,7 +29,7 @@ from grokgate.core.events import Usage
 from grokgate.store.batch import sqlite_statements
 from grokgate.store.sql import SqlStore
 from grokgate.store.sqlite_writer import SqliteWriter, WriterFailed
-from tests.conftest import Server, create_key, start_server, stop_server
+from tests.conftest import E2E, Server, create_key, start_server, stop_server
 from tests.test_billing import CHEAP, admin_get, check_books, race
 
 
@@ -85,6 +85,7 @@ def test_batch_committed_but_answer_lost_is_not_charged_twice(tmp_path: Path,
     asyncio.run(scenario())
 
 
+@E2E
 def test_writer_killed_in_the_middle_of_a_batch(tmp_path_factory: pytest.TempPathFactory) -> None:
     """The child is stopped (SIGSTOP) so that requests wait on its answer, then killed: their batch settles in
     the server instead, and every answer is in the ledger once."""
@@ -222,6 +223,7 @@ def writer_pid(server: Server) -> int | None:
     return None
 
 
+@E2E
 def test_writer_process_killed_under_load_loses_and_doubles_nothing(
         tmp_path_factory: pytest.TempPathFactory) -> None:
     """Settlements commit in a child process. Killed mid-batch, it either committed the batch or not; the
@@ -272,6 +274,7 @@ def test_writer_process_killed_under_load_loses_and_doubles_nothing(
         stop_server(srv)
 
 
+@E2E
 def test_settlements_in_a_writer_thread_cannot_overdraw(tmp_path_factory: pytest.TempPathFactory) -> None:
     """GROKGATE_SQLITE_WRITER=thread: the same race, with settlements committed by a thread of the server."""
     tmp = tmp_path_factory.mktemp("race-thread")

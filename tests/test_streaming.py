@@ -1,18 +1,48 @@
-"""SSE exactly as clients expect it (contract sections 1.6, 3.3 and 5)."""
+"""SSE exactly as clients expect it (contract sections 1.6, 3.3 and 5).
+
+The local engine's streams are checked end to end; what the stream does around a backend's silence or failure
+(keep-alive comments, an error once the 200 is sent) is the serving layer's, checked in process with a
+scripted provider that is silent or fails on cue (tests/inproc.py): milliseconds instead of filling the
+engine's slots for seconds.
+"""
 
 from __future__ import annotations
 
-import threading
-import time
+import asyncio
+from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import SSE, Server, parse_sse, user, wait_idle
+from grokgate.core.errors import GatewayError
+from grokgate.core.events import Event
+from grokgate.schemas.chat import ChatCompletionRequest
+from tests.conftest import E2E, SSE, Server, parse_sse, user
+from tests.inproc import AppServer, ScriptedProvider, app_server, scripted_models
+
+SILENCE = 0.6  # seconds before the scripted backend's first event: several keep-alive intervals
 
 
-def stream(server: Server, body: dict[str, Any]) -> tuple[httpx.Response, SSE]:
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
+    """A backend that says its text after a silence (`slow`), or fails after one (`fails-late`)."""
+    provider = ScriptedProvider()
+
+    async def script(request: ChatCompletionRequest, model: str) -> AsyncGenerator[Event]:
+        await asyncio.sleep(SILENCE)
+        if model == "fails-late":
+            raise GatewayError(400, "bad_request", "The prompt does not fit the model's context window.")
+        async for event in provider.say(request, model):
+            yield event
+
+    provider.script = script
+    with app_server(tmp_path_factory.mktemp("streaming"), scripted_models(provider, ("slow", "fails-late")),
+                    keepalive_seconds=0.1) as served:
+        yield served
+
+
+def stream(server: Server | AppServer, body: dict[str, Any]) -> tuple[httpx.Response, SSE]:
     with server.client() as c, c.stream(
         "POST", "/grok/chat/completions", json={**body, "stream": True},
         headers={"Authorization": f"Bearer {server.token}"},
@@ -21,7 +51,7 @@ def stream(server: Server, body: dict[str, Any]) -> tuple[httpx.Response, SSE]:
     return r, parse_sse(raw)
 
 
-def check_invariants(sse: SSE, n: int, model: str) -> None:
+def check_invariants(sse: SSE, n: int, model: str, fingerprint: str = "fp_local_") -> None:
     assert sse.events[-1] == "[DONE]"
     assert sse.events.count("[DONE]") == 1
     chunks = sse.chunks
@@ -30,7 +60,7 @@ def check_invariants(sse: SSE, n: int, model: str) -> None:
     for c in chunks:
         assert c["object"] == "chat.completion.chunk"
         assert c["model"] == model
-        assert c["system_fingerprint"].startswith("fp_local_")
+        assert c["system_fingerprint"].startswith(fingerprint)
         assert "error" not in c
     choice_chunks = [c for c in chunks if c["choices"]]
     seen_role: set[int] = set()
@@ -55,6 +85,7 @@ def check_invariants(sse: SSE, n: int, model: str) -> None:
     assert finished == dict.fromkeys(range(n), 1), "exactly one finish chunk per choice"
 
 
+@E2E
 @pytest.mark.parametrize("n", [1, 3])
 def test_sse_invariants(server: Server, n: int) -> None:
     r, sse = stream(server, {"model": "grok-4", "messages": user("Count to five."), "max_tokens": 6, "n": n})
@@ -69,6 +100,7 @@ def test_sse_invariants(server: Server, n: int) -> None:
     assert all(texts), texts
 
 
+@E2E
 @pytest.mark.parametrize("n", [1, 3])
 def test_usage_chunk(server: Server, n: int) -> None:
     body = {"model": "grok-3", "messages": user("Count to five."), "max_tokens": 5, "n": n,
@@ -86,6 +118,7 @@ def test_usage_chunk(server: Server, n: int) -> None:
     assert usage["completion_tokens"] >= content_chunks
 
 
+@E2E
 def test_stream_error_before_output_is_an_http_error(server: Server) -> None:
     r, _ = (None, None)
     with server.client() as c:
@@ -95,48 +128,18 @@ def test_stream_error_before_output_is_an_http_error(server: Server) -> None:
     assert r.json()["error"]["code"] == "bad_request"
 
 
-def _occupy_slots(server: Server, seconds_of_work: int, results: list[int]) -> list[threading.Thread]:
-    """Fill every slot with a long generation, from background threads."""
-    def run() -> None:
-        r = server.chat({"model": "grok-3", "messages": user("Write a long story about a lighthouse."),
-                         "max_tokens": seconds_of_work, "n": 4})
-        results.append(r.status_code)
-
-    threads = [threading.Thread(target=run)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 30
-    while server.engine()["slots_busy"] < 4 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return threads
-
-
-def test_keepalive_comments_while_waiting(server: Server) -> None:
-    wait_idle(server)
-    results: list[int] = []
-    threads = _occupy_slots(server, 40, results)
-    try:
-        r, sse = stream(server, {"model": "grok-3", "messages": user("Say OK."), "max_tokens": 2})
-    finally:
-        for t in threads:
-            t.join()
-    assert results == [200]
+def test_keepalive_comments_while_waiting(gateway: AppServer) -> None:
+    r, sse = stream(gateway, {"model": "slow", "messages": user("Say OK."), "max_tokens": 2})
     assert r.status_code == 200
-    assert ": keep-alive" in sse.comments, "a queued stream sends keep-alive comments"
-    check_invariants(sse, 1, "grok-3")
+    assert ": keep-alive" in sse.comments, "a stream waiting for its first event sends keep-alive comments"
+    check_invariants(sse, 1, "slow", fingerprint="fp_scripted")
 
 
-def test_error_after_first_byte_is_an_error_event(server: Server) -> None:
+def test_error_after_first_byte_is_an_error_event(gateway: AppServer) -> None:
     """A failure once the 200 is sent arrives as `data: {"error": ...}`, never as content."""
-    wait_idle(server)
-    results: list[int] = []
-    threads = _occupy_slots(server, 40, results)
-    try:
-        r, sse = stream(server, {"model": "grok-3", "messages": user("hello " * 3000)})
-    finally:
-        for t in threads:
-            t.join()
+    r, sse = stream(gateway, {"model": "fails-late", "messages": user("hello")})
     assert r.status_code == 200
+    assert ": keep-alive" in sse.comments, "the 200 went out before the failure"
     errors = [c for c in sse.chunks if "error" in c]
     assert len(errors) == 1
     assert sse.chunks[-1] is errors[0]

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import TOKEN, Server, call, create_key, err, ok, start_server, stop_server
+from tests.conftest import E2E, TOKEN, Server, call, create_key, err, ok, start_server, stop_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 METRICS_TOKEN = "scrape-secret-7d1e"
@@ -68,6 +68,7 @@ def scrape(url: str, **headers: str) -> httpx.Response:
 
 # -- /metrics ------------------------------------------------------------------------------------------------
 
+@E2E
 def test_metrics_default_serves_loopback_clients(srv: Server) -> None:
     r = scrape(srv.url)
     assert r.status_code == 200, r.text
@@ -75,6 +76,7 @@ def test_metrics_default_serves_loopback_clients(srv: Server) -> None:
     assert r.headers["content-type"].startswith("text/plain")
 
 
+@E2E
 def test_metrics_default_refuses_a_client_from_another_address(srv: Server) -> None:
     address = non_loopback_address()
     if address is None:
@@ -88,6 +90,7 @@ def test_metrics_default_refuses_a_client_from_another_address(srv: Server) -> N
     assert httpx.get(f"http://{address}:{port}/healthz", timeout=30).status_code == 200
 
 
+@E2E
 @pytest.mark.parametrize("header", ["x-forwarded-for", "forwarded", "x-real-ip"])
 def test_metrics_default_refuses_a_relayed_request(srv: Server, header: str) -> None:
     """A request relayed by a proxy on this host is not a local scrape, whatever address the header names."""
@@ -122,6 +125,7 @@ def test_metrics_loopback_decides_on_the_peer_address(tmp_path: Path, monkeypatc
         err(r, 403, "forbidden")
 
 
+@E2E
 def test_metrics_open_serves_anyone(tmp_path: Path) -> None:
     server = serve(tmp_path, "open", "--host", "0.0.0.0", GROKGATE_METRICS_ACCESS="open")
     try:
@@ -139,6 +143,7 @@ def ok_text(r: httpx.Response) -> str:
     return r.text
 
 
+@E2E
 def test_metrics_token_needs_the_bearer_token(tmp_path: Path) -> None:
     server = serve(tmp_path, "token", GROKGATE_METRICS_ACCESS="token", GROKGATE_METRICS_TOKEN=METRICS_TOKEN)
     try:
@@ -159,6 +164,7 @@ def test_metrics_token_needs_the_bearer_token(tmp_path: Path) -> None:
         stop_server(server)
 
 
+@E2E
 @pytest.mark.parametrize("token", [None, "", "   "])
 def test_metrics_token_mode_without_a_token_refuses_to_start(tmp_path: Path, token: str | None) -> None:
     env = {"GROKGATE_METRICS_ACCESS": "token"}
@@ -169,6 +175,7 @@ def test_metrics_token_mode_without_a_token_refuses_to_start(tmp_path: Path, tok
     assert "Traceback" not in str(failure.value)
 
 
+@E2E
 def test_metrics_off_is_not_there(tmp_path: Path) -> None:
     server = serve(tmp_path, "off", GROKGATE_METRICS_ACCESS="off", GROKGATE_METRICS_TOKEN=METRICS_TOKEN)
     try:
@@ -186,6 +193,7 @@ def concrete(path: str) -> str:
     return path.replace("{ref}", "1").replace("{model}", "grok-3")
 
 
+@E2E
 def test_trailing_slash_is_a_404_not_a_redirect_to_the_host_header(srv: Server) -> None:
     with srv.client() as c:
         r = c.get("/admin/keys/", headers={"Host": SPOOFED_HOST, "Authorization": f"Bearer {srv.token}"})
@@ -193,6 +201,7 @@ def test_trailing_slash_is_a_404_not_a_redirect_to_the_host_header(srv: Server) 
     assert "location" not in r.headers
 
 
+@E2E
 def test_no_response_carries_a_spoofed_host(srv: Server) -> None:
     """Every documented path, with and without a trailing slash, for every method: no 3xx, and the Host header
     sent is in no response header."""
@@ -220,6 +229,7 @@ def csp_of(r: httpx.Response) -> dict[str, list[str]]:
     return policy
 
 
+@E2E
 def test_docs_page_has_a_strict_policy(srv: Server) -> None:
     r = call(srv, "GET", "/docs", None)
     assert r.status_code == 200
@@ -242,6 +252,7 @@ def test_docs_page_has_a_strict_policy(srv: Server) -> None:
     assert '"validatorUrl": null' in r.text
 
 
+@E2E
 @pytest.mark.parametrize("path", ["/openapi.json", "/docs-static/swagger-ui-bundle.js", "/docs-static/swagger-ui.css",
                                   "/docs-static/favicon.png"])
 def test_docs_files_are_not_sniffed_or_framed(srv: Server, path: str) -> None:
@@ -265,6 +276,7 @@ def browser() -> Iterator[Any]:
         chromium.close()
 
 
+@E2E
 def test_docs_render_under_their_policy_in_chromium(srv: Server, browser: Any) -> None:
     """The policy is strict and still enough: Swagger UI renders every operation, nothing is refused."""
     context = browser.new_context(base_url=srv.url)
@@ -309,12 +321,14 @@ def allow_of(r: httpx.Response) -> set[str]:
     ("POST", "/console/assets/console.css", {"GET"}),
     ("DELETE", "/console", {"GET"}),
 ])
+@E2E
 def test_405_lists_the_allowed_methods(srv: Server, method: str, path: str, allowed: set[str]) -> None:
     r = call(srv, method, path, srv.token)
     err(r, 405, "method_not_allowed")
     assert allow_of(r) == allowed
 
 
+@E2E
 def test_every_405_carries_allow(srv: Server) -> None:
     """Any method a documented path does not declare answers 405 naming the declared ones."""
     document = ok(call(srv, "GET", "/openapi.json", None))
@@ -329,6 +343,7 @@ def test_every_405_carries_allow(srv: Server) -> None:
 
 # -- found by the schemathesis run (tests/test_openapi_contract.py) ------------------------------------------
 
+@E2E
 @pytest.mark.parametrize("query", [{"until": "0001-01-01"}, {"until": "0001-01-29"},
                                    {"since": "0001-01-01", "until": "0001-01-31"},
                                    {"since": "9999-12-31", "until": "9999-12-31"}])

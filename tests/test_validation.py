@@ -1,12 +1,26 @@
-"""Every range of contract section 1.3, both sides of each edge, over HTTP."""
+"""Every range of the contract's request fields, both sides of each edge, over HTTP.
+
+Validation happens before any backend runs, so these tests use the in-process tier (tests/inproc.py): the
+app from `create_app` with a scripted provider, where an accepted value costs no generation (n=128 included).
+What only the local engine decides (images on a text model, a tool conversation rendered by its template) is
+checked end to end on the shared server.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.conftest import Server, user
+from tests.conftest import E2E, Server, user
+from tests.inproc import AppServer, app_server
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
+    with app_server(tmp_path_factory.mktemp("validation")) as served:
+        yield served
 
 BASE: dict[str, Any] = {"model": "grok-3", "messages": user("Say OK."), "max_tokens": 1}
 
@@ -42,77 +56,88 @@ def assert_bad_request(response: Any, param: str | None) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("field", "ok", "bad"), EDGES, ids=[f"{f}={o!r}|{b!r}" for f, o, b in EDGES])
-def test_range_edges(server: Server, field: str, ok: Any, bad: Any) -> None:
-    refused = server.chat({**BASE, field: bad})
+def test_range_edges(gateway: AppServer, field: str, ok: Any, bad: Any) -> None:
+    refused = gateway.chat({**BASE, field: bad})
     assert_bad_request(refused, field)
-    accepted = server.chat({**BASE, field: ok})
+    accepted = gateway.chat({**BASE, field: ok})
     assert accepted.status_code == 200, accepted.text
     expected_choices = ok if field == "n" else 1
     assert len(accepted.json()["choices"]) == expected_choices
 
 
-def test_top_logprobs_edges(server: Server) -> None:
+def test_top_logprobs_edges(gateway: AppServer) -> None:
     for ok in (0, 20):
-        r = server.chat({**BASE, "logprobs": True, "top_logprobs": ok})
+        r = gateway.chat({**BASE, "logprobs": True, "top_logprobs": ok})
         assert r.status_code == 200, r.text
     for bad in (-1, 21):
-        assert_bad_request(server.chat({**BASE, "logprobs": True, "top_logprobs": bad}), "top_logprobs")
-    assert_bad_request(server.chat({**BASE, "top_logprobs": 2}), "top_logprobs")
+        assert_bad_request(gateway.chat({**BASE, "logprobs": True, "top_logprobs": bad}), "top_logprobs")
+    assert_bad_request(gateway.chat({**BASE, "top_logprobs": 2}), "top_logprobs")
 
 
-def test_messages_must_not_be_empty(server: Server) -> None:
-    assert_bad_request(server.chat({**BASE, "messages": []}), "messages")
+def test_messages_must_not_be_empty(gateway: AppServer) -> None:
+    assert_bad_request(gateway.chat({**BASE, "messages": []}), "messages")
 
 
-def test_required_fields(server: Server) -> None:
-    assert_bad_request(server.chat({"messages": user("hi")}), "model")
-    assert_bad_request(server.chat({"model": "grok-3"}), "messages")
+def test_required_fields(gateway: AppServer) -> None:
+    assert_bad_request(gateway.chat({"messages": user("hi")}), "model")
+    assert_bad_request(gateway.chat({"model": "grok-3"}), "messages")
 
 
 @pytest.mark.parametrize("role", ["system", "developer", "user"])
-def test_roles_accepted(server: Server, role: str) -> None:
+def test_roles_accepted(gateway: AppServer, role: str) -> None:
     messages = [{"role": role, "content": "Be brief."}, *user("Say OK.")] if role != "user" else user("hi")
-    r = server.chat({**BASE, "messages": messages})
+    r = gateway.chat({**BASE, "messages": messages})
     assert r.status_code == 200, r.text
 
 
-def test_assistant_and_tool_messages_accepted(server: Server) -> None:
-    messages = [
-        *user("What is the weather?"),
-        {"role": "assistant", "content": None,
-         "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
-        *user("So?"),
-    ]
-    r = server.chat({**BASE, "messages": messages})
+TOOL_CONVERSATION = [
+    *user("What is the weather?"),
+    {"role": "assistant", "content": None,
+     "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    *user("So?"),
+]
+
+
+def test_assistant_and_tool_messages_accepted(gateway: AppServer) -> None:
+    r = gateway.chat({**BASE, "messages": TOOL_CONVERSATION})
     assert r.status_code == 200, r.text
 
 
-def test_unknown_role_refused(server: Server) -> None:
-    body = assert_bad_request(server.chat({**BASE, "messages": [{"role": "bot", "content": "x"}]}), "messages[0].role")
+@E2E
+def test_assistant_and_tool_messages_accepted_by_the_local_engine(server: Server) -> None:
+    """llama.cpp renders the tool conversation with the model's chat template."""
+    r = server.chat({**BASE, "messages": TOOL_CONVERSATION})
+    assert r.status_code == 200, r.text
+
+
+def test_unknown_role_refused(gateway: AppServer) -> None:
+    body = assert_bad_request(gateway.chat({**BASE, "messages": [{"role": "bot", "content": "x"}]}), "messages[0].role")
     assert "user" in body["error"]["message"]
 
 
-def test_content_parts(server: Server) -> None:
+def test_content_parts(gateway: AppServer) -> None:
     parts = [{"type": "text", "text": "Say"}, {"type": "text", "text": " OK."}]
-    assert server.chat({**BASE, "messages": [{"role": "user", "content": parts}]}).status_code == 200
-    assert_bad_request(server.chat({**BASE, "messages": [{"role": "user", "content": []}]}), "messages[0].content")
+    assert gateway.chat({**BASE, "messages": [{"role": "user", "content": parts}]}).status_code == 200
+    assert_bad_request(gateway.chat({**BASE, "messages": [{"role": "user", "content": []}]}), "messages[0].content")
     bad_part = [{"type": "audio", "data": "x"}]
     body = assert_bad_request(
-        server.chat({**BASE, "messages": [{"role": "user", "content": bad_part}]}), "messages[0].content[0]"
+        gateway.chat({**BASE, "messages": [{"role": "user", "content": bad_part}]}), "messages[0].content[0]"
     )
     assert "text" in body["error"]["message"] and "image_url" in body["error"]["message"]
 
 
-def test_missing_content_refused(server: Server) -> None:
-    assert_bad_request(server.chat({**BASE, "messages": [{"role": "user"}]}), "messages[0]")
+def test_missing_content_refused(gateway: AppServer) -> None:
+    assert_bad_request(gateway.chat({**BASE, "messages": [{"role": "user"}]}), "messages[0]")
 
 
-def test_tool_message_needs_tool_call_id(server: Server) -> None:
-    assert_bad_request(server.chat({**BASE, "messages": [{"role": "tool", "content": "x"}]}), "messages[0]")
+def test_tool_message_needs_tool_call_id(gateway: AppServer) -> None:
+    assert_bad_request(gateway.chat({**BASE, "messages": [{"role": "tool", "content": "x"}]}), "messages[0]")
 
 
+@E2E
 def test_image_parts_refused_by_text_model(server: Server) -> None:
+    """The local engine's own check (providers/local.py): the default model reads no images."""
     parts = [{"type": "text", "text": "What is this?"},
              {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]
     body = assert_bad_request(
@@ -122,44 +147,44 @@ def test_image_parts_refused_by_text_model(server: Server) -> None:
     assert "does not accept images" in body["error"]["message"]
 
 
-def test_unknown_fields_are_ignored(server: Server) -> None:
-    r = server.chat({**BASE, "search_parameters": {"mode": "auto"}, "store": False, "metadata": {"k": "v"},
+def test_unknown_fields_are_ignored(gateway: AppServer) -> None:
+    r = gateway.chat({**BASE, "search_parameters": {"mode": "auto"}, "store": False, "metadata": {"k": "v"},
                      "service_tier": "auto", "logit_bias": {"1": 2}, "user": "u1", "reasoning_effort": "low",
                      "x_custom": [1, 2]})
     assert r.status_code == 200, r.text
 
 
-def test_wrong_types(server: Server) -> None:
-    assert_bad_request(server.chat({**BASE, "n": "two"}), "n")
-    assert_bad_request(server.chat({**BASE, "stream": "yes"}), "stream")
-    assert_bad_request(server.chat({**BASE, "stop": 5}), "stop")
-    assert_bad_request(server.chat({**BASE, "response_format": {"type": "xml"}}), "response_format")
+def test_wrong_types(gateway: AppServer) -> None:
+    assert_bad_request(gateway.chat({**BASE, "n": "two"}), "n")
+    assert_bad_request(gateway.chat({**BASE, "stream": "yes"}), "stream")
+    assert_bad_request(gateway.chat({**BASE, "stop": 5}), "stop")
+    assert_bad_request(gateway.chat({**BASE, "response_format": {"type": "xml"}}), "response_format")
 
 
-def test_malformed_json(server: Server) -> None:
-    with server.client() as c:
+def test_malformed_json(gateway: AppServer) -> None:
+    with gateway.client() as c:
         r = c.post("/grok/chat/completions", content=b'{"model": "grok-3",',
-                   headers={"Authorization": f"Bearer {server.token}", "Content-Type": "application/json"})
+                   headers={"Authorization": f"Bearer {gateway.token}", "Content-Type": "application/json"})
     body = assert_bad_request(r, None)
     assert "JSON" in body["error"]["message"]
 
 
-def test_body_must_be_object(server: Server) -> None:
-    with server.client() as c:
+def test_body_must_be_object(gateway: AppServer) -> None:
+    with gateway.client() as c:
         r = c.post("/grok/chat/completions", content=b"[1, 2]",
-                   headers={"Authorization": f"Bearer {server.token}", "Content-Type": "application/json"})
+                   headers={"Authorization": f"Bearer {gateway.token}", "Content-Type": "application/json"})
     assert_bad_request(r, None)
 
 
-def test_form_encoded_body_gets_a_hint(server: Server) -> None:
-    with server.client() as c:
+def test_form_encoded_body_gets_a_hint(gateway: AppServer) -> None:
+    with gateway.client() as c:
         r = c.post("/grok/chat/completions", content=b'{"model":"grok-3"}',
-                   headers={"Authorization": f"Bearer {server.token}",
+                   headers={"Authorization": f"Bearer {gateway.token}",
                             "Content-Type": "application/x-www-form-urlencoded"})
     body = assert_bad_request(r, None)
     assert "application/json" in body["error"]["message"]
 
 
-def test_max_tokens_above_server_bound(server: Server) -> None:
-    assert_bad_request(server.chat({**BASE, "max_tokens": 10_000_000}), "max_tokens")
-    assert_bad_request(server.chat({**BASE, "max_completion_tokens": 10_000_000}), "max_completion_tokens")
+def test_max_tokens_above_server_bound(gateway: AppServer) -> None:
+    assert_bad_request(gateway.chat({**BASE, "max_tokens": 10_000_000}), "max_tokens")
+    assert_bad_request(gateway.chat({**BASE, "max_completion_tokens": 10_000_000}), "max_completion_tokens")

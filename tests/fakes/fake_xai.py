@@ -44,7 +44,8 @@ characters of words instead of ``content``; ``#i`` suffixes as usual).
 Faults (:data:`FAULTS`; queued ones are consumed FIFO, one per ``POST /chat/completions``, whatever the request):
 ``500``/``502``/``503``; ``429`` (``retry_after``, default 1, sent as ``retry-after``); ``bad_key`` (the 400 wrong-key
 answer); ``reset`` (connection closed with no response); ``stall`` (``seconds``, default 30, before headers, then a
-normal answer); ``reset_mid_stream`` (``after`` chunks, default 2, then the connection is closed: no ``[DONE]``);
+normal answer; :meth:`FakeXAI.release_stalls` ends the stalls under way at once); ``reset_mid_stream`` (``after``
+chunks, default 2, then the connection is closed: no ``[DONE]``);
 ``stall_mid_stream`` (``after`` chunks, then silence for ``seconds``, default 30, then the rest); ``no_usage`` (no usage
 chunk; non-stream: no ``usage`` key). Non-stream ``*_mid_stream`` faults cut or pause the JSON body halfway.
 """
@@ -191,6 +192,8 @@ class FakeXAI:
         self.port = 0
         self._faults: collections.deque[dict[str, Any]] = collections.deque()
         self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stalls: set[asyncio.Event] = set()
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self.app = Starlette(routes=[Route("/v1/chat/completions", self._chat, methods=["POST"]),
@@ -202,6 +205,22 @@ class FakeXAI:
         specs = [parse_fault(f) for f in faults]
         with self._lock:
             self._faults.extend(specs)
+
+    def release_stalls(self) -> None:
+        """End every ``stall`` under way now (each then answers normally): a test holds requests in flight for as
+        long as it needs, with a long stall, and lets them go when it is done instead of sleeping it out."""
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(lambda: [event.set() for event in list(self._stalls)])
+
+    async def _stall(self, seconds: float) -> None:
+        event = asyncio.Event()
+        self._stalls.add(event)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), seconds)
+        finally:
+            self._stalls.discard(event)
 
     def reset(self) -> None:
         with self._lock:
@@ -216,6 +235,7 @@ class FakeXAI:
     # ----- server lifecycle ----------------------------------------------------------------------------------------
     async def asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope[_TRANSPORT_KEY] = getattr(getattr(send, "__self__", None), "transport", None)
+        self._loop = asyncio.get_running_loop()
         await self.app(scope, receive, send)
 
     def start(self, port: int = 0) -> FakeXAI:
@@ -298,7 +318,7 @@ class FakeXAI:
             await drop_connection(request.scope, request.receive, hard=True)
             return _Raw(200, {}, [], None)
         if name == "stall":
-            await asyncio.sleep(float(spec.get("seconds", 30)))
+            await self._stall(float(spec.get("seconds", 30)))
         if name in ("500", "502", "503"):
             return _error(int(name), f"fake xAI fault {name}")
         if name == "429":
