@@ -7,74 +7,32 @@ own temporary data and cache directories (never the user's: a running `grokgate 
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 from collections.abc import AsyncGenerator, Iterator
 
 import httpx
 import pytest
-import uvicorn
 
-from grokgate.app import create_app
 from grokgate.core.events import Delta, Event
-from grokgate.providers.base import BackendStatus, EventsGeneration, ModelTable, Route
+from grokgate.providers.base import ModelTable, Route
 from grokgate.schemas.chat import ChatCompletionRequest
-from grokgate.settings import Settings
-from tests.conftest import free_port, parse_sse, user
+from tests.conftest import parse_sse, user
+from tests.inproc import ScriptedProvider, app_server
 
 
-class Exploding:
+async def explode(request: ChatCompletionRequest, upstream_model: str) -> AsyncGenerator[Event]:
     """Fails before any output (`boom-early`) or after some (`boom-late`)."""
-
-    name = "exploding"
-    fingerprint = "fp_test"
-
-    def ready(self) -> bool:
-        return True
-
-    def status(self) -> BackendStatus:
-        return {"ready": True}
-
-    async def start(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-    def check(self, request: ChatCompletionRequest) -> None:
-        return None
-
-    def prompt_copies(self, request: ChatCompletionRequest) -> int:
-        return 1
-
-    def generate(self, request: ChatCompletionRequest, upstream_model: str) -> EventsGeneration:
-        async def events() -> AsyncGenerator[Event]:
-            if upstream_model == "boom-late":
-                yield Delta(index=0, content="partial")
-                await asyncio.sleep(0)
-            raise RuntimeError("secret internal detail /etc/passwd")
-
-        return EventsGeneration(events(), self.name, self.fingerprint)
+    if upstream_model == "boom-late":
+        yield Delta(index=0, content="partial")
+        await asyncio.sleep(0)
+    raise RuntimeError("secret internal detail /etc/passwd")
 
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    tmp = tmp_path_factory.mktemp("internal-error")
-    provider = Exploding()
+    provider = ScriptedProvider("exploding", script=explode, fingerprint="fp_test")
     models = ModelTable([Route("boom-early", provider, "boom-early"), Route("boom-late", provider, "boom-late")])
-    app = create_app(Settings(api_keys=["k"], keepalive_seconds=0.2, data_dir=tmp / "data", cache_dir=tmp / "cache",
-                              tune_gc=False), models=models)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:  # a server that cannot start (its thread died) fails the fixture at once
-        assert thread.is_alive() and time.monotonic() < deadline, "the in-thread server did not start"
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with app_server(tmp_path_factory.mktemp("internal-error"), models, api_keys=["k"], keepalive_seconds=0.2) as app:
+        yield app.url
 
 
 def requests_counted(url: str, model: str, status: int) -> float:
