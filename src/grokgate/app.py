@@ -148,7 +148,8 @@ def build_accounts(settings: Settings) -> tuple[AccountAdmission, SqlStore]:
     if settings.redis_url:
         limiter = RedisRateLimiter(settings.redis_url, on_store_error=settings.rate_limit_store_error,
                                    max_connections=settings.redis_max_connections,
-                                   pool_timeout=settings.redis_pool_timeout_seconds)
+                                   pool_timeout=settings.redis_pool_timeout_seconds,
+                                   key_prefix=settings.redis_key_prefix)
     else:
         limiter = MemoryRateLimiter()
     # A request without an output cap is held to this reservation, so it must itself be a valid cap.
