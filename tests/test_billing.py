@@ -52,8 +52,10 @@ def reservation_of(server: Server, body: dict[str, Any]) -> int:
 
 
 def fire(servers: list[Server], token: str, count: int, body: dict[str, Any]) -> list[httpx.Response]:
+    """`count` requests at once, spread over the replicas, each on its own connection."""
     async def run() -> list[httpx.Response]:
-        clients = [httpx.AsyncClient(base_url=s.url, timeout=300) for s in servers]
+        limits = httpx.Limits(max_connections=count, max_keepalive_connections=0)
+        clients = [httpx.AsyncClient(base_url=s.url, timeout=300, limits=limits) for s in servers]
         try:
             return await asyncio.gather(*(
                 clients[i % len(clients)].post("/grok/chat/completions", json=body,

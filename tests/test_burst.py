@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import redis
 from redis.asyncio import Redis
@@ -25,7 +24,7 @@ from grokgate.core.pricing import Price
 from grokgate.store.limits_redis import RedisRateLimiter
 from tests.conftest import create_key, start_servers, stop_server, user
 from tests.fakes.fake_xai import FakeXAI
-from tests.test_billing import admin_get, check_books, reservation_of
+from tests.test_billing import admin_get, check_books, fire, reservation_of
 
 pytestmark = pytest.mark.e2e  # the real server, model or databases (tests/conftest.py)
 
@@ -76,23 +75,6 @@ models:
     return path
 
 
-def fire(urls: list[str], token: str, count: int) -> list[httpx.Response]:
-    """`count` requests at once, spread over the replicas, each on its own connection."""
-    async def run() -> list[httpx.Response]:
-        limits = httpx.Limits(max_connections=count, max_keepalive_connections=0)
-        clients = [httpx.AsyncClient(base_url=u, timeout=300, limits=limits) for u in urls]
-        try:
-            return await asyncio.gather(*(
-                clients[i % len(clients)].post("/grok/chat/completions", json=BODY,
-                                                headers={"Authorization": f"Bearer {token}"})
-                for i in range(count)
-            ))
-        finally:
-            for c in clients:
-                await c.aclose()
-
-    return asyncio.run(run())
-
 
 def test_burst_on_two_replicas_gets_only_200_and_used_up(
         tmp_path_factory: pytest.TempPathFactory, pg_url: str, burst_redis_url: str) -> None:
@@ -120,7 +102,7 @@ def test_burst_on_two_replicas_gets_only_200_and_used_up(
             token_id = int(key["id"])
             _delete_token_keys(burst_redis_url, token_id)  # a previous, interrupted run of this test
 
-            responses = fire([a.url, b.url], token, BURST)
+            responses = fire([a, b], token, BURST, BODY)
 
             codes = [r.status_code for r in responses]
             tally = {code: codes.count(code) for code in sorted(set(codes))}
