@@ -1,4 +1,10 @@
-"""Money under stress: concurrent overdraw, replicas, disconnects, crashes, and limits across replicas."""
+"""Money under stress: concurrent overdraw, replicas, disconnects, crashes, and limits across replicas.
+
+The servers this module starts itself serve grok-3 from the fake xAI upstream (`upstream_env`), not the local
+model: what they show (the books, locks, crashes, shared limits) does not depend on the backend, and a fake
+answer in milliseconds leaves the test's time to the money path instead of CPU generation. The shared `server`
+(the local engine) keeps the race and the disconnect on the model path.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,8 @@ import json
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,11 +31,31 @@ from tests.conftest import (
     stop_server,
     user,
 )
+from tests.fakes.fake_xai import FakeXAI
 
 pytestmark = pytest.mark.e2e  # the real server, model or databases (tests/conftest.py)
 
 CHEAP = {"model": "grok-3", "messages": user("hi"), "max_tokens": 1}
 RPM_REDIS_DB = 12
+FAKE_KEY = "xai-billing-key"
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeXAI]:
+    with FakeXAI(api_keys=[FAKE_KEY]).start() as upstream:
+        yield upstream
+
+
+def upstream_env(tmp: Path, fake: FakeXAI, **env: str) -> dict[str, str | None]:
+    """A routing file that sends grok-3 to the fake upstream: a server without the local model."""
+    path = tmp / "routing.yaml"
+    path.write_text(f"""
+backends:
+  fake: {{kind: xai, base_url: "{fake.url}", api_key_env: XAI_FAKE}}
+models:
+  grok-3: [{{backend: fake}}]
+""")
+    return {"GROKGATE_CONFIG": str(path), "XAI_FAKE": FAKE_KEY, **env}
 
 
 def admin_get(server: Server, path: str) -> Any:
@@ -105,9 +133,9 @@ def test_concurrent_requests_cannot_overdraw(server: Server) -> None:
 
 
 def test_concurrent_requests_across_two_processes_cannot_overdraw(
-        tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> None:
+        tmp_path_factory: pytest.TempPathFactory, pg_url: str, fake: FakeXAI) -> None:
     tmp = tmp_path_factory.mktemp("race-pg")
-    env = {"GROKGATE_DATABASE_URL": pg_url}
+    env = upstream_env(tmp, fake, GROKGATE_DATABASE_URL=pg_url)
     a, b = start_servers(tmp, ("replica-a", ("--slots", "2"), env), ("replica-b", ("--slots", "2"), env))
     try:
         race([a, b])
@@ -117,7 +145,7 @@ def test_concurrent_requests_across_two_processes_cannot_overdraw(
 
 
 def test_rpm_limit_holds_across_replicas(tmp_path_factory: pytest.TempPathFactory, pg_url: str,
-                                         redis_url: str) -> None:
+                                         redis_url: str, fake: FakeXAI) -> None:
     tmp = tmp_path_factory.mktemp("limits")
     # The servers' buckets are `grokgate:rl:{tok-<id>}` and a fresh database numbers tokens from 1: a Redis
     # database of this test's own, emptied of those keys first, so neither another test nor a run a minute
@@ -126,7 +154,7 @@ def test_rpm_limit_holds_across_replicas(tmp_path_factory: pytest.TempPathFactor
     with redis.Redis.from_url(url) as r:
         for key in r.scan_iter(match="grokgate:rl:*"):
             r.delete(key)
-    env = {"GROKGATE_DATABASE_URL": pg_url, "GROKGATE_REDIS_URL": url}
+    env = upstream_env(tmp, fake, GROKGATE_DATABASE_URL=pg_url, GROKGATE_REDIS_URL=url)
     a, b = start_servers(tmp, ("limits-a", ("--slots", "2"), env), ("limits-b", ("--slots", "2"), env))
     try:
         token, _ = create_key(a, "limited", credits="10", rpm=5)
@@ -149,9 +177,10 @@ def test_rpm_limit_holds_across_replicas(tmp_path_factory: pytest.TempPathFactor
         stop_server(b)
 
 
-def test_unreachable_redis_fails_closed_or_open_as_configured(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_unreachable_redis_fails_closed_or_open_as_configured(tmp_path_factory: pytest.TempPathFactory,
+                                                              fake: FakeXAI) -> None:
     tmp = tmp_path_factory.mktemp("redis-down")
-    dead = {"GROKGATE_REDIS_URL": "redis://127.0.0.1:1/0"}
+    dead = upstream_env(tmp, fake, GROKGATE_REDIS_URL="redis://127.0.0.1:1/0")
     closed, opened = start_servers(
         tmp, ("fail-closed", ("--slots", "1"), {**dead, "GROKGATE_RATE_LIMIT_STORE_ERROR": "fail_closed"}),
         ("fail-open", ("--slots", "1"), {**dead, "GROKGATE_RATE_LIMIT_STORE_ERROR": "fail_open"}))
@@ -205,9 +234,9 @@ def test_backend_error_before_output_is_not_billed(server: Server) -> None:
     assert (after["balance"], after["reserved"]) == (1_000_000, 0)
 
 
-def test_sigkill_loses_no_completed_request(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_sigkill_loses_no_completed_request(tmp_path_factory: pytest.TempPathFactory, fake: FakeXAI) -> None:
     tmp = tmp_path_factory.mktemp("crash")
-    env = {"GROKGATE_INSTANCE_ID": "crash-test"}
+    env = upstream_env(tmp, fake, GROKGATE_INSTANCE_ID="crash-test")
     srv = start_server(tmp, "--slots", "4", env=env, name="crash")
     token, key = create_key(srv, "victim", credits="5")
     completed: list[str] = []
@@ -251,10 +280,10 @@ def test_sigkill_loses_no_completed_request(tmp_path_factory: pytest.TempPathFac
         stop_server(again)
 
 
-def test_one_serving_process_per_sqlite_file(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_one_serving_process_per_sqlite_file(tmp_path_factory: pytest.TempPathFactory, fake: FakeXAI) -> None:
     """Reservations on SQLite live in the serving process's memory, so a second one must not start on it."""
     tmp = tmp_path_factory.mktemp("sqlite-lock")
-    env = {"GROKGATE_DATA_DIR": str(tmp / "shared-data")}
+    env = upstream_env(tmp, fake, GROKGATE_DATA_DIR=str(tmp / "shared-data"))
     first = start_server(tmp, "--slots", "1", env=env, name="first")
     try:
         with pytest.raises(RuntimeError, match="several processes need PostgreSQL"):

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import E2E, TOKEN, Server, call, create_key, err, ok, start_server, stop_server
+from tests.inproc import app_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 METRICS_TOKEN = "scrape-secret-7d1e"
@@ -143,10 +144,9 @@ def ok_text(r: httpx.Response) -> str:
     return r.text
 
 
-@E2E
 def test_metrics_token_needs_the_bearer_token(tmp_path: Path) -> None:
-    server = serve(tmp_path, "token", GROKGATE_METRICS_ACCESS="token", GROKGATE_METRICS_TOKEN=METRICS_TOKEN)
-    try:
+    """In process (tests/inproc.py): the scrape token is the app's, whatever the serving process."""
+    with app_server(tmp_path, metrics_access="token", metrics_token=METRICS_TOKEN) as server:
         for r in (scrape(server.url), scrape(server.url, authorization="Bearer"),
                   scrape(server.url, authorization="Bearer wrong"),
                   scrape(server.url, authorization=f"Bearer {METRICS_TOKEN}x"),
@@ -160,8 +160,6 @@ def test_metrics_token_needs_the_bearer_token(tmp_path: Path) -> None:
         err(scrape(server.url, authorization="Bearer wrong"), 401, "invalid_token")
         assert METRICS_MARK in ok_text(scrape(server.url, authorization=f"Bearer {METRICS_TOKEN}"))
         assert METRICS_MARK in ok_text(scrape(server.url, authorization=f"bearer  {METRICS_TOKEN}"))
-    finally:
-        stop_server(server)
 
 
 @E2E
@@ -175,16 +173,13 @@ def test_metrics_token_mode_without_a_token_refuses_to_start(tmp_path: Path, tok
     assert "Traceback" not in str(failure.value)
 
 
-@E2E
 def test_metrics_off_is_not_there(tmp_path: Path) -> None:
-    server = serve(tmp_path, "off", GROKGATE_METRICS_ACCESS="off", GROKGATE_METRICS_TOKEN=METRICS_TOKEN)
-    try:
+    with app_server(tmp_path, metrics_access="off", metrics_token=METRICS_TOKEN) as server:
         for r in (scrape(server.url), scrape(server.url, authorization=f"Bearer {METRICS_TOKEN}")):
             err(r, 404, "no_api")
             assert METRICS_MARK not in r.text
-        assert "/metrics" not in ok(call(server, "GET", "/openapi.json", None))["paths"]
-    finally:
-        stop_server(server)
+        with server.client() as c:
+            assert "/metrics" not in ok(c.get("/openapi.json"))["paths"]
 
 
 # -- no redirect built from request headers -------------------------------------------------------------------
