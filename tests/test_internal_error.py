@@ -38,7 +38,7 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def requests_counted(url: str, model: str, status: int) -> float:
     """grokgate_requests_total for one model and status: counted only where the serving layer settled the request."""
     text = httpx.get(f"{url}/metrics").text
-    mark = f'grokgate_requests_total{{backend="exploding",model="{model}",status="{status}"}} '
+    mark = f'grokgate_requests_total{{backend="exploding",endpoint="chat",model="{model}",status="{status}"}} '
     return sum(float(line.removeprefix(mark)) for line in text.splitlines() if line.startswith(mark))
 
 

@@ -62,8 +62,10 @@ def test_counters_move_by_exactly_the_traffic(gw: tuple[Server, FakeXAI]) -> Non
     assert srv.chat({"model": "grok-3", "messages": []}, token=token).status_code == 400
     after = scrape(srv)
 
-    assert delta(before, after, "grokgate_requests_total", model="grok-3", backend="up", status="200") == 3
-    assert delta(before, after, "grokgate_requests_total", model="grok-3-mini", backend="up", status="200") == 1
+    assert delta(before, after, "grokgate_requests_total", model="grok-3", backend="up", status="200",
+                 endpoint="chat") == 3
+    assert delta(before, after, "grokgate_requests_total", model="grok-3-mini", backend="up", status="200",
+                 endpoint="chat") == 1
     assert delta(before, after, "grokgate_tokens_total", model="grok-3", kind="prompt") == sum(
         u["prompt_tokens"] for u in usages)
     assert delta(before, after, "grokgate_tokens_total", model="grok-3", kind="completion") == sum(

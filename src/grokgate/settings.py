@@ -105,6 +105,21 @@ class Settings(BaseSettings):
     # it, since token ids repeat across databases. No braces: the keys' {hash tag} follows it.
     redis_key_prefix: str = Field(default="grokgate:rl:", min_length=1, max_length=64, pattern=r"^[^{}\s]+$")
 
+    # The Responses API (serving/responses.py). Stored responses are kept this many days (xAI keeps 30), then
+    # purged every `responses_purge_seconds`; one stored response (input items + response) is at most
+    # `max_stored_response_bytes` of JSON (a larger one is answered but not stored: `store` comes back false), and
+    # a `previous_response_id` chain rebuilds at most `max_chain_bytes` of conversation.
+    responses_retention_days: float = Field(default=30.0, gt=0, le=3650)
+    responses_purge_seconds: float = Field(default=3600.0, gt=0, le=86_400)
+    max_stored_response_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=1024**3)
+    max_chain_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=1024**3)
+    # Accounts off: stored responses live in memory, at most this many bytes (oldest dropped first).
+    memory_responses_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=1024**4)
+    # Server-side tools (xAI's web search, X search, code execution) are charged per call, in micro-credits, and a
+    # request reserves `max_server_tool_calls` of them (sent upstream as `max_tool_calls` when the client sets none).
+    server_tool_call_price: int = Field(default=25_000, ge=0, le=10**12)
+    max_server_tool_calls: int = Field(default=10, ge=1, le=1000)
+
     # HTTP server bounds (grokgate.server): what one client can hold before a request reaches the app.
     max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
     max_header_count: int = Field(default=100, ge=8, le=10_000)

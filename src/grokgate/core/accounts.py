@@ -222,6 +222,7 @@ class Settlement:
     estimated: bool
     duration_ms: int
     reserved: int  # what admission held for it (0 when nothing was reserved)
+    endpoint: str = "chat"  # the API the request came through: chat | responses (AdmissionRequest.endpoint)
 
 
 class AccountStore(Protocol):

@@ -37,6 +37,10 @@ class AdmissionRequest:
     choices: int
     output_limit: int | None  # the caller's per-choice output cap, if any
     prompt_tokens: int  # an upper bound of the prompt's tokens (core.pricing.prompt_token_bound)
+    endpoint: str = "chat"  # the API the charge comes from: chat | responses (serving/wire.py WireFormat.endpoint)
+    # The most server-side tool calls (xAI's web search, X search, code execution) the request may run: each is
+    # priced per call (core/pricing.py), so admission reserves this many of them. 0: it runs none.
+    server_tool_calls: int = 0
 
 
 class Ticket(Protocol):

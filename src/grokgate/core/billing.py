@@ -32,6 +32,14 @@ USED_UP = (
 class BillingPolicy:
     # Output bound used for the reservation when the request sets no max_tokens.
     default_output_reservation: int = 4096
+    # Micro-credits per server-side tool call (settings.server_tool_call_price); a request that may run them
+    # reserves `AdmissionRequest.server_tool_calls` of them.
+    server_tool_call_price: int = 0
+
+    def __post_init__(self) -> None:
+        price = self.server_tool_call_price
+        if not isinstance(price, int) or isinstance(price, bool) or price < 0:
+            raise ValueError(f"server_tool_call_price must be a non-negative integer, got {price!r}")
 
 
 class AccountTicket:
@@ -61,7 +69,8 @@ class AccountTicket:
         # Bill what was consumed for answers the client got, whole or in part; bill nothing for a failure
         # that delivered nothing (docs/architecture.md, "Accounts").
         billable = status != "error" or usage.completion_tokens > 0
-        cost = cost_of(usage, self.price).total if billable else 0
+        tool_call_price = self._admission.policy.server_tool_call_price
+        cost = cost_of(usage, self.price, tool_call_price=tool_call_price).total if billable else 0
         self.cost = cost
         if cost > self.reserved and self.principal.token_id is not None:
             # The reservation is an upper bound of what a request can cost, so this means the bound failed (an
@@ -72,11 +81,12 @@ class AccountTicket:
                 "request_id": self.request.request_id, "token": self.principal.prefix or self.principal.key_id,
                 "model": self.request.model, "backend": backend, "cost": cost, "reserved": self.reserved,
                 "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-                "estimated": estimated})
+                "server_tool_calls": usage.server_tool_calls, "estimated": estimated})
         settlement = Settlement(
             request_id=self.request.request_id, token_id=self.principal.token_id, model=self.request.model,
             backend=backend, usage=usage, cost=cost, price_version=self.price.version, status=status,
             estimated=estimated, duration_ms=int((time.monotonic() - self.started) * 1000), reserved=self.reserved,
+            endpoint=self.request.endpoint,
         )
         try:
             await self._admission.store.settle(settlement)
@@ -140,7 +150,8 @@ class AccountAdmission:
                                    headers={"retry-after": "1", **decision.headers})
             raise GatewayError(429, "too_many_requests", _limit_message(decision.reason),
                                headers=decision.headers)
-        amount = max_cost(prompt, request.choices, output, price)
+        amount = max_cost(prompt, request.choices, output, price, server_tool_calls=request.server_tool_calls,
+                          tool_call_price=self.policy.server_tool_call_price)
         try:
             reserved = await self.store.reserve(principal.token_id, request.request_id, amount)
         except BaseException:

@@ -14,7 +14,7 @@ import uuid
 from typing import Any
 
 from grokgate.core.errors import GatewayError
-from grokgate.core.events import JSON, Delta, Event, Extra, Finish, JSONObject, Usage, UsageReport
+from grokgate.core.events import JSON, Delta, Event, Extra, Finish, Item, JSONObject, Usage, UsageReport
 
 FINISH_REASONS = {"stop", "length", "tool_calls", "content_filter", "function_call"}
 NOTHING: tuple[dict[str, Any], ...] = ()
@@ -113,7 +113,10 @@ class StreamAssembler:
             self.usage = event.usage  # the last report wins: providers never send running sums
         elif isinstance(event, Extra):
             self._extras.update(event.fields)
-        return NOTHING
+        return NOTHING  # an Item: the Responses API's alone (serving/responses.py)
+
+    async def commit(self) -> None:
+        """Nothing to keep once a chat stream is settled (serving/wire.py StreamRenderer.commit)."""
 
     def closing(self) -> list[dict[str, Any]]:
         """Finish any choice the provider left open, then the usage chunk if the client asked for it."""
@@ -158,7 +161,7 @@ class CompletionAccumulator:
         if isinstance(event, Extra):
             self._extras.update(event.fields)
             return
-        if not 0 <= event.index < len(self._choices):
+        if isinstance(event, Item) or not 0 <= event.index < len(self._choices):
             return
         state = self._choices[event.index]
         if isinstance(event, Finish):
@@ -172,6 +175,9 @@ class CompletionAccumulator:
             state.logprobs = (state.logprobs or []) + event.logprobs
         for fragment in event.tool_calls or ():
             _merge_tool_call(state.tool_calls, fragment)
+
+    async def commit(self) -> None:
+        """Nothing to keep once a chat completion is settled (serving/wire.py Collector.commit)."""
 
     def result(self) -> dict[str, Any]:
         choices = []

@@ -22,6 +22,8 @@ class Usage:
     completion_tokens: int = 0  # includes reasoning tokens (OpenAI semantics)
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+    # Server-side tool calls the backend ran (xAI's web search, X search, code execution...), priced per call.
+    server_tool_calls: int = 0
     # Counted by grokgate from the text (the backend reported none): the ledger row is marked estimated.
     estimated: bool = False
 
@@ -70,4 +72,15 @@ class Extra:
     fields: JSONObject
 
 
-Event = Delta | Finish | UsageReport | Extra
+@dataclass(slots=True)
+class Item:
+    """A whole output item of the Responses API that grokgate passes through as the backend sent it: xAI's
+    reasoning items (with their encrypted content) and server-side tool calls (`web_search_call`,
+    `x_search_call`, `code_interpreter_call`...). Only a backend called through the Responses API yields it; the
+    chat wire format ignores it (core/completion.py)."""
+
+    index: int  # the choice
+    item: JSONObject
+
+
+Event = Delta | Finish | UsageReport | Extra | Item

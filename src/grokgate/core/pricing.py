@@ -3,7 +3,9 @@
 A price is micro-credits per million tokens for each token class: input, cached input, output. Reasoning
 tokens are priced as output; they are part of `completion_tokens` (OpenAI semantics), so they are charged
 once. Cached tokens are part of `prompt_tokens`; they are charged at the cached rate instead of the input
-rate, never both.
+rate, never both. Server-side tool calls (xAI's web search, X search, code execution through the Responses API)
+are charged per call at one configured price (`server_tool_call_price`, in micro-credits per call), whatever the
+model.
 """
 
 from __future__ import annotations
@@ -37,30 +39,38 @@ class Cost:
     input: int
     cached_input: int
     output: int
+    server_tools: int = 0  # server-side tool calls x the price per call
 
     @property
     def total(self) -> int:
-        return self.input + self.cached_input + self.output
+        return self.input + self.cached_input + self.output + self.server_tools
 
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def cost_of(usage: Usage, price: Price) -> Cost:
-    """What a request costs, rounded up to the micro-credit per class."""
+def cost_of(usage: Usage, price: Price, *, tool_call_price: int = 0) -> Cost:
+    """What a request costs, rounded up to the micro-credit per class; `tool_call_price` is what one server-side
+    tool call costs (micro-credits, an integer: no rounding)."""
     cached = min(usage.cached_tokens, usage.prompt_tokens)
     fresh = usage.prompt_tokens - cached
     return Cost(
         input=_ceil_div(fresh * price.input, PER),
         cached_input=_ceil_div(cached * price.cached_input, PER),
         output=_ceil_div(usage.completion_tokens * price.output, PER),
+        server_tools=max(0, usage.server_tool_calls) * tool_call_price,
     )
 
 
-def max_cost(prompt_tokens: int, choices: int, output_limit: int, price: Price) -> int:
-    """The most a request can cost: every prompt token uncached, every choice at its output limit."""
-    return cost_of(Usage(prompt_tokens=prompt_tokens, completion_tokens=choices * output_limit), price).total
+def max_cost(prompt_tokens: int, choices: int, output_limit: int, price: Price, *, server_tool_calls: int = 0,
+             tool_call_price: int = 0) -> int:
+    """The most a request can cost: every prompt token uncached, every choice at its output limit, and every
+    server-side tool call it may run (`server_tool_calls`, the bound sent upstream as `max_tool_calls`).
+    `cost_of` of any usage within these bounds is at most this (each class is monotonic in its count)."""
+    usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=choices * output_limit,
+                  server_tool_calls=server_tool_calls)
+    return cost_of(usage, price, tool_call_price=tool_call_price).total
 
 
 def usd_per_mtok_to_micro(usd: float, credits_per_usd: float) -> int:

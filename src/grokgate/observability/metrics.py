@@ -25,8 +25,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("grokgate_requests", "Chat completion requests by outcome",
-                                ["model", "backend", "status"], registry=r)
+        self.requests = Counter("grokgate_requests", "Inference requests by outcome and API (chat, responses)",
+                                ["model", "backend", "status", "endpoint"], registry=r)
         self.latency = Histogram("grokgate_request_duration_seconds", "Whole request duration",
                                  ["model", "stream"], buckets=LATENCY_BUCKETS, registry=r)
         self.first_event = Histogram("grokgate_time_to_first_event_seconds", "Time until the backend's first event",
@@ -39,7 +39,16 @@ class Metrics:
                                 "(the store then caps the charge at the balance): should stay 0", ["model"],
                                 registry=r)
         self.errors = Counter("grokgate_errors", "Error responses by AceData code (any route)", ["code"], registry=r)
-        self.in_flight = Gauge("grokgate_requests_in_flight", "Chat completions being served", registry=r)
+        # Stored responses of the Responses API (serving/responses.py): what they add, and what the purge removes.
+        self.responses_stored = Counter("grokgate_responses_stored", "Responses stored for previous_response_id",
+                                        registry=r)
+        self.responses_stored_bytes = Counter("grokgate_responses_stored_bytes", "Bytes of JSON stored with them",
+                                              registry=r)
+        self.responses_not_stored = Counter("grokgate_responses_not_stored", "Responses asked to be stored but "
+                                            "not kept, by reason", ["reason"], registry=r)
+        self.responses_purged = Counter("grokgate_responses_purged", "Stored responses purged after retention",
+                                        registry=r)
+        self.in_flight = Gauge("grokgate_requests_in_flight", "Inference requests being served", registry=r)
         self.commit = Histogram("grokgate_store_commit_seconds", "Ledger/store group-commit duration",
                                 buckets=OVERHEAD_BUCKETS + LATENCY_BUCKETS[4:], registry=r)
         self.commit_batch = Histogram("grokgate_store_commit_batch_size", "Operations per group commit",
@@ -52,14 +61,15 @@ class Metrics:
         self.first_event.labels(model).observe(seconds)
 
     def request_ended(self, *, model: str, backend: str, status: int, stream: bool, seconds: float,
-                      usage: Usage | None, charged: int) -> None:
+                      usage: Usage | None, charged: int, endpoint: str = "chat") -> None:
         """Once per request, when it is settled (the pair of `request_started`)."""
         self.in_flight.dec()
-        self.requests.labels(model, backend, str(status)).inc()
+        self.requests.labels(model, backend, str(status), endpoint).inc()
         self.latency.labels(model, "true" if stream else "false").observe(seconds)
         if usage is not None:
             for kind, value in (("prompt", usage.prompt_tokens), ("cached", usage.cached_tokens),
-                                ("completion", usage.completion_tokens), ("reasoning", usage.reasoning_tokens)):
+                                ("completion", usage.completion_tokens), ("reasoning", usage.reasoning_tokens),
+                                ("server_tool_calls", usage.server_tool_calls)):
                 if value:
                     self.tokens.labels(model, kind).inc(value)
         if charged:

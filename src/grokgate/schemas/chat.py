@@ -355,6 +355,20 @@ class ChatCompletionRequest(_Lenient):
         return total
 
     @property
+    def responses_body(self) -> dict[str, Any] | None:
+        """The request in the Responses API's wire format, for a backend that speaks it natively (providers/xai.py
+        sends it to xAI's /v1/responses), with the whole conversation in `input`. None for a chat request; a
+        request of the Responses API is translated to chat fields for every other backend (schemas/responses.py
+        `ResponsesChatRequest` overrides this)."""
+        return None
+
+    @property
+    def server_tools(self) -> list[str]:
+        """The types of the server-side tools asked for (xAI's `web_search`, `x_search`, `code_interpreter`...):
+        only a backend that runs them may take the request. Chat requests have none."""
+        return []
+
+    @property
     def choices(self) -> int:
         return self.n or 1
 

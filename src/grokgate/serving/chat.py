@@ -15,6 +15,7 @@ class ChatWire:
     """Chat completions: `StreamAssembler` is the stream renderer, `CompletionAccumulator` the collector."""
 
     label = "chat completion"
+    endpoint = "chat"
 
     def __init__(self, framing: Framing) -> None:
         self.framing = framing

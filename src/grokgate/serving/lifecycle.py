@@ -107,11 +107,15 @@ Result = Streamed | Collected | Abandoned
 class Serving:
     """Serves requests for one app: what every request's lifecycle needs, built once."""
 
-    def __init__(self, admission: Admission, models: ModelTable, metrics: Metrics, *, keepalive: float) -> None:
+    def __init__(self, admission: Admission, models: ModelTable, metrics: Metrics, *, keepalive: float,
+                 max_server_tool_calls: int = 10) -> None:
         self.admission = admission
         self.models = models
         self.metrics = metrics
         self.keepalive = keepalive  # seconds of silence before a keep-alive; also the first event's longest wait
+        # Server-side tool calls (xAI's searches, code execution) a request that asks for them may run: what its
+        # reservation pays for, and the `max_tool_calls` its backend is given (providers/xai.py).
+        self.max_server_tool_calls = max_server_tool_calls
 
     async def serve(self, call: Call, principal: Principal, wire: WireFormat, until_gone: UntilGone) -> Result:
         request = call.request
@@ -126,7 +130,9 @@ class Serving:
         provider.check(request)
         prompt = call.prompt_tokens * provider.prompt_copies(request)
         ticket = await self.admission.admit(
-            principal, AdmissionRequest(call.request_id, request.model, request.choices, request.output_limit, prompt)
+            principal, AdmissionRequest(call.request_id, request.model, request.choices, request.output_limit, prompt,
+                                        wire.endpoint,
+                                        self.max_server_tool_calls if request.server_tools else 0)
         )
         hold_output(request, ticket.output_limit)
         life = Lifecycle(self, call, principal, ticket, wire, provider.name)
@@ -215,6 +221,7 @@ class Lifecycle:
                 event = await pump.next(keepalive)
             # Zero loss: the settlement is committed before the client sees the end of the stream.
             await self.settle(renderer.usage, OK, None)
+            await renderer.commit()
             for payload in renderer.closing():
                 yield frame(payload)
             if framing.done:
@@ -248,6 +255,7 @@ class Lifecycle:
             return ABANDONED
         # Zero loss: the settlement is committed before the client receives the answer.
         await self.settle(collector.usage, OK, None)
+        await collector.commit()
         return Collected(body, {**self.ticket.headers, **self.overhead_header()})
 
     async def _collect(self, collector: Collector, until_gone: UntilGone) -> Payload | None:
@@ -311,7 +319,8 @@ class Lifecycle:
             if isinstance(failure, GatewayError):
                 status = failure.status
             metrics.request_ended(model=request.model, backend=self.backend, status=status,
-                                  stream=bool(request.stream), seconds=seconds, usage=usage, charged=ticket.cost)
+                                  stream=bool(request.stream), seconds=seconds, usage=usage, charged=ticket.cost,
+                                  endpoint=self.wire.endpoint)
             if log.isEnabledFor(logging.INFO):
                 self._log(status, outcome, usage, estimated, ticket.cost, seconds)
 
@@ -332,6 +341,7 @@ class Lifecycle:
             "request_id": self.call.request_id,
             "token": self.principal.prefix or self.principal.key_id,
             "model": request.model,
+            "endpoint": self.wire.endpoint,
             "backend": self.backend,
             "stream": bool(request.stream),
             "n": request.choices,

@@ -32,6 +32,10 @@ class StreamRenderer(Protocol):
 
     def closing(self) -> Sequence[Payload]: ...
 
+    async def commit(self) -> None:
+        """Once the settlement of a complete stream is committed, before `closing`: what the wire format keeps of
+        the response (the Responses API stores it, serving/responses.py; chat keeps nothing)."""
+
     def failed(self, error: GatewayError, trace_id: str) -> Sequence[Payload]: ...
 
 
@@ -44,6 +48,9 @@ class Collector(Protocol):
     def on_event(self, event: Event) -> None: ...
 
     def result(self) -> Payload: ...
+
+    async def commit(self) -> None:
+        """Once the settlement of the complete answer (`result`) is committed, before the client gets it."""
 
 
 class Framing(Protocol):
@@ -64,6 +71,10 @@ class WireFormat(Protocol):
     @property
     def label(self) -> str:
         """What the request log line calls one request of this format ("chat completion")."""
+
+    @property
+    def endpoint(self) -> str:
+        """The API a charge came from, as the ledger, the metrics and the log line name it ("chat", "responses")."""
 
     @property
     def framing(self) -> Framing: ...
