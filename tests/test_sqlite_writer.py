@@ -30,7 +30,10 @@ from grokgate.store.batch import sqlite_statements
 from grokgate.store.sql import SqlStore
 from grokgate.store.sqlite_writer import SqliteWriter, WriterFailed
 from tests.conftest import E2E, Server, create_key, start_server, stop_server
-from tests.test_billing import CHEAP, admin_get, check_books, race
+from tests.fakes.fake_xai import FakeXAI
+from tests.test_billing import CHEAP, admin_get, check_books, fake, race, upstream_env
+
+__all__ = ["fake"]  # the fake upstream fixture, shared with tests/test_billing.py
 
 
 @contextlib.asynccontextmanager
@@ -62,7 +65,7 @@ def test_batch_committed_but_answer_lost_is_not_charged_twice(tmp_path: Path,
 
             async def commit_then_vanish(self: SqliteWriter, frame: bytes) -> tuple[str, Any]:
                 answer = await real_call(self, frame)
-                if isinstance(pickle.loads(frame[4:]), list):
+                if isinstance(pickle.loads(frame[4:]), tuple):  # a batch (the setup is a dict)
                     calls["n"] += 1
                     if calls["n"] == 1:  # the first batch committed in the child, then the answer was lost
                         raise WriterFailed("simulated: the answer never arrived")
@@ -225,11 +228,11 @@ def writer_pid(server: Server) -> int | None:
 
 @E2E
 def test_writer_process_killed_under_load_loses_and_doubles_nothing(
-        tmp_path_factory: pytest.TempPathFactory) -> None:
+        tmp_path_factory: pytest.TempPathFactory, fake: FakeXAI) -> None:
     """Settlements commit in a child process. Killed mid-batch, it either committed the batch or not; the
     server settles the batch itself, skipping what the ledger already has, and starts a new child."""
     tmp = tmp_path_factory.mktemp("writer-kill")
-    srv = start_server(tmp, "--slots", "4", name="writer-kill")
+    srv = start_server(tmp, env=upstream_env(tmp, fake), name="writer-kill")  # answers in ms: many batches
     try:
         token, key = create_key(srv, "w", credits="5")
         first = writer_pid(srv)
@@ -275,10 +278,11 @@ def test_writer_process_killed_under_load_loses_and_doubles_nothing(
 
 
 @E2E
-def test_settlements_in_a_writer_thread_cannot_overdraw(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_settlements_in_a_writer_thread_cannot_overdraw(tmp_path_factory: pytest.TempPathFactory,
+                                                         fake: FakeXAI) -> None:
     """GROKGATE_SQLITE_WRITER=thread: the same race, with settlements committed by a thread of the server."""
     tmp = tmp_path_factory.mktemp("race-thread")
-    srv = start_server(tmp, "--slots", "2", env={"GROKGATE_SQLITE_WRITER": "thread"}, name="thread-writer")
+    srv = start_server(tmp, env=upstream_env(tmp, fake, GROKGATE_SQLITE_WRITER="thread"), name="thread-writer")
     try:
         assert writer_pid(srv) is None
         race([srv])
@@ -304,7 +308,7 @@ def test_lost_answer_then_a_failed_fallback_still_charges_once_and_answers(
 
             async def commit_then_vanish(self: SqliteWriter, frame: bytes) -> tuple[str, Any]:
                 answer = await real_call(self, frame)
-                if isinstance(pickle.loads(frame[4:]), list) and failures["call"]:
+                if isinstance(pickle.loads(frame[4:]), tuple) and failures["call"]:  # a batch, not the setup
                     failures["call"] -= 1
                     raise WriterFailed("simulated: the answer never arrived")
                 return answer

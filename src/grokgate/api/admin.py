@@ -163,10 +163,13 @@ class LedgerEntry(_Strict):
     kind: str = Field(description="usage or topup")
     model: str | None
     backend: str | None
+    endpoint: Literal["chat", "responses"] | None = Field(
+        description="The API the request came through: chat (chat completions) or responses; null: a top-up")
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
     reasoning_tokens: int
+    server_tool_calls: int = Field(description="Server-side tool calls (web search...) charged per call")
     amount: int = Field(description="The balance's movement in micro-credits: negative for usage")
     cost: Micro
     price_version: int | None

@@ -1,7 +1,7 @@
 """The ledger's JSON API, which the console and scripts read (the console's static files are api/console.py):
 
-- `GET /admin/ledger/search` (admin): ledger rows filtered by token, model, status, kind and UTC date range,
-  newest first, paginated with an opaque cursor, JSON or CSV.
+- `GET /admin/ledger/search` (admin): ledger rows filtered by token, model, status, kind, endpoint (chat |
+  responses) and UTC date range, newest first, paginated with an opaque cursor, JSON or CSV.
 - `GET /v1/ledger` (any account token): the same for the calling token's own rows.
 - `GET /admin/ledger/errors` (admin) and `GET /v1/ledger/errors` (own): failed requests per day and status.
 - `GET /admin/models` (admin): the routing table: each public model, its routes and its current price.
@@ -127,6 +127,9 @@ class LedgerRow(LedgerEntry):
     """A ledger row as the console shows it: times in seconds, money also as credits."""
 
     created_at: int = Field(description="Unix seconds")
+    endpoint: Literal["chat", "responses"] | None = Field(
+        description="The API the request came through: chat (chat completions) or responses; null: a top-up")
+    server_tool_calls: int = Field(description="Server-side tool calls (web search...) charged per call")
     amount_credits: SignedCredits
     cost_credits: SignedCredits
 
@@ -205,6 +208,7 @@ class LedgerQuery:
     model: Text = None
     status: Annotated[str | None, Query(json_schema_extra=STATUS_QUERY)] = None
     kind: Literal["usage", "topup"] | None = None
+    endpoint: Literal["chat", "responses"] | None = None
     since: Day = None
     until: Day = None
     cursor: Annotated[str | None, Query(json_schema_extra=CURSOR_QUERY)] = None
@@ -216,7 +220,8 @@ async def _ledger(store: ReportStore, token_id: int | None, q: LedgerQuery) -> A
     since_ms, until_ms = date_range(q.since, q.until)
     rows, more = await store.ledger_page(
         token_id=token_id, model=check_text(q.model, "model"), status=check_status(q.status), kind=q.kind,
-        since_ms=since_ms, until_ms=until_ms, cursor=parse_cursor(q.cursor), limit=check_limit(q.limit),
+        endpoint=q.endpoint, since_ms=since_ms, until_ms=until_ms, cursor=parse_cursor(q.cursor),
+        limit=check_limit(q.limit),
     )
     format = q.format
     data = [_row_json(r) for r in rows]
@@ -234,7 +239,7 @@ Admin = Annotated[AdminStore, Depends(require_admin)]
 
 
 @router.get("/admin/ledger/search", tags=["admin"], responses=LEDGER_RESPONSES,
-            summary="Ledger rows filtered by token, model, status, kind and UTC dates; paginated; JSON or CSV")
+            summary="Ledger rows filtered by token, model, status, kind, endpoint, UTC dates; paginated; JSON or CSV")
 async def admin_ledger(store: Admin, q: Annotated[LedgerQuery, Depends()], token: Text = None) -> Any:
     """`status=!ok` lists every failed row; `since`/`until` are inclusive UTC days (YYYY-MM-DD); pass the
     answer's `next_cursor` as `cursor` for the next page (CSV: the `x-next-cursor` header)."""

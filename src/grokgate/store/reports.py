@@ -52,11 +52,13 @@ class Reports:
     @staticmethod
     def ledger_page_query(*, token_id: int | None = None, model: str | None = None, status: str | None = None,
                           kind: str | None = None, since_ms: int | None = None, until_ms: int | None = None,
-                          cursor: tuple[int, int] | None = None, limit: int = 100) -> Any:
+                          cursor: tuple[int, int] | None = None, limit: int = 100,
+                          endpoint: str | None = None) -> Any:
         """Newest first by (created_at, id), so the order comes straight from an index whose leading
         column (after token_id) is created_at; `cursor` is the (created_at, id) of the last row already
         shown. `status` "!x" means "anything but x". Model, status and kind are filters on the rows the range
-        yields, so a selective one costs a walk of that range (bounded by since/until), never the table."""
+        yields, so a selective one costs a walk of that range (bounded by since/until), never the table; so is
+        `endpoint` (chat | responses)."""
         from sqlalchemy import and_, or_
 
         query = select(ledger)
@@ -79,6 +81,8 @@ class Reports:
             query = query.where(ledger.c.status != value if negate else ledger.c.status == value)
         if kind is not None:
             query = query.where(ledger.c.kind == kind)
+        if endpoint is not None:
+            query = query.where(ledger.c.endpoint == endpoint)
         return query.order_by(ledger.c.created_at.desc(), ledger.c.id.desc()).limit(limit)
 
     async def ledger_page(self, *, limit: int = 100, **filters: Any) -> tuple[list[dict[str, Any]], bool]:

@@ -16,6 +16,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     UniqueConstraint,
 )
 
@@ -85,10 +86,14 @@ ledger = Table(
     Column("kind", String(16), nullable=False),  # usage | topup
     Column("model", String(200), nullable=True),
     Column("backend", String(100), nullable=True),
+    # The API a usage row's request came through: chat | responses (null: a top-up). The server default keeps
+    # what an older replica writes during a rolling upgrade (it knows only chat) right.
+    Column("endpoint", String(16), nullable=True, server_default="chat"),
     Column("prompt_tokens", Integer, nullable=False, default=0),
     Column("cached_tokens", Integer, nullable=False, default=0),
     Column("completion_tokens", Integer, nullable=False, default=0),
     Column("reasoning_tokens", Integer, nullable=False, default=0),
+    Column("server_tool_calls", Integer, nullable=False, default=0, server_default="0"),  # priced per call
     # Signed balance movement: negative for usage, positive for top-ups.
     Column("amount", BigInteger, nullable=False),
     Column("cost", BigInteger, nullable=False, default=0),
@@ -114,4 +119,23 @@ usage_daily = Table(
     Column("completion_tokens", BigInteger, nullable=False, default=0),
     Column("reasoning_tokens", BigInteger, nullable=False, default=0),
     Column("cost", BigInteger, nullable=False, default=0),
+)
+
+# Stored responses of the Responses API (core/responses.py, store/responses_sql.py): scoped by `owner` on every
+# read, purged after `expires_at`. `size` (bytes of JSON) and `item_count` (input + output items) let a
+# `previous_response_id` chain be bounded by a walk over these columns alone, before any JSON is read.
+responses = Table(
+    "responses",
+    metadata,
+    Column("id", String(100), primary_key=True),
+    Column("owner", String(200), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("previous_id", String(100), nullable=True),
+    # JSON text as orjson writes it (UTF-8): serialized once, and `size` is its length in bytes.
+    Column("input_items", Text, nullable=False),
+    Column("response", Text, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("item_count", Integer, nullable=False),
+    Index("ix_responses_expires", "expires_at"),
 )

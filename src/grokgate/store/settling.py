@@ -37,6 +37,7 @@ class UsageRow(NamedTuple):
     completion_tokens: int
     cached_tokens: int
     reasoning_tokens: int
+    server_tool_calls: int = 0
 
 
 class SettlementRow(NamedTuple):
@@ -52,13 +53,15 @@ class SettlementRow(NamedTuple):
     status: str
     estimated: bool
     duration_ms: int
+    endpoint: str = "chat"  # chat | responses
 
 
 def as_row(s: Settlement) -> SettlementRow:
     u = s.usage
     return SettlementRow(s.request_id, s.token_id, s.model, s.backend,
-                         UsageRow(u.prompt_tokens, u.completion_tokens, u.cached_tokens, u.reasoning_tokens),
-                         s.cost, s.price_version, s.status, s.estimated, s.duration_ms)
+                         UsageRow(u.prompt_tokens, u.completion_tokens, u.cached_tokens, u.reasoning_tokens,
+                                  u.server_tool_calls),
+                         s.cost, s.price_version, s.status, s.estimated, s.duration_ms, s.endpoint)
 
 
 class Runner(Protocol):
@@ -110,8 +113,9 @@ def charge_and_record(run: Runner, fresh: Sequence[Settlement | SettlementRow],
         u, charge = s.usage, charges.get(s.request_id, 0)
         rows.append({
             "request_id": s.request_id, "token_id": s.token_id, "kind": "usage", "model": s.model,
-            "backend": s.backend, "prompt_tokens": u.prompt_tokens, "cached_tokens": u.cached_tokens,
-            "completion_tokens": u.completion_tokens, "reasoning_tokens": u.reasoning_tokens, "amount": -charge,
+            "backend": s.backend, "endpoint": s.endpoint, "prompt_tokens": u.prompt_tokens,
+            "cached_tokens": u.cached_tokens, "completion_tokens": u.completion_tokens,
+            "reasoning_tokens": u.reasoning_tokens, "server_tool_calls": u.server_tool_calls, "amount": -charge,
             "cost": s.cost, "price_version": s.price_version, "status": s.status, "estimated": s.estimated,
             "duration_ms": s.duration_ms, "created_at": created,
             "note": None if charge == s.cost or s.token_id is None else f"cost {s.cost} capped at the balance",

@@ -86,6 +86,10 @@ def default_url(data_dir: Path) -> str:
     return f"sqlite+aiosqlite:///{data_dir / 'grokgate.db'}"
 
 
+# What the SQLite writer process commits (store/sqlite_writer.py): settlements and rows given to `write_rows`.
+_CHILD_KINDS = ("settle", "rows")
+
+
 class SqlStore(Reports):
     def __init__(self, url: str, *, owner: str = "grokgate", max_batch: int = 256,
                  writer_process: bool = True, heartbeat_seconds: float = 10.0,
@@ -237,6 +241,13 @@ class SqlStore(Reports):
         """Run `op` in the next group transaction and return its result once committed."""
         return await self._submit("op", op)
 
+    async def write_rows(self, op: Op, sqlite_sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """Insert rows in the next group transaction: `op` does it (PostgreSQL, or SQLite in a thread); with the
+        SQLite writer process, the child runs `sqlite_sql` over `rows` in its settlement transaction instead, so
+        the serving process spends no thread (and no GIL hand-offs) on them. `sqlite_sql` must be idempotent
+        (INSERT OR IGNORE): after a writer failure the rows are written again here."""
+        await self._submit("rows", (op, sqlite_sql, rows))
+
     async def _submit(self, kind: str, payload: Any) -> Any:
         if self._closed:
             raise RuntimeError("the store is closed")
@@ -280,7 +291,7 @@ class SqlStore(Reports):
         connection (aiosqlite hops threads once per statement, which made the writer the bottleneck).
         PostgreSQL: the same synchronous code, driven over asyncpg by SQLAlchemy's run_sync. With the SQLite
         writer process, settlements commit there, after the batch's other operations."""
-        if self._settler is not None and any(kind == "settle" for kind, _, _ in batch):
+        if self._settler is not None and any(kind in _CHILD_KINDS for kind, _, _ in batch):
             return await self._execute_split(batch)
         if self._sync_engine is not None:
             return await asyncio.to_thread(self._execute_sync, batch)
@@ -291,18 +302,25 @@ class SqlStore(Reports):
     async def _execute_split(self, batch: list[tuple[str, Any, Any]]) -> list[Any]:
         assert self._settler is not None
         results: list[Any] = [None] * len(batch)
-        others = [i for i, (kind, _, _) in enumerate(batch) if kind != "settle"]
+        others = [i for i, (kind, _, _) in enumerate(batch) if kind not in _CHILD_KINDS]
         if others:
             done = await asyncio.to_thread(self._execute_sync, [batch[i] for i in others])
             for i, result in zip(others, done, strict=True):
                 results[i] = result
         # From here on nothing may raise: the operations above are committed, and _drain would run them again.
         settles = [(i, payload) for i, (kind, payload, _) in enumerate(batch) if kind == "settle"]
+        inserts = [(i, payload) for i, (kind, payload, _) in enumerate(batch) if kind == "rows"]
         try:
-            balances = await self._settle_in_writer([payload for _, payload in settles])
+            balances = await self._settle_in_writer([payload for _, payload in settles],
+                                                    [(sql, rows) for _, (_, sql, rows) in inserts])
             for i, _ in settles:
                 results[i] = balances
         except Exception:
+            for i, (op, _, _) in inserts:  # idempotent inserts: whatever the child did, write them here
+                try:
+                    results[i] = await asyncio.to_thread(self._execute_sync, [("op", op, None)])
+                except Exception as exc:
+                    results[i] = _Failed(exc)
             # One bad settlement must not sink the others: each on its own, in this process and through the
             # ledger check, since a child that failed mid-answer may have committed the batch after all.
             for i, payload in settles:
@@ -314,11 +332,12 @@ class SqlStore(Reports):
                     results[i] = _Failed(exc)
         return results
 
-    async def _settle_in_writer(self, settlements: list[Settlement]) -> dict[int, int]:
+    async def _settle_in_writer(self, settlements: list[Settlement],
+                                inserts: list[tuple[str, list[tuple[Any, ...]]]]) -> dict[int, int]:
         assert self._settler is not None
         unique = list({s.request_id: s for s in reversed(settlements)}.values())  # the first of each id
         try:
-            return await self._settler.settle(unique)
+            return await self._settler.settle(unique, inserts)
         except WriterFailed:
             # The child is stopped, so the batch committed there entirely or not at all; the shared path
             # skips what the ledger already has (and then cannot say those tokens' balances, so the cache
@@ -327,7 +346,15 @@ class SqlStore(Reports):
             for s in unique:
                 if s.token_id is not None:
                     self._balances.invalidate(s.token_id)
+            if inserts:  # idempotent: the child may or may not have committed them
+                await asyncio.to_thread(self._insert_sync, inserts)
             return await asyncio.to_thread(self._settle_checked, unique)
+
+    def _insert_sync(self, inserts: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
+        assert self._sync_engine is not None
+        with self._sync_engine.begin() as conn:
+            for sql, rows in inserts:
+                conn.exec_driver_sql(sql, rows)
 
     def _settle_checked(self, settlements: list[Settlement]) -> dict[int, int]:
         assert self._sync_engine is not None
@@ -346,6 +373,8 @@ class SqlStore(Reports):
         for i, (kind, payload, _) in enumerate(batch):
             if kind == "op":
                 results[i] = payload(conn)
+            elif kind == "rows":
+                results[i] = payload[0](conn)
         settles = [(i, payload) for i, (kind, payload, _) in enumerate(batch) if kind == "settle"]
         if settles:
             balances = settle_many(conn, [p for _, p in settles], shared=not self._memory_holds)
@@ -463,7 +492,8 @@ class SqlStore(Reports):
             )
             if result.rowcount:
                 conn.execute(insert(ledger).values(
-                    request_id=f"topup-{uuid.uuid4().hex}", token_id=token_id, kind="topup", amount=amount, cost=0,
+                    request_id=f"topup-{uuid.uuid4().hex}", token_id=token_id, kind="topup", endpoint=None,
+                    amount=amount, cost=0,
                     prompt_tokens=0, cached_tokens=0, completion_tokens=0, reasoning_tokens=0, status="ok",
                     estimated=False, note=note, created_at=now_ms(),
                 ))

@@ -7,7 +7,8 @@ loop, with no thread at all. The child (store/writer_child.py) imports no SQLAlc
 is given the compiled SQL), so it costs about 14 MB.
 
 Frames both ways: a 4-byte big-endian length, then a pickle. The parent sends the setup (database path,
-statements), then lists of settlements (as plain SettlementRows); the child answers each with
+statements), then batches: a list of settlements (as plain SettlementRows) and a list of (SQL, rows) inserts
+(stored responses: store/responses_sql.py), committed in one transaction; the child answers each with
 ("ok", balances) or ("error", text).
 The child commits a batch before it answers, finishes the batch it is in when its input closes (the parent
 exited or was killed), and ignores SIGINT/SIGTERM so that a Ctrl+C or a group TERM does not cut it off
@@ -65,15 +66,18 @@ class SqliteWriter:
             await self.stop()
             raise WriterFailed(f"the SQLite writer did not start: {detail}")
 
-    async def settle(self, items: list[Settlement]) -> dict[int, int]:
-        """Commit the batch in the child; raises RuntimeError for an error the child reported (nothing was
-        committed), WriterFailed when the child is gone (it is stopped first, so nothing is still running)."""
+    async def settle(self, items: list[Settlement],
+                     inserts: list[tuple[str, list[tuple[Any, ...]]]] | None = None) -> dict[int, int]:
+        """Commit the batch in the child, with `inserts` (SQL, rows) in the same transaction; raises RuntimeError
+        for an error the child reported (nothing was committed), WriterFailed when the child is gone (it is
+        stopped first, so nothing is still running)."""
         if self._closed:
             raise WriterFailed("the SQLite writer is closed")
         if self._proc is not None and self._proc.returncode is not None:
             log.warning("the SQLite writer process exited with %s; starting a new one", self._proc.returncode)
             self._proc = None
-        frame = encode_frame([as_row(s) for s in items])  # an error here is the batch's: nothing was sent yet
+        # An error here is the batch's: nothing was sent yet.
+        frame = encode_frame(([as_row(s) for s in items], inserts or []))
         if self._proc is None:
             await self.start()
         try:

@@ -50,17 +50,22 @@ def main() -> None:
             db.execute(f"PRAGMA {pragma}")
         # A path that is not the serving process's database (an empty new file) fails here, at setup, so the
         # parent settles in a thread instead of failing every batch.
-        db.execute("SELECT 1 FROM api_tokens, ledger, usage_daily LIMIT 0")
+        # The ledger's newest columns are named, so a database behind this code's schema fails here too.
+        db.execute("SELECT 1, ledger.endpoint, ledger.server_tool_calls, responses.size "
+                   "FROM api_tokens, ledger, usage_daily, responses LIMIT 0")
         run = SqliteCursorRunner(db.cursor(), setup["statements"], db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
     except Exception as exc:  # reported to the parent
         write_frame(sink, ("error", repr(exc)))
         return
     write_frame(sink, ("ok", None))
-    while (items := read_frame(source)) is not None:
+    while (batch := read_frame(source)) is not None:
+        items, inserts = batch
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
-                balances = charge_and_record(run, items, {})
+                for sql, rows in inserts:
+                    db.executemany(sql, rows)
+                balances = charge_and_record(run, items, {}) if items else {}
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")

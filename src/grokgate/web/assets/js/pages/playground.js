@@ -1,6 +1,7 @@
-// Playground: one streamed chat completion, its text shown as it arrives (per choice), then its usage and
-// cost. The admin token is not charged, so its cost is computed from the model's current price; for an account
-// token the console shows what actually left the balance.
+// Playground: one streamed answer, through either API (chat completions, or the Responses API's /v1/responses),
+// its text shown as it arrives (per choice), then its usage and cost. The admin token is not charged, so its cost
+// is computed from the model's current price; for an account token the console shows what actually left the
+// balance.
 
 import { ApiError, errorFrom } from "../api.js";
 import { clear, formValues, h } from "../dom.js";
@@ -22,15 +23,35 @@ export function costOf(usage, price) {
     ceilDiv(completion * BigInt(price.output), PER_MILLION);
 }
 
+/** A Responses API usage in the chat shape the rest of the page reads (costOf, the summary). */
+export function chatUsage(usage) {
+  return {
+    prompt_tokens: usage.input_tokens || 0,
+    completion_tokens: usage.output_tokens || 0,
+    total_tokens: usage.total_tokens || 0,
+    prompt_tokens_details: { cached_tokens: (usage.input_tokens_details || {}).cached_tokens || 0 },
+  };
+}
+
+const APIS = [
+  { value: "chat", label: "Chat completions", path: "/grok/chat/completions" },
+  { value: "responses", label: "Responses", path: "/v1/responses" },
+];
+
 /** Check the numbers before sending, so a typo gets a sentence rather than a round trip. */
 function requestBody(v) {
   const temperature = Number(v.temperature);
   const maxTokens = Number(v.max_tokens);
-  const n = Number(v.n);
+  const n = v.api === "responses" ? 1 : Number(v.n); // the Responses API answers one choice
   if (!v.prompt) throw new ApiError("Write a message to send.");
   if (!(temperature >= 0 && temperature <= 2)) throw new ApiError("Temperature is a number from 0 to 2.");
   if (!(Number.isInteger(maxTokens) && maxTokens >= 1)) throw new ApiError("Max tokens is a whole number, 1 or more.");
   if (!(Number.isInteger(n) && n >= 1 && n <= 16)) throw new ApiError("Choices (n) is a whole number from 1 to 16.");
+  if (v.api === "responses") {
+    const body = { model: v.model, input: v.prompt, temperature, max_output_tokens: maxTokens, stream: true };
+    if (v.system) body.instructions = v.system;
+    return body;
+  }
   const messages = [];
   if (v.system) messages.push({ role: "system", content: v.system });
   messages.push({ role: "user", content: v.prompt });
@@ -50,6 +71,8 @@ export async function render(root, ctx) {
   const form = h("form.playground-form",
     field({ name: "model", label: "Model", type: "select", value: models.data[0] ? models.data[0].id : "",
       options: models.data.map((m) => ({ value: m.id, label: m.id })) }),
+    field({ name: "api", label: "API", type: "select", value: "chat", options: APIS,
+      hint: "Responses: POST /v1/responses with `input`; one choice, its output_text shown as it streams." }),
     field({ name: "system", label: "System prompt (optional)", type: "textarea", rows: 2,
       placeholder: "e.g. You are a terse assistant." }),
     field({ name: "prompt", label: "Message", type: "textarea", rows: 4, required: true,
@@ -60,6 +83,12 @@ export async function render(root, ctx) {
       field({ name: "n", label: "Choices (n)", type: "number", min: 1, max: 16, step: 1, value: "1" })),
     h("div.form-actions", send, stop));
   root.append(pageHeader("Playground"), h("div.playground", form, h("div.playground-out", status, outputs, summary)));
+  // The Responses API has no `n`: its field is off while that API is chosen.
+  const apiSelect = form.querySelector("select[name=api]");
+  const nInput = form.querySelector("input[name=n]");
+  const syncApi = () => { nInput.disabled = apiSelect.value === "responses"; };
+  apiSelect.addEventListener("change", syncApi);
+  syncApi();
 
   let controller = null;
   const setStatus = (state, text) => {
@@ -72,8 +101,10 @@ export async function render(root, ctx) {
     event.preventDefault();
     if (controller) return;
     let body;
+    const values = formValues(form);
+    const api = APIS.find((a) => a.value === values.api) || APIS[0];
     try {
-      body = requestBody(formValues(form));
+      body = requestBody(values);
     } catch (error) {
       setStatus("error", message(error));
       return;
@@ -88,10 +119,11 @@ export async function render(root, ctx) {
 
     const texts = [];
     const finishes = [];
-    clear(outputs, ...Array.from({ length: body.n }, (_, i) => {
+    const choices = body.n || 1;
+    clear(outputs, ...Array.from({ length: choices }, (_, i) => {
       texts[i] = h("pre.output", { dataset: { choice: String(i) }, "aria-live": i === 0 ? "polite" : "off" });
       finishes[i] = h("span.finish");
-      return h("section.choice", h("h3", body.n > 1 ? `Choice ${i + 1}` : "Answer", finishes[i]), texts[i]);
+      return h("section.choice", h("h3", choices > 1 ? `Choice ${i + 1}` : "Answer", finishes[i]), texts[i]);
     }));
 
     const started = performance.now();
@@ -102,34 +134,14 @@ export async function render(root, ctx) {
       const reference = admin ? ctx.api.get("/admin/prices") : ctx.refreshAccount();
       before = await reference;
       setStatus("waiting", "Waiting for the first token…");
-      const response = await ctx.api.fetch("/grok/chat/completions",
+      const response = await ctx.api.fetch(api.path,
         { method: "POST", body, signal: controller.signal, accept: "text/event-stream" });
       if (!response.ok) throw await errorFrom(response);
       setStatus("streaming", "Streaming…");
-      let done = false;
-      for await (const data of sseData(response.body)) {
-        if (data === "[DONE]") {
-          done = true;
-          break;
-        }
-        let chunk;
-        try {
-          chunk = JSON.parse(data);
-        } catch {
-          continue; // not JSON: nothing a person needs to see
-        }
-        // After the 200 an error arrives as an event; its message is for the person.
-        if (chunk.error) throw new ApiError(chunk.error.message || "The answer stopped with an error.");
-        for (const choice of chunk.choices || []) {
-          const out = texts[choice.index];
-          if (!out) continue;
-          const delta = choice.delta || {};
-          if (delta.content) out.append(delta.content); // a text node per piece: no re-layout of the whole text
-          if (choice.finish_reason) finishes[choice.index].textContent = ` · ${choice.finish_reason}`;
-        }
-        if (chunk.usage) usage = chunk.usage;
-      }
-      if (!done) throw new ApiError("The connection closed before the answer was complete.");
+      const read = api.value === "responses" ? readResponses : readChat;
+      const result = await read(sseData(response.body), texts, finishes);
+      usage = result.usage;
+      if (!result.done) throw new ApiError("The connection closed before the answer was complete.");
       const seconds = (performance.now() - started) / 1000;
       setStatus("done", `Done in ${seconds.toFixed(1)} s.`);
       await showSummary(usage, body.model, before, seconds);
@@ -179,4 +191,64 @@ export async function render(root, ctx) {
   }
 
   return leave;
+}
+
+/** A chat completions stream: chunks per choice, then `[DONE]`. */
+async function readChat(events, texts, finishes) {
+  let usage = null;
+  for await (const data of events) {
+    if (data === "[DONE]") return { done: true, usage };
+    const chunk = parse(data);
+    if (!chunk) continue;
+    // After the 200 an error arrives as an event; its message is for the person.
+    if (chunk.error) throw new ApiError(chunk.error.message || "The answer stopped with an error.");
+    for (const choice of chunk.choices || []) {
+      const out = texts[choice.index];
+      if (!out) continue;
+      const delta = choice.delta || {};
+      if (delta.content) out.append(delta.content); // a text node per piece: no re-layout of the whole text
+      if (choice.finish_reason) finishes[choice.index].textContent = ` · ${choice.finish_reason}`;
+    }
+    if (chunk.usage) usage = chunk.usage;
+  }
+  return { done: false, usage };
+}
+
+/** A Responses API stream: typed events; the output text arrives as `response.output_text.delta`, and the
+ * stream ends with `response.completed`, `response.incomplete` or `response.failed` (no `[DONE]`). */
+async function readResponses(events, texts, finishes) {
+  for await (const data of events) {
+    const event = parse(data);
+    if (!event) continue;
+    if (event.error && !event.type) throw new ApiError(event.error.message || "The answer stopped with an error.");
+    switch (event.type) {
+      case "response.output_text.delta":
+        if (event.delta) texts[0].append(event.delta);
+        break;
+      case "response.completed":
+      case "response.incomplete": {
+        const r = event.response || {};
+        const reason = r.status === "incomplete" ? (r.incomplete_details || {}).reason || "incomplete" : r.status;
+        if (reason) finishes[0].textContent = ` · ${reason}`;
+        return { done: true, usage: r.usage ? chatUsage(r.usage) : null };
+      }
+      case "response.failed": {
+        const failure = (event.response || {}).error || {};
+        throw new ApiError(failure.message || "The answer stopped with an error.");
+      }
+      case "error":
+        throw new ApiError(event.message || (event.error || {}).message || "The answer stopped with an error.");
+      default:
+        break; // created, in_progress, output_item.*, content_part.*: nothing new to show
+    }
+  }
+  return { done: false, usage: null };
+}
+
+function parse(data) {
+  try {
+    return JSON.parse(data);
+  } catch {
+    return null; // not JSON: nothing a person needs to see
+  }
 }

@@ -1,5 +1,5 @@
-// Usage: the ledger, newest first, filtered by token (admin), model, status, kind and UTC dates, a page at a
-// time (cursor pagination, so deep pages cost the same as the first), with CSV export of the filtered rows.
+// Usage: the ledger, newest first, filtered by token (admin), model, status, kind, API (chat completions or
+// responses) and UTC dates, a page at a time (cursor pagination, so deep pages cost the same as the first), with CSV export of the filtered rows.
 
 import { clear, formValues, h } from "../dom.js";
 import { addDays, credits, dateTime, int, signedCredits, todayUTC } from "../format.js";
@@ -14,6 +14,11 @@ const STATUSES = [
   { value: "error", label: "error" },
   { value: "client_disconnected", label: "client_disconnected" },
 ];
+const ENDPOINTS = [
+  { value: "", label: "Any API" },
+  { value: "chat", label: "Chat completions" },
+  { value: "responses", label: "Responses" },
+];
 
 export async function render(root, ctx, params) {
   const admin = ctx.session.role === "admin";
@@ -24,6 +29,7 @@ export async function render(root, ctx, params) {
     model: params.get("model") || "",
     status: params.get("status") || "",
     kind: params.get("kind") || "",
+    endpoint: params.get("endpoint") || "",
     since: params.get("since") ?? addDays(today, -29),
     until: params.get("until") ?? today,
     limit: PAGE_SIZES.includes(Number(params.get("limit"))) ? Number(params.get("limit")) : 50,
@@ -48,6 +54,7 @@ export async function render(root, ctx, params) {
     field({ name: "kind", label: "Kind", type: "select", value: filters.kind,
       options: [{ value: "", label: "All kinds" }, { value: "usage", label: "Usage" },
         { value: "topup", label: "Top-ups" }] }),
+    field({ name: "endpoint", label: "API", type: "select", value: filters.endpoint, options: ENDPOINTS }),
     field({ name: "since", label: "From (UTC)", type: "date", value: filters.since }),
     field({ name: "until", label: "To (UTC)", type: "date", value: filters.until }),
     field({ name: "limit", label: "Rows per page", type: "select", value: String(filters.limit),
@@ -78,6 +85,7 @@ export async function render(root, ctx, params) {
     admin ? { label: "Token", cell: (r) => tokenName(r.token_id) } : null,
     { label: "Kind", cell: (r) => r.kind },
     { label: "Model", cell: (r) => r.model || "" },
+    { label: "API", cell: (r) => (r.kind === "usage" ? apiLabel(r) : "") },
     { label: "Tokens in / out", cls: "num", cell: (r) => (r.kind === "usage"
       ? `${int(r.prompt_tokens)} / ${int(r.completion_tokens)}` : "") },
     { label: "Cost", cls: "num", cell: (r) => (r.kind === "usage" ? credits(r.cost) : "") },
@@ -93,7 +101,8 @@ export async function render(root, ctx, params) {
     if (answer.next_cursor) cursors[page + 1] = answer.next_cursor;
     clear(results, table(columns, answer.data, {
       empty: page ? "No more rows." : "No ledger rows match these filters.",
-      rowAttrs: (r) => ({ dataset: { row: String(r.id), kind: r.kind, status: r.status, model: r.model || "" } }),
+      rowAttrs: (r) => ({ dataset: { row: String(r.id), kind: r.kind, status: r.status, model: r.model || "",
+        endpoint: r.endpoint || "" } }),
     }));
     const newer = h("button.btn", { type: "button", disabled: page === 0, dataset: { action: "newer" } }, "← Newer");
     const older = h("button.btn", { type: "button", disabled: !answer.has_more, dataset: { action: "older" } },
@@ -119,4 +128,11 @@ export async function render(root, ctx, params) {
   } catch (error) {
     clear(results, errorBox(error, () => load().catch(() => {})));
   }
+}
+
+/** Which API a charge came from, and the server-side tool calls it paid for (priced per call). */
+function apiLabel(r) {
+  const name = r.endpoint === "responses" ? "responses" : "chat";
+  const calls = Number(r.server_tool_calls || 0);
+  return calls ? `${name} · ${int(calls)} tool call${calls === 1 ? "" : "s"}` : name;
 }
