@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.fakes.fake_xai import REASONING_TEXT, TOOL_ARGUMENTS, FakeXAI
+from tests.fakes.fake_xai import CITATIONS, REASONING_TEXT, TOOL_ARGUMENTS, FakeXAI
 
 KEY = "xai-test-key"
 HELLO = "Hello from fake xAI"
@@ -406,3 +406,128 @@ def test_runs_as_a_script() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+# ----- /v1/responses -----------------------------------------------------------------------------------------------
+def rpost(fake: FakeXAI, payload: Any, key: str = KEY) -> httpx.Response:
+    return httpx.post(f"{fake.url}/responses", json=payload, headers={"Authorization": f"Bearer {key}"}, timeout=10)
+
+
+def rframes(r: httpx.Response) -> list[dict[str, Any]]:
+    """event: + data: frames, the event name equal to the data's type, sequence numbers 0, 1, 2..."""
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text
+    out = []
+    for frame in r.text.split("\n\n")[:-1]:
+        name, data = frame.split("\n")
+        event = json.loads(data.removeprefix("data: "))
+        assert name == f"event: {event['type']}"
+        out.append(event)
+    assert [e["sequence_number"] for e in out] == list(range(len(out)))
+    return out
+
+
+def test_responses_store_retrieve_chain_delete(fake: FakeXAI) -> None:
+    first = rpost(fake, {"model": "grok-3", "input": "one two three"}).json()
+    assert first["object"] == "response" and first["status"] == "completed" and first["store"] is True
+    assert first["output"][0]["content"][0]["text"] == HELLO
+    assert first["usage"]["input_tokens"] == 13 and first["usage"]["total_tokens"] == 13 + 4
+    assert httpx.get(f"{fake.url}/responses/{first['id']}", headers={"Authorization": f"Bearer {KEY}"}).json() == first
+    second = rpost(fake, {"model": "grok-3", "input": "four", "previous_response_id": first["id"]}).json()
+    assert second["usage"]["input_tokens"] == 10 + 3 + 4 + 1  # the stored turn is billed again
+    assert "instructions" in flat(rpost(fake, {"model": "grok-3", "input": "x", "instructions": "be brief",
+                                               "previous_response_id": first["id"]}), 400)
+    url = f"{fake.url}/responses/{first['id']}"
+    assert httpx.delete(url, headers={"Authorization": f"Bearer {KEY}"}).json()["deleted"] is True
+    flat(httpx.get(url, headers={"Authorization": f"Bearer {KEY}"}), 404)
+    flat(rpost(fake, {"model": "grok-3", "input": "x", "previous_response_id": first["id"]}), 404)
+    unstored = rpost(fake, {"model": "grok-3", "input": "x", "store": False}).json()
+    assert unstored["store"] is False and unstored["id"] not in fake.stored
+    assert len(fake.responses_requests) == 5 and not fake.chat_requests
+
+
+@pytest.mark.parametrize("extra", [
+    {"input": "x", "include": ["file_search_call.results"]},
+    {"input": "x", "model": "grok-4", "reasoning": {"effort": "low"}},
+    {"input": "x", "model": "grok-4", "presence_penalty": 0.5},
+    {"input": "x", "max_output_tokens": 0},
+    {"input": "x", "temperature": 3},
+    {"input": "x", "tools": [{"type": "function", "function": {"name": "f"}}]},
+    {"input": "x", "tools": [{"type": "browser"}]},
+    {"input": "x", "tools": [{"type": "web_search"}], "max_tool_calls": 0},
+    {"input": "x", "text": {"format": {"type": "json_schema", "name": "s"}}},
+])
+def test_responses_strict_rejections(fake: FakeXAI, lax: FakeXAI, extra: dict[str, Any]) -> None:
+    payload = {"model": "grok-3", **extra}
+    flat(rpost(fake, payload), 400, "Client specified an invalid argument")
+    assert rpost(lax, payload).status_code == 200
+
+
+def test_responses_protocol_errors(fake: FakeXAI) -> None:
+    flat(rpost(fake, {"model": "grok-3"}), 422)
+    assert "does not exist" in flat(rpost(fake, {"model": "grok-9", "input": "x"}), 404)
+    flat(rpost(fake, {"model": "grok-3", "input": "x"}, key="xai-wrong"), 400)
+
+
+def test_responses_stream_order_and_usage(fake: FakeXAI) -> None:
+    events = rframes(rpost(fake, {"model": "grok-3", "input": "hi", "stream": True}))
+    kinds = [e["type"] for e in events]
+    assert kinds[:5] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added", "response.output_text.delta"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed"]
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == HELLO
+    assert events[-1]["response"]["usage"]["output_tokens"] == 4 and events[0]["response"]["usage"] is None
+
+
+def test_responses_function_call_then_text(fake: FakeXAI) -> None:
+    tool = {"type": "function", "name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer", "minimum": 2},
+                                         "unit": {"enum": ["c", "f"]}}}}
+    call = rpost(fake, {"model": "grok-3", "input": "weather?", "tools": [tool]}).json()["output"][0]
+    assert call["type"] == "function_call" and call["name"] == "get_weather"
+    assert json.loads(call["arguments"]) == {"city": "Paris", "days": 2, "unit": "c"}
+    events = rframes(rpost(fake, {"model": "grok-3", "input": "weather?", "tools": [tool], "stream": True}))
+    added = next(e for e in events if e["type"] == "response.output_item.added")
+    assert added["item"]["arguments"] == call["arguments"]  # whole in .added, as xAI sends it
+    back = rpost(fake, {"model": "grok-3", "tools": [tool], "input": [
+        {"role": "user", "content": "weather?"}, call,
+        {"type": "function_call_output", "call_id": call["call_id"], "output": "sunny"}]}).json()
+    assert back["output"][0]["type"] == "message"
+    assert rpost(fake, {"model": "grok-3", "input": "x", "tools": [tool], "tool_choice": "none"}).json()[
+        "output"][0]["type"] == "message"
+
+
+def test_responses_server_tools_reasoning_and_formats(fake: FakeXAI) -> None:
+    body = {"model": "grok-4", "input": "news", "tools": [{"type": "web_search"}, {"type": "x_search"}],
+            "include": ["reasoning.encrypted_content"]}
+    data = rpost(fake, body).json()
+    assert [i["type"] for i in data["output"]] == ["reasoning", "web_search_call", "custom_tool_call", "message"]
+    assert data["output"][0]["encrypted_content"] and data["output"][0]["summary"] == []
+    assert [a["url"] for a in data["output"][-1]["content"][0]["annotations"]] == CITATIONS
+    usage = data["usage"]
+    assert usage["num_server_side_tools_used"] == 2 and usage["output_tokens_details"]["reasoning_tokens"] == 7
+    assert usage["server_side_tool_usage_details"]["web_search_calls"] == 1
+    assert usage["server_side_tool_usage_details"]["x_search_calls"] == 1
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+    one = rpost(fake, {**body, "max_tool_calls": 1}).json()
+    assert one["usage"]["num_server_side_tools_used"] == 1
+    kinds = [e["type"] for e in rframes(rpost(fake, {**body, "stream": True}))]
+    assert "response.web_search_call.searching" in kinds and "response.custom_tool_call_input.done" in kinds
+    assert "response.output_text.annotation.added" in kinds
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"}}}
+    fmt = {"format": {"type": "json_schema", "name": "s", "schema": schema}}
+    answer = rpost(fake, {"model": "grok-3", "input": "x", "text": fmt}).json()["output"][0]["content"][0]["text"]
+    assert json.loads(answer) == {"n": 1, "ok": True}
+    cut = rpost(fake, {"model": "grok-3", "input": "x", "max_output_tokens": 2}).json()
+    assert cut["status"] == "incomplete" and cut["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert rframes(rpost(fake, {"model": "grok-3", "input": "x", "max_output_tokens": 2, "stream": True}))[-1][
+        "type"] == "response.incomplete"
+
+
+def test_responses_faults(fake: FakeXAI) -> None:
+    fake.fail_next("failed", "no_usage", "429")
+    events = rframes(rpost(fake, {"model": "grok-3", "input": "x", "stream": True}))
+    assert events[-1]["type"] == "response.failed" and events[-1]["response"]["error"]["message"]
+    assert rpost(fake, {"model": "grok-3", "input": "x"}).json()["usage"] is None
+    assert rpost(fake, {"model": "grok-3", "input": "x"}).status_code == 429
+    assert post(fake, body()).status_code == 200  # chat is unchanged

@@ -144,6 +144,8 @@ def build(config: GatewayConfig, settings: Settings, local_factory: Any) -> Mode
             "name": name, "api_keys": spec.api_keys, "timeout": spec.timeout,
             "connect_timeout": spec.connect_timeout, "max_in_flight": spec.max_in_flight,
             "fanout_n": spec.fanout_n, "cooldown": spec.cooldown, "failure_threshold": spec.failure_threshold,
+            # What a request's reservation paid for (serving/lifecycle.py): xAI is sent no higher max_tool_calls.
+            "max_server_tool_calls": settings.max_server_tool_calls,
         }
         if spec.base_url:
             options["base_url"] = spec.base_url

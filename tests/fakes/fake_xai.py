@@ -13,7 +13,8 @@ Content: every choice says ``content`` (default "Hello from fake xAI"); with ``n
 ``"<content> #i"``. ``max_completion_tokens`` (or ``max_tokens``) below the word count truncates the text to that many
 words, with ``finish_reason: "length"``. ``grok-3-mini`` adds ``reasoning_content`` (:data:`REASONING_TEXT`). With
 ``tools`` and ``tool_choice`` not "none", every choice calls the first tool (or the one ``tool_choice`` names) with
-arguments :data:`TOOL_ARGUMENTS`, ``content: ""`` and ``finish_reason: "tool_calls"``.
+arguments :data:`TOOL_ARGUMENTS`, ``content: ""`` and ``finish_reason: "tool_calls"``, except after a tool's result
+(the last message a ``tool`` one, ``tool_choice`` auto or absent), which is answered in text as a model would.
 
 Token counts (``words(s) = len(s.split())``):
 
@@ -41,7 +42,11 @@ everything the body carries: tools, schemas, images), ``x-fake-prompt-tokens: N`
 upstream that counts more than it was sent), ``x-fake-content-chars: N`` (every choice's text is ``N``
 characters of words instead of ``content``; ``#i`` suffixes as usual).
 
-Faults (:data:`FAULTS`; queued ones are consumed FIFO, one per ``POST /chat/completions``, whatever the request):
+``POST /v1/responses``, ``GET`` / ``DELETE /v1/responses/{id}``: xAI's own Responses API, stored responses
+included (``fake.stored``; ``fake.responses_requests`` records the POSTs): tests/fakes/fake_xai_responses.py.
+
+Faults (:data:`FAULTS`; queued ones are consumed FIFO, one per ``POST`` to ``/chat/completions`` or ``/responses``,
+whatever the request; ``failed`` is the Responses API's alone, see tests/fakes/fake_xai_responses.py):
 ``500``/``502``/``503``; ``429`` (``retry_after``, default 1, sent as ``retry-after``); ``bad_key`` (the 400 wrong-key
 answer); ``reset`` (connection closed with no response); ``stall`` (``seconds``, default 30, before headers, then a
 normal answer; :meth:`FakeXAI.release_stalls` ends the stalls under way at once); ``reset_mid_stream`` (``after``
@@ -77,7 +82,7 @@ REASONING_MODELS = ("grok-4-0709", "grok-4", "grok-4-1-fast-reasoning", "grok-4-
 KNOWN_MODELS = (*REASONING_MODELS, "grok-3", "grok-2-vision-1212", "grok-4-1-fast-non-reasoning", "grok-code-fast-1")
 OPENAI_ONLY_FIELDS = ("service_tier", "store", "metadata", "modalities", "audio", "prediction")
 FAULTS = frozenset({"500", "502", "503", "429", "bad_key", "reset", "stall", "reset_mid_stream",
-                    "stall_mid_stream", "no_usage"})
+                    "stall_mid_stream", "no_usage", "failed"})
 STATUS_TEXT = {400: "Client specified an invalid argument", 401: "Unauthenticated",
                404: "Some requested entity was not found", 405: "Method Not Allowed",
                415: "Unsupported Media Type", 422: "Unprocessable Entity",
@@ -196,7 +201,15 @@ class FakeXAI:
         self._stalls: set[asyncio.Event] = set()
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
+        # Stored responses of /v1/responses (`store` defaults to true at xAI): id -> {"response", "input"}.
+        self.stored: dict[str, dict[str, Any]] = {}
+        from tests.fakes.fake_xai_responses import FakeResponses  # it builds on this module's helpers
+
+        responses = FakeResponses(self)
         self.app = Starlette(routes=[Route("/v1/chat/completions", self._chat, methods=["POST"]),
+                                     Route("/v1/responses", responses.create, methods=["POST"]),
+                                     Route("/v1/responses/{response_id}", responses.get, methods=["GET"]),
+                                     Route("/v1/responses/{response_id}", responses.delete, methods=["DELETE"]),
                                      Route("/v1/models", self._models, methods=["GET"])],
                              exception_handlers={HTTPException: self._http_error})
 
@@ -227,10 +240,16 @@ class FakeXAI:
             self._faults.clear()
             self.requests.clear()
             self.header_defaults.clear()
+            self.stored.clear()
 
     @property
     def chat_requests(self) -> list[dict[str, Any]]:
         return [r for r in self.requests if r["path"].endswith("/chat/completions")]
+
+    @property
+    def responses_requests(self) -> list[dict[str, Any]]:
+        """The `POST /v1/responses` requests (their bodies as sent), oldest first."""
+        return [r for r in self.requests if r["method"] == "POST" and r["path"].endswith("/responses")]
 
     # ----- server lifecycle ----------------------------------------------------------------------------------------
     async def asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -302,7 +321,9 @@ class FakeXAI:
         data = [{"id": m, "object": "model", "created": 1735689600, "owned_by": "xai"} for m in KNOWN_MODELS]
         return denied or Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
 
-    async def _chat(self, request: Request) -> Response:
+    async def _prelude(self, request: Request) -> tuple[bytes, dict[str, str], dict[str, Any] | None, Response | None]:
+        """Read and record a POST, take its fault and play the faults that answer before the body is looked at:
+        (raw body, headers, fault, the answer if the fault already gave one)."""
         raw = await request.body()
         headers = {**self.header_defaults, **self._record(request, raw)}
         with self._lock:
@@ -311,22 +332,29 @@ class FakeXAI:
             try:
                 fault = parse_fault(headers["x-fake-fault"])
             except ValueError as exc:
-                return _error(400, str(exc))
+                return raw, headers, None, _error(400, str(exc))
         spec = fault or {}
         name = spec.get("fault")
         if name == "reset":
             await drop_connection(request.scope, request.receive, hard=True)
-            return _Raw(200, {}, [], None)
+            return raw, headers, fault, _Raw(200, {}, [], None)
         if name == "stall":
             await self._stall(float(spec.get("seconds", 30)))
         if name in ("500", "502", "503"):
-            return _error(int(name), f"fake xAI fault {name}")
+            return raw, headers, fault, _error(int(name), f"fake xAI fault {name}")
         if name == "429":
             retry = spec.get("retry_after", 1)
             retry = int(retry) if float(retry).is_integer() else retry
-            return _error(429, "Rate limit exceeded (fake)", headers={"retry-after": str(retry)})
+            return raw, headers, fault, _error(429, "Rate limit exceeded (fake)", headers={"retry-after": str(retry)})
         if name == "bad_key":
-            return self._bad_key(headers.get("authorization", "Bearer xai-bad-key").partition(" ")[2] or "xai-bad-key")
+            key = headers.get("authorization", "Bearer xai-bad-key").partition(" ")[2] or "xai-bad-key"
+            return raw, headers, fault, self._bad_key(key)
+        return raw, headers, fault, None
+
+    async def _chat(self, request: Request) -> Response:
+        raw, headers, fault, answered = await self._prelude(request)
+        if answered is not None:
+            return answered
         denied = self._auth(headers)
         if denied is not None:
             return denied
@@ -400,7 +428,9 @@ class FakeXAI:
         cached = min(int(headers.get("x-fake-cached-tokens") or 0), prompt)
         tools, tool_choice = body.get("tools") or [], body.get("tool_choice")
         tool_name = None
-        if tools and tool_choice != "none":
+        messages = body.get("messages") or [{}]
+        answered = messages[-1].get("role") == "tool" and tool_choice in (None, "auto")  # a tool's result: text
+        if tools and tool_choice != "none" and not answered:
             named = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
             tool_name = named or (tools[0].get("function") or {}).get("name", "tool")
         limit = body.get("max_completion_tokens") if body.get("max_completion_tokens") is not None \

@@ -32,3 +32,28 @@ def normalise_usage(raw: dict[str, Any]) -> Usage:
         completion += reasoning  # xAI arithmetic: reasoning was outside completion_tokens
     reasoning = min(reasoning, completion)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached, reasoning_tokens=reasoning)
+
+
+def normalise_responses_usage(raw: dict[str, Any]) -> Usage:
+    """A Responses API usage object (xAI's /v1/responses): `input_tokens` includes the cached ones,
+    `output_tokens` includes reasoning (OpenAI semantics, and xAI's on this endpoint: total = input + output);
+    should an object add reasoning outside `output_tokens` (total = input + output + reasoning), it is added in,
+    as for chat. Server-side tool calls: xAI's billable count is `server_side_tool_usage_details` (successful
+    calls per kind); `num_server_side_tools_used` (every attempt) is the figure when the details are absent."""
+    prompt = _int(raw.get("input_tokens"))
+    completion = _int(raw.get("output_tokens"))
+    total = _int(raw.get("total_tokens"))
+    input_details = raw.get("input_tokens_details") or {}
+    output_details = raw.get("output_tokens_details") or {}
+    reasoning = _int(output_details.get("reasoning_tokens")) if isinstance(output_details, dict) else 0
+    cached = min(_int(input_details.get("cached_tokens")), prompt) if isinstance(input_details, dict) else 0
+    if reasoning and total == prompt + completion + reasoning:
+        completion += reasoning
+    reasoning = min(reasoning, completion)
+    details = raw.get("server_side_tool_usage_details")
+    if isinstance(details, dict) and details:
+        tools = sum(_int(v) for v in details.values())
+    else:
+        tools = _int(raw.get("num_server_side_tools_used"))
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached, reasoning_tokens=reasoning,
+                 server_tool_calls=tools)

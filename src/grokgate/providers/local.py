@@ -341,6 +341,16 @@ class LocalEngine:
     def check(self, request: ChatCompletionRequest) -> None:
         """Refuse, in our words and naming the field, what llama.cpp would refuse with its own message (or, for
         tool-call arguments, with a 500)."""
+        if request.server_tools:  # xAI's web search, X search... run only on xAI (providers/xai.py)
+            raise bad_request(f"Server-side tools ({', '.join(request.server_tools)}) run only on a route to xAI; "
+                              f"the model '{request.model}' is served by the local engine here. Remove them from "
+                              "`tools` or use a model routed to xAI.", "tools")
+        if request.responses_body is not None and request.tools and request.tool_choice != "none":
+            # The embedded model answers a tool request with the call's JSON as text; the Responses API's clients
+            # (agent SDKs) would take that for an answer. Until the engine decodes tool calls, refuse them.
+            raise bad_request(f"The model '{request.model}' is served by the local engine, which cannot call "
+                              "function tools through the Responses API yet: remove `tools` or use a model "
+                              "routed to an upstream.", "tools")
         messages = request.messages
         for i, message in enumerate(messages):
             if message.has_images():

@@ -17,7 +17,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,10 @@ log = logging.getLogger("grokgate.upstream")
 
 PASSTHROUGH_KEYS = ("citations",)
 
+# How a 200 reply becomes events: (the response, whether it streams) -> the events. The chat reply's reader is
+# `OpenAICompatBackend.reply_events`; xai.py passes its Responses API reader through the same `_send`.
+ReplyReader = Callable[[aiohttp.ClientResponse, bool], AsyncGenerator[Event]]
+
 
 @dataclass
 class UpstreamKey:
@@ -58,6 +62,9 @@ class BackendConfig:
     fanout_n: bool = False  # the upstream ignores n: send n requests and merge them
     cooldown: float = 30.0
     failure_threshold: int = 3
+    # Server-side tool calls (xAI's web search...) one request may run: what the admission reserved for them
+    # (settings.max_server_tool_calls), sent as `max_tool_calls` (providers/xai.py).
+    max_server_tool_calls: int = 10
 
 
 class OpenAICompatBackend:
@@ -101,7 +108,8 @@ class OpenAICompatBackend:
             await self._session.close()
 
     def check(self, request: ChatCompletionRequest) -> None:
-        return None
+        if request.server_tools:
+            raise server_tools_refused(request, self.name)
 
     def prompt_copies(self, request: ChatCompletionRequest) -> int:
         """n when the upstream ignores `n` and the request goes out as n single requests, each billing the prompt."""
@@ -173,8 +181,10 @@ class OpenAICompatBackend:
             raise
         return merge_choices(streams)
 
-    async def _send(self, body: dict[str, Any], tried: set[int]) -> AsyncGenerator[Event]:
-        """Send one request on one key; the iterator's first step raises a GatewayError or yields an event."""
+    async def _send(self, body: dict[str, Any], tried: set[int], url: str | None = None,
+                    reader: ReplyReader | None = None) -> AsyncGenerator[Event]:
+        """Send one request on one key (to `url`, default the chat completions URL; its 200 reply read by `reader`,
+        default `reply_events`); the iterator's first step raises a GatewayError or yields an event."""
         key_index = self._pick_key(tried)
         if key_index is None:
             raise UpstreamFailure(GatewayError(503, "upstream_unavailable", f"No usable key for {self.name}."),
@@ -186,7 +196,7 @@ class OpenAICompatBackend:
             headers["Authorization"] = f"Bearer {key.value}"
         stream = bool(body.get("stream"))
         try:
-            response = await self.session().post(self.url, data=orjson.dumps(body), headers=headers)
+            response = await self.session().post(url or self.url, data=orjson.dumps(body), headers=headers)
         except TimeoutError:
             self.breaker.failure()
             raise UpstreamFailure(GatewayError(504, "timeout", f"The upstream {self.name} timed out."),
@@ -202,6 +212,9 @@ class OpenAICompatBackend:
         # 200 whose body then stalls is not a success.
         if key:
             key.breaker.success()
+        return (reader or self.reply_events)(response, stream)
+
+    def reply_events(self, response: aiohttp.ClientResponse, stream: bool) -> AsyncGenerator[Event]:
         return self._events(response) if stream else self._json_events(response)
 
     def _failure(self, status: int, raw: bytes, headers: CIMultiDictProxy[str],
@@ -236,7 +249,7 @@ class OpenAICompatBackend:
         usage: dict[str, Any] | None = None
         done = False
         try:
-            async for line in _lines(response):
+            async for line in sse_lines(response):
                 if done or not line.startswith(b"data:"):
                     continue  # comments (keep-alives), event names, and whatever follows [DONE]
                 data = line[5:].strip()
@@ -262,22 +275,14 @@ class OpenAICompatBackend:
         except orjson.JSONDecodeError:
             raise GatewayError(502, "api_error", "The upstream sent an event that is not JSON.") from None
         finally:
-            _finish(response)
+            release(response)
         if usage is not None:
             yield UsageReport(normalise_usage(usage))
 
     async def _json_events(self, response: aiohttp.ClientResponse) -> AsyncGenerator[Event]:
-        try:
-            raw = await response.read()
-            body = orjson.loads(raw)
-        except TimeoutError:
-            raise GatewayError(504, "timeout", "The upstream timed out.") from None
-        except (aiohttp.ClientError, OSError):
-            raise GatewayError(502, "api_error", "The upstream connection broke.") from None
-        except orjson.JSONDecodeError:
-            raise GatewayError(502, "api_error", "The upstream reply is not JSON.") from None
-        finally:
-            _finish(response)
+        body = await read_json(response)
+        if not isinstance(body, dict):
+            raise GatewayError(502, "api_error", "The upstream reply is not a JSON object.")
         extras = {k: body[k] for k in PASSTHROUGH_KEYS if body.get(k)}
         if extras:
             yield Extra(extras)
@@ -285,6 +290,29 @@ class OpenAICompatBackend:
             yield event
         if body.get("usage"):
             yield UsageReport(normalise_usage(body["usage"]))
+
+
+async def read_json(response: aiohttp.ClientResponse) -> Any:
+    """A whole JSON reply, its connection released; failures are the upstream's (GatewayError)."""
+    try:
+        raw = await response.read()
+        return orjson.loads(raw)
+    except TimeoutError:
+        raise GatewayError(504, "timeout", "The upstream timed out.") from None
+    except (aiohttp.ClientError, OSError):
+        raise GatewayError(502, "api_error", "The upstream connection broke.") from None
+    except orjson.JSONDecodeError:
+        raise GatewayError(502, "api_error", "The upstream reply is not JSON.") from None
+    finally:
+        release(response)
+
+
+def server_tools_refused(request: ChatCompletionRequest, backend: str) -> GatewayError:
+    """The refusal of a backend that cannot run server-side tools: the router then keeps only routes that can."""
+    names = ", ".join(request.server_tools)
+    return GatewayError(400, "bad_request", f"Server-side tools ({names}) run only on a route to xAI; the model "
+                        f"'{request.model}' has no such route here (backend {backend}). Remove them from `tools` "
+                        "or use a model routed to xAI.", param="tools")
 
 
 async def merge_choices(streams: list[AsyncGenerator[Event]]) -> AsyncGenerator[Event]:
@@ -334,7 +362,7 @@ async def merge_choices(streams: list[AsyncGenerator[Event]]) -> AsyncGenerator[
 MAX_LINE = 8 << 20  # one SSE line (one chunk) larger than this is refused rather than buffered without end
 
 
-async def _lines(response: aiohttp.ClientResponse) -> AsyncGenerator[bytes]:
+async def sse_lines(response: aiohttp.ClientResponse) -> AsyncGenerator[bytes]:
     buffer = b""
     async for data in response.content.iter_any():
         buffer += data
@@ -347,7 +375,7 @@ async def _lines(response: aiohttp.ClientResponse) -> AsyncGenerator[bytes]:
         yield buffer
 
 
-def _finish(response: aiohttp.ClientResponse) -> None:
+def release(response: aiohttp.ClientResponse) -> None:
     """Back to the pool when fully read; otherwise (client gone, error) drop the connection."""
     if response.content.at_eof():
         response.release()
@@ -408,7 +436,7 @@ async def _read_quietly(response: aiohttp.ClientResponse) -> bytes:
     except (aiohttp.ClientError, OSError, TimeoutError):
         return b""
     finally:
-        _finish(response)
+        release(response)
 
 
 def _retry_after(headers: CIMultiDictProxy[str]) -> float | None:

@@ -7,14 +7,52 @@ grok-3-mini, mapped to low/high; `max_tokens` becomes `max_completion_tokens`; `
 Replies: usage is normalised to OpenAI arithmetic (core.usage), flat errors become our envelope
 (openai_compat.upstream_message), `end_turn` becomes `stop` (core.completion), and `reasoning_content` and
 `citations` pass through.
+
+A request of the Responses API (`request.responses_body` is not None) goes to xAI's own `/v1/responses`
+instead, through the same attempt path (keys, breakers, retries before the first event: openai_compat `_send`
+with this module's reader), and its reply becomes the same events:
+
+- the body is the request's `responses_body` (the whole conversation in `input`), with the upstream model id,
+  `stream` as the request's, `store: false` and no `previous_response_id` (grokgate keeps the conversation, so a
+  chain survives a fallback to another backend), `max_output_tokens` = the output the admission reserved, and,
+  when server-side tools are asked for, `max_tool_calls` at most the backend's `max_server_tool_calls` (what the
+  reservation paid for). `reasoning.effort` reaches only grok-3-mini (low/high), as for chat.
+- `response.output_text.delta` -> Delta(content); `response.reasoning_summary_text.delta` -> Delta(
+  reasoning_content); a `function_call` item -> Delta(tool_calls) fragments like chat's (xAI sends the call whole
+  in `response.output_item.added`; OpenAI-style `response.function_call_arguments.delta` fragments are read too);
+  every other item (`reasoning` with its `encrypted_content`, `web_search_call`, `custom_tool_call` (X search),
+  `code_interpreter_call`...) -> Item(0, item) at `response.output_item.done`; a message's `annotations`
+  (url_citation) -> Extra({"annotations": [...], "citations": [urls]}).
+- `response.completed` / `response.incomplete` -> Finish ("stop", "tool_calls" after a function call, "length"
+  for `incomplete_details.reason: max_output_tokens`) then one UsageReport (core.usage
+  normalise_responses_usage: cached and reasoning tokens once each, server-side tool calls counted);
+  `response.failed` and `error` events -> GatewayError, like a chat stream's error chunk.
+
+Wire formats followed: xAI's recorded replies (vercel/ai packages/xai/src/responses/__fixtures__: web search,
+X search, reasoning with and without `store`), and openai-python's src/openai/types/responses/ event types.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
+import orjson
+
+from grokgate.core.errors import GatewayError
+from grokgate.core.events import JSON, Delta, Event, Extra, Finish, Item, JSONObject, UsageReport
+from grokgate.core.usage import normalise_responses_usage
 from grokgate.providers.base import register
-from grokgate.providers.openai_compat import BackendConfig, OpenAICompatBackend
+from grokgate.providers.openai_compat import (
+    BackendConfig,
+    OpenAICompatBackend,
+    read_json,
+    release,
+    server_tools_refused,
+    sse_lines,
+)
 from grokgate.schemas.chat import ChatCompletionRequest
 
 XAI_TOP_LOGPROBS_MAX = 8
@@ -64,8 +102,221 @@ def translate(body: dict[str, Any], model_id: str) -> dict[str, Any]:
 class XAIBackend(OpenAICompatBackend):
     kind = "xai"
 
+    def __init__(self, config: BackendConfig) -> None:
+        super().__init__(config)
+        self.responses_url = config.base_url.rstrip("/") + "/responses"
+
+    def check(self, request: ChatCompletionRequest) -> None:
+        # Server-side tools run only through /v1/responses: a chat request never carries them, but if one did it
+        # must not reach /chat/completions, where xAI would refuse it after the reservation.
+        if request.server_tools and request.responses_body is None:
+            raise server_tools_refused(request, self.name)
+
     def payload(self, request: ChatCompletionRequest, upstream_model: str, stream: bool) -> dict[str, Any]:
         return translate(super().payload(request, upstream_model, stream), upstream_model)
+
+    async def attempt(self, request: ChatCompletionRequest, model: str, tried: set[int]) -> AsyncGenerator[Event]:
+        body = request.responses_body
+        if body is None:
+            return await super().attempt(request, model, tried)
+        payload = responses_payload(request, body, model, self.config.max_server_tool_calls)
+        return await self._send(payload, tried, url=self.responses_url, reader=self._responses_reply)
+
+    @staticmethod
+    def _responses_reply(response: aiohttp.ClientResponse, stream: bool) -> AsyncGenerator[Event]:
+        return sse_events(response) if stream else json_events(response)
+
+
+def responses_payload(request: ChatCompletionRequest, body: dict[str, Any], model_id: str,
+                      max_server_tool_calls: int) -> dict[str, Any]:
+    """The body sent to xAI's /v1/responses (the request's own body is left as it is)."""
+    out = dict(body)
+    out["model"] = model_id
+    out["stream"] = bool(request.stream)
+    out["store"] = False
+    out.pop("previous_response_id", None)
+    if request.output_limit is not None:  # the reserved cap (serving/lifecycle.py hold_output)
+        out["max_output_tokens"] = request.output_limit
+    if request.server_tools:
+        asked = out.get("max_tool_calls")
+        bounded = isinstance(asked, int) and not isinstance(asked, bool) and 1 <= asked <= max_server_tool_calls
+        out["max_tool_calls"] = asked if bounded else max_server_tool_calls
+    reasoning = out.get("reasoning")
+    if isinstance(reasoning, dict) and reasoning.get("effort") is not None:
+        reasoning = dict(reasoning)
+        effort = reasoning.pop("effort")
+        if model_id.startswith("grok-3-mini"):
+            reasoning["effort"] = "low" if effort in ("minimal", "low") else "high"
+        out["reasoning"] = reasoning
+    return out
+
+
+@dataclass
+class _Call:
+    index: int  # the tool call's index among this reply's function calls (chat's tool_calls[].index)
+    call_id: str
+    name: str
+    arguments_sent: bool = False
+
+
+class _Reply:
+    """One Responses API reply turned into events, event by event (a stream) or item by item (JSON)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, _Call] = {}  # by item id
+        self.ended = False
+
+    def stream_event(self, event: dict[str, Any]) -> list[Event]:
+        kind = event.get("type")
+        if kind == "response.output_text.delta":
+            delta = event.get("delta")
+            return [Delta(0, content=delta)] if isinstance(delta, str) and delta else []
+        if kind in ("response.reasoning_summary_text.delta", "response.reasoning_text.delta"):
+            delta = event.get("delta")
+            return [Delta(0, reasoning_content=delta)] if isinstance(delta, str) and delta else []
+        if kind == "response.output_item.added":
+            item = event.get("item")
+            if isinstance(item, dict) and item.get("type") == "function_call":
+                return self._call(item, whole=False)
+            return []
+        if kind == "response.function_call_arguments.delta":
+            call = self.calls.get(str(event.get("item_id")))
+            delta = event.get("delta")
+            if call is None or not isinstance(delta, str) or not delta:
+                return []
+            call.arguments_sent = True
+            return [Delta(0, tool_calls=[{"index": call.index, "function": {"arguments": delta}}])]
+        if kind == "response.output_item.done":
+            item = event.get("item")
+            return self.item(item) if isinstance(item, dict) else []
+        if kind in ("response.completed", "response.incomplete", "response.done", "response.failed"):
+            response = event.get("response")
+            return self.end(response if isinstance(response, dict) else {"status": "failed"})
+        if kind == "error":
+            raise GatewayError(502, "api_error", f"The upstream failed mid-stream: {_error_text(event)}")
+        return []
+
+    def item(self, item: dict[str, Any]) -> list[Event]:
+        """A completed output item."""
+        kind = item.get("type")
+        if kind == "function_call":
+            return self._call(item, whole=True)
+        if kind == "message":
+            annotations: list[JSON] = []
+            for part in item.get("content") or ():
+                if isinstance(part, dict):
+                    annotations.extend(a for a in part.get("annotations") or () if isinstance(a, dict))
+            if not annotations:
+                return []
+            urls: list[JSON] = [a["url"] for a in annotations
+                                if isinstance(a, dict) and a.get("type") == "url_citation" and a.get("url")]
+            return [Extra({"annotations": annotations, "citations": urls})]
+        return [Item(0, _json_object(item))]
+
+    def whole_item(self, item: dict[str, Any]) -> list[Event]:
+        """An item of a JSON reply: its text as deltas, then what `item` makes of it."""
+        events: list[Event] = []
+        if item.get("type") == "reasoning":
+            text = "".join(p.get("text") or "" for p in item.get("summary") or () if isinstance(p, dict))
+            if text:
+                events.append(Delta(0, reasoning_content=text))
+        elif item.get("type") == "message":
+            text = "".join(p.get("text") or "" for p in item.get("content") or ()
+                           if isinstance(p, dict) and p.get("type") == "output_text")
+            if text:
+                events.append(Delta(0, content=text))
+        return events + self.item(item)
+
+    def _call(self, item: dict[str, Any], whole: bool) -> list[Event]:
+        item_id = str(item.get("id") or item.get("call_id") or len(self.calls))
+        raw = item.get("arguments")
+        arguments = raw if isinstance(raw, str) else ""
+        call = self.calls.get(item_id)
+        if call is None:
+            call = self.calls[item_id] = _Call(len(self.calls), str(item.get("call_id") or item_id),
+                                               str(item.get("name") or ""))
+            if not arguments and not whole:  # OpenAI-style: the arguments follow as fragments
+                return [Delta(0, tool_calls=[_fragment(call, "")])]
+            call.arguments_sent = True
+            return [Delta(0, tool_calls=[_fragment(call, arguments)])]
+        if whole and not call.arguments_sent and arguments:  # its header went out, its arguments never did
+            call.arguments_sent = True
+            return [Delta(0, tool_calls=[{"index": call.index, "function": {"arguments": arguments}}])]
+        return []
+
+    def end(self, response: dict[str, Any]) -> list[Event]:
+        if self.ended:
+            return []
+        self.ended = True
+        status = response.get("status")
+        if status == "failed" or response.get("error"):
+            raise GatewayError(502, "api_error", f"The upstream failed: {_error_text(response.get('error'))}")
+        reason = "tool_calls" if self.calls else "stop"
+        if status == "incomplete":
+            why = (response.get("incomplete_details") or {}).get("reason")
+            reason = "content_filter" if why == "content_filter" else "length"
+        events: list[Event] = [Finish(0, reason)]
+        usage = response.get("usage")
+        if isinstance(usage, dict):
+            events.append(UsageReport(normalise_responses_usage(usage)))
+        return events
+
+
+def _fragment(call: _Call, arguments: str) -> JSONObject:
+    return {"index": call.index, "id": call.call_id, "type": "function",
+            "function": {"name": call.name, "arguments": arguments}}
+
+
+def _json_object(value: dict[str, Any]) -> JSONObject:
+    return value  # parsed by orjson: JSON all the way down
+
+
+def _error_text(error: Any) -> str:
+    if isinstance(error, dict):
+        message = error.get("message") or error.get("error") or error.get("code")
+        if message:
+            return str(message)[:500]
+    return "no details"
+
+
+async def sse_events(response: aiohttp.ClientResponse) -> AsyncGenerator[Event]:
+    """A streamed reply: `event:` + `data:` frames; the type is read from the data."""
+    reply = _Reply()
+    try:
+        async for line in sse_lines(response):
+            if not line.startswith(b"data:"):
+                continue  # event names, comments (keep-alives)
+            data = line[5:].strip()
+            if data == b"[DONE]" or reply.ended:
+                continue  # read on to the end, so the connection goes back to the pool
+            event = orjson.loads(data)
+            if isinstance(event, dict):
+                for out in reply.stream_event(event):
+                    yield out
+    except TimeoutError:
+        raise GatewayError(504, "timeout", "The upstream went silent for too long.") from None
+    except (aiohttp.ClientError, OSError):
+        raise GatewayError(502, "api_error", "The upstream connection broke mid-stream.") from None
+    except orjson.JSONDecodeError:
+        raise GatewayError(502, "api_error", "The upstream sent an event that is not JSON.") from None
+    finally:
+        release(response)
+
+
+async def json_events(response: aiohttp.ClientResponse) -> AsyncGenerator[Event]:
+    """A whole response object."""
+    body = await read_json(response)
+    if not isinstance(body, dict):
+        raise GatewayError(502, "api_error", "The upstream reply is not a JSON object.")
+    reply = _Reply()
+    if body.get("status") == "failed":
+        reply.end(body)  # raises
+    for item in body.get("output") or ():
+        if isinstance(item, dict):
+            for event in reply.whole_item(item):
+                yield event
+    for event in reply.end(body):
+        yield event
 
 
 @register("xai")
