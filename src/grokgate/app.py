@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -9,25 +13,32 @@ from fastapi import FastAPI
 from starlette.routing import Route as StarletteRoute
 
 from grokgate import __version__, routing
-from grokgate.api import account, admin, chat, console, errors, ledger, meta
+from grokgate.api import account, admin, chat, console, errors, ledger, meta, responses
 from grokgate.api.deps import Gateway
 from grokgate.api.docs import mount_docs
 from grokgate.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from grokgate.api.openapi import describe_api
+from grokgate.api.sse import RESPONSES_SSE
 from grokgate.core.admission import Admission, StaticKeyAdmission
 from grokgate.core.billing import AccountAdmission, BillingPolicy
 from grokgate.core.limits import RateLimiter
 from grokgate.core.pricing import default_prices
+from grokgate.core.responses import ResponseStore
 from grokgate.observability.metrics import Metrics, backend_state
 from grokgate.providers import base
 from grokgate.providers.base import ModelTable, Provider, Route
 from grokgate.providers.model_files import CATALOG
 from grokgate.runtime import tune_gc
 from grokgate.serving import Serving
+from grokgate.serving.responses import ResponsesService
 from grokgate.settings import Settings
 from grokgate.store.limits_memory import MemoryRateLimiter
 from grokgate.store.limits_redis import RedisRateLimiter
+from grokgate.store.responses_memory import MemoryResponseStore
+from grokgate.store.responses_sql import SqlResponseStore
 from grokgate.store.sql import SqlStore, default_url
+
+log = logging.getLogger("grokgate")
 
 DESCRIPTION = """The Grok Chat Completions API as AceData Cloud serves it: `POST /grok/chat/completions` with a
 bearer token, OpenAI chat-completion bodies and SSE streaming. Errors use the envelope
@@ -74,9 +85,17 @@ def create_app(
         admission, store = build_accounts(settings)
     admission = admission or StaticKeyAdmission(settings.api_keys)
     metrics = Metrics()
-    serving = Serving(admission, models, metrics, keepalive=settings.keepalive_seconds)
-    gw = Gateway(settings=settings, admission=admission, models=models, serving=serving, store=store,
-                 metrics=metrics)
+    serving = Serving(admission, models, metrics, keepalive=settings.keepalive_seconds,
+                      max_server_tool_calls=settings.max_server_tool_calls)
+    # Stored responses live in the accounts database; with accounts off, in this process's memory.
+    stored: ResponseStore = (SqlResponseStore(store) if store is not None
+                             else MemoryResponseStore(max_bytes=settings.memory_responses_bytes))
+    responses_service = ResponsesService(
+        stored, metrics, RESPONSES_SSE, retention_ms=int(settings.responses_retention_days * 86_400_000),
+        max_stored_bytes=settings.max_stored_response_bytes, max_chain_bytes=settings.max_chain_bytes,
+        max_messages=settings.max_messages)
+    gw = Gateway(settings=settings, admission=admission, models=models, serving=serving,
+                 responses=responses_service, store=store, metrics=metrics)
     gw.metrics.add_state("backends", backend_state(models.providers(), getattr(gw.admission, "limiter", None)))
     if store is not None:
         store.on_commit = gw.metrics.observe_commit
@@ -91,9 +110,13 @@ def create_app(
         for provider in gw.models.providers():
             await provider.start()
         untune = tune_gc() if settings.tune_gc else None
+        purging = asyncio.create_task(purge_responses(stored, metrics, settings.responses_purge_seconds))
         try:
             yield
         finally:
+            purging.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await purging
             if untune is not None:
                 untune()
             for provider in gw.models.providers():
@@ -122,6 +145,7 @@ def create_app(
     app.state.gateway = gw
     errors.install(app)
     app.include_router(chat.router)
+    app.include_router(responses.router)
     app.include_router(meta.router)
     if store is not None:
         app.include_router(account.router)
@@ -133,10 +157,21 @@ def create_app(
     # The chat routes are also served by plain Starlette routes placed first: the same endpoint, minus
     # FastAPI's per-request machinery (route wrappers, exit stacks, empty dependency solving). The FastAPI
     # routes stay registered behind them, for the OpenAPI document.
-    app.router.routes[0:0] = [StarletteRoute(p, chat.chat_completions, methods=["POST"]) for p in chat.PATHS]
+    app.router.routes[0:0] = [StarletteRoute(p, chat.chat_completions, methods=["POST"]) for p in chat.PATHS] + [
+        StarletteRoute(p, responses.create_response, methods=["POST"]) for p in responses.PATHS]
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)  # outermost: even a 413 carries x-request-id
     return app
+
+
+async def purge_responses(stored: ResponseStore, metrics: Metrics, every: float) -> None:
+    """Delete expired stored responses, now and then every `every` seconds, for as long as the app runs."""
+    while True:
+        try:
+            metrics.responses_purged.inc(await stored.purge(int(time.time() * 1000)))
+        except Exception:  # a database hiccup must not end the loop; the next round retries
+            log.exception("purging expired responses failed")
+        await asyncio.sleep(every)
 
 
 def build_accounts(settings: Settings) -> tuple[AccountAdmission, SqlStore]:
@@ -154,5 +189,6 @@ def build_accounts(settings: Settings) -> tuple[AccountAdmission, SqlStore]:
         limiter = MemoryRateLimiter()
     # A request without an output cap is held to this reservation, so it must itself be a valid cap.
     policy = BillingPolicy(default_output_reservation=min(settings.default_output_reservation,
-                                                          settings.max_tokens_limit))
+                                                          settings.max_tokens_limit),
+                           server_tool_call_price=settings.server_tool_call_price)
     return AccountAdmission(store, limiter, settings.api_keys, policy), store

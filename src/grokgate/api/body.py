@@ -25,6 +25,7 @@ from starlette.requests import Request
 from grokgate.api.errors import validation_error
 from grokgate.core.errors import GatewayError, bad_request
 from grokgate.schemas.chat import INT64_MAX, INT64_MIN, MAX_STOP, MAX_TOOLS, ChatCompletionRequest
+from grokgate.schemas.responses import ResponsesRequest
 
 # Content parts and tool calls, all messages together, per message allowed (max_messages of them).
 ITEMS_PER_MESSAGE = 4
@@ -76,12 +77,24 @@ _MESSAGE_LISTS = _skeleton(cs.typed_dict_schema({"messages": _optional(_list_of(
     _ITEM,
 )))}, extra_behavior="ignore"))
 
+# The Responses API's lists: `input` (items, each perhaps with a list of content parts) and `tools`.
+_RESPONSES_LISTS = _skeleton(_first_of(
+    cs.typed_dict_schema({
+        "input": _optional(_first_of(cs.list_schema(_first_of(
+            cs.typed_dict_schema({"content": _optional(_list_of(_ITEM))}, extra_behavior="ignore"),
+            _ITEM,
+        )), _ITEM)),
+        "tools": _optional(_list_of(_ITEM)),
+    }, extra_behavior="ignore"),
+    _ITEM,
+))
+
 # bytes.translate maps every digit to "0" and everything else to " ": a C pass, then a substring search.
 _DIGITS = bytes(48 if 48 <= b <= 57 else 32 for b in range(256))
 _INT64_DIGITS = b"0" * 19
 
 
-async def parse_body(request: Request) -> ChatCompletionRequest:
+async def _json_body(request: Request) -> bytes:
     content_type = request.headers.get("content-type", "")
     raw = await request.body()
     media = content_type.split(";", 1)[0].strip().lower()
@@ -89,7 +102,52 @@ async def parse_body(request: Request) -> ChatCompletionRequest:
         raise GatewayError(400, "bad_request", "Send the body as JSON with 'Content-Type: application/json'.")
     if not raw.strip():
         raise GatewayError(400, "bad_request", "A JSON request body is required.")
-    return parse_raw(raw, request.app.state.gateway.settings.max_messages)
+    return raw
+
+
+async def parse_body(request: Request) -> ChatCompletionRequest:
+    return parse_raw(await _json_body(request), request.app.state.gateway.settings.max_messages)
+
+
+async def parse_responses_body(request: Request) -> ResponsesRequest:
+    """A Responses API body, with the same guards as chat's: its `input` items play the messages' part."""
+    return parse_responses_raw(await _json_body(request), request.app.state.gateway.settings.max_messages)
+
+
+def parse_responses_raw(raw: bytes, max_messages: int) -> ResponsesRequest:
+    if raw.count(b",") >= max_messages:
+        check_responses_counts(raw, max_messages)
+    try:
+        body = ResponsesRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        raise validation_error([dict(e) for e in exc.errors(include_url=False, include_input=False)]) from None
+    if _INT64_DIGITS in raw.translate(_DIGITS):
+        check_integers(raw)
+    return body
+
+
+def check_responses_counts(raw: bytes, max_messages: int) -> None:
+    try:
+        shape = _RESPONSES_LISTS.validate_json(raw)
+    except ValidationError:
+        return
+    if not isinstance(shape, dict):
+        raise GatewayError(400, "bad_request", _NOT_AN_OBJECT)
+    tools = shape.get("tools")
+    if isinstance(tools, list) and len(tools) > MAX_TOOLS:
+        raise bad_request(f"Invalid 'tools': at most {MAX_TOOLS} items are accepted, not {len(tools)}.", "tools")
+    items = shape.get("input")
+    if not isinstance(items, list):
+        return
+    if len(items) > max_messages:
+        raise bad_request(f"Too many input items: at most {max_messages} are accepted.", "input")
+    limit = ITEMS_PER_MESSAGE * max_messages
+    parts = 0
+    for i, item in enumerate(items):
+        content = item.get("content") if isinstance(item, dict) else None
+        if isinstance(content, list) and (parts := parts + len(content)) > limit:
+            raise bad_request(f"Too many content parts: at most {limit} are accepted in all input items together.",
+                              f"input[{i}].content")
 
 
 def parse_raw(raw: bytes, max_messages: int) -> ChatCompletionRequest:

@@ -16,6 +16,7 @@ from grokgate.core.errors import GatewayError
 from grokgate.observability.metrics import Metrics
 from grokgate.providers.base import ModelTable
 from grokgate.serving import Serving
+from grokgate.serving.responses import ResponsesService
 from grokgate.settings import Settings
 
 NO_ACCOUNT = "The bootstrap admin token has no account (no balance, usage or ledger of its own); use /admin/*."
@@ -27,6 +28,7 @@ class Gateway:
     admission: Admission
     models: ModelTable
     serving: Serving
+    responses: ResponsesService
     store: AdminStore | None = None
     metrics: Metrics = field(default_factory=Metrics)
     started_at: int = field(default_factory=lambda: int(time.time()))

@@ -35,7 +35,8 @@ ERRORS = {
     "403": "Not allowed: a disabled token (`disabled`), not the admin token or the bootstrap admin token on a "
            "holder's own routes (`forbidden`), a model the token may "
            "not use (`model_not_allowed`), not enough credits (`used_up`)",
-    "404": "Not found: the token named (`token_not_found`), the model (`model_not_found`)",
+    "404": "Not found: the token named (`token_not_found`), the model (`model_not_found`), a stored response of "
+           "this token (`not_found`)",
     "409": "The reference names more than one token (`ambiguous_reference`): use its id or prefix",
     "413": "The request body is larger than GROKGATE_MAX_BODY_BYTES (`request_too_large`)",
     "429": "Rate limited, by this token's limits or by every upstream (`too_many_requests`); see `retry-after`",
@@ -50,12 +51,13 @@ _AUTH = ("400", "401", "403", "500")
 # `ref` path or `token` query parameter), 413 where there is a body.
 _ERRORS_BY_TAG = {
     "chat": ("400", "401", "403", "404", "413", "429", "500", "502", "503", "504"),
+    "responses": ("400", "401", "403", "404", "413", "429", "500", "502", "503", "504"),
     "models": _AUTH,
     "admin": _AUTH,
     "account": (*_AUTH, "404"),  # 404: the calling token was deleted a moment ago (authentication is cached 2 s)
     "health": ("500",),
 }
-_SECURED_TAGS = {"chat", "models", "admin", "account"}
+_SECURED_TAGS = {"chat", "responses", "models", "admin", "account"}
 _TOKENS = {"type": "integer", "minimum": 0}
 _USAGE: dict[str, Any] = {
     "type": "object",
@@ -153,6 +155,56 @@ CHAT_COMPLETION: dict[str, Any] = {
 }
 
 
+# The Responses API's answers (serving/responses.py builds them as the openai SDK's types describe them).
+RESPONSE_OBJECT: dict[str, Any] = {
+    "title": "Response",
+    "type": "object",
+    "required": ["id", "object", "created_at", "status", "model", "output"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "response"},
+        "created_at": {"type": "number", "description": "Unix seconds"},
+        "status": {"enum": ["completed", "incomplete", "failed", "in_progress"]},
+        "model": {"type": "string"},
+        "output": {"type": "array", "items": {"type": "object", "required": ["type"]}},
+        "usage": {"type": ["object", "null"]},
+    },
+    "additionalProperties": True,
+}
+RESPONSES_EVENT: dict[str, Any] = {
+    "title": "ResponseStreamEvent",
+    "description": "One server-sent event: `event: <type>` and a JSON `data` with that `type` and a strictly "
+                   "increasing `sequence_number`, from `response.created` to `response.completed`, "
+                   "`response.incomplete` or `response.failed` (after an `error` event). `: keep-alive` comments "
+                   "go out during silences.",
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "event": {"type": "string"},
+        "data": {"type": "string", "contentMediaType": "application/json",
+                 "contentSchema": {"type": "object", "required": ["type", "sequence_number"]}},
+    },
+}
+RESPONSE_DELETED: dict[str, Any] = {
+    "title": "ResponseDeleted",
+    "type": "object",
+    "required": ["id", "object", "deleted"],
+    "properties": {"id": {"type": "string"}, "object": {"const": "response.deleted"}, "deleted": {"const": True}},
+}
+INPUT_ITEMS: dict[str, Any] = {
+    "title": "ResponseInputItemList",
+    "type": "object",
+    "required": ["object", "data", "has_more"],
+    "properties": {
+        "object": {"const": "list"},
+        "data": {"type": "array", "items": {"type": "object"}},
+        "first_id": {"type": ["string", "null"]},
+        "last_id": {"type": ["string", "null"]},
+        "has_more": {"type": "boolean"},
+    },
+}
+
+
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
@@ -206,6 +258,17 @@ def _describe_operation(path: str, op: dict[str, Any], settings: Settings) -> No
             "application/json": {"schema": _ref("ChatCompletion")},
             "text/event-stream": {"schema": _ref("ChatCompletionEvent")},
         }}
+    if "responses" in tags:
+        if "requestBody" in op:
+            answer = {"description": "The response; with `stream: true`, server-sent events", "content": {
+                "application/json": {"schema": _ref("Response")},
+                "text/event-stream": {"schema": _ref("ResponseStreamEvent")},
+            }}
+        else:
+            name = ("ResponseInputItemList" if path.endswith("/input_items")
+                    else "ResponseDeleted" if op.get("operationId", "").startswith("delete") else "Response")
+            answer = {"description": "OK", "content": {"application/json": {"schema": _ref(name)}}}
+        responses["200"] = answer
 
 
 def describe_api(app: FastAPI, settings: Settings) -> None:
@@ -215,6 +278,7 @@ def describe_api(app: FastAPI, settings: Settings) -> None:
     from fastapi.openapi.utils import get_openapi
 
     from grokgate.schemas.chat import ChatCompletionRequest
+    from grokgate.schemas.responses import ResponsesRequest
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -230,6 +294,11 @@ def describe_api(app: FastAPI, settings: Settings) -> None:
             schemas["ChatCompletion"] = CHAT_COMPLETION
             schemas["ChatCompletionChunk"] = CHAT_CHUNK
             schemas["ChatCompletionEvent"] = CHAT_EVENT
+            body = ResponsesRequest.openapi_schema(settings.max_messages, settings.max_tokens_limit)
+            schemas.update(body.pop("$defs", {}))
+            schemas["ResponsesRequest"] = body
+            for extra in (RESPONSE_OBJECT, RESPONSES_EVENT, RESPONSE_DELETED, INPUT_ITEMS):
+                schemas[extra["title"]] = extra
             envelope = ErrorEnvelope.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas.update(envelope.pop("$defs", {}))
             schemas["ErrorEnvelope"] = envelope

@@ -1,8 +1,9 @@
 """Server-Sent Events framing, the streaming response, and the one way grokgate notices a client that left.
 
-Framing: `data: <one-line JSON>\\n\\n` per payload, `: keep-alive` comments during silences, `data: [DONE]` last
-for chat completions; an error after the first byte is one more `data:` payload, and then nothing (the wire
-format decides: serving/wire.py). What the payloads are and when the stream settles is the serving layer's
+Framing: chat's `data: <one-line JSON>\\n\\n` per payload (the Responses API's adds an `event:` line),
+`: keep-alive` comments during silences, `data: [DONE]` last for chat completions; an error after the first
+byte is one more payload, and then nothing (the wire format decides: serving/wire.py). What the payloads are and
+when the stream settles is the serving layer's
 (serving/lifecycle.py); this module only writes bytes and watches the connection.
 """
 
@@ -36,6 +37,22 @@ class SSEFraming:
 
 
 CHAT_SSE = SSEFraming(done=DONE)
+
+
+class EventFraming:
+    """The Responses API's frames: `event: <type>` then `data: <JSON>` per payload (the payload's `type`, as the
+    openai SDK's `responses.stream()` reads them), keep-alive comments, and no end marker: the stream ends after
+    its `response.completed` / `.incomplete` / `.failed` event."""
+
+    keepalive = KEEPALIVE
+    done = b""
+
+    @staticmethod
+    def frame(payload: dict[str, Any]) -> bytes:
+        return b"event: " + str(payload.get("type", "message")).encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+
+RESPONSES_SSE = EventFraming()
 
 
 async def until_disconnected(receive: Receive) -> None:
