@@ -86,7 +86,9 @@ def create_app(
     admission = admission or StaticKeyAdmission(settings.api_keys)
     metrics = Metrics()
     serving = Serving(admission, models, metrics, keepalive=settings.keepalive_seconds,
-                      max_server_tool_calls=settings.max_server_tool_calls)
+                      max_server_tool_calls=settings.max_server_tool_calls,
+                      server_tool_input_tokens=settings.server_tool_input_tokens,
+                      affinity=settings.prompt_cache_affinity)
     # Stored responses live in the accounts database; with accounts off, in this process's memory.
     stored: ResponseStore = (SqlResponseStore(store) if store is not None
                              else MemoryResponseStore(max_bytes=settings.memory_responses_bytes))
@@ -110,7 +112,8 @@ def create_app(
         for provider in gw.models.providers():
             await provider.start()
         untune = tune_gc() if settings.tune_gc else None
-        purging = asyncio.create_task(purge_responses(stored, metrics, settings.responses_purge_seconds))
+        purging = asyncio.create_task(purge_responses(stored, metrics, settings.responses_purge_seconds,
+                                                      settings.responses_measure_seconds))
         try:
             yield
         finally:
@@ -164,14 +167,21 @@ def create_app(
     return app
 
 
-async def purge_responses(stored: ResponseStore, metrics: Metrics, every: float) -> None:
-    """Delete expired stored responses, now and then every `every` seconds, for as long as the app runs."""
+async def purge_responses(stored: ResponseStore, metrics: Metrics, every: float, measure_every: float = 60.0) -> None:
+    """Delete expired stored responses, now and then every `every` seconds, for as long as the app runs; and
+    every `measure_every` seconds set the gauges of what the store holds."""
+    next_purge = 0.0
     while True:
         try:
-            metrics.responses_purged.inc(await stored.purge(int(time.time() * 1000)))
+            if time.monotonic() >= next_purge:
+                next_purge = time.monotonic() + every
+                metrics.responses_purged.inc(await stored.purge(int(time.time() * 1000)))
+            kept, size = await stored.stats()
+            metrics.responses_kept.set(kept)
+            metrics.responses_kept_bytes.set(size)
         except Exception:  # a database hiccup must not end the loop; the next round retries
-            log.exception("purging expired responses failed")
-        await asyncio.sleep(every)
+            log.exception("purging or measuring stored responses failed")
+        await asyncio.sleep(min(every, measure_every))
 
 
 def build_accounts(settings: Settings) -> tuple[AccountAdmission, SqlStore]:

@@ -52,6 +52,8 @@ class BackendSpec(_Strict):
     fanout_n: bool = False
     cooldown: float = Field(default=30.0, gt=0)
     failure_threshold: int = Field(default=3, ge=1)
+    # Send the conversation id (serving/affinity.py) as `prompt_cache_key`: for upstreams that read it (OpenAI).
+    prompt_cache_key: bool = False
 
     @model_validator(mode="after")
     def _url(self) -> BackendSpec:
@@ -144,6 +146,7 @@ def build(config: GatewayConfig, settings: Settings, local_factory: Any) -> Mode
             "name": name, "api_keys": spec.api_keys, "timeout": spec.timeout,
             "connect_timeout": spec.connect_timeout, "max_in_flight": spec.max_in_flight,
             "fanout_n": spec.fanout_n, "cooldown": spec.cooldown, "failure_threshold": spec.failure_threshold,
+            "prompt_cache_key": spec.prompt_cache_key,
             # What a request's reservation paid for (serving/lifecycle.py): xAI is sent no higher max_tool_calls.
             "max_server_tool_calls": settings.max_server_tool_calls,
         }

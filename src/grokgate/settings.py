@@ -111,6 +111,7 @@ class Settings(BaseSettings):
     # a `previous_response_id` chain rebuilds at most `max_chain_bytes` of conversation.
     responses_retention_days: float = Field(default=30.0, gt=0, le=3650)
     responses_purge_seconds: float = Field(default=3600.0, gt=0, le=86_400)
+    responses_measure_seconds: float = Field(default=60.0, gt=0, le=86_400)  # the stored-responses gauges
     max_stored_response_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=1024**3)
     max_chain_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=1024**3)
     # Accounts off: stored responses live in memory, at most this many bytes (oldest dropped first).
@@ -119,6 +120,12 @@ class Settings(BaseSettings):
     # request reserves `max_server_tool_calls` of them (sent upstream as `max_tool_calls` when the client sets none).
     server_tool_call_price: int = Field(default=25_000, ge=0, le=10**12)
     max_server_tool_calls: int = Field(default=10, ge=1, le=1000)
+    # What a server-side tool call feeds back into the model (search results, code output), billed by xAI as input
+    # tokens: a request with server-side tools reserves this many more prompt tokens per call it may make.
+    server_tool_input_tokens: int = Field(default=20_000, ge=0, le=10**7)
+
+    # Prompt-cache affinity on upstreams (serving/affinity.py): a conversation keeps one id, backend and key.
+    prompt_cache_affinity: bool = True
 
     # HTTP server bounds (grokgate.server): what one client can hold before a request reaches the app.
     max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)

@@ -42,6 +42,15 @@ everything the body carries: tools, schemas, images), ``x-fake-prompt-tokens: N`
 upstream that counts more than it was sent), ``x-fake-content-chars: N`` (every choice's text is ``N``
 characters of words instead of ``content``; ``#i`` suffixes as usual).
 
+Prompt caches (``FakeXAI(cache_servers=N)``, ``--cache-servers N``; off by default): as at xAI, each API key's
+account is served by ``N`` servers, each with its own prompt cache (:class:`PromptCaches`). A request with a
+conversation id (chat: the ``x-grok-conv-id`` header, a body ``prompt_cache_key`` is ignored there; Responses: the
+body's ``prompt_cache_key``, else that header) goes to server ``sha256(id) % N``; one without, to a random server.
+Its ``cached_tokens`` is the longest prefix its prompt shares with a prompt that server saw before, in tokens (the
+words of each message, in order, a message's role included in the match; plus the fixed 10 once any word
+matches), so only a conversation kept on one key and one id is read from cache. ``x-fake-cached-tokens`` still
+wins when sent. ``fake.cache_log`` records ``(key, conversation id, server, cached)`` per request.
+
 ``POST /v1/responses``, ``GET`` / ``DELETE /v1/responses/{id}``: xAI's own Responses API, stored responses
 included (``fake.stored``; ``fake.responses_requests`` records the POSTs): tests/fakes/fake_xai_responses.py.
 
@@ -61,6 +70,8 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import hashlib
+import random
 import socket
 import threading
 import time
@@ -185,10 +196,62 @@ async def drop_connection(scope: Scope, receive: Receive, *, hard: bool) -> None
             pass
 
 
+PROMPT_OVERHEAD = 10  # the fixed part of every prompt_tokens / input_tokens here
+
+
+class PromptCaches:
+    """Per-server prompt caches of each API key's account (see the module's docstring)."""
+
+    def __init__(self, servers: int, keep: int = 256, seed: int = 0) -> None:
+        self.servers = servers
+        self.keep = keep  # prompts remembered per server, oldest forgotten first
+        self._seen: dict[tuple[str, int], collections.deque[tuple[str, ...]]] = {}
+        self._random = random.Random(seed)
+        self.log: list[tuple[str, str | None, int, int]] = []
+        self._lock = threading.Lock()
+
+    def server_of(self, conversation: str | None) -> int:
+        if conversation is None:
+            return self._random.randrange(self.servers)  # load balanced: anywhere
+        return int.from_bytes(hashlib.sha256(conversation.encode()).digest()[:8], "big") % self.servers
+
+    def read(self, key: str, conversation: str | None, tokens: tuple[str, ...], prompt: int) -> int:
+        """The cached tokens of this prompt on the server it lands on; the server then remembers it."""
+        with self._lock:
+            server = self.server_of(conversation)
+            seen = self._seen.setdefault((key, server), collections.deque(maxlen=self.keep))
+            shared = max((_common(tokens, old) for old in seen), default=0)
+            seen.append(tokens)
+            words_shared = sum(1 for t in tokens[:shared] if not t.startswith("\x00"))
+            cached = min(prompt, PROMPT_OVERHEAD + words_shared) if words_shared else 0
+            self.log.append((key, conversation, server, cached))
+            return cached
+
+
+def _common(a: tuple[str, ...], b: tuple[str, ...]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def prompt_sequence(messages: list[tuple[str, list[str]]]) -> tuple[str, ...]:
+    """A prompt as the caches compare it: each message's role (a marker that is no token), then its words."""
+    out: list[str] = []
+    for role, texts in messages:
+        out.append("\x00" + role)
+        for text in texts:
+            out += text.split()
+    return tuple(out)
+
+
 class FakeXAI:
     def __init__(self, api_keys: Sequence[str] = ("xai-test-key",), chunks: int = 5, strict: bool = True,
-                 content: str = DEFAULT_CONTENT, host: str = "127.0.0.1") -> None:
+                 content: str = DEFAULT_CONTENT, host: str = "127.0.0.1", cache_servers: int = 0) -> None:
         self.api_keys, self.chunks, self.strict, self.content, self.host = list(api_keys), chunks, strict, content, host
+        self.caches = PromptCaches(cache_servers) if cache_servers > 0 else None
         self.requests: list[dict[str, Any]] = []
         # Quirk switches for every request, as if each carried these x-fake-* headers (grokgate does not
         # forward its clients' headers upstream, so tests set them here).
@@ -241,6 +304,21 @@ class FakeXAI:
             self.requests.clear()
             self.header_defaults.clear()
             self.stored.clear()
+            if self.caches is not None:
+                self.caches = PromptCaches(self.caches.servers)
+
+    @property
+    def cache_log(self) -> list[tuple[str, str | None, int, int]]:
+        """``(API key, conversation id, server, cached tokens)`` per request the prompt caches saw."""
+        return self.caches.log if self.caches is not None else []
+
+    def cached_tokens(self, headers: dict[str, str], conversation: str | None,
+                      messages: list[tuple[str, list[str]]], prompt: int) -> int:
+        """``x-fake-cached-tokens`` if sent, else what the prompt caches hold (0 when they are off)."""
+        if headers.get("x-fake-cached-tokens") or self.caches is None:
+            return min(int(headers.get("x-fake-cached-tokens") or 0), prompt)
+        key = headers.get("authorization", "").partition(" ")[2].strip()
+        return self.caches.read(key, conversation, prompt_sequence(messages), prompt)
 
     @property
     def chat_requests(self) -> list[dict[str, Any]]:
@@ -425,7 +503,8 @@ class FakeXAI:
         content = self.content
         if headers.get("x-fake-content-chars"):
             content = _filler(int(headers["x-fake-content-chars"]))
-        cached = min(int(headers.get("x-fake-cached-tokens") or 0), prompt)
+        cached = self.cached_tokens(headers, headers.get("x-grok-conv-id"),
+                                    [(str(m.get("role")), _texts(m.get("content"))) for m in body["messages"]], prompt)
         tools, tool_choice = body.get("tools") or [], body.get("tool_choice")
         tool_name = None
         messages = body.get("messages") or [{}]
@@ -526,9 +605,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--chunks", type=int, default=5)
     parser.add_argument("--content", default=DEFAULT_CONTENT)
     parser.add_argument("--no-strict", action="store_true", help="skip xAI's parameter validation")
+    parser.add_argument("--cache-servers", type=int, default=0, help="servers with prompt caches per key (0: off)")
     args = parser.parse_args(argv)
     fake = FakeXAI(api_keys=args.keys or ["xai-test-key"], chunks=args.chunks, strict=not args.no_strict,
-                   content=args.content, host=args.host)
+                   content=args.content, host=args.host, cache_servers=args.cache_servers)
     print(f"fake xAI on http://{args.host}:{args.port}/v1 (keys: {', '.join(fake.api_keys)})", flush=True)
     uvicorn.run(fake.asgi, host=args.host, port=args.port, log_level="warning", lifespan="off",
                 access_log=False, interface="asgi3")

@@ -31,7 +31,8 @@ whichever POST comes next):
   ``reasoning.encrypted_content`` (then with ``encrypted_content``) or for grok-3-mini (summary
   :data:`REASONING_TEXT`; other models' summary is empty).
 * usage: ``input_tokens = 10 + words`` of ``instructions`` and every text of the conversation (the stored chain of
-  ``previous_response_id`` included, as xAI bills it), ``cached_tokens`` from ``x-fake-cached-tokens``;
+  ``previous_response_id`` included, as xAI bills it), ``cached_tokens`` from ``x-fake-cached-tokens``, else the
+  prompt caches (``cache_servers``: tests/fakes/fake_xai.py; the id is ``prompt_cache_key``, else ``x-grok-conv-id``);
   ``output_tokens`` = words sent + words of the call's arguments + reasoning tokens (xAI counts reasoning inside it
   here: ``total_tokens = input + output``); ``num_server_side_tools_used`` = tool items, and
   ``server_side_tool_usage_details`` (``web_search_calls``, ``x_search_calls``, ``code_interpreter_calls``...) when
@@ -133,6 +134,16 @@ def _item_words(item: dict[str, Any]) -> int:
     if kind == "function_call":
         return words(str(item.get("arguments") or ""))
     return sum(words(t) for t in _texts(item.get("content")))
+
+
+def _item_texts(item: dict[str, Any]) -> list[str]:
+    """The texts `_item_words` counts, for the prompt caches' comparison."""
+    kind = item.get("type")
+    if kind == "function_call_output":
+        return [str(item.get("output") or "")]
+    if kind == "function_call":
+        return [str(item.get("arguments") or "")]
+    return _texts(item.get("content"))
 
 
 def _frame(kind: str, seq: int, payload: dict[str, Any]) -> bytes:
@@ -247,7 +258,11 @@ class FakeResponses:
         prompt = 10 + words(str(body.get("instructions") or "")) + sum(_item_words(i) for i in [*history, *items])
         if headers.get("x-fake-prompt-tokens"):
             prompt = int(headers["x-fake-prompt-tokens"])
-        cached = min(int(headers.get("x-fake-cached-tokens") or 0), prompt)
+        conversation = body.get("prompt_cache_key")
+        conversation = conversation if isinstance(conversation, str) else headers.get("x-grok-conv-id")
+        opening = [("system", [str(body["instructions"])])] if body.get("instructions") else []
+        messages = opening + [(str(i.get("role") or i.get("type")), _item_texts(i)) for i in [*history, *items]]
+        cached = self.fake.cached_tokens(headers, conversation, messages, prompt)
         reasoning_tokens = 7 if is_reasoning(model) else 0
         tools = [t for t in body.get("tools") or () if isinstance(t, dict)]
         functions = [t for t in tools if t.get("type") == "function" and isinstance(t.get("name"), str)]

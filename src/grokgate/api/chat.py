@@ -14,6 +14,7 @@ from grokgate.api.body import parse_body
 from grokgate.api.deps import Gateway
 from grokgate.api.errors import request_id_of
 from grokgate.api.sse import CHAT_SSE, SSE_HEADERS, SSEResponse, until_disconnected
+from grokgate.schemas.chat import CONVERSATION_HEADER, conversation_header
 from grokgate.serving import Collected, Streamed
 from grokgate.serving.chat import ChatWire, chat_call
 
@@ -36,6 +37,7 @@ async def chat_completions(request: Request) -> Response:
     principal = await gw.admission.authenticate(request.headers.get("authorization"))  # before the body
     body = await parse_body(request)
     body.check_limits(max_messages=gw.settings.max_messages, max_tokens_limit=gw.settings.max_tokens_limit)
+    body.with_conversation_id(conversation_header(request.headers.get(CONVERSATION_HEADER)))  # xAI's cache id
     call = chat_call(body, await request.body(), request_id_of(request), started)  # the body's bytes are kept
     result = await gw.serving.serve(call, principal, CHAT, lambda: until_disconnected(request.receive))
     if isinstance(result, Streamed):

@@ -34,6 +34,11 @@ class Metrics:
         self.overhead = Histogram("grokgate_overhead_seconds", "Time spent in grokgate itself before the response "
                                   "started (the x-grokgate-overhead-ms header)", buckets=OVERHEAD_BUCKETS, registry=r)
         self.tokens = Counter("grokgate_tokens", "Tokens by model and class", ["model", "kind"], registry=r)
+        # Per backend as well: a prompt cache belongs to the backend (and key) that served the conversation, so
+        # the cache-hit share (cached / prompt) is read per model and backend (serving/affinity.py).
+        self.backend_prompt = Counter("grokgate_backend_prompt_tokens", "Prompt tokens by model and the backend "
+                                      "that served them (kind=prompt), and those read from its prompt cache "
+                                      "(kind=cached, part of prompt)", ["model", "backend", "kind"], registry=r)
         self.credits = Counter("grokgate_credits_charged", "Micro-credits charged", ["model"], registry=r)
         self.overruns = Counter("grokgate_settlement_overruns", "Settlements whose cost exceeded their reservation "
                                 "(the store then caps the charge at the balance): should stay 0", ["model"],
@@ -48,6 +53,9 @@ class Metrics:
                                             "not kept, by reason", ["reason"], registry=r)
         self.responses_purged = Counter("grokgate_responses_purged", "Stored responses purged after retention",
                                         registry=r)
+        # What the store holds now (read every minute by app.py's purge task: counting the table is not free).
+        self.responses_kept = Gauge("grokgate_responses_kept", "Stored responses kept now", registry=r)
+        self.responses_kept_bytes = Gauge("grokgate_responses_kept_bytes", "Bytes of JSON they hold", registry=r)
         self.in_flight = Gauge("grokgate_requests_in_flight", "Inference requests being served", registry=r)
         self.commit = Histogram("grokgate_store_commit_seconds", "Ledger/store group-commit duration",
                                 buckets=OVERHEAD_BUCKETS + LATENCY_BUCKETS[4:], registry=r)
@@ -72,6 +80,11 @@ class Metrics:
                                 ("server_tool_calls", usage.server_tool_calls)):
                 if value:
                     self.tokens.labels(model, kind).inc(value)
+            if usage.prompt_tokens:
+                self.backend_prompt.labels(model, backend, "prompt").inc(usage.prompt_tokens)
+                if usage.cached_tokens:
+                    self.backend_prompt.labels(model, backend, "cached").inc(min(usage.cached_tokens,
+                                                                                 usage.prompt_tokens))
         if charged:
             self.credits.labels(model).inc(charged)
 

@@ -9,17 +9,25 @@ of the stream. The router records the backend breaker's success once the first e
 
 A backend is an `Upstream` (providers/base.py): the router drives `attempt` itself. It is also a plain
 `Provider` whose `generate` is a route of one candidate, for code that serves a model straight from it.
+
+Keys rotate, except for a request of a conversation (its `route_key`, serving/affinity.py): its keys are tried in
+the order of rendezvous hashing of that key (providers/router.py `rendezvous`), so every turn uses the same key
+while it is healthy, since an upstream's prompt cache belongs to one key's account. The conversation id itself
+(`cache_key`) is sent as `prompt_cache_key` only to a backend configured with `prompt_cache_key: true` (OpenAI
+reads it; vLLM ignores it and logs a warning on every request; servers that forbid unknown fields would refuse
+it); a client's own `prompt_cache_key` is forwarded as it was sent, as any field of its body.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 import orjson
@@ -30,10 +38,8 @@ from grokgate.core.errors import GatewayError
 from grokgate.core.events import Delta, Event, Extra, Finish, JSONObject, Usage, UsageReport
 from grokgate.core.usage import normalise_usage
 from grokgate.providers.base import BackendStatus, UpstreamFailure, register
+from grokgate.providers.router import Candidate, RoutedGeneration, rendezvous
 from grokgate.schemas.chat import ChatCompletionRequest
-
-if TYPE_CHECKING:
-    from grokgate.providers.router import RoutedGeneration
 
 log = logging.getLogger("grokgate.upstream")
 
@@ -48,6 +54,12 @@ ReplyReader = Callable[[aiohttp.ClientResponse, bool], AsyncGenerator[Event]]
 class UpstreamKey:
     value: str
     breaker: Breaker = field(default_factory=Breaker)
+    # The key's name in rendezvous hashing: a hash of the key, so that adding or removing another key moves only
+    # its own conversations, and the key itself is never hashed with anything a client sends.
+    ident: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.ident = hashlib.blake2b(self.value.encode(), digest_size=8).hexdigest()
 
 
 @dataclass
@@ -65,6 +77,8 @@ class BackendConfig:
     # Server-side tool calls (xAI's web search...) one request may run: what the admission reserved for them
     # (settings.max_server_tool_calls), sent as `max_tool_calls` (providers/xai.py).
     max_server_tool_calls: int = 10
+    # Send the conversation id (serving/affinity.py) as `prompt_cache_key`: for upstreams that read it (OpenAI).
+    prompt_cache_key: bool = False
 
 
 class OpenAICompatBackend:
@@ -117,8 +131,6 @@ class OpenAICompatBackend:
 
     def generate(self, request: ChatCompletionRequest, upstream_model: str) -> RoutedGeneration:
         """This backend alone as a route: its keys are rotated and retried like any routed model's."""
-        from grokgate.providers.router import Candidate, RoutedGeneration  # the router imports this module
-
         return RoutedGeneration(request, [Candidate(self, upstream_model)], time.monotonic() + self.config.timeout,
                                 self.name, self.fingerprint)
 
@@ -131,12 +143,16 @@ class OpenAICompatBackend:
     def available(self, tried: set[int]) -> bool:
         return self.breaker.state != "open" and self._pick_key(tried, probe=False) is not None
 
-    def _pick_key(self, tried: set[int], probe: bool = True) -> int | None:
+    def _pick_key(self, tried: set[int], probe: bool = True, route_key: str | None = None) -> int | None:
         if not self.keys:
             return -1 if -1 not in tried else None
-        start = next(self._rotation) if probe else 0
-        for offset in range(len(self.keys)):
-            i = (start + offset) % len(self.keys)
+        if route_key is not None and len(self.keys) > 1:
+            order = sorted(range(len(self.keys)), key=lambda k: rendezvous(route_key, self.keys[k].ident),
+                           reverse=True)
+        else:
+            start = next(self._rotation) if probe else 0
+            order = [(start + offset) % len(self.keys) for offset in range(len(self.keys))]
+        for i in order:
             if i in tried:
                 continue
             if (self.keys[i].breaker.allow() if probe else self.keys[i].breaker.state != "open"):
@@ -152,6 +168,8 @@ class OpenAICompatBackend:
     def payload(self, request: ChatCompletionRequest, upstream_model: str, stream: bool) -> dict[str, Any]:
         body = request.model_dump(exclude_none=True, by_alias=True)
         body["model"] = upstream_model
+        if self.config.prompt_cache_key and request.cache_key is not None:
+            body.setdefault("prompt_cache_key", request.cache_key)
         body["stream"] = stream
         if stream:
             body["stream_options"] = {"include_usage": True}  # always: usage is what billing reads
@@ -165,7 +183,7 @@ class OpenAICompatBackend:
         stream = bool(request.stream)
         n = request.choices
         if n == 1 or not self.config.fanout_n:
-            return await self._send(self.payload(request, model, stream), tried)
+            return await self._send(self.payload(request, model, stream), tried, request=request)
         # The upstream ignores n: n single requests, merged under their own indexes.
         streams: list[AsyncGenerator[Event]] = []
         try:
@@ -174,24 +192,32 @@ class OpenAICompatBackend:
                 body["n"] = 1
                 if request.seed is not None:
                     body["seed"] = request.seed + i
-                streams.append(await self._send(body, set(tried)))
+                streams.append(await self._send(body, set(tried), request=request))
         except BaseException:
             for s in streams:
                 await s.aclose()
             raise
         return merge_choices(streams)
 
+    def request_headers(self, request: ChatCompletionRequest) -> dict[str, str]:
+        """Headers a request adds to the upstream call (xai.py: the conversation id)."""
+        return {}
+
     async def _send(self, body: dict[str, Any], tried: set[int], url: str | None = None,
-                    reader: ReplyReader | None = None) -> AsyncGenerator[Event]:
+                    reader: ReplyReader | None = None, *,
+                    request: ChatCompletionRequest | None = None) -> AsyncGenerator[Event]:
         """Send one request on one key (to `url`, default the chat completions URL; its 200 reply read by `reader`,
-        default `reply_events`); the iterator's first step raises a GatewayError or yields an event."""
-        key_index = self._pick_key(tried)
+        default `reply_events`); the iterator's first step raises a GatewayError or yields an event. `request`:
+        its conversation picks the key and may add headers."""
+        key_index = self._pick_key(tried, route_key=request.route_key if request is not None else None)
         if key_index is None:
             raise UpstreamFailure(GatewayError(503, "upstream_unavailable", f"No usable key for {self.name}."),
                                   retryable=True)
         tried.add(key_index)
         key = self.keys[key_index] if key_index >= 0 else None
         headers = {"Content-Type": "application/json"}
+        if request is not None:
+            headers.update(self.request_headers(request))
         if key:
             headers["Authorization"] = f"Bearer {key.value}"
         stream = bool(body.get("stream"))

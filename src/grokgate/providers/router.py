@@ -1,6 +1,11 @@
 """One public model over ordered routes: retries, fallback and cool-downs, only before the first byte.
 
-Routes are tried by priority (lower first), and within a priority in a weighted random order. A route's
+Routes are tried by priority (lower first), and within a priority in a weighted random order, or, for a request
+that belongs to a conversation (its `route_key`: serving/affinity.py), in the order of weighted rendezvous hashing
+of that key (`rendezvous`): every turn of a conversation then goes first to the same route, and its upstream to the
+same key (providers/openai_compat.py), while they are healthy. A route or key that fails or rests is skipped, so
+its conversations move to their next choice and no other conversation moves; across conversations each route is
+first in proportion to its weight, as the random order gives. A route's
 backend is driven by what it implements (providers/base.py): an `Upstream` attempt by attempt, any other
 `Provider` through its own `generate`. An upstream route is retried on another key, then the next route, on
 connect errors, timeouts, 429 and 5xx; a 4xx that is the caller's fault ends the request at once. Once the
@@ -19,6 +24,8 @@ what the ledger charges, and the row is marked estimated.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import math
 import random
 import time
 from collections.abc import AsyncGenerator
@@ -41,9 +48,22 @@ class Candidate:
     weight: int = 1
     # The backend as an Upstream, or None: decided once here, by protocol, not on every request.
     upstream: Upstream | None = field(init=False, compare=False, repr=False)
+    # What rendezvous hashing names this route by: stable across restarts and replicas, and across edits of the
+    # routing file that leave this route alone.
+    ident: str = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "upstream", self.backend if isinstance(self.backend, Upstream) else None)
+        object.__setattr__(self, "ident", f"{self.backend.name}/{self.model}")
+
+
+def rendezvous(key: str, ident: str, weight: int = 1) -> float:
+    """Weighted rendezvous (highest random weight) score of `ident` for `key`: ordering candidates by it, highest
+    first, puts each one first for a share of keys proportional to its weight (`weight / -ln(u)`, u uniform in
+    (0, 1) from a hash of both), and removing a candidate changes the first choice only of the keys it had."""
+    digest = hashlib.blake2b(f"{key}\x00{ident}".encode(), digest_size=8).digest()
+    u = (int.from_bytes(digest, "big") + 0.5) / 2.0**64
+    return max(weight, 1) / -math.log(u)
 
 
 class RoutedModel:
@@ -97,10 +117,14 @@ class RoutedModel:
             return 1
         return max(c.backend.prompt_copies(request) for c in self.candidates)
 
-    def ordered(self, candidates: list[Candidate]) -> list[Candidate]:
+    def ordered(self, candidates: list[Candidate], route_key: str | None = None) -> list[Candidate]:
+        """By priority; within one, by rendezvous hashing of the conversation's key, else a weighted shuffle."""
         result: list[Candidate] = []
         for priority in sorted({c.priority for c in candidates}):
             group = [c for c in candidates if c.priority == priority]
+            if route_key is not None:
+                result += sorted(group, key=lambda c: rendezvous(route_key, c.ident, c.weight), reverse=True)
+                continue
             while group:
                 pick = random.choices(group, weights=[max(c.weight, 0) or 1 for c in group])[0]
                 group.remove(pick)
@@ -108,7 +132,7 @@ class RoutedModel:
         return result
 
     def generate(self, request: ChatCompletionRequest, upstream_model: str) -> RoutedGeneration:
-        candidates = self.ordered(self.usable(request)[0])
+        candidates = self.ordered(self.usable(request)[0], request.route_key)
         return RoutedGeneration(request, candidates, time.monotonic() + self.deadline, self.name, self.fingerprint)
 
 

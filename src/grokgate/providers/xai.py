@@ -8,6 +8,12 @@ Replies: usage is normalised to OpenAI arithmetic (core.usage), flat errors beco
 (openai_compat.upstream_message), `end_turn` becomes `stop` (core.completion), and `reasoning_content` and
 `citations` pass through.
 
+Prompt caching: xAI caches prompts per server, and sends every request of one conversation id to the same server
+(docs.x.ai, "Prompt Caching: Maximizing Cache Hits"). A chat request's id (`cache_key`: the client's
+`prompt_cache_key` or `x-grok-conv-id`, or one grokgate derived, serving/affinity.py) goes out as the
+`x-grok-conv-id` header, the one Chat Completions reads, and `prompt_cache_key` leaves the chat body; a Responses
+request keeps the client's `prompt_cache_key` in its body, or is given the derived one there.
+
 A request of the Responses API (`request.responses_body` is not None) goes to xAI's own `/v1/responses`
 instead, through the same attempt path (keys, breakers, retries before the first event: openai_compat `_send`
 with this module's reader), and its reply becomes the same events:
@@ -53,10 +59,12 @@ from grokgate.providers.openai_compat import (
     server_tools_refused,
     sse_lines,
 )
-from grokgate.schemas.chat import ChatCompletionRequest
+from grokgate.schemas.chat import CONVERSATION_HEADER, ChatCompletionRequest
 
 XAI_TOP_LOGPROBS_MAX = 8
-OPENAI_ONLY = ("logit_bias", "service_tier", "store", "metadata", "modalities", "audio", "prediction")
+# ... and `prompt_cache_key`, which xAI's chat reads from the x-grok-conv-id header instead (XAIBackend).
+OPENAI_ONLY = ("logit_bias", "service_tier", "store", "metadata", "modalities", "audio", "prediction",
+               "prompt_cache_key")
 # Public AceData names -> xAI model ids (configurable per route; these are the defaults).
 DEFAULT_MODEL_IDS = {
     "grok-4": "grok-4-0709",
@@ -115,12 +123,19 @@ class XAIBackend(OpenAICompatBackend):
     def payload(self, request: ChatCompletionRequest, upstream_model: str, stream: bool) -> dict[str, Any]:
         return translate(super().payload(request, upstream_model, stream), upstream_model)
 
+    def request_headers(self, request: ChatCompletionRequest) -> dict[str, str]:
+        # Chat Completions: the conversation id is a header (the Responses API's is in the body).
+        if request.cache_key is None or request.responses_body is not None:
+            return {}
+        return {CONVERSATION_HEADER: request.cache_key}
+
     async def attempt(self, request: ChatCompletionRequest, model: str, tried: set[int]) -> AsyncGenerator[Event]:
         body = request.responses_body
         if body is None:
             return await super().attempt(request, model, tried)
         payload = responses_payload(request, body, model, self.config.max_server_tool_calls)
-        return await self._send(payload, tried, url=self.responses_url, reader=self._responses_reply)
+        return await self._send(payload, tried, url=self.responses_url, reader=self._responses_reply,
+                                request=request)
 
     @staticmethod
     def _responses_reply(response: aiohttp.ClientResponse, stream: bool) -> AsyncGenerator[Event]:
@@ -135,6 +150,8 @@ def responses_payload(request: ChatCompletionRequest, body: dict[str, Any], mode
     out["stream"] = bool(request.stream)
     out["store"] = False
     out.pop("previous_response_id", None)
+    if request.cache_key is not None:  # the client's own prompt_cache_key, if any, is already in its body
+        out.setdefault("prompt_cache_key", request.cache_key)
     if request.output_limit is not None:  # the reserved cap (serving/lifecycle.py hold_output)
         out["max_output_tokens"] = request.output_limit
     if request.server_tools:

@@ -16,7 +16,7 @@ and `param` paths clients see, for no gain in speed.
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -43,6 +43,10 @@ INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 MAX_TOOLS = 128  # xAI's documented maximum (and OpenAI's)
 MAX_STOP = 4
+# A conversation id (`prompt_cache_key`, the `x-grok-conv-id` header): xAI's examples are UUIDs, OpenAI refuses
+# more than 64 characters; this bound only keeps a client from sending kilobytes of it on every request.
+MAX_CACHE_KEY = 256
+CacheKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CACHE_KEY)]
 
 
 class JsonInt:
@@ -299,6 +303,16 @@ class ChatCompletionRequest(_Lenient):
     tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["none", "auto", "required"] | ToolChoiceObject | None = None
     response_format: ResponseFormat | None = None
+    # OpenAI's conversation key for its prompt cache; xAI's Chat Completions reads the same id from the
+    # `x-grok-conv-id` header, its Responses API from this field (providers/xai.py maps it).
+    prompt_cache_key: CacheKey | None = None
+    # The conversation's keys, set by the api and serving layers (serving/affinity.py), never by the body: the
+    # client's header, what the upstream is told (`x-grok-conv-id` / `prompt_cache_key`), and what the router
+    # hashes to keep the conversation on one backend and key (None: today's rotation and weights). Plain
+    # attributes set on the instance, not pydantic private attributes, whose reads cost microseconds each.
+    _conversation_id: ClassVar[str | None] = None
+    _cache_key: ClassVar[str | None] = None
+    _route_key: ClassVar[str | None] = None
 
     def check_limits(self, *, max_messages: int, max_tokens_limit: int) -> None:
         """Cross-field rules and the server's configured bounds, each naming its field."""
@@ -355,6 +369,28 @@ class ChatCompletionRequest(_Lenient):
         return total
 
     @property
+    def conversation_id(self) -> str | None:
+        """The client's `x-grok-conv-id` header (api/chat.py, api/responses.py), if it sent one."""
+        return self._conversation_id
+
+    @property
+    def cache_key(self) -> str | None:
+        """The conversation id the upstream is given (serving/affinity.py): the client's, or one derived."""
+        return self._cache_key
+
+    @property
+    def route_key(self) -> str | None:
+        """What the router hashes over the healthy candidates (providers/router.py); None: no affinity."""
+        return self._route_key
+
+    def with_conversation_id(self, value: str | None) -> None:
+        object.__setattr__(self, "_conversation_id", value)
+
+    def with_affinity(self, cache_key: str | None, route_key: str | None) -> None:
+        object.__setattr__(self, "_cache_key", cache_key)
+        object.__setattr__(self, "_route_key", route_key)
+
+    @property
     def responses_body(self) -> dict[str, Any] | None:
         """The request in the Responses API's wire format, for a backend that speaks it natively (providers/xai.py
         sends it to xAI's /v1/responses), with the whole conversation in `input`. None for a chat request; a
@@ -384,3 +420,17 @@ class ChatCompletionRequest(_Lenient):
     @property
     def stop_list(self) -> list[str] | None:
         return [self.stop] if isinstance(self.stop, str) else self.stop
+
+
+CONVERSATION_HEADER = "x-grok-conv-id"
+
+
+def conversation_header(value: str | None) -> str | None:
+    """The client's `x-grok-conv-id` header, checked like `prompt_cache_key` (400 naming the header)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value or len(value) > MAX_CACHE_KEY:
+        raise bad_request(f"The {CONVERSATION_HEADER} header must hold 1 to {MAX_CACHE_KEY} characters.",
+                          CONVERSATION_HEADER)
+    return value

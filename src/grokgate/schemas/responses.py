@@ -34,6 +34,7 @@ from grokgate.core.errors import bad_request
 from grokgate.schemas.chat import (
     INT64_MAX,
     JSON_VALUE,
+    MAX_CACHE_KEY,
     MAX_TOOLS,
     ChatCompletionRequest,
     JsonInt,
@@ -339,6 +340,18 @@ class ResponsesRequest(_Lenient):
                                   "together.", f"input[{i}].{field}")
         if self.max_output_tokens is not None and self.max_output_tokens > max_tokens_limit:
             raise bad_request(f"max_output_tokens must be at most {max_tokens_limit}.", "max_output_tokens")
+        self.cache_key()
+
+    def cache_key(self) -> str | None:
+        """`prompt_cache_key`, the conversation id xAI's Responses API routes its prompt cache by (OpenAI's too).
+        Kept among the unknown fields, so the native body carries it as sent; checked here like chat's."""
+        value = (self.model_extra or {}).get("prompt_cache_key")
+        if value is None:
+            return None
+        if not isinstance(value, str) or not 1 <= len(value) <= MAX_CACHE_KEY:
+            raise bad_request(f"prompt_cache_key must be a string of 1 to {MAX_CACHE_KEY} characters.",
+                              "prompt_cache_key")
+        return value
 
     @classmethod
     def model_json_schema(cls, by_alias: bool | None = None, ref_template: str = DEFAULT_REF_TEMPLATE,

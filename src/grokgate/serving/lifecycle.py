@@ -36,6 +36,7 @@ from grokgate.core.events import Event, Usage
 from grokgate.observability.metrics import Metrics
 from grokgate.providers.base import Generation, ModelTable, Provider
 from grokgate.schemas.chat import ChatCompletionRequest
+from grokgate.serving.affinity import assign
 from grokgate.serving.pump import END, Marker, Pump
 from grokgate.serving.wire import Collector, Payload, StreamRenderer, WireFormat
 
@@ -108,7 +109,8 @@ class Serving:
     """Serves requests for one app: what every request's lifecycle needs, built once."""
 
     def __init__(self, admission: Admission, models: ModelTable, metrics: Metrics, *, keepalive: float,
-                 max_server_tool_calls: int = 10) -> None:
+                 max_server_tool_calls: int = 10, server_tool_input_tokens: int = 20_000,
+                 affinity: bool = True) -> None:
         self.admission = admission
         self.models = models
         self.metrics = metrics
@@ -116,6 +118,9 @@ class Serving:
         # Server-side tool calls (xAI's searches, code execution) a request that asks for them may run: what its
         # reservation pays for, and the `max_tool_calls` its backend is given (providers/xai.py).
         self.max_server_tool_calls = max_server_tool_calls
+        self.server_tool_input_tokens = server_tool_input_tokens
+        # Prompt-cache affinity (serving/affinity.py): a conversation keeps one id, backend and key.
+        self.affinity = affinity
 
     async def serve(self, call: Call, principal: Principal, wire: WireFormat, until_gone: UntilGone) -> Result:
         request = call.request
@@ -129,12 +134,15 @@ class Serving:
         provider = route.provider
         provider.check(request)
         prompt = call.prompt_tokens * provider.prompt_copies(request)
+        if request.server_tools:  # what the tools feed back is billed as input: the bound covers it too
+            prompt += self.max_server_tool_calls * self.server_tool_input_tokens
         ticket = await self.admission.admit(
             principal, AdmissionRequest(call.request_id, request.model, request.choices, request.output_limit, prompt,
                                         wire.endpoint,
                                         self.max_server_tool_calls if request.server_tools else 0)
         )
         hold_output(request, ticket.output_limit)
+        assign(request, principal, enabled=self.affinity)
         life = Lifecycle(self, call, principal, ticket, wire, provider.name)
         await life.open(provider, route.upstream_model)
         if request.stream:

@@ -67,7 +67,9 @@ class ResponsesService:
         Raises 404 for a `previous_response_id` this principal has not stored (or that expired), 400 for a chain
         longer than the server's bounds (`max_messages` items with this turn's, `max_chain_bytes`)."""
         owner = owner_of(principal.token_id, principal.key_id)
-        items = [turn_item(item) for item in body.input]
+        # A reasoning item without its encrypted content reaches no backend (see `_stateless_reasoning`): it is
+        # neither sent nor kept, so it cannot fill the store for the price of a few prompt tokens.
+        items = [item for item in map(turn_item, body.input) if not _stateless_reasoning(item)]
         history: list[JSONObject] = []
         if body.previous_response_id is not None:
             for stored in await self._chain(owner, body.previous_response_id, len(items)):
@@ -162,6 +164,9 @@ def translate(body: ResponsesRequest, history: list[JSONObject], items: list[JSO
         value = getattr(body, name)
         if value is not None:
             chat[name] = value
+    cache_key = body.cache_key()  # every backend's conversation id (serving/affinity.py)
+    if cache_key is not None:
+        chat["prompt_cache_key"] = cache_key
     functions = [t for t in body.tools or () if isinstance(t, FunctionTool)]
     server_tools = [str(t.type) for t in body.tools or () if isinstance(t, ServerTool)]
     if functions:
@@ -255,12 +260,18 @@ def _assistant_message(content: Any) -> dict[str, Any]:
     return message
 
 
+# Never sent on: what grokgate keeps itself (the conversation), and fields whose work grokgate could neither
+# reserve for nor serve (a background response, xAI's deprecated Live Search billed per source, a stored prompt
+# or conversation of the backend's).
+_NOT_FORWARDED = {"input", "instructions", "previous_response_id", "background", "search_parameters",
+                  "conversation", "prompt"}
+
+
 def native_body(body: ResponsesRequest, conversation: list[JSONObject]) -> dict[str, Any]:
     """The client's body for a backend that speaks the Responses API: `input` the whole conversation (the
     instructions first, as a system message: xAI refuses `instructions` beside a history; reasoning items only
     with their encrypted content), without `previous_response_id`, and `store: false`."""
-    native = body.model_dump(by_alias=True, exclude_unset=True,
-                             exclude={"input", "instructions", "previous_response_id"})
+    native = body.model_dump(by_alias=True, exclude_unset=True, exclude=_NOT_FORWARDED)
     items: list[JSONObject] = []
     if body.instructions is not None:
         items.append({"type": "message", "role": "system", "content": body.instructions})

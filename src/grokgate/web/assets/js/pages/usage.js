@@ -1,5 +1,8 @@
 // Usage: the ledger, newest first, filtered by token (admin), model, status, kind, API (chat completions or
 // responses) and UTC dates, a page at a time (cursor pagination, so deep pages cost the same as the first), with CSV export of the filtered rows.
+// Each usage row shows the share of its prompt read from the backend's prompt cache, and a line above the table
+// sums that share per model and backend over the rows shown (prompt-cache affinity keeps a conversation where
+// its cache is: serving/affinity.py).
 
 import { clear, formValues, h } from "../dom.js";
 import { addDays, credits, dateTime, int, signedCredits, todayUTC } from "../format.js";
@@ -88,6 +91,7 @@ export async function render(root, ctx, params) {
     { label: "API", cell: (r) => (r.kind === "usage" ? apiLabel(r) : "") },
     { label: "Tokens in / out", cls: "num", cell: (r) => (r.kind === "usage"
       ? `${int(r.prompt_tokens)} / ${int(r.completion_tokens)}` : "") },
+    { label: "Cached", cls: "num", cell: (r) => (r.kind === "usage" ? cachedShare(r) : "") },
     { label: "Cost", cls: "num", cell: (r) => (r.kind === "usage" ? credits(r.cost) : "") },
     { label: "Balance change", cls: "num", cell: (r) => signedCredits(r.amount) },
     { label: "Status", cell: (r) => pill(r.status, r.status === "ok" ? "ok" : "bad") },
@@ -99,7 +103,7 @@ export async function render(root, ctx, params) {
     loading(results);
     const answer = await ctx.api.get(path, { ...query, cursor: cursors[page] || undefined });
     if (answer.next_cursor) cursors[page + 1] = answer.next_cursor;
-    clear(results, table(columns, answer.data, {
+    clear(results, cacheSummary(answer.data), table(columns, answer.data, {
       empty: page ? "No more rows." : "No ledger rows match these filters.",
       rowAttrs: (r) => ({ dataset: { row: String(r.id), kind: r.kind, status: r.status, model: r.model || "",
         endpoint: r.endpoint || "" } }),
@@ -128,6 +132,37 @@ export async function render(root, ctx, params) {
   } catch (error) {
     clear(results, errorBox(error, () => load().catch(() => {})));
   }
+}
+
+/** The share of a row's prompt tokens read from the prompt cache ("" when it had none). */
+function cachedShare(r) {
+  const prompt = Number(r.prompt_tokens || 0);
+  if (!prompt) return "";
+  const cached = Math.min(Number(r.cached_tokens || 0), prompt);
+  return h("span", { title: `${int(cached)} of ${int(prompt)} prompt tokens cached` }, percent(cached / prompt));
+}
+
+/** Cached share of prompt tokens per model and backend over the rows shown; null when none had a prompt. */
+function cacheSummary(rows) {
+  const groups = new Map();
+  for (const r of rows) {
+    if (r.kind !== "usage" || !Number(r.prompt_tokens)) continue;
+    const key = `${r.model || "?"} · ${r.backend || "?"}`;
+    const g = groups.get(key) || { prompt: 0, cached: 0 };
+    g.prompt += Number(r.prompt_tokens);
+    g.cached += Math.min(Number(r.cached_tokens || 0), Number(r.prompt_tokens));
+    groups.set(key, g);
+  }
+  if (!groups.size) return null;
+  const parts = [...groups].map(([key, g]) =>
+    h("span.cache-share", { dataset: { group: key } },
+      `${key}: ${percent(g.cached / g.prompt)} of ${int(g.prompt)} prompt tokens cached`));
+  return h("p.muted.cache-summary", "Prompt cache, rows shown: ",
+    ...parts.flatMap((part, i) => (i ? [" · ", part] : [part])));
+}
+
+function percent(x) {
+  return `${(x * 100).toFixed(x > 0 && x < 0.1 ? 1 : 0)}%`;
 }
 
 /** Which API a charge came from, and the server-side tool calls it paid for (priced per call). */
