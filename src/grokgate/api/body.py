@@ -81,7 +81,8 @@ _MESSAGE_LISTS = _skeleton(cs.typed_dict_schema({"messages": _optional(_list_of(
 _RESPONSES_LISTS = _skeleton(_first_of(
     cs.typed_dict_schema({
         "input": _optional(_first_of(cs.list_schema(_first_of(
-            cs.typed_dict_schema({"content": _optional(_list_of(_ITEM))}, extra_behavior="ignore"),
+            cs.typed_dict_schema({name: _optional(_list_of(_ITEM)) for name in ("content", "output")},
+                                 extra_behavior="ignore"),
             _ITEM,
         )), _ITEM)),
         "tools": _optional(_list_of(_ITEM)),
@@ -144,10 +145,13 @@ def check_responses_counts(raw: bytes, max_messages: int) -> None:
     limit = ITEMS_PER_MESSAGE * max_messages
     parts = 0
     for i, item in enumerate(items):
-        content = item.get("content") if isinstance(item, dict) else None
-        if isinstance(content, list) and (parts := parts + len(content)) > limit:
-            raise bad_request(f"Too many content parts: at most {limit} are accepted in all input items together.",
-                              f"input[{i}].content")
+        if not isinstance(item, dict):
+            continue
+        for name in ("content", "output"):  # a message's parts, a function_call_output's parts
+            listed = item.get(name)
+            if isinstance(listed, list) and (parts := parts + len(listed)) > limit:
+                raise bad_request(f"Too many content parts: at most {limit} are accepted in all input items "
+                                  "together.", f"input[{i}].{name}")
 
 
 def parse_raw(raw: bytes, max_messages: int) -> ChatCompletionRequest:

@@ -51,7 +51,7 @@ class MemoryResponseStore:
             return size.size  # an id saved twice keeps the first
         if size.size > self.max_bytes:
             self.dropped += 1  # it could never fit: dropping everything else for it would not make it fit
-            return size.size
+            return None
         while self._kept and self._bytes + size.size > self.max_bytes:
             _, (_, old) = self._kept.popitem(last=False)
             self._bytes -= old.size

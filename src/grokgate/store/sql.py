@@ -56,10 +56,11 @@ from grokgate.core.accounts import (
 )
 from grokgate.core.errors import GatewayError
 from grokgate.core.pricing import Price
+from grokgate.core.responses import owner_of
 from grokgate.store.batch import Reservation, reserve_many, settle_many, sqlite_statements
 from grokgate.store.cache import RefreshingCache
 from grokgate.store.reports import Reports
-from grokgate.store.schema import api_tokens, instances, ledger, prices, reservations
+from grokgate.store.schema import api_tokens, instances, ledger, prices, reservations, responses
 from grokgate.store.sqlite_writer import SqliteWriter, WriterFailed
 
 log = logging.getLogger("grokgate.store")
@@ -475,6 +476,9 @@ class SqlStore(Reports):
     async def delete_token(self, token_id: int) -> None:
         def op(conn: Connection) -> int:
             conn.execute(delete(reservations).where(reservations.c.token_id == token_id))
+            # Its stored conversations go with it: on SQLite a later token may get the same id (core/responses.py
+            # owner_of scopes them by it), and must not find them.
+            conn.execute(delete(responses).where(responses.c.owner == owner_of(token_id, "")))
             return int((conn.execute(delete(api_tokens).where(api_tokens.c.id == token_id))).rowcount)
 
         if not await self.write(op):
