@@ -136,8 +136,12 @@ wait_http() {  # wait_http NAME URL PID SECONDS: until GET URL answers 200, or t
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
 # ---- 1. harness tools ------------------------------------------------------------------------------------
-say "step 1: $SHARED/setup.sh (idempotent)"
-"$SHARED/setup.sh" >&2
+if [ "$NO_LITELLM" = 1 ] && [ -x "$BENCH_PY" ]; then
+  say "step 1: the load generator's venv is there; LiteLLM is not needed (--no-litellm)"
+else
+  say "step 1: $SHARED/setup.sh (idempotent)"
+  "$SHARED/setup.sh" >&2
+fi
 [ -x "$BENCH_PY" ] || die "$BENCH_PY missing after setup.sh"
 
 # ---- 2. fake upstream ------------------------------------------------------------------------------------
