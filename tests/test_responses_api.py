@@ -60,7 +60,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory, fake: FakeXAI) -> Iterator[Serv
     tmp = tmp_path_factory.mktemp("responses")
     srv = start_server(tmp, "--slots", "2", "--ctx-per-slot", "2048", env={
         "GROKGATE_CONFIG": str(routing_file(tmp, fake.url)), "XAI_KEY": "xai-test-key",
-        "GROKGATE_KEEPALIVE_SECONDS": "0.5"}, name="responses")
+        "GROKGATE_KEEPALIVE_SECONDS": "0.5", "GROKGATE_RESPONSES_MEASURE_SECONDS": "0.2"}, name="responses")
     yield srv
     stop_server(srv)
 
@@ -290,10 +290,11 @@ def test_server_side_tools_need_a_route_to_xai(client: openai.OpenAI) -> None:
         assert refused.value.param == "tools"
 
 
-def test_local_route_refuses_function_tools_clearly(client: openai.OpenAI) -> None:
+def test_local_route_refuses_an_unknown_named_function(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
-        client.responses.create(model="grok-local", input="Weather in Paris?", tools=[WEATHER])  # type: ignore[list-item]
-    assert refused.value.param == "tools"
+        client.responses.create(model="grok-local", input="Weather in Paris?", tools=[WEATHER],  # type: ignore[list-item]
+                                tool_choice={"type": "function", "name": "nope"})
+    assert refused.value.param == "tool_choice"
 
 
 def test_reasoning_items_and_usage_from_xai(client: openai.OpenAI) -> None:
@@ -483,3 +484,63 @@ def test_metrics_name_the_endpoint_and_count_what_is_stored(gw: Server, client: 
     assert after["grokgate_responses_stored_total"] - before.get("grokgate_responses_stored_total", 0) == 1
     grew = after["grokgate_responses_stored_bytes_total"] - before.get("grokgate_responses_stored_bytes_total", 0)
     assert grew > 0
+
+
+def test_stored_bytes_are_gauged(gw: Server, client: openai.OpenAI) -> None:
+    client.responses.create(model="grok-3", input="Keep me.", max_output_tokens=4)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        gauges = {line.split(" ")[0]: float(line.split(" ")[1]) for line in httpx.get(f"{gw.url}/metrics").text
+                  .splitlines() if line.startswith("grokgate_responses_kept")}
+        if gauges.get("grokgate_responses_kept", 0) >= 1 and gauges.get("grokgate_responses_kept_bytes", 0) > 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the stored-responses gauges never moved: {gauges}")
+
+
+def test_a_deleted_tokens_conversations_go_with_it(gw: Server) -> None:
+    """On SQLite a new token may get a deleted token's id; it must not find the deleted one's responses."""
+    token, key = create_key(gw, "leaver", credits="1")
+    kept = sdk(gw, token).responses.create(model="grok-3", input="my secret is 1234", max_output_tokens=4)
+    assert call(gw, "DELETE", f"/admin/keys/{key['id']}", gw.token).status_code in (200, 204)
+    heir_token, heir = create_key(gw, "heir", credits="1")
+    assert heir["id"] == key["id"]  # SQLite reuses the highest id: the case this guards
+    with pytest.raises(openai.NotFoundError):
+        sdk(gw, heir_token).responses.input_items.list(kept.id)
+    with pytest.raises(openai.NotFoundError):
+        sdk(gw, heir_token).responses.create(model="grok-3", input="go on", previous_response_id=kept.id)
+
+
+def stored_total(gw: Server) -> float:
+    return sum(float(line.split(" ")[1]) for line in httpx.get(f"{gw.url}/metrics").text.splitlines()
+               if line.startswith("grokgate_responses_stored_total "))
+
+
+def test_a_client_leaving_mid_stream_is_billed_what_was_generated(gw: Server) -> None:
+    token, key = create_key(gw, "leaving", credits="10")
+    stored_before = stored_total(gw)
+    with httpx.Client(base_url=gw.url, timeout=60) as c, c.stream(
+            "POST", "/v1/responses", headers={"Authorization": f"Bearer {token}"},
+            json={"model": "grok-local", "input": "Write a long story about the sea.", "max_output_tokens": 400,
+                  "stream": True}) as r:
+        assert r.status_code == 200
+        request_id = r.headers["x-request-id"]
+        deltas = 0
+        for line in r.iter_lines():
+            deltas += line == "event: response.output_text.delta"
+            if deltas >= 3:
+                break  # and close the connection mid-stream
+    deadline = time.monotonic() + 30
+    while True:
+        rows = [row for row in admin_get(gw, f"/admin/ledger?token={key['id']}")["data"]
+                if row["request_id"] == request_id]
+        if rows or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert len(rows) == 1, "settled exactly once"
+    row = rows[0]
+    assert row["status"] == "client_disconnected" and row["endpoint"] == "responses"
+    assert 3 <= row["completion_tokens"] < 400 and row["cost"] > 0  # what was generated, not the reservation
+    after = admin_get(gw, f"/admin/keys/{key['id']}")
+    assert after["reserved"] == 0 and 10_000_000 - after["balance"] == row["cost"]
+    assert stored_total(gw) == stored_before  # an answer nobody received is not stored

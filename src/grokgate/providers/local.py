@@ -23,15 +23,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from grokgate.core.errors import GatewayError, bad_request
 from grokgate.core.events import Delta, Event, Finish, Usage, UsageReport
 from grokgate.core.fairqueue import FairQueue
 from grokgate.core.pricing import estimate_prompt_tokens
 from grokgate.providers.base import BackendStatus, register
+from grokgate.providers.local_errors import ENGINE_FAILED, engine_error, refused
+from grokgate.providers.local_tools import (
+    PROBE_MARK,
+    ToolCallParser,
+    ToolPlan,
+    check_arguments,
+    check_tools,
+    probe_grammar,
+    render_messages,
+    schema_error,
+    tool_plan,
+)
 from grokgate.providers.model_files import DEFAULT_MODEL, CatalogModel, Progress, ensure_model
-from grokgate.schemas.chat import ChatCompletionRequest, ToolCall
+from grokgate.schemas.chat import ChatCompletionRequest
 
 log = logging.getLogger("grokgate.local")
 
@@ -46,11 +56,11 @@ class _JobEnd:
 class _Job:
     """One choice of one request, run by one worker thread."""
 
-    __slots__ = ("cancelled", "created", "exclusive", "generated", "index", "loop", "payload", "queue", "started",
-                 "usage")
+    __slots__ = ("cancelled", "created", "exclusive", "generated", "index", "loop", "parser", "payload", "queue",
+                 "started", "usage")
 
     def __init__(self, index: int, payload: dict[str, Any], loop: asyncio.AbstractEventLoop,
-                 queue: asyncio.Queue[Any], exclusive: bool) -> None:
+                 queue: asyncio.Queue[Any], exclusive: bool, plan: ToolPlan | None = None) -> None:
         self.index = index
         self.exclusive = exclusive
         self.payload = payload
@@ -61,6 +71,8 @@ class _Job:
         self.started = False
         self.generated = 0
         self.usage: Usage | None = None
+        # Calls are decoded by grokgate (providers/local_tools.py): the engine streams them as text.
+        self.parser = ToolCallParser(plan) if plan is not None else None
 
     def post(self, item: Any) -> None:
         try:
@@ -74,7 +86,7 @@ class _Job:
             return True
         error = chunk.get("error")
         if error is not None:
-            self.post(_engine_error(error, self.payload))
+            self.post(engine_error(error, self.payload))
             return True
         usage = chunk.get("usage")
         if usage:
@@ -89,9 +101,21 @@ class _Job:
             content = delta.get("content")
             tool_calls = delta.get("tool_calls")
             reasoning = delta.get("reasoning_content")
+            logprobs = choice.get("logprobs")
             if content or tool_calls or reasoning:
                 self.generated += 1
-                logprobs = choice.get("logprobs")
+            try:
+                if content and self.parser is not None:  # a call's text becomes tool-call fragments
+                    content, calls = self.parser.feed(content)
+                    logprobs, tool_calls = logprobs if content else None, calls or None
+                reason = choice.get("finish_reason")
+                if self.parser is not None and (reason or self.parser.done):
+                    reason = self.parser.finish(reason or "stop")
+                    self.cancelled |= self.parser.done  # ends the generation; usage came with this chunk
+            except GatewayError as exc:
+                self.post(exc)
+                return True
+            if content or tool_calls or reasoning:
                 self.post(Delta(
                     index=self.index,
                     content=content or None,
@@ -99,43 +123,9 @@ class _Job:
                     tool_calls=tool_calls,
                     reasoning_content=reasoning,
                 ))
-            reason = choice.get("finish_reason")
             if reason:
                 self.post(Finish(index=self.index, reason=reason))
         return self.cancelled
-
-
-# A 500 never carries llama.cpp's text (parser internals, file paths): the server log has it.
-_ENGINE_FAILED = "The local engine failed to run this request."
-
-# llama.cpp's words when a JSON schema (tools[].function.parameters, response_format) cannot become a grammar.
-_SCHEMA_WORDS = ("Unable to generate parser", "JSON schema", "grammar", "min_value or max_value")
-
-
-def _engine_error(error: Any, payload: dict[str, Any]) -> GatewayError:
-    if not isinstance(error, dict):
-        log.error("local engine error: %s", error)
-        return GatewayError(500, "api_error", _ENGINE_FAILED)
-    code = int(error.get("code", 500) or 500)
-    message = str(error.get("message", "the local engine failed"))
-    if 400 <= code < 500:
-        return _refused(message, payload)
-    log.error("local engine error %s: %s", code, message)
-    return GatewayError(500, "api_error", _ENGINE_FAILED)
-
-
-def _refused(message: str, payload: dict[str, Any]) -> GatewayError:
-    """A request llama.cpp refused (its own 400): say which field, in our words where we know the case."""
-    if any(word in message for word in _SCHEMA_WORDS):  # first: a schema may well name a property "context"
-        # llama.cpp does not say which schema; name the field when only one of them carries any.
-        tools = bool(payload.get("tools"))
-        schema = (payload.get("response_format") or {}).get("type") == "json_schema"
-        param = "tools" if tools and not schema else "response_format" if schema and not tools else None
-        where = f"the JSON schema in '{param}'" if param else "the JSON schemas of this request"
-        detail = message.rsplit("failed: ", 1)[-1].rstrip(".")  # past "Unable to generate parser ... failed: "
-        return GatewayError(400, "bad_request", f"The local engine cannot turn {where} into a grammar: {detail}.",
-                            param=param)
-    return GatewayError(400, "bad_request", message, param="messages" if "context" in message else None)
 
 
 class LocalGeneration:
@@ -249,6 +239,7 @@ class LocalEngine:
         self._load_error: str | None = None
         self._loading: asyncio.Task[None] | None = None
         self._socket_dir: str | None = None
+        self._grammars: dict[str, bool] = {}  # tools grammars: whether the engine enforces each
         self.resolved_model: Path | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -345,12 +336,7 @@ class LocalEngine:
             raise bad_request(f"Server-side tools ({', '.join(request.server_tools)}) run only on a route to xAI; "
                               f"the model '{request.model}' is served by the local engine here. Remove them from "
                               "`tools` or use a model routed to xAI.", "tools")
-        if request.responses_body is not None and request.tools and request.tool_choice != "none":
-            # The embedded model answers a tool request with the call's JSON as text; the Responses API's clients
-            # (agent SDKs) would take that for an answer. Until the engine decodes tool calls, refuse them.
-            raise bad_request(f"The model '{request.model}' is served by the local engine, which cannot call "
-                              "function tools through the Responses API yet: remove `tools` or use a model "
-                              "routed to an upstream.", "tools")
+        check_tools(request)
         messages = request.messages
         for i, message in enumerate(messages):
             if message.has_images():
@@ -361,7 +347,7 @@ class LocalEngine:
                     param=f"messages[{i}].content",
                 )
             if message.tool_calls:
-                _check_arguments(i, message.tool_calls)
+                check_arguments(i, message.tool_calls)
             elif message.role == "assistant" and message.content is None:
                 raise bad_request("The local engine needs an assistant message to have content or tool_calls.",
                                   f"messages[{i}].content")
@@ -389,12 +375,13 @@ class LocalEngine:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         base = _payload(request, upstream_model)
+        plan = tool_plan(request)
         jobs = []
         for index in range(request.choices):
             payload = dict(base)
             if request.seed is not None:
                 payload["seed"] = (request.seed + index) & 0xFFFFFFFF
-            jobs.append(_Job(index, payload, loop, queue, exclusive=not payload["cache_prompt"]))
+            jobs.append(_Job(index, payload, loop, queue, exclusive=not payload["cache_prompt"], plan=plan))
         generation = LocalGeneration(self, jobs, queue, estimate_prompt_tokens(request.prompt_chars))
         self._queue.put_group(id(generation), jobs)
         return generation
@@ -417,15 +404,31 @@ class LocalEngine:
                     with self._gate:
                         self._jobs_started += 1
                         self._queue_wait_seconds += time.monotonic() - job.created
-                    self._server.handle_chat_completions(job.payload, job.on_chunk)
+                    if job.parser is not None and not self._grammar_ok(job.payload["grammar"]):
+                        job.post(schema_error())
+                    else:
+                        self._server.handle_chat_completions(job.payload, job.on_chunk)
             except ValueError as exc:  # xllamacpp raises ValueError for requests it cannot parse
-                job.post(_refused(str(exc), job.payload))
+                job.post(refused(str(exc), job.payload))
             except Exception:
                 log.exception("local engine job failed")
-                job.post(GatewayError(500, "api_error", _ENGINE_FAILED))
+                job.post(GatewayError(500, "api_error", ENGINE_FAILED))
             finally:
                 self._leave(job)
                 job.post(_JobEnd(job.usage))
+
+    def _grammar_ok(self, grammar: str) -> bool:
+        """Whether the engine enforces this tools grammar (providers/local_tools.py probe_grammar); remembered."""
+        known = self._grammars.get(grammar)
+        if known is None:
+            probe = {"prompt": "x", "grammar": probe_grammar(grammar), "max_tokens": 1, "temperature": 0,
+                     "cache_prompt": False}
+            choices = self._server.handle_completions(probe).get("choices") or [{}]
+            known = str(choices[0].get("text", "")).startswith(PROBE_MARK[0])
+            if len(self._grammars) > 256:
+                self._grammars.clear()
+            self._grammars[grammar] = known
+        return known
 
     def _enter(self, exclusive: bool) -> None:
         with self._gate:
@@ -452,21 +455,7 @@ class LocalEngine:
             self._gate.notify_all()
 
 
-def _check_arguments(index: int, calls: list[ToolCall]) -> None:
-    # llama.cpp parses every call's arguments to render the chat template and answers a 500 with its parser's
-    # message when they are not JSON. orjson refuses what its parser refuses (NaN, 1e400, empty text).
-    for j, call in enumerate(calls):
-        try:
-            orjson.loads(call.function.arguments)
-        except orjson.JSONDecodeError:
-            raise bad_request("Tool call arguments must be JSON text (the local engine reads them).",
-                              f"messages[{index}].tool_calls[{j}].function.arguments") from None
-
-
-_PASSTHROUGH = (
-    "temperature", "top_p", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs",
-    "tool_choice", "parallel_tool_calls",
-)
+_PASSTHROUGH = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs")
 
 
 def _payload(request: ChatCompletionRequest, upstream_model: str) -> dict[str, Any]:
@@ -477,9 +466,10 @@ def _payload(request: ChatCompletionRequest, upstream_model: str) -> dict[str, A
         if item["role"] == "developer":
             item["role"] = "system"
         messages.append(item)
+    plan = tool_plan(request)
     payload: dict[str, Any] = {
         "model": upstream_model,
-        "messages": messages,
+        "messages": render_messages(messages, plan),
         "stream": True,
         "stream_options": {"include_usage": True},
         "n": 1,
@@ -492,8 +482,8 @@ def _payload(request: ChatCompletionRequest, upstream_model: str) -> dict[str, A
         payload["max_tokens"] = request.output_limit
     if request.stop_list:
         payload["stop"] = request.stop_list
-    if request.tools:
-        payload["tools"] = [t.model_dump(exclude_none=True) for t in request.tools]
+    if plan is not None:  # `tools` are not sent: grokgate renders them and constrains the calls itself
+        payload["grammar"] = plan.grammar()
     if request.response_format is not None:
         payload["response_format"] = request.response_format.model_dump(exclude_none=True, by_alias=True)
     # The prompt cache reuses KV state across requests, which changes the numbers and so the text:

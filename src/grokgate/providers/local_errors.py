@@ -1,0 +1,43 @@
+"""The embedded engine's refusals and failures in grokgate's words (providers/local.py): a 400 names the field it
+can, a 500 never carries llama.cpp's text."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from grokgate.core.errors import GatewayError
+
+log = logging.getLogger("grokgate.local")
+
+# A 500 never carries llama.cpp's text (parser internals, file paths): the server log has it.
+ENGINE_FAILED = "The local engine failed to run this request."
+
+# llama.cpp's words when a JSON schema (tools[].function.parameters, response_format) cannot become a grammar.
+_SCHEMA_WORDS = ("Unable to generate parser", "JSON schema", "grammar", "min_value or max_value")
+
+
+def engine_error(error: Any, payload: dict[str, Any]) -> GatewayError:
+    if not isinstance(error, dict):
+        log.error("local engine error: %s", error)
+        return GatewayError(500, "api_error", ENGINE_FAILED)
+    code = int(error.get("code", 500) or 500)
+    message = str(error.get("message", "the local engine failed"))
+    if 400 <= code < 500:
+        return refused(message, payload)
+    log.error("local engine error %s: %s", code, message)
+    return GatewayError(500, "api_error", ENGINE_FAILED)
+
+
+def refused(message: str, payload: dict[str, Any]) -> GatewayError:
+    """A request llama.cpp refused (its own 400): say which field, in our words where we know the case."""
+    if any(word in message for word in _SCHEMA_WORDS):  # first: a schema may well name a property "context"
+        # llama.cpp does not say which schema; name the field when only one of them carries any.
+        tools = bool(payload.get("tools"))
+        schema = (payload.get("response_format") or {}).get("type") == "json_schema"
+        param = "tools" if tools and not schema else "response_format" if schema and not tools else None
+        where = f"the JSON schema in '{param}'" if param else "the JSON schemas of this request"
+        detail = message.rsplit("failed: ", 1)[-1].rstrip(".")  # past "Unable to generate parser ... failed: "
+        return GatewayError(400, "bad_request", f"The local engine cannot turn {where} into a grammar: {detail}.",
+                            param=param)
+    return GatewayError(400, "bad_request", message, param="messages" if "context" in message else None)
