@@ -1,4 +1,4 @@
-"""`grokgate serve | model`: the command line."""
+"""`grokgate serve | model | config | cassettes | ...`: the command line."""
 
 from __future__ import annotations
 
@@ -25,6 +25,11 @@ def _serve(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
+    for flag, name in (("record", "record_dir"), ("replay", "replay_dir"), ("replay_timing", "replay_timing")):
+        if getattr(args, flag) is not None:
+            overrides[name] = getattr(args, flag)
+    if args.record_missing:
+        overrides["record_missing"] = True
     if args.model is not None:
         from grokgate.providers.model_files import CATALOG
 
@@ -121,6 +126,147 @@ def _config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cassette_dir(args: argparse.Namespace) -> Path:
+    """--dir, else GROKGATE_REPLAY_DIR, else GROKGATE_RECORD_DIR, else ./cassettes."""
+    if args.dir is not None:
+        return Path(args.dir)
+    from grokgate.settings import Settings
+
+    settings = Settings()
+    return settings.replay_dir or settings.record_dir or Path("cassettes")
+
+
+def _cassettes_list(args: argparse.Namespace) -> int:
+    from grokgate.core.cassette import model_of
+    from grokgate.providers.recording import read_cassette
+
+    directory = _cassette_dir(args)
+    paths = sorted(directory.glob("*.jsonl"))
+    if not paths:
+        print(f"no cassettes in {directory}")
+        return 0
+    print(f"{'cassette':<40} {'exchanges':>9} {'requests':>8} {'failures':>8}  models")
+    for path in paths:
+        exchanges = list(read_cassette(path))
+        models = sorted({m for e in exchanges if (m := model_of(e.request))})
+        failures = sum(1 for e in exchanges if e.error is not None)
+        print(f"{path.stem:<40} {len(exchanges):>9} {len({e.key for e in exchanges}):>8} {failures:>8}  "
+              f"{', '.join(models)}")
+    return 0
+
+
+def _summary(events: list[dict[str, Any]]) -> tuple[str, str, str]:
+    """(text, finish reasons, usage) of a recorded exchange, for `cassettes show`."""
+    text = "".join(str(e["delta"].get("content") or "") for e in events if "delta" in e)
+    calls = sum(len(e["delta"].get("tool_calls") or ()) for e in events if "delta" in e)
+    finishes = ",".join(str(e["finish"]["reason"]) for e in events if "finish" in e)
+    usage = next((e["usage"] for e in reversed(events) if "usage" in e), None)
+    shown = text if len(text) <= 60 else text[:57] + "..."
+    if calls:
+        shown += f" [{calls} tool call(s)]"
+    used = f"{usage['prompt_tokens']}+{usage['completion_tokens']} tokens" if usage else "no usage"
+    return shown, finishes or "-", used
+
+
+def _cassettes_show(args: argparse.Namespace) -> int:
+    import json
+
+    from grokgate.core.cassette import cassette_name, model_of
+    from grokgate.core.errors import GatewayError
+    from grokgate.providers.recording import read_cassette
+
+    try:
+        path = _cassette_dir(args) / f"{cassette_name(args.name)}.jsonl"
+    except GatewayError as exc:
+        print(f"grokgate: {exc.message}", file=sys.stderr)
+        return 2
+    if not path.is_file():
+        print(f"grokgate: no cassette {args.name!r} ({path})", file=sys.stderr)
+        return 1
+    for number, exchange in enumerate(read_cassette(path), 1):
+        if args.json:
+            print(json.dumps(exchange.to_json(), ensure_ascii=False, indent=2))
+            continue
+        text, finishes, used = _summary(exchange.events)
+        outcome = (f"error {exchange.error.get('status')} {exchange.error.get('code')}" if exchange.error
+                   else f"finish {finishes}")
+        print(f"#{number} {exchange.key[:12]} {model_of(exchange.request) or '?'} via {exchange.backend} "
+              f"at {exchange.recorded_at or '?'}: {outcome}, {used}")
+        if text:
+            print(f"    {text!r}")
+    return 0
+
+
+def _cassettes_prune(args: argparse.Namespace) -> int:
+    """Drop duplicate recordings (same request, same answer), and with --keep N all but a request's last N."""
+    import json
+
+    from grokgate.providers.recording import read_cassette
+
+    if args.keep is not None and args.keep < 1:
+        print("grokgate: --keep must be at least 1", file=sys.stderr)
+        return 2
+    from grokgate.core.cassette import cassette_name
+    from grokgate.core.errors import GatewayError
+
+    try:
+        named = [cassette_name(args.name)] if args.name else None
+    except GatewayError as exc:
+        print(f"grokgate: {exc.message}", file=sys.stderr)
+        return 2
+    directory = _cassette_dir(args)
+    names = named or [p.stem for p in sorted(directory.glob("*.jsonl"))]
+    for name in names:
+        path = directory / f"{name}.jsonl"
+        if not path.is_file():
+            print(f"grokgate: no cassette {name!r} ({path})", file=sys.stderr)
+            return 1
+        exchanges = list(read_cassette(path))
+        seen: set[str] = set()
+        kept = []
+        for exchange in exchanges:
+            fingerprint = json.dumps([exchange.key, exchange.answer()], sort_keys=True)
+            if fingerprint not in seen:
+                seen.add(fingerprint)
+                kept.append(exchange)
+        if args.keep is not None:
+            counts: dict[str, int] = {}
+            last = []
+            for exchange in reversed(kept):  # the newest recordings of a request are the ones kept
+                counts[exchange.key] = counts.get(exchange.key, 0) + 1
+                if counts[exchange.key] <= args.keep:
+                    last.append(exchange)
+            kept = last[::-1]
+        removed = len(exchanges) - len(kept)
+        if removed and not args.dry_run:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(e.to_json(), ensure_ascii=False, separators=(",", ":")) + "\n"
+                                   for e in kept), encoding="utf-8")
+            tmp.replace(path)
+        print(f"{name}: {len(kept)} kept, {removed} {'would be ' if args.dry_run else ''}removed")
+    return 0
+
+
+def add_cassette_commands(sub: Any) -> None:
+    cassettes = sub.add_parser("cassettes", help="recorded exchanges (serve --record / --replay)").add_subparsers(
+        dest="command", required=True)
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--dir", metavar="DIR",
+                       help="the cassettes' directory (default: GROKGATE_REPLAY_DIR, GROKGATE_RECORD_DIR, ./cassettes)")
+    listing = cassettes.add_parser("list", parents=[where], help="each cassette: exchanges, requests, models")
+    listing.set_defaults(func=_cassettes_list)
+    show = cassettes.add_parser("show", parents=[where], help="one cassette's exchanges")
+    show.add_argument("name")
+    show.add_argument("--json", action="store_true", help="the exchanges as recorded (indented JSON)")
+    show.set_defaults(func=_cassettes_show)
+    prune = cassettes.add_parser("prune", parents=[where],
+                                 help="drop duplicate recordings (same request and answer); --keep N per request")
+    prune.add_argument("name", nargs="?", help="one cassette (default: all)")
+    prune.add_argument("--keep", type=int, metavar="N", help="keep only each request's last N recordings")
+    prune.add_argument("--dry-run", action="store_true", help="say what would be removed, change nothing")
+    prune.set_defaults(func=_cassettes_prune)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grokgate", description="Self-hosted Grok Chat Completions gateway.")
     parser.add_argument("--version", action="version", version=f"grokgate {__version__}")
@@ -136,6 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ctx-per-slot", type=int, help="context tokens per slot (default 4096)")
     serve.add_argument("--keepalive-seconds", type=float, help="SSE keep-alive interval (default 10)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    serve.add_argument("--record", type=Path, metavar="DIR",
+                       help="record every request that reaches a backend into cassettes in DIR (docs/replay.md)")
+    serve.add_argument("--replay", type=Path, metavar="DIR",
+                       help="answer from the cassettes in DIR: no model, no upstream (a miss is a replay_miss error)")
+    serve.add_argument("--record-missing", action="store_true",
+                       help="with --replay: a miss goes to the configured backends and is appended to its cassette")
+    serve.add_argument("--replay-timing", choices=("instant", "recorded"),
+                       help="replay events at once (default) or with their recorded gaps")
     serve.set_defaults(func=_serve)
 
     model = sub.add_parser("model", help="assemble and verify a catalog model, print its path")
@@ -147,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = config.add_parser("check", help="validate the routing file (GROKGATE_CONFIG or --config)")
     check.add_argument("--config", metavar="PATH", help="grokgate.yaml to check")
     check.set_defaults(func=_config_check)
+
+    add_cassette_commands(sub)
 
     from grokgate.cli_admin import add_commands
 
