@@ -23,17 +23,21 @@ from grokgate.core.admission import Admission, StaticKeyAdmission
 from grokgate.core.billing import AccountAdmission, BillingPolicy
 from grokgate.core.limits import RateLimiter
 from grokgate.core.pricing import default_prices
+from grokgate.core.response_cache import CacheRule, ResponseCacheStore
 from grokgate.core.responses import ResponseStore
 from grokgate.observability.metrics import Metrics, backend_state
-from grokgate.providers import base
+from grokgate.providers import base, recording
 from grokgate.providers.base import ModelTable, Provider, Route
 from grokgate.providers.model_files import CATALOG
 from grokgate.runtime import tune_gc
 from grokgate.serving import Serving
+from grokgate.serving.response_cache import ResponseCache
 from grokgate.serving.responses import ResponsesService
 from grokgate.settings import Settings
 from grokgate.store.limits_memory import MemoryRateLimiter
 from grokgate.store.limits_redis import RedisRateLimiter
+from grokgate.store.response_cache_memory import MemoryResponseCache
+from grokgate.store.response_cache_redis import RedisResponseCache
 from grokgate.store.responses_memory import MemoryResponseStore
 from grokgate.store.responses_sql import SqlResponseStore
 from grokgate.store.sql import SqlStore, default_url
@@ -60,6 +64,8 @@ def build_routing(settings: Settings) -> ModelTable:
             threads=settings.threads,
             slots=settings.slots,
             ctx_per_slot=settings.ctx_per_slot,
+            slot_prompt_similarity=settings.slot_prompt_similarity,
+            prompt_cache_ram_mib=settings.prompt_cache_ram_mib,
         )
         return engine
 
@@ -71,6 +77,17 @@ def build_routing(settings: Settings) -> ModelTable:
     return ModelTable([Route(name, engine, name) for name in settings.models])
 
 
+def wrap_recording(settings: Settings, models: ModelTable) -> ModelTable:
+    """Record every public name's requests, or replay them (providers/recording.py); else `models` as it is."""
+    if settings.record_dir is not None:
+        return recording.record_models(models, settings.record_dir)
+    if settings.replay_dir is not None:
+        live = models if settings.record_missing else None
+        return recording.replay_models(settings.models, settings.replay_dir, timing=settings.replay_timing,
+                                       live=live)
+    return models
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -79,16 +96,20 @@ def create_app(
 ) -> FastAPI:
     settings = settings or Settings()
     if models is None:
-        models = build_routing(settings)
+        # Pure replay builds no backend: no local engine is loaded and no upstream key is needed.
+        pure_replay = settings.replay_dir is not None and not settings.record_missing
+        models = ModelTable([]) if pure_replay else build_routing(settings)
+    models = wrap_recording(settings, models)
     store = None
     if admission is None and settings.accounts:
         admission, store = build_accounts(settings)
     admission = admission or StaticKeyAdmission(settings.api_keys)
     metrics = Metrics()
+    response_cache = build_response_cache(settings, metrics)
     serving = Serving(admission, models, metrics, keepalive=settings.keepalive_seconds,
                       max_server_tool_calls=settings.max_server_tool_calls,
                       server_tool_input_tokens=settings.server_tool_input_tokens,
-                      affinity=settings.prompt_cache_affinity)
+                      affinity=settings.prompt_cache_affinity, response_cache=response_cache)
     # Stored responses live in the accounts database; with accounts off, in this process's memory.
     stored: ResponseStore = (SqlResponseStore(store) if store is not None
                              else MemoryResponseStore(max_bytes=settings.memory_responses_bytes))
@@ -126,6 +147,8 @@ def create_app(
                 await provider.close()
             if store is not None:
                 await store.close()
+            if response_cache is not None:
+                await response_cache.close()
             limiter = getattr(gw.admission, "limiter", None)
             if limiter is not None:
                 await limiter.close()
@@ -184,6 +207,24 @@ async def purge_responses(stored: ResponseStore, metrics: Metrics, every: float,
         await asyncio.sleep(min(every, measure_every))
 
 
+def build_response_cache(settings: Settings, metrics: Metrics) -> ResponseCache | None:
+    """The exact response cache for the models the routing file opts in (none: no cache, no lookups): in Redis
+    when one is configured (shared by replicas, under the deployment's key prefix), else in memory."""
+    specs = routing.cache_rules(settings)
+    if not specs:
+        return None
+    rules = {model: CacheRule(ttl=spec.ttl, max_ttl=spec.longest, cache_sampled=spec.cache_sampled, scope=spec.scope)
+             for model, spec in specs.items()}
+    store: ResponseCacheStore
+    if settings.redis_url:
+        store = RedisResponseCache(settings.redis_url, key_prefix=f"{settings.redis_key_prefix}cache:",
+                                   max_connections=settings.redis_max_connections,
+                                   pool_timeout=settings.redis_pool_timeout_seconds)
+    else:
+        store = MemoryResponseCache(settings.response_cache_memory_bytes)
+    return ResponseCache(store, rules, metrics, max_entry_bytes=settings.response_cache_max_entry_bytes)
+
+
 def build_accounts(settings: Settings) -> tuple[AccountAdmission, SqlStore]:
     store = SqlStore(settings.database_url or default_url(settings.data_dir), owner=settings.instance(),
                      writer_process=settings.sqlite_writer == "process",
@@ -200,5 +241,7 @@ def build_accounts(settings: Settings) -> tuple[AccountAdmission, SqlStore]:
     # A request without an output cap is held to this reservation, so it must itself be a valid cap.
     policy = BillingPolicy(default_output_reservation=min(settings.default_output_reservation,
                                                           settings.max_tokens_limit),
-                           server_tool_call_price=settings.server_tool_call_price)
+                           server_tool_call_price=settings.server_tool_call_price,
+                           cache_hit_price=settings.response_cache_hit_price,
+                           replay_price_factor=settings.replay_price_factor)
     return AccountAdmission(store, limiter, settings.api_keys, policy), store

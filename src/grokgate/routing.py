@@ -15,6 +15,8 @@ models:
   grok-4:
     - {backend: xai, model: grok-4-0709}
     - {backend: local, priority: 1}  # fallback
+cache:                               # the exact response cache, opt-in per public model (docs/configuration.md)
+  grok-4: {ttl: 600}                 # also max_ttl, cache_sampled, scope: principal | global
 ```
 """
 
@@ -69,9 +71,29 @@ class RouteSpec(_Strict):
     weight: int = Field(default=1, ge=1)
 
 
+class CacheSpec(_Strict):
+    """A model's opt-in to the exact response cache (core/response_cache.py CacheRule: the same fields)."""
+
+    ttl: int = Field(default=600, ge=1, le=30 * 86_400)
+    max_ttl: int | None = Field(default=None, ge=1, le=30 * 86_400, description="default: max(ttl, 3600)")
+    cache_sampled: bool = False
+    scope: Literal["principal", "global"] = "principal"
+
+    @model_validator(mode="after")
+    def _bounds(self) -> CacheSpec:
+        if self.max_ttl is not None and self.ttl > self.max_ttl:
+            raise ValueError(f"ttl ({self.ttl}) must not exceed max_ttl ({self.max_ttl})")
+        return self
+
+    @property
+    def longest(self) -> int:
+        return self.max_ttl if self.max_ttl is not None else max(self.ttl, 3600)
+
+
 class GatewayConfig(_Strict):
     backends: dict[str, BackendSpec]
     models: dict[str, list[RouteSpec]] = Field(min_length=1)
+    cache: dict[str, CacheSpec] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _references(self) -> GatewayConfig:
@@ -83,6 +105,11 @@ class GatewayConfig(_Strict):
                 if route.backend not in self.backends:
                     known = ", ".join(self.backends) or "none"
                     problems.append(f"models.{model}[{i}].backend: unknown backend {route.backend!r} (known: {known})")
+        for model in self.cache:
+            if model not in self.models:
+                problems.append(f"cache.{model}: not a model of this file (models: {', '.join(self.models)})")
+        if "cache" in self.backends:  # the ledger's and metrics' name for answers replayed from the cache
+            problems.append("backends.cache: the name 'cache' is reserved for the response cache")
         if sum(1 for b in self.backends.values() if b.kind == "local") > 1:
             problems.append("backends: at most one backend of kind local")
         if problems:
@@ -122,6 +149,13 @@ def load(path: Path, env: Mapping[str, str]) -> GatewayConfig:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     return parse(text, env, str(path))
+
+
+def cache_rules(settings: Settings) -> dict[str, CacheSpec]:
+    """The routing file's `cache:` section (none without a file): the models whose answers are cached."""
+    if not settings.config:
+        return {}
+    return load(settings.config, settings.environment()).cache
 
 
 def default_config(settings: Settings) -> GatewayConfig | None:

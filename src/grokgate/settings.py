@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     local_model: str = "qwen2.5-coder-0.5b"
     threads: int = Field(default=1, ge=1, le=256)
     slots: int = Field(default=4, ge=1, le=256)
+    # Prompt-cache affinity on the engine: a request goes to the idle slot whose cached prompt shares the largest
+    # part of its own (above this share; 0: least recently used), and prompts evicted from slots are kept in
+    # host memory up to `prompt_cache_ram_mib` for a later turn to restore (llama.cpp's defaults; 0 turns it off).
+    slot_prompt_similarity: float = Field(default=0.1, ge=0, le=1)
+    prompt_cache_ram_mib: int = Field(default=8192, ge=0, le=1_048_576)
     ctx_per_slot: int = Field(default=4096, ge=256, le=1_048_576)
 
     cache_dir: Path = Field(default_factory=lambda: _xdg("XDG_CACHE_HOME", ".cache"))
@@ -127,6 +132,14 @@ class Settings(BaseSettings):
     # Prompt-cache affinity on upstreams (serving/affinity.py): a conversation keeps one id, backend and key.
     prompt_cache_affinity: bool = True
 
+    # The exact response cache (serving/response_cache.py; models opt in with the routing file's `cache:`): in
+    # Redis when redis_url is set, else in this process's memory, at most `response_cache_memory_bytes`; an answer
+    # above `response_cache_max_entry_bytes` is not kept. A hit is billed by `response_cache_hit_price`:
+    # `cached_input` (the prompt at the cached-input price, no output), `input`, `full` or `free`.
+    response_cache_memory_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=1024**4)
+    response_cache_max_entry_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=512 * 1024 * 1024)
+    response_cache_hit_price: Literal["cached_input", "input", "full", "free"] = "cached_input"
+
     # HTTP server bounds (grokgate.server): what one client can hold before a request reaches the app.
     max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
     max_header_count: int = Field(default=100, ge=8, le=10_000)
@@ -139,6 +152,16 @@ class Settings(BaseSettings):
     # /metrics: `loopback` (open to 127.0.0.1/::1 only), `open`, `token` (Bearer metrics_token), or `off`.
     metrics_access: Literal["loopback", "open", "token", "off"] = "loopback"
     metrics_token: str | None = None
+
+    # Record and replay (docs/replay.md, providers/recording.py): record every request that reaches a backend into
+    # cassettes in `record_dir`, or answer from the cassettes in `replay_dir` (a miss goes live and is appended
+    # with `record_missing`); `replay_timing`: at once, or with the recorded gaps between events. Replays are
+    # billed at the recorded usage times `replay_price_factor` (0: free, 1: as if live).
+    record_dir: Path | None = None
+    replay_dir: Path | None = None
+    record_missing: bool = False
+    replay_timing: Literal["instant", "recorded"] = "instant"
+    replay_price_factor: int = Field(default=1, ge=0, le=1)
 
     @staticmethod
     def environment() -> dict[str, str]:
@@ -173,4 +196,13 @@ class Settings(BaseSettings):
     def _metrics_token_given(self) -> Settings:
         if self.metrics_access == "token" and not (self.metrics_token or "").strip():
             raise ValueError("GROKGATE_METRICS_ACCESS=token needs a non-empty GROKGATE_METRICS_TOKEN")
+        return self
+
+    @model_validator(mode="after")
+    def _record_or_replay(self) -> Settings:
+        if self.record_dir is not None and self.replay_dir is not None:
+            raise ValueError("GROKGATE_RECORD_DIR and GROKGATE_REPLAY_DIR exclude each other (with "
+                             "GROKGATE_RECORD_MISSING, a replay appends its misses to GROKGATE_REPLAY_DIR)")
+        if self.record_missing and self.replay_dir is None:
+            raise ValueError("GROKGATE_RECORD_MISSING needs GROKGATE_REPLAY_DIR")
         return self

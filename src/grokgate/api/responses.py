@@ -16,8 +16,10 @@ from grokgate.api.body import parse_responses_body
 from grokgate.api.deps import Gateway
 from grokgate.api.errors import request_id_of
 from grokgate.api.sse import SSE_HEADERS, SSEResponse, until_disconnected
+from grokgate.core import cassette
+from grokgate.core.response_cache import CACHE_HEADER
 from grokgate.schemas.chat import CONVERSATION_HEADER, conversation_header
-from grokgate.serving import Collected, Streamed
+from grokgate.serving import Collected, Streamed, response_cache
 
 router = APIRouter(tags=["responses"], strict_content_type=False)
 
@@ -42,8 +44,10 @@ async def create_response(request: Request) -> Response:
     body = await parse_responses_body(request)
     body.check_limits(max_messages=gw.settings.max_messages, max_tokens_limit=gw.settings.max_tokens_limit)
     conversation = conversation_header(request.headers.get(CONVERSATION_HEADER))  # before the stored chain is read
+    response_cache.use_header(request.headers.get(CACHE_HEADER))  # x-grokgate-cache: ttl=N | off (400 if bad)
     call, wire = await gw.responses.prepare(body, principal, request_id_of(request), started)
     call.request.with_conversation_id(conversation)
+    cassette.bind(request.headers.get(cassette.HEADER), call.request)  # record/replay: providers/recording.py
     result = await gw.serving.serve(call, principal, wire, lambda: until_disconnected(request.receive))
     if isinstance(result, Streamed):
         return SSEResponse(result, headers={**SSE_HEADERS, **result.headers})

@@ -18,7 +18,8 @@ from grokgate.core.admission import AdmissionRequest, Principal, bearer_token
 from grokgate.core.errors import GatewayError
 from grokgate.core.events import Usage
 from grokgate.core.limits import Limits, RateLimiter
-from grokgate.core.pricing import Price, cost_of, max_cost
+from grokgate.core.pricing import Price, cache_hit_cost, cost_of, max_cost
+from grokgate.core.response_cache import CACHE_BACKEND
 
 log = logging.getLogger("grokgate.billing")
 
@@ -35,8 +36,15 @@ class BillingPolicy:
     # Micro-credits per server-side tool call (settings.server_tool_call_price); a request that may run them
     # reserves `AdmissionRequest.server_tool_calls` of them.
     server_tool_call_price: int = 0
+    # Replayed answers (backend "replay:...") cost their recorded usage times this: 1, or 0 for free replays.
+    replay_price_factor: int = 1
+    # How an answer replayed from the exact response cache (settled with backend "cache") is priced:
+    # core/pricing.py cache_hit_cost (settings.response_cache_hit_price).
+    cache_hit_price: str = "cached_input"
 
     def __post_init__(self) -> None:
+        if self.cache_hit_price not in ("cached_input", "input", "full", "free"):
+            raise ValueError(f"cache_hit_price must be cached_input, input, full or free: {self.cache_hit_price!r}")
         price = self.server_tool_call_price
         if not isinstance(price, int) or isinstance(price, bool) or price < 0:
             raise ValueError(f"server_tool_call_price must be a non-negative integer, got {price!r}")
@@ -70,7 +78,15 @@ class AccountTicket:
         # that delivered nothing (docs/architecture.md, "Accounts").
         billable = status != "error" or usage.completion_tokens > 0
         tool_call_price = self._admission.policy.server_tool_call_price
-        cost = cost_of(usage, self.price, tool_call_price=tool_call_price).total if billable else 0
+        if not billable:
+            cost = 0
+        elif backend == CACHE_BACKEND:  # a hit of the exact response cache (serving/response_cache.py)
+            cost = cache_hit_cost(usage, self.price, self._admission.policy.cache_hit_price,
+                                  tool_call_price=tool_call_price).total
+        else:
+            cost = cost_of(usage, self.price, tool_call_price=tool_call_price).total
+        if backend.startswith("replay:"):  # a recorded answer (providers/recording.py): 0 makes replays free
+            cost *= self._admission.policy.replay_price_factor
         self.cost = cost
         if cost > self.reserved and self.principal.token_id is not None:
             # The reservation is an upper bound of what a request can cost, so this means the bound failed (an

@@ -63,6 +63,23 @@ def cost_of(usage: Usage, price: Price, *, tool_call_price: int = 0) -> Cost:
     )
 
 
+def cache_hit_cost(usage: Usage, price: Price, mode: str, *, tool_call_price: int = 0) -> Cost:
+    """What an answer replayed from the exact response cache costs (core/response_cache.py), by the operator's
+    mode (settings.response_cache_hit_price): `cached_input` (the default) bills the whole prompt at the cached
+    input price and no output, `input` the prompt as if sent (its cached share at the cached price) and no
+    output, `full` the answer as if it were generated again, `free` nothing. Never more than `cost_of` of the same
+    usage, so never more than the request's reservation."""
+    if mode == "full":
+        return cost_of(usage, price, tool_call_price=tool_call_price)
+    if mode == "free":
+        return Cost(0, 0, 0)
+    if mode == "input":
+        return cost_of(Usage(prompt_tokens=usage.prompt_tokens, cached_tokens=usage.cached_tokens), price)
+    if mode == "cached_input":
+        return Cost(0, _ceil_div(usage.prompt_tokens * min(price.cached_input, price.input), PER), 0)
+    raise ValueError(f"unknown cache hit price mode {mode!r}")
+
+
 def max_cost(prompt_tokens: int, choices: int, output_limit: int, price: Price, *, server_tool_calls: int = 0,
              tool_call_price: int = 0) -> int:
     """The most a request can cost: every prompt token uncached, every choice at its output limit, and every

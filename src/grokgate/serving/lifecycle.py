@@ -38,6 +38,7 @@ from grokgate.providers.base import Generation, ModelTable, Provider
 from grokgate.schemas.chat import ChatCompletionRequest
 from grokgate.serving.affinity import assign
 from grokgate.serving.pump import END, Marker, Pump
+from grokgate.serving.response_cache import ResponseCache, cache_headers
 from grokgate.serving.wire import Collector, Payload, StreamRenderer, WireFormat
 
 log = logging.getLogger("grokgate.request")
@@ -110,7 +111,7 @@ class Serving:
 
     def __init__(self, admission: Admission, models: ModelTable, metrics: Metrics, *, keepalive: float,
                  max_server_tool_calls: int = 10, server_tool_input_tokens: int = 20_000,
-                 affinity: bool = True) -> None:
+                 affinity: bool = True, response_cache: ResponseCache | None = None) -> None:
         self.admission = admission
         self.models = models
         self.metrics = metrics
@@ -121,6 +122,8 @@ class Serving:
         self.server_tool_input_tokens = server_tool_input_tokens
         # Prompt-cache affinity (serving/affinity.py): a conversation keeps one id, backend and key.
         self.affinity = affinity
+        # The exact response cache (serving/response_cache.py): None when no model opts in.
+        self.response_cache = response_cache
 
     async def serve(self, call: Call, principal: Principal, wire: WireFormat, until_gone: UntilGone) -> Result:
         request = call.request
@@ -190,7 +193,9 @@ class Lifecycle:
         """Start the generation and read its first event (at most one keep-alive interval): a failure here is
         settled and raised, and keeps its HTTP status."""
         try:
-            self.generation = provider.generate(self.call.request, upstream_model)
+            cache = self.serving.response_cache  # a hit replays stored events; a miss records them
+            self.generation = (provider.generate(self.call.request, upstream_model) if cache is None
+                               else cache.generate(provider, self.call.request, upstream_model, self.principal))
             self.pump = Pump(self.generation)
             self.first = await self.pump.next(self.serving.keepalive)
         except BaseException as exc:
@@ -207,7 +212,8 @@ class Lifecycle:
     def streamed(self) -> Streamed:
         assert self.generation is not None
         renderer = self.wire.renderer(self.call.request, self.generation.fingerprint)
-        return Streamed(self, self._stream(renderer), {**self.ticket.headers, **self.overhead_header()})
+        return Streamed(self, self._stream(renderer), {**self.ticket.headers, **cache_headers(self.generation),
+                                                       **self.overhead_header()})
 
     async def _stream(self, renderer: StreamRenderer) -> AsyncGenerator[bytes]:
         framing = self.wire.framing
@@ -264,7 +270,7 @@ class Lifecycle:
         # Zero loss: the settlement is committed before the client receives the answer.
         await self.settle(collector.usage, OK, None)
         await collector.commit()
-        return Collected(body, {**self.ticket.headers, **self.overhead_header()})
+        return Collected(body, {**self.ticket.headers, **cache_headers(self.generation), **self.overhead_header()})
 
     async def _collect(self, collector: Collector, until_gone: UntilGone) -> Payload | None:
         """The whole answer; None if the client went away first (the generation is then stopped)."""

@@ -1,0 +1,287 @@
+"""The exact response cache at the provider seam: a hit replays a stored answer's events through the same
+lifecycle (admission, streaming or collecting, settlement), a miss records the events on their way and stores them
+once the generation completed. The rules and the store are core/response_cache.py's.
+
+Where it sits: `Lifecycle.open` (serving/lifecycle.py) asks `ResponseCache.generate` instead of the provider, after
+admission and after the request was held to its reserved output, so a hit is admitted, limited and settled like
+any request, and streams or collects whichever way it is asked now (a stored stream answers a non-stream request
+and the reverse: what is stored is events, not a wire format). The ledger row, the metrics and the log line of a
+hit name the backend `cache`; core/billing.py prices it by `core/pricing.py cache_hit_cost`.
+
+The key (`canonical_key`): the owner (the calling token, unless the rule's scope is `global`) and the canonical
+request of record/replay (providers/recording.py `canonical_of`, core/cassette.py `canonical`): model, messages or
+Responses input, tools, sampling, n, the caller's output cap, response format, seed; not `stream`,
+`stream_options`, `user`, `metadata`, `store` or the prompt-cache hints, which change how an answer is delivered,
+not what it says. One canonical form for both, so a cached answer and a recorded one match the same requests.
+
+The per-request option travels from the HTTP layer in a context variable (`use_header`, called by api/chat.py and
+api/responses.py for every request, so a value never outlives its request).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import AsyncGenerator, Mapping
+from contextvars import ContextVar
+from typing import Final
+
+import orjson
+from prometheus_client import Counter
+
+from grokgate.core.admission import Principal
+from grokgate.core.events import JSON, Delta, Event, Extra, Finish, Item, JSONObject, Usage, UsageReport
+from grokgate.core.response_cache import (
+    CACHE_BACKEND,
+    CACHE_HEADER,
+    CacheOption,
+    CacheRule,
+    ResponseCacheStore,
+    effective_ttl,
+    is_sampled,
+    parse_option,
+)
+from grokgate.core.responses import owner_of
+from grokgate.observability.metrics import Metrics
+from grokgate.providers.base import EventsGeneration, Generation, Provider
+from grokgate.providers.recording import canonical_of
+from grokgate.schemas.chat import ChatCompletionRequest
+
+log = logging.getLogger("grokgate.cache")
+
+FORMAT: Final = 1  # the stored entry's layout; an entry of another layout is a miss
+
+_OPTION: ContextVar[CacheOption | None] = ContextVar("grokgate_cache_option", default=None)
+
+
+def use_header(value: str | None) -> None:
+    """This request's `x-grokgate-cache` header (None when absent); a bad value is a 400 naming the header. Set
+    for every request, so a value never carries over to the next one served in the same context."""
+    _OPTION.set(parse_option(value))
+
+
+def canonical_key(request: ChatCompletionRequest, owner: str) -> str:
+    """A digest of the owner and what determines the answer (see the module's docstring)."""
+    payload = orjson.dumps([FORMAT, owner, canonical_of(request)], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(payload).hexdigest()
+
+
+# -- stored form ---------------------------------------------------------------------------------------------------
+
+
+def encode(events: list[Event], fingerprint: str) -> bytes:
+    """Events as compact JSON: one short list per event."""
+    rows: list[JSON] = []
+    for event in events:
+        if isinstance(event, Delta):
+            rows.append(["d", event.index, event.content, _json(event.logprobs), _json(event.tool_calls),
+                         event.reasoning_content])
+        elif isinstance(event, Finish):
+            rows.append(["f", event.index, event.reason])
+        elif isinstance(event, UsageReport):
+            u = event.usage
+            rows.append(["u", u.prompt_tokens, u.completion_tokens, u.cached_tokens, u.reasoning_tokens,
+                         u.server_tool_calls, u.estimated])
+        elif isinstance(event, Extra):
+            rows.append(["x", event.fields])
+        else:
+            rows.append(["i", event.index, event.item])
+    return orjson.dumps({"v": FORMAT, "fp": fingerprint, "events": rows})
+
+
+def _json(value: list[JSONObject] | None) -> JSON:
+    return list(value) if value is not None else None
+
+
+def decode(raw: bytes) -> tuple[list[Event], str]:
+    """The events and fingerprint of a stored entry; ValueError for anything else."""
+    try:
+        entry = orjson.loads(raw)
+        if entry["v"] != FORMAT:
+            raise ValueError(f"stored layout {entry['v']!r}")
+        events: list[Event] = []
+        for row in entry["events"]:
+            kind = row[0]
+            if kind == "d":
+                events.append(Delta(row[1], row[2], row[3], row[4], row[5]))
+            elif kind == "f":
+                events.append(Finish(row[1], row[2]))
+            elif kind == "u":
+                events.append(UsageReport(Usage(row[1], row[2], row[3], row[4], row[5], bool(row[6]))))
+            elif kind == "x":
+                events.append(Extra(row[1]))
+            elif kind == "i":
+                events.append(Item(row[1], row[2]))
+            else:
+                raise ValueError(f"unknown event kind {kind!r}")
+        return events, str(entry["fp"])
+    except (KeyError, IndexError, TypeError, orjson.JSONDecodeError) as exc:
+        raise ValueError(f"not a cached answer: {exc}") from None
+
+
+def complete(events: list[Event], choices: int) -> bool:
+    """Whether a generation's events are a whole answer worth replaying: every choice finished, usage reported."""
+    finished = {e.index for e in events if isinstance(e, Finish)}
+    return finished == set(range(choices)) and any(isinstance(e, UsageReport) for e in events)
+
+
+async def _replay(events: list[Event]) -> AsyncGenerator[Event]:
+    for event in events:
+        yield event
+
+
+# -- the cache -----------------------------------------------------------------------------------------------------
+
+
+class ResponseCache:
+    """One per app (app.py): the rules per public model, the store, and its counters."""
+
+    def __init__(self, store: ResponseCacheStore, rules: Mapping[str, CacheRule], metrics: Metrics, *,
+                 max_entry_bytes: int = 4 * 1024 * 1024) -> None:
+        self.store = store
+        self.rules = dict(rules)
+        self.max_entry_bytes = max_entry_bytes
+        self.counter = Counter("grokgate_response_cache", "Exact response cache lookups (hit, miss, error: the "
+                               "store failed, served as a miss), answers stored (stored, not_stored: incomplete "
+                               "or too large) and requests that bypassed it (off, sampled)",
+                               ["model", "result"], registry=metrics.registry)
+
+    def generate(self, provider: Provider, request: ChatCompletionRequest, upstream_model: str,
+                 principal: Principal) -> Generation:
+        """The provider's generation, through the cache when the model's rule and the request allow it."""
+        rule = self.rules.get(request.model)
+        if rule is None:
+            return provider.generate(request, upstream_model)
+        ttl = effective_ttl(rule, _OPTION.get())
+        if ttl is None:
+            self.counter.labels(request.model, "off").inc()
+            return provider.generate(request, upstream_model)
+        if not rule.cache_sampled and is_sampled(request.temperature, request.seed):
+            self.counter.labels(request.model, "sampled").inc()
+            return provider.generate(request, upstream_model)
+        owner = "*" if rule.scope == "global" else owner_of(principal.token_id, principal.key_id)
+        return CachedGeneration(self, provider, request, upstream_model, canonical_key(request, owner), ttl)
+
+    async def lookup(self, key: str, model: str) -> tuple[list[Event], str] | None:
+        try:
+            raw = await self.store.get(key)
+        except Exception:  # the cache is an optimisation: a store failure is a miss, counted and logged
+            log.warning("response cache lookup failed", exc_info=True)
+            self.counter.labels(model, "error").inc()
+            return None
+        if raw is not None:
+            try:
+                found = decode(raw)
+            except ValueError:
+                log.warning("response cache entry unreadable; served as a miss", exc_info=True)
+            else:
+                self.counter.labels(model, "hit").inc()
+                return found
+        self.counter.labels(model, "miss").inc()
+        return None
+
+    async def keep(self, key: str, model: str, ttl: int, events: list[Event], fingerprint: str,
+                   choices: int) -> None:
+        if not complete(events, choices):
+            self.counter.labels(model, "not_stored").inc()
+            return
+        raw = encode(events, fingerprint)
+        if len(raw) > self.max_entry_bytes:
+            self.counter.labels(model, "not_stored").inc()
+            return
+        try:
+            await self.store.put(key, raw, ttl)
+        except Exception:
+            log.warning("response cache store failed", exc_info=True)
+            self.counter.labels(model, "error").inc()
+            return
+        self.counter.labels(model, "stored").inc()
+
+    async def close(self) -> None:
+        await self.store.close()
+
+
+class CachedGeneration:
+    """A `Generation` that looks its answer up on its first step: a hit replays the stored events (an
+    `EventsGeneration` whose backend is `cache`), a miss opens the provider's generation and records its events,
+    storing them when it ends normally. `cache_status` is `hit` or `miss` once the first step ran."""
+
+    __slots__ = ("_cache", "_closed", "_inner", "_key", "_provider", "_recorded", "_request", "_ttl",
+                 "_upstream_model", "cache_status")
+
+    def __init__(self, cache: ResponseCache, provider: Provider, request: ChatCompletionRequest,
+                 upstream_model: str, key: str, ttl: int) -> None:
+        self._cache = cache
+        self._provider = provider
+        self._request = request
+        self._upstream_model = upstream_model
+        self._key = key
+        self._ttl = ttl
+        self._inner: Generation | None = None
+        self._recorded: list[Event] | None = None
+        self._closed = False
+        self.cache_status: str | None = None
+
+    @property
+    def backend(self) -> str:
+        return self._inner.backend if self._inner is not None else self._provider.name
+
+    @property
+    def fingerprint(self) -> str:
+        return self._inner.fingerprint if self._inner is not None else self._provider.fingerprint
+
+    def usage_so_far(self) -> Usage | None:
+        return self._inner.usage_so_far() if self._inner is not None else None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {CACHE_HEADER: self.cache_status} if self.cache_status is not None else {}
+
+    def __aiter__(self) -> CachedGeneration:
+        return self
+
+    async def _open(self) -> Generation:
+        found = await self._cache.lookup(self._key, self._request.model)
+        if self._closed:  # closed while the lookup ran
+            raise StopAsyncIteration
+        if found is not None:
+            events, fingerprint = found
+            self.cache_status = "hit"
+            self._inner = EventsGeneration(_replay(events), CACHE_BACKEND, fingerprint)
+        else:
+            self.cache_status = "miss"
+            self._inner = self._provider.generate(self._request, self._upstream_model)
+            self._recorded = []
+        return self._inner
+
+    async def __anext__(self) -> Event:
+        inner = self._inner
+        if inner is None:
+            if self._closed:
+                raise StopAsyncIteration
+            inner = await self._open()
+        try:
+            event = await inner.__anext__()
+        except StopAsyncIteration:
+            recorded, self._recorded = self._recorded, None
+            if recorded is not None:  # a miss that ended normally: keep the answer for the next caller
+                await self._cache.keep(self._key, self._request.model, self._ttl, recorded, inner.fingerprint,
+                                       self._request.choices)
+            raise
+        except BaseException:
+            self._recorded = None  # a failure is never cached
+            raise
+        if self._recorded is not None:
+            self._recorded.append(event)
+        return event
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._recorded = None  # a generation closed before its end is incomplete: nothing to keep
+        if self._inner is not None:
+            await self._inner.aclose()
+
+
+def cache_headers(generation: Generation | None) -> dict[str, str]:
+    """`x-grokgate-cache: hit | miss` for a generation that went through the cache; nothing otherwise."""
+    return generation.headers if isinstance(generation, CachedGeneration) else {}
