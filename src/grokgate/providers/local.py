@@ -209,6 +209,8 @@ class LocalEngine:
         threads: int = 1,
         slots: int = 4,
         ctx_per_slot: int = 4096,
+        slot_prompt_similarity: float = 0.1,
+        prompt_cache_ram_mib: int = 8192,
         verbose: bool = False,
         progress: Progress | None = None,
     ) -> None:
@@ -218,6 +220,8 @@ class LocalEngine:
         self._threads = threads
         self._slots = slots
         self._ctx_per_slot = ctx_per_slot
+        self._slot_prompt_similarity = slot_prompt_similarity
+        self._prompt_cache_ram_mib = prompt_cache_ram_mib
         self._verbose = verbose
         self._progress = progress  # called while a catalog model is assembled (default: a log line per 10%)
         self._server: Any = None
@@ -279,6 +283,12 @@ class LocalEngine:
         params.n_ctx = self._slots * self._ctx_per_slot
         params.cpuparams.n_threads = self._threads
         params.cpuparams_batch.n_threads = self._threads
+        # A conversation's next turn goes to the slot holding its prefix when that slot is idle (llama.cpp picks
+        # by prompt similarity among idle slots; grokgate's fair queue still decides who runs next), and what a
+        # slot evicts stays restorable from host memory. Seeded and temperature-0 requests skip the cache
+        # (`cache_prompt: false`), so their reproducibility is unaffected.
+        params.slot_prompt_similarity = self._slot_prompt_similarity
+        params.cache_ram_mib = self._prompt_cache_ram_mib
         params.verbosity = 3 if self._verbose else -1
         # xllamacpp always opens llama.cpp's own HTTP listener and offers no switch to turn it off. Bind it
         # to a Unix socket in a private (0700) directory and require a random key nobody knows, so nothing
