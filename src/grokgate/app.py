@@ -105,7 +105,9 @@ def create_app(
         admission, store = build_accounts(settings)
     admission = admission or StaticKeyAdmission(settings.api_keys)
     metrics = Metrics()
-    response_cache = build_response_cache(settings, metrics)
+    # Replaying answers from cassettes, in their recorded order: a cache in front would repeat the first one (and
+    # read the routing file pure replay does without).
+    response_cache = None if settings.replay_dir else build_response_cache(settings, metrics)
     serving = Serving(admission, models, metrics, keepalive=settings.keepalive_seconds,
                       max_server_tool_calls=settings.max_server_tool_calls,
                       server_tool_input_tokens=settings.server_tool_input_tokens,

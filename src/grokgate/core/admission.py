@@ -73,6 +73,11 @@ def bearer_token(authorization: str | None) -> str:
     return token
 
 
+def static_key_id(token: str, prefix: str = "key") -> str:
+    """A static (settings) token's id in logs, limits and scopes: a short digest of it, never the token."""
+    return f"{prefix}-{hashlib.sha256(token.encode()).hexdigest()[:12]}"
+
+
 def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
@@ -91,7 +96,10 @@ class StaticKeyAdmission:
     """Tokens from settings, compared in constant time by their sha256 digests; no limits, no billing."""
 
     def __init__(self, tokens: list[str]) -> None:
-        self._digests = [(_digest(t), f"key-{i}") for i, t in enumerate(tokens)]
+        # The id names the key by a digest of it, not by its place in the list: stored responses and cached
+        # answers are scoped by it, and must not pass to another key that takes the same place (after an edit
+        # of GROKGATE_API_KEYS, or on another replica sharing Redis). 48 bits of a sha256: safe to log.
+        self._digests = [(_digest(t), static_key_id(t)) for t in tokens]
 
     async def authenticate(self, authorization: str | None) -> Principal:
         presented = _digest(bearer_token(authorization))

@@ -131,7 +131,8 @@ class AccountAdmission:
     async def authenticate(self, authorization: str | None) -> Principal:
         token_hash = hash_token(bearer_token(authorization))
         if self.is_admin(token_hash):
-            return Principal(key_id="admin", admin=True)
+            # Each admin token its own id (stored responses and cached answers are scoped by it).
+            return Principal(key_id=f"admin-{token_hash[:12]}", admin=True)
         record = await self.store.find_token(token_hash)
         if record is None:
             raise GatewayError(401, "invalid_token", "The specified token is invalid or wrong.")

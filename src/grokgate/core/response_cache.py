@@ -66,8 +66,10 @@ def parse_option(value: str | None) -> CacheOption | None:
     if text in ("off", "no-store", "bypass"):
         return OFF
     name, sep, number = text.partition("=")
-    if sep and name.strip() == "ttl" and number.strip().isdigit() and len(number.strip()) <= 9:
-        ttl = int(number.strip())
+    number = number.strip()
+    # ASCII digits only: str.isdigit() also takes '²' and '①', which int() refuses.
+    if sep and name.strip() == "ttl" and number.isascii() and number.isdigit() and len(number) <= 9:
+        ttl = int(number)
         if 1 <= ttl <= MAX_TTL_SECONDS:
             return CacheOption(ttl=ttl)
     raise bad_request(f"The {CACHE_HEADER} header must be 'off' or 'ttl=SECONDS' (1 to {MAX_TTL_SECONDS}).",

@@ -326,11 +326,33 @@ class Replayer:
         key = request_key(wanted)
         exchange = self.store.next(cassette, key)
         if exchange is not None:
+            overflow = _beyond_cap(exchange, request)
+            if overflow is not None:  # more output than this request's reservation paid for
+                return ReplayGeneration(None, overflow, self.timing)
             return ReplayGeneration(exchange, None, self.timing)
         if self.live is not None:
             return RecordingGeneration(self.live.generate(request, upstream_model), self.store, cassette, wanted)
         recorded = [e[0].request for e in self.store.recordings(cassette).values()]
         return ReplayGeneration(None, miss(cassette, recorded, wanted), self.timing)
+
+
+def _beyond_cap(exchange: Exchange, request: ChatCompletionRequest) -> GatewayError | None:
+    """A recording made without an output cap (an admin or static key is held to none) can carry more output per
+    choice than the replaying request reserved; replayed as it is, it would cost more than its reservation. It is
+    refused instead, saying how to match it."""
+    limit = request.output_limit
+    if limit is None:
+        return None
+    for data in exchange.events:
+        usage = data.get("usage")
+        if isinstance(usage, dict):
+            completion = usage.get("completion_tokens")
+            if isinstance(completion, int) and completion > limit * max(request.choices, 1):
+                return GatewayError(
+                    400, "bad_request", f"The recorded answer has {completion} output tokens, more than this "
+                    f"request's cap of {limit} per choice allows: send max_tokens (max_output_tokens) of at least "
+                    f"{-(-completion // max(request.choices, 1))}, or record with the same cap.", param="max_tokens")
+    return None
 
 
 def record_models(models: ModelTable, directory: Path) -> ModelTable:

@@ -206,7 +206,7 @@ class CachedGeneration:
     `EventsGeneration` whose backend is `cache`), a miss opens the provider's generation and records its events,
     storing them when it ends normally. `cache_status` is `hit` or `miss` once the first step ran."""
 
-    __slots__ = ("_cache", "_closed", "_inner", "_key", "_provider", "_recorded", "_request", "_ttl",
+    __slots__ = ("_cache", "_closed", "_inner", "_key", "_provider", "_recorded", "_recorded_size", "_request", "_ttl",
                  "_upstream_model", "cache_status")
 
     def __init__(self, cache: ResponseCache, provider: Provider, request: ChatCompletionRequest,
@@ -219,6 +219,7 @@ class CachedGeneration:
         self._ttl = ttl
         self._inner: Generation | None = None
         self._recorded: list[Event] | None = None
+        self._recorded_size = 0
         self._closed = False
         self.cache_status: str | None = None
 
@@ -252,6 +253,7 @@ class CachedGeneration:
             self.cache_status = "miss"
             self._inner = self._provider.generate(self._request, self._upstream_model)
             self._recorded = []
+            self._recorded_size = 0
         return self._inner
 
     async def __anext__(self) -> Event:
@@ -272,7 +274,14 @@ class CachedGeneration:
             self._recorded = None  # a failure is never cached
             raise
         if self._recorded is not None:
-            self._recorded.append(event)
+            # A rough size as the answer grows: past the bound of one entry it could never be kept, so it is
+            # not held either (a large n x max_tokens miss must not sit in memory only to be refused at its end).
+            self._recorded_size += _rough_size(event)
+            if self._recorded_size > self._cache.max_entry_bytes:
+                self._recorded = None
+                self._cache.counter.labels(self._request.model, "not_stored").inc()
+            else:
+                self._recorded.append(event)
         return event
 
     async def aclose(self) -> None:
@@ -280,6 +289,18 @@ class CachedGeneration:
         self._recorded = None  # a generation closed before its end is incomplete: nothing to keep
         if self._inner is not None:
             await self._inner.aclose()
+
+
+def _rough_size(event: Event) -> int:
+    """About the bytes an event takes in a stored entry (its text and tool-call fragments, plus framing)."""
+    if isinstance(event, Delta):
+        size = 64 + len(event.content or "") + len(event.reasoning_content or "")
+        for call in event.tool_calls or ():
+            function = call.get("function")
+            if isinstance(function, dict):
+                size += len(str(function.get("arguments") or "")) + len(str(function.get("name") or ""))
+        return size
+    return 128
 
 
 def cache_headers(generation: Generation | None) -> dict[str, str]:
