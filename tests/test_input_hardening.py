@@ -246,7 +246,7 @@ def test_big_integer_in_tool_parameters_on_the_local_engine(local: Server) -> No
 
 
 SCHEMAS_LLAMA_REFUSES = [
-    ("unknown type", {"tools": [tool({"type": "nonsense"})]}, "tools"),
+    ("unknown type", {"tools": [tool({"type": "nonsense"})]}, "tools[0].function.parameters"),  # not an object
     ("unresolvable $ref", {"tools": [tool({"$ref": "#/nowhere"})]}, "tools"),
     ("bound overflowing int64 inside llama.cpp", {"tools": [tool(int_property(exclusiveMinimum=INT64_MIN))]}, "tools"),
     ("maxLength beyond its range", {"tools": [tool({"type": "object", "properties": {

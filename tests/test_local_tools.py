@@ -189,7 +189,8 @@ def test_tool_choice_modes(client: openai.OpenAI) -> None:
         tool = {"type": "function", "function": {"name": "f", "parameters": broken}}
         with pytest.raises(openai.BadRequestError) as info:
             chat(client, tools=[tool], max_tokens=8)
-        assert info.value.body["param"] == "tools"  # type: ignore[index]
+        # A type other than object is refused up front, naming the schema; an unresolvable one by the engine.
+        assert info.value.body["param"] in ("tools", "tools[0].function.parameters")  # type: ignore[index]
 
 
 @pytest.mark.e2e

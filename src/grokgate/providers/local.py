@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from grokgate.core.errors import GatewayError, bad_request
 from grokgate.core.events import Delta, Event, Finish, Usage, UsageReport
 from grokgate.core.fairqueue import FairQueue
@@ -31,6 +33,7 @@ from grokgate.providers.base import BackendStatus, register
 from grokgate.providers.local_errors import ENGINE_FAILED, engine_error, refused
 from grokgate.providers.local_tools import (
     PROBE_MARK,
+    TEXT_ONLY_GRAMMAR,
     ToolCallParser,
     ToolPlan,
     check_arguments,
@@ -172,19 +175,21 @@ class LocalGeneration:
         # The prompt is shared by the choices, so it is counted once; outputs add up.
         reports = [j.usage for j in self._jobs if j.usage is not None]
         first = max(reports, key=lambda u: u.prompt_tokens, default=Usage())
-        return Usage(
+        usage = Usage(
             prompt_tokens=first.prompt_tokens,
             cached_tokens=first.cached_tokens,
             completion_tokens=sum(j.usage.completion_tokens if j.usage else j.generated for j in self._jobs),
         )
+        if usage.prompt_tokens == 0 and any(j.started for j in self._jobs):
+            # llama.cpp reports usage only at the end of a job: a job stopped early (the client left, or a
+            # repeated tool call ended it) has its prompt estimated from its length, and the row says so.
+            usage.prompt_tokens = self._prompt_estimate
+            usage.estimated = True
+        return usage
 
     def usage_so_far(self) -> Usage:
-        """What was consumed up to now, for a request that ends early (llama.cpp reports usage only at the
-        end of a job, so the prompt of a cut job is estimated from its length)."""
-        usage = self._merged_usage()
-        if usage.prompt_tokens == 0 and any(j.started for j in self._jobs):
-            usage.prompt_tokens = self._prompt_estimate
-        return usage
+        """What was consumed up to now, for a request that ends early."""
+        return self._merged_usage()
 
     async def aclose(self) -> None:
         if self._closed:
@@ -243,7 +248,7 @@ class LocalEngine:
         self._load_error: str | None = None
         self._loading: asyncio.Task[None] | None = None
         self._socket_dir: str | None = None
-        self._grammars: dict[str, bool] = {}  # tools grammars: whether the engine enforces each
+        self._grammars: dict[bytes, bool] = {}  # tools grammars: whether the engine enforces each
         self.resolved_model: Path | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -392,7 +397,9 @@ class LocalEngine:
             if request.seed is not None:
                 payload["seed"] = (request.seed + index) & 0xFFFFFFFF
             jobs.append(_Job(index, payload, loop, queue, exclusive=not payload["cache_prompt"], plan=plan))
-        generation = LocalGeneration(self, jobs, queue, estimate_prompt_tokens(request.prompt_chars))
+        # The tools are rendered into the prompt too (providers/local_tools.py): their JSON counts.
+        tools_chars = len(orjson.dumps([t.model_dump(exclude_none=True) for t in request.tools or ()]))
+        generation = LocalGeneration(self, jobs, queue, estimate_prompt_tokens(request.prompt_chars + tools_chars))
         self._queue.put_group(id(generation), jobs)
         return generation
 
@@ -429,7 +436,8 @@ class LocalEngine:
 
     def _grammar_ok(self, grammar: str) -> bool:
         """Whether the engine enforces this tools grammar (providers/local_tools.py probe_grammar); remembered."""
-        known = self._grammars.get(grammar)
+        key = hashlib.sha256(grammar.encode()).digest()  # not the text: a client's schemas can be megabytes
+        known = self._grammars.get(key)
         if known is None:
             probe = {"prompt": "x", "grammar": probe_grammar(grammar), "max_tokens": 1, "temperature": 0,
                      "cache_prompt": False}
@@ -437,7 +445,7 @@ class LocalEngine:
             known = str(choices[0].get("text", "")).startswith(PROBE_MARK[0])
             if len(self._grammars) > 256:
                 self._grammars.clear()
-            self._grammars[grammar] = known
+            self._grammars[key] = known
         return known
 
     def _enter(self, exclusive: bool) -> None:
@@ -491,9 +499,12 @@ def _payload(request: ChatCompletionRequest, upstream_model: str) -> dict[str, A
     if request.output_limit is not None:
         payload["max_tokens"] = request.output_limit
     if request.stop_list:
-        payload["stop"] = request.stop_list
+        payload["stop"] = request.stop_list  # never with a tool plan: check_tools refuses the pair
     if plan is not None:  # `tools` are not sent: grokgate renders them and constrains the calls itself
         payload["grammar"] = plan.grammar()
+    elif request.tools and request.response_format is None:
+        # tool_choice none: no call may happen, and none may be written out as text either.
+        payload["grammar"] = TEXT_ONLY_GRAMMAR
     if request.response_format is not None:
         payload["response_format"] = request.response_format.model_dump(exclude_none=True, by_alias=True)
     # The prompt cache reuses KV state across requests, which changes the numbers and so the text:

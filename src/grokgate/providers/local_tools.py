@@ -47,6 +47,8 @@ _TOOLS_OUTRO = ("\n</tools>\n\nFor each function call, return a json object with
 # A text answer under `auto`: not starting like a call or a bare JSON value, and no `{"` anywhere (whitespace
 # between them included) — the shapes in which a small model writes a call as text.
 _TEXT_RULE = r'text: /[^<`{\[\s(](?:[^{]|\{\s*[^\s"{])*(?:\{\s*)?/'
+# tool_choice "none" with tools: a text answer only, with the same rule (the history may show calls to imitate).
+TEXT_ONLY_GRAMMAR = "%llguidance {}\nstart: text\n" + _TEXT_RULE + "\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +72,8 @@ class ToolPlan:
             head = _lark_string(f'{OPEN}\n{{"name": {_json(name)}, "arguments": ')
             lines.append(f"call{i}: {head} args{i} {_lark_string('}' + chr(10) + CLOSE)}")
             parameters = by_name[name].get("parameters") or {"type": "object", "properties": {}}
+            if "type" not in parameters:  # properties without a type: still an object (check_tools refuses others)
+                parameters = {"type": "object", **parameters}
             lines.append(f"args{i}: %json {_json(parameters)}")
         return "\n".join(lines) + "\n"
 
@@ -105,8 +109,21 @@ def tool_plan(request: ChatCompletionRequest) -> ToolPlan | None:
 def check_tools(request: ChatCompletionRequest) -> None:
     """Refuse, naming the field, the tool requests the engine cannot honour."""
     tools = [t.model_dump(exclude_none=True) for t in request.tools or ()]
-    if (why := choice_error(tools, _dump(request.tool_choice))) is not None:
+    choice = _dump(request.tool_choice)
+    if (why := choice_error(tools, choice)) is not None:
         raise bad_request(why, "tool_choice")
+    if choice == "required" and not tools:
+        raise bad_request("tool_choice 'required' needs `tools`.", "tool_choice")
+    for i, tool in enumerate(tools):
+        parameters = tool.get("function", {}).get("parameters")
+        if parameters is not None and parameters.get("type", "object") != "object":
+            # Arguments are a JSON object (OpenAI refuses other schemas too); the call's decoder relies on it.
+            raise bad_request("A function's parameters must be a JSON schema of type 'object'.",
+                              f"tools[{i}].function.parameters")
+    if tool_plan(request) is not None and request.stop_list:
+        # A stop sequence can end the answer inside a call's arguments, leaving JSON that does not parse.
+        raise bad_request("The local engine cannot apply stop sequences together with function tools: drop "
+                          "`stop`, or set tool_choice to 'none'.", "stop")
     if tool_plan(request) is not None and request.response_format is not None \
             and request.response_format.type != "text":
         # Both are grammars, and the engine applies one per request.

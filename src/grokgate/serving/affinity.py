@@ -38,7 +38,7 @@ from grokgate.schemas.chat import ChatCompletionRequest, Message
 DERIVED_PREFIX = "gg-"  # a derived id; 35 characters in all, within OpenAI's 64
 # The client's id is used as it is where it can travel as an HTTP header value (printable ASCII); otherwise its
 # hash does, so a body field with a newline or non-ASCII text never becomes a broken or injected header.
-MAX_HEADER_ID = 128
+MAX_HEADER_ID = 64  # OpenAI refuses a longer prompt_cache_key (400, not retried): a longer id goes hashed
 
 
 def assign(request: ChatCompletionRequest, principal: Principal, *, enabled: bool = True) -> None:
@@ -61,7 +61,8 @@ def header_safe(value: str) -> str:
 
 def derived_key(messages: list[Message], principal: Principal) -> str:
     """A stable id for a conversation: its caller's scope + its first system and first user message."""
-    system = next((m for m in messages if m.role in ("system", "developer")), None)
+    # Only a leading system message: one a framework inserts in a later turn must not change the id.
+    system = messages[0] if messages[0].role in ("system", "developer") else None
     user = next((m for m in messages if m.role == "user"), None)
     opening = [(m.role, _content(m)) for m in (system, user) if m is not None] or [(messages[0].role,
                                                                                   _content(messages[0]))]

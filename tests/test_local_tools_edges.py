@@ -1,0 +1,102 @@
+"""Edges of local tool calls and affinity a review found (each failed before its fix); offline, no model."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from grokgate.core.admission import Principal
+from grokgate.core.errors import GatewayError
+from grokgate.providers.local import LocalEngine, LocalGeneration, _Job, _payload
+from grokgate.providers.local_tools import TEXT_ONLY_GRAMMAR, check_tools, plan_tools
+from grokgate.schemas.chat import ChatCompletionRequest
+
+W = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def request(**fields: Any) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate(
+        {"model": "grok-3", "messages": [{"role": "user", "content": "Weather in Paris?"}], **fields})
+
+
+def chunk(text: str) -> dict[str, Any]:
+    return {"choices": [{"delta": {"content": text}, "finish_reason": None}]}
+
+
+def test_a_repeated_call_stopped_early_still_bills_its_prompt() -> None:
+    """The parser ends a repeated call by aborting the job, so llama.cpp sends no usage: the prompt is estimated
+    and marked so (before: prompt_tokens 0, unmarked, billed as such)."""
+    async def run() -> None:
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        job = _Job(0, {}, asyncio.get_running_loop(), queue, exclusive=False, plan=plan_tools([W], "required", None))
+        job.started = True
+        assert any([job.on_chunk(chunk(piece)) for piece in (CALL, "\n", CALL)])  # aborted at the repeat
+        generation = LocalGeneration(engine=None, jobs=[job], queue=queue, prompt_estimate=150)  # type: ignore[arg-type]
+        usage = generation._merged_usage()
+        assert usage.prompt_tokens == 150 and usage.estimated
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"tools": [W], "stop": ["Paris"]}, "stop"),  # a stop inside a call's arguments would leave broken JSON
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "integer"}}}]},
+     "tools[0].function.parameters"),  # arguments are an object (before: "37" decoded as "3")
+    ({"tool_choice": "required"}, "tool_choice"),  # nothing to call
+])
+def test_tool_requests_the_engine_cannot_honour_are_400(fields: dict[str, Any], param: str) -> None:
+    with pytest.raises(GatewayError) as refused:
+        check_tools(request(**fields))
+    assert refused.value.status == 400 and refused.value.param == param
+
+
+def test_stop_with_tool_choice_none_is_fine() -> None:
+    check_tools(request(tools=[W], tool_choice="none", stop=["Paris"]))
+
+
+def test_tool_choice_none_still_keeps_calls_out_of_the_text() -> None:
+    """With tools and `none`, the answer is held to text that cannot spell a call (before: no grammar at all, and
+    the model wrote the call's JSON into content after a round trip)."""
+    payload = _payload(request(tools=[W], tool_choice="none"), "grok-3")
+    assert payload.get("grammar") == TEXT_ONLY_GRAMMAR
+
+
+def test_the_grammar_memo_keeps_digests_not_schemas() -> None:
+    engine = LocalEngine(model_path=None, cache_dir=Path("/nonexistent"))
+
+    class Server:
+        def handle_completions(self, probe: dict[str, Any]) -> dict[str, Any]:
+            return {"choices": [{"text": "\u00a7"}]}
+
+    engine._server = Server()
+    for i in range(20):
+        engine._grammar_ok(f"%llguidance {{}}\nstart: call\n{i}{'x' * 200_000}")
+    assert sum(len(k) for k in engine._grammars) <= 20 * 32  # before: 4 MB of grammar text held
+
+
+def test_a_long_conversation_id_is_hashed_to_openais_limit() -> None:
+    from grokgate.providers.openai_compat import BackendConfig, OpenAICompatBackend
+    from grokgate.serving.affinity import assign
+
+    chat = request()
+    chat.with_conversation_id("c" * 100)
+    assign(chat, Principal(key_id="key-0"))
+    opted = OpenAICompatBackend(BackendConfig(name="openai", base_url="http://127.0.0.1:9/v1", prompt_cache_key=True))
+    assert len(opted.payload(chat, "m", False)["prompt_cache_key"]) <= 64
+
+
+def test_a_system_message_added_later_keeps_the_conversation_id() -> None:
+    from grokgate.serving.affinity import derived_key
+
+    who = Principal(key_id="key-0", token_id=1)
+    first = request().messages
+    later = request(messages=[{"role": "user", "content": "Weather in Paris?"},
+                              {"role": "assistant", "content": "Sunny."},
+                              {"role": "system", "content": "Be brief."},
+                              {"role": "user", "content": "And Rome?"}]).messages
+    assert derived_key(first, who) == derived_key(later, who)
