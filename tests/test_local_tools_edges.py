@@ -100,3 +100,20 @@ def test_a_system_message_added_later_keeps_the_conversation_id() -> None:
                               {"role": "system", "content": "Be brief."},
                               {"role": "user", "content": "And Rome?"}]).messages
     assert derived_key(first, who) == derived_key(later, who)
+
+
+@pytest.mark.parametrize(("text", "allowed"), [
+    ("It is sunny in Paris today.", True),
+    ('Sure: {"name": "get_weather", "arguments": {"city": "Paris"}}', False),
+    ('Here:\n```json\n{\n  name: "get_weather",\n  arguments: {city: "Paris"}\n}\n```', False),  # unquoted keys
+    ("```python\nprint(1)\n```", False),  # cannot start like a fence
+])
+def test_text_under_auto_cannot_spell_a_call(text: str, allowed: bool) -> None:
+    """The text branch of `auto` (and of `none` with tools) as the grammar states it (before: only `{"` was
+    refused, and a call with unquoted keys came through as content)."""
+    import re
+
+    from grokgate.providers.local_tools import _TEXT_RULE
+
+    pattern = _TEXT_RULE.split("/", 1)[1].rsplit("/", 1)[0]
+    assert (re.fullmatch(pattern, text, re.DOTALL) is not None) is allowed

@@ -44,9 +44,10 @@ _TOOLS_OUTRO = ("\n</tools>\n\nFor each function call, return a json object with
                 "within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, "
                 "\"arguments\": <args-json-object>}\n</tool_call>")
 
-# A text answer under `auto`: not starting like a call or a bare JSON value, and no `{"` anywhere (whitespace
-# between them included) — the shapes in which a small model writes a call as text.
-_TEXT_RULE = r'text: /[^<`{\[\s(](?:[^{]|\{\s*[^\s"{])*(?:\{\s*)?/'
+# A text answer under `auto` (and `none` with tools): not starting like a call or a bare JSON value, and no `{` at
+# all. A small model writes a call as text in many shapes (quoted keys, unquoted keys, in a fence); forbidding only
+# `{"` let `{ name: "get_weather", ... }` through at high temperature. The cost: such text answers carry no braces.
+_TEXT_RULE = r'text: /[^<`{\[\s(][^{]*/'
 # tool_choice "none" with tools: a text answer only, with the same rule (the history may show calls to imitate).
 TEXT_ONLY_GRAMMAR = "%llguidance {}\nstart: text\n" + _TEXT_RULE + "\n"
 
