@@ -21,11 +21,12 @@ it); a client's own `prompt_cache_key` is forwarded as it was sent, as any field
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -274,7 +275,7 @@ class OpenAICompatBackend:
     async def _events(self, response: aiohttp.ClientResponse) -> AsyncGenerator[Event]:
         usage: dict[str, Any] | None = None
         done = False
-        try:
+        with reading_stream(response):
             async for line in sse_lines(response):
                 if done or not line.startswith(b"data:"):
                     continue  # comments (keep-alives), event names, and whatever follows [DONE]
@@ -294,14 +295,6 @@ class OpenAICompatBackend:
                     yield Extra(extras)
                 for event in _choice_events(chunk.get("choices") or (), delta_key="delta"):
                     yield event
-        except TimeoutError:
-            raise GatewayError(504, "timeout", "The upstream went silent for too long.") from None
-        except (aiohttp.ClientError, OSError):
-            raise GatewayError(502, "api_error", "The upstream connection broke mid-stream.") from None
-        except orjson.JSONDecodeError:
-            raise GatewayError(502, "api_error", "The upstream sent an event that is not JSON.") from None
-        finally:
-            release(response)
         if usage is not None:
             yield UsageReport(normalise_usage(usage))
 
@@ -316,6 +309,22 @@ class OpenAICompatBackend:
             yield event
         if body.get("usage"):
             yield UsageReport(normalise_usage(body["usage"]))
+
+
+@contextlib.contextmanager
+def reading_stream(response: aiohttp.ClientResponse) -> Iterator[None]:
+    """Reading a streamed reply (chat chunks here, Responses events in providers/xai.py): its failures become the
+    upstream's errors in our envelope, and the connection is released however the read ends."""
+    try:
+        yield
+    except TimeoutError:
+        raise GatewayError(504, "timeout", "The upstream went silent for too long.") from None
+    except (aiohttp.ClientError, OSError):
+        raise GatewayError(502, "api_error", "The upstream connection broke mid-stream.") from None
+    except orjson.JSONDecodeError:
+        raise GatewayError(502, "api_error", "The upstream sent an event that is not JSON.") from None
+    finally:
+        release(response)
 
 
 async def read_json(response: aiohttp.ClientResponse) -> Any:

@@ -40,8 +40,8 @@ from grokgate.core.cassette import (
     request_key,
 )
 from grokgate.core.errors import GatewayError
-from grokgate.core.events import Event, JSONObject, Usage, UsageReport
-from grokgate.providers.base import BackendStatus, Generation, ModelTable, Provider, Route
+from grokgate.core.events import Event, JSONObject, Usage
+from grokgate.providers.base import BackendStatus, EventsGeneration, Generation, ModelTable, Provider, Route
 from grokgate.schemas.chat import ChatCompletionRequest
 
 log = logging.getLogger("grokgate.replay")
@@ -233,38 +233,15 @@ class Recorder(_Delegating):
                                    canonical_of(request))
 
 
-class ReplayGeneration:
+class ReplayGeneration(EventsGeneration):
     """A recorded exchange played back: its events (at their recorded times, or at once), then its error."""
 
     def __init__(self, exchange: Exchange | None, failure: GatewayError | None, timing: Timing) -> None:
         self._exchange = exchange
         self._failure = failure
         self._timing = timing
-        self._usage: Usage | None = None
-        self._events = self._play()
-
-    @property
-    def backend(self) -> str:
-        return f"replay:{self._exchange.backend}" if self._exchange is not None else "replay"
-
-    @property
-    def fingerprint(self) -> str:
-        return self._exchange.fingerprint if self._exchange is not None else "fp_replay"
-
-    def usage_so_far(self) -> Usage | None:
-        return self._usage
-
-    def __aiter__(self) -> ReplayGeneration:
-        return self
-
-    async def __anext__(self) -> Event:
-        event = await self._events.__anext__()
-        if isinstance(event, UsageReport):
-            self._usage = event.usage
-        return event
-
-    async def aclose(self) -> None:
-        await self._events.aclose()
+        super().__init__(self._play(), f"replay:{exchange.backend}" if exchange is not None else "replay",
+                         exchange.fingerprint if exchange is not None else "fp_replay")
 
     async def _play(self) -> AsyncGenerator[Event]:
         if self._failure is not None:

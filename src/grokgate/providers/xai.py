@@ -55,7 +55,7 @@ from grokgate.providers.openai_compat import (
     BackendConfig,
     OpenAICompatBackend,
     read_json,
-    release,
+    reading_stream,
     server_tools_refused,
     sse_lines,
 )
@@ -299,7 +299,7 @@ def _error_text(error: Any) -> str:
 async def sse_events(response: aiohttp.ClientResponse) -> AsyncGenerator[Event]:
     """A streamed reply: `event:` + `data:` frames; the type is read from the data."""
     reply = _Reply()
-    try:
+    with reading_stream(response):
         async for line in sse_lines(response):
             if not line.startswith(b"data:"):
                 continue  # event names, comments (keep-alives)
@@ -310,14 +310,6 @@ async def sse_events(response: aiohttp.ClientResponse) -> AsyncGenerator[Event]:
             if isinstance(event, dict):
                 for out in reply.stream_event(event):
                     yield out
-    except TimeoutError:
-        raise GatewayError(504, "timeout", "The upstream went silent for too long.") from None
-    except (aiohttp.ClientError, OSError):
-        raise GatewayError(502, "api_error", "The upstream connection broke mid-stream.") from None
-    except orjson.JSONDecodeError:
-        raise GatewayError(502, "api_error", "The upstream sent an event that is not JSON.") from None
-    finally:
-        release(response)
 
 
 async def json_events(response: aiohttp.ClientResponse) -> AsyncGenerator[Event]:
