@@ -117,3 +117,9 @@ def test_text_under_auto_cannot_spell_a_call(text: str, allowed: bool) -> None:
 
     pattern = _TEXT_RULE.split("/", 1)[1].rsplit("/", 1)[0]
     assert (re.fullmatch(pattern, text, re.DOTALL) is not None) is allowed
+
+
+def test_a_named_function_is_one_call() -> None:
+    plan = plan_tools([W], {"type": "function", "function": {"name": "get_weather"}}, None)
+    assert plan is not None and plan.forced and not plan.parallel
+    assert '("\\n" call)*' not in plan.grammar()  # one call, not a list of them

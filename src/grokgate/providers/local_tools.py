@@ -88,7 +88,9 @@ def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel: b
     names = [t["function"]["name"] for t in functions]
     forced = tool_choice == "required"
     if isinstance(tool_choice, dict):
-        names, forced = [tool_choice["function"]["name"]], True
+        # A named function is one call to it, as OpenAI answers it (a small model would otherwise call it again
+        # with other arguments until its output cap).
+        return ToolPlan(tools=functions, names=[tool_choice["function"]["name"]], forced=True, parallel=False)
     return ToolPlan(tools=functions, names=names, forced=forced, parallel=parallel is not False)
 
 
