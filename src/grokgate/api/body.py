@@ -14,10 +14,11 @@ Two guards sit around pydantic's validation; on an ordinary body each costs one 
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pydantic_core
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from pydantic_core import SchemaValidator
 from pydantic_core import core_schema as cs
 from starlette.requests import Request
@@ -26,6 +27,8 @@ from grokgate.api.errors import validation_error
 from grokgate.core.errors import GatewayError, bad_request
 from grokgate.schemas.chat import INT64_MAX, INT64_MIN, MAX_STOP, MAX_TOOLS, ChatCompletionRequest
 from grokgate.schemas.responses import ResponsesRequest
+
+_Body = TypeVar("_Body", bound=BaseModel)
 
 # Content parts and tool calls, all messages together, per message allowed (max_messages of them).
 ITEMS_PER_MESSAGE = 4
@@ -116,15 +119,7 @@ async def parse_responses_body(request: Request) -> ResponsesRequest:
 
 
 def parse_responses_raw(raw: bytes, max_messages: int) -> ResponsesRequest:
-    if raw.count(b",") >= max_messages:
-        check_responses_counts(raw, max_messages)
-    try:
-        body = ResponsesRequest.model_validate_json(raw)
-    except ValidationError as exc:
-        raise validation_error([dict(e) for e in exc.errors(include_url=False, include_input=False)]) from None
-    if _INT64_DIGITS in raw.translate(_DIGITS):
-        check_integers(raw)
-    return body
+    return _parse(raw, max_messages, ResponsesRequest, check_responses_counts)
 
 
 def check_responses_counts(raw: bytes, max_messages: int) -> None:
@@ -156,10 +151,16 @@ def check_responses_counts(raw: bytes, max_messages: int) -> None:
 
 def parse_raw(raw: bytes, max_messages: int) -> ChatCompletionRequest:
     """The body's bytes to a validated request, or a GatewayError naming the field."""
+    return _parse(raw, max_messages, ChatCompletionRequest, check_counts)
+
+
+def _parse(raw: bytes, max_messages: int, model: type[_Body], counts: Callable[[bytes, int], None]) -> _Body:
+    """Both APIs' bodies: lists counted first when the body could hold too many items, then validated, then
+    integers checked when a 19-digit run exists."""
     if raw.count(b",") >= max_messages:
-        check_counts(raw, max_messages)
+        counts(raw, max_messages)
     try:
-        body = ChatCompletionRequest.model_validate_json(raw)
+        body = model.model_validate_json(raw)
     except ValidationError as exc:
         # include_input=False: the offending values are not needed, and copying them is what costs.
         raise validation_error([dict(e) for e in exc.errors(include_url=False, include_input=False)]) from None

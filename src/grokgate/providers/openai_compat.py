@@ -275,7 +275,7 @@ class OpenAICompatBackend:
     async def _events(self, response: aiohttp.ClientResponse) -> AsyncGenerator[Event]:
         usage: dict[str, Any] | None = None
         done = False
-        with reading_stream(response):
+        with reading_reply(response):
             async for line in sse_lines(response):
                 if done or not line.startswith(b"data:"):
                     continue  # comments (keep-alives), event names, and whatever follows [DONE]
@@ -312,34 +312,25 @@ class OpenAICompatBackend:
 
 
 @contextlib.contextmanager
-def reading_stream(response: aiohttp.ClientResponse) -> Iterator[None]:
-    """Reading a streamed reply (chat chunks here, Responses events in providers/xai.py): its failures become the
-    upstream's errors in our envelope, and the connection is released however the read ends."""
+def reading_reply(response: aiohttp.ClientResponse) -> Iterator[None]:
+    """Reading a reply, streamed (chat chunks here, Responses events in providers/xai.py) or whole: its failures
+    become the upstream's errors in our envelope, and the connection is released however the read ends."""
     try:
         yield
     except TimeoutError:
         raise GatewayError(504, "timeout", "The upstream went silent for too long.") from None
     except (aiohttp.ClientError, OSError):
-        raise GatewayError(502, "api_error", "The upstream connection broke mid-stream.") from None
+        raise GatewayError(502, "api_error", "The upstream connection broke before the reply ended.") from None
     except orjson.JSONDecodeError:
-        raise GatewayError(502, "api_error", "The upstream sent an event that is not JSON.") from None
+        raise GatewayError(502, "api_error", "The upstream sent something that is not JSON.") from None
     finally:
         release(response)
 
 
 async def read_json(response: aiohttp.ClientResponse) -> Any:
     """A whole JSON reply, its connection released; failures are the upstream's (GatewayError)."""
-    try:
-        raw = await response.read()
-        return orjson.loads(raw)
-    except TimeoutError:
-        raise GatewayError(504, "timeout", "The upstream timed out.") from None
-    except (aiohttp.ClientError, OSError):
-        raise GatewayError(502, "api_error", "The upstream connection broke.") from None
-    except orjson.JSONDecodeError:
-        raise GatewayError(502, "api_error", "The upstream reply is not JSON.") from None
-    finally:
-        release(response)
+    with reading_reply(response):
+        return orjson.loads(await response.read())
 
 
 def server_tools_refused(request: ChatCompletionRequest, backend: str) -> GatewayError:

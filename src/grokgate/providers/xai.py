@@ -55,7 +55,7 @@ from grokgate.providers.openai_compat import (
     BackendConfig,
     OpenAICompatBackend,
     read_json,
-    reading_stream,
+    reading_reply,
     server_tools_refused,
     sse_lines,
 )
@@ -299,7 +299,7 @@ def _error_text(error: Any) -> str:
 async def sse_events(response: aiohttp.ClientResponse) -> AsyncGenerator[Event]:
     """A streamed reply: `event:` + `data:` frames; the type is read from the data."""
     reply = _Reply()
-    with reading_stream(response):
+    with reading_reply(response):
         async for line in sse_lines(response):
             if not line.startswith(b"data:"):
                 continue  # event names, comments (keep-alives)
