@@ -130,13 +130,14 @@ def schemathesis_run(gw: Server, token: str, tmp: Path, *excluded: str) -> tuple
     assert "No issues found" in report or "passed" in report, report[-5000:]
 
 
-# Each operation is driven once, with the token it is for: chat, models, balance and ledger with an account
-# token (the billed path), the admin API with the admin token. What the other token gets there (403 on the admin
-# API for an account token) is checked below, operation by operation. The chat operation is served on two paths
-# with one definition (test_both_chat_paths_are_one_operation): generated inputs go to /v1, the explicit cases
-# below to both. Fuzzing it twice more took most of this file's time (minutes on two cores), for nothing new.
+# Each operation is driven once, with the token it is for: chat, responses, models, balance and ledger with an
+# account token (the billed path), the admin API with the admin token. What the other token gets there (403 on the
+# admin API for an account token) is checked below, operation by operation. Chat and the Responses operations are
+# served under /v1 and /grok with one definition each (test_grok_paths_are_the_v1_operations): generated inputs go
+# to /v1, the explicit chat cases below to both. Fuzzing them twice more took most of this file's time.
 ADMIN_PATHS = r"^/admin/"
-SECOND_CHAT_PATH = r"^/grok/chat/completions$"
+GROK_TWINS = r"^/grok/(chat/completions|responses)"
+MODEL_PATHS = r"^/(v1|grok)/(chat/completions|responses)"
 
 
 # The account token goes first: the admin run may disable, change or delete whichever token a drawn `ref` names.
@@ -144,17 +145,23 @@ def test_every_operation_with_an_account_token(gw: Server, account_token: str, a
     operations = [op for op in (result.ok() for result in api.get_all_operations())]
     admin = [op for op in operations if op.path.startswith("/admin/")]
     assert admin and len(admin) < len(operations)
-    ran, total = schemathesis_run(gw, account_token, tmp_path, ADMIN_PATHS, SECOND_CHAT_PATH)
-    assert (ran, total) == (total - len(admin) - 1, len(operations)), "every operation but admin and /grok chat"
+    twins = [op for op in operations if re.match(GROK_TWINS, op.path)]
+    assert len(twins) == 5, [op.label for op in twins]
+    ran, total = schemathesis_run(gw, account_token, tmp_path, ADMIN_PATHS, GROK_TWINS)
+    assert (ran, total) == (total - len(admin) - len(twins), len(operations)), "every operation but admin and /grok"
 
 
 def test_every_operation_with_the_admin_token(gw: Server, api: Any, tmp_path: Path) -> None:
-    ran, total = schemathesis_run(gw, TOKEN, tmp_path, r"^/(v1|grok)/chat/completions$")
-    assert ran == total - 2, "every operation but the two chat paths"
+    ran, total = schemathesis_run(gw, TOKEN, tmp_path, MODEL_PATHS)
+    assert ran == total - 10, "every operation but chat and responses, on both paths"
 
 
-def test_both_chat_paths_are_one_operation(api: Any) -> None:
-    grok, v1 = (api[path]["POST"].definition.raw for path in ("/grok/chat/completions", "/v1/chat/completions"))
+@pytest.mark.parametrize(("method", "path"), [("POST", "/chat/completions"), ("POST", "/responses"),
+                                              ("GET", "/responses/{response_id}"),
+                                              ("DELETE", "/responses/{response_id}"),
+                                              ("GET", "/responses/{response_id}/input_items")])
+def test_grok_paths_are_the_v1_operations(api: Any, method: str, path: str) -> None:
+    grok, v1 = (api[prefix + path][method].definition.raw for prefix in ("/grok", "/v1"))
     differ = {key for key in grok.keys() | v1.keys() if grok.get(key) != v1.get(key)}
     assert differ <= {"operationId", "summary"}, differ
 

@@ -295,6 +295,10 @@ class LocalEngine:
         params.slot_prompt_similarity = self._slot_prompt_similarity
         params.cache_ram_mib = self._prompt_cache_ram_mib
         params.verbosity = 3 if self._verbose else -1
+        # llama.cpp's "fit to device memory" pass loads the model's metadata a second time to resize n_ctx and
+        # offload (half of this load's CPU: 0.5 s of 1.0 s here). grokgate sets n_ctx itself and runs on the CPU,
+        # so the pass could only change the context it was asked for.
+        params.fit_params = False
         # xllamacpp always opens llama.cpp's own HTTP listener and offers no switch to turn it off. Bind it
         # to a Unix socket in a private (0700) directory and require a random key nobody knows, so nothing
         # but this process can reach it.
