@@ -24,23 +24,38 @@ def request(**fields: Any) -> ChatCompletionRequest:
         {"model": "grok-3", "messages": [{"role": "user", "content": "Weather in Paris?"}], **fields})
 
 
-def chunk(text: str) -> dict[str, Any]:
-    return {"choices": [{"delta": {"content": text}, "finish_reason": None}]}
+def chunk(text: str, timings: dict[str, int] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"choices": [{"delta": {"content": text}, "finish_reason": None}]}
+    if timings is not None:  # llama.cpp's running counts (`timings_per_token`, which grokgate asks for)
+        out["timings"] = timings
+    return out
 
 
-def test_a_repeated_call_stopped_early_still_bills_its_prompt() -> None:
-    """The parser ends a repeated call by aborting the job, so llama.cpp sends no usage: the prompt is estimated
-    and marked so (before: prompt_tokens 0, unmarked, billed as such)."""
+@pytest.mark.parametrize("counted", [True, False])
+def test_a_repeated_call_stopped_early_still_bills_its_prompt(counted: bool) -> None:
+    """The parser ends a repeated call by aborting the job, so llama.cpp sends no usage report: the running
+    counts of the last chunk bill it exactly (before: the prompt estimated from its length, 16% over on a real
+    tool prompt); a job aborted before any chunk counted has its prompt estimated and marked so."""
     async def run() -> None:
         queue: asyncio.Queue[Any] = asyncio.Queue()
         job = _Job(0, {}, asyncio.get_running_loop(), queue, exclusive=False, plan=plan_tools([W], "required", None))
         job.started = True
-        assert any([job.on_chunk(chunk(piece)) for piece in (CALL, "\n", CALL)])  # aborted at the repeat
-        generation = LocalGeneration(engine=None, jobs=[job], queue=queue, prompt_estimate=150)  # type: ignore[arg-type]
+        pieces = [(CALL, 20), ("\n", 21), (CALL, 41)]
+        timings = [{"cache_n": 100, "prompt_n": 156, "predicted_n": n} if counted else None for _, n in pieces]
+        assert any([job.on_chunk(chunk(piece, t)) for (piece, _), t in zip(pieces, timings, strict=True)])
+        generation = LocalGeneration(engine=None, jobs=[job], queue=queue, prompt_estimate=300)  # type: ignore[arg-type]
         usage = generation._merged_usage()
-        assert usage.prompt_tokens == 150 and usage.estimated
+        if counted:
+            assert (usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens) == (256, 100, 41)
+            assert not usage.estimated
+        else:
+            assert usage.prompt_tokens == 300 and usage.estimated
 
     asyncio.run(run())
+
+
+def test_the_engine_is_asked_for_running_counts() -> None:
+    assert _payload(request(), "m")["timings_per_token"] is True
 
 
 @pytest.mark.parametrize(("fields", "param"), [

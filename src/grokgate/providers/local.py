@@ -60,7 +60,7 @@ class _Job:
     """One choice of one request, run by one worker thread."""
 
     __slots__ = ("cancelled", "created", "exclusive", "generated", "index", "loop", "parser", "payload", "queue",
-                 "started", "usage")
+                 "started", "timings", "usage")
 
     def __init__(self, index: int, payload: dict[str, Any], loop: asyncio.AbstractEventLoop,
                  queue: asyncio.Queue[Any], exclusive: bool, plan: ToolPlan | None = None) -> None:
@@ -74,8 +74,18 @@ class _Job:
         self.started = False
         self.generated = 0
         self.usage: Usage | None = None
+        self.timings: dict[str, Any] | None = None  # llama.cpp's running counts, for a job stopped before its usage
         # Calls are decoded by grokgate (providers/local_tools.py): the engine streams them as text.
         self.parser = ToolCallParser(plan) if plan is not None else None
+
+    def consumed(self) -> Usage | None:
+        """The engine's usage report or, for a job aborted before it (the client left, a repeated tool call), the
+        running counts of its last chunk (`timings_per_token`): exact either way."""
+        if self.usage is not None or self.timings is None:
+            return self.usage
+        cached = int(self.timings.get("cache_n", 0))
+        return Usage(prompt_tokens=cached + int(self.timings.get("prompt_n", 0)),
+                     completion_tokens=int(self.timings.get("predicted_n", 0)), cached_tokens=cached)
 
     def post(self, item: Any) -> None:
         try:
@@ -91,6 +101,9 @@ class _Job:
         if error is not None:
             self.post(engine_error(error, self.payload))
             return True
+        timings = chunk.get("timings")
+        if timings is not None:
+            self.timings = timings
         usage = chunk.get("usage")
         if usage:
             details = usage.get("prompt_tokens_details") or {}
@@ -114,7 +127,7 @@ class _Job:
                 reason = choice.get("finish_reason")
                 if self.parser is not None and (reason or self.parser.done):
                     reason = self.parser.finish(reason or "stop")
-                    self.cancelled |= self.parser.done  # ends the generation; usage came with this chunk
+                    self.cancelled |= self.parser.done  # ends the generation; `timings` count what it used
             except GatewayError as exc:
                 self.post(exc)
                 return True
@@ -173,16 +186,17 @@ class LocalGeneration:
 
     def _merged_usage(self) -> Usage:
         # The prompt is shared by the choices, so it is counted once; outputs add up.
-        reports = [j.usage for j in self._jobs if j.usage is not None]
-        first = max(reports, key=lambda u: u.prompt_tokens, default=Usage())
+        consumed = [j.consumed() for j in self._jobs]
+        first = max((u for u in consumed if u is not None), key=lambda u: u.prompt_tokens, default=Usage())
         usage = Usage(
             prompt_tokens=first.prompt_tokens,
             cached_tokens=first.cached_tokens,
-            completion_tokens=sum(j.usage.completion_tokens if j.usage else j.generated for j in self._jobs),
+            completion_tokens=sum(u.completion_tokens if u else job.generated
+                                  for job, u in zip(self._jobs, consumed, strict=True)),
         )
         if usage.prompt_tokens == 0 and any(j.started for j in self._jobs):
-            # llama.cpp reports usage only at the end of a job: a job stopped early (the client left, or a
-            # repeated tool call ended it) has its prompt estimated from its length, and the row says so.
+            # A job stopped before its first chunk counted anything (the client left during the prompt's
+            # evaluation) has its prompt estimated from its length, and the row says so.
             usage.prompt_tokens = self._prompt_estimate
             usage.estimated = True
         return usage
@@ -494,6 +508,8 @@ def _payload(request: ChatCompletionRequest, upstream_model: str) -> dict[str, A
         "messages": render_messages(messages, plan),
         "stream": True,
         "stream_options": {"include_usage": True},
+        # Running counts on every chunk: a job aborted before its usage report is still billed exactly.
+        "timings_per_token": True,
         "n": 1,
     }
     for name in _PASSTHROUGH:

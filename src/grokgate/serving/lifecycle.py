@@ -312,11 +312,10 @@ class Lifecycle:
         if self._settled:
             return
         self._settled = True
-        estimated = usage is not None and usage.estimated  # the router's estimate for a backend without usage
         if usage is None and self.generation is not None:
             # Cut short: bill what the backend had consumed so far (its count, or grokgate's estimate).
             usage = self.generation.usage_so_far()
-            estimated = usage is not None
+        estimated = usage is not None and usage.estimated  # grokgate's estimate, not the backend's count
         ticket = self.ticket
         metrics = self.serving.metrics
         request = self.call.request
