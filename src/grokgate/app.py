@@ -113,7 +113,9 @@ def create_app(
                       server_tool_input_tokens=settings.server_tool_input_tokens,
                       affinity=settings.prompt_cache_affinity, response_cache=response_cache)
     # Stored responses live in the accounts database; with accounts off, in this process's memory.
-    stored: ResponseStore = (SqlResponseStore(store) if store is not None
+    # The gauges' loop (purge_responses) is the only reader of the stats and sets their pace: no cache on top.
+    stored: ResponseStore = (SqlResponseStore(store, stats_seconds=0)
+                             if store is not None
                              else MemoryResponseStore(max_bytes=settings.memory_responses_bytes))
     responses_service = ResponsesService(
         stored, metrics, RESPONSES_SSE, retention_ms=int(settings.responses_retention_days * 86_400_000),

@@ -13,11 +13,6 @@ from grokgate import __version__
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from grokgate.app import create_app
-    from grokgate.observability.logging import configure
-    from grokgate.server import BACKLOG, KEEP_ALIVE_SECONDS, http_protocol
     from grokgate.settings import Settings
 
     overrides: dict[str, Any] = {}
@@ -39,6 +34,13 @@ def _serve(args: argparse.Namespace) -> int:
         else:
             overrides["model_path"] = Path(args.model)
     settings = Settings(**overrides)
+    # The app's imports after the settings: a bad setting is refused without ~1 s of importing.
+    import uvicorn
+
+    from grokgate.app import create_app
+    from grokgate.observability.logging import configure
+    from grokgate.server import BACKLOG, KEEP_ALIVE_SECONDS, http_protocol
+
     configure(settings.log_level)
     # Before the app opens anything: this raises the descriptor limit the app's pools and files share.
     protocol = http_protocol(settings)
