@@ -34,9 +34,12 @@ serve: $(VENV)/.installed-run
 # start once); 4 measured fastest on 2 cores, since many tests wait on servers, sockets and timeouts rather
 # than compute. TEST_WORKERS=0 runs everything in one process. `PYTEST_ARGS='-m "not e2e"'`: the in-process
 # tier alone (no model, no database server).
+# The suite starts ~100 Python processes (servers, CLIs, workers): with PYTHONDONTWRITEBYTECODE set (some
+# containers set it), each would compile grokgate's sources and re-rewrite the test modules' asserts, ~0.35 s of
+# CPU per server and ~3 s per worker; the bytecode goes to the usual (git-ignored) __pycache__ folders.
 TEST_WORKERS ?= 4
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check src tests bench

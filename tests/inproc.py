@@ -33,7 +33,7 @@ from grokgate.core.events import Delta, Event, Finish, Usage, UsageReport
 from grokgate.providers.base import BackendStatus, EventsGeneration, ModelTable, Route
 from grokgate.schemas.chat import ChatCompletionRequest
 from grokgate.settings import DEFAULT_MODELS, Settings
-from tests.conftest import TOKEN
+from tests.conftest import TLS, TOKEN
 
 PROMPT_TOKENS = 7  # what the scripted provider reports for every prompt
 
@@ -125,6 +125,7 @@ class AppServer:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def client(self, **kwargs: Any) -> httpx.Client:
+        kwargs.setdefault("verify", TLS)
         return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 30), **kwargs)
 
     def chat(self, body: dict[str, Any], *, token: str | None = TOKEN, path: str = "/grok/chat/completions",

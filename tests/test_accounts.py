@@ -1,35 +1,32 @@
-"""Accounts over HTTP on SQLite and PostgreSQL: admin API, credits, exact charges, used_up, prices, usage."""
+"""Accounts over HTTP on SQLite and PostgreSQL: admin API, credits, exact charges, used_up, prices, usage.
+
+The app runs in process (tests/inproc.py) on a real SQLite file and a real PostgreSQL database: what these tests
+show is the accounts layer's, whatever serves the tokens, so a scripted provider answers (one that reports a prompt
+it saw before as partly cached, as the engine's prompt cache does). The one test about the real model's tokens
+(the reservation covers a prompt that is mostly chat template) runs on the shared server's local engine.
+"""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import (
-    PG_ADMIN_URL,
-    TOKEN,
-    Server,
-    _pg_execute,
-    call,
-    create_key,
-    err,
-    ok,
-    start_server,
-    stop_server,
-    user,
-)
-
-pytestmark = pytest.mark.e2e  # the real server, model or databases (tests/conftest.py)
+from grokgate.core.accounts import format_credits
+from grokgate.core.events import Event, UsageReport
+from grokgate.schemas.chat import ChatCompletionRequest
+from tests.conftest import E2E, PG_ADMIN_URL, TOKEN, Server, _pg_execute, call, create_key, err, ok, user
+from tests.inproc import AppServer, ScriptedProvider, app_server, scripted_models
 
 FAST = "grok-4-1-fast"
 USED_UP = ("Your balance is not sufficient for current request, please buy more in Ace Data Cloud "
@@ -37,24 +34,42 @@ USED_UP = ("Your balance is not sufficient for current request, please buy more 
 COUNTERS = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens", "cost")
 RECORD_FIELDS = {"id", "name", "prefix", "created_at", "expires_at", "disabled", "allowed_models", "rpm", "tpm",
                  "max_concurrency", "balance", "reserved", "balance_credits"}
+CACHED = 3  # of the scripted provider's 7 prompt tokens, when it saw the prompt before
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def srv(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One server per database for the whole module (each start loads the model)."""
-    env, db = None, None
+class CachingProvider(ScriptedProvider):
+    """Says its text word by word (tests/inproc.py) and reports a prompt it saw before as partly cached, so every
+    token class of the price is charged."""
+
+    def __init__(self) -> None:
+        super().__init__(text="Hello there from the accounts script")
+        self.seen: set[str] = set()
+
+    async def say(self, request: ChatCompletionRequest, upstream_model: str) -> AsyncGenerator[Event]:
+        prompt = request.model_dump_json(include={"messages"})
+        cached = CACHED if prompt in self.seen else 0
+        self.seen.add(prompt)
+        async for event in super().say(request, upstream_model):
+            if isinstance(event, UsageReport):
+                event = UsageReport(dataclasses.replace(event.usage, cached_tokens=cached))
+            yield event
+
+
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=E2E)])
+def srv(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
+    """One app per database for the whole module, served in this process."""
+    settings, db = {}, None
     if request.param == "postgresql":
         db = f"grokgate_test_{uuid.uuid4().hex[:12]}"
         try:
             _pg_execute(f'CREATE DATABASE "{db}"')
         except (OSError, TimeoutError) as exc:
             pytest.skip(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc}")
-        env = {"GROKGATE_DATABASE_URL": f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{db}"}
+        settings["database_url"] = f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{db}"
     try:
-        server = start_server(tmp_path_factory.mktemp(f"accounts-{request.param}"), "--slots", "2", env=env,
-                              name=request.param)
-        yield server
-        stop_server(server)
+        with app_server(tmp_path_factory.mktemp(f"accounts-{request.param}"), scripted_models(CachingProvider()),
+                        **settings) as server:
+            yield server
     finally:
         if db:
             _pg_execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
@@ -62,30 +77,33 @@ def srv(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 
 # -- helpers -----------------------------------------------------------------------------------------------
 
-def api(srv: Server, method: str, path: str, token: str | None = TOKEN, **kwargs: Any) -> httpx.Response:
-    return call(srv, method, path, token, **kwargs)
+Srv = AppServer | Server  # the module's apps in process; the shared server for the real model's test
 
 
-def new_key(srv: Server, credits: str | None = None, name: str | None = None,
+def api(srv: Srv, method: str, path: str, token: str | None = TOKEN, **kwargs: Any) -> httpx.Response:
+    return call(srv, method, path, token, **kwargs)  # type: ignore[arg-type]
+
+
+def new_key(srv: Srv, credits: str | None = None, name: str | None = None,
             **fields: Any) -> tuple[str, dict[str, Any]]:
-    return create_key(srv, name or f"t-{uuid.uuid4().hex[:10]}", credits, **fields)
+    return create_key(srv, name or f"t-{uuid.uuid4().hex[:10]}", credits, **fields)  # type: ignore[arg-type]
 
 
-def record(srv: Server, ref: int | str) -> dict[str, Any]:
+def record(srv: Srv, ref: int | str) -> dict[str, Any]:
     result: dict[str, Any] = ok(api(srv, "GET", f"/admin/keys/{ref}"))
     return result
 
 
-def chat(srv: Server, token: str, model: str = FAST, max_tokens: int = 2, text: str = "hi") -> httpx.Response:
+def chat(srv: Srv, token: str, model: str = FAST, max_tokens: int = 2, text: str = "hi") -> httpx.Response:
     return srv.chat({"model": model, "messages": user(text), "max_tokens": max_tokens}, token=token)
 
 
-def prices(srv: Server) -> dict[str, Any]:
+def prices(srv: Srv) -> dict[str, Any]:
     result: dict[str, Any] = ok(api(srv, "GET", "/admin/prices"))
     return result
 
 
-def price(srv: Server, model: str) -> dict[str, Any]:
+def price(srv: Srv, model: str) -> dict[str, Any]:
     return next(p for p in prices(srv)["current"] if p["model"] == model)
 
 
@@ -112,14 +130,14 @@ def reservation(p: dict[str, Any], text: str, max_tokens: int, n: int = 1) -> in
     return ceil_div(prompt * p["input"], 10**6) + ceil_div(n * max_tokens * p["output"], 10**6)
 
 
-def usage_data(srv: Server, path: str, token: str | None = TOKEN) -> list[dict[str, Any]]:
+def usage_data(srv: Srv, path: str, token: str | None = TOKEN) -> list[dict[str, Any]]:
     data: list[dict[str, Any]] = ok(api(srv, "GET", path, token=token))["data"]
     return data
 
 
 # -- 1. the admin API ----------------------------------------------------------------------------------------
 
-def test_create_list_show_and_the_secret_is_shown_once(srv: Server) -> None:
+def test_create_list_show_and_the_secret_is_shown_once(srv: Srv) -> None:
     secret, key = new_key(srv, allowed_models=["grok-3"], rpm=50)
     assert re.fullmatch(r"gg-[A-Za-z0-9_-]{40,}", secret)
     assert set(key) == RECORD_FIELDS
@@ -139,7 +157,7 @@ def test_create_list_show_and_the_secret_is_shown_once(srv: Server) -> None:
     assert record(srv, twin[:11])["id"] != key["id"]
 
 
-def test_update_applies_at_once_despite_the_token_cache(srv: Server) -> None:
+def test_update_applies_at_once_despite_the_token_cache(srv: Srv) -> None:
     secret, key = new_key(srv, "1")
     first = chat(srv, secret)  # the lookup is now cached inside the server
     assert first.status_code == 200, first.text
@@ -158,7 +176,7 @@ def test_update_applies_at_once_despite_the_token_cache(srv: Server) -> None:
     err(chat(srv, secret), 429, "too_many_requests")
 
 
-def test_disable_enable_delete_take_effect_immediately(srv: Server) -> None:
+def test_disable_enable_delete_take_effect_immediately(srv: Srv) -> None:
     secret, key = new_key(srv, "1")
     assert chat(srv, secret).status_code == 200
     assert ok(api(srv, "PATCH", f"/admin/keys/{key['id']}", json={"disabled": True}))["disabled"] is True
@@ -173,7 +191,7 @@ def test_disable_enable_delete_take_effect_immediately(srv: Server) -> None:
     assert key["id"] not in [k["id"] for k in ok(api(srv, "GET", "/admin/keys"))["data"]]
 
 
-def test_expired_key_is_refused_until_extended(srv: Server) -> None:
+def test_expired_key_is_refused_until_extended(srv: Srv) -> None:
     secret, key = new_key(srv, "1")
     assert chat(srv, secret).status_code == 200
     past = int(time.time()) - 60
@@ -187,7 +205,7 @@ def test_expired_key_is_refused_until_extended(srv: Server) -> None:
     err(chat(srv, born_expired), 401, "token_expired")
 
 
-def test_allowed_models(srv: Server) -> None:
+def test_allowed_models(srv: Srv) -> None:
     secret, key = new_key(srv, "1", allowed_models=["grok-3"])
     error = err(chat(srv, secret, model=FAST), 403, "model_not_allowed")
     assert f"'{FAST}'" in error["message"] and error["param"] == "model"
@@ -198,7 +216,7 @@ def test_allowed_models(srv: Server) -> None:
     assert "allowed: none" in err(chat(srv, secret, model=FAST), 403, "model_not_allowed")["message"]
 
 
-def test_admin_api_needs_the_admin_token(srv: Server) -> None:
+def test_admin_api_needs_the_admin_token(srv: Srv) -> None:
     secret, _ = new_key(srv)
     count = len(ok(api(srv, "GET", "/admin/keys"))["data"])
     free = {"input": "0", "cached_input": "0", "output": "0"}
@@ -215,7 +233,7 @@ def test_admin_api_needs_the_admin_token(srv: Server) -> None:
 
 # -- 2. bad admin input changes nothing -------------------------------------------------------------------
 
-def test_unknown_token_refs_are_404(srv: Server) -> None:
+def test_unknown_token_refs_are_404(srv: Srv) -> None:
     for ref in ("999999", "no-such-key", "gg-nosuchkey"):
         for method, path, body in [("GET", "", None), ("PATCH", "", {"rpm": 5}), ("DELETE", "", None),
                                    ("POST", "/credits", {"amount": "1"})]:
@@ -224,20 +242,20 @@ def test_unknown_token_refs_are_404(srv: Server) -> None:
 
 
 @pytest.mark.parametrize("amount", ["-1", "0", 0, -3, "abc", "", "1.0000001", 1e-7, "NaN", "Infinity", "1e400", None])
-def test_bad_credit_amounts_change_nothing(srv: Server, amount: Any) -> None:
+def test_bad_credit_amounts_change_nothing(srv: Srv, amount: Any) -> None:
     _, key = new_key(srv, "2")
     error = err(api(srv, "POST", f"/admin/keys/{key['id']}/credits", json={"amount": amount}), 400, "bad_request")
     assert error["param"] == "amount"
     assert record(srv, key["id"])["balance"] == 2_000_000
 
 
-def test_boolean_amount_is_refused(srv: Server) -> None:
+def test_boolean_amount_is_refused(srv: Srv) -> None:
     _, key = new_key(srv, "2")
     err(api(srv, "POST", f"/admin/keys/{key['id']}/credits", json={"amount": True}), 400, "bad_request")
     assert record(srv, key["id"])["balance"] == 2_000_000
 
 
-def test_bad_key_creation_creates_nothing(srv: Server) -> None:
+def test_bad_key_creation_creates_nothing(srv: Srv) -> None:
     before = ok(api(srv, "GET", "/admin/keys"))["data"]
     bad = [({"name": "x", "secret": "mine"}, "secret"), ({"name": "x", "credits": "-1"}, "credits"),
            ({"name": "x", "credits": "1.0000001"}, "credits"), ({"name": "x", "rpm": 0}, "rpm"),
@@ -249,13 +267,13 @@ def test_bad_key_creation_creates_nothing(srv: Server) -> None:
 
 @pytest.mark.parametrize("body", [{"disabled": None}, {"name": None}, {"expires_at": 10**17}, {"rpm": 2**40}],
                          ids=["disabled-null", "name-null", "expires_at-1e17", "rpm-2**40"])
-def test_unstorable_patch_values_are_400(srv: Server, body: dict[str, Any]) -> None:
+def test_unstorable_patch_values_are_400(srv: Srv, body: dict[str, Any]) -> None:
     _, key = new_key(srv)
     err(api(srv, "PATCH", f"/admin/keys/{key['id']}", json=body), 400, "bad_request")
     assert record(srv, key["id"]) == key
 
 
-def test_malformed_prices_add_no_version(srv: Server) -> None:
+def test_malformed_prices_add_no_version(srv: Srv) -> None:
     before = prices(srv)
     good = {"input": "1", "cached_input": "0.5", "output": "2"}
     bad = [({**good, "input": "-1"}, "input"), ({**good, "output": "abc"}, "output"),
@@ -268,7 +286,7 @@ def test_malformed_prices_add_no_version(srv: Server) -> None:
 
 # -- 3. credits, balance and exact charges ------------------------------------------------------------------
 
-def test_topups_add_exactly_and_show_in_every_view(srv: Server) -> None:
+def test_topups_add_exactly_and_show_in_every_view(srv: Srv) -> None:
     secret, key = new_key(srv, "2.25")
     assert key["balance"] == 2_250_000
     path = f"/admin/keys/{key['id']}/credits"
@@ -284,14 +302,15 @@ def test_topups_add_exactly_and_show_in_every_view(srv: Server) -> None:
         assert ok(r) == expected and secret not in r.text
 
 
-def test_requests_are_charged_exactly(srv: Server) -> None:
+def test_requests_are_charged_exactly(srv: Srv) -> None:
     secret, key = new_key(srv, "1")
     balance = key["balance"]
     total = 0
-    for _ in range(2):  # the same prompt twice: the second usually reuses cached prompt tokens
+    for repeat in (False, True):  # the same prompt twice: the second reuses cached prompt tokens
         p = price(srv, "grok-3")
         r = chat(srv, secret, model="grok-3", max_tokens=3, text="Say hello")
         usage = ok(r)["usage"]
+        assert (usage["prompt_tokens_details"]["cached_tokens"] > 0) is repeat, usage
         charge = cost(usage, p)
         assert charge > 0
         after = record(srv, key["id"])
@@ -302,7 +321,7 @@ def test_requests_are_charged_exactly(srv: Server) -> None:
 
 # -- 4. used_up ------------------------------------------------------------------------------------------------
 
-def test_used_up_when_the_balance_is_short_of_the_reservation(srv: Server) -> None:
+def test_used_up_when_the_balance_is_short_of_the_reservation(srv: Srv) -> None:
     text, max_tokens = "Count to three", 3
     needed = reservation(price(srv, "grok-3"), text, max_tokens)
     secret, key = new_key(srv, f"{needed - 1}e-6")
@@ -316,7 +335,7 @@ def test_used_up_when_the_balance_is_short_of_the_reservation(srv: Server) -> No
     assert (after["balance"], after["reserved"]) == (needed - cost(usage, p), 0)
 
 
-def test_used_up_with_zero_credits(srv: Server) -> None:
+def test_used_up_with_zero_credits(srv: Srv) -> None:
     secret, key = new_key(srv)
     assert err(chat(srv, secret, max_tokens=1), 403, "used_up")["message"] == USED_UP
     assert (record(srv, key["id"])["balance"], record(srv, key["id"])["reserved"]) == (0, 0)
@@ -324,21 +343,28 @@ def test_used_up_with_zero_credits(srv: Server) -> None:
     assert usage_data(srv, f"/admin/usage?token={key['id']}") == []
 
 
-def test_the_reservation_covers_the_cost(srv: Server) -> None:
-    # A short prompt is mostly chat-template tokens; input priced high (and cached like input, so slot history
-    # does not matter) makes any under-estimate of them cost more than was reserved.
-    ok(api(srv, "PUT", "/admin/prices/grok-2-vision", json={"input": "100", "cached_input": "100", "output": "1"}))
-    p, text = price(srv, "grok-2-vision"), "hi"
-    needed = reservation(p, text, max_tokens=1)
-    secret, key = new_key(srv, f"{needed}e-6")
-    usage = ok(chat(srv, secret, model="grok-2-vision", max_tokens=1, text=text))["usage"]
-    assert cost(usage, p) <= needed, (usage, needed)
-    assert record(srv, key["id"])["balance"] == needed - cost(usage, p)
+@E2E
+def test_the_reservation_covers_the_cost(server: Server) -> None:
+    """On the real model (the shared server, accounts on SQLite): a short prompt is mostly chat-template tokens;
+    input priced high (and cached like input, so slot history does not matter) makes any under-estimate of them
+    cost more than was reserved. The price is put back afterwards (the server is shared)."""
+    before = price(server, "grok-2-vision")
+    ok(api(server, "PUT", "/admin/prices/grok-2-vision", json={"input": "100", "cached_input": "100", "output": "1"}))
+    try:
+        p, text = price(server, "grok-2-vision"), "hi"
+        needed = reservation(p, text, max_tokens=1)
+        secret, key = new_key(server, f"{needed}e-6")
+        usage = ok(chat(server, secret, model="grok-2-vision", max_tokens=1, text=text))["usage"]
+        assert cost(usage, p) <= needed, (usage, needed)
+        assert record(server, key["id"])["balance"] == needed - cost(usage, p)
+    finally:
+        ok(api(server, "PUT", "/admin/prices/grok-2-vision",
+               json={k: format_credits(before[k]) for k in ("input", "cached_input", "output")}))
 
 
 # -- 5. price versions -----------------------------------------------------------------------------------------
 
-def test_a_new_price_version_applies_to_the_next_request(srv: Server) -> None:
+def test_a_new_price_version_applies_to_the_next_request(srv: Srv) -> None:
     old = price(srv, "grok-3")
     body = {"input": "7", "cached_input": "1.25", "output": "11.000001"}
     new = ok(api(srv, "PUT", "/admin/prices/grok-3", json=body))
@@ -356,7 +382,7 @@ def test_a_new_price_version_applies_to_the_next_request(srv: Server) -> None:
 
 # -- 6. usage reports ------------------------------------------------------------------------------------------
 
-def run_and_expect(srv: Server, secret: str, model: str, times: int) -> dict[str, Any]:
+def run_and_expect(srv: Srv, secret: str, model: str, times: int) -> dict[str, Any]:
     """Make requests; return the usage row they should add up to."""
     counts = dict.fromkeys(COUNTERS, 0)
     for _ in range(times):
@@ -375,7 +401,7 @@ def sums(rows: list[dict[str, Any]]) -> dict[str, int]:
     return {c: sum(r[c] for r in rows) for c in COUNTERS}
 
 
-def test_usage_reports(srv: Server) -> None:
+def test_usage_reports(srv: Srv) -> None:
     a_secret, a = new_key(srv, "1")
     b_secret, b = new_key(srv, "1")
     a_row = run_and_expect(srv, a_secret, "grok-3-mini", 2)
@@ -402,7 +428,7 @@ def test_usage_reports(srv: Server) -> None:
 
 # -- 7. the bootstrap admin token -----------------------------------------------------------------------------
 
-def test_bootstrap_admin_token_chats_unbilled_and_has_no_balance(srv: Server) -> None:
+def test_bootstrap_admin_token_chats_unbilled_and_has_no_balance(srv: Srv) -> None:
     model = "grok-4-1-fast-non-reasoning"  # used by no other test in this module
     balances = {k["id"]: k["balance"] for k in ok(api(srv, "GET", "/admin/keys"))["data"]}
     r = chat(srv, srv.token, model=model, max_tokens=2)

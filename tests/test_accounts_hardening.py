@@ -1,12 +1,17 @@
 """Accounts hardening (issue 9): token references, admin auth before the body, migrations racing on first
 start, and a dead replica's reservations released by the living.
 
-The servers here route to the fake xAI upstream (tests/fakes/fake_xai.py), so no test loads the local model.
+The admin API and CLI tests run on the in-process tier (tests/inproc.py) over a real SQLite file and a real
+PostgreSQL database: they send no chat, and show nothing a separate server process would add. In the dead-replica
+test the replica killed is a real `grokgate serve` process (SIGKILL is the point) and the live one an app served
+in this process, both routed to the fake xAI upstream (tests/fakes/fake_xai.py); no test loads the local model.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import os
 import signal
 import socket
@@ -24,6 +29,7 @@ from urllib.parse import quote, urlparse
 import httpx
 import pytest
 
+from grokgate.app import create_app
 from tests.conftest import (
     E2E,
     PG_ADMIN_URL,
@@ -35,14 +41,17 @@ from tests.conftest import (
     err,
     ok,
     start_server,
-    start_servers,
     stop_server,
     user,
 )
 from tests.fakes.fake_xai import FakeXAI
+from tests.inproc import AppServer, app_server, app_settings, serve_app
 
 FAKE_KEY = "xai-hardening-key"
 CHEAP = {"model": "grok-3", "messages": user("hi"), "max_tokens": 5}
+
+Gateway = AppServer  # the in-process app
+Replica = Server  # a `grokgate serve` process
 
 
 @pytest.fixture(scope="module")
@@ -95,36 +104,34 @@ def pg_fetch(url: str, sql: str, *args: Any) -> list[Any]:
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def srv(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, fake: FakeXAI) -> Iterator[Server]:
-    """One server per database for the module, routed to the fake upstream."""
+def srv(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """One in-process app per database for the module: the serving store (on SQLite, the one holding the file's
+    lock, with its writer process), as `grokgate serve` opens it."""
     tmp = tmp_path_factory.mktemp(f"hardening-{request.param}")
-    env = routing_env(tmp, fake)
-    db = None
+    db = url = None
     if request.param == "postgresql":
         db, url = new_database()
-        env["GROKGATE_DATABASE_URL"] = url
     try:
-        server = start_server(tmp, env=env, name=request.param)
-        data_dir = tmp / f"{request.param}-data"
-        server.extra.update(db=request.param, env=env, url=env.get("GROKGATE_DATABASE_URL"),
-                            sqlite=data_dir / "grokgate.db", data_dir=data_dir)
-        yield server
-        stop_server(server)
+        with app_server(tmp, database_url=url) as served:
+            data_dir = tmp / "data"
+            yield Gateway(url=served.url, app=served.app,
+                          extra={"db": request.param, "url": url, "sqlite": data_dir / "grokgate.db",
+                                 "data_dir": data_dir})
     finally:
         if db:
             drop_database(db)
 
 
-def api(srv: Server, method: str, path: str, token: str | None = TOKEN, **kwargs: Any) -> httpx.Response:
+def api(srv: Gateway | Replica, method: str, path: str, token: str | None = TOKEN, **kwargs: Any) -> httpx.Response:
     return call(srv, method, path, token, **kwargs)
 
 
-def record(srv: Server, ref: int | str) -> dict[str, Any]:
+def record(srv: Gateway, ref: int | str) -> dict[str, Any]:
     result: dict[str, Any] = ok(api(srv, "GET", f"/admin/keys/{ref}"))
     return result
 
 
-def rename_behind_the_api(srv: Server, token_id: int, name: str) -> None:
+def rename_behind_the_api(srv: Gateway, token_id: int, name: str) -> None:
     """Give a token a name the API now refuses, as a token created before the fix may have."""
     if srv.extra["db"] == "postgresql":
         pg_fetch(srv.extra["url"], "UPDATE api_tokens SET name = $1 WHERE id = $2", name, token_id)
@@ -133,20 +140,20 @@ def rename_behind_the_api(srv: Server, token_id: int, name: str) -> None:
             conn.execute("UPDATE api_tokens SET name = ? WHERE id = ?", (name, token_id))
 
 
-def cli_env(srv: Server) -> dict[str, str]:
+def cli_env(srv: Gateway) -> dict[str, str]:
     env = {"GROKGATE_DATA_DIR": str(srv.extra["data_dir"])}
     if srv.extra["url"]:
         env["GROKGATE_DATABASE_URL"] = srv.extra["url"]
     return env
 
 
-def cli_process(srv: Server, *args: str) -> subprocess.CompletedProcess[str]:
+def cli_process(srv: Gateway, *args: str) -> subprocess.CompletedProcess[str]:
     """`python -m grokgate ARGS` against the server's database: the real entry point and argv decoding."""
     return subprocess.run([sys.executable, "-m", "grokgate", *args], env={**os.environ, **cli_env(srv)},
                           capture_output=True, text=True, timeout=120)
 
 
-def cli(srv: Server, *args: str) -> subprocess.CompletedProcess[str]:
+def cli(srv: Gateway, *args: str) -> subprocess.CompletedProcess[str]:
     """`grokgate ARGS` run by `grokgate.cli.main` in this process, as `python -m grokgate` runs it (its
     `SystemExit` is the exit status; an exception escapes, as a traceback would), without a second of
     interpreter start-up per call. `cli_process` keeps the real process for what argv itself carries."""
@@ -178,7 +185,7 @@ def cli(srv: Server, *args: str) -> subprocess.CompletedProcess[str]:
 
 @E2E
 @pytest.mark.parametrize("name", ["2", "0042", "gg-abcdefgh", "GG-something", "a\x00b", " "])
-def test_names_that_look_like_ids_or_prefixes_are_refused(srv: Server, name: str) -> None:
+def test_names_that_look_like_ids_or_prefixes_are_refused(srv: Gateway, name: str) -> None:
     before = ok(api(srv, "GET", "/admin/keys"))["data"]
     err(api(srv, "POST", "/admin/keys", json={"name": name}), 400, "bad_request", param="name")
     _, key = create_key(srv, f"plain-{uuid.uuid4().hex[:8]}")
@@ -188,7 +195,7 @@ def test_names_that_look_like_ids_or_prefixes_are_refused(srv: Server, name: str
 
 
 @E2E
-def test_the_cli_refuses_the_same_names(srv: Server) -> None:
+def test_the_cli_refuses_the_same_names(srv: Gateway) -> None:
     before = len(ok(api(srv, "GET", "/admin/keys"))["data"])
     for name in ("2", "gg-abcdefgh"):
         done = cli(srv, "keys", "create", name)
@@ -198,7 +205,7 @@ def test_the_cli_refuses_the_same_names(srv: Server) -> None:
 
 
 @E2E
-def test_the_cli_takes_only_ascii_numbers_and_answers_odd_refs_without_a_traceback(srv: Server) -> None:
+def test_the_cli_takes_only_ascii_numbers_and_answers_odd_refs_without_a_traceback(srv: Gateway) -> None:
     before = len(ok(api(srv, "GET", "/admin/keys"))["data"])
     for args in (["keys", "create", "digits", "--rpm", "\u0663"], ["keys", "create", "big", "--rpm", "9" * 30],
                  ["keys", "create", "far", "--expires", "9" * 20], ["keys", "create", "arabic", "--expires", "\u0661"],
@@ -214,7 +221,7 @@ def test_the_cli_takes_only_ascii_numbers_and_answers_odd_refs_without_a_traceba
 
 
 @E2E
-def test_a_legacy_name_that_is_another_tokens_id_is_409_not_a_silent_top_up(srv: Server) -> None:
+def test_a_legacy_name_that_is_another_tokens_id_is_409_not_a_silent_top_up(srv: Gateway) -> None:
     _, target = create_key(srv, f"target-{uuid.uuid4().hex[:8]}", credits="1")
     _, legacy = create_key(srv, f"legacy-{uuid.uuid4().hex[:8]}", credits="1")
     rename_behind_the_api(srv, legacy["id"], str(target["id"]))  # a token named "<target's id>", made before the fix
@@ -246,7 +253,7 @@ def test_a_legacy_name_that_is_another_tokens_id_is_409_not_a_silent_top_up(srv:
 
 
 @E2E
-def test_a_legacy_name_that_is_another_tokens_prefix_is_409(srv: Server) -> None:
+def test_a_legacy_name_that_is_another_tokens_prefix_is_409(srv: Gateway) -> None:
     _, target = create_key(srv, f"target-{uuid.uuid4().hex[:8]}")
     _, legacy = create_key(srv, f"legacy-{uuid.uuid4().hex[:8]}")
     rename_behind_the_api(srv, legacy["id"], target["prefix"])
@@ -257,7 +264,7 @@ def test_a_legacy_name_that_is_another_tokens_prefix_is_409(srv: Server) -> None
 
 
 @E2E
-def test_a_legacy_name_that_matches_nothing_else_still_resolves(srv: Server) -> None:
+def test_a_legacy_name_that_matches_nothing_else_still_resolves(srv: Gateway) -> None:
     _, key = create_key(srv, f"lonely-{uuid.uuid4().hex[:8]}")
     odd = f"gg-{uuid.uuid4().hex[:12]}"  # not any token's prefix
     rename_behind_the_api(srv, key["id"], odd)
@@ -292,7 +299,7 @@ def _quoted(ref: str) -> str:
 
 @E2E
 @pytest.mark.parametrize("ref", ODD_REFS, ids=lambda r: repr(r))
-def test_odd_refs_are_404_on_every_admin_route(srv: Server, ref: str) -> None:
+def test_odd_refs_are_404_on_every_admin_route(srv: Gateway, ref: str) -> None:
     create_key(srv, f"first-{uuid.uuid4().hex[:8]}", credits="1")
     one = record(srv, 1)  # a token with id 1 exists, so '١' taken as 1 would find it
     for method, path, body in [("GET", "", None), ("PATCH", "", {"rpm": 5}), ("DELETE", "", None),
@@ -306,14 +313,14 @@ def test_odd_refs_are_404_on_every_admin_route(srv: Server, ref: str) -> None:
 
 
 @E2E
-def test_odd_price_model_names_are_400_not_500(srv: Server) -> None:
+def test_odd_price_model_names_are_400_not_500(srv: Gateway) -> None:
     free = {"input": "0", "cached_input": "0", "output": "0"}
     for model in ("a\x00b", "x" * 201):
         err(api(srv, "PUT", f"/admin/prices/{_quoted(model)}", json=free), 400, "bad_request", param="model")
 
 
 @E2E
-def test_unstorable_text_in_a_name_or_a_ledger_filter_is_not_500(srv: Server) -> None:
+def test_unstorable_text_in_a_name_or_a_ledger_filter_is_not_500(srv: Gateway) -> None:
     headers = {"authorization": f"Bearer {TOKEN}", "content-type": "application/json"}
     with srv.client() as c:  # a lone surrogate, which JSON allows and UTF-8 cannot encode
         r = c.post("/admin/keys", content=b'{"name": "x\\ud800"}', headers=headers)
@@ -330,7 +337,7 @@ BODY_ROUTES = [("POST", "/admin/keys"), ("PATCH", "/admin/keys/1"), ("POST", "/a
 
 @E2E
 @pytest.mark.parametrize(("method", "path"), BODY_ROUTES)
-def test_admin_auth_errors_come_before_body_errors(srv: Server, method: str, path: str) -> None:
+def test_admin_auth_errors_come_before_body_errors(srv: Gateway, method: str, path: str) -> None:
     secret, _ = create_key(srv, f"holder-{uuid.uuid4().hex[:8]}")
     def send(token: str | None, content: bytes) -> httpx.Response:
         headers = {"content-type": "application/json"}
@@ -347,7 +354,7 @@ def test_admin_auth_errors_come_before_body_errors(srv: Server, method: str, pat
 
 @E2E
 @pytest.mark.parametrize(("method", "path"), BODY_ROUTES)
-def test_admin_answers_an_unauthenticated_client_without_waiting_for_its_body(srv: Server, method: str,
+def test_admin_answers_an_unauthenticated_client_without_waiting_for_its_body(srv: Gateway, method: str,
                                                                                path: str) -> None:
     """Headers that announce a body which never comes: the auth error must not wait for it."""
     url = urlparse(srv.url)
@@ -369,56 +376,77 @@ def test_admin_answers_an_unauthenticated_client_without_waiting_for_its_body(sr
 
 # -- item 8: replicas racing on first start ------------------------------------------------------------------------
 
+# The racers are fresh processes forked, for each race, from one that paid the imports once: as many processes as
+# replicas, each opening its own store, engine and connections. A closed pipe starts them all at once.
 MIGRATE = """
-import asyncio, sys
+import asyncio, json, os, sys
+import alembic.command, alembic.config, asyncpg, sqlalchemy.dialects.postgresql.asyncpg  # what every racer loads
 from grokgate.core.pricing import default_prices
 from grokgate.store.sql import SqlStore
 
-async def main(url: str) -> None:
-    store = SqlStore(url, owner=sys.argv[1])
-    print("ready", flush=True)
-    sys.stdin.readline()  # every process starts at once
+async def migrate(store):
     await store.open(serve=True)
     await store.seed_prices(default_prices(["grok-3", "grok-4"], 1.0))
     await store.close()
 
-# One empty database per line, the same for every process: one race each (the imports are paid once).
-for line in sys.stdin:
+def racer(url, owner, start):
     try:
-        asyncio.run(main(line.strip()))
-        print("ok", flush=True)
+        store = SqlStore(url, owner=owner)
+        os.read(start, 1)  # end of file once every racer is ready: they start at once
+        asyncio.run(migrate(store))
+        return "ok"
     except Exception as exc:
-        print("failed: " + repr(exc).replace(chr(10), " "), flush=True)
+        return "failed: " + repr(exc).replace(chr(10), " ")
+
+count = int(sys.argv[1])
+for line in sys.stdin:  # one empty database per line: one race of `count` new processes
+    start, go = os.pipe()
+    racers = []
+    for i in range(count):
+        answer, say = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # a racer: it reports, then ends without running anything of its parent's
+            try:
+                os.close(go)
+                os.close(answer)
+                os.write(say, racer(line.strip(), f"racer-{i}", start).encode())
+            finally:
+                os._exit(0)
+        os.close(say)
+        racers.append((pid, answer))
+    os.close(start)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    os.close(go)
+    outcomes = []
+    for pid, answer in racers:
+        with os.fdopen(answer, "rb") as f:
+            said = f.read().decode()
+        _, status = os.waitpid(pid, 0)
+        outcomes.append(said or f"exited with status {status}")
+    print(json.dumps(outcomes), flush=True)
 """
 
 
 def test_replicas_starting_at_once_on_an_empty_database_all_migrate() -> None:
     processes, attempts = 6, 4
-    procs = [subprocess.Popen([sys.executable, "-c", MIGRATE, f"racer-{i}"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(processes)]
+    proc = subprocess.Popen([sys.executable, "-c", MIGRATE, str(processes)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
 
-    def tell_all(line: str) -> None:
-        for p in procs:
-            assert p.stdin is not None
-            p.stdin.write(line + "\n")
-            p.stdin.flush()
-
-    def hear_all() -> list[str]:
-        answers = []
-        for p in procs:
-            assert p.stdout is not None
-            answers.append(p.stdout.readline().strip())
-        return answers
+    def say(line: str) -> str:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(line + "\n")
+        proc.stdin.flush()
+        return proc.stdout.readline().strip()
 
     try:
         for attempt in range(attempts):
             name, url = new_database()
             try:
-                tell_all(url)
-                assert hear_all() == ["ready"] * processes, attempt
-                tell_all("go")
-                outcomes = hear_all()
+                assert say(url) == "ready", attempt
+                outcomes = json.loads(say("go"))
+                assert len(outcomes) == processes, outcomes
                 failures = [f"process {i}: {o}" for i, o in enumerate(outcomes) if o != "ok"]
                 assert not failures, f"attempt {attempt}: {failures}"
                 version = pg_fetch(url, "SELECT version_num FROM alembic_version")
@@ -429,9 +457,8 @@ def test_replicas_starting_at_once_on_an_empty_database_all_migrate() -> None:
             finally:
                 drop_database(name)
     finally:
-        for p in procs:
-            _, stderr = p.communicate(timeout=120)  # closes its input: the process ends after its last race
-            assert p.returncode == 0, stderr[-2000:]
+        _, stderr = proc.communicate(timeout=120)  # closes its input: the process ends after its last race
+        assert proc.returncode == 0, stderr[-2000:]
 
 
 # -- item 3: a dead replica's reservations are released by the living ----------------------------------------------
@@ -454,61 +481,74 @@ def wait_for(predicate: Any, timeout: float, what: str) -> None:
 
 @E2E
 def test_a_killed_replicas_reservations_are_released_by_a_live_one(
-        tmp_path_factory: pytest.TempPathFactory, fake: FakeXAI, pg_url: str) -> None:
+        tmp_path_factory: pytest.TempPathFactory, fake: FakeXAI, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two replicas on one database: A, a `grokgate serve` process (it is killed), and B, the live one, an app
+    served in this process with the same settings and routing file."""
     tmp = tmp_path_factory.mktemp("dead-replica")
-    env = {**routing_env(tmp, fake), "GROKGATE_DATABASE_URL": pg_url,
-           "GROKGATE_INSTANCE_HEARTBEAT_SECONDS": str(HEARTBEAT),
-           "GROKGATE_INSTANCE_DEAD_AFTER_SECONDS": str(DEAD_AFTER)}
-    a, b = start_servers(tmp, ("replica-a", (), {**env, "GROKGATE_INSTANCE_ID": "pod-a-1"}),
-                         ("replica-b", (), {**env, "GROKGATE_INSTANCE_ID": "pod-b-1"}))
+    routing = routing_env(tmp, fake)
+    started = start_server(tmp, env={**routing, "GROKGATE_DATABASE_URL": pg_url, "GROKGATE_INSTANCE_ID": "pod-a-1",
+                                     "GROKGATE_INSTANCE_HEARTBEAT_SECONDS": str(HEARTBEAT),
+                                     "GROKGATE_INSTANCE_DEAD_AFTER_SECONDS": str(DEAD_AFTER)}, name="replica-a")
+    a = Replica(**{f.name: getattr(started, f.name) for f in dataclasses.fields(started)})
     fake.reset()
     results: dict[str, int] = {}
 
-    def send(server: Server, label: str) -> None:
+    def send(server: Replica | Gateway, label: str) -> None:
         try:
             results[label] = server.chat(CHEAP, token=secret, timeout=300).status_code
         except httpx.HTTPError:
             results[label] = -1
 
     try:
-        secret, key = create_key(a, "spender", credits="10")
-        fake.fail_next(*[{"fault": "stall", "seconds": 600}] * 3)  # A's requests stay in flight until A dies
-        threads = [threading.Thread(target=send, args=(a, f"a{i}"), daemon=True) for i in range(3)]
-        for t in threads:
-            t.start()
-        wait_for(lambda: len(fake.chat_requests) == 3, 60, "A's requests to reach the upstream")
-        fake.fail_next({"fault": "stall", "seconds": 600})  # B's request stays in flight through the sweeps
-        b_thread = threading.Thread(target=send, args=(b, "b"), daemon=True)
-        b_thread.start()
-        wait_for(lambda: len(fake.chat_requests) == 4, 60, "B's request to reach the upstream")
-        held = ok(api(b, "GET", f"/admin/keys/{key['id']}"))
-        one = held["reserved"] // 4
-        assert held["reserved"] == 4 * one > 0 and held["balance"] == 10_000_000 - 4 * one
-        assert holds_by_owner(pg_url) == {"pod-a-1": 3, "pod-b-1": 1}
-        time.sleep(2 * DEAD_AFTER)  # many sweeps by both replicas: the living keep what they hold
-        assert holds_by_owner(pg_url) == {"pod-a-1": 3, "pod-b-1": 1}, "a live replica's reservations were released"
+        monkeypatch.setenv("XAI_FAKE", routing["XAI_FAKE"])  # the key the routing file names, for B to read
+        settings = app_settings(tmp / "replica-b", config=Path(routing["GROKGATE_CONFIG"]), database_url=pg_url,
+                                instance_id="pod-b-1", instance_heartbeat_seconds=HEARTBEAT,
+                                instance_dead_after_seconds=DEAD_AFTER)
+        with serve_app(create_app(settings)) as served:
+            b = Gateway(url=served.url, app=served.app)
+            try:
+                secret, key = create_key(a, "spender", credits="10")
+                fake.fail_next(*[{"fault": "stall", "seconds": 600}] * 3)  # A's requests stay in flight until A dies
+                threads = [threading.Thread(target=send, args=(a, f"a{i}"), daemon=True) for i in range(3)]
+                for t in threads:
+                    t.start()
+                wait_for(lambda: len(fake.chat_requests) == 3, 60, "A's requests to reach the upstream")
+                fake.fail_next({"fault": "stall", "seconds": 600})  # B's request stays in flight through the sweeps
+                b_thread = threading.Thread(target=send, args=(b, "b"), daemon=True)
+                b_thread.start()
+                wait_for(lambda: len(fake.chat_requests) == 4, 60, "B's request to reach the upstream")
+                held = ok(api(b, "GET", f"/admin/keys/{key['id']}"))
+                one = held["reserved"] // 4
+                assert held["reserved"] == 4 * one > 0 and held["balance"] == 10_000_000 - 4 * one
+                assert holds_by_owner(pg_url) == {"pod-a-1": 3, "pod-b-1": 1}
+                time.sleep(2 * DEAD_AFTER)  # many sweeps by both replicas: the living keep what they hold
+                assert holds_by_owner(pg_url) == {"pod-a-1": 3, "pod-b-1": 1}, \
+                    "a live replica's reservations were released"
 
-        a.process.send_signal(signal.SIGKILL)
-        a.process.wait()
-        wait_for(lambda: "pod-a-1" not in holds_by_owner(pg_url), 30, "B to release the dead replica's reservations")
-        assert holds_by_owner(pg_url) == {"pod-b-1": 1}, "B's own in-flight reservation survives its sweeps"
-        after = ok(api(b, "GET", f"/admin/keys/{key['id']}"))
-        assert (after["reserved"], after["balance"]) == (one, 10_000_000 - one)
+                a.process.send_signal(signal.SIGKILL)
+                a.process.wait()
+                wait_for(lambda: "pod-a-1" not in holds_by_owner(pg_url), 30,
+                         "B to release the dead replica's reservations")
+                assert holds_by_owner(pg_url) == {"pod-b-1": 1}, "B's own in-flight reservation survives its sweeps"
+                after = ok(api(b, "GET", f"/admin/keys/{key['id']}"))
+                assert (after["reserved"], after["balance"]) == (one, 10_000_000 - one)
 
-        fake.release_stalls()  # B's upstream answers now (A's stalled requests end with it; A is gone)
-        b_thread.join(120)
-        assert results["b"] == 200
-        final = ok(api(b, "GET", f"/admin/keys/{key['id']}"))
-        rows = ok(api(b, "GET", f"/admin/ledger?token={key['id']}"))["data"]
-        usage = [r for r in rows if r["kind"] == "usage"]
-        assert len(usage) == 1 and usage[0]["status"] == "ok"
-        assert final["reserved"] == 0 and final["balance"] == 10_000_000 - usage[0]["cost"]
-        assert holds_by_owner(pg_url) == {}
-        stop_server(b)  # a clean shutdown retires the instance; the dead one was forgotten by the sweep
+                fake.release_stalls()  # B's upstream answers now (A's stalled requests end with it; A is gone)
+                b_thread.join(120)
+                assert results["b"] == 200
+                final = ok(api(b, "GET", f"/admin/keys/{key['id']}"))
+                rows = ok(api(b, "GET", f"/admin/ledger?token={key['id']}"))["data"]
+                usage = [r for r in rows if r["kind"] == "usage"]
+                assert len(usage) == 1 and usage[0]["status"] == "ok"
+                assert final["reserved"] == 0 and final["balance"] == 10_000_000 - usage[0]["cost"]
+                assert holds_by_owner(pg_url) == {}
+            finally:
+                fake.release_stalls()  # nothing of B's stays in flight: its shutdown need not wait
+        # B's clean shutdown (the end of the block) retires its instance; the dead one was forgotten by the sweep.
         assert pg_fetch(pg_url, "SELECT owner FROM instances") == []
     finally:
         if a.process.poll() is None:
             a.process.kill()
             a.process.wait()
-        stop_server(b)
+        stop_server(a)
         fake.reset()

@@ -5,25 +5,17 @@ embedded local model runs a one-tool agent to completion, with no key, no networ
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import Server, start_server, stop_server
+from tests.conftest import Server, wait_idle
 
 pytestmark = pytest.mark.e2e
 
-agents = pytest.importorskip("agents", reason="the OpenAI Agents SDK (openai-agents, a dev dependency)")
 
-
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = start_server(tmp_path_factory.mktemp("agents-offline"), "--slots", "1", "--ctx-per-slot", "2048")
-    yield server
-    stop_server(server)
-
-
-def test_a_tool_using_agent_runs_to_completion_on_the_local_model(srv: Server) -> None:
+def test_a_tool_using_agent_runs_to_completion_on_the_local_model(server: Server) -> None:
+    # Imported here, not at collection: every xdist worker collects every module (~1.5 s of CPU for the SDK).
+    agents = pytest.importorskip("agents", reason="the OpenAI Agents SDK (openai-agents, a dev dependency)")
     from openai import AsyncOpenAI
 
     calls: list[str] = []
@@ -35,19 +27,22 @@ def test_a_tool_using_agent_runs_to_completion_on_the_local_model(srv: Server) -
         return f"Sunny and 21 C in {city}."
 
     async def run() -> str:
-        client = AsyncOpenAI(base_url=f"{srv.url}/v1", api_key=srv.token, max_retries=0, timeout=300)
+        client = AsyncOpenAI(base_url=f"{server.url}/v1", api_key=server.token, max_retries=0, timeout=300)
         agents.set_tracing_disabled(True)  # no trace export: nothing leaves this machine
         model = agents.OpenAIChatCompletionsModel(model="grok-3", openai_client=client)
         agent = agents.Agent(
             name="forecaster", instructions="Use the tool to answer.", tools=[get_weather], model=model,
             # The first turn must call the tool; after it, the SDK resets tool_choice to auto (its default
-            # reset_tool_choice), so the model may answer in text.
-            model_settings=agents.ModelSettings(tool_choice="required", max_tokens=80, temperature=0),
+            # reset_tool_choice), so the model may answer in text. Greedy (top_p 0 keeps only the likeliest
+            # token) yet with a temperature above 0 and no seed, so the engine's prompt cache serves the second
+            # turn the first turn's prompt (temperature 0 would have it evaluated afresh: providers/local.py).
+            model_settings=agents.ModelSettings(tool_choice="required", max_tokens=80, temperature=1, top_p=0),
         )
         result = await agents.Runner.run(agent, "What is the weather in Paris?", max_turns=4)
         await client.close()
         return str(result.final_output)
 
+    wait_idle(server)  # the session's shared server: no other test's job left to share a batch with these
     final = asyncio.run(run())
     assert final  # the agent ended with a text answer after the tool's result
     assert calls and all(isinstance(c, str) and c for c in calls)  # the tool ran with arguments the model produced

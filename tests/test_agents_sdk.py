@@ -15,7 +15,11 @@ from tests.fakes.fake_xai import FakeXAI
 
 pytestmark = pytest.mark.e2e
 
-agents = pytest.importorskip("agents", reason="the OpenAI Agents SDK (openai-agents, a dev dependency)")
+
+def import_sdk() -> Any:
+    # At test time, not collection: every xdist worker collects every module, and the SDK costs ~1.5 s of CPU
+    # to import.
+    return pytest.importorskip("agents", reason="the OpenAI Agents SDK (openai-agents, a dev dependency)")
 
 
 def sent_bodies(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -41,6 +45,7 @@ models:
 
 
 def test_an_agent_with_a_function_tool_runs_to_completion(gw: tuple[Server, FakeXAI]) -> None:
+    agents = import_sdk()
     from openai import AsyncOpenAI
 
     srv, fake = gw

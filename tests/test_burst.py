@@ -1,6 +1,7 @@
 """Bursts against a healthy Redis (issue 9, item 7): the rate limiter's connection pool waits for a free
 connection instead of failing, a request refused for credits costs one Redis round trip, and a pool still
-exhausted after its timeout is a store error handled as `rate_limit_store_error` says."""
+exhausted after its timeout is a store error handled as `rate_limit_store_error` says. The burst on two replicas
+is test_billing.py's `test_burst_on_two_replicas_gets_only_200_and_used_up`."""
 
 from __future__ import annotations
 
@@ -8,47 +9,24 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from redis.asyncio import Redis
 
-from grokgate.core.accounts import Settlement, TokenRecord, format_credits
+from grokgate.core.accounts import Settlement, TokenRecord
 from grokgate.core.admission import AdmissionRequest, Principal
 from grokgate.core.billing import AccountAdmission
 from grokgate.core.errors import GatewayError
 from grokgate.core.limits import Decision, Limits
 from grokgate.core.pricing import Price
 from grokgate.store.limits_redis import RedisRateLimiter
-from tests.conftest import create_key, start_servers, stop_server, user
-from tests.fakes.fake_xai import FakeXAI
-from tests.test_billing import admin_get, check_books, fire, reservation_of
 
 pytestmark = pytest.mark.e2e  # the real server, model or databases (tests/conftest.py)
 
-BODY = {"model": "grok-3", "messages": user("hi"), "max_tokens": 1}
-BURST = 1000
-FUNDED_FOR = 100
-
-# The servers' rate-limit keys are `grokgate:rl:{tok-<id>}`, and a fresh database numbers tokens from 1, as
-# other tests' fresh databases do: a Redis database of its own keeps their buckets apart.
-BURST_REDIS_DB = 13
-
-
-def _with_db(url: str, db: int) -> str:
-    return f"{url.rsplit('/', 1)[0]}/{db}"
-
-
-def _delete_token_keys(url: str, token_id: int) -> None:
-    with redis.Redis.from_url(url) as r:
-        r.delete(f"grokgate:rl:{{tok-{token_id}}}:b", f"grokgate:rl:{{tok-{token_id}}}:f")
-
-
-@pytest.fixture
-def burst_redis_url(redis_url: str) -> str:
-    return _with_db(redis_url, BURST_REDIS_DB)
+# The burst itself (1,000 requests over two replicas, PostgreSQL + Redis) is in tests/test_billing.py, on the
+# replicas that module starts once for its other cross-replica tests.
 
 
 @pytest.fixture
@@ -59,71 +37,6 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
     with redis.Redis.from_url(redis_url) as r:
         for key in r.scan_iter(match=f"{prefix}*"):
             r.delete(key)
-
-
-def write_routing(tmp: Path, fake: FakeXAI) -> Path:
-    path = tmp / "grokgate.yaml"
-    path.write_text(f"""
-backends:
-  xai:
-    kind: xai
-    base_url: {fake.url}
-    api_key_env: BURST_XAI_KEY
-models:
-  grok-3: [{{backend: xai}}]
-""")
-    return path
-
-
-
-def test_burst_on_two_replicas_gets_only_200_and_used_up(
-        tmp_path_factory: pytest.TempPathFactory, pg_url: str, burst_redis_url: str) -> None:
-    """Done-when of issue 9: 1,000 requests at once over two replicas (PostgreSQL + Redis, fail_closed) on a
-    token funded for about 100: every answer is a 200 or a 403 used_up, never a 503 from the rate limiter."""
-    tmp = tmp_path_factory.mktemp("burst")
-    with FakeXAI(api_keys=["burst-key"]).start() as fake:
-        env = {
-            "GROKGATE_DATABASE_URL": pg_url,
-            "GROKGATE_REDIS_URL": burst_redis_url,
-            "GROKGATE_RATE_LIMIT_STORE_ERROR": "fail_closed",
-            "GROKGATE_CONFIG": str(write_routing(tmp, fake)),
-            "BURST_XAI_KEY": "burst-key",
-            # Every request of the burst comes from 127.0.0.1 on its own connection.
-            "GROKGATE_MAX_CONNECTIONS_PER_CLIENT": str(BURST),
-            "GROKGATE_LOG_LEVEL": "WARNING",
-        }
-        a, b = start_servers(tmp, ("burst-a", (), env), ("burst-b", (), env))
-        token_id: int | None = None
-        try:
-            initial = reservation_of(a, BODY) * FUNDED_FOR
-            # Limits high enough never to refuse: what is tested is the limiter's store under a burst.
-            token, key = create_key(a, "burst", credits=format_credits(initial), rpm=1_000_000,
-                                    tpm=1_000_000_000, max_concurrency=100_000)
-            token_id = int(key["id"])
-            _delete_token_keys(burst_redis_url, token_id)  # a previous, interrupted run of this test
-
-            responses = fire([a, b], token, BURST, BODY)
-
-            codes = [r.status_code for r in responses]
-            tally = {code: codes.count(code) for code in sorted(set(codes))}
-            assert tally.get(503, 0) == 0, f"503 answers: {tally}; {responses[codes.index(503)].text}"
-            assert set(codes) <= {200, 403}, tally
-            refused = [r.json()["error"]["code"] for r in responses if r.status_code == 403]
-            assert set(refused) <= {"used_up"}, refused
-            served = codes.count(200)
-            assert served >= 1 and refused, tally
-            key_after = check_books(a, token_id, initial, served)
-            assert key_after["balance"] >= 0
-            usage_rows = [r for r in admin_get(a, f"/admin/ledger?token={token_id}&limit=10000")["data"]
-                          if r["kind"] == "usage"]
-            assert len(usage_rows) == served
-            assert all(r["amount"] <= 0 for r in usage_rows)
-            assert "rate-limit store unavailable" not in a.log() + b.log()
-        finally:
-            stop_server(a)
-            stop_server(b)
-            if token_id is not None:
-                _delete_token_keys(burst_redis_url, token_id)
 
 
 # -- the limiter on its own, against the real Redis --------------------------------------------------------

@@ -51,7 +51,7 @@ def test_small_request_is_not_starved_by_a_large_n(server: Server) -> None:
                 assert r.status_code == 200, r.text
                 return time.monotonic()
 
-            big = timed({"model": "grok-3", "messages": user("Write a poem."), "max_tokens": 6, "n": 12}, 0)
+            big = timed({"model": "grok-3", "messages": user("Write a poem."), "max_tokens": 4, "n": 12}, 0)
             small = timed({"model": "grok-3", "messages": user("Say OK."), "max_tokens": 2}, 0.3)
             big_done, small_done = await asyncio.gather(big, small)
             return big_done, small_done

@@ -10,7 +10,9 @@ import datetime as dt
 import io
 import sqlite3
 import time
+import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,23 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from grokgate.store.schema import ledger
 from grokgate.store.sql import SqlStore
-from tests.conftest import ARTIFACTS, Server, call, create_key, err, ok, start_server, stop_server, user
+from tests.conftest import (
+    ARTIFACTS,
+    E2E,
+    PG_ADMIN_URL,
+    Server,
+    _pg_execute,
+    call,
+    create_key,
+    err,
+    ok,
+    require_e2e,
+    start_server,
+    stop_server,
+    user,
+)
+
+pytestmark = E2E  # a real server, PostgreSQL and the browser; the SQLite-only tests ride along (tests/conftest.py)
 
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = ARTIFACTS / "console"
@@ -317,15 +335,35 @@ class Db:
         return self.loop.run_until_complete(work)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
-    url = f"sqlite:///{tmp_path / 'ledger.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    d = Db(SqlStore(url))
-    d.run(d.store.open())
-    d.run(d.store.write(lambda conn: conn.execute(insert(ledger), _rows())))
-    yield d
-    d.run(d.store.close())
-    d.loop.close()
+@contextmanager
+def _pg_database() -> Iterator[str]:
+    """A fresh PostgreSQL database (conftest's `pg_url`, for a module: the tests below only read it)."""
+    name = f"grokgate_test_{uuid.uuid4().hex[:12]}"
+    try:
+        _pg_execute(f'CREATE DATABASE "{name}"')
+    except (OSError, TimeoutError) as exc:  # not reachable; any other error is a real failure
+        pytest.skip(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc}")
+    try:
+        yield f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+    finally:
+        _pg_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Db]:
+    """The 90 rows in a store of each kind, once per module: the tests using it only read."""
+    with ExitStack() as stack:
+        if request.param == "sqlite":
+            url = f"sqlite:///{tmp_path_factory.mktemp('ledger') / 'ledger.db'}"
+        else:
+            require_e2e("PostgreSQL")
+            url = stack.enter_context(_pg_database())
+        d = Db(SqlStore(url))
+        d.run(d.store.open())
+        d.run(d.store.write(lambda conn: conn.execute(insert(ledger), _rows())))
+        yield d
+        d.run(d.store.close())
+        d.loop.close()
 
 
 def _expected(rows: list[dict[str, Any]], **f: Any) -> list[str]:
@@ -578,7 +616,7 @@ def test_console_in_chromium(srv: Server, browser: Any, tabs: list[Tab]) -> None
     admin.open("playground")
     page.select_option("select[name=model]", FAST)
     page.fill("textarea[name=prompt]", "Count from 1 to 40, separated by commas.")
-    page.fill("input[name=max_tokens]", "16")
+    page.fill("input[name=max_tokens]", "8")
     page.fill("input[name=n]", "2")
     page.evaluate("""() => {
         // Record the first choice's text length at every DOM change, with the request's state at that moment.

@@ -1,7 +1,8 @@
 """The error envelope, each AceData error code with its status, auth failures, and x-request-id.
 
 In-process (tests/inproc.py: the app from `create_app`, a scripted provider): the envelope is the app's, not
-the backend's. The one error the local engine itself raises (a prompt past its context) is checked end to end.
+the backend's. The one error the local engine itself raises (a prompt past its context) is checked end to end in
+tests/test_streaming.py, streamed and not, on the shared server those tests use anyway.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import E2E, Server, user
+from tests.conftest import user
 from tests.inproc import AppServer, app_server
 
 
@@ -93,13 +94,6 @@ def test_oversized_chunked_body_is_413(gateway: AppServer) -> None:
         r = c.post("/grok/chat/completions", content=chunks(),
                    headers={"Authorization": f"Bearer {gateway.token}", "Content-Type": "application/json"})
     envelope(r, 413, "request_too_large")
-
-
-@E2E
-def test_prompt_longer_than_context_is_a_clear_400(server: Server) -> None:
-    """The local engine's own refusal, before any output: a 400 in the envelope, naming the context."""
-    body = envelope(server.chat({**BASE, "messages": user("hello " * 3000)}), 400, "bad_request")
-    assert "context" in body["error"]["message"]
 
 
 def test_every_response_has_a_request_id(gateway: AppServer) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import TLS
 from tests.fakes.fake_xai import CITATIONS, REASONING_TEXT, TOOL_ARGUMENTS, FakeXAI
 
 KEY = "xai-test-key"
@@ -49,7 +50,8 @@ def body(model: str = "grok-3", text: str = "hi there", **extra: Any) -> dict[st
 def post(fake: FakeXAI, payload: Any, headers: dict[str, str] | None = None, key: str | None = KEY,
          timeout: float = 10) -> httpx.Response:
     h = {"Authorization": f"Bearer {key}"} if key is not None else {}
-    return httpx.post(f"{fake.url}/chat/completions", json=payload, headers={**h, **(headers or {})}, timeout=timeout)
+    return httpx.post(f"{fake.url}/chat/completions", json=payload, headers={**h, **(headers or {})}, timeout=timeout,
+                      verify=TLS)
 
 
 def events(r: httpx.Response) -> list[dict[str, Any]]:
@@ -410,7 +412,8 @@ def test_runs_as_a_script() -> None:
 
 # ----- /v1/responses -----------------------------------------------------------------------------------------------
 def rpost(fake: FakeXAI, payload: Any, key: str = KEY) -> httpx.Response:
-    return httpx.post(f"{fake.url}/responses", json=payload, headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    return httpx.post(f"{fake.url}/responses", json=payload, headers={"Authorization": f"Bearer {key}"}, timeout=10,
+                      verify=TLS)
 
 
 def rframes(r: httpx.Response) -> list[dict[str, Any]]:

@@ -56,10 +56,11 @@ def test_seed_gives_the_same_text(server: Server) -> None:
             "temperature": 1.5, "top_p": 1, "seed": 1234, "n": 2}
     first, second = ok(server, body), ok(server, body)
     assert texts(first) == texts(second)
-    # One choice per other seed: the first choice is what a seed decides (six tokens at temperature 1.5 differ
-    # between three seeds; both choices of one seed already differ, and are compared above).
-    others = [texts(ok(server, {**body, "seed": seed, "n": 1}))[0] for seed in (1, 2, 3)]
-    assert len({texts(first)[0], *others}) > 1, "different seeds give different samples"
+    # One choice of another seed: the first choice is what a seed decides (six tokens at temperature 1.5 differ
+    # between two seeds, reproducibly: each is seeded; both choices of one seed already differ, and are compared
+    # above).
+    other = texts(ok(server, {**body, "seed": 1, "n": 1}))[0]
+    assert other != texts(first)[0], "different seeds give different samples"
 
 
 def test_temperature_zero_is_repeatable(server: Server) -> None:
@@ -68,8 +69,9 @@ def test_temperature_zero_is_repeatable(server: Server) -> None:
 
 
 def test_stop_sequence(server: Server) -> None:
+    # 16 tokens reach past "5" ("1", ",", " " per number): the cut is the stop sequence's, not the limit's.
     body = {"model": "grok-3", "messages": user("Count from 1 to 10, comma separated, digits only."),
-            "max_tokens": 40, "temperature": 0}
+            "max_tokens": 16, "temperature": 0}
     full = texts(ok(server, body))[0]
     assert "5" in full, full
     cut = ok(server, {**body, "stop": "5"})
@@ -141,8 +143,9 @@ def test_invalid_json_schema_is_a_400(server: Server) -> None:
 
 
 def test_large_n_is_queued_not_refused(server: Server) -> None:
-    result = ok(server, {"model": "grok-3", "messages": user("Pick a number."), "max_tokens": 2, "n": 24})
-    assert [c["index"] for c in result["choices"]] == list(range(24))
+    # Three times the shared server's four slots: most of the request's jobs wait in the queue.
+    result = ok(server, {"model": "grok-3", "messages": user("Pick a number."), "max_tokens": 2, "n": 12})
+    assert [c["index"] for c in result["choices"]] == list(range(12))
     assert all(c["message"]["content"] for c in result["choices"])
 
 
@@ -155,7 +158,7 @@ def test_seed_is_reproducible_under_concurrent_load(server: Server) -> None:
     alone = texts(ok(server, body))
     # Three requests of two choices: the four slots are busy, with a job queued, when the seeded one arrives.
     background = [threading.Thread(target=server.chat, args=({
-        "model": "grok-3", "messages": user(f"Write a story number {i}."), "max_tokens": 12, "n": 2},))
+        "model": "grok-3", "messages": user(f"Write a story number {i}."), "max_tokens": 6, "n": 2},))
         for i in range(3)]
     for t in background:
         t.start()

@@ -16,7 +16,7 @@ import pytest
 
 from grokgate.app import create_app
 from grokgate.settings import Settings
-from tests.conftest import E2E, TOKEN, session_dir, start_server, stop_server, user
+from tests.conftest import E2E, TOKEN, session_dir, user
 from tests.inproc import ScriptedProvider, app_server, app_settings, scripted_models, serve_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,24 +57,31 @@ def test_an_app_that_cannot_start_fails_its_fixture_at_once(tmp_path: Path) -> N
 
 
 @E2E
-def test_the_tests_pass_while_a_server_holds_the_users_data_dir(tmp_path: Path) -> None:
+def test_the_tests_pass_while_a_server_holds_the_users_data_dir(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """A user with `grokgate serve` running on the default directories (a home of its own here) runs the tests
     from a fresh shell: they pass, and at once. Without the harness (--noconftest) the same test fails, at
-    once, on the lock: so this scenario is the one of the original bug."""
+    once, on the lock: so this scenario is the one of the original bug.
+
+    The user's server is an app served in this process, its settings read from the user's shell (as `grokgate
+    serve` reads them): what the tests run below meet is its lock on the SQLite file of that home, which a
+    separate process holds the same way."""
     home = tmp_path / "home"
     home.mkdir()
-    routing = tmp_path / "routing.yaml"  # no local engine: nothing to load into the fake home's cache
-    routing.write_text("backends:\n  up: {kind: openai, base_url: 'http://127.0.0.1:9/v1'}\n"
-                       "models:\n  grok-3: [{backend: up}]\n")
     shell = {k: v for k, v in os.environ.items()
              if not k.startswith(("GROKGATE_", "XDG_", "PYTEST_")) and k != "XAI_API_KEY"}
     shell["HOME"] = str(home)
-    unset: dict[str, str | None] = {k: None for k in os.environ if k not in shell}
-    running = start_server(tmp_path, env={**unset, "GROKGATE_DATA_DIR": None, **shell,
-                                          "GROKGATE_CONFIG": str(routing)}, name="users-serve")
-    try:
-        running.extra["data_dir"] = home / ".local" / "share" / "grokgate"
-        assert (running.extra["data_dir"] / "grokgate.db.lock").is_file(), running.log()
+    with monkeypatch.context() as users_shell:
+        for name in [n for n in os.environ if n not in shell]:
+            users_shell.delenv(name)
+        for name, value in shell.items():
+            users_shell.setenv(name, value)
+        settings = Settings(api_keys=[TOKEN], tune_gc=False)
+    # No local engine: nothing to load into the fake home's cache.
+    with serve_app(create_app(settings, models=scripted_models(ScriptedProvider()))):
+        data_dir = home / ".local" / "share" / "grokgate"
+        assert settings.data_dir == data_dir
+        assert (data_dir / "grokgate.db.lock").is_file()
         test = f"{Path(__file__).relative_to(ROOT)}::test_an_app_with_default_settings_keeps_to_the_session"
 
         def run(*extra: str) -> subprocess.CompletedProcess[str]:
@@ -88,5 +95,3 @@ def test_the_tests_pass_while_a_server_holds_the_users_data_dir(tmp_path: Path) 
         unisolated = run("--noconftest")
         assert unisolated.returncode == 1, unisolated.stdout[-3000:]
         assert "did not start" in unisolated.stdout, unisolated.stdout[-3000:]
-    finally:
-        stop_server(running)

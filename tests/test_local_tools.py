@@ -4,7 +4,6 @@ offline, then the real server and model through the openai SDK (e2e: each genera
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import openai
@@ -13,7 +12,7 @@ import pytest
 
 from grokgate.core.errors import GatewayError
 from grokgate.providers.local_tools import ToolCallParser, plan_tools, render_messages
-from tests.conftest import Server, start_server, stop_server
+from tests.conftest import Server, wait_idle
 
 jsonschema = pytest.importorskip("jsonschema", reason="jsonschema (a dev dependency)")
 
@@ -133,24 +132,26 @@ def test_parser_text_and_cut_calls() -> None:
 
 # -- e2e: the real server and model --------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = start_server(tmp_path_factory.mktemp("tools"), "--slots", "2", "--ctx-per-slot", "2048")
-    yield server
-    stop_server(server)
+# Greedy, unless a test explores sampling: at the default temperature the 0.5B model sometimes writes distinct
+# parallel calls until max_tokens (finish_reason "length", which the SDK's helpers refuse to parse). Greedy by
+# top_p 0 (only the likeliest token is left to draw: temperature 0's text) rather than temperature 0, which the
+# engine treats as a reproducible request and evaluates afresh (providers/local.py: `cache_prompt`): this way the
+# tools listing these prompts share (most of their ~180 tokens, ~1.5 s of CPU each) comes from the prompt cache.
+# The exclusive, uncached path with tools is the seeded high-temperature test's.
+GREEDY: dict[str, Any] = {"temperature": 1, "top_p": 0}
 
 
 @pytest.fixture
-def client(srv: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{srv.url}/grok", api_key=srv.token, max_retries=0, timeout=300)
+def client(server: Server) -> openai.OpenAI:
+    wait_idle(server)  # the session's shared server: no other test's job left to share a batch with these
+    return openai.OpenAI(base_url=f"{server.url}/grok", api_key=server.token, max_retries=0, timeout=300)
 
 
 def chat(client: openai.OpenAI, **kwargs: Any) -> Any:
     kwargs.setdefault("messages", ASK)
     kwargs.setdefault("max_tokens", 120)
-    # Greedy unless a test explores sampling: at the default temperature the 0.5B model sometimes writes distinct
-    # parallel calls until max_tokens (finish_reason "length", which the SDK's helpers refuse to parse).
-    kwargs.setdefault("temperature", 0)
+    if "temperature" not in kwargs:  # greedy unless a test explores sampling
+        kwargs.update(GREEDY)
     return client.chat.completions.create(model="grok-3", **kwargs)
 
 
@@ -168,20 +169,18 @@ def assert_calls(choice: Any, name: str, schema: dict[str, Any]) -> list[dict[st
 
 @pytest.mark.e2e
 def test_tool_choice_modes(client: openai.OpenAI) -> None:
+    # `required`: test_round_trip_with_tool_result's first turn.
     params = WEATHER["function"]["parameters"]
-    required = chat(client, tools=[WEATHER], tool_choice="required")
-    assert_calls(required.choices[0], "get_weather", params)
+    auto = chat(client, tools=[WEATHER], tool_choice="auto")
+    assert_calls(auto.choices[0], "get_weather", params)
     named = chat(client, tools=[WEATHER, FORECAST], tool_choice={"type": "function", "function": {"name": "forecast"}})
     assert_calls(named.choices[0], "forecast", FORECAST_PARAMS)
-    auto = chat(client, tools=[WEATHER], tool_choice="auto", temperature=0)
-    assert_calls(auto.choices[0], "get_weather", params)
-    none = chat(client, tools=[WEATHER], tool_choice="none", max_tokens=24)
+    none = chat(client, tools=[WEATHER], tool_choice="none", max_tokens=8)
     assert none.choices[0].message.tool_calls is None and none.choices[0].message.content
     assert none.choices[0].finish_reason in ("stop", "length")
     # auto on a question the tool does not fit: the 0.5B model may still call it, but whatever it answers is
     # either text with no call's JSON in it or well-formed calls (the text answer after a tool result: below).
-    text = chat(client, tools=[WEATHER], messages=[{"role": "user", "content": "Say hello."}], temperature=0,
-                max_tokens=60)
+    text = chat(client, tools=[WEATHER], messages=[{"role": "user", "content": "Say hello."}], max_tokens=60)
     message = text.choices[0].message
     assert message.tool_calls or '{"' not in (message.content or ""), text
     assert not message.tool_calls or message.content is None
@@ -198,12 +197,14 @@ def test_tool_choice_modes(client: openai.OpenAI) -> None:
 
 @pytest.mark.e2e
 def test_schema_valid_at_high_temperature(client: openai.OpenAI) -> None:
+    # Seeded, so each sample is reproducible; a seeded job has its prompt evaluated afresh (no prompt cache), so
+    # each sample costs a whole prompt: three of them (n > 1 would cost the same: a choice is a job, seed + index).
     calls = []
-    for seed in range(4):
+    for seed in range(3):
         completion = chat(client, tools=[FORECAST], tool_choice="required", temperature=1.6, seed=seed,
                           max_tokens=200, parallel_tool_calls=False)
         calls += assert_calls(completion.choices[0], "forecast", FORECAST_PARAMS)
-    assert len(calls) == 4
+    assert len(calls) == 3
 
 
 @pytest.mark.e2e
@@ -222,7 +223,7 @@ def test_parallel_false_and_n2(client: openai.OpenAI) -> None:
 def test_stream_helper_assembles_calls(client: openai.OpenAI) -> None:
     done = []
     with client.chat.completions.stream(model="grok-3", messages=ASK, tools=[WEATHER], tool_choice="required",
-                                        max_tokens=120, temperature=0) as stream:
+                                        max_tokens=120, **GREEDY) as stream:
         for event in stream:
             if event.type == "tool_calls.function.arguments.done":
                 done.append((event.name, event.parsed_arguments or json.loads(event.arguments)))
@@ -236,11 +237,12 @@ def test_stream_helper_assembles_calls(client: openai.OpenAI) -> None:
 
 @pytest.mark.e2e
 def test_round_trip_with_tool_result(client: openai.OpenAI) -> None:
-    first = chat(client, tools=[WEATHER], tool_choice="required")
+    first = chat(client, tools=[WEATHER], tool_choice="required")  # tool_choice "required", checked
+    assert_calls(first.choices[0], "get_weather", WEATHER["function"]["parameters"])
     call = first.choices[0].message.tool_calls[0]
     messages = [*ASK, first.choices[0].message.model_dump(exclude_none=True),
                 {"role": "tool", "tool_call_id": call.id, "content": '{"temperature_c": 18, "sky": "sunny"}'}]
-    second = chat(client, tools=[WEATHER], messages=messages, temperature=0, max_tokens=60)
+    second = chat(client, tools=[WEATHER], messages=messages, max_tokens=60)
     answer = second.choices[0]
     # The 0.5B model's answer is often poor (it would rather echo the JSON, which `auto` rules out), but it is text.
     assert answer.finish_reason == "stop" and answer.message.tool_calls is None and answer.message.content, answer
@@ -255,7 +257,7 @@ class GetWeather(pydantic.BaseModel):
 @pytest.mark.e2e
 def test_parse_with_pydantic_tool(client: openai.OpenAI) -> None:
     completion = client.chat.completions.parse(model="grok-3", messages=ASK, max_tokens=120, tool_choice="required",
-                                               temperature=0, tools=[openai.pydantic_function_tool(GetWeather)])
+                                               tools=[openai.pydantic_function_tool(GetWeather)], **GREEDY)
     call = completion.choices[0].message.tool_calls[0]
     assert isinstance(call.function.parsed_arguments, GetWeather)
     assert call.function.parsed_arguments.unit in ("c", "f")
@@ -266,11 +268,11 @@ def test_responses_api_function_call(client: openai.OpenAI) -> None:
     tool = {"type": "function", "name": "get_weather", "description": "Get the current weather of a city.",
             "parameters": WEATHER["function"]["parameters"], "strict": True}
     first = client.responses.create(model="grok-3", input="What is the weather in Paris?", tools=[tool],
-                                    tool_choice="required", max_output_tokens=120, temperature=0)
+                                    tool_choice="required", max_output_tokens=120, **GREEDY)
     calls = [item for item in first.output if item.type == "function_call"]
     assert calls and calls[0].name == "get_weather" and "city" in json.loads(calls[0].arguments)
     second = client.responses.create(model="grok-3", previous_response_id=first.id, tools=[tool],
-                                     max_output_tokens=60, temperature=0,
+                                     max_output_tokens=60, **GREEDY,
                                      input=[{"type": "function_call_output", "call_id": calls[0].call_id,
                                              "output": '{"temperature_c": 18}'}])
     assert second.output_text and not [item for item in second.output if item.type == "function_call"]

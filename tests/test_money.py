@@ -2,23 +2,32 @@
 
 grokgate runs with accounts on (SQLite, and PostgreSQL for the reproduction) in front of the fake xAI upstream,
 whose knobs make it report a prompt as large as the body it received, omit usage, or stall before its headers.
+The app is served in this process (tests/inproc.py): what these tests show is the app's arithmetic and routing,
+whatever the serving process; its log is the `grokgate` logger's records during the test, formatted as
+`grokgate serve` writes them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
+import os
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import E2E, Server, create_key, parse_sse, raw_request, read_until, start_server, stop_server, user
+from grokgate.app import create_app
+from grokgate.observability.logging import JSONFormatter
+from tests.conftest import E2E, create_key, parse_sse, raw_request, read_until, user
 from tests.fakes.fake_xai import FakeXAI
+from tests.inproc import AppServer, app_settings, serve_app
 
 KEYS = {"XAI_A": "key-a", "XAI_B": "key-b"}
 OUTPUT_RESERVATION = 1000  # GROKGATE_DEFAULT_OUTPUT_RESERVATION for these servers
@@ -74,18 +83,70 @@ def fakes() -> Iterator[Fakes]:
         yield main, stalling, lax
 
 
-def serve(tmp: Path, fakes: Fakes, name: str, env: dict[str, str] | None = None) -> Server:
+def serve(tmp: Path, fakes: Fakes, **settings: Any) -> AbstractContextManager[AppServer]:
+    """The app in this process, routed by the money config (the upstream keys come from the environment:
+    `keys`), with accounts on SQLite under `tmp` unless `settings` say otherwise."""
     config = write_config(tmp, *fakes)
-    return start_server(tmp, env={"GROKGATE_CONFIG": str(config), **KEYS,
-                                  "GROKGATE_DEFAULT_OUTPUT_RESERVATION": str(OUTPUT_RESERVATION), **(env or {})},
-                        name=name)
+    return serve_app(create_app(app_settings(tmp, config=config, default_output_reservation=OUTPUT_RESERVATION,
+                                             **settings)))
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory, fakes: Fakes) -> Iterator[Server]:
-    srv = serve(tmp_path_factory.mktemp("money"), fakes, "money")
-    yield srv
-    stop_server(srv)
+def keys() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in KEYS.items():
+            mp.setenv(name, value)
+        yield
+
+
+@contextmanager
+def stderr_to(path: Path) -> Iterator[None]:
+    """This process's stderr (file descriptor 2) goes to `path` meanwhile: what it starts inherits that."""
+    saved = os.dup(2)
+    try:
+        with path.open("ab") as f:
+            os.dup2(f.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory, fakes: Fakes, keys: None) -> Iterator[AppServer]:
+    """The app on SQLite. Its SQLite writer process (store/sqlite_writer.py) logs to its stderr, which under
+    `grokgate serve` is the server's log: here a file, kept in `extra["stderr"]`."""
+    tmp = tmp_path_factory.mktemp("money")
+    with ExitStack() as stack:
+        with stderr_to(tmp / "stderr.log"):  # the app's start spawns the writer
+            srv = stack.enter_context(serve(tmp, fakes))
+        srv.extra["stderr"] = tmp / "stderr.log"
+        yield srv
+
+
+@pytest.fixture(autouse=True)
+def logs() -> Iterator[list[logging.LogRecord]]:
+    """The `grokgate` logger's records during the test (INFO and up, as `grokgate serve` logs)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("grokgate")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def log_text(server: AppServer, records: list[logging.LogRecord]) -> str:
+    """The server's log: the records as `grokgate serve` writes them (one JSON object per line, extras such as
+    the request id included), and what its child processes wrote to their stderr."""
+    formatter = JSONFormatter()
+    stderr = server.extra.get("stderr")
+    return "\n".join([*(formatter.format(r) for r in records), stderr.read_text() if stderr else ""])
 
 
 @pytest.fixture
@@ -97,14 +158,14 @@ def fake(fakes: Fakes) -> FakeXAI:
 
 # -- helpers -----------------------------------------------------------------------------------------------------
 
-def admin(server: Server, method: str, path: str, **kwargs: Any) -> Any:
+def admin(server: AppServer, method: str, path: str, **kwargs: Any) -> Any:
     with server.client() as c:
         r = c.request(method, path, headers={"Authorization": f"Bearer {server.token}"}, **kwargs)
     assert r.status_code in (200, 201), r.text
     return r.json()
 
 
-def price(server: Server, model: str) -> dict[str, int]:
+def price(server: AppServer, model: str) -> dict[str, int]:
     current: dict[str, int] = {p["model"]: p for p in admin(server, "GET", "/admin/prices")["current"]}[model]
     return current
 
@@ -131,7 +192,7 @@ def encode(body: dict[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def post(server: Server, raw: bytes, token: str) -> httpx.Response:
+def post(server: AppServer, raw: bytes, token: str) -> httpx.Response:
     with server.client() as c:
         return c.post("/grok/chat/completions", content=raw,
                       headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
@@ -142,7 +203,7 @@ def refused(r: httpx.Response) -> None:
     assert r.json()["error"]["code"] == "used_up"
 
 
-def usage_rows(server: Server, key_id: int, expect: int = 1) -> list[dict[str, Any]]:
+def usage_rows(server: AppServer, key_id: int, expect: int = 1) -> list[dict[str, Any]]:
     deadline = time.monotonic() + 10
     rows: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
@@ -154,7 +215,7 @@ def usage_rows(server: Server, key_id: int, expect: int = 1) -> list[dict[str, A
     return rows
 
 
-def check_books(server: Server, key_id: int, initial: int) -> list[dict[str, Any]]:
+def check_books(server: AppServer, key_id: int, initial: int) -> list[dict[str, Any]]:
     """Nothing held, every usage row charged its full cost, and the ledger's sum equals the balance moved."""
     key = admin(server, "GET", f"/admin/keys/{key_id}")
     rows = usage_rows(server, key_id, expect=0)
@@ -197,16 +258,17 @@ def test_output_estimate_counts_bytes_not_events() -> None:
 
 # -- item 1: the reservation is an upper bound of the cost -----------------------------------------------------------
 
-def fire(server: Server, token: str, raw: bytes, count: int) -> list[httpx.Response]:
+def fire(server: AppServer, token: str, raw: bytes, count: int) -> list[httpx.Response]:
     async def run() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=server.url, timeout=300) as c:
+        async with httpx.AsyncClient(base_url=server.url, timeout=300, verify=False) as c:
             return await asyncio.gather(*(c.post("/grok/chat/completions", content=raw, headers={
                 "Authorization": f"Bearer {token}", "Content-Type": "application/json"}) for _ in range(count)))
 
     return asyncio.run(run())
 
 
-def reproduction(server: Server, fake: FakeXAI, credits: str, initial: int) -> tuple[list[int], list[dict[str, Any]]]:
+def reproduction(server: AppServer, fake: FakeXAI, credits: str, initial: int,
+                 logs: list[logging.LogRecord]) -> tuple[list[int], list[dict[str, Any]]]:
     """Issue 9 item 1: 20 concurrent requests with 1 MB of tools, the upstream counting body bytes / 4."""
     fake.header_defaults["x-fake-prompt-from-body"] = "1"
     token, key = create_key(server, f"tools-{credits}", credits=credits)
@@ -221,20 +283,20 @@ def reproduction(server: Server, fake: FakeXAI, credits: str, initial: int) -> t
     for r in responses:
         if r.status_code == 200:  # the client saw what the upstream counted, and was charged that
             assert r.json()["usage"]["prompt_tokens"] >= 250_000
-    assert "capped at the balance" not in server.log()
+    assert "capped at the balance" not in log_text(server, logs)
     return codes, rows
 
 
-@E2E
-def test_large_tools_on_a_tiny_balance_are_refused_up_front(gw: Server, fake: FakeXAI) -> None:
-    codes, rows = reproduction(gw, fake, "0.01", 10_000)
+def test_large_tools_on_a_tiny_balance_are_refused_up_front(gw: AppServer, fake: FakeXAI,
+                                                            logs: list[logging.LogRecord]) -> None:
+    codes, rows = reproduction(gw, fake, "0.01", 10_000, logs)
     assert codes == [403] * 20 and rows == []
 
 
-@E2E
-def test_large_tools_are_charged_in_full_when_funded(gw: Server, fake: FakeXAI) -> None:
+def test_large_tools_are_charged_in_full_when_funded(gw: AppServer, fake: FakeXAI,
+                                                     logs: list[logging.LogRecord]) -> None:
     # Enough for a few at a time: those served pay everything the upstream counted; the rest are refused.
-    codes, rows = reproduction(gw, fake, "5", 5_000_000)
+    codes, rows = reproduction(gw, fake, "5", 5_000_000, logs)
     assert codes.count(200) >= 1
     p = price(gw, "grok-3")
     assert all(r["cost"] >= ceil_div(r["prompt_tokens"] * p["input"], 10**6) for r in rows)
@@ -242,20 +304,16 @@ def test_large_tools_are_charged_in_full_when_funded(gw: Server, fake: FakeXAI) 
 
 
 @E2E
-def test_large_tools_on_postgresql(tmp_path_factory: pytest.TempPathFactory, fakes: Fakes,
-                                   pg_url: str) -> None:
+def test_large_tools_on_postgresql(tmp_path_factory: pytest.TempPathFactory, fakes: Fakes, keys: None,
+                                   pg_url: str, logs: list[logging.LogRecord]) -> None:
     for f in fakes:
         f.reset()
-    srv = serve(tmp_path_factory.mktemp("money-pg"), fakes, "money-pg", env={"GROKGATE_DATABASE_URL": pg_url})
-    try:
-        codes, _ = reproduction(srv, fakes[0], "0.01", 10_000)
+    with serve(tmp_path_factory.mktemp("money-pg"), fakes, database_url=pg_url) as srv:
+        codes, _ = reproduction(srv, fakes[0], "0.01", 10_000, logs)
         assert codes == [403] * 20
-    finally:
-        stop_server(srv)
 
 
-@E2E
-def test_reservation_is_the_documented_bound_and_no_more(gw: Server, fake: FakeXAI) -> None:
+def test_reservation_is_the_documented_bound_and_no_more(gw: AppServer, fake: FakeXAI) -> None:
     p = price(gw, "grok-3")
     raw = encode({"model": "grok-3", "messages": [{"role": "system", "content": "Be brief, please: always."},
                                                   *user("hi")], "max_tokens": 7})
@@ -267,8 +325,7 @@ def test_reservation_is_the_documented_bound_and_no_more(gw: Server, fake: FakeX
     check_books(gw, key["id"], needed)
 
 
-@E2E
-def test_an_image_reserves_its_bound_whatever_its_url_size(gw: Server, fake: FakeXAI) -> None:
+def test_an_image_reserves_its_bound_whatever_its_url_size(gw: AppServer, fake: FakeXAI) -> None:
     p = price(gw, "grok-2-vision")
     url = "data:image/png;base64," + "A" * 200_000
     raw = encode({"model": "grok-2-vision", "max_tokens": 5, "messages": [{"role": "user", "content": [
@@ -281,8 +338,7 @@ def test_an_image_reserves_its_bound_whatever_its_url_size(gw: Server, fake: Fak
     check_books(gw, key["id"], needed)
 
 
-@E2E
-def test_a_fanned_out_request_reserves_one_prompt_per_choice(gw: Server, fake: FakeXAI) -> None:
+def test_a_fanned_out_request_reserves_one_prompt_per_choice(gw: AppServer, fake: FakeXAI) -> None:
     # A backend that ignores n gets n requests, each billing the prompt: the reservation covers n prompts.
     p = price(gw, "fanned")
     raw = encode({"model": "fanned", "messages": user("one two three"), "n": 3, "max_tokens": 4})
@@ -296,9 +352,8 @@ def test_a_fanned_out_request_reserves_one_prompt_per_choice(gw: Server, fake: F
     check_books(gw, key["id"], needed)
 
 
-@E2E
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_request_without_max_tokens_asks_the_upstream_for_the_reserved_output(gw: Server, fake: FakeXAI,
+def test_a_request_without_max_tokens_asks_the_upstream_for_the_reserved_output(gw: AppServer, fake: FakeXAI,
                                                                                stream: bool) -> None:
     token, _ = create_key(gw, "no-max", credits="1")
     r = gw.chat({"model": "grok-3", "messages": user("Hi"), "n": 2, "stream": stream}, token=token)
@@ -307,8 +362,7 @@ def test_a_request_without_max_tokens_asks_the_upstream_for_the_reserved_output(
     assert "max_tokens" not in fake.chat_requests[-1]["body"]
 
 
-@E2E
-def test_max_tokens_and_max_completion_tokens_agree_upstream(gw: Server, fakes: Fakes) -> None:
+def test_max_tokens_and_max_completion_tokens_agree_upstream(gw: AppServer, fakes: Fakes) -> None:
     # The reservation covers max_completion_tokens (it wins); an OpenAI-compatible upstream that reads only
     # max_tokens (llama.cpp's server, say) must not be told the larger one.
     lax = fakes[2]
@@ -319,8 +373,8 @@ def test_max_tokens_and_max_completion_tokens_agree_upstream(gw: Server, fakes: 
     assert sent["max_completion_tokens"] == 3 and sent["max_tokens"] == 3
 
 
-@E2E
-def test_a_cost_above_the_reservation_is_an_error_and_a_metric(gw: Server, fake: FakeXAI) -> None:
+def test_a_cost_above_the_reservation_is_an_error_and_a_metric(gw: AppServer, fake: FakeXAI,
+                                                               logs: list[logging.LogRecord]) -> None:
     # Unreachable with an honest upstream; one that reports far more prompt than it was sent makes it happen.
     fake.header_defaults["x-fake-prompt-tokens"] = "10000000"
     token, key = create_key(gw, "overrun", credits="1")
@@ -328,7 +382,7 @@ def test_a_cost_above_the_reservation_is_an_error_and_a_metric(gw: Server, fake:
     assert r.status_code == 200, r.text
     [row] = usage_rows(gw, key["id"])
     assert row["cost"] > 1_000_000 and row["amount"] == -1_000_000, "charged what the balance held"
-    log = gw.log()
+    log = log_text(gw, logs)
     assert "settlement cost exceeds the reservation" in log and row["request_id"] in log
     assert "settlement capped at the balance" in log
     with gw.client() as c:
@@ -351,8 +405,7 @@ def ledger_usage(row: dict[str, Any]) -> tuple[int, int]:
     return row["prompt_tokens"], row["completion_tokens"]
 
 
-@E2E
-def test_missing_usage_non_stream_is_estimated_from_the_text(gw: Server, fake: FakeXAI) -> None:
+def test_missing_usage_non_stream_is_estimated_from_the_text(gw: AppServer, fake: FakeXAI) -> None:
     no_usage(fake)
     token, key = create_key(gw, "no-usage", credits="1")
     r = gw.chat(LONG, token=token)
@@ -367,12 +420,12 @@ def test_missing_usage_non_stream_is_estimated_from_the_text(gw: Server, fake: F
     check_books(gw, key["id"], 1_000_000)
 
 
-@E2E
-def test_missing_usage_stream_is_estimated_and_shown_in_the_usage_chunk(gw: Server, fake: FakeXAI) -> None:
+def test_missing_usage_stream_is_estimated_and_shown_in_the_usage_chunk(gw: AppServer, fake: FakeXAI) -> None:
     no_usage(fake)
     token, key = create_key(gw, "no-usage-stream", credits="1")
-    with gw.client() as c, c.stream("POST", "/grok/chat/completions", headers={"Authorization": f"Bearer {token}"},
-                                     json={**LONG, "stream": True, "stream_options": {"include_usage": True}}) as r:
+    body = {**LONG, "stream": True, "stream_options": {"include_usage": True}}
+    with gw.client() as c, c.stream("POST", "/grok/chat/completions",
+                                                headers={"Authorization": f"Bearer {token}"}, json=body) as r:
         sse = parse_sse(r.read().decode())
     assert sse.events[-1] == "[DONE]"
     usage = sse.chunks[-1]["usage"]
@@ -383,13 +436,13 @@ def test_missing_usage_stream_is_estimated_and_shown_in_the_usage_chunk(gw: Serv
     check_books(gw, key["id"], 1_000_000)
 
 
-@E2E
-def test_a_stream_cut_short_without_usage_is_billed_from_its_text(gw: Server, fake: FakeXAI) -> None:
+def test_a_stream_cut_short_without_usage_is_billed_from_its_text(gw: AppServer, fake: FakeXAI) -> None:
     no_usage(fake)
     fake.fail_next({"fault": "reset_mid_stream", "after": 3})
     token, key = create_key(gw, "cut", credits="1")
-    with gw.client() as c, c.stream("POST", "/grok/chat/completions", headers={"Authorization": f"Bearer {token}"},
-                                     json={**LONG, "stream": True}) as r:
+    with gw.client() as c, c.stream("POST", "/grok/chat/completions",
+                                                headers={"Authorization": f"Bearer {token}"},
+                                                json={**LONG, "stream": True}) as r:
         sse = parse_sse(r.read().decode())
     delivered = sum(len(ch["delta"].get("content") or "") for c in sse.chunks for ch in c.get("choices", ()))
     assert delivered >= ANSWER_CHARS // 5 and "error" in sse.chunks[-1]
@@ -399,8 +452,7 @@ def test_a_stream_cut_short_without_usage_is_billed_from_its_text(gw: Server, fa
     check_books(gw, key["id"], 1_000_000)
 
 
-@E2E
-def test_client_hanging_up_is_billed_for_the_text_it_was_sent(gw: Server, fake: FakeXAI) -> None:
+def test_client_hanging_up_is_billed_for_the_text_it_was_sent(gw: AppServer, fake: FakeXAI) -> None:
     no_usage(fake)
     fake.header_defaults["x-fake-chunk-delay-ms"] = "300"
     token, key = create_key(gw, "hangs-up", credits="1")
@@ -414,14 +466,13 @@ def test_client_hanging_up_is_billed_for_the_text_it_was_sent(gw: Server, fake: 
 
 # -- item 10: a stall before the first event counts against the backend ----------------------------------------------
 
-def backend_state(server: Server, name: str) -> str:
+def backend_state(server: AppServer, name: str) -> str:
     with server.client() as c:
         state: str = c.get("/readyz").json()["backends"][name]["state"]
     return state
 
 
-@E2E
-def test_stalls_before_the_first_event_open_the_breaker(gw: Server, fakes: Fakes) -> None:
+def test_stalls_before_the_first_event_open_the_breaker(gw: AppServer, fakes: Fakes) -> None:
     main, stalling, _ = fakes
     for f in fakes:
         f.reset()

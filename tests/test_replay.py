@@ -428,12 +428,16 @@ def test_responses(client):
 
 
 def run_suite(suite: Path, srv: Server, token: str) -> subprocess.CompletedProcess[str]:
-    env = {"GG_URL": srv.url, "GG_TOKEN": token, "PATH": "/usr/bin:/bin"}
+    # The suite needs plain pytest alone: none of the plugins this environment installs are loaded for it.
+    env = {"GG_URL": srv.url, "GG_TOKEN": token, "PATH": "/usr/bin:/bin", "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
                            str(suite)], cwd=suite.parent, env=env, capture_output=True, text=True, timeout=120)
 
 
-def xai_config(tmp: Path, url: str) -> Path:
+def xai_config(tmp: Path, url: str, *, local: bool = False) -> Path:
+    """Every model through the xAI upstream at `url`; with `local`, also the local model as `grok-local`."""
+    local_backend = "\n  local: {kind: local}" if local else ""
+    local_model = "\n  grok-local: [{backend: local}]" if local else ""
     path = tmp / "grokgate.yaml"
     path.write_text(f"""
 backends:
@@ -442,11 +446,11 @@ backends:
     base_url: {url}
     api_key_env: REPLAY_XAI_KEY
     cooldown: 0.5
-    failure_threshold: 50
+    failure_threshold: 50{local_backend}
 models:
   grok-3: [{{backend: xai}}]
   grok-3-mini: [{{backend: xai}}]
-  grok-4: [{{backend: xai}}]
+  grok-4: [{{backend: xai}}]{local_model}
 """)
     return path
 
@@ -468,51 +472,71 @@ class Recording:
 
 @pytest.fixture(scope="module")
 def recording(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recording]:
-    """Record through the fake xAI upstream (chat streamed and not, n=2, a tool call, a Responses request, a 429,
-    a stream cut mid-way, the SDK suite) and through the local model (one short answer), then stop both."""
+    """Record through the fake xAI upstream (chat streamed and not, n=2, a tool call, a Responses request, a stream
+    cut mid-way, the SDK suite, a 429) and through the local model (one short answer), in one recording server
+    that routes to both, then stop it."""
     tmp = tmp_path_factory.mktemp("replay")
     with FakeXAI().start() as fake:
         rec = Recording(tmp / "cassettes", fake, tmp)
-        env: dict[str, str | None] = {"GROKGATE_CONFIG": str(xai_config(tmp, fake.url)),
+        env: dict[str, str | None] = {"GROKGATE_CONFIG": str(xai_config(tmp, fake.url, local=True)),
                                       "REPLAY_XAI_KEY": "xai-test-key"}
-        xai, local = start_servers(tmp, ("xai-rec", ("--record", str(rec.directory)), env),
-                                   ("local-rec", ("--record", str(rec.directory), "--slots", "1",
-                                                  "--ctx-per-slot", "1024"), {}))
+        srv = start_server(tmp, "--record", str(rec.directory), "--slots", "1", "--ctx-per-slot", "1024", env=env,
+                           name="rec")
         try:
             live = rec.live
-            live["chat"] = ok(post(xai, {"model": "grok-3", "messages": user("Say hi")}, "xai"))
-            live["mini"] = streamed_text(post(xai, {"model": "grok-3-mini", "messages": user("Think"), "stream": True,
+            live["chat"] = ok(post(srv, {"model": "grok-3", "messages": user("Say hi")}, "xai"))
+            live["mini"] = streamed_text(post(srv, {"model": "grok-3-mini", "messages": user("Think"), "stream": True,
                                                     "stream_options": {"include_usage": True}}, "xai"))
-            live["n2"] = ok(post(xai, {"model": "grok-3", "messages": user("Two"), "n": 2}, "xai"))
-            live["tool"] = ok(post(xai, {"model": "grok-4", "messages": user("Weather?"), "tools": TOOLS}, "xai"))
-            live["responses"] = ok(post(xai, {"model": "grok-3", "input": "Hello", "max_output_tokens": 32}, "xai",
+            live["n2"] = ok(post(srv, {"model": "grok-3", "messages": user("Two"), "n": 2}, "xai"))
+            live["tool"] = ok(post(srv, {"model": "grok-4", "messages": user("Weather?"), "tools": TOOLS}, "xai"))
+            live["responses"] = ok(post(srv, {"model": "grok-3", "input": "Hello", "max_output_tokens": 32}, "xai",
                                         path="/v1/responses"))
-            fake.fail_next({"fault": "429", "retry_after": 1})
-            live["429"] = post(xai, {"model": "grok-3", "messages": user("Busy?")}, "xai")
-            time.sleep(1.1)  # the key's rest after its 429
             fake.fail_next({"fault": "reset_mid_stream", "after": 2})
-            live["cut"] = post(xai, {"model": "grok-3", "messages": user("Cut"), "stream": True}, "xai")
+            live["cut"] = post(srv, {"model": "grok-3", "messages": user("Cut"), "stream": True}, "xai")
             suite = tmp / "sdk" / "test_app.py"
             suite.parent.mkdir()
             suite.write_text(SDK_SUITE)
-            live["sdk"] = run_suite(suite, xai, xai.token)
-            live["local"] = ok(post(local, {"model": "grok-3", "messages": user("Say hi"), "max_tokens": 8,
-                                            "temperature": 0}, "local"))
+            live["sdk"] = run_suite(suite, srv, srv.token)
+            live["local"] = ok(post(srv, {"model": "grok-local", "messages": user("Say hi"), "max_tokens": 8,
+                                          "temperature": 0}, "local"))
+            # Last: the upstream key rests after its 429, and nothing more goes to it.
+            fake.fail_next({"fault": "429", "retry_after": 1})
+            live["429"] = post(srv, {"model": "grok-3", "messages": user("Busy?")}, "xai")
             live["fake_requests"] = len(fake.requests)
         finally:
-            stop_server(xai)
-            stop_server(local)
+            stop_server(srv)
         yield rec
 
 
 @pytest.fixture(scope="module")
-def replaying(recording: Recording) -> Iterator[Server]:
-    """`--replay` with nothing to call: no routing file, no key, a model path that does not exist."""
-    srv = start_server(recording.tmp, "--replay", str(recording.directory), name="replay",
-                       env={"GROKGATE_CONFIG": None, "GROKGATE_MODEL_PATH": str(recording.tmp / "absent.gguf")},
-                       timeout=30)
-    yield srv
-    stop_server(srv)
+def filler() -> Iterator[FakeXAI]:
+    """The upstream `--record-missing` goes to on a miss."""
+    with FakeXAI(content="Filled in").start() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def replay_servers(recording: Recording, filler: FakeXAI) -> Iterator[tuple[Server, Server]]:
+    """Started together on the recorded cassettes: `--replay` with nothing to call (no routing file, no key, a
+    model path that does not exist), and `--replay --record-missing` with the `filler` upstream to call."""
+    tmp = recording.tmp
+    (tmp / "fill").mkdir()
+    fill_env: dict[str, str | None] = {"GROKGATE_CONFIG": str(xai_config(tmp / "fill", filler.url)),
+                                       "REPLAY_XAI_KEY": "xai-test-key"}
+    servers = start_servers(
+        tmp,
+        ("replay", ("--replay", str(recording.directory)),
+         {"GROKGATE_CONFIG": None, "GROKGATE_MODEL_PATH": str(tmp / "absent.gguf")}),
+        ("fill", ("--replay", str(recording.directory), "--record-missing"), fill_env),
+        timeout=30)
+    yield servers[0], servers[1]
+    for srv in servers:
+        stop_server(srv)
+
+
+@pytest.fixture(scope="module")
+def replaying(replay_servers: tuple[Server, Server]) -> Server:
+    return replay_servers[0]
 
 
 @E2E
@@ -526,7 +550,7 @@ def test_recording_went_through_every_path(recording: Recording) -> None:
     xai = lines(recording.directory / "xai.jsonl")
     assert len(xai) == 7 and {e["backend"] for e in xai} == {"xai"}
     errors = [(e["error"]["status"], e["error"]["code"], len(e["events"])) for e in xai if e["error"]]
-    assert errors[0] == (429, "too_many_requests", 0) and len(errors) == 2 and errors[1][2] > 0
+    assert len(errors) == 2 and errors[0][2] > 0 and errors[1] == (429, "too_many_requests", 0)  # cut, then 429
     text = "".join(p.read_text() for p in recording.directory.glob("*.jsonl"))
     assert "xai-test-key" not in text and TOKEN not in text
     assert sorted(p.stem for p in recording.directory.glob("sdk-*.jsonl")) == [
@@ -556,8 +580,8 @@ def test_replay_answers_what_was_recorded_with_nothing_to_call(recording: Record
                                           "stream_options": {"include_usage": True}}, "xai")) == (
         live["chat"]["choices"][0]["message"]["content"], ["stop"], live["chat"]["usage"])
     # The local model's answer, without the local model.
-    local = ok(post(replaying, {"model": "grok-3", "messages": user("Say hi"), "max_tokens": 8, "temperature": 0},
-                    "local"))
+    local = ok(post(replaying, {"model": "grok-local", "messages": user("Say hi"), "max_tokens": 8,
+                                "temperature": 0}, "local"))
     assert strip(local) == strip(live["local"])
     assert time.perf_counter() - started < 5
     assert len(recording.fake.requests) == live["fake_requests"]
@@ -609,18 +633,13 @@ def test_the_sdk_suite_replays_offline(recording: Recording, replaying: Server) 
 
 
 @E2E
-def test_record_missing_fills_the_gap(recording: Recording, tmp_path: Path) -> None:
-    with FakeXAI(content="Filled in").start() as fake:
-        srv = start_server(tmp_path, "--replay", str(recording.directory), "--record-missing", name="fill",
-                           env={"GROKGATE_CONFIG": str(xai_config(tmp_path, fake.url)),
-                                "REPLAY_XAI_KEY": "xai-test-key"})
-        try:
-            before = len(lines(recording.directory / "xai.jsonl"))
-            assert strip(ok(post(srv, {"model": "grok-3", "messages": user("Say hi")}, "xai"))) == strip(
-                recording.live["chat"])
-            assert not fake.requests
-            new = ok(post(srv, {"model": "grok-3", "messages": user("Something new")}, "xai"))
-            assert new["choices"][0]["message"]["content"] == "Filled in" and len(fake.requests) == 1
-            assert len(lines(recording.directory / "xai.jsonl")) == before + 1
-        finally:
-            stop_server(srv)
+def test_record_missing_fills_the_gap(recording: Recording, replay_servers: tuple[Server, Server],
+                                      filler: FakeXAI) -> None:
+    srv = replay_servers[1]
+    before = len(lines(recording.directory / "xai.jsonl"))
+    assert strip(ok(post(srv, {"model": "grok-3", "messages": user("Say hi")}, "xai"))) == strip(
+        recording.live["chat"])
+    assert not filler.requests
+    new = ok(post(srv, {"model": "grok-3", "messages": user("Something new")}, "xai"))
+    assert new["choices"][0]["message"]["content"] == "Filled in" and len(filler.requests) == 1
+    assert len(lines(recording.directory / "xai.jsonl")) == before + 1

@@ -17,8 +17,9 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Server, call, create_key, err, start_server, stop_server
+from tests.conftest import TLS, Server, call, create_key, err, start_server, stop_server
 from tests.fakes.fake_xai import FakeXAI
+from tests.inproc import AppServer, app_server
 
 pytestmark = pytest.mark.e2e  # the real server, model and fake upstream (tests/conftest.py)
 
@@ -32,19 +33,20 @@ def sent_bodies(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r["body"] for r in records]
 
 
-def routing_file(tmp: Path, fake_url: str) -> Path:
+def routing_file(tmp: Path, fake_url: str, *, local: bool = True) -> Path:
+    """The routing file; without `local`, no local backend (no model to load) and no `grok-local`."""
     config = tmp / "grokgate.yaml"
+    local_backend = "\n  local: {kind: local}" if local else ""
+    local_model = "\n  grok-local: [{backend: local}]" if local else ""
     config.write_text(f"""
 backends:
   up: {{kind: xai, base_url: {fake_url}, api_key_env: XAI_KEY}}
-  compat: {{kind: openai, base_url: {fake_url}, api_key_env: XAI_KEY}}
-  local: {{kind: local}}
+  compat: {{kind: openai, base_url: {fake_url}, api_key_env: XAI_KEY}}{local_backend}
 models:
   grok-3: [{{backend: up}}]
   grok-3-mini: [{{backend: up}}]
   grok-4: [{{backend: up, model: grok-4-0709}}]
-  compat-3: [{{backend: compat, model: grok-3}}]
-  grok-local: [{{backend: local}}]
+  compat-3: [{{backend: compat, model: grok-3}}]{local_model}
 """)
     return config
 
@@ -71,7 +73,9 @@ def account(gw: Server) -> tuple[str, dict[str, Any]]:
 
 
 def sdk(gw: Server, token: str, prefix: str = "/v1") -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{gw.url}{prefix}", api_key=token, max_retries=0)
+    """An SDK client as a user makes one, but for the test session's one TLS context (conftest.TLS)."""
+    return openai.OpenAI(base_url=f"{gw.url}{prefix}", api_key=token, max_retries=0,
+                         http_client=openai.DefaultHttpxClient(verify=TLS))
 
 
 @pytest.fixture
@@ -79,7 +83,7 @@ def client(gw: Server, account: tuple[str, dict[str, Any]]) -> openai.OpenAI:
     return sdk(gw, account[0])
 
 
-def admin_get(server: Server, path: str) -> Any:
+def admin_get(server: Server | AppServer, path: str) -> Any:
     r = call(server, "GET", path, server.token)
     assert r.status_code == 200, r.text
     return r.json()
@@ -409,7 +413,8 @@ def test_a_200_way_race_never_overdraws(gw: Server) -> None:
 def test_sigkill_under_responses_load_loses_no_completed_request(
         tmp_path_factory: pytest.TempPathFactory, fake: FakeXAI) -> None:
     tmp = tmp_path_factory.mktemp("responses-crash")
-    env = {"GROKGATE_CONFIG": str(routing_file(tmp, fake.url)), "XAI_KEY": "xai-test-key",
+    # Only the fake upstream is used: no local backend, so no model loads in the process about to be killed.
+    env = {"GROKGATE_CONFIG": str(routing_file(tmp, fake.url, local=False)), "XAI_KEY": "xai-test-key",
            "GROKGATE_INSTANCE_ID": "responses-crash"}
     srv = start_server(tmp, env=env, name="crash", wait_ready=False)
     token, key = create_key(srv, "victim", credits="50")
@@ -421,7 +426,7 @@ def test_sigkill_under_responses_load_loses_no_completed_request(
                 "stream": i % 2 == 0}
         while not stop.is_set():
             try:
-                with httpx.Client(base_url=srv.url, timeout=30) as c:
+                with httpx.Client(base_url=srv.url, timeout=30, verify=TLS) as c:
                     r = c.post("/v1/responses", json=body, headers={"Authorization": f"Bearer {token}"})
                 done = ("event: response.completed" in r.text if body["stream"]
                         else r.status_code == 200 and r.json().get("status") == "completed")
@@ -442,8 +447,9 @@ def test_sigkill_under_responses_load_loses_no_completed_request(
     for t in threads:
         t.join()
     assert len(completed) >= 20
-    again = start_server(tmp, env=env, name="crash", wait_ready=False)  # same data dir, same instance id
-    try:
+    # The restart: the app on the killed process's data dir, with its instance id (so it releases what the crash
+    # left reserved), here in process: what it shows is the ledger and the balances the crash left behind.
+    with app_server(tmp / "again", data_dir=tmp / "crash-data", instance_id="responses-crash") as again:
         rows = admin_get(again, f"/admin/ledger?token={key['id']}&limit=10000")["data"]
         in_ledger = {r["request_id"]: r for r in rows}
         missing = [rid for rid in completed if rid not in in_ledger]
@@ -453,8 +459,6 @@ def test_sigkill_under_responses_load_loses_no_completed_request(
         usage = [r for r in rows if r["kind"] == "usage"]
         assert after["reserved"] == 0
         assert 50_000_000 - after["balance"] == -sum(r["amount"] for r in usage)
-    finally:
-        stop_server(again)
 
 
 def test_the_bootstrap_admin_token_keeps_its_own_responses(gw: Server, client: openai.OpenAI) -> None:
@@ -469,7 +473,7 @@ def test_the_bootstrap_admin_token_keeps_its_own_responses(gw: Server, client: o
 def test_metrics_name_the_endpoint_and_count_what_is_stored(gw: Server, client: openai.OpenAI) -> None:
     def scrape() -> dict[str, float]:
         values: dict[str, float] = {}
-        for line in httpx.get(f"{gw.url}/metrics").text.splitlines():
+        for line in httpx.get(f"{gw.url}/metrics", verify=TLS).text.splitlines():
             if line.startswith(("grokgate_requests_total{", "grokgate_responses_stored")):
                 name, _, value = line.rpartition(" ")
                 values[name] = float(value)
@@ -488,10 +492,13 @@ def test_metrics_name_the_endpoint_and_count_what_is_stored(gw: Server, client: 
 
 def test_stored_bytes_are_gauged(gw: Server, client: openai.OpenAI) -> None:
     client.responses.create(model="grok-3", input="Keep me.", max_output_tokens=4)
-    deadline = time.monotonic() + 10
+    # The gauges move within GROKGATE_RESPONSES_MEASURE_SECONDS (before: the SQL store's counts came from a
+    # cache up to 10 s old whatever that setting said).
+    deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        gauges = {line.split(" ")[0]: float(line.split(" ")[1]) for line in httpx.get(f"{gw.url}/metrics").text
-                  .splitlines() if line.startswith("grokgate_responses_kept")}
+        metrics = httpx.get(f"{gw.url}/metrics", verify=TLS).text
+        gauges = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines()
+                  if line.startswith("grokgate_responses_kept")}
         if gauges.get("grokgate_responses_kept", 0) >= 1 and gauges.get("grokgate_responses_kept_bytes", 0) > 0:
             return
         time.sleep(0.1)
@@ -512,7 +519,7 @@ def test_a_deleted_tokens_conversations_go_with_it(gw: Server) -> None:
 
 
 def stored_total(gw: Server) -> float:
-    return sum(float(line.split(" ")[1]) for line in httpx.get(f"{gw.url}/metrics").text.splitlines()
+    return sum(float(line.split(" ")[1]) for line in httpx.get(f"{gw.url}/metrics", verify=TLS).text.splitlines()
                if line.startswith("grokgate_responses_stored_total "))
 
 

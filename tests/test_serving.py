@@ -103,7 +103,8 @@ class FakeGeneration:
         return "fp_fake"
 
     def usage_so_far(self) -> Usage | None:
-        return Usage(prompt_tokens=3, completion_tokens=self.produced, estimated=True)
+        # `counted`: a backend that knows what it consumed so far (the local engine's running counts).
+        return Usage(prompt_tokens=3, completion_tokens=self.produced, estimated=not self._provider.counted)
 
     async def _run(self) -> AsyncIterator[Event]:
         model = self._model
@@ -141,6 +142,7 @@ class FakeProvider:
         self.generations: list[FakeGeneration] = []
         self.gate = asyncio.Event()
         self.produced = asyncio.Event()  # some generation has produced output
+        self.counted = False  # its generations' usage_so_far is counted, not estimated
 
     def ready(self) -> bool:
         return True
@@ -356,9 +358,12 @@ def test_failure_before_the_first_event_keeps_its_status_and_settles_once(stream
     asyncio.run(run())
 
 
-def test_failure_mid_stream_is_an_error_event_without_done() -> None:
+@pytest.mark.parametrize("counted", [False, True])
+def test_failure_mid_stream_is_an_error_event_without_done(counted: bool) -> None:
+    """Billed what the generation had consumed; marked estimated only when the generation says it estimated."""
     async def run() -> None:
         h = Harness()
+        h.provider.counted = counted
         frames = await read_all(await h.serve("fail-late", stream=True), h.admission.log)
         last = orjson.loads(frames[-1].removeprefix(b"data: "))
         assert last == {"error": {"code": "api_error", "message": "broke", "type": "api_error", "param": None},
@@ -366,7 +371,8 @@ def test_failure_mid_stream_is_an_error_event_without_done() -> None:
         assert b"data: [DONE]\n\n" not in frames
         settled = h.ticket.settlements
         assert [s.status for s in settled] == ["error"]
-        assert settled[0].usage == Usage(3, 1, estimated=True) and settled[0].estimated, "the output it had billed"
+        assert settled[0].usage == Usage(3, 1, estimated=not counted), "the output it had billed"
+        assert settled[0].estimated is not counted
         assert h.in_flight() == 0
 
     asyncio.run(run())

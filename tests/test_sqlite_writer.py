@@ -3,6 +3,10 @@
 If it dies before its answer arrives, nobody knows whether the batch committed. The store then stops the
 child (so nothing is still writing) and settles the batch itself with the ledger check: what committed is
 skipped, the rest is charged once.
+
+The tests that serve requests run the app in this process (tests/inproc.py) on a real SQLite file: its store
+and its writer child are those of `grokgate serve`, the writer a child of this process, and the scripted
+provider answers at once (what they show does not depend on the backend).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import pickle
 import signal
@@ -17,11 +22,10 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from grokgate.core.accounts import Settlement, TokenRecord
@@ -29,11 +33,46 @@ from grokgate.core.events import Usage
 from grokgate.store.batch import sqlite_statements
 from grokgate.store.sql import SqlStore
 from grokgate.store.sqlite_writer import SqliteWriter, WriterFailed
-from tests.conftest import E2E, Server, create_key, start_server, stop_server
-from tests.fakes.fake_xai import FakeXAI
-from tests.test_billing import CHEAP, admin_get, check_books, fake, race, upstream_env
+from tests.conftest import E2E, create_key
+from tests.inproc import AppServer, ScriptedProvider, app_server
+from tests.test_billing import CHEAP, admin_get, check_books, race
 
-__all__ = ["fake"]  # the fake upstream fixture, shared with tests/test_billing.py
+
+class Gateway(AppServer):
+    """The in-process app, with the scripted provider answering every model."""
+
+    @property
+    def provider(self) -> ScriptedProvider:
+        provider: ScriptedProvider = self.extra["provider"]
+        return provider
+
+
+@contextlib.contextmanager
+def serving(tmp: Path, **settings: Any) -> Iterator[Gateway]:
+    """The app on a SQLite file under `tmp`, every model answered by a scripted provider."""
+    with app_server(tmp, **settings) as served:
+        yield Gateway(url=served.url, app=served.app, extra=served.extra)
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def warnings_logged() -> Iterator[list[str]]:
+    """The warnings grokgate logs meanwhile (what a server's log shows)."""
+    handler = _Lines()
+    logger = logging.getLogger("grokgate")
+    logger.addHandler(handler)
+    try:
+        yield handler.lines
+    finally:
+        logger.removeHandler(handler)
 
 
 @contextlib.asynccontextmanager
@@ -89,31 +128,29 @@ def test_batch_committed_but_answer_lost_is_not_charged_twice(tmp_path: Path,
 
 
 @E2E
-def test_writer_killed_in_the_middle_of_a_batch(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_writer_killed_in_the_middle_of_a_batch(tmp_path: Path) -> None:
     """The child is stopped (SIGSTOP) so that requests wait on its answer, then killed: their batch settles in
     the server instead, and every answer is in the ledger once."""
-    tmp = tmp_path_factory.mktemp("writer-midbatch")
-    srv = start_server(tmp, "--slots", "4", name="writer-midbatch")
-    try:
+    with serving(tmp_path) as srv, warnings_logged() as logged:
         token, key = create_key(srv, "m", credits="5")
         pid = writer_pid(srv)
         assert pid is not None
         answers: list[tuple[int, str]] = []
 
         def one() -> None:
-            with httpx.Client(base_url=srv.url, timeout=60) as c:
+            with srv.client() as c:
                 r = c.post("/grok/chat/completions", json=CHEAP, headers={"Authorization": f"Bearer {token}"})
                 answers.append((r.status_code, r.headers["x-request-id"]))
 
-        before = srv.engine()["jobs_done"]
+        before = srv.provider.closed
         os.kill(pid, signal.SIGSTOP)
         threads = [threading.Thread(target=one) for _ in range(4)]
         for t in threads:
             t.start()
         deadline = time.monotonic() + 120
-        while srv.engine()["jobs_done"] < before + 4 and time.monotonic() < deadline:
+        while srv.provider.closed < before + 4 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert srv.engine()["jobs_done"] == before + 4, "the four generations ended"
+        assert srv.provider.closed == before + 4, "the four generations ended"
         time.sleep(0.5)  # they now wait for their settlement, in a batch the stopped child holds
         assert not answers, "no answer before its settlement is committed"
         os.kill(pid, signal.SIGKILL)
@@ -123,13 +160,11 @@ def test_writer_killed_in_the_middle_of_a_batch(tmp_path_factory: pytest.TempPat
         rows = admin_get(srv, f"/admin/ledger?token={key['id']}&limit=100")["data"]
         assert sorted(r["request_id"] for r in rows if r["kind"] == "usage") == sorted(rid for _, rid in answers)
         check_books(srv, key["id"], 5_000_000, 4)
-        assert "the SQLite writer process failed; settling its batch in this process" in srv.log()
+        assert "the SQLite writer process failed; settling its batch in this process" in logged
         one()  # the next batch starts a new writer
         assert answers[-1][0] == 200
         new = writer_pid(srv)
         assert new is not None and new != pid, "the next batch started a new writer"
-    finally:
-        stop_server(srv)
 
 
 def test_a_stuck_writer_is_replaced_and_its_batch_settled_here(tmp_path: Path) -> None:
@@ -213,27 +248,31 @@ def test_no_new_writer_can_start_settles_here(tmp_path: Path, monkeypatch: pytes
     asyncio.run(scenario())
 
 
-def writer_pid(server: Server) -> int | None:
-    """The SQLite writer child of a serving process, if it has one."""
-    pid = server.process.pid
+def writer_children(pid: int) -> set[int]:
+    """The live SQLite writer processes among `pid`'s children."""
+    found = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
         for child in (task / "children").read_text().split():
             try:
                 if b"grokgate.store.writer_child" in Path(f"/proc/{child}/cmdline").read_bytes():
-                    return int(child)
+                    found.add(int(child))
             except FileNotFoundError:
                 continue
-    return None
+    return found
+
+
+def writer_pid(server: Gateway) -> int | None:
+    """The SQLite writer child of the app's store, if it has one running: a child of this process."""
+    settler = server.app.state.gateway.store._settler
+    pid = settler.pid if settler is not None else None
+    return pid if pid in writer_children(os.getpid()) else None
 
 
 @E2E
-def test_writer_process_killed_under_load_loses_and_doubles_nothing(
-        tmp_path_factory: pytest.TempPathFactory, fake: FakeXAI) -> None:
+def test_writer_process_killed_under_load_loses_and_doubles_nothing(tmp_path: Path) -> None:
     """Settlements commit in a child process. Killed mid-batch, it either committed the batch or not; the
     server settles the batch itself, skipping what the ledger already has, and starts a new child."""
-    tmp = tmp_path_factory.mktemp("writer-kill")
-    srv = start_server(tmp, env=upstream_env(tmp, fake), name="writer-kill")  # answers in ms: many batches
-    try:
+    with serving(tmp_path) as srv, warnings_logged() as logged:  # answers in ms: many batches
         token, key = create_key(srv, "w", credits="5")
         first = writer_pid(srv)
         assert first is not None, "the SQLite writer process runs"
@@ -241,7 +280,7 @@ def test_writer_process_killed_under_load_loses_and_doubles_nothing(
         stop = threading.Event()
 
         def client() -> None:
-            with httpx.Client(base_url=srv.url, timeout=60) as c:
+            with srv.client() as c:
                 while not stop.is_set():
                     r = c.post("/grok/chat/completions", json=CHEAP, headers={"Authorization": f"Bearer {token}"})
                     answers.append((r.status_code, r.headers["x-request-id"]))
@@ -272,22 +311,15 @@ def test_writer_process_killed_under_load_loses_and_doubles_nothing(
         usage_ids = [r["request_id"] for r in rows if r["kind"] == "usage"]
         assert sorted(usage_ids) == sorted(rid for _, rid in answers), "each answer in the ledger exactly once"
         check_books(srv, key["id"], 5_000_000, len(answers))
-        assert "SQLite writer process" in srv.log()  # its end was logged, one way or the other
-    finally:
-        stop_server(srv)
+        assert any("SQLite writer process" in line for line in logged)  # its end was logged, one way or the other
 
 
 @E2E
-def test_settlements_in_a_writer_thread_cannot_overdraw(tmp_path_factory: pytest.TempPathFactory,
-                                                         fake: FakeXAI) -> None:
+def test_settlements_in_a_writer_thread_cannot_overdraw(tmp_path: Path) -> None:
     """GROKGATE_SQLITE_WRITER=thread: the same race, with settlements committed by a thread of the server."""
-    tmp = tmp_path_factory.mktemp("race-thread")
-    srv = start_server(tmp, env=upstream_env(tmp, fake, GROKGATE_SQLITE_WRITER="thread"), name="thread-writer")
-    try:
-        assert writer_pid(srv) is None
+    with serving(tmp_path, sqlite_writer="thread") as srv:
+        assert srv.app.state.gateway.store._settler is None and writer_pid(srv) is None
         race([srv])
-    finally:
-        stop_server(srv)
 
 
 async def _usage_ids(store: SqlStore, token_id: int) -> list[str]:

@@ -80,7 +80,8 @@ class _Job:
 
     def consumed(self) -> Usage | None:
         """The engine's usage report or, for a job aborted before it (the client left, a repeated tool call), the
-        running counts of its last chunk (`timings_per_token`): exact either way."""
+        running counts of its last chunk (`timings_per_token`): counted, not estimated (a token or two the engine
+        decodes before it sees the abort go unbilled, never the other way)."""
         if self.usage is not None or self.timings is None:
             return self.usage
         cached = int(self.timings.get("cache_n", 0))
@@ -508,7 +509,7 @@ def _payload(request: ChatCompletionRequest, upstream_model: str) -> dict[str, A
         "messages": render_messages(messages, plan),
         "stream": True,
         "stream_options": {"include_usage": True},
-        # Running counts on every chunk: a job aborted before its usage report is still billed exactly.
+        # Running counts on every chunk: a job aborted before its usage report is billed what it counted.
         "timings_per_token": True,
         "n": 1,
     }
