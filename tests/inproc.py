@@ -14,6 +14,7 @@ generator of core/events.py events (delays, failures before or after the first e
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 import time
@@ -192,3 +193,21 @@ def app_server(tmp: Path, models: ModelTable | None = None, *, admission: Admiss
     with serve_app(app) as served:
         served.extra["provider"] = provider
         yield served
+
+
+@contextmanager
+def logged(name: str = "grokgate") -> Iterator[list[logging.LogRecord]]:
+    """The records of logger `name` meanwhile (INFO and up, as `grokgate serve` logs), whatever its propagation:
+    what a server's log would show of an app served in this process."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

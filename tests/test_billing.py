@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -21,7 +20,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +45,7 @@ from tests.conftest import (
     user,
 )
 from tests.fakes.fake_xai import FakeXAI
-from tests.inproc import AppServer, app_server
+from tests.inproc import AppServer, app_server, logged
 
 CHEAP = {"model": "grok-3", "messages": user("hi"), "max_tokens": 1}
 # The replicas' buckets are `grokgate:rl:{tok-<id>}` and a fresh database numbers tokens from 1: a Redis
@@ -261,23 +259,6 @@ def test_burst_on_two_replicas_gets_only_200_and_used_up(replicas: tuple[Server,
         assert "rate-limit store unavailable" not in a.log()[logged[0]:] + b.log()[logged[1]:]
     finally:
         _delete_token_keys(redis_url, token_id)
-
-
-@contextmanager
-def logged(name: str) -> Iterator[list[logging.LogRecord]]:
-    """The records of logger `name` (INFO and up, as `grokgate serve` logs), whatever its propagation."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 def test_unreachable_redis_fails_closed_or_open_as_configured(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from grokgate.app import create_app
 from grokgate.observability.logging import JSONFormatter
 from tests.conftest import E2E, create_key, parse_sse, raw_request, read_until, user
 from tests.fakes.fake_xai import FakeXAI
-from tests.inproc import AppServer, app_settings, serve_app
+from tests.inproc import AppServer, app_settings, logged, serve_app
 
 KEYS = {"XAI_A": "key-a", "XAI_B": "key-b"}
 OUTPUT_RESERVATION = 1000  # GROKGATE_DEFAULT_OUTPUT_RESERVATION for these servers
@@ -127,18 +127,8 @@ def gw(tmp_path_factory: pytest.TempPathFactory, fakes: Fakes, keys: None) -> It
 @pytest.fixture(autouse=True)
 def logs() -> Iterator[list[logging.LogRecord]]:
     """The `grokgate` logger's records during the test (INFO and up, as `grokgate serve` logs)."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("grokgate")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
+    with logged("grokgate") as records:
         yield records
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 def log_text(server: AppServer, records: list[logging.LogRecord]) -> str:
