@@ -9,6 +9,7 @@ collector, so the hot path pays nothing for them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -19,6 +20,23 @@ from grokgate.providers.base import Provider
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+
+class _Children:
+    """A labelled metric's children by their label values. prometheus_client's `labels()` checks the values and
+    takes a lock on every call; the per-request metrics ask for the same few children all the time."""
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:  # bounded like the metric itself: one entry per child it holds
+            child = self._children[values] = self._metric.labels(*values)
+        return child
 
 
 class Metrics:
@@ -62,31 +80,35 @@ class Metrics:
         self.commit_batch = Histogram("grokgate_store_commit_batch_size", "Operations per group commit",
                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
 
+        self._requests, self._latency, self._first_event = (_Children(self.requests), _Children(self.latency),
+                                                            _Children(self.first_event))
+        self._tokens, self._backend_prompt = _Children(self.tokens), _Children(self.backend_prompt)
+        self._credits = _Children(self.credits)
+
     def request_started(self) -> None:
         self.in_flight.inc()
 
     def observe_first_event(self, model: str, seconds: float) -> None:
-        self.first_event.labels(model).observe(seconds)
+        self._first_event(model).observe(seconds)
 
     def request_ended(self, *, model: str, backend: str, status: int, stream: bool, seconds: float,
                       usage: Usage | None, charged: int, endpoint: str = "chat") -> None:
         """Once per request, when it is settled (the pair of `request_started`)."""
         self.in_flight.dec()
-        self.requests.labels(model, backend, str(status), endpoint).inc()
-        self.latency.labels(model, "true" if stream else "false").observe(seconds)
+        self._requests(model, backend, str(status), endpoint).inc()
+        self._latency(model, "true" if stream else "false").observe(seconds)
         if usage is not None:
             for kind, value in (("prompt", usage.prompt_tokens), ("cached", usage.cached_tokens),
                                 ("completion", usage.completion_tokens), ("reasoning", usage.reasoning_tokens),
                                 ("server_tool_calls", usage.server_tool_calls)):
                 if value:
-                    self.tokens.labels(model, kind).inc(value)
+                    self._tokens(model, kind).inc(value)
             if usage.prompt_tokens:
-                self.backend_prompt.labels(model, backend, "prompt").inc(usage.prompt_tokens)
+                self._backend_prompt(model, backend, "prompt").inc(usage.prompt_tokens)
                 if usage.cached_tokens:
-                    self.backend_prompt.labels(model, backend, "cached").inc(min(usage.cached_tokens,
-                                                                                 usage.prompt_tokens))
+                    self._backend_prompt(model, backend, "cached").inc(min(usage.cached_tokens, usage.prompt_tokens))
         if charged:
-            self.credits.labels(model).inc(charged)
+            self._credits(model).inc(charged)
 
     def observe_commit(self, seconds: float, size: int) -> None:
         self.commit.observe(seconds)
