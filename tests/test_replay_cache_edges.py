@@ -135,3 +135,29 @@ def test_a_miss_too_large_to_keep_is_not_held_while_it_streams(tmp_path: Path) -
         with srv.client() as c:
             metrics = c.get("/metrics").text
     assert 'grokgate_response_cache_total{model="grok-3",result="not_stored"} 2.0' in metrics
+
+
+def test_a_replay_cut_short_is_billed_its_recorded_usage() -> None:
+    """A client that reads a replay's events but hangs up before its usage report was billed nothing (the replay
+    kept no count of its own); now the recorded usage, once the replay began. Not begun: nothing used."""
+    import asyncio
+
+    from grokgate.core.cassette import Exchange, encode_event
+    from grokgate.core.events import Delta, Finish, Usage, UsageReport
+    from grokgate.providers.recording import ReplayGeneration
+
+    recorded = Usage(prompt_tokens=7, completion_tokens=2)
+    events = [encode_event(e, 0) for e in (Delta(0, "hi"), Delta(0, " there"), Finish(0, "stop"),
+                                            UsageReport(recorded))]
+    exchange = Exchange(key="k", request={}, backend="up", fingerprint="fp", events=events)
+
+    async def run() -> None:
+        unstarted = ReplayGeneration(exchange, None, "instant")
+        await unstarted.aclose()
+        assert unstarted.usage_so_far() is None
+        cut = ReplayGeneration(exchange, None, "instant")
+        assert await cut.__anext__() == Delta(0, "hi")
+        await cut.aclose()
+        assert cut.usage_so_far() == recorded
+
+    asyncio.run(run())

@@ -40,7 +40,7 @@ from grokgate.core.cassette import (
     request_key,
 )
 from grokgate.core.errors import GatewayError
-from grokgate.core.events import Event, JSONObject, Usage
+from grokgate.core.events import Event, JSONObject, Usage, UsageReport
 from grokgate.providers.base import BackendStatus, EventsGeneration, Generation, ModelTable, Provider, Route
 from grokgate.schemas.chat import ChatCompletionRequest
 
@@ -240,8 +240,20 @@ class ReplayGeneration(EventsGeneration):
         self._exchange = exchange
         self._failure = failure
         self._timing = timing
+        self._played = False
         super().__init__(self._play(), f"replay:{exchange.backend}" if exchange is not None else "replay",
                          exchange.fingerprint if exchange is not None else "fp_replay")
+
+    def usage_so_far(self) -> Usage | None:
+        """A replay cut short after it began is billed its recorded usage: there is no count of its own, and
+        billing nothing would let a client read every event but the usage report, then hang up, for free."""
+        if self._usage is not None or not self._played or self._exchange is None:
+            return self._usage
+        for data in reversed(self._exchange.events):
+            event = decode_event(data)[1]
+            if isinstance(event, UsageReport):
+                return event.usage
+        return None
 
     async def _play(self) -> AsyncGenerator[Event]:
         if self._failure is not None:
@@ -255,6 +267,7 @@ class ReplayGeneration(EventsGeneration):
                 wait = t / 1000 - (time.perf_counter() - started)
                 if wait > 0:
                     await asyncio.sleep(wait)
+            self._played = True
             yield event
         if exchange.error is not None:
             if exchange.usage_so_far is not None and self._usage is None:
