@@ -222,12 +222,20 @@ def test_a_changed_request_is_a_miss_naming_the_difference(
 def test_record_missing_goes_live_and_appends(
         recorded: tuple[Path, ScriptedProvider, list[dict[str, Any]]], tmp_path: Path) -> None:
     directory, _, _ = recorded
-    live = ScriptedProvider("live", text="fresh words")
+    def refuse(request: ChatCompletionRequest) -> GatewayError | None:
+        said = str(request.messages[-1].content)
+        return GatewayError(400, "bad_request", "not for this backend", param="messages") if "No" in said else None
+
+    live = ScriptedProvider("live", text="fresh words", refuse=refuse)
     with app_server(tmp_path / "fill", scripted_models(live), replay_dir=directory, record_missing=True,
                     accounts=False) as srv:
         assert ok(srv.chat(chat_body()))["choices"][0]["message"]["content"] == "one two three four"
         assert not live.requests  # a hit stays a replay
         assert ok(srv.chat(chat_body("New")))["choices"][0]["message"]["content"] == "fresh words"
+        assert len(live.requests) == 1
+        # A miss the live backend refuses is its 400, not a generation it was never meant to take (before: the
+        # replayer checked nothing and handed it over).
+        err(srv.chat(chat_body("No way")), 400, "bad_request", "messages")
         assert len(live.requests) == 1
     assert len(lines(directory / "default.jsonl")) == 3
     with app_server(tmp_path / "play", None, replay_dir=directory, accounts=False) as srv:

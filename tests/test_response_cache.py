@@ -26,7 +26,7 @@ from grokgate.core.pricing import Price, cache_hit_cost, cost_of, default_prices
 from grokgate.core.response_cache import CacheOption, CacheRule, effective_ttl, is_sampled, parse_option
 from grokgate.routing import ConfigError, parse
 from grokgate.schemas.chat import ChatCompletionRequest
-from grokgate.serving.response_cache import complete, decode, encode
+from grokgate.serving.response_cache import FORMAT, complete, decode, encode
 from grokgate.store.response_cache_memory import ENTRY_OVERHEAD, MemoryResponseCache
 from tests.conftest import create_key, err, user
 from tests.inproc import PROMPT_TOKENS, AppServer, ScriptedProvider, app_server, scripted_models
@@ -254,6 +254,32 @@ def test_the_hit_price_is_configurable(tmp_path: Path) -> None:
         assert sorted(r["cost"] for r in rows if r["backend"] == "cache") == [0]
 
 
+def test_an_entry_with_more_output_than_this_request_reserved_is_a_miss() -> None:
+    """Requests of one key are held to the same output cap, unless the policy changed meanwhile (a lower
+    GROKGATE_DEFAULT_OUTPUT_RESERVATION after a restart, replicas set apart, over a Redis kept for days): an entry
+    with more output than this request reserved would be billed past its reservation at the full hit price.
+    Before: a hit; now a miss, generated under the cap."""
+    from grokgate.observability.metrics import Metrics
+    from grokgate.serving.response_cache import ResponseCache
+
+    cache = ResponseCache(MemoryResponseCache(max_bytes=1 << 20), {}, Metrics())
+    events: list[Event] = [Delta(0, "four words stored here"), Finish(0, "stop"),
+                           UsageReport(Usage(prompt_tokens=7, completion_tokens=4))]
+
+    def held(limit: int) -> ChatCompletionRequest:
+        return ChatCompletionRequest.model_validate({**BODY, "max_tokens": limit})
+
+    def counted(result: str) -> float:
+        return cache.counter.labels("grok-3", result)._value.get()  # type: ignore[no-any-return]
+
+    async def run() -> None:
+        await cache.keep("k", "grok-3", 600, events, "fp", 1)
+        assert await cache.lookup("k", held(3)) is None and counted("miss") == 1
+        assert await cache.lookup("k", held(4)) == (events, "fp") and counted("hit") == 1
+
+    asyncio.run(run())
+
+
 def test_responses_api_hits_too(tmp_path: Path) -> None:
     with cached_app(tmp_path) as srv:
         body = {"model": "grok-3", "input": "What is 2+2?", "temperature": 0, "max_output_tokens": 16}
@@ -333,6 +359,13 @@ def test_events_round_trip_and_only_complete_answers_count() -> None:
     assert complete(events, 2) and not complete(events, 3) and not complete(events[:-1], 2)
     with pytest.raises(ValueError):
         decode(b'{"v": 99, "fp": "", "events": []}')
+    # A damaged entry is a miss (ValueError), or events of the right types: never a Delta whose content is a number
+    # (before: it failed in the renderer, mid-answer).
+    for damaged in ([["d", 0, 5]], [{"delta": {"index": 0}}, 7], [{"nothing": 1}]):
+        with pytest.raises(ValueError):
+            decode(json.dumps({"v": FORMAT, "fp": "", "events": damaged}).encode())
+    assert decode(json.dumps({"v": FORMAT, "fp": "", "events": [{"delta": {"index": 0, "content": 5}}]}).encode()) \
+        == ([Delta(0, None)], "")
 
 
 def test_rules_options_and_pricing() -> None:

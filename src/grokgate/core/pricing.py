@@ -11,7 +11,7 @@ model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from grokgate.core.events import Usage
 
@@ -63,12 +63,16 @@ def cost_of(usage: Usage, price: Price, *, tool_call_price: int = 0) -> Cost:
     )
 
 
-def cache_hit_cost(usage: Usage, price: Price, mode: str, *, tool_call_price: int = 0) -> Cost:
+HitPrice = Literal["cached_input", "input", "full", "free"]  # settings.response_cache_hit_price
+
+
+def cache_hit_cost(usage: Usage, price: Price, mode: HitPrice, *, tool_call_price: int = 0) -> Cost:
     """What an answer replayed from the exact response cache costs (core/response_cache.py), by the operator's
     mode (settings.response_cache_hit_price): `cached_input` (the default) bills the whole prompt at the cached
     input price and no output, `input` the prompt as if sent (its cached share at the cached price) and no
     output, `full` the answer as if it were generated again, `free` nothing. Never more than `cost_of` of the same
-    usage, so never more than the request's reservation."""
+    usage, so never more than the request's reservation (an entry with more output than it reserved is a miss:
+    serving/response_cache.py)."""
     if mode == "full":
         return cost_of(usage, price, tool_call_price=tool_call_price)
     if mode == "free":
@@ -88,6 +92,12 @@ def max_cost(prompt_tokens: int, choices: int, output_limit: int, price: Price, 
     usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=choices * output_limit,
                   server_tool_calls=server_tool_calls)
     return cost_of(usage, price, tool_call_price=tool_call_price).total
+
+
+def beyond_output_cap(completion_tokens: int, output_limit: int | None, choices: int) -> bool:
+    """Whether a stored answer (a cassette's, a cache entry's) has more output than a request held to
+    `output_limit` per choice could produce, so more than its reservation paid for: it was made without that cap."""
+    return output_limit is not None and completion_tokens > output_limit * max(choices, 1)
 
 
 def usd_per_mtok_to_micro(usd: float, credits_per_usd: float) -> int:

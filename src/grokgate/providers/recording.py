@@ -41,6 +41,7 @@ from grokgate.core.cassette import (
 )
 from grokgate.core.errors import GatewayError
 from grokgate.core.events import Event, JSONObject, Usage, UsageReport
+from grokgate.core.pricing import beyond_output_cap
 from grokgate.providers.base import BackendStatus, EventsGeneration, Generation, ModelTable, Provider, Route
 from grokgate.schemas.chat import ChatCompletionRequest
 
@@ -305,7 +306,11 @@ class Replayer:
         pass
 
     def check(self, request: ChatCompletionRequest) -> None:
-        """Nothing to refuse: a request no backend would take was never recorded, so it is a miss."""
+        """Pure replay refuses nothing: a request no backend would take was never recorded, so it is a miss. With
+        `--record-missing`, a miss goes to the live provider, which refuses what it cannot take (it was recorded
+        through the same checks)."""
+        if self.live is not None:
+            self.live.check(request)
 
     def prompt_copies(self, request: ChatCompletionRequest) -> int:
         return self.live.prompt_copies(request) if self.live is not None else 1
@@ -337,7 +342,7 @@ def _beyond_cap(exchange: Exchange, request: ChatCompletionRequest) -> GatewayEr
         usage = data.get("usage")
         if isinstance(usage, dict):
             completion = usage.get("completion_tokens")
-            if isinstance(completion, int) and completion > limit * max(request.choices, 1):
+            if isinstance(completion, int) and beyond_output_cap(completion, limit, request.choices):
                 return GatewayError(
                     400, "bad_request", f"The recorded answer has {completion} output tokens, more than this "
                     f"request's cap of {limit} per choice allows: send max_tokens (max_output_tokens) of at least "

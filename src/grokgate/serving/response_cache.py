@@ -30,7 +30,9 @@ import orjson
 from prometheus_client import Counter
 
 from grokgate.core.admission import Principal
-from grokgate.core.events import JSON, Delta, Event, Extra, Finish, Item, JSONObject, Usage, UsageReport
+from grokgate.core.cassette import decode_event, encode_event
+from grokgate.core.events import Delta, Event, Finish, Usage, UsageReport
+from grokgate.core.pricing import beyond_output_cap
 from grokgate.core.response_cache import (
     CACHE_BACKEND,
     CACHE_HEADER,
@@ -49,7 +51,7 @@ from grokgate.schemas.chat import ChatCompletionRequest
 
 log = logging.getLogger("grokgate.cache")
 
-FORMAT: Final = 1  # the stored entry's layout; an entry of another layout is a miss
+FORMAT: Final = 2  # the stored entry's layout; an entry of another layout is a miss
 
 _OPTION: ContextVar[CacheOption | None] = ContextVar("grokgate_cache_option", default=None)
 
@@ -70,52 +72,18 @@ def canonical_key(request: ChatCompletionRequest, owner: str) -> str:
 
 
 def encode(events: list[Event], fingerprint: str) -> bytes:
-    """Events as compact JSON: one short list per event."""
-    rows: list[JSON] = []
-    for event in events:
-        if isinstance(event, Delta):
-            rows.append(["d", event.index, event.content, _json(event.logprobs), _json(event.tool_calls),
-                         event.reasoning_content])
-        elif isinstance(event, Finish):
-            rows.append(["f", event.index, event.reason])
-        elif isinstance(event, UsageReport):
-            u = event.usage
-            rows.append(["u", u.prompt_tokens, u.completion_tokens, u.cached_tokens, u.reasoning_tokens,
-                         u.server_tool_calls, u.estimated])
-        elif isinstance(event, Extra):
-            rows.append(["x", event.fields])
-        else:
-            rows.append(["i", event.index, event.item])
-    return orjson.dumps({"v": FORMAT, "fp": fingerprint, "events": rows})
-
-
-def _json(value: list[JSONObject] | None) -> JSON:
-    return list(value) if value is not None else None
+    """Events as record/replay writes them (core/cassette.py), with the fingerprint."""
+    return orjson.dumps({"v": FORMAT, "fp": fingerprint, "events": [encode_event(e, 0) for e in events]})
 
 
 def decode(raw: bytes) -> tuple[list[Event], str]:
-    """The events and fingerprint of a stored entry; ValueError for anything else."""
+    """The events and fingerprint of a stored entry; ValueError for anything else (then a miss)."""
     try:
         entry = orjson.loads(raw)
         if entry["v"] != FORMAT:
             raise ValueError(f"stored layout {entry['v']!r}")
-        events: list[Event] = []
-        for row in entry["events"]:
-            kind = row[0]
-            if kind == "d":
-                events.append(Delta(row[1], row[2], row[3], row[4], row[5]))
-            elif kind == "f":
-                events.append(Finish(row[1], row[2]))
-            elif kind == "u":
-                events.append(UsageReport(Usage(row[1], row[2], row[3], row[4], row[5], bool(row[6]))))
-            elif kind == "x":
-                events.append(Extra(row[1]))
-            elif kind == "i":
-                events.append(Item(row[1], row[2]))
-            else:
-                raise ValueError(f"unknown event kind {kind!r}")
-        return events, str(entry["fp"])
-    except (KeyError, IndexError, TypeError, orjson.JSONDecodeError) as exc:
+        return [decode_event(row)[1] for row in entry["events"]], str(entry["fp"])
+    except (KeyError, TypeError, AttributeError, orjson.JSONDecodeError) as exc:
         raise ValueError(f"not a cached answer: {exc}") from None
 
 
@@ -162,7 +130,8 @@ class ResponseCache:
         owner = "*" if rule.scope == "global" else owner_of(principal.token_id, principal.key_id)
         return CachedGeneration(self, provider, request, upstream_model, canonical_key(request, owner), ttl)
 
-    async def lookup(self, key: str, model: str) -> tuple[list[Event], str] | None:
+    async def lookup(self, key: str, request: ChatCompletionRequest) -> tuple[list[Event], str] | None:
+        model = request.model
         try:
             raw = await self.store.get(key)
         except Exception:  # the cache is an optimisation: a store failure is a miss, counted and logged
@@ -175,8 +144,11 @@ class ResponseCache:
             except ValueError:
                 log.warning("response cache entry unreadable; served as a miss", exc_info=True)
             else:
-                self.counter.labels(model, "hit").inc()
-                return found
+                # Stored for a caller without this request's output cap (a global rule, an uncapped static key), it
+                # may hold more output than this request reserved: then it is a miss, generated under the cap.
+                if not _beyond_cap(found[0], request):
+                    self.counter.labels(model, "hit").inc()
+                    return found
         self.counter.labels(model, "miss").inc()
         return None
 
@@ -242,7 +214,7 @@ class CachedGeneration:
         return self
 
     async def _open(self) -> Generation:
-        found = await self._cache.lookup(self._key, self._request.model)
+        found = await self._cache.lookup(self._key, self._request)
         if self._closed:  # closed while the lookup ran
             raise StopAsyncIteration
         if found is not None:
@@ -289,6 +261,11 @@ class CachedGeneration:
         self._recorded = None  # a generation closed before its end is incomplete: nothing to keep
         if self._inner is not None:
             await self._inner.aclose()
+
+
+def _beyond_cap(events: list[Event], request: ChatCompletionRequest) -> bool:
+    return any(isinstance(e, UsageReport) and beyond_output_cap(e.usage.completion_tokens, request.output_limit,
+                                                                request.choices) for e in events)
 
 
 def _rough_size(event: Event) -> int:
