@@ -25,8 +25,9 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,6 +272,36 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = start_server(tmp, "--slots", "4", "--ctx-per-slot", "1024", "--keepalive-seconds", "0.5")
     yield srv
     stop_server(srv)
+
+
+def kill_under_load(server: Server, send: Callable[[int, httpx.Client], str | None], completed: int) -> list[str]:
+    """Eight client threads call `send(i, client)` in a loop (it answers the request id of a completed answer,
+    else None); once `completed` answers completed (or 30 s passed), SIGKILL the server. The ids completed."""
+    done: list[str] = []
+    stop = threading.Event()
+
+    def client(i: int) -> None:
+        while not stop.is_set():
+            try:
+                with server.client(timeout=30) as c:
+                    request_id = send(i, c)
+            except (httpx.HTTPError, json.JSONDecodeError):
+                return  # the server is gone
+            if request_id is not None:
+                done.append(request_id)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while len(done) < completed and time.monotonic() < deadline:
+        time.sleep(0.02)
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait()
+    stop.set()
+    for t in threads:
+        t.join()
+    return done
 
 
 def wait_idle(server: Server, timeout: float = 60) -> dict[str, Any]:

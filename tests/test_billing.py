@@ -13,10 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -37,6 +35,7 @@ from tests.conftest import (
     _pg_execute,
     create_key,
     free_port,
+    kill_under_load,
     raw_request,
     read_until,
     start_server,
@@ -327,33 +326,16 @@ def test_sigkill_loses_no_completed_request_and_one_process_per_sqlite_file(
     env = upstream_env(tmp, fake, GROKGATE_INSTANCE_ID="crash-test")
     srv = start_server(tmp, "--slots", "4", env=env, name="crash")
     token, key = create_key(srv, "victim", credits="5")
-    completed: list[str] = []
-    stop = threading.Event()
 
-    def client(i: int) -> None:
+    def send(i: int, c: httpx.Client) -> str | None:
         body = {"model": "grok-3", "messages": user(f"Count to {i + 3}."), "max_tokens": 2 + i % 6,
                 "stream": i % 2 == 0}
-        while not stop.is_set():
-            try:
-                with srv.client(timeout=30) as c:
-                    r = c.post("/grok/chat/completions", json=body, headers={"Authorization": f"Bearer {token}"})
-                if r.status_code == 200 and (r.text.endswith("data: [DONE]\n\n") if body["stream"]
-                                             else "choices" in r.json()):
-                    completed.append(r.headers["x-request-id"])
-            except (httpx.HTTPError, json.JSONDecodeError):
-                return
+        r = c.post("/grok/chat/completions", json=body, headers={"Authorization": f"Bearer {token}"})
+        done = r.status_code == 200 and (r.text.endswith("data: [DONE]\n\n") if body["stream"]
+                                         else "choices" in r.json())
+        return r.headers["x-request-id"] if done else None
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 30
-    while len(completed) < 6 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    srv.process.send_signal(signal.SIGKILL)
-    srv.process.wait()
-    stop.set()
-    for t in threads:
-        t.join()
+    completed = kill_under_load(srv, send, 6)
     assert len(completed) >= 6
     again = start_server(tmp, "--slots", "2", env=env, name="crash")  # same data dir, same instance id
     try:

@@ -116,3 +116,16 @@ def test_one_structured_log_line_per_request_without_secrets(gw: tuple[Server, F
     assert 0 < entry["overhead_ms"] <= entry["latency_ms"]
     log_text = srv.log()
     assert token not in log_text and secret_text not in log_text
+
+
+def test_server_tool_calls_are_counted_as_calls_not_tokens() -> None:
+    """Before: `grokgate_tokens_total{kind="server_tool_calls"}` mixed a call count into the token counter."""
+    from grokgate.core.events import Usage
+    from grokgate.observability.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.request_ended(model="grok-4", backend="xai", status=200, stream=False, seconds=0.1, charged=1,
+                          usage=Usage(prompt_tokens=10, completion_tokens=5, server_tool_calls=3), endpoint="responses")
+    text = metrics.render().decode()
+    assert 'grokgate_server_tool_calls_total{model="grok-4"} 3.0' in text
+    assert 'kind="server_tool_calls"' not in text and 'grokgate_tokens_total{kind="prompt",model="grok-4"} 10.0' in text

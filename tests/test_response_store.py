@@ -66,7 +66,7 @@ async def opened(kind: str, tmp_path: Path, clock: Clock) -> AsyncIterator[Respo
             store = SqlStore(url)
             await store.open(serve=True)
             try:
-                yield SqlResponseStore(store, purge_batch=2, stats_seconds=0, clock=clock)
+                yield SqlResponseStore(store, purge_batch=2, clock=clock)
             finally:
                 await store.close()
         return
@@ -75,7 +75,7 @@ async def opened(kind: str, tmp_path: Path, clock: Clock) -> AsyncIterator[Respo
     store = SqlStore(f"sqlite:///{tmp_path}/g.db", writer_process=kind == "sqlite-process")
     await store.open(serve=True)
     try:
-        yield SqlResponseStore(store, purge_batch=2, stats_seconds=0, clock=clock)
+        yield SqlResponseStore(store, purge_batch=2, clock=clock)
     finally:
         await store.close()
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import TLS, Server, call, create_key, err, start_server, stop_server
+from tests.conftest import TLS, Server, call, create_key, err, kill_under_load, start_server, stop_server
 from tests.fakes.fake_xai import FakeXAI
 from tests.inproc import AppServer, app_server
 
@@ -418,34 +416,16 @@ def test_sigkill_under_responses_load_loses_no_completed_request(
            "GROKGATE_INSTANCE_ID": "responses-crash"}
     srv = start_server(tmp, env=env, name="crash", wait_ready=False)
     token, key = create_key(srv, "victim", credits="50")
-    completed: list[str] = []
-    stop = threading.Event()
 
-    def client(i: int) -> None:
+    def send(i: int, c: httpx.Client) -> str | None:
         body = {"model": "grok-3", "input": f"Count to {i + 3}.", "max_output_tokens": 4 + i % 6,
                 "stream": i % 2 == 0}
-        while not stop.is_set():
-            try:
-                with httpx.Client(base_url=srv.url, timeout=30, verify=TLS) as c:
-                    r = c.post("/v1/responses", json=body, headers={"Authorization": f"Bearer {token}"})
-                done = ("event: response.completed" in r.text if body["stream"]
-                        else r.status_code == 200 and r.json().get("status") == "completed")
-                if r.status_code == 200 and done:
-                    completed.append(r.headers["x-request-id"])
-            except (httpx.HTTPError, json.JSONDecodeError):
-                return
+        r = c.post("/v1/responses", json=body, headers={"Authorization": f"Bearer {token}"})
+        done = ("event: response.completed" in r.text if body["stream"]
+                else r.status_code == 200 and r.json().get("status") == "completed")
+        return r.headers["x-request-id"] if r.status_code == 200 and done else None
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 30
-    while len(completed) < 20 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    srv.process.send_signal(signal.SIGKILL)
-    srv.process.wait()
-    stop.set()
-    for t in threads:
-        t.join()
+    completed = kill_under_load(srv, send, 20)
     assert len(completed) >= 20
     # The restart: the app on the killed process's data dir, with its instance id (so it releases what the crash
     # left reserved), here in process: what it shows is the ledger and the balances the crash left behind.

@@ -113,8 +113,7 @@ def create_app(
                       server_tool_input_tokens=settings.server_tool_input_tokens,
                       affinity=settings.prompt_cache_affinity, response_cache=response_cache)
     # Stored responses live in the accounts database; with accounts off, in this process's memory.
-    # The gauges' loop (purge_responses) is the only reader of the stats and sets their pace: no cache on top.
-    stored: ResponseStore = (SqlResponseStore(store, stats_seconds=0)
+    stored: ResponseStore = (SqlResponseStore(store)
                              if store is not None
                              else MemoryResponseStore(max_bytes=settings.memory_responses_bytes))
     responses_service = ResponsesService(

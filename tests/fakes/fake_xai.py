@@ -429,22 +429,31 @@ class FakeXAI:
             return raw, headers, fault, self._bad_key(key)
         return raw, headers, fault, None
 
-    async def _chat(self, request: Request) -> Response:
+    async def _json_post(self, request: Request, *required: str) -> tuple[Any, bytes, dict[str, str],
+                                                                           dict[str, Any] | None, Response | None]:
+        """`_prelude`, then what xAI checks of a JSON POST, in its order: the key, the content type, the JSON, the
+        required fields. (body, raw body, headers, fault, the answer if one of them already gave it)."""
         raw, headers, fault, answered = await self._prelude(request)
+        if answered is None:
+            answered = self._auth(headers)
+        if answered is None and (not raw or not headers.get("content-type", "").startswith("application/json")):
+            answered = _error(415, "Expected request with `Content-Type: application/json`")
+        body: Any = None
+        if answered is None:
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                answered = _error(400, f"Failed to parse the request body as JSON: {exc}")
+        for field in required:
+            if answered is None and (not isinstance(body, dict) or field not in body):
+                answered = _error(422, f"Failed to deserialize the JSON body into the target type: missing field "
+                                       f"`{field}`")
+        return body, raw, headers, fault, answered
+
+    async def _chat(self, request: Request) -> Response:
+        body, raw, headers, fault, answered = await self._json_post(request, "messages", "model")
         if answered is not None:
             return answered
-        denied = self._auth(headers)
-        if denied is not None:
-            return denied
-        if not raw or not headers.get("content-type", "").startswith("application/json"):
-            return _error(415, "Expected request with `Content-Type: application/json`")
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            return _error(400, f"Failed to parse the request body as JSON: {exc}")
-        for field in ("messages", "model"):
-            if not isinstance(body, dict) or field not in body:
-                return _error(422, f"Failed to deserialize the JSON body into the target type: missing field `{field}`")
         model, messages = body["model"], body["messages"]
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             return _error(422, "Failed to deserialize the JSON body into the target type: messages: invalid type")

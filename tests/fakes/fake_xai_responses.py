@@ -175,21 +175,9 @@ class FakeResponses:
         return Response(orjson.dumps({"id": rid, "object": "response", "deleted": True}), media_type="application/json")
 
     async def create(self, request: Request) -> Response:
-        raw, headers, fault, answered = await self.fake._prelude(request)
+        body, _, headers, fault, answered = await self.fake._json_post(request, "input", "model")
         if answered is not None:
             return answered
-        denied = self.fake._auth(headers)
-        if denied is not None:
-            return denied
-        if not raw or not headers.get("content-type", "").startswith("application/json"):
-            return _error(415, "Expected request with `Content-Type: application/json`")
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            return _error(400, f"Failed to parse the request body as JSON: {exc}")
-        for field in ("input", "model"):
-            if not isinstance(body, dict) or field not in body:
-                return _error(422, f"Failed to deserialize the JSON body into the target type: missing field `{field}`")
         if not isinstance(body["input"], str | list):
             return _error(422, "Failed to deserialize the JSON body into the target type: input: invalid type")
         model = str(body["model"])
@@ -318,7 +306,7 @@ class FakeResponses:
             "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
             "total_tokens": prompt + completion + reasoning_tokens, "num_sources_used": 0,
             "num_server_side_tools_used": len(tool_items)}
-        if server and usage is not None:
+        if server:
             details = dict.fromkeys(sorted(set(SERVER_TOOLS.values())), 0)
             for item in tool_items:
                 key = {"web_search_call": "web_search_calls", "custom_tool_call": "x_search_calls"}.get(

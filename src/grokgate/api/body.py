@@ -25,13 +25,10 @@ from starlette.requests import Request
 
 from grokgate.api.errors import validation_error
 from grokgate.core.errors import GatewayError, bad_request
-from grokgate.schemas.chat import INT64_MAX, INT64_MIN, MAX_STOP, MAX_TOOLS, ChatCompletionRequest
+from grokgate.schemas.chat import INT64_MAX, INT64_MIN, ITEMS_PER_MESSAGE, MAX_STOP, MAX_TOOLS, ChatCompletionRequest
 from grokgate.schemas.responses import ResponsesRequest
 
 _Body = TypeVar("_Body", bound=BaseModel)
-
-# Content parts and tool calls, all messages together, per message allowed (max_messages of them).
-ITEMS_PER_MESSAGE = 4
 
 _NOT_AN_OBJECT = "The request body must be a JSON object."
 

@@ -73,9 +73,9 @@ def bearer_token(authorization: str | None) -> str:
     return token
 
 
-def static_key_id(token: str, prefix: str = "key") -> str:
+def static_key_id(token: str) -> str:
     """A static (settings) token's id in logs, limits and scopes: a short digest of it, never the token."""
-    return f"{prefix}-{hashlib.sha256(token.encode()).hexdigest()[:12]}"
+    return f"key-{hashlib.sha256(token.encode()).hexdigest()[:12]}"
 
 
 def _digest(token: str) -> bytes:

@@ -18,7 +18,7 @@ from grokgate.core.admission import AdmissionRequest, Principal, bearer_token
 from grokgate.core.errors import GatewayError
 from grokgate.core.events import Usage
 from grokgate.core.limits import Limits, RateLimiter
-from grokgate.core.pricing import Price, cache_hit_cost, cost_of, max_cost
+from grokgate.core.pricing import HitPrice, Price, cache_hit_cost, cost_of, max_cost
 from grokgate.core.response_cache import CACHE_BACKEND
 
 log = logging.getLogger("grokgate.billing")
@@ -40,11 +40,9 @@ class BillingPolicy:
     replay_price_factor: int = 1
     # How an answer replayed from the exact response cache (settled with backend "cache") is priced:
     # core/pricing.py cache_hit_cost (settings.response_cache_hit_price).
-    cache_hit_price: str = "cached_input"
+    cache_hit_price: HitPrice = "cached_input"
 
     def __post_init__(self) -> None:
-        if self.cache_hit_price not in ("cached_input", "input", "full", "free"):
-            raise ValueError(f"cache_hit_price must be cached_input, input, full or free: {self.cache_hit_price!r}")
         price = self.server_tool_call_price
         if not isinstance(price, int) or isinstance(price, bool) or price < 0:
             raise ValueError(f"server_tool_call_price must be a non-negative integer, got {price!r}")

@@ -22,7 +22,6 @@ CACHE_HEADER: Final = "x-grokgate-cache"  # the request's option and the respons
 MAX_TTL_SECONDS: Final = 30 * 86_400  # no rule keeps an answer longer than 30 days
 
 Scope = Literal["principal", "global"]
-HitPrice = Literal["cached_input", "input", "full", "free"]
 
 
 @dataclass(frozen=True, slots=True)

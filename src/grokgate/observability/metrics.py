@@ -52,6 +52,8 @@ class Metrics:
         self.overhead = Histogram("grokgate_overhead_seconds", "Time spent in grokgate itself before the response "
                                   "started (the x-grokgate-overhead-ms header)", buckets=OVERHEAD_BUCKETS, registry=r)
         self.tokens = Counter("grokgate_tokens", "Tokens by model and class", ["model", "kind"], registry=r)
+        self.server_tool_calls = Counter("grokgate_server_tool_calls", "Server-side tool calls (xAI's web and X "
+                                         "search, code execution) by model", ["model"], registry=r)
         # Per backend as well: a prompt cache belongs to the backend (and key) that served the conversation, so
         # the cache-hit share (cached / prompt) is read per model and backend (serving/affinity.py).
         self.backend_prompt = Counter("grokgate_backend_prompt_tokens", "Prompt tokens by model and the backend "
@@ -83,7 +85,7 @@ class Metrics:
         self._requests, self._latency, self._first_event = (_Children(self.requests), _Children(self.latency),
                                                             _Children(self.first_event))
         self._tokens, self._backend_prompt = _Children(self.tokens), _Children(self.backend_prompt)
-        self._credits = _Children(self.credits)
+        self._credits, self._server_tool_calls = _Children(self.credits), _Children(self.server_tool_calls)
 
     def request_started(self) -> None:
         self.in_flight.inc()
@@ -99,10 +101,11 @@ class Metrics:
         self._latency(model, "true" if stream else "false").observe(seconds)
         if usage is not None:
             for kind, value in (("prompt", usage.prompt_tokens), ("cached", usage.cached_tokens),
-                                ("completion", usage.completion_tokens), ("reasoning", usage.reasoning_tokens),
-                                ("server_tool_calls", usage.server_tool_calls)):
+                                ("completion", usage.completion_tokens), ("reasoning", usage.reasoning_tokens)):
                 if value:
                     self._tokens(model, kind).inc(value)
+            if usage.server_tool_calls:  # calls, not tokens: a counter of their own
+                self._server_tool_calls(model).inc(usage.server_tool_calls)
             if usage.prompt_tokens:
                 self._backend_prompt(model, backend, "prompt").inc(usage.prompt_tokens)
                 if usage.cached_tokens:

@@ -32,10 +32,10 @@ def engine_error(error: Any, payload: dict[str, Any]) -> GatewayError:
 def refused(message: str, payload: dict[str, Any]) -> GatewayError:
     """A request llama.cpp refused (its own 400): say which field, in our words where we know the case."""
     if any(word in message for word in _SCHEMA_WORDS):  # first: a schema may well name a property "context"
-        # llama.cpp does not say which schema; name the field when only one of them carries any.
-        tools = bool(payload.get("tools"))
+        # The only schema llama.cpp compiles itself is response_format's (a tools grammar it cannot compile is
+        # ignored, and caught by providers/local.py's probe).
         schema = (payload.get("response_format") or {}).get("type") == "json_schema"
-        param = "tools" if tools and not schema else "response_format" if schema and not tools else None
+        param = "response_format" if schema else None
         where = f"the JSON schema in '{param}'" if param else "the JSON schemas of this request"
         detail = message.rsplit("failed: ", 1)[-1].rstrip(".")  # past "Unable to generate parser ... failed: "
         return GatewayError(400, "bad_request", f"The local engine cannot turn {where} into a grammar: {detail}.",

@@ -228,7 +228,7 @@ class _Reply:
             urls: list[JSON] = [a["url"] for a in annotations
                                 if isinstance(a, dict) and a.get("type") == "url_citation" and a.get("url")]
             return [Extra({"annotations": annotations, "citations": urls})]
-        return [Item(0, _json_object(item))]
+        return [Item(0, item)]  # parsed by orjson: JSON all the way down
 
     def whole_item(self, item: dict[str, Any]) -> list[Event]:
         """An item of a JSON reply: its text as deltas, then what `item` makes of it."""
@@ -282,10 +282,6 @@ class _Reply:
 def _fragment(call: _Call, arguments: str) -> JSONObject:
     return {"index": call.index, "id": call.call_id, "type": "function",
             "function": {"name": call.name, "arguments": arguments}}
-
-
-def _json_object(value: dict[str, Any]) -> JSONObject:
-    return value  # parsed by orjson: JSON all the way down
 
 
 def _error_text(error: Any) -> str:

@@ -43,6 +43,9 @@ INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 MAX_TOOLS = 128  # xAI's documented maximum (and OpenAI's)
 MAX_STOP = 4
+# Content parts and tool calls, all messages together, per message allowed (max_messages of them): counted on the
+# raw body before validation (api/body.py), for chat and the Responses API alike.
+ITEMS_PER_MESSAGE = 4
 # A conversation id (`prompt_cache_key`, the `x-grok-conv-id` header): xAI's examples are UUIDs, OpenAI refuses
 # more than 64 characters; this bound only keeps a client from sending kilobytes of it on every request.
 MAX_CACHE_KEY = 256

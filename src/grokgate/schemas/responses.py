@@ -33,6 +33,7 @@ from pydantic.json_schema import DEFAULT_REF_TEMPLATE, GenerateJsonSchema, JsonS
 from grokgate.core.errors import bad_request
 from grokgate.schemas.chat import (
     INT64_MAX,
+    ITEMS_PER_MESSAGE,
     JSON_VALUE,
     MAX_CACHE_KEY,
     MAX_TOOLS,
@@ -44,8 +45,8 @@ from grokgate.schemas.chat import (
 )
 
 # Content parts (message content and function outputs) allowed per input item on average, all items together:
-# the same bound as chat's per message (api/body.py ITEMS_PER_MESSAGE).
-ITEMS_PER_ITEM = 4
+# chat's bound per message (api/body.py counts both before validation).
+ITEMS_PER_ITEM = ITEMS_PER_MESSAGE
 MAX_METADATA_KEYS = 16  # OpenAI's rule: at most 16 pairs, keys of at most 64 characters, values of at most 512
 
 # Items passed through as the backend made them (xAI's reasoning with its encrypted content, server-side tool

@@ -14,7 +14,6 @@ the links found is read in one query.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -37,14 +36,10 @@ PURGE_BATCH = 1000  # rows per purge transaction: the writer's other work (settl
 
 
 class SqlResponseStore:
-    def __init__(self, store: SqlStore, *, purge_batch: int = PURGE_BATCH, stats_seconds: float = 10.0,
-                 clock: Callable[[], int] = now_ms) -> None:
+    def __init__(self, store: SqlStore, *, purge_batch: int = PURGE_BATCH, clock: Callable[[], int] = now_ms) -> None:
         self.store = store
         self._clock = clock  # epoch milliseconds: what has expired is not found
         self.purge_batch = purge_batch
-        # stats() counts the table; metrics scrapes asking more often than this get the last count.
-        self.stats_seconds = stats_seconds
-        self._stats: tuple[float, tuple[int, int]] | None = None
         self._pending: list[dict[str, Any]] = []
         self._flush: asyncio.Future[Any] | None = None
 
@@ -153,15 +148,10 @@ class SqlResponseStore:
                 return total
 
     async def stats(self) -> tuple[int, int]:
-        cached = self._stats
-        if cached is not None and time.monotonic() - cached[0] < self.stats_seconds:
-            return cached[1]
         async with self.store.engine.connect() as conn:
             count, size = (await conn.execute(
                 select(func.count(), func.coalesce(func.sum(responses.c.size), 0)))).one()
-        result = (int(count), int(size))
-        self._stats = (time.monotonic(), result)
-        return result
+        return int(count), int(size)
 
 
 def _valid(owner: str, response_id: str) -> bool:
