@@ -68,6 +68,7 @@ class RecordingAdmission:
     def __init__(self) -> None:
         self.tickets: list[RecordingTicket] = []
         self.log: list[str] = []
+        self.requests: list[AdmissionRequest] = []
 
     async def authenticate(self, authorization: str | None) -> Principal:
         if authorization != "Bearer k":
@@ -75,6 +76,7 @@ class RecordingAdmission:
         return Principal(key_id="test")
 
     async def admit(self, principal: Principal, request: AdmissionRequest) -> RecordingTicket:
+        self.requests.append(request)
         ticket = RecordingTicket(self.log)
         self.tickets.append(ticket)
         return ticket
@@ -660,3 +662,26 @@ def test_an_http_backend_is_an_upstream_and_a_provider_on_its_own() -> None:
     register("not-a-provider")(lambda **config: object())
     with pytest.raises(TypeError, match="not a Provider"):
         create("not-a-provider")
+
+
+@pytest.mark.parametrize(("asked", "reserved"), [(None, 10), (2, 2), (10, 10), (11, 10), (0, 10), (True, 10)])
+def test_the_server_tool_calls_reserved_are_the_ones_xai_may_run(asked: object, reserved: int) -> None:
+    """A Responses request with server-side tools reserves its own max_tool_calls (between 1 and the ceiling), the
+    figure xAI is sent (providers/xai.py): before, always the ceiling, ten times what max_tool_calls 1 can cost."""
+    from grokgate.schemas.responses import ResponsesChatRequest
+
+    async def run() -> None:
+        h = Harness()
+        native = {"model": "ok", "input": "news", "tools": [{"type": "web_search"}]}
+        if asked is not None:
+            native["max_tool_calls"] = asked
+        request = ResponsesChatRequest.model_validate({"model": "ok", "messages": [{"role": "user",
+                                                                                     "content": "news"}]})
+        request.attach(native, ["web_search"])
+        call = Call(request, prompt_tokens=10, request_id="req-1", started=time.perf_counter())
+        await h.serving.serve(call, Principal(key_id="test"), CHAT, h.gone.wait)
+        admitted = h.admission.requests[0]
+        assert admitted.server_tool_calls == reserved == request.server_tool_calls(10)
+        assert admitted.prompt_tokens == 10 + reserved * 20_000
+
+    asyncio.run(run())

@@ -154,10 +154,8 @@ def responses_payload(request: ChatCompletionRequest, body: dict[str, Any], mode
         out.setdefault("prompt_cache_key", request.cache_key)
     if request.output_limit is not None:  # the reserved cap (serving/lifecycle.py hold_output)
         out["max_output_tokens"] = request.output_limit
-    if request.server_tools:
-        asked = out.get("max_tool_calls")
-        bounded = isinstance(asked, int) and not isinstance(asked, bool) and 1 <= asked <= max_server_tool_calls
-        out["max_tool_calls"] = asked if bounded else max_server_tool_calls
+    if request.server_tools:  # what the reservation paid for (serving/lifecycle.py)
+        out["max_tool_calls"] = request.server_tool_calls(max_server_tool_calls)
     reasoning = out.get("reasoning")
     if isinstance(reasoning, dict) and reasoning.get("effort") is not None:
         reasoning = dict(reasoning)

@@ -407,6 +407,15 @@ class ChatCompletionRequest(_Lenient):
         only a backend that runs them may take the request. Chat requests have none."""
         return []
 
+    def server_tool_calls(self, ceiling: int) -> int:
+        """How many server-side tool calls this request may run, so reserves: the Responses body's
+        `max_tool_calls` when it is between 1 and `ceiling` (settings.max_server_tool_calls), else `ceiling`; none
+        without server tools. xAI is sent the same figure (providers/xai.py)."""
+        if not self.server_tools:
+            return 0
+        asked = (self.responses_body or {}).get("max_tool_calls")
+        return asked if isinstance(asked, int) and not isinstance(asked, bool) and 1 <= asked <= ceiling else ceiling
+
     @property
     def choices(self) -> int:
         return self.n or 1

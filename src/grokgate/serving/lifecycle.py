@@ -137,12 +137,11 @@ class Serving:
         provider = route.provider
         provider.check(request)
         prompt = call.prompt_tokens * provider.prompt_copies(request)
-        if request.server_tools:  # what the tools feed back is billed as input: the bound covers it too
-            prompt += self.max_server_tool_calls * self.server_tool_input_tokens
+        tool_calls = request.server_tool_calls(self.max_server_tool_calls)
+        prompt += tool_calls * self.server_tool_input_tokens  # what the tools feed back is billed as input
         ticket = await self.admission.admit(
             principal, AdmissionRequest(call.request_id, request.model, request.choices, request.output_limit, prompt,
-                                        wire.endpoint,
-                                        self.max_server_tool_calls if request.server_tools else 0)
+                                        wire.endpoint, tool_calls)
         )
         hold_output(request, ticket.output_limit)
         assign(request, principal, enabled=self.affinity)
