@@ -31,7 +31,7 @@ from grokgate.app import create_app
 from grokgate.core.admission import Admission
 from grokgate.core.errors import GatewayError
 from grokgate.core.events import Delta, Event, Finish, Usage, UsageReport
-from grokgate.providers.base import BackendStatus, EventsGeneration, ModelTable, Route
+from grokgate.providers.base import BackendStatus, Call, EventsGeneration, ModelTable, Route
 from grokgate.schemas.chat import ChatCompletionRequest
 from grokgate.settings import DEFAULT_MODELS, Settings
 from tests.conftest import TLS, TOKEN
@@ -52,7 +52,8 @@ class ScriptedProvider:
         self.text = text
         self.script = script
         self.refuse = refuse
-        self.requests: list[tuple[ChatCompletionRequest, str]] = []
+        self.requests: list[tuple[ChatCompletionRequest, str]] = []  # as the client sent them
+        self.calls: list[Call] = []  # as the serving layer passed them (tenant, output cap held, affinity keys)
         self.closed = 0  # generations closed (each request's generation is closed once, however it ends)
 
     @property
@@ -83,9 +84,10 @@ class ScriptedProvider:
     def prompt_copies(self, request: ChatCompletionRequest) -> int:
         return 1
 
-    def generate(self, request: ChatCompletionRequest, upstream_model: str) -> EventsGeneration:
-        self.requests.append((request, upstream_model))
-        events = (self.script or self.say)(request, upstream_model)
+    def generate(self, call: Call, upstream_model: str) -> EventsGeneration:
+        self.requests.append((call.request, upstream_model))
+        self.calls.append(call)
+        events = self.script(call.request, upstream_model) if self.script else self.say(call, upstream_model)
         return EventsGeneration(self._closing(events), self.name, self.fingerprint)
 
     async def _closing(self, events: AsyncGenerator[Event]) -> AsyncGenerator[Event]:
@@ -96,10 +98,12 @@ class ScriptedProvider:
             self.closed += 1
             await events.aclose()
 
-    async def say(self, request: ChatCompletionRequest, upstream_model: str) -> AsyncGenerator[Event]:
-        """Every choice says `text` one word per delta, up to the request's output limit."""
+    async def say(self, call: Call, upstream_model: str) -> AsyncGenerator[Event]:
+        """Every choice says `text` one word per delta, up to the request's output limit (the cap held at
+        admission)."""
+        request = call.request
         words = self.text.split()
-        limit = request.output_limit
+        limit = call.output_limit
         completion = 0
         for index in range(request.choices):
             said = words if limit is None else words[:limit]

@@ -24,7 +24,7 @@ import pytest
 
 from grokgate.core.accounts import format_credits
 from grokgate.core.events import Event, UsageReport
-from grokgate.schemas.chat import ChatCompletionRequest
+from grokgate.providers.base import Call
 from tests.conftest import E2E, PG_ADMIN_URL, TOKEN, Server, _pg_execute, call, create_key, err, ok, user
 from tests.inproc import AppServer, ScriptedProvider, app_server, scripted_models
 
@@ -45,11 +45,11 @@ class CachingProvider(ScriptedProvider):
         super().__init__(text="Hello there from the accounts script")
         self.seen: set[str] = set()
 
-    async def say(self, request: ChatCompletionRequest, upstream_model: str) -> AsyncGenerator[Event]:
-        prompt = request.model_dump_json(include={"messages"})
+    async def say(self, call: Call, upstream_model: str) -> AsyncGenerator[Event]:
+        prompt = call.request.model_dump_json(include={"messages"})
         cached = CACHED if prompt in self.seen else 0
         self.seen.add(prompt)
-        async for event in super().say(request, upstream_model):
+        async for event in super().say(call, upstream_model):
             if isinstance(event, UsageReport):
                 event = UsageReport(dataclasses.replace(event.usage, cached_tokens=cached))
             yield event

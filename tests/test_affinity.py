@@ -14,14 +14,13 @@ from typing import Any
 import httpx
 import pytest
 
-from grokgate.core.admission import Principal
 from grokgate.core.errors import GatewayError
-from grokgate.providers.base import ModelTable, Provider, Route, create
+from grokgate.providers.base import Call, ModelTable, Provider, Route, create
 from grokgate.providers.openai_compat import BackendConfig, OpenAICompatBackend
 from grokgate.providers.router import Candidate, RoutedModel, rendezvous
 from grokgate.providers.xai import XAIBackend, responses_payload
 from grokgate.schemas.chat import ChatCompletionRequest, conversation_header
-from grokgate.serving.affinity import assign, derived_key, header_safe
+from grokgate.serving.affinity import assign, derived_key, header_safe, scoped
 from tests.conftest import TOKEN
 from tests.fakes.fake_xai import FakeXAI
 from tests.inproc import AppServer, app_server
@@ -105,8 +104,15 @@ def test_a_key_failure_moves_only_its_conversations() -> None:
 # -- the conversation id ---------------------------------------------------------------------------------------
 
 
+def admitted(request: ChatCompletionRequest, tenant: str = "key:key-0", *, conversation: str | None = None,
+             enabled: bool = True, shared: bool = False) -> Call:
+    """The call as serving/lifecycle.py passes it on: with the keys `assign` gives it."""
+    call = Call(request, tenant, conversation_id=conversation)
+    return call.admitted(None, *assign(call, enabled, shared=shared))
+
+
 def test_derived_keys_are_stable_per_conversation_and_differ_per_token() -> None:
-    one, two = Principal(key_id="tok-1", token_id=1), Principal(key_id="tok-2", token_id=2)
+    one, two = "token:1", "token:2"
     turn1 = ChatCompletionRequest.model_validate({"model": "grok-3", "messages": conversation(1)})
     turn4 = ChatCompletionRequest.model_validate({"model": "grok-3", "messages": conversation(1, turns=4)})
     other = ChatCompletionRequest.model_validate({"model": "grok-3", "messages": conversation(2)})
@@ -115,33 +121,31 @@ def test_derived_keys_are_stable_per_conversation_and_differ_per_token() -> None
     assert key != derived_key(turn1.messages, two)  # each token its own
     assert key != derived_key(other.messages, one)  # each conversation its own
     assert key.startswith("gg-") and len(key) <= 64 and header_safe(key) == key
-    assert "tok-1" not in key
+    assert "token" not in key
 
 
-def test_the_clients_id_comes_first_body_over_header() -> None:
-    who = Principal(key_id="key-0")
-    request = chat()
-    assign(request, who)
-    assert request.cache_key == request.route_key and request.cache_key is not None
-    assert request.cache_key.startswith("gg-")  # derived
-    request = chat()
-    request.with_conversation_id("conv_abc123")
-    assign(request, who)
-    assert (request.cache_key, request.route_key) == ("conv_abc123", "conv_abc123")
-    request = chat(prompt_cache_key="session-7")
-    request.with_conversation_id("side-call-1")
-    assign(request, who)
-    assert request.cache_key == "session-7"  # the body wins, as xAI's own CLI means it
-    request = chat(prompt_cache_key="naïve\nkey")  # not a header value: its hash travels instead
-    assign(request, who)
-    assert request.cache_key is not None and request.cache_key.startswith("gg-") and request.cache_key.isascii()
+def test_the_clients_id_comes_first_body_over_header_within_its_tenant() -> None:
+    call = admitted(chat())
+    assert call.cache_key == call.route_key and call.cache_key is not None
+    assert call.cache_key.startswith("gg-")  # derived
+    call = admitted(chat(), conversation="conv_abc123")
+    assert call.cache_key == call.route_key == scoped("conv_abc123", "key:key-0")
+    assert call.cache_key != scoped("conv_abc123", "key:key-1")  # another tenant's same id is another key
+    assert call.cache_key == admitted(chat(), conversation="conv_abc123").cache_key  # stable turn after turn
+    call = admitted(chat(prompt_cache_key="session-7"), conversation="side-call-1")
+    assert call.cache_key == scoped("session-7", "key:key-0")  # the body wins, as xAI's own CLI means it
+    call = admitted(chat(prompt_cache_key="naïve\nkey"))
+    assert call.cache_key is not None and call.cache_key.startswith("gg-") and call.cache_key.isascii()
+    assert len(call.cache_key) <= 64
+    # A single-tenant deployment's opt-out: the client's id as sent (hashed only when it is not a header value).
+    assert admitted(chat(prompt_cache_key="session-7"), shared=True).cache_key == "session-7"
+    shared = admitted(chat(prompt_cache_key="naïve\nkey"), shared=True).cache_key
+    assert shared is not None and shared.startswith("gg-") and shared.isascii()
     # Affinity off: the client's id still reaches the upstream, nothing is derived, the router rotates.
-    request = chat(prompt_cache_key="session-7")
-    assign(request, who, enabled=False)
-    assert (request.cache_key, request.route_key) == ("session-7", None)
-    request = chat()
-    assign(request, who, enabled=False)
-    assert (request.cache_key, request.route_key) == (None, None)
+    call = admitted(chat(prompt_cache_key="session-7"), enabled=False)
+    assert (call.cache_key, call.route_key) == (scoped("session-7", "key:key-0"), None)
+    call = admitted(chat(), enabled=False)
+    assert (call.cache_key, call.route_key) == (None, None)
 
 
 def test_bounds_on_the_id_name_their_param() -> None:
@@ -154,25 +158,27 @@ def test_bounds_on_the_id_name_their_param() -> None:
 
 
 def test_what_each_upstream_is_sent() -> None:
-    request = chat(prompt_cache_key="client-key")
-    assign(request, Principal(key_id="key-0"))
+    call = admitted(chat(prompt_cache_key="client-key"))
+    scoped_key = scoped("client-key", "key:key-0")
     xai = XAIBackend(BackendConfig(name="xai", base_url="http://127.0.0.1:9/v1"))
-    body = xai.payload(request, "grok-3", False)
+    body = xai.payload(call, "grok-3", False)
     assert "prompt_cache_key" not in body  # xAI's chat reads the header
-    assert xai.request_headers(request) == {"x-grok-conv-id": "client-key"}
-    assert responses_payload(request, {"input": []}, "grok-3", 10)["prompt_cache_key"] == "client-key"
-    derived = chat()
-    assign(derived, Principal(key_id="key-0"))
+    assert xai.request_headers(call) == {"x-grok-conv-id": scoped_key}
+    assert responses_payload(call, {"input": []}, "grok-3", 10)["prompt_cache_key"] == scoped_key
+    derived = admitted(chat())
     assert responses_payload(derived, {"input": []}, "grok-3", 10)["prompt_cache_key"] == derived.cache_key
-    assert responses_payload(request, {"input": [], "prompt_cache_key": "own"}, "grok-3", 10)[
-        "prompt_cache_key"] == "own"
-    # OpenAI-compatible: the client's own field as sent; a derived one only where configured.
+    # The client's raw key in a native body never leaves as it is: the tenant's key replaces it.
+    assert responses_payload(call, {"input": [], "prompt_cache_key": "client-key"}, "grok-3", 10)[
+        "prompt_cache_key"] == scoped_key
+    # OpenAI-compatible: the client's own field, namespaced; a derived one only where configured.
     plain = OpenAICompatBackend(BackendConfig(name="vllm", base_url="http://127.0.0.1:9/v1"))
     opted = OpenAICompatBackend(BackendConfig(name="openai", base_url="http://127.0.0.1:9/v1",
                                               prompt_cache_key=True))
     assert "prompt_cache_key" not in plain.payload(derived, "m", False) and plain.request_headers(derived) == {}
     assert opted.payload(derived, "m", False)["prompt_cache_key"] == derived.cache_key
-    assert plain.payload(request, "m", False)["prompt_cache_key"] == "client-key"
+    assert plain.payload(call, "m", False)["prompt_cache_key"] == scoped_key
+    shared = admitted(chat(prompt_cache_key="client-key"), shared=True)
+    assert plain.payload(shared, "m", False)["prompt_cache_key"] == "client-key"
 
 
 # -- through the gateway, against the fake xAI's prompt caches -------------------------------------------------
@@ -239,9 +245,15 @@ def test_the_clients_id_reaches_xai_as_xai_reads_it(tmp_path: Path, fake: FakeXA
         body = {"model": "grok-3", "messages": conversation(1), "max_tokens": 8}
         post(srv, body, **{"x-grok-conv-id": "conv_abc123"})
         sent = fake.chat_requests[-1]
-        assert sent["headers"]["x-grok-conv-id"] == "conv_abc123" and "prompt_cache_key" not in sent["body"]
+        ours = sent["headers"]["x-grok-conv-id"]  # the client's id within its tenant, the same on every turn
+        assert ours.startswith("gg-") and "prompt_cache_key" not in sent["body"]
+        post(srv, body, **{"x-grok-conv-id": "conv_abc123"})
+        assert fake.chat_requests[-1]["headers"]["x-grok-conv-id"] == ours
+        post(srv, body, token=OTHER, **{"x-grok-conv-id": "conv_abc123"})  # another tenant, the same id
+        assert fake.chat_requests[-1]["headers"]["x-grok-conv-id"] not in (ours, "conv_abc123")
         post(srv, {**body, "prompt_cache_key": "session-7"}, path="/v1/chat/completions")
-        assert fake.chat_requests[-1]["headers"]["x-grok-conv-id"] == "session-7"
+        session = fake.chat_requests[-1]["headers"]["x-grok-conv-id"]
+        assert session.startswith("gg-") and session != ours
         post(srv, body)
         derived = fake.chat_requests[-1]["headers"]["x-grok-conv-id"]
         assert derived.startswith("gg-")
@@ -268,9 +280,10 @@ def test_responses_carry_the_id_in_the_body_and_the_cache_is_read(tmp_path: Path
         assert first["usage"]["input_tokens_details"]["cached_tokens"] == 0
         assert second["usage"]["input_tokens_details"]["cached_tokens"] > first["usage"]["input_tokens"] // 2
         post(srv, {"model": "grok-3", "input": "hi", "prompt_cache_key": "own-key"}, path="/v1/responses")
-        assert fake.responses_requests[-1]["body"]["prompt_cache_key"] == "own-key"
-        post(srv, {"model": "grok-3", "input": "hi"}, path="/grok/responses", **{"x-grok-conv-id": "conv-h"})
-        assert fake.responses_requests[-1]["body"]["prompt_cache_key"] == "conv-h"  # the header, as a body field
+        own = fake.responses_requests[-1]["body"]["prompt_cache_key"]
+        assert own.startswith("gg-") and own not in (derived, "own-key")  # the client's key, within its tenant
+        post(srv, {"model": "grok-3", "input": "hi"}, path="/grok/responses", **{"x-grok-conv-id": "own-key"})
+        assert fake.responses_requests[-1]["body"]["prompt_cache_key"] == own  # the header, as a body field
         with srv.client() as c:
             r = c.post("/v1/responses", json={"model": "grok-3", "input": "hi", "prompt_cache_key": ""},
                        headers={"Authorization": f"Bearer {TOKEN}"})

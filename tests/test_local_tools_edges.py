@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from grokgate.core.admission import Principal
 from grokgate.core.errors import GatewayError
+from grokgate.providers.base import Call
 from grokgate.providers.local import LocalEngine, LocalGeneration, _Job, _payload
 from grokgate.providers.local_tools import TEXT_ONLY_GRAMMAR, check_tools, plan_tools
 from grokgate.schemas.chat import ChatCompletionRequest
@@ -55,7 +55,7 @@ def test_a_repeated_call_stopped_early_still_bills_its_prompt(counted: bool) -> 
 
 
 def test_the_engine_is_asked_for_running_counts() -> None:
-    assert _payload(request(), "m")["timings_per_token"] is True
+    assert _payload(Call(request(), "key:k"), "m")["timings_per_token"] is True
 
 
 @pytest.mark.parametrize(("fields", "param"), [
@@ -77,7 +77,7 @@ def test_stop_with_tool_choice_none_is_fine() -> None:
 def test_tool_choice_none_still_keeps_calls_out_of_the_text() -> None:
     """With tools and `none`, the answer is held to text that cannot spell a call (before: no grammar at all, and
     the model wrote the call's JSON into content after a round trip)."""
-    payload = _payload(request(tools=[W], tool_choice="none"), "grok-3")
+    payload = _payload(Call(request(tools=[W], tool_choice="none"), "key:k"), "grok-3")
     assert payload.get("grammar") == TEXT_ONLY_GRAMMAR
 
 
@@ -98,17 +98,18 @@ def test_a_long_conversation_id_is_hashed_to_openais_limit() -> None:
     from grokgate.providers.openai_compat import BackendConfig, OpenAICompatBackend
     from grokgate.serving.affinity import assign
 
-    chat = request()
-    chat.with_conversation_id("c" * 100)
-    assign(chat, Principal(key_id="key-0"))
-    opted = OpenAICompatBackend(BackendConfig(name="openai", base_url="http://127.0.0.1:9/v1", prompt_cache_key=True))
-    assert len(opted.payload(chat, "m", False)["prompt_cache_key"]) <= 64
+    for shared in (False, True):
+        call = Call(request(), "key:key-0", conversation_id="c" * 100)
+        call = call.admitted(None, *assign(call, shared=shared))
+        opted = OpenAICompatBackend(BackendConfig(name="openai", base_url="http://127.0.0.1:9/v1",
+                                                  prompt_cache_key=True))
+        assert len(opted.payload(call, "m", False)["prompt_cache_key"]) <= 64
 
 
 def test_a_system_message_added_later_keeps_the_conversation_id() -> None:
     from grokgate.serving.affinity import derived_key
 
-    who = Principal(key_id="key-0", token_id=1)
+    who = "token:1"
     first = request().messages
     later = request(messages=[{"role": "user", "content": "Weather in Paris?"},
                               {"role": "assistant", "content": "Sunny."},

@@ -25,6 +25,7 @@ from grokgate.cli import main as cli_main
 from grokgate.core import cassette
 from grokgate.core.errors import GatewayError
 from grokgate.core.events import Delta, Event, Finish, Usage, UsageReport
+from grokgate.providers.base import Call
 from grokgate.schemas.chat import ChatCompletionRequest
 from tests.conftest import (
     E2E,
@@ -73,35 +74,38 @@ def streamed_text(r: httpx.Response) -> tuple[str, list[str | None], dict[str, A
 # -- the pure part -----------------------------------------------------------------------------------------------
 
 
-def test_canonical_request_ignores_delivery_and_identity() -> None:
+def test_canonical_request_ignores_delivery_not_what_is_forwarded() -> None:
     base = {"model": "grok-3", "messages": user("Hi"), "max_tokens": 5, "temperature": 0.0}
     a = ChatCompletionRequest.model_validate(base)
     b = ChatCompletionRequest.model_validate({**base, "stream": True, "stream_options": {"include_usage": True},
-                                              "user": "u1", "metadata": {"k": "v"}, "prompt_cache_key": "c"})
+                                              "prompt_cache_key": "c"})
     c = ChatCompletionRequest.model_validate({**{k: v for k, v in base.items() if k != "max_tokens"},
                                               "max_completion_tokens": 5})
     from grokgate.providers.recording import canonical_of
 
     assert canonical_of(a) == canonical_of(b) == canonical_of(c)
     assert cassette.request_key(canonical_of(a)) == cassette.request_key(canonical_of(b))
-    changed = ChatCompletionRequest.model_validate({**base, "temperature": 0.5})
-    assert cassette.request_key(canonical_of(changed)) != cassette.request_key(canonical_of(a))
+    # Every other field is forwarded, so it is part of the question: known or not (vLLM honours guided_choice).
+    for changed in ({"temperature": 0.5}, {"user": "u1"}, {"metadata": {"k": "v"}}, {"guided_choice": ["x"]}):
+        other = ChatCompletionRequest.model_validate({**base, **changed})
+        assert cassette.request_key(canonical_of(other)) != cassette.request_key(canonical_of(a)), changed
 
 
 def test_the_callers_cap_is_matched_not_the_reserved_one() -> None:
     from grokgate.providers.recording import canonical_of
 
     request = ChatCompletionRequest.model_validate({"model": "grok-3", "messages": user("Hi")})
-    cassette.bind(None, request)
-    request.max_tokens = 4096  # what serving/lifecycle.py hold_output does to a request without a cap
-    assert "max_tokens" not in canonical_of(request)
+    held = Call(request, "key:k").admitted(4096, None, None)  # what serving/lifecycle.py does at admission
+    assert held.output_limit == 4096 and request.max_tokens is None  # the request itself is never rewritten
+    assert "max_tokens" not in canonical_of(held.request)
 
 
 def test_responses_request_is_matched_on_its_native_body() -> None:
     native = {"model": "grok-3", "input": [{"role": "user", "content": "Hi"}], "store": False, "stream": True,
-              "metadata": {"a": "b"}, "user": "x", "max_output_tokens": 9}
+              "metadata": {"a": "b"}, "user": "x", "max_output_tokens": 9, "prompt_cache_key": "c"}
     assert cassette.canonical({}, None, native) == {"responses": {
-        "model": "grok-3", "input": [{"role": "user", "content": "Hi"}], "max_output_tokens": 9}}
+        "model": "grok-3", "input": [{"role": "user", "content": "Hi"}], "metadata": {"a": "b"}, "user": "x",
+        "max_output_tokens": 9}}
 
 
 def test_events_round_trip_as_plain_json() -> None:

@@ -24,6 +24,7 @@ from grokgate.core.errors import GatewayError
 from grokgate.core.events import Delta, Event, Finish, Usage, UsageReport
 from grokgate.core.pricing import Price, cache_hit_cost, cost_of, default_prices
 from grokgate.core.response_cache import CacheOption, CacheRule, effective_ttl, is_sampled, parse_option
+from grokgate.providers.base import Call
 from grokgate.routing import ConfigError, parse
 from grokgate.schemas.chat import ChatCompletionRequest
 from grokgate.serving.response_cache import FORMAT, complete, decode, encode
@@ -266,8 +267,8 @@ def test_an_entry_with_more_output_than_this_request_reserved_is_a_miss() -> Non
     events: list[Event] = [Delta(0, "four words stored here"), Finish(0, "stop"),
                            UsageReport(Usage(prompt_tokens=7, completion_tokens=4))]
 
-    def held(limit: int) -> ChatCompletionRequest:
-        return ChatCompletionRequest.model_validate({**BODY, "max_tokens": limit})
+    def held(limit: int) -> Call:
+        return Call(ChatCompletionRequest.model_validate(BODY), "key:k").admitted(limit, None, None)
 
     def counted(result: str) -> float:
         return cache.counter.labels("grok-3", result)._value.get()  # type: ignore[no-any-return]

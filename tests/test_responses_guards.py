@@ -12,7 +12,9 @@ from grokgate.api.body import parse_responses_raw
 from grokgate.core.admission import Principal
 from grokgate.core.errors import GatewayError
 from grokgate.core.responses import StoredResponse
+from grokgate.core.tenancy import tenant_of
 from grokgate.observability.metrics import Metrics
+from grokgate.serving import CallOptions
 from grokgate.serving.responses import ResponsesService
 from grokgate.store.responses_memory import MemoryResponseStore
 
@@ -39,7 +41,7 @@ def test_reasoning_without_encrypted_content_is_neither_sent_nor_stored() -> Non
         {"role": "user", "content": "hi"}]}), max_messages=64)
 
     async def run() -> None:
-        call, wire = await service.prepare(body, Principal(key_id="k", token_id=1), "req", 0.0)
+        call, wire = await service.prepare(body, CallOptions(tenant_of(Principal(key_id="k", token_id=1)), "req", 0.0))
         assert [i["type"] for i in wire.input_items] == ["message"]
         assert "x" * 1000 not in orjson.dumps(call.request.responses_body).decode()
         assert call.prompt_tokens < 10_000  # the 100 kB summary is not in the bound either: it is not sent

@@ -26,9 +26,11 @@ from grokgate.core.errors import GatewayError
 from grokgate.core.events import Delta, Event, Extra, Finish, Item, JSONObject, Usage, UsageReport
 from grokgate.core.pricing import PromptShape, prompt_token_bound
 from grokgate.core.responses import ChainTooLong, StoredResponse
+from grokgate.core.tenancy import tenant_of
 from grokgate.observability.metrics import Metrics
 from grokgate.schemas.chat import ChatCompletionRequest
 from grokgate.schemas.responses import ResponsesChatRequest, ResponsesRequest
+from grokgate.serving import CallOptions
 from grokgate.serving.responses import ResponsesService, translate, turn_item
 from grokgate.serving.responses_wire import ResponsesWire
 
@@ -107,7 +109,7 @@ def body(**fields: Any) -> ResponsesRequest:
 
 
 def prepare(svc: ResponsesService, principal: Principal = ALICE, **fields: Any) -> tuple[Any, ResponsesWire]:
-    return asyncio.run(svc.prepare(body(**fields), principal, "req-1", 0.0))
+    return asyncio.run(svc.prepare(body(**fields), CallOptions(tenant_of(principal), "req-1", 0.0)))
 
 
 def counter(metrics: Metrics, name: str, **labels: str) -> float:

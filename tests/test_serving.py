@@ -142,6 +142,7 @@ class FakeProvider:
 
     def __init__(self) -> None:
         self.generations: list[FakeGeneration] = []
+        self.calls: list[Call] = []  # as the serving layer passed them
         self.gate = asyncio.Event()
         self.produced = asyncio.Event()  # some generation has produced output
         self.counted = False  # its generations' usage_so_far is counted, not estimated
@@ -164,8 +165,9 @@ class FakeProvider:
     def prompt_copies(self, request: ChatCompletionRequest) -> int:
         return 1
 
-    def generate(self, request: ChatCompletionRequest, upstream_model: str) -> FakeGeneration:
-        return FakeGeneration(self, request, upstream_model)
+    def generate(self, call: Call, upstream_model: str) -> FakeGeneration:
+        self.calls.append(call)
+        return FakeGeneration(self, call.request, upstream_model)
 
 
 MODELS = ("ok", "fail-early", "fail-late", "wait-first", "wait-late")
@@ -263,7 +265,7 @@ def test_router_closes_a_provider_generation_cut_short_before_its_first_event() 
     async def run() -> FakeGeneration:
         provider = FakeProvider()
         routed = RoutedModel("m", [Candidate(provider, "wait-first")])
-        generation = routed.generate(chat_request("m"), "m")
+        generation = routed.generate(Call(chat_request("m"), "key:test"), "m")
         first = asyncio.ensure_future(generation.__anext__())
         await asyncio.sleep(0.01)
         first.cancel()  # the reader is cancelled when the request ends (serving/pump.py Pump.aclose)
@@ -291,7 +293,7 @@ class Harness:
 
     async def serve(self, model: str, **fields: object) -> Streamed | Collected | object:
         request = chat_request(model, **fields)
-        call = Call(request, prompt_tokens=10, request_id="req-1", started=time.perf_counter())
+        call = Call(request, "key:test", prompt_tokens=10, request_id="req-1", started=time.perf_counter())
         return await self.serving.serve(call, Principal(key_id="test"), CHAT, self.gone.wait)
 
     @property
@@ -499,8 +501,9 @@ def test_the_output_is_held_to_what_was_reserved() -> None:
     async def run() -> None:
         h = Harness()
         await h.serve("ok")
-        request = h.provider.generations[0]._request
-        assert request.max_tokens == 100, "RecordingTicket.output_limit"
+        call = h.provider.calls[0]
+        assert call.output_limit == 100, "RecordingTicket.output_limit"
+        assert call.request.max_tokens is None  # what the client sent is never rewritten
 
     asyncio.run(run())
 
@@ -541,7 +544,7 @@ class FakeUpstream:
     def prompt_copies(self, request: ChatCompletionRequest) -> int:
         return request.choices if self.fans_out else 1
 
-    def generate(self, request: ChatCompletionRequest, upstream_model: str) -> RoutedGeneration:
+    def generate(self, call: Call, upstream_model: str) -> RoutedGeneration:
         raise AssertionError("the router drives an upstream by attempt(), never generate()")
 
     def available(self, tried: set[int]) -> bool:
@@ -550,7 +553,7 @@ class FakeUpstream:
     def retry_in(self) -> float:
         return 0.0
 
-    async def attempt(self, request: ChatCompletionRequest, model: str, tried: set[int]) -> AsyncGenerator[Event]:
+    async def attempt(self, call: Call, model: str, tried: set[int]) -> AsyncGenerator[Event]:
         tried.add(0)
         self.record.append(f"attempt:{model}")
 
@@ -582,7 +585,7 @@ def test_router_drives_any_upstream_by_protocol_and_falls_back() -> None:
         broken, good = FakeUpstream("broken", broken=True), FakeUpstream("good")
         assert isinstance(good, Upstream)
         routed = RoutedModel("m", [Candidate(broken, "b"), Candidate(good, "g", priority=1)])
-        generation = routed.generate(chat_request("m"), "m")
+        generation = routed.generate(Call(chat_request("m"), "key:test"), "m")
         events = [event async for event in generation]
         assert events[0] == Delta(0, "up") and events[-1] == UsageReport(Usage(5, 1))
         assert broken.record == ["attempt:b", "failed"] and broken.closed_streams == 1
@@ -595,7 +598,7 @@ def test_router_drives_any_upstream_by_protocol_and_falls_back() -> None:
 def test_router_lets_go_of_an_upstream_reply_cut_short_before_its_first_event() -> None:
     async def run() -> None:
         stalled = FakeUpstream("stalled", stall=True)
-        generation = RoutedModel("m", [Candidate(stalled, "s")]).generate(chat_request("m"), "m")
+        generation = RoutedModel("m", [Candidate(stalled, "s")]).generate(Call(chat_request("m"), "key:test"), "m")
         first = asyncio.ensure_future(generation.__anext__())
         await asyncio.sleep(0.01)
         first.cancel()
@@ -648,7 +651,7 @@ def test_an_http_backend_is_an_upstream_and_a_provider_on_its_own() -> None:
     assert isinstance(backend, Upstream) and isinstance(backend, Provider)
 
     async def run() -> None:
-        generation = backend.generate(chat_request("m"), "m")
+        generation = backend.generate(Call(chat_request("m"), "key:test"), "m")
         try:
             with pytest.raises(GatewayError) as raised:  # served alone, as a route of one: nothing listens there
                 await generation.__anext__()
@@ -678,7 +681,7 @@ def test_the_server_tool_calls_reserved_are_the_ones_xai_may_run(asked: object, 
         request = ResponsesChatRequest.model_validate({"model": "ok", "messages": [{"role": "user",
                                                                                      "content": "news"}]})
         request.attach(native, ["web_search"])
-        call = Call(request, prompt_tokens=10, request_id="req-1", started=time.perf_counter())
+        call = Call(request, "key:test", prompt_tokens=10, request_id="req-1", started=time.perf_counter())
         await h.serving.serve(call, Principal(key_id="test"), CHAT, h.gone.wait)
         admitted = h.admission.requests[0]
         assert admitted.server_tool_calls == reserved == request.server_tool_calls(10)

@@ -34,7 +34,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
         await asyncio.sleep(SILENCE)
         if model == "fails-late":
             raise GatewayError(400, "bad_request", "The prompt does not fit the model's context window.")
-        async for event in provider.say(request, model):
+        async for event in provider.say(provider.calls[-1], model):
             yield event
 
     provider.script = script

@@ -14,6 +14,7 @@ import pytest
 from grokgate.core.errors import GatewayError
 from grokgate.core.events import Delta, Event, Extra, Finish, Item, UsageReport
 from grokgate.core.usage import normalise_responses_usage
+from grokgate.providers.base import Call
 from grokgate.providers.local import LocalEngine
 from grokgate.providers.openai_compat import BackendConfig, OpenAICompatBackend
 from grokgate.providers.router import Candidate, RoutedModel
@@ -67,7 +68,7 @@ def backend(fake: FakeXAI, **extra: Any) -> XAIBackend:
 def run(provider: Any, request: ChatCompletionRequest, model: str = "grok-4-0709") -> list[Event]:
     async def go() -> list[Event]:
         try:
-            generation = provider.generate(request, model)
+            generation = provider.generate(Call(request, "key:test"), model)
             try:
                 return [event async for event in generation]
             finally:
@@ -208,7 +209,8 @@ def test_usage_normalisation_counts_each_token_class_once() -> None:
 
 def test_payload_leaves_the_client_bound_when_no_server_tools() -> None:
     request = make({"input": "x", "max_tool_calls": 3, "tools": [WEATHER]})
-    assert responses_payload(request, request.responses_body or {}, "grok-4-0709", 10)["max_tool_calls"] == 3
+    assert responses_payload(Call(request, "key:test"), request.responses_body or {}, "grok-4-0709", 10)[
+        "max_tool_calls"] == 3
 
 
 def test_server_tools_are_refused_by_openai_compatible_and_local_backends(fake: FakeXAI, tmp_path: Path) -> None:
@@ -235,7 +237,7 @@ def test_routed_model_picks_the_xai_route_for_server_tools(fake: FakeXAI) -> Non
     assert [c.backend.name for c in routed.usable(request)[0]] == ["xai"]
 
     async def go() -> list[Event]:
-        generation = routed.generate(request, "grok-4")
+        generation = routed.generate(Call(request, "key:test"), "grok-4")
         try:
             return [event async for event in generation]
         finally:

@@ -66,6 +66,7 @@ def build_routing(settings: Settings) -> ModelTable:
             ctx_per_slot=settings.ctx_per_slot,
             slot_prompt_similarity=settings.slot_prompt_similarity,
             prompt_cache_ram_mib=settings.prompt_cache_ram_mib,
+            shared_prompt_cache=settings.shared_prompt_cache,
         )
         return engine
 
@@ -77,14 +78,16 @@ def build_routing(settings: Settings) -> ModelTable:
     return ModelTable([Route(name, engine, name) for name in settings.models])
 
 
-def wrap_recording(settings: Settings, models: ModelTable) -> ModelTable:
+def wrap_recording(settings: Settings, models: ModelTable, metrics: Metrics) -> ModelTable:
     """Record every public name's requests, or replay them (providers/recording.py); else `models` as it is."""
+    bounds = recording.CassetteBounds(shared=settings.cassettes_shared, max_bytes=settings.max_cassette_bytes,
+                                      max_dir_bytes=settings.max_cassette_dir_bytes)
     if settings.record_dir is not None:
-        return recording.record_models(models, settings.record_dir)
+        return recording.record_models(models, settings.record_dir, bounds, registry=metrics.registry)
     if settings.replay_dir is not None:
         live = models if settings.record_missing else None
-        return recording.replay_models(settings.models, settings.replay_dir, timing=settings.replay_timing,
-                                       live=live)
+        return recording.replay_models(settings.models, settings.replay_dir, bounds, timing=settings.replay_timing,
+                                       live=live, registry=metrics.registry)
     return models
 
 
@@ -99,19 +102,20 @@ def create_app(
         # Pure replay builds no backend: no local engine is loaded and no upstream key is needed.
         pure_replay = settings.replay_dir is not None and not settings.record_missing
         models = ModelTable([]) if pure_replay else build_routing(settings)
-    models = wrap_recording(settings, models)
+    metrics = Metrics()
+    models = wrap_recording(settings, models, metrics)
     store = None
     if admission is None and settings.accounts:
         admission, store = build_accounts(settings)
     admission = admission or StaticKeyAdmission(settings.api_keys)
-    metrics = Metrics()
     # Replaying answers from cassettes, in their recorded order: a cache in front would repeat the first one (and
     # read the routing file pure replay does without).
     response_cache = None if settings.replay_dir else build_response_cache(settings, metrics)
     serving = Serving(admission, models, metrics, keepalive=settings.keepalive_seconds,
                       max_server_tool_calls=settings.max_server_tool_calls,
                       server_tool_input_tokens=settings.server_tool_input_tokens,
-                      affinity=settings.prompt_cache_affinity, response_cache=response_cache)
+                      affinity=settings.prompt_cache_affinity, shared_prompt_cache=settings.shared_prompt_cache,
+                      response_cache=response_cache)
     # Stored responses live in the accounts database; with accounts off, in this process's memory.
     stored: ResponseStore = (SqlResponseStore(store)
                              if store is not None

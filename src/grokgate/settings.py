@@ -132,6 +132,31 @@ class Settings(BaseSettings):
     # Prompt-cache affinity on upstreams (serving/affinity.py): a conversation keeps one id, backend and key.
     prompt_cache_affinity: bool = True
 
+    # Tenants (docs/operations.md, "Running for many tenants"): every token is a tenant, and nothing one leaves
+    # behind is seen by another. A single-tenant deployment may share prompt caches instead: clients' conversation
+    # ids then go upstream as sent (not namespaced by tenant), and the local engine reuses a cached prompt prefix
+    # whoever sent it (llama.cpp's own slot choice and host-memory prompt cache).
+    shared_prompt_cache: bool = False
+    # Cassettes (docs/replay.md): `tenant`, each tenant records into and replays from cassettes of its own, or
+    # `shared`, one set for every caller (record with one key, replay in CI with another). Default: `shared` with
+    # accounts off (GROKGATE_API_KEYS are one team's), `tenant` with accounts on.
+    cassette_scope: Literal["tenant", "shared"] | None = None
+    # Bounds of recording: one cassette file, and all the cassettes of the directory together (a request past them
+    # is still served, not recorded, and counted in grokgate_cassette_refused_total).
+    max_cassette_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=1024**4)
+    max_cassette_dir_bytes: int = Field(default=1024**3, ge=1024, le=1024**5)
+    # The deployment's identity in shared stores (Redis keys of limits and cached answers). Default: the one kept in
+    # the accounts database (made at its first migration), so replicas of one database share it and two databases
+    # on one Redis never do; with accounts off, a digest of GROKGATE_API_KEYS' key ids.
+    deployment_id: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    # A request body larger than this is parsed in a worker thread rather than on the event loop, after the
+    # caller was found able to be served (api/body.py).
+    parse_offload_bytes: int = Field(default=256 * 1024, ge=1024, le=1024**3)
+
+    @property
+    def cassettes_shared(self) -> bool:
+        return self.cassette_scope == "shared" if self.cassette_scope is not None else not self.accounts
+
     # The exact response cache (serving/response_cache.py; models opt in with the routing file's `cache:`): in
     # Redis when redis_url is set, else in this process's memory, at most `response_cache_memory_bytes`; an answer
     # above `response_cache_max_entry_bytes` is not kept. A hit is billed by `response_cache_hit_price`:

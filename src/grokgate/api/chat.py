@@ -11,13 +11,9 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from grokgate.api.body import parse_body
-from grokgate.api.deps import Gateway
-from grokgate.api.errors import request_id_of
+from grokgate.api.deps import Gateway, call_options
 from grokgate.api.sse import CHAT_SSE, SSE_HEADERS, SSEResponse, until_disconnected
-from grokgate.core import cassette
-from grokgate.core.response_cache import CACHE_HEADER
-from grokgate.schemas.chat import CONVERSATION_HEADER, conversation_header
-from grokgate.serving import Collected, Streamed, response_cache
+from grokgate.serving import Collected, Streamed
 from grokgate.serving.chat import ChatWire, chat_call
 
 router = APIRouter(tags=["chat"], strict_content_type=False)
@@ -39,10 +35,8 @@ async def chat_completions(request: Request) -> Response:
     principal = await gw.admission.authenticate(request.headers.get("authorization"))  # before the body
     body = await parse_body(request)
     body.check_limits(max_messages=gw.settings.max_messages, max_tokens_limit=gw.settings.max_tokens_limit)
-    body.with_conversation_id(conversation_header(request.headers.get(CONVERSATION_HEADER)))  # xAI's cache id
-    response_cache.use_header(request.headers.get(CACHE_HEADER))  # x-grokgate-cache: ttl=N | off (400 if bad)
-    call = chat_call(body, await request.body(), request_id_of(request), started)  # the body's bytes are kept
-    cassette.bind(request.headers.get(cassette.HEADER), call.request)  # record/replay: providers/recording.py
+    options = call_options(request, principal, started)
+    call = chat_call(body, await request.body(), options)  # the body's bytes are kept
     result = await gw.serving.serve(call, principal, CHAT, lambda: until_disconnected(request.receive))
     if isinstance(result, Streamed):
         return SSEResponse(result, headers={**SSE_HEADERS, **result.headers})

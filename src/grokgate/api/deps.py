@@ -10,12 +10,18 @@ from typing import Annotated
 from fastapi import Depends, Header
 from starlette.requests import Request
 
+from grokgate.api.errors import request_id_of
 from grokgate.core.accounts import AdminStore
 from grokgate.core.admission import Admission, Principal
+from grokgate.core.cassette import HEADER as CASSETTE_HEADER
+from grokgate.core.cassette import cassette_name
 from grokgate.core.errors import GatewayError
+from grokgate.core.response_cache import CACHE_HEADER, parse_option
+from grokgate.core.tenancy import tenant_of
 from grokgate.observability.metrics import Metrics
 from grokgate.providers.base import ModelTable
-from grokgate.serving import Serving
+from grokgate.schemas.chat import CONVERSATION_HEADER, conversation_header
+from grokgate.serving import CallOptions, Serving
 from grokgate.serving.responses import ResponsesService
 from grokgate.settings import Settings
 
@@ -53,6 +59,16 @@ async def require_admin(
         raise GatewayError(403, "forbidden", "This API needs the admin token.")
     assert gw.store is not None  # the admin routes are mounted only with accounts on
     return gw.store
+
+
+def call_options(request: Request, principal: Principal, started: float) -> CallOptions:
+    """Whose the request is and what its headers ask for, each header checked (400 naming it): the cassette
+    (`x-grokgate-cassette`), the response cache (`x-grokgate-cache`), the conversation id (`x-grok-conv-id`)."""
+    headers = request.headers
+    return CallOptions(tenant=tenant_of(principal), request_id=request_id_of(request), started=started,
+                       cassette=cassette_name(headers.get(CASSETTE_HEADER)),
+                       cache=parse_option(headers.get(CACHE_HEADER)),
+                       conversation_id=conversation_header(headers.get(CONVERSATION_HEADER)))
 
 
 def own_token_id(principal: Principal) -> int:

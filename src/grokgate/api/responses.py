@@ -13,13 +13,9 @@ from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
 from grokgate.api.body import parse_responses_body
-from grokgate.api.deps import Gateway
-from grokgate.api.errors import request_id_of
+from grokgate.api.deps import Gateway, call_options
 from grokgate.api.sse import SSE_HEADERS, SSEResponse, until_disconnected
-from grokgate.core import cassette
-from grokgate.core.response_cache import CACHE_HEADER
-from grokgate.schemas.chat import CONVERSATION_HEADER, conversation_header
-from grokgate.serving import Collected, Streamed, response_cache
+from grokgate.serving import Collected, Streamed
 
 router = APIRouter(tags=["responses"], strict_content_type=False)
 
@@ -43,11 +39,8 @@ async def create_response(request: Request) -> Response:
     principal = await gw.admission.authenticate(request.headers.get("authorization"))  # before the body
     body = await parse_responses_body(request)
     body.check_limits(max_messages=gw.settings.max_messages, max_tokens_limit=gw.settings.max_tokens_limit)
-    conversation = conversation_header(request.headers.get(CONVERSATION_HEADER))  # before the stored chain is read
-    response_cache.use_header(request.headers.get(CACHE_HEADER))  # x-grokgate-cache: ttl=N | off (400 if bad)
-    call, wire = await gw.responses.prepare(body, principal, request_id_of(request), started)
-    call.request.with_conversation_id(conversation)
-    cassette.bind(request.headers.get(cassette.HEADER), call.request)  # record/replay: providers/recording.py
+    options = call_options(request, principal, started)  # the headers are checked before the stored chain is read
+    call, wire = await gw.responses.prepare(body, options)
     result = await gw.serving.serve(call, principal, wire, lambda: until_disconnected(request.receive))
     if isinstance(result, Streamed):
         return SSEResponse(result, headers={**SSE_HEADERS, **result.headers})

@@ -13,10 +13,11 @@ A cassette is a JSON Lines file, one exchange per line (providers/recording.py r
 `t` is milliseconds since the request reached the backend. Nothing in it comes from the caller's token or an
 upstream key: the request is canonical (below) and errors keep only their status, code, message and retry-after.
 
-Matching is on the canonical request: what decides the answer (model, messages or Responses input, tools, sampling
-settings, n, the caller's output cap, response format, seed, stop...), not how it is delivered (`stream`,
-`stream_options`) nor who asks (`user`, `metadata`, prompt-cache keys). So a recorded stream answers a request that
-does not stream, and the reverse, in whichever wire format is asked for now.
+Matching is on the canonical request: the body as it is forwarded (model, messages or Responses input, tools,
+sampling settings, n, the caller's output cap, response format, seed, stop, and any field grokgate does not know,
+which an upstream may honour), not how the answer is delivered (`stream`, `stream_options`) nor the prompt-cache
+hint. So a recorded stream answers a request that does not stream, and the reverse, in whichever wire format is
+asked for now.
 """
 
 from __future__ import annotations
@@ -24,9 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from contextvars import ContextVar
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from grokgate.core.errors import GatewayError, bad_request
 from grokgate.core.events import JSON, Delta, Event, Extra, Finish, Item, JSONObject, Usage, UsageReport
@@ -36,29 +36,14 @@ HEADER = "x-grokgate-cassette"
 DEFAULT = "default"
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
 
-# The cassette of the request being served (set by the api layer from the header, read by the recording
-# providers). A contextvar, not a request field: the provider seam carries the request only.
-CASSETTE: ContextVar[str] = ContextVar("grokgate_cassette", default=DEFAULT)
-# The caller's own output cap, before serving/lifecycle.py `hold_output` sets the reserved one on a request that
-# had none (that depends on the server's settings, not on the request): (id of the request, cap).
-_CLIENT_LIMIT: ContextVar[tuple[int, int | None] | None] = ContextVar("grokgate_client_limit", default=None)
-
-# Chat fields that decide the answer. Not: stream, stream_options, user, metadata, store, service_tier,
-# prompt_cache_key (delivery, identity, or a cache hint), max_tokens / max_completion_tokens (one `max_tokens`:
-# the caller's cap, whichever field it used).
-CHAT_FIELDS = frozenset({
-    "model", "messages", "n", "temperature", "top_p", "frequency_penalty", "presence_penalty", "seed", "stop",
-    "logprobs", "top_logprobs", "parallel_tool_calls", "reasoning_effort", "logit_bias", "modalities", "tools",
-    "tool_choice", "response_format",
-})
-# A Responses request is matched on its native body without these.
-RESPONSES_DROPPED = frozenset({"store", "stream", "stream_options", "metadata", "user", "prompt_cache_key",
-                               "safety_identifier"})
-
-
-class _Limited(Protocol):
-    @property
-    def output_limit(self) -> int | None: ...
+# What a request's canonical form leaves out of the body that is forwarded: how the answer is delivered (`stream`,
+# `stream_options`), the conversation id (a routing hint that serving/affinity.py rewrites per tenant before it
+# leaves), and the two output-cap fields, which become one `max_tokens`: the caller's cap, whichever field it used.
+# Everything else is kept, fields grokgate does not know included: they are forwarded, and an upstream may honour
+# them (vLLM's `guided_choice`), so two requests that differ in one are two different questions.
+CHAT_DROPPED = frozenset({"stream", "stream_options", "prompt_cache_key", "max_tokens", "max_completion_tokens"})
+# A Responses request is matched on its native body without these (`store` is grokgate's: xAI is sent false).
+RESPONSES_DROPPED = frozenset({"store", "stream", "stream_options", "prompt_cache_key"})
 
 
 def cassette_name(value: str | None) -> str:
@@ -71,26 +56,12 @@ def cassette_name(value: str | None) -> str:
     return value
 
 
-def bind(header: str | None, request: _Limited) -> None:
-    """Called by the api layer before serving: the request's cassette, and its caller's output cap."""
-    CASSETTE.set(cassette_name(header))
-    _CLIENT_LIMIT.set((id(request), request.output_limit))
-
-
-def client_limit(request: _Limited) -> int | None:
-    """The caller's output cap of this request (what `bind` saw), else the request's own."""
-    bound = _CLIENT_LIMIT.get()
-    if bound is not None and bound[0] == id(request):
-        return bound[1]
-    return request.output_limit
-
-
 def canonical(chat: JSONObject, output_limit: int | None, native: JSONObject | None) -> JSONObject:
-    """The canonical request: the answer-deciding chat fields (`chat`, already JSON) and the caller's output cap,
-    or for a Responses request its native body without what does not decide the answer."""
+    """The canonical request: the chat body as forwarded (`chat`, already JSON) without its delivery fields, with
+    the caller's output cap; or for a Responses request its native body without them."""
     if native is not None:
         return {"responses": {k: v for k, v in native.items() if k not in RESPONSES_DROPPED}}
-    out: JSONObject = {k: v for k, v in chat.items() if k in CHAT_FIELDS and v is not None}
+    out: JSONObject = {k: v for k, v in chat.items() if k not in CHAT_DROPPED and v is not None}
     if output_limit is not None:
         out["max_tokens"] = output_limit
     return out

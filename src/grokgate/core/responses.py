@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from grokgate.core.events import JSONObject
+from grokgate.core.tenancy import tenant_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,5 +61,5 @@ class ResponseStore(Protocol):
 
 
 def owner_of(token_id: int | None, key_id: str) -> str:
-    """The scope of a principal's stored responses: its account token, else its static key id."""
-    return f"token:{token_id}" if token_id is not None else f"key:{key_id}"
+    """The scope of a principal's stored responses: its tenant (core/tenancy.py)."""
+    return tenant_id(token_id, key_id)

@@ -1,6 +1,13 @@
 """The provider seam: what every backend implements, and the one registry that creates them.
 
-Three protocols, each exactly what its callers use (mypy strict checks them, see pyproject.toml):
+One value and three protocols, each exactly what its callers use (mypy strict checks them, see pyproject.toml):
+
+- `Call`: one request as the serving layer and the providers read it, built by the api layer (api/chat.py,
+  api/responses.py) and never changed in place: the request as the client sent it (validated), whose request it
+  is (`tenant`), the per-request options (cassette, cache option, conversation id) and, once admitted, the output
+  cap held and the affinity keys (`dataclasses.replace` makes the admitted copy: serving/lifecycle.py). Anything
+  a provider keeps beyond the request (a prompt cache, a recording) is keyed by `tenant`, so it cannot be written
+  without naming whose it is.
 
 - `Generation`: the events of one request (core/events.py), plus what the serving layer asks when it settles
   (`serving/lifecycle.py`): the backend that actually served it, its fingerprint, and the usage consumed so far
@@ -19,12 +26,60 @@ from __future__ import annotations
 
 import importlib.metadata as metadata
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass
-from typing import Protocol, TypedDict, TypeVar, runtime_checkable
+from dataclasses import dataclass, replace
+from typing import Any, Protocol, TypedDict, TypeVar, runtime_checkable
 
+from grokgate.core.cassette import DEFAULT as DEFAULT_CASSETTE
 from grokgate.core.errors import GatewayError
 from grokgate.core.events import Event, Usage, UsageReport
+from grokgate.core.response_cache import CacheOption
 from grokgate.schemas.chat import ChatCompletionRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One request on its way through the serving layer to a backend. Frozen: nothing downstream rewrites what the
+    client sent; what the serving layer decides (the output cap held, the affinity keys) is a new value."""
+
+    request: ChatCompletionRequest  # as received and validated; never mutated
+    # Whose request this is (core/tenancy.py `tenant_of`): the scope of everything that outlives it (stored
+    # responses, cached answers, cassettes, prompt caches, conversation ids).
+    tenant: str
+    request_id: str = ""
+    started: float = 0.0  # time.perf_counter() when the request arrived
+    prompt_tokens: int = 0  # an upper bound of one copy of the prompt (core/pricing.py)
+    cassette: str = DEFAULT_CASSETTE  # record/replay (the x-grokgate-cassette header)
+    cache: CacheOption | None = None  # the x-grokgate-cache header (None: the model's rule decides)
+    conversation_id: str | None = None  # the client's x-grok-conv-id header
+    # Set at admission (`admitted`): the output per choice the backend may produce (what the reservation paid for;
+    # the caller's own cap when nothing was reserved), and the prompt-cache affinity keys (serving/affinity.py).
+    output_cap: int | None = None
+    cache_key: str | None = None  # the conversation id the upstream is told
+    route_key: str | None = None  # what the router hashes to keep a conversation on one backend and key
+
+    @property
+    def output_limit(self) -> int | None:
+        """The output per choice to ask the backend for: the cap held at admission, else the caller's own."""
+        return self.output_cap if self.output_cap is not None else self.request.output_limit
+
+    def admitted(self, output_cap: int | None, cache_key: str | None, route_key: str | None) -> Call:
+        return replace(self, output_cap=output_cap if output_cap is not None else self.request.output_limit,
+                       cache_key=cache_key, route_key=route_key)
+
+
+def held_body(body: dict[str, Any], cap: int | None) -> dict[str, Any]:
+    """An outgoing chat body (`model_dump` of the request) held to the output cap: a body without a cap gets it as
+    `max_tokens`; with both fields, both carry it (an upstream that reads only `max_tokens` must not be given
+    more than `max_completion_tokens`, the one reserved)."""
+    if cap is None:
+        return body
+    if "max_completion_tokens" in body:
+        body["max_completion_tokens"] = cap
+        if "max_tokens" in body:
+            body["max_tokens"] = cap
+    else:
+        body["max_tokens"] = cap
+    return body
 
 
 class Generation(Protocol):
@@ -103,8 +158,9 @@ class Provider(Protocol):
     def prompt_copies(self, request: ChatCompletionRequest) -> int:
         """How many times the backend may bill this request's prompt: n when it sends n single requests."""
 
-    def generate(self, request: ChatCompletionRequest, upstream_model: str) -> Generation:
-        """Start generating. Errors before any output are raised by the generation's first step."""
+    def generate(self, call: Call, upstream_model: str) -> Generation:
+        """Start generating `call.request` (held to `call.output_limit`). Errors before any output are raised by the
+        generation's first step."""
 
 
 class UpstreamFailure(Exception):
@@ -127,8 +183,7 @@ class Upstream(Provider, Protocol):
     def retry_in(self) -> float:
         """Seconds until a resting backend or key may be tried again."""
 
-    async def attempt(self, request: ChatCompletionRequest, model: str,
-                      tried: set[int]) -> AsyncGenerator[Event]:
+    async def attempt(self, call: Call, model: str, tried: set[int]) -> AsyncGenerator[Event]:
         """Send the request on one key (added to `tried`). Raises UpstreamFailure for a refusal; the returned
         events' first step raises a GatewayError if the reply breaks before its first event."""
 

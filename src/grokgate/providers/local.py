@@ -29,7 +29,7 @@ from grokgate.core.errors import GatewayError, bad_request
 from grokgate.core.events import Delta, Event, Finish, Usage, UsageReport
 from grokgate.core.fairqueue import FairQueue
 from grokgate.core.pricing import estimate_prompt_tokens
-from grokgate.providers.base import BackendStatus, register
+from grokgate.providers.base import BackendStatus, Call, register
 from grokgate.providers.local_errors import ENGINE_FAILED, engine_error, refused
 from grokgate.providers.local_tools import (
     PROBE_MARK,
@@ -231,6 +231,7 @@ class LocalEngine:
         ctx_per_slot: int = 4096,
         slot_prompt_similarity: float = 0.1,
         prompt_cache_ram_mib: int = 8192,
+        shared_prompt_cache: bool = False,
         verbose: bool = False,
         progress: Progress | None = None,
     ) -> None:
@@ -242,6 +243,8 @@ class LocalEngine:
         self._ctx_per_slot = ctx_per_slot
         self._slot_prompt_similarity = slot_prompt_similarity
         self._prompt_cache_ram_mib = prompt_cache_ram_mib
+        # A single-tenant deployment's opt-out (settings.shared_prompt_cache): any request may reuse any cached prefix.
+        self._shared_prompt_cache = shared_prompt_cache
         self._verbose = verbose
         self._progress = progress  # called while a catalog model is assembled (default: a log line per 10%)
         self._server: Any = None
@@ -405,10 +408,11 @@ class LocalEngine:
     def prompt_copies(self, request: ChatCompletionRequest) -> int:
         return 1  # the choices share one prompt evaluation; llama.cpp reports (and grokgate bills) it once
 
-    def generate(self, request: ChatCompletionRequest, upstream_model: str) -> LocalGeneration:
+    def generate(self, call: Call, upstream_model: str) -> LocalGeneration:
+        request = call.request
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        base = _payload(request, upstream_model)
+        base = _payload(call, upstream_model)
         plan = tool_plan(request)
         jobs = []
         for index in range(request.choices):
@@ -495,8 +499,9 @@ class LocalEngine:
 _PASSTHROUGH = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs")
 
 
-def _payload(request: ChatCompletionRequest, upstream_model: str) -> dict[str, Any]:
+def _payload(call: Call, upstream_model: str) -> dict[str, Any]:
     """The engine request for one choice (n=1), from the validated public request."""
+    request = call.request
     messages = []
     for message in request.messages:
         item = message.model_dump(exclude_none=True, by_alias=True)
@@ -517,8 +522,8 @@ def _payload(request: ChatCompletionRequest, upstream_model: str) -> dict[str, A
         value = getattr(request, name)
         if value is not None:
             payload[name] = value.model_dump(exclude_none=True) if hasattr(value, "model_dump") else value
-    if request.output_limit is not None:
-        payload["max_tokens"] = request.output_limit
+    if call.output_limit is not None:
+        payload["max_tokens"] = call.output_limit
     if request.stop_list:
         payload["stop"] = request.stop_list  # never with a tool plan: check_tools refuses the pair
     if plan is not None:  # `tools` are not sent: grokgate renders them and constrains the calls itself

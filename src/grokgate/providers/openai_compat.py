@@ -38,7 +38,7 @@ from grokgate.core.breaker import Breaker
 from grokgate.core.errors import GatewayError
 from grokgate.core.events import Delta, Event, Extra, Finish, JSONObject, Usage, UsageReport
 from grokgate.core.usage import normalise_usage
-from grokgate.providers.base import BackendStatus, UpstreamFailure, register
+from grokgate.providers.base import BackendStatus, Call, UpstreamFailure, held_body, register
 from grokgate.providers.router import Candidate, RoutedGeneration, rendezvous
 from grokgate.schemas.chat import ChatCompletionRequest
 
@@ -130,9 +130,9 @@ class OpenAICompatBackend:
         """n when the upstream ignores `n` and the request goes out as n single requests, each billing the prompt."""
         return request.choices if self.config.fanout_n else 1
 
-    def generate(self, request: ChatCompletionRequest, upstream_model: str) -> RoutedGeneration:
+    def generate(self, call: Call, upstream_model: str) -> RoutedGeneration:
         """This backend alone as a route: its keys are rotated and retried like any routed model's."""
-        return RoutedGeneration(request, [Candidate(self, upstream_model)], time.monotonic() + self.config.timeout,
+        return RoutedGeneration(call, [Candidate(self, upstream_model)], time.monotonic() + self.config.timeout,
                                 self.name, self.fingerprint)
 
     def succeeded(self) -> None:
@@ -166,11 +166,15 @@ class OpenAICompatBackend:
 
     # -- one attempt ---------------------------------------------------------------------------------------
 
-    def payload(self, request: ChatCompletionRequest, upstream_model: str, stream: bool) -> dict[str, Any]:
-        body = request.model_dump(exclude_none=True, by_alias=True)
+    def payload(self, call: Call, upstream_model: str, stream: bool) -> dict[str, Any]:
+        """The request as sent: every field the client gave (unknown ones included), held to the output cap, the
+        model's upstream id, and the conversation id as serving/affinity.py made it (namespaced by tenant), never
+        the client's raw `prompt_cache_key`."""
+        body = held_body(call.request.model_dump(exclude_none=True, by_alias=True), call.output_limit)
         body["model"] = upstream_model
-        if self.config.prompt_cache_key and request.cache_key is not None:
-            body.setdefault("prompt_cache_key", request.cache_key)
+        client_key = body.pop("prompt_cache_key", None)
+        if call.cache_key is not None and (self.config.prompt_cache_key or client_key is not None):
+            body["prompt_cache_key"] = call.cache_key
         body["stream"] = stream
         if stream:
             body["stream_options"] = {"include_usage": True}  # always: usage is what billing reads
@@ -178,47 +182,47 @@ class OpenAICompatBackend:
             body.pop("stream_options", None)
         return body
 
-    async def attempt(self, request: ChatCompletionRequest, model: str, tried: set[int]) -> AsyncGenerator[Event]:
+    async def attempt(self, call: Call, model: str, tried: set[int]) -> AsyncGenerator[Event]:
         """Send the request (n single requests for a fan-out backend, merged); raises UpstreamFailure for a refusal,
         and the events' first step raises a GatewayError when the reply breaks before its first event."""
+        request = call.request
         stream = bool(request.stream)
         n = request.choices
         if n == 1 or not self.config.fanout_n:
-            return await self._send(self.payload(request, model, stream), tried, request=request)
+            return await self._send(self.payload(call, model, stream), tried, call=call)
         # The upstream ignores n: n single requests, merged under their own indexes.
         streams: list[AsyncGenerator[Event]] = []
         try:
             for i in range(n):
-                body = self.payload(request, model, stream)
+                body = self.payload(call, model, stream)
                 body["n"] = 1
                 if request.seed is not None:
                     body["seed"] = request.seed + i
-                streams.append(await self._send(body, set(tried), request=request))
+                streams.append(await self._send(body, set(tried), call=call))
         except BaseException:
             for s in streams:
                 await s.aclose()
             raise
         return merge_choices(streams)
 
-    def request_headers(self, request: ChatCompletionRequest) -> dict[str, str]:
+    def request_headers(self, call: Call) -> dict[str, str]:
         """Headers a request adds to the upstream call (xai.py: the conversation id)."""
         return {}
 
     async def _send(self, body: dict[str, Any], tried: set[int], url: str | None = None,
-                    reader: ReplyReader | None = None, *,
-                    request: ChatCompletionRequest | None = None) -> AsyncGenerator[Event]:
+                    reader: ReplyReader | None = None, *, call: Call | None = None) -> AsyncGenerator[Event]:
         """Send one request on one key (to `url`, default the chat completions URL; its 200 reply read by `reader`,
-        default `reply_events`); the iterator's first step raises a GatewayError or yields an event. `request`:
-        its conversation picks the key and may add headers."""
-        key_index = self._pick_key(tried, route_key=request.route_key if request is not None else None)
+        default `reply_events`); the iterator's first step raises a GatewayError or yields an event. `call`: its
+        conversation picks the key and may add headers."""
+        key_index = self._pick_key(tried, route_key=call.route_key if call is not None else None)
         if key_index is None:
             raise UpstreamFailure(GatewayError(503, "upstream_unavailable", f"No usable key for {self.name}."),
                                   retryable=True)
         tried.add(key_index)
         key = self.keys[key_index] if key_index >= 0 else None
         headers = {"Content-Type": "application/json"}
-        if request is not None:
-            headers.update(self.request_headers(request))
+        if call is not None:
+            headers.update(self.request_headers(call))
         if key:
             headers["Authorization"] = f"Bearer {key.value}"
         stream = bool(body.get("stream"))

@@ -19,16 +19,16 @@ import json
 import logging
 import time
 from collections.abc import AsyncGenerator, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
+from prometheus_client import CollectorRegistry
+
 from grokgate.core.cassette import (
-    CASSETTE,
-    CHAT_FIELDS,
     Exchange,
     canonical,
-    client_limit,
     decode_error,
     decode_event,
     decode_usage,
@@ -42,7 +42,7 @@ from grokgate.core.cassette import (
 from grokgate.core.errors import GatewayError
 from grokgate.core.events import Event, JSONObject, Usage, UsageReport
 from grokgate.core.pricing import beyond_output_cap
-from grokgate.providers.base import BackendStatus, EventsGeneration, Generation, ModelTable, Provider, Route
+from grokgate.providers.base import BackendStatus, Call, EventsGeneration, Generation, ModelTable, Provider, Route
 from grokgate.schemas.chat import ChatCompletionRequest
 
 log = logging.getLogger("grokgate.replay")
@@ -52,12 +52,14 @@ INTERNAL = GatewayError(500, "api_error", "Internal server error.")
 
 
 def canonical_of(request: ChatCompletionRequest) -> JSONObject:
+    """The request's canonical form (core/cassette.py `canonical`): its body as it is forwarded, fields grokgate does
+    not know included, without how it is delivered; the caller's own output cap (the request is never rewritten:
+    the cap held at admission is the Call's)."""
     native = request.responses_body
     if native is not None:
         return canonical({}, None, native)
-    chat: JSONObject = request.model_dump(mode="json", by_alias=True, exclude_none=True,
-                                          include=set(CHAT_FIELDS))
-    return canonical(chat, client_limit(request), None)
+    chat: JSONObject = request.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return canonical(chat, request.output_limit, None)
 
 
 class CassetteStore:
@@ -229,9 +231,9 @@ class Recorder(_Delegating):
         super().__init__(inner)
         self.store = store
 
-    def generate(self, request: ChatCompletionRequest, upstream_model: str) -> Generation:
-        return RecordingGeneration(self.inner.generate(request, upstream_model), self.store, CASSETTE.get(),
-                                   canonical_of(request))
+    def generate(self, call: Call, upstream_model: str) -> Generation:
+        return RecordingGeneration(self.inner.generate(call, upstream_model), self.store, call.cassette,
+                                   canonical_of(call.request))
 
 
 class ReplayGeneration(EventsGeneration):
@@ -315,27 +317,28 @@ class Replayer:
     def prompt_copies(self, request: ChatCompletionRequest) -> int:
         return self.live.prompt_copies(request) if self.live is not None else 1
 
-    def generate(self, request: ChatCompletionRequest, upstream_model: str) -> Generation:
-        cassette = CASSETTE.get()
-        wanted = canonical_of(request)
+    def generate(self, call: Call, upstream_model: str) -> Generation:
+        cassette = call.cassette
+        wanted = canonical_of(call.request)
         key = request_key(wanted)
         exchange = self.store.next(cassette, key)
         if exchange is not None:
-            overflow = _beyond_cap(exchange, request)
+            overflow = _beyond_cap(exchange, call)
             if overflow is not None:  # more output than this request's reservation paid for
                 return ReplayGeneration(None, overflow, self.timing)
             return ReplayGeneration(exchange, None, self.timing)
         if self.live is not None:
-            return RecordingGeneration(self.live.generate(request, upstream_model), self.store, cassette, wanted)
+            return RecordingGeneration(self.live.generate(call, upstream_model), self.store, cassette, wanted)
         recorded = [e[0].request for e in self.store.recordings(cassette).values()]
         return ReplayGeneration(None, miss(cassette, recorded, wanted), self.timing)
 
 
-def _beyond_cap(exchange: Exchange, request: ChatCompletionRequest) -> GatewayError | None:
+def _beyond_cap(exchange: Exchange, call: Call) -> GatewayError | None:
     """A recording made without an output cap (an admin or static key is held to none) can carry more output per
     choice than the replaying request reserved; replayed as it is, it would cost more than its reservation. It is
     refused instead, saying how to match it."""
-    limit = request.output_limit
+    request = call.request
+    limit = call.output_limit
     if limit is None:
         return None
     for data in exchange.events:
@@ -350,7 +353,18 @@ def _beyond_cap(exchange: Exchange, request: ChatCompletionRequest) -> GatewayEr
     return None
 
 
-def record_models(models: ModelTable, directory: Path) -> ModelTable:
+@dataclass(frozen=True, slots=True)
+class CassetteBounds:
+    """Whose cassettes a request reads and writes (`shared`: everyone's; else its tenant's own), and how large they
+    may grow (settings.max_cassette_bytes, max_cassette_dir_bytes)."""
+
+    shared: bool = True
+    max_bytes: int = 64 * 1024 * 1024
+    max_dir_bytes: int = 1024**3
+
+
+def record_models(models: ModelTable, directory: Path, bounds: CassetteBounds | None = None, *,
+                  registry: CollectorRegistry | None = None) -> ModelTable:
     """Every public name's provider recorded into `directory`; the backends the app starts stay the real ones."""
     store = CassetteStore(directory)
     wrapped: dict[int, Provider] = {}
@@ -359,8 +373,9 @@ def record_models(models: ModelTable, directory: Path) -> ModelTable:
     return ModelTable(routes, models.providers())
 
 
-def replay_models(names: list[str], directory: Path, *, timing: Timing = "instant",
-                  live: ModelTable | None = None) -> ModelTable:
+def replay_models(names: list[str], directory: Path, bounds: CassetteBounds | None = None, *,
+                  timing: Timing = "instant", live: ModelTable | None = None,
+                  registry: CollectorRegistry | None = None) -> ModelTable:
     """A table answering every public name from `directory` (plus the models its cassettes recorded); with `live`,
     misses go to that table's provider for the name and are appended (then its backends are the ones started)."""
     store = CassetteStore(directory)
@@ -379,4 +394,5 @@ def _routes(models: ModelTable) -> list[Route]:
     return [route for name in models.names() if (route := models.get(name)) is not None]
 
 
-__all__ = ["CassetteStore", "Recorder", "Replayer", "read_cassette", "record_models", "replay_models"]
+__all__ = ["CassetteBounds", "CassetteStore", "Recorder", "Replayer", "read_cassette", "record_models",
+           "replay_models"]

@@ -36,7 +36,15 @@ import orjson
 from grokgate.core.errors import GatewayError
 from grokgate.core.events import Delta, Event, Usage, UsageReport
 from grokgate.core.pricing import PromptShape, estimate_output_tokens, estimate_prompt, utf8_len
-from grokgate.providers.base import BackendStatus, Generation, Provider, RouteStatus, Upstream, UpstreamFailure
+from grokgate.providers.base import (
+    BackendStatus,
+    Call,
+    Generation,
+    Provider,
+    RouteStatus,
+    Upstream,
+    UpstreamFailure,
+)
 from grokgate.schemas.chat import ChatCompletionRequest, ImagePart, TextPart
 
 
@@ -131,18 +139,18 @@ class RoutedModel:
                 result.append(pick)
         return result
 
-    def generate(self, request: ChatCompletionRequest, upstream_model: str) -> RoutedGeneration:
-        candidates = self.ordered(self.usable(request)[0], request.route_key)
-        return RoutedGeneration(request, candidates, time.monotonic() + self.deadline, self.name, self.fingerprint)
+    def generate(self, call: Call, upstream_model: str) -> RoutedGeneration:
+        candidates = self.ordered(self.usable(call.request)[0], call.route_key)
+        return RoutedGeneration(call, candidates, time.monotonic() + self.deadline, self.name, self.fingerprint)
 
 
 class RoutedGeneration:
     """A `Generation` over the first route that answers: until its first event it tries the candidates in
     order; after it, it passes that route's events on, counting their output for an estimate."""
 
-    def __init__(self, request: ChatCompletionRequest, candidates: list[Candidate], deadline: float,
-                 backend: str, fingerprint: str) -> None:
-        self.request = request
+    def __init__(self, call: Call, candidates: list[Candidate], deadline: float, backend: str,
+                 fingerprint: str) -> None:
+        self.call = call
         self.candidates = candidates
         self.deadline = deadline
         self._backend = backend  # the first route's, until one answers
@@ -210,11 +218,12 @@ class RoutedGeneration:
         """The backend's usage, estimated from the request and the output seen (on rare paths only: a backend
         that reports none, or a request cut short). The output is capped at what the backend was asked for, so
         the estimate stays within the reservation."""
-        request = self.request
+        request = self.call.request
         prompt = estimate_prompt(prompt_text_bytes(request), prompt_shape(request)) * self._prompt_copies
         completion = estimate_output_tokens(self._output_bytes)
-        if request.output_limit is not None:
-            completion = min(completion, request.choices * request.output_limit)
+        limit = self.call.output_limit
+        if limit is not None:
+            completion = min(completion, request.choices * limit)
         return Usage(prompt_tokens=prompt, completion_tokens=completion, estimated=True)
 
     def _loop_deadline(self) -> float:
@@ -226,7 +235,7 @@ class RoutedGeneration:
             upstream = candidate.upstream
             if upstream is None:
                 # A provider (the local engine): it has no keys to rotate; a 503 (still loading) moves on.
-                generation = self._generation = candidate.backend.generate(self.request, candidate.model)
+                generation = self._generation = candidate.backend.generate(self.call, candidate.model)
                 try:
                     first = await generation.__anext__()
                 except BaseException as exc:
@@ -238,7 +247,7 @@ class RoutedGeneration:
                         raise
                     failures.append(UpstreamFailure(exc, retryable=True))
                     continue
-                self._use(candidate.backend, candidate.backend.prompt_copies(self.request))
+                self._use(candidate.backend, candidate.backend.prompt_copies(self.call.request))
                 return first
             tried: set[int] = set()
             while upstream.available(tried):
@@ -246,7 +255,7 @@ class RoutedGeneration:
                     raise GatewayError(504, "timeout", "No upstream answered before the deadline.")
                 try:
                     async with asyncio.timeout_at(self._loop_deadline()):
-                        events = self._events = await upstream.attempt(self.request, candidate.model, tried)
+                        events = self._events = await upstream.attempt(self.call, candidate.model, tried)
                         first = await events.__anext__()
                 except UpstreamFailure as failure:  # the backend's breaker was told by attempt()
                     if not failure.retryable:
@@ -269,7 +278,7 @@ class RoutedGeneration:
                     await self._drop_events()  # cancelled while waiting: the upstream connection is let go now
                     raise
                 upstream.succeeded()
-                self._use(upstream, upstream.prompt_copies(self.request))
+                self._use(upstream, upstream.prompt_copies(self.call.request))
                 return first
         raise final_error(failures, self.candidates)
 

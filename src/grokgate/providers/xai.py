@@ -50,7 +50,7 @@ import orjson
 from grokgate.core.errors import GatewayError
 from grokgate.core.events import JSON, Delta, Event, Extra, Finish, Item, JSONObject, UsageReport
 from grokgate.core.usage import normalise_responses_usage
-from grokgate.providers.base import register
+from grokgate.providers.base import Call, register
 from grokgate.providers.openai_compat import (
     BackendConfig,
     OpenAICompatBackend,
@@ -120,40 +120,43 @@ class XAIBackend(OpenAICompatBackend):
         if request.server_tools and request.responses_body is None:
             raise server_tools_refused(request, self.name)
 
-    def payload(self, request: ChatCompletionRequest, upstream_model: str, stream: bool) -> dict[str, Any]:
-        return translate(super().payload(request, upstream_model, stream), upstream_model)
+    def payload(self, call: Call, upstream_model: str, stream: bool) -> dict[str, Any]:
+        return translate(super().payload(call, upstream_model, stream), upstream_model)
 
-    def request_headers(self, request: ChatCompletionRequest) -> dict[str, str]:
+    def request_headers(self, call: Call) -> dict[str, str]:
         # Chat Completions: the conversation id is a header (the Responses API's is in the body).
-        if request.cache_key is None or request.responses_body is not None:
+        if call.cache_key is None or call.request.responses_body is not None:
             return {}
-        return {CONVERSATION_HEADER: request.cache_key}
+        return {CONVERSATION_HEADER: call.cache_key}
 
-    async def attempt(self, request: ChatCompletionRequest, model: str, tried: set[int]) -> AsyncGenerator[Event]:
-        body = request.responses_body
+    async def attempt(self, call: Call, model: str, tried: set[int]) -> AsyncGenerator[Event]:
+        body = call.request.responses_body
         if body is None:
-            return await super().attempt(request, model, tried)
-        payload = responses_payload(request, body, model, self.config.max_server_tool_calls)
-        return await self._send(payload, tried, url=self.responses_url, reader=self._responses_reply,
-                                request=request)
+            return await super().attempt(call, model, tried)
+        payload = responses_payload(call, body, model, self.config.max_server_tool_calls)
+        return await self._send(payload, tried, url=self.responses_url, reader=self._responses_reply, call=call)
 
     @staticmethod
     def _responses_reply(response: aiohttp.ClientResponse, stream: bool) -> AsyncGenerator[Event]:
         return sse_events(response) if stream else json_events(response)
 
 
-def responses_payload(request: ChatCompletionRequest, body: dict[str, Any], model_id: str,
+def responses_payload(call: Call, body: dict[str, Any], model_id: str,
                       max_server_tool_calls: int) -> dict[str, Any]:
     """The body sent to xAI's /v1/responses (the request's own body is left as it is)."""
+    request = call.request
     out = dict(body)
     out["model"] = model_id
     out["stream"] = bool(request.stream)
     out["store"] = False
     out.pop("previous_response_id", None)
-    if request.cache_key is not None:  # the client's own prompt_cache_key, if any, is already in its body
-        out.setdefault("prompt_cache_key", request.cache_key)
-    if request.output_limit is not None:  # the reserved cap (serving/lifecycle.py hold_output)
-        out["max_output_tokens"] = request.output_limit
+    # The conversation id as serving/affinity.py made it (the client's own, namespaced by its tenant), never the
+    # client's raw `prompt_cache_key`: another tenant sending the same one must not share its cache.
+    out.pop("prompt_cache_key", None)
+    if call.cache_key is not None:
+        out["prompt_cache_key"] = call.cache_key
+    if call.output_limit is not None:  # the reserved cap (serving/lifecycle.py, Call.admitted)
+        out["max_output_tokens"] = call.output_limit
     if request.server_tools:  # what the reservation paid for (serving/lifecycle.py)
         out["max_tool_calls"] = request.server_tool_calls(max_server_tool_calls)
     reasoning = out.get("reasoning")

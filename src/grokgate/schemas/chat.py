@@ -16,7 +16,7 @@ and `param` paths clients see, for no gain in speed.
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -309,14 +309,6 @@ class ChatCompletionRequest(_Lenient):
     # OpenAI's conversation key for its prompt cache; xAI's Chat Completions reads the same id from the
     # `x-grok-conv-id` header, its Responses API from this field (providers/xai.py maps it).
     prompt_cache_key: CacheKey | None = None
-    # The conversation's keys, set by the api and serving layers (serving/affinity.py), never by the body: the
-    # client's header, what the upstream is told (`x-grok-conv-id` / `prompt_cache_key`), and what the router
-    # hashes to keep the conversation on one backend and key (None: today's rotation and weights). Plain
-    # attributes set on the instance, not pydantic private attributes, whose reads cost microseconds each.
-    _conversation_id: ClassVar[str | None] = None
-    _cache_key: ClassVar[str | None] = None
-    _route_key: ClassVar[str | None] = None
-
     def check_limits(self, *, max_messages: int, max_tokens_limit: int) -> None:
         """Cross-field rules and the server's configured bounds, each naming its field."""
         if self.top_logprobs is not None and not self.logprobs:
@@ -370,28 +362,6 @@ class ChatCompletionRequest(_Lenient):
                 total += sum(len(p.text) for p in message.content if isinstance(p, TextPart))
             total += sum(len(c.function.arguments) + len(c.function.name) for c in message.tool_calls or ())
         return total
-
-    @property
-    def conversation_id(self) -> str | None:
-        """The client's `x-grok-conv-id` header (api/chat.py, api/responses.py), if it sent one."""
-        return self._conversation_id
-
-    @property
-    def cache_key(self) -> str | None:
-        """The conversation id the upstream is given (serving/affinity.py): the client's, or one derived."""
-        return self._cache_key
-
-    @property
-    def route_key(self) -> str | None:
-        """What the router hashes over the healthy candidates (providers/router.py); None: no affinity."""
-        return self._route_key
-
-    def with_conversation_id(self, value: str | None) -> None:
-        object.__setattr__(self, "_conversation_id", value)
-
-    def with_affinity(self, cache_key: str | None, route_key: str | None) -> None:
-        object.__setattr__(self, "_cache_key", cache_key)
-        object.__setattr__(self, "_route_key", route_key)
 
     @property
     def responses_body(self) -> dict[str, Any] | None:

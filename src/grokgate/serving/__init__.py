@@ -11,6 +11,7 @@ and observability/; never api/ nor any HTTP framework, and never a store: accoun
 admission protocol (core/admission.py).
 """
 
-from grokgate.serving.lifecycle import ABANDONED, Abandoned, Call, Collected, Serving, Streamed
+from grokgate.providers.base import Call
+from grokgate.serving.lifecycle import ABANDONED, Abandoned, CallOptions, Collected, Serving, Streamed
 
-__all__ = ["ABANDONED", "Abandoned", "Call", "Collected", "Serving", "Streamed"]
+__all__ = ["ABANDONED", "Abandoned", "Call", "CallOptions", "Collected", "Serving", "Streamed"]

@@ -9,16 +9,18 @@ across keys and backends, so that each turn is billed its whole prompt again. Be
 - a cache key, the conversation id the upstream is told (providers/xai.py: the header for chat, the body field
   for the Responses API; providers/openai_compat.py: `prompt_cache_key` where the backend is configured to take
   it). The client's own id comes first: the body's `prompt_cache_key`, else its `x-grok-conv-id` header (the
-  body wins: a client that sends both means the body, as xAI's own CLI does for its side calls); without one,
-  an id derived from the caller and the conversation's opening (`derived_key`).
+  body wins: a client that sends both means the body, as xAI's own CLI does for its side calls), namespaced by
+  its tenant (`scoped`: another tenant sending the same id gets another key, so another server's cache, and
+  learns nothing from its hits); without one, an id derived from the tenant and the conversation's opening
+  (`derived_key`). A single-tenant deployment can share ids as they are sent (settings.shared_prompt_cache).
 - a route key, what providers/router.py hashes over the healthy candidates (rendezvous hashing), so the
   conversation stays on one backend and one key, and a failure moves only the conversations of what failed.
 
 With affinity off (a setting of the app), the client's id still reaches the upstream, but nothing is derived
 and the router keeps its rotation.
 
-The derived key hashes the principal's scope (`core/responses.py owner_of`: the account token's id or the static
-key's index, never the token) with the first system message and the first user message: both stay the same on
+The derived key hashes the request's tenant (core/tenancy.py: the account token's id or the static
+key's digest, never the token) with the first system message and the first user message: both stay the same on
 every turn of one conversation (a Responses chain included: its stored turns are replayed in order), so the id
 is stable across turns and across replicas, with no state. Two conversations of one caller that open with the
 same messages share an id, and so a server: they share that cached prefix too.
@@ -31,9 +33,8 @@ from typing import Any
 
 import orjson
 
-from grokgate.core.admission import Principal
-from grokgate.core.responses import owner_of
-from grokgate.schemas.chat import ChatCompletionRequest, Message
+from grokgate.providers.base import Call
+from grokgate.schemas.chat import Message
 
 DERIVED_PREFIX = "gg-"  # a derived id; 35 characters in all, within OpenAI's 64
 # The client's id is used as it is where it can travel as an HTTP header value (printable ASCII); otherwise its
@@ -41,15 +42,27 @@ DERIVED_PREFIX = "gg-"  # a derived id; 35 characters in all, within OpenAI's 64
 MAX_HEADER_ID = 64  # OpenAI refuses a longer prompt_cache_key (400, not retried): a longer id goes hashed
 
 
-def assign(request: ChatCompletionRequest, principal: Principal, *, enabled: bool = True) -> None:
-    """Set the request's cache key and route key (schemas/chat.py `with_affinity`)."""
-    explicit = request.prompt_cache_key or request.conversation_id
-    own = header_safe(explicit) if explicit is not None else None
+def assign(call: Call, enabled: bool = True, *, shared: bool = False) -> tuple[str | None, str | None]:
+    """The request's (cache key, route key): what the upstream is told, and what the router hashes (None: no
+    affinity). A client's own id is namespaced by its tenant (`scoped`), unless `shared` (a single-tenant
+    deployment's opt-out, settings.shared_prompt_cache): two tenants sending the same id must not share a backend
+    key's prompt cache, nor learn from its hits what the other sent."""
+    request = call.request
+    explicit = request.prompt_cache_key or call.conversation_id
+    own = None
+    if explicit is not None:
+        own = header_safe(explicit) if shared else scoped(explicit, call.tenant)
     if not enabled:
-        request.with_affinity(own, None)
-        return
-    key = own if own is not None else derived_key(request.messages, principal)
-    request.with_affinity(key, key)
+        return own, None
+    key = own if own is not None else derived_key(request.messages, call.tenant)
+    return key, key
+
+
+def scoped(value: str, tenant: str) -> str:
+    """A client's conversation id within its tenant: a stable hash of both, the same on every turn and replica."""
+    digest = hashlib.blake2b(tenant.encode(), digest_size=16, person=b"grokgate-conv")
+    digest.update(b"\x00" + value.encode())
+    return DERIVED_PREFIX + digest.hexdigest()
 
 
 def header_safe(value: str) -> str:
@@ -59,14 +72,14 @@ def header_safe(value: str) -> str:
     return DERIVED_PREFIX + hashlib.blake2b(value.encode(), digest_size=16).hexdigest()
 
 
-def derived_key(messages: list[Message], principal: Principal) -> str:
+def derived_key(messages: list[Message], tenant: str) -> str:
     """A stable id for a conversation: its caller's scope + its first system and first user message."""
     # Only a leading system message: one a framework inserts in a later turn must not change the id.
     system = messages[0] if messages[0].role in ("system", "developer") else None
     user = next((m for m in messages if m.role == "user"), None)
     opening = [(m.role, _content(m)) for m in (system, user) if m is not None] or [(messages[0].role,
                                                                                   _content(messages[0]))]
-    digest = hashlib.blake2b(owner_of(principal.token_id, principal.key_id).encode(), digest_size=16)
+    digest = hashlib.blake2b(tenant.encode(), digest_size=16)
     digest.update(orjson.dumps(opening))
     return DERIVED_PREFIX + digest.hexdigest()
 

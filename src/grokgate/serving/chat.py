@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from grokgate.core.completion import ChunkFactory, CompletionAccumulator, StreamAssembler
 from grokgate.core.pricing import prompt_token_bound
+from grokgate.providers.base import Call
 from grokgate.providers.router import prompt_shape
 from grokgate.schemas.chat import ChatCompletionRequest
-from grokgate.serving.lifecycle import Call
+from grokgate.serving.lifecycle import CallOptions
 from grokgate.serving.wire import Framing
 
 
@@ -27,7 +28,7 @@ class ChatWire:
         return CompletionAccumulator(ChunkFactory(request.model, fingerprint), request.choices)
 
 
-def chat_call(request: ChatCompletionRequest, raw: bytes, request_id: str, started: float) -> Call:
+def chat_call(request: ChatCompletionRequest, raw: bytes, options: CallOptions) -> Call:
     """A validated chat body as the lifecycle's call. The prompt's upper bound comes from the raw body (it covers
     tools, schemas and tool-call arguments as well as message text: core/pricing.py)."""
-    return Call(request, prompt_token_bound(raw, prompt_shape(request)), request_id, started)
+    return options.call(request, prompt_token_bound(raw, prompt_shape(request)))

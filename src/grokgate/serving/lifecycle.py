@@ -26,15 +26,18 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Final
 
 import anyio
 
 from grokgate.core.admission import Admission, AdmissionRequest, Principal, Ticket
+from grokgate.core.cassette import DEFAULT as DEFAULT_CASSETTE
 from grokgate.core.errors import GatewayError
 from grokgate.core.events import Event, Usage
+from grokgate.core.response_cache import CacheOption
 from grokgate.observability.metrics import Metrics
-from grokgate.providers.base import Generation, ModelTable, Provider
+from grokgate.providers.base import Call, Generation, ModelTable, Provider
 from grokgate.schemas.chat import ChatCompletionRequest
 from grokgate.serving.affinity import assign
 from grokgate.serving.pump import END, Marker, Pump
@@ -55,16 +58,22 @@ UntilGone = Callable[[], Awaitable[None]]
 """Returns once the client has gone away (api/sse.py `until_disconnected`); it may never return."""
 
 
-class Call:
-    """One request as the lifecycle sees it, whatever its wire format (serving/chat.py builds it for chat)."""
+@dataclass(frozen=True, slots=True)
+class CallOptions:
+    """What the api layer knows of a request besides its body: whose it is and the options of its headers. Each
+    wire format turns its parsed body and these into the one `Call` the lifecycle and the providers read
+    (serving/chat.py `chat_call`, serving/responses.py `ResponsesService.prepare`)."""
 
-    __slots__ = ("prompt_tokens", "request", "request_id", "started")
+    tenant: str
+    request_id: str
+    started: float  # time.perf_counter() when the request arrived
+    cassette: str = DEFAULT_CASSETTE
+    cache: CacheOption | None = None
+    conversation_id: str | None = None
 
-    def __init__(self, request: ChatCompletionRequest, prompt_tokens: int, request_id: str, started: float) -> None:
-        self.request = request  # what the providers receive
-        self.prompt_tokens = prompt_tokens  # an upper bound of one copy of the prompt (core/pricing.py)
-        self.request_id = request_id
-        self.started = started  # time.perf_counter() when the request arrived
+    def call(self, request: ChatCompletionRequest, prompt_tokens: int) -> Call:
+        return Call(request, self.tenant, self.request_id, self.started, prompt_tokens, self.cassette, self.cache,
+                    self.conversation_id)
 
 
 class Streamed:
@@ -111,7 +120,8 @@ class Serving:
 
     def __init__(self, admission: Admission, models: ModelTable, metrics: Metrics, *, keepalive: float,
                  max_server_tool_calls: int = 10, server_tool_input_tokens: int = 20_000,
-                 affinity: bool = True, response_cache: ResponseCache | None = None) -> None:
+                 affinity: bool = True, shared_prompt_cache: bool = False,
+                 response_cache: ResponseCache | None = None) -> None:
         self.admission = admission
         self.models = models
         self.metrics = metrics
@@ -122,6 +132,8 @@ class Serving:
         self.server_tool_input_tokens = server_tool_input_tokens
         # Prompt-cache affinity (serving/affinity.py): a conversation keeps one id, backend and key.
         self.affinity = affinity
+        # A single-tenant deployment's opt-out: clients' conversation ids go upstream as sent, not per tenant.
+        self.shared_prompt_cache = shared_prompt_cache
         # The exact response cache (serving/response_cache.py): None when no model opts in.
         self.response_cache = response_cache
 
@@ -143,26 +155,14 @@ class Serving:
             principal, AdmissionRequest(call.request_id, request.model, request.choices, request.output_limit, prompt,
                                         wire.endpoint, tool_calls)
         )
-        hold_output(request, ticket.output_limit)
-        assign(request, principal, enabled=self.affinity)
+        # The request as admitted: held to the output the admission paid for (a request without a cap gets the
+        # reserved one), with its conversation's keys. A new value: what the client sent is never rewritten.
+        call = call.admitted(ticket.output_limit, *assign(call, self.affinity, shared=self.shared_prompt_cache))
         life = Lifecycle(self, call, principal, ticket, wire, provider.name)
         await life.open(provider, route.upstream_model)
         if request.stream:
             return life.streamed()
         return await life.collected(until_gone)
-
-
-def hold_output(request: ChatCompletionRequest, limit: int | None) -> None:
-    """Ask the backend for no more output per choice than the admission paid for: a request without a cap gets
-    the reserved one (xai.py sends it as max_completion_tokens, openai_compat forwards it, the local engine
-    reads `output_limit`). When both caps are set, `max_completion_tokens` is the one reserved, and an upstream
-    that reads only `max_tokens` must not be given a larger one."""
-    if limit is None:
-        return
-    if request.max_completion_tokens is None and request.max_tokens is None:
-        request.max_tokens = limit
-    elif request.max_completion_tokens is not None and request.max_tokens is not None:
-        request.max_tokens = request.max_completion_tokens
 
 
 class Lifecycle:
@@ -193,8 +193,8 @@ class Lifecycle:
         settled and raised, and keeps its HTTP status."""
         try:
             cache = self.serving.response_cache  # a hit replays stored events; a miss records them
-            self.generation = (provider.generate(self.call.request, upstream_model) if cache is None
-                               else cache.generate(provider, self.call.request, upstream_model, self.principal))
+            self.generation = (provider.generate(self.call, upstream_model) if cache is None
+                               else cache.generate(provider, self.call, upstream_model))
             self.pump = Pump(self.generation)
             self.first = await self.pump.next(self.serving.keepalive)
         except BaseException as exc:

@@ -8,58 +8,50 @@ any request, and streams or collects whichever way it is asked now (a stored str
 and the reverse: what is stored is events, not a wire format). The ledger row, the metrics and the log line of a
 hit name the backend `cache`; core/billing.py prices it by `core/pricing.py cache_hit_cost`.
 
-The key (`canonical_key`): the owner (the calling token, unless the rule's scope is `global`) and the canonical
-request of record/replay (providers/recording.py `canonical_of`, core/cassette.py `canonical`): model, messages or
-Responses input, tools, sampling, n, the caller's output cap, response format, seed; not `stream`,
-`stream_options`, `user`, `metadata`, `store` or the prompt-cache hints, which change how an answer is delivered,
-not what it says. One canonical form for both, so a cached answer and a recorded one match the same requests.
+The key (`canonical_key`): the owner (the request's tenant, unless the rule's scope is `global`) and the canonical
+request of record/replay (providers/recording.py `canonical_of`, core/cassette.py `canonical`): the body as it is
+forwarded, fields grokgate does not know included (an upstream may honour them: a request with vLLM's
+`guided_choice` is another question than one without), with the caller's output cap; not `stream`,
+`stream_options` or the prompt-cache hint, which change how an answer is delivered, not what it says. One canonical
+form for both, so a cached answer and a recorded one match the same requests.
 
-The per-request option travels from the HTTP layer in a context variable (`use_header`, called by api/chat.py and
-api/responses.py for every request, so a value never outlives its request).
+The per-request option is the Call's (`Call.cache`, from the `x-grokgate-cache` header, parsed by the api layer).
+
+A hit cut short (the client left mid-stream) is billed what it delivered (`StoredGeneration.usage_so_far`): the
+prompt, and the stored output in the share of its text that went out.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import AsyncGenerator, Mapping
-from contextvars import ContextVar
 from typing import Final
 
 import orjson
 from prometheus_client import Counter
 
-from grokgate.core.admission import Principal
 from grokgate.core.cassette import decode_event, encode_event
 from grokgate.core.events import Delta, Event, Finish, Usage, UsageReport
 from grokgate.core.pricing import beyond_output_cap
 from grokgate.core.response_cache import (
     CACHE_BACKEND,
     CACHE_HEADER,
-    CacheOption,
     CacheRule,
     ResponseCacheStore,
     effective_ttl,
     is_sampled,
-    parse_option,
 )
-from grokgate.core.responses import owner_of
 from grokgate.observability.metrics import Metrics
-from grokgate.providers.base import EventsGeneration, Generation, Provider
+from grokgate.providers.base import Call, EventsGeneration, Generation, Provider
 from grokgate.providers.recording import canonical_of
 from grokgate.schemas.chat import ChatCompletionRequest
 
 log = logging.getLogger("grokgate.cache")
 
-FORMAT: Final = 2  # the stored entry's layout; an entry of another layout is a miss
-
-_OPTION: ContextVar[CacheOption | None] = ContextVar("grokgate_cache_option", default=None)
-
-
-def use_header(value: str | None) -> None:
-    """This request's `x-grokgate-cache` header (None when absent); a bad value is a 400 naming the header. Set
-    for every request, so a value never carries over to the next one served in the same context."""
-    _OPTION.set(parse_option(value))
+# The stored entry's layout and key derivation; an entry of another layout is a miss. 3: keyed by the forwarded body.
+FORMAT: Final = 3
 
 
 def canonical_key(request: ChatCompletionRequest, owner: str) -> str:
@@ -98,6 +90,35 @@ async def _replay(events: list[Event]) -> AsyncGenerator[Event]:
         yield event
 
 
+class StoredGeneration(EventsGeneration):
+    """A stored answer played back. Cut short (the client left before its usage report), it is billed what it
+    delivered: the whole prompt, and the stored output in the share of its text that went out, rounded up. Not
+    nothing: a client could otherwise read every event but the last and hang up, for free."""
+
+    def __init__(self, events: list[Event], backend: str, fingerprint: str) -> None:
+        super().__init__(_replay(events), backend, fingerprint)
+        self._total = next((e.usage for e in reversed(events) if isinstance(e, UsageReport)), None)
+        self._size = sum(_text_size(e) for e in events)
+        self._played = 0  # events passed on
+        self._played_size = 0
+
+    async def __anext__(self) -> Event:
+        event = await super().__anext__()
+        self._played += 1
+        self._played_size += _text_size(event)
+        return event
+
+    def usage_so_far(self) -> Usage | None:
+        if self._usage is not None or self._played == 0 or self._total is None:
+            return self._usage
+        total = self._total
+        share = self._played_size / self._size if self._size else 0.0
+        return Usage(prompt_tokens=total.prompt_tokens, cached_tokens=total.cached_tokens,
+                     completion_tokens=min(total.completion_tokens, math.ceil(total.completion_tokens * share)),
+                     reasoning_tokens=min(total.reasoning_tokens, math.ceil(total.reasoning_tokens * share)),
+                     server_tool_calls=total.server_tool_calls, estimated=True)
+
+
 # -- the cache -----------------------------------------------------------------------------------------------------
 
 
@@ -114,24 +135,24 @@ class ResponseCache:
                                "or too large) and requests that bypassed it (off, sampled)",
                                ["model", "result"], registry=metrics.registry)
 
-    def generate(self, provider: Provider, request: ChatCompletionRequest, upstream_model: str,
-                 principal: Principal) -> Generation:
+    def generate(self, provider: Provider, call: Call, upstream_model: str) -> Generation:
         """The provider's generation, through the cache when the model's rule and the request allow it."""
+        request = call.request
         rule = self.rules.get(request.model)
         if rule is None:
-            return provider.generate(request, upstream_model)
-        ttl = effective_ttl(rule, _OPTION.get())
+            return provider.generate(call, upstream_model)
+        ttl = effective_ttl(rule, call.cache)
         if ttl is None:
             self.counter.labels(request.model, "off").inc()
-            return provider.generate(request, upstream_model)
+            return provider.generate(call, upstream_model)
         if not rule.cache_sampled and is_sampled(request.temperature, request.seed):
             self.counter.labels(request.model, "sampled").inc()
-            return provider.generate(request, upstream_model)
-        owner = "*" if rule.scope == "global" else owner_of(principal.token_id, principal.key_id)
-        return CachedGeneration(self, provider, request, upstream_model, canonical_key(request, owner), ttl)
+            return provider.generate(call, upstream_model)
+        owner = "*" if rule.scope == "global" else call.tenant
+        return CachedGeneration(self, provider, call, upstream_model, canonical_key(request, owner), ttl)
 
-    async def lookup(self, key: str, request: ChatCompletionRequest) -> tuple[list[Event], str] | None:
-        model = request.model
+    async def lookup(self, key: str, call: Call) -> tuple[list[Event], str] | None:
+        model = call.request.model
         try:
             raw = await self.store.get(key)
         except Exception:  # the cache is an optimisation: a store failure is a miss, counted and logged
@@ -146,7 +167,7 @@ class ResponseCache:
             else:
                 # Stored for a caller without this request's output cap (a global rule, an uncapped static key), it
                 # may hold more output than this request reserved: then it is a miss, generated under the cap.
-                if not _beyond_cap(found[0], request):
+                if not _beyond_cap(found[0], call):
                     self.counter.labels(model, "hit").inc()
                     return found
         self.counter.labels(model, "miss").inc()
@@ -178,14 +199,14 @@ class CachedGeneration:
     `EventsGeneration` whose backend is `cache`), a miss opens the provider's generation and records its events,
     storing them when it ends normally. `cache_status` is `hit` or `miss` once the first step ran."""
 
-    __slots__ = ("_cache", "_closed", "_inner", "_key", "_provider", "_recorded", "_recorded_size", "_request", "_ttl",
+    __slots__ = ("_cache", "_call", "_closed", "_inner", "_key", "_provider", "_recorded", "_recorded_size", "_ttl",
                  "_upstream_model", "cache_status")
 
-    def __init__(self, cache: ResponseCache, provider: Provider, request: ChatCompletionRequest,
-                 upstream_model: str, key: str, ttl: int) -> None:
+    def __init__(self, cache: ResponseCache, provider: Provider, call: Call, upstream_model: str, key: str,
+                 ttl: int) -> None:
         self._cache = cache
         self._provider = provider
-        self._request = request
+        self._call = call
         self._upstream_model = upstream_model
         self._key = key
         self._ttl = ttl
@@ -214,16 +235,16 @@ class CachedGeneration:
         return self
 
     async def _open(self) -> Generation:
-        found = await self._cache.lookup(self._key, self._request)
+        found = await self._cache.lookup(self._key, self._call)
         if self._closed:  # closed while the lookup ran
             raise StopAsyncIteration
         if found is not None:
             events, fingerprint = found
             self.cache_status = "hit"
-            self._inner = EventsGeneration(_replay(events), CACHE_BACKEND, fingerprint)
+            self._inner = StoredGeneration(events, CACHE_BACKEND, fingerprint)
         else:
             self.cache_status = "miss"
-            self._inner = self._provider.generate(self._request, self._upstream_model)
+            self._inner = self._provider.generate(self._call, self._upstream_model)
             self._recorded = []
             self._recorded_size = 0
         return self._inner
@@ -239,8 +260,9 @@ class CachedGeneration:
         except StopAsyncIteration:
             recorded, self._recorded = self._recorded, None
             if recorded is not None:  # a miss that ended normally: keep the answer for the next caller
-                await self._cache.keep(self._key, self._request.model, self._ttl, recorded, inner.fingerprint,
-                                       self._request.choices)
+                request = self._call.request
+                await self._cache.keep(self._key, request.model, self._ttl, recorded, inner.fingerprint,
+                                       request.choices)
             raise
         except BaseException:
             self._recorded = None  # a failure is never cached
@@ -251,7 +273,7 @@ class CachedGeneration:
             self._recorded_size += _rough_size(event)
             if self._recorded_size > self._cache.max_entry_bytes:
                 self._recorded = None
-                self._cache.counter.labels(self._request.model, "not_stored").inc()
+                self._cache.counter.labels(self._call.request.model, "not_stored").inc()
             else:
                 self._recorded.append(event)
         return event
@@ -263,9 +285,14 @@ class CachedGeneration:
             await self._inner.aclose()
 
 
-def _beyond_cap(events: list[Event], request: ChatCompletionRequest) -> bool:
-    return any(isinstance(e, UsageReport) and beyond_output_cap(e.usage.completion_tokens, request.output_limit,
-                                                                request.choices) for e in events)
+def _beyond_cap(events: list[Event], call: Call) -> bool:
+    return any(isinstance(e, UsageReport) and beyond_output_cap(e.usage.completion_tokens, call.output_limit,
+                                                                call.request.choices) for e in events)
+
+
+def _text_size(event: Event) -> int:
+    """Characters of output an event carries (text, reasoning, tool-call fragments)."""
+    return _rough_size(event) - 64 if isinstance(event, Delta) else 0
 
 
 def _rough_size(event: Event) -> int:

@@ -29,6 +29,7 @@ from grokgate.core.events import JSONObject
 from grokgate.core.pricing import prompt_token_bound
 from grokgate.core.responses import ChainTooLong, ResponseStore, StoredResponse, owner_of
 from grokgate.observability.metrics import Metrics
+from grokgate.providers.base import Call
 from grokgate.providers.router import prompt_shape
 from grokgate.schemas.responses import (
     FunctionTool,
@@ -37,7 +38,7 @@ from grokgate.schemas.responses import (
     ResponsesRequest,
     ServerTool,
 )
-from grokgate.serving.lifecycle import Call
+from grokgate.serving.lifecycle import CallOptions
 from grokgate.serving.responses_wire import Keeping, ResponsesWire, new_id
 from grokgate.serving.wire import Framing
 
@@ -61,12 +62,11 @@ class ResponsesService:
         self.max_chain_bytes = max_chain_bytes
         self.max_messages = max_messages
 
-    async def prepare(self, body: ResponsesRequest, principal: Principal, request_id: str,
-                      started: float) -> tuple[Call, ResponsesWire]:
+    async def prepare(self, body: ResponsesRequest, options: CallOptions) -> tuple[Call, ResponsesWire]:
         """The lifecycle's call (the translated request and its prompt bound) and this request's wire format.
         Raises 404 for a `previous_response_id` this principal has not stored (or that expired), 400 for a chain
         longer than the server's bounds (`max_messages` items with this turn's, `max_chain_bytes`)."""
-        owner = owner_of(principal.token_id, principal.key_id)
+        owner = options.tenant
         # A reasoning item without its encrypted content reaches no backend (see `_stateless_reasoning`): it is
         # neither sent nor kept, so it cannot fill the store for the price of a few prompt tokens.
         items = [item for item in map(turn_item, body.input) if not _stateless_reasoning(item)]
@@ -82,7 +82,7 @@ class ResponsesService:
         now = time.time()
         wire = ResponsesWire(self.framing, self.keeping, echo(body, new_id("resp"), int(now)), owner=owner,
                              input_items=items, created_ms=int(now * 1000))
-        return Call(request, prompt, request_id, started), wire
+        return options.call(request, prompt), wire
 
     async def _chain(self, owner: str, previous_id: str, turn_items: int) -> list[StoredResponse]:
         try:
