@@ -141,8 +141,8 @@ class Settings(BaseSettings):
     # `shared`, one set for every caller (record with one key, replay in CI with another). Default: `shared` with
     # accounts off (GROKGATE_API_KEYS are one team's), `tenant` with accounts on.
     cassette_scope: Literal["tenant", "shared"] | None = None
-    # Bounds of recording: one cassette file, and all the cassettes of the directory together (a request past them
-    # is still served, not recorded, and counted in grokgate_cassette_refused_total).
+    # Bounds of recording: one cassette file, and all the cassettes of one directory together (a tenant's own, or
+    # the shared one). A request that would record past them is refused with a clear error, and counted.
     max_cassette_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=1024**4)
     max_cassette_dir_bytes: int = Field(default=1024**3, ge=1024, le=1024**5)
     # The deployment's identity in shared stores (Redis keys of limits and cached answers). Default: the one kept in
