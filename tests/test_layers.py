@@ -210,3 +210,68 @@ def test_a_module_outside_every_layer_is_reported(tree: Path) -> None:
                                     "docs/architecture.md)"]
     finally:
         extra.unlink()
+
+
+# -- per-request state: one frozen Call, never ContextVars or a rewritten request -----------------------------------
+
+# Where a request is served: its options travel in the frozen `Call` (providers/base.py), never in context
+# variables, and what the client sent is never rewritten on the way (a feature that keeps state then cannot be
+# written without naming whose it is: `Call.tenant`).
+REQUEST_PATH = ("api", "serving", "providers", "core", "schemas")
+REQUEST_NAMES = frozenset({"request", "body", "chat"})  # names the parsed request goes by in these layers
+
+
+def request_state_violations(src: Path) -> list[str]:
+    """`contextvars` imported, an attribute of the parsed request assigned (`request.max_tokens = ...`,
+    `call.request.x = ...`, `setattr(request, ...)`), or `object.__setattr__` on anything but `self`."""
+    found = []
+    for path in sorted(src.rglob("*.py")):
+        module = module_name(path, src)
+        if layer_of(module) not in REQUEST_PATH:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), module)):
+            where = f"{module}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                if any(n.split(".")[0] == "contextvars" for n in names):
+                    found.append(f"{where} imports contextvars")
+            elif isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for target in targets:
+                    if isinstance(target, ast.Attribute) and _is_request(target.value):
+                        found.append(f"{where} assigns {ast.unparse(target)}")
+            elif isinstance(node, ast.Call) and node.args:
+                func = ast.unparse(node.func)
+                first = node.args[0]
+                if func == "setattr" and _is_request(first):
+                    found.append(f"{where} calls setattr on {ast.unparse(first)}")
+                if func == "object.__setattr__" and not (isinstance(first, ast.Name) and first.id == "self"):
+                    found.append(f"{where} calls object.__setattr__ on {ast.unparse(first)}")
+    return found
+
+
+def _is_request(node: ast.expr) -> bool:
+    return (isinstance(node, ast.Name) and node.id in REQUEST_NAMES) or (
+        isinstance(node, ast.Attribute) and node.attr == "request")
+
+
+def test_no_context_variables_and_no_rewritten_requests() -> None:
+    assert request_state_violations(SRC) == []
+
+
+@pytest.mark.parametrize(("file", "line", "expected"), [
+    ("serving/lifecycle.py", "from contextvars import ContextVar", "imports contextvars"),
+    ("providers/local.py", "def f(request):\n    request.max_tokens = 4", "assigns request.max_tokens"),
+    ("serving/chat.py", "def f(call):\n    call.request.n += 1", "assigns call.request.n"),
+    ("providers/xai.py", "def f(request):\n    object.__setattr__(request, '_k', 1)",
+     "calls object.__setattr__ on request"),
+], ids=["contextvar", "assign", "augassign", "setattr"])
+def test_a_rewritten_request_is_caught(tree: Path, file: str, line: str, expected: str) -> None:
+    path = tree / file
+    original = path.read_text()
+    try:
+        path.write_text(f"{original.rstrip()}\n\n\n{line}\n")
+        found = request_state_violations(tree)
+    finally:
+        path.write_text(original)
+    assert len(found) == 1 and found[0].endswith(expected), found

@@ -255,6 +255,65 @@ def test_the_hit_price_is_configurable(tmp_path: Path) -> None:
         assert sorted(r["cost"] for r in rows if r["backend"] == "cache") == [0]
 
 
+def test_a_field_grokgate_does_not_know_is_part_of_the_key(tmp_path: Path) -> None:
+    """Unknown fields are forwarded (an upstream may honour them: vLLM's `guided_choice`), so they decide the answer
+    and the key. Before: the key dropped them, and `guided_choice: ["second"]` was answered "first" from the cache."""
+    provider = ScriptedProvider()
+
+    async def echo(request: ChatCompletionRequest, model: str) -> AsyncGenerator[Event]:
+        choice = (request.model_extra or {}).get("guided_choice") or ["free text"]
+        yield Delta(0, content=str(choice[0]))
+        yield Finish(0, "stop")
+        yield UsageReport(Usage(prompt_tokens=PROMPT_TOKENS, completion_tokens=1))
+
+    provider.script = echo
+    with cached_app(tmp_path, provider) as srv:
+        answers = [post(srv, {**BODY, "guided_choice": [choice]}) for choice in ("first", "second")]
+        assert [r.json()["choices"][0]["message"]["content"] for r in answers] == ["first", "second"]
+        assert [r.headers["x-grokgate-cache"] for r in answers] == ["miss", "miss"]
+        plain = post(srv, BODY)
+        assert (plain.headers["x-grokgate-cache"], plain.json()["choices"][0]["message"]["content"]) == (
+            "miss", "free text")
+        again = post(srv, {**BODY, "guided_choice": ["second"]})
+        assert (again.headers["x-grokgate-cache"], again.json()["choices"][0]["message"]["content"]) == (
+            "hit", "second")
+        # What does not change the answer still shares it: how it is delivered, and the prompt-cache hint.
+        delivered = post(srv, {**BODY, "prompt_cache_key": "conv-1", "stream": False})
+        assert delivered.headers["x-grokgate-cache"] == "hit"
+
+
+def test_a_streamed_hit_cut_short_is_billed_what_it_delivered(tmp_path: Path) -> None:
+    """At the full hit price, a client that reads part of a long cached stream and hangs up pays for the part it
+    read (the prompt, and the output in the share of its text that went out). Before: it paid nothing."""
+    words = 60_000
+    provider = ScriptedProvider(text=" ".join(f"w{i % 10}" for i in range(words)))
+    with cached_app(tmp_path, provider, response_cache_hit_price="full",
+                    response_cache_max_entry_bytes=256 * 1024 * 1024) as srv:
+        secret, key = create_key(srv, "reader", credits="1000")  # type: ignore[arg-type]
+        body = {**BODY, "max_tokens": words + 10}
+        assert post(srv, body, token=secret).headers["x-grokgate-cache"] == "miss"
+        whole = post(srv, body, token=secret)
+        assert whole.headers["x-grokgate-cache"] == "hit"
+        with srv.client() as c, c.stream("POST", "/grok/chat/completions", json={**body, "stream": True},
+                                         headers={"Authorization": f"Bearer {secret}"}) as r:
+            assert r.headers["x-grokgate-cache"] == "hit"
+            lines = r.iter_lines()
+            for _ in range(200):  # a little of it, then the client goes away
+                next(lines)
+        deadline = time.monotonic() + 10
+        while True:
+            rows = [row for row in admin_json(srv, f"/admin/ledger?token={key['id']}")["data"]
+                    if row["kind"] == "usage"]
+            if len(rows) == 3 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        cut, full_hit = rows[0], rows[1]  # newest first
+        assert (cut["backend"], cut["status"]) == ("cache", "client_disconnected")
+        assert full_hit["status"] == "ok" and full_hit["completion_tokens"] == words
+        assert 0 < cut["cost"] < full_hit["cost"]
+        assert 0 < cut["completion_tokens"] < words and cut["prompt_tokens"] == full_hit["prompt_tokens"]
+
+
 def test_an_entry_with_more_output_than_this_request_reserved_is_a_miss() -> None:
     """Requests of one key are held to the same output cap, unless the policy changed meanwhile (a lower
     GROKGATE_DEFAULT_OUTPUT_RESERVATION after a restart, replicas set apart, over a Redis kept for days): an entry
