@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from grokgate.providers.base import ModelTable, Route, create
 from grokgate.providers.router import Candidate, RoutedModel
