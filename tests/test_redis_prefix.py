@@ -29,12 +29,12 @@ def shared_redis(redis_url: str) -> Iterator[str]:
             r.delete(key)
 
 
-def first_answers(tmp: Path, url: str, prefixes: tuple[str, str]) -> list[int]:
+def first_answers(tmp: Path, url: str, prefixes: tuple[str, str], **settings: str) -> list[int]:
     """Statuses of one request per deployment, each through a fresh token (id 1 in both) limited to 1 RPM."""
     statuses = []
     with ExitStack() as stack:
         apps: list[AppServer] = [
-            stack.enter_context(app_server(tmp / f"d{i}", redis_url=url, redis_key_prefix=prefix))
+            stack.enter_context(app_server(tmp / f"d{i}", redis_url=url, redis_key_prefix=prefix, **settings))
             for i, prefix in enumerate(prefixes)
         ]
         for app in apps:
@@ -53,9 +53,10 @@ def test_deployments_with_their_own_prefixes_do_not_share_limits(tmp_path: Path,
 
 
 def test_one_prefix_for_both_shares_them(tmp_path: Path, shared_redis: str) -> None:
-    """The control: with one prefix, the second deployment's token 1 finds the first's request in its minute."""
+    """The control: with one prefix and one deployment id (replicas of one deployment), the second's token 1 finds
+    the first's request in its minute. Two deployments on one prefix do not: tests/test_deployment_identity.py."""
     run = uuid.uuid4().hex[:8]
-    assert first_answers(tmp_path, shared_redis, (f"test-{run}:", f"test-{run}:")) == [200, 429]
+    assert first_answers(tmp_path, shared_redis, (f"test-{run}:", f"test-{run}:"), deployment_id=run) == [200, 429]
 
 
 def test_a_prefix_with_braces_is_refused() -> None:

@@ -373,7 +373,8 @@ def test_redis_is_shared_by_two_replicas(tmp_path: Path, cache_redis: str) -> No
         for name in ("a", "b"):
             provider = ScriptedProvider()
             srv = stack.enter_context(app_server(tmp_path / name, scripted_models(provider), config=config,
-                                                 redis_url=cache_redis, redis_key_prefix=prefix))
+                                                 redis_url=cache_redis, redis_key_prefix=prefix,
+                                                 deployment_id="replicas"))
             srv.extra["provider"] = provider
             replicas.append(srv)
         a, b = replicas
@@ -383,7 +384,7 @@ def test_redis_is_shared_by_two_replicas(tmp_path: Path, cache_redis: str) -> No
         assert second.json()["choices"] == first.json()["choices"]
         assert (calls(a), calls(b)) == (1, 0)
         with redis.Redis.from_url(cache_redis) as r:
-            keys = r.keys(f"{prefix}cache:*")
+            keys = r.keys(f"{prefix}replicas:cache:*")
             assert len(keys) == 1
             assert 0 < r.ttl(keys[0]) <= 120  # the request's ttl, native in Redis
 

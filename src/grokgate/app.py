@@ -34,6 +34,7 @@ from grokgate.serving import Serving
 from grokgate.serving.response_cache import ResponseCache
 from grokgate.serving.responses import ResponsesService
 from grokgate.settings import Settings
+from grokgate.store.deployment import RedisDeployment, static_deployment_id
 from grokgate.store.limits_memory import MemoryRateLimiter
 from grokgate.store.limits_redis import RedisRateLimiter
 from grokgate.store.response_cache_memory import MemoryResponseCache
@@ -104,13 +105,15 @@ def create_app(
         models = ModelTable([]) if pure_replay else build_routing(settings)
     metrics = Metrics()
     models = wrap_recording(settings, models, metrics)
+    # Limits and cached answers in Redis, under the deployment's own id (known at start: store/deployment.py).
+    redis = RedisDeployment(settings.redis_url, settings.redis_key_prefix) if settings.redis_url else None
     store = None
     if admission is None and settings.accounts:
-        admission, store = build_accounts(settings)
+        admission, store = build_accounts(settings, redis)
     admission = admission or StaticKeyAdmission(settings.api_keys)
     # Replaying answers from cassettes, in their recorded order: a cache in front would repeat the first one (and
     # read the routing file pure replay does without).
-    response_cache = None if settings.replay_dir else build_response_cache(settings, metrics)
+    response_cache = None if settings.replay_dir else build_response_cache(settings, metrics, redis)
     serving = Serving(admission, models, metrics, keepalive=settings.keepalive_seconds,
                       max_server_tool_calls=settings.max_server_tool_calls,
                       server_tool_input_tokens=settings.server_tool_input_tokens,
@@ -137,6 +140,10 @@ def create_app(
             await store.seed_prices(default_prices(models.names(), settings.credits_per_usd))
             # Whatever an earlier run of this instance held when it died is released before new traffic.
             await store.reclaim(owner=store.owner, older_than_ms=settings.reservation_lease_seconds * 1000)
+        if redis is not None:
+            await redis.start(settings.deployment_id
+                              or (store.deployment_id if store is not None else None)
+                              or static_deployment_id(settings.api_keys))
         for provider in gw.models.providers():
             await provider.start()
         untune = tune_gc() if settings.tune_gc else None
@@ -214,35 +221,38 @@ async def purge_responses(stored: ResponseStore, metrics: Metrics, every: float,
         await asyncio.sleep(min(every, measure_every))
 
 
-def build_response_cache(settings: Settings, metrics: Metrics) -> ResponseCache | None:
+def build_response_cache(settings: Settings, metrics: Metrics,
+                         redis: RedisDeployment | None = None) -> ResponseCache | None:
     """The exact response cache for the models the routing file opts in (none: no cache, no lookups): in Redis
-    when one is configured (shared by replicas, under the deployment's key prefix), else in memory."""
+    when one is configured (shared by the deployment's replicas, under its prefix and id), else in memory."""
     specs = routing.cache_rules(settings)
     if not specs:
         return None
     rules = {model: CacheRule(ttl=spec.ttl, max_ttl=spec.longest, cache_sampled=spec.cache_sampled, scope=spec.scope)
              for model, spec in specs.items()}
     store: ResponseCacheStore
-    if settings.redis_url:
-        store = RedisResponseCache(settings.redis_url, key_prefix=f"{settings.redis_key_prefix}cache:",
-                                   max_connections=settings.redis_max_connections,
-                                   pool_timeout=settings.redis_pool_timeout_seconds)
+    if redis is not None:
+        url = redis.url
+        store = redis.cache_store(lambda prefix: RedisResponseCache(
+            url, key_prefix=f"{prefix}cache:", max_connections=settings.redis_max_connections,
+            pool_timeout=settings.redis_pool_timeout_seconds))
     else:
         store = MemoryResponseCache(settings.response_cache_memory_bytes)
     return ResponseCache(store, rules, metrics, max_entry_bytes=settings.response_cache_max_entry_bytes)
 
 
-def build_accounts(settings: Settings) -> tuple[AccountAdmission, SqlStore]:
+def build_accounts(settings: Settings, redis: RedisDeployment | None = None) -> tuple[AccountAdmission, SqlStore]:
     store = SqlStore(settings.database_url or default_url(settings.data_dir), owner=settings.instance(),
                      writer_process=settings.sqlite_writer == "process",
                      heartbeat_seconds=settings.instance_heartbeat_seconds,
                      dead_after_seconds=settings.instance_dead_after_seconds)
     limiter: RateLimiter
-    if settings.redis_url:
-        limiter = RedisRateLimiter(settings.redis_url, on_store_error=settings.rate_limit_store_error,
-                                   max_connections=settings.redis_max_connections,
-                                   pool_timeout=settings.redis_pool_timeout_seconds,
-                                   key_prefix=settings.redis_key_prefix)
+    if redis is not None:
+        url = redis.url
+        limiter = redis.limiter(lambda prefix: RedisRateLimiter(
+            url, on_store_error=settings.rate_limit_store_error,
+            max_connections=settings.redis_max_connections, pool_timeout=settings.redis_pool_timeout_seconds,
+            key_prefix=prefix))
     else:
         limiter = MemoryRateLimiter()
     # A request without an output cap is held to this reservation, so it must itself be a valid cap.

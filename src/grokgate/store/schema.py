@@ -22,6 +22,8 @@ from sqlalchemy import (
 
 metadata = MetaData()
 
+# AUTOINCREMENT (migration 0004): SQLite never hands a deleted token's id to a new one, as PostgreSQL's sequence never
+# does; everything a token leaves behind is keyed by its id (core/tenancy.py).
 api_tokens = Table(
     "api_tokens",
     metadata,
@@ -41,6 +43,18 @@ api_tokens = Table(
     Column("reserved", BigInteger, nullable=False, default=0),
     CheckConstraint("balance >= 0", name="ck_api_tokens_balance_nonnegative"),
     CheckConstraint("reserved >= 0", name="ck_api_tokens_reserved_nonnegative"),
+    sqlite_autoincrement=True,
+)
+
+# The deployment's identity (migration 0004 makes the one row, with a random id): shared by the replicas of one
+# database, never by two databases, it keeps deployments apart in a shared Redis (store/deployment.py).
+deployment = Table(
+    "deployment",
+    metadata,
+    Column("singleton", Integer, primary_key=True, autoincrement=False),
+    Column("id", String(64), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    CheckConstraint("singleton = 1", name="ck_deployment_singleton"),
 )
 
 prices = Table(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import secrets
 import time
 import uuid
 from collections import defaultdict
@@ -60,7 +61,7 @@ from grokgate.core.responses import owner_of
 from grokgate.store.batch import Reservation, reserve_many, settle_many, sqlite_statements
 from grokgate.store.cache import RefreshingCache
 from grokgate.store.reports import Reports
-from grokgate.store.schema import api_tokens, instances, ledger, prices, reservations, responses
+from grokgate.store.schema import api_tokens, deployment, instances, ledger, prices, reservations, responses
 from grokgate.store.sqlite_writer import SqliteWriter, WriterFailed
 
 log = logging.getLogger("grokgate.store")
@@ -126,6 +127,9 @@ class SqlStore(Reports):
         self._lock_file: Any = None
         self._unsettled = 0  # reservations granted and not yet settled: close() waits for them
         self._closed = False
+        # The deployment's identity (the `deployment` row, migration 0004), read at open: every replica of this
+        # database has the same, another database never does (store/deployment.py).
+        self.deployment_id: str | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
@@ -156,6 +160,7 @@ class SqlStore(Reports):
                 self._memory_holds = True
         if migrate:
             await self.upgrade()
+        self.deployment_id = await self._read_deployment_id()
         if serve and self.dialect != "sqlite":
             # A shared database keeps reservation rows: announce that this instance is alive, release what
             # dead ones left, and keep doing both while serving.
@@ -191,6 +196,17 @@ class SqlStore(Reports):
                 # the others then find the schema at head. Released at commit.
                 await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
             await conn.run_sync(run)
+
+    async def _read_deployment_id(self) -> str:
+        """The one `deployment` row's id; made now (once, whichever replica gets there first) if it was deleted."""
+        async with self.engine.begin() as conn:
+            found = (await conn.execute(select(deployment.c.id).where(deployment.c.singleton == 1))).scalar()
+            if found is None:
+                await conn.execute(_dialect_insert(self.dialect, deployment).values(
+                    singleton=1, id=secrets.token_hex(8), created_at=now_ms()).on_conflict_do_nothing(
+                    index_elements=["singleton"]))
+                found = (await conn.execute(select(deployment.c.id).where(deployment.c.singleton == 1))).scalar_one()
+        return str(found)
 
     async def close(self, grace: float = 10.0) -> None:
         """Settle what is owed, then close. At shutdown the server cancels requests it gave up waiting for
@@ -407,7 +423,6 @@ class SqlStore(Reports):
             return int(result.scalar_one())
 
         token_id = await self.write(op)
-        self._balances.invalidate(token_id)  # SQLite may reuse the id of a deleted token
         record = await self.get_token(token_id)
         assert record is not None
         return record, secret
@@ -476,8 +491,8 @@ class SqlStore(Reports):
     async def delete_token(self, token_id: int) -> None:
         def op(conn: Connection) -> int:
             conn.execute(delete(reservations).where(reservations.c.token_id == token_id))
-            # Its stored conversations go with it: on SQLite a later token may get the same id (core/responses.py
-            # owner_of scopes them by it), and must not find them.
+            # Its stored conversations go with it (nobody can reach them any more: ids are never reused, migration
+            # 0004); its ledger and daily usage stay, for the operator's books.
             conn.execute(delete(responses).where(responses.c.owner == owner_of(token_id, "")))
             return int((conn.execute(delete(api_tokens).where(api_tokens.c.id == token_id))).rowcount)
 
