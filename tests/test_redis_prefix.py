@@ -1,7 +1,9 @@
 """GROKGATE_REDIS_KEY_PREFIX: two deployments sharing one Redis database keep their rate limits apart.
 
 Each deployment has its own SQLite database, so both have a token with id 1, whose limiter keys would be the same
-(`<prefix>{tok-1}`) without a prefix of its own: one deployment's traffic would spend the other's RPM.
+(`<prefix>{tok-1}`) without something of their own: one deployment's traffic would spend the other's RPM. Keys
+carry the prefix and the deployment's id (store/deployment.py); tests/test_deployment_identity.py shows that the
+id alone keeps two deployments apart on one prefix.
 """
 
 from __future__ import annotations

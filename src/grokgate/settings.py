@@ -106,8 +106,9 @@ class Settings(BaseSettings):
     # Redis connection pool of the rate limiter: requests wait up to the timeout for a free connection.
     redis_max_connections: int = Field(default=64, ge=1, le=10_000)
     redis_pool_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
-    # Prefix of the rate limiter's Redis keys: deployments (or test runs) sharing one Redis database keep apart by
-    # it, since token ids repeat across databases. No braces: the keys' {hash tag} follows it.
+    # Prefix of the Redis keys of limits and cached answers, followed by the deployment's id (deployment_id below),
+    # so deployments sharing one Redis database never share them; give each deployment its own prefix all the same
+    # (a shared one is warned at start). No braces: the keys' {hash tag} follows it.
     redis_key_prefix: str = Field(default="grokgate:rl:", min_length=1, max_length=64, pattern=r"^[^{}\s]+$")
 
     # The Responses API (serving/responses.py). Stored responses are kept this many days (xAI keeps 30), then

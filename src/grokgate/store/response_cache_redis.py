@@ -2,9 +2,10 @@
 server, so an answer one replica stored is a hit on the others. The `ResponseCacheStore` contract of
 core/response_cache.py: one GET per lookup, one SET with a native expiry (PX) per stored answer.
 
-Keys are `<prefix><digest>`, the prefix being the deployment's GROKGATE_REDIS_KEY_PREFIX followed by `cache:`, so
-deployments sharing one Redis database keep their answers apart as they keep their rate limits. The digest already
-contains the owner (serving/response_cache.py), so one tenant's answers are never read under another's key.
+Keys are `<prefix><digest>`, the prefix being GROKGATE_REDIS_KEY_PREFIX, the deployment's id and `cache:`
+(store/deployment.py), so deployments sharing one Redis database keep their answers apart as they keep their rate
+limits, even with one prefix. The digest already contains the owner (serving/response_cache.py), so one tenant's
+answers are never read under another's key.
 
 The cache is an optimisation: short timeouts and no retries, so a Redis that is down costs a request about half
 a second at most and the request is then served as a miss (the serving layer counts the error).
