@@ -18,7 +18,7 @@ import pytest
 from grokgate.app import create_app
 from grokgate.core.errors import GatewayError
 from grokgate.providers.base import Call
-from grokgate.providers.openai_compat import BackendConfig
+from grokgate.providers.openai_compat import BackendConfig, OpenAICompatBackend
 from grokgate.providers.router import Candidate, RoutedModel
 from grokgate.providers.xai import XAIBackend
 from grokgate.schemas.chat import ChatCompletionRequest
@@ -151,8 +151,8 @@ def ask(model: RoutedModel, times: int = 1) -> list[str | int]:
         out: list[str | int] = []
         try:
             for _ in range(times):
-                generation = model.generate(Call(ChatCompletionRequest(model="grok-3", messages=user("hi")),
-                                                  "key:test"), "grok-3")
+                request = ChatCompletionRequest(model="grok-3", messages=user("hi"))
+                generation = model.generate(Call(request, "key:test"), "grok-3")
                 try:
                     [event async for event in generation]
                     out.append("ok")
@@ -198,3 +198,15 @@ def test_a_403_for_what_one_request_asked_cools_no_key(upstreams: tuple[FakeVLLM
     assert ask(model, 2) == [502, "ok"]
     backend = model.candidates[0].backend
     assert isinstance(backend, XAIBackend) and backend.keys[0].breaker.state == "closed"
+
+
+def test_a_key_vllm_refuses_with_401_is_cooled_without_asking(upstreams: tuple[FakeVLLM, FakeXAI]) -> None:
+    """vLLM (like OpenAI) answers a wrong key with 401: the status alone cools it, and the next key serves."""
+    vllm, _ = upstreams
+    backend = OpenAICompatBackend(BackendConfig(name="vllm", base_url=vllm.url, api_keys=["wrong", VLLM_KEY],
+                                                cooldown=60))
+    model = RoutedModel("grok-3", [Candidate(backend, "served-model")])
+    assert ask(model, 3) == ["ok"] * 3
+    assert [p["headers"]["authorization"] for p in posts(vllm)] == ["Bearer wrong"] + [f"Bearer {VLLM_KEY}"] * 3
+    assert [k.breaker.state for k in backend.keys] == ["open", "closed"]
+    assert not [r for r in vllm.requests if r["method"] == "GET"], "no key check: 401 says it all"
