@@ -266,7 +266,7 @@ class RoutedGeneration:
                 except (GatewayError, StopAsyncIteration) as exc:  # broke before any output: try elsewhere
                     await self._drop_events()
                     if isinstance(exc, GatewayError) and exc.status < 500:
-                        # The upstream's own words blame the request (openai_compat.stream_error): the caller's
+                        # The error's own fields blame the request (openai_compat.stream_error): the caller's
                         # answer, not the backend's failure, or one caller's requests would open its breaker.
                         raise exc from None
                     upstream.failed()
