@@ -54,14 +54,25 @@ wins when sent. ``fake.cache_log`` records ``(key, conversation id, server, cach
 ``POST /v1/responses``, ``GET`` / ``DELETE /v1/responses/{id}``: xAI's own Responses API, stored responses
 included (``fake.stored``; ``fake.responses_requests`` records the POSTs): tests/fakes/fake_xai_responses.py.
 
+Keys (xAI's answers, per docs.x.ai's REST reference and an SDK's recorded error: a wrong key is a 400,
+"Incorrect API key provided: xa***ey", the status of any invalid argument; a key or team that is blocked is a
+403 on every endpoint): ``GET /v1/api-key`` answers the key's own record (xAI's ``ApiKey``:
+``redacted_api_key``, ``acls``, ``api_key_blocked``, ``api_key_disabled``, ``team_blocked``...) or the wrong-key
+400. ``fake.blocked`` (a set of keys): their requests get the 403, their ``/v1/api-key`` record says
+``api_key_blocked: true``.
+
 Faults (:data:`FAULTS`; queued ones are consumed FIFO, one per ``POST`` to ``/chat/completions`` or ``/responses``,
 whatever the request; ``failed`` is the Responses API's alone, see tests/fakes/fake_xai_responses.py):
 ``500``/``502``/``503``; ``429`` (``retry_after``, default 1, sent as ``retry-after``); ``bad_key`` (the 400 wrong-key
-answer); ``reset`` (connection closed with no response); ``stall`` (``seconds``, default 30, before headers, then a
+answer; the key's ``GET /v1/api-key`` then gives it too, until a request with that key is next served: a key
+refused for a while); ``403`` (the key may not do what this request asks; its ``/v1/api-key`` record is clean);
+``reset`` (connection closed with no response); ``stall`` (``seconds``, default 30, before headers, then a
 normal answer; :meth:`FakeXAI.release_stalls` ends the stalls under way at once); ``reset_mid_stream`` (``after``
 chunks, default 2, then the connection is closed: no ``[DONE]``);
 ``stall_mid_stream`` (``after`` chunks, then silence for ``seconds``, default 30, then the rest); ``no_usage`` (no usage
 chunk; non-stream: no ``usage`` key). Non-stream ``*_mid_stream`` faults cut or pause the JSON body halfway.
+``echo=1`` on an error fault (``500``/``502``/``503``, ``429``, ``bad_key``, ``403``, ``failed``): its message also
+quotes the request's Authorization header, as an upstream that repeats what it was sent.
 """
 
 from __future__ import annotations
@@ -92,9 +103,10 @@ from starlette.types import Receive, Scope, Send
 REASONING_MODELS = ("grok-4-0709", "grok-4", "grok-4-1-fast-reasoning", "grok-4-1-fast", "grok-3-mini")
 KNOWN_MODELS = (*REASONING_MODELS, "grok-3", "grok-2-vision-1212", "grok-4-1-fast-non-reasoning", "grok-code-fast-1")
 OPENAI_ONLY_FIELDS = ("service_tier", "store", "metadata", "modalities", "audio", "prediction")
-FAULTS = frozenset({"500", "502", "503", "429", "bad_key", "reset", "stall", "reset_mid_stream",
+FAULTS = frozenset({"500", "502", "503", "429", "bad_key", "403", "reset", "stall", "reset_mid_stream",
                     "stall_mid_stream", "no_usage", "failed"})
 STATUS_TEXT = {400: "Client specified an invalid argument", 401: "Unauthenticated",
+               403: "The caller does not have permission to execute the specified operation",
                404: "Some requested entity was not found", 405: "Method Not Allowed",
                415: "Unsupported Media Type", 422: "Unprocessable Entity",
                429: "Some resource has been exhausted", 500: "Internal error", 502: "Bad Gateway",
@@ -133,6 +145,13 @@ def _usage(prompt: int, cached: int, completion: int, reasoning: int) -> dict[st
             "completion_tokens_details": {"reasoning_tokens": reasoning, "audio_tokens": 0,
                                           "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
             "num_sources_used": 0}
+
+
+def echoed(spec: dict[str, Any] | None, headers: dict[str, str]) -> str:
+    """What an ``echo`` fault adds to its message: the request's Authorization header, as it came."""
+    if not spec or not spec.get("echo"):
+        return ""
+    return f" (request headers: {{'authorization': '{headers.get('authorization', '')}'}})"
 
 
 def parse_fault(fault: str | dict[str, Any]) -> dict[str, Any]:
@@ -262,6 +281,8 @@ class FakeXAI:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stalls: set[asyncio.Event] = set()
+        self.blocked: set[str] = set()  # keys xAI answers 403 on every endpoint (their record: api_key_blocked)
+        self._refused: set[str] = set()  # keys the bad_key fault refused, until a request with one is served
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         # Stored responses of /v1/responses (`store` defaults to true at xAI): id -> {"response", "input"}.
@@ -273,7 +294,8 @@ class FakeXAI:
                                      Route("/v1/responses", responses.create, methods=["POST"]),
                                      Route("/v1/responses/{response_id}", responses.get, methods=["GET"]),
                                      Route("/v1/responses/{response_id}", responses.delete, methods=["DELETE"]),
-                                     Route("/v1/models", self._models, methods=["GET"])],
+                                     Route("/v1/models", self._models, methods=["GET"]),
+                                     Route("/v1/api-key", self._api_key, methods=["GET"])],
                              exception_handlers={HTTPException: self._http_error})
 
     # ----- test controls -------------------------------------------------------------------------------------------
@@ -304,6 +326,8 @@ class FakeXAI:
             self.requests.clear()
             self.header_defaults.clear()
             self.stored.clear()
+            self.blocked.clear()
+            self._refused.clear()
             if self.caches is not None:
                 self.caches = PromptCaches(self.caches.servers)
 
@@ -387,7 +411,28 @@ class FakeXAI:
         scheme, _, key = headers.get("authorization", "").partition(" ")
         if scheme != "Bearer" or not key.strip():
             return _error(401, "Missing bearer or basic authentication in header")
-        return None if key.strip() in self.api_keys else self._bad_key(key.strip())
+        if key.strip() not in self.api_keys:
+            return self._bad_key(key.strip())
+        if key.strip() in self.blocked:
+            return _error(403, f"The API key {key.strip()[:2]}***{key.strip()[-2:]} is blocked.")
+        return None
+
+    async def _api_key(self, request: Request) -> Response:
+        """``GET /v1/api-key``: the key's record, or the answer a wrong (or refused) key gets."""
+        headers = self._record(request, b"")
+        key = headers.get("authorization", "").partition(" ")[2].strip()
+        if key in self._refused:
+            return self._bad_key(key)
+        denied = self._auth(headers)
+        if denied is not None and denied.status_code != 403:
+            return denied
+        ident = str(uuid.uuid5(uuid.NAMESPACE_OID, key))
+        record = {"redacted_api_key": f"{key[:4]}...{key[-4:]}", "user_id": ident, "name": "fake key",
+                  "create_time": "2024-01-01T12:55:18.139305Z", "modify_time": "2024-08-28T17:20:12.343321Z",
+                  "modified_by": ident, "team_id": ident, "acls": ["api-key:model:*", "api-key:endpoint:*"],
+                  "api_key_id": ident, "team_blocked": False, "api_key_blocked": key in self.blocked,
+                  "api_key_disabled": False}
+        return Response(orjson.dumps(record), media_type="application/json")
 
     @staticmethod
     def _bad_key(key: str) -> Response:
@@ -418,15 +463,24 @@ class FakeXAI:
             return raw, headers, fault, _Raw(200, {}, [], None)
         if name == "stall":
             await self._stall(float(spec.get("seconds", 30)))
+        echo = echoed(spec, headers)
         if name in ("500", "502", "503"):
-            return raw, headers, fault, _error(int(name), f"fake xAI fault {name}")
+            return raw, headers, fault, _error(int(name), f"fake xAI fault {name}{echo}")
         if name == "429":
             retry = spec.get("retry_after", 1)
             retry = int(retry) if float(retry).is_integer() else retry
-            return raw, headers, fault, _error(429, "Rate limit exceeded (fake)", headers={"retry-after": str(retry)})
+            return raw, headers, fault, _error(429, f"Rate limit exceeded (fake){echo}",
+                                               headers={"retry-after": str(retry)})
+        key = headers.get("authorization", "Bearer xai-bad-key").partition(" ")[2] or "xai-bad-key"
         if name == "bad_key":
-            key = headers.get("authorization", "Bearer xai-bad-key").partition(" ")[2] or "xai-bad-key"
-            return raw, headers, fault, self._bad_key(key)
+            self._refused.add(key)
+            answer = self._bad_key(key)
+            if echo:
+                answer = _error(400, orjson.loads(answer.body)["error"] + echo)
+            return raw, headers, fault, answer
+        if name == "403":
+            return raw, headers, fault, _error(403, f"The API key {key[:2]}***{key[-2:]} does not have permission "
+                                                    f"for this request.{echo}")
         return raw, headers, fault, None
 
     async def _json_post(self, request: Request, *required: str) -> tuple[Any, bytes, dict[str, str],
@@ -436,6 +490,8 @@ class FakeXAI:
         raw, headers, fault, answered = await self._prelude(request)
         if answered is None:
             answered = self._auth(headers)
+        if answered is None:  # served: a key the bad_key fault refused is good again
+            self._refused.discard(headers.get("authorization", "").partition(" ")[2].strip())
         if answered is None and (not raw or not headers.get("content-type", "").startswith("application/json")):
             answered = _error(415, "Expected request with `Content-Type: application/json`")
         body: Any = None

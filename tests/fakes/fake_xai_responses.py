@@ -42,8 +42,9 @@ whichever POST comes next):
   ``searching`` / ``completed``; ``custom_tool_call_input.delta`` / ``done``; a message's ``content_part.added``,
   ``output_text.delta`` in ``chunks`` pieces, ``output_text.annotation.added``, ``output_text.done``,
   ``content_part.done``), then ``response.completed`` (or ``response.incomplete``) with the whole response.
-* faults besides chat's: ``failed`` (stream: ``response.failed`` with an ``error`` after in_progress; non-stream: a
-  500); ``no_usage`` gives ``usage: null``.
+* faults besides chat's: ``failed`` (stream: ``response.failed`` with an ``error`` after in_progress, or after
+  ``after`` text deltas of the message; non-stream: a 500; ``echo=1`` quotes the Authorization header in its
+  message); ``no_usage`` gives ``usage: null``.
 
 Validation (``strict``): missing ``model`` / ``input`` (422), unknown model (404), ``instructions`` with
 ``previous_response_id``, an unknown ``previous_response_id`` (404), ``include`` other than
@@ -73,6 +74,7 @@ from tests.fakes.fake_xai import (
     _filler,
     _Raw,
     _split,
+    echoed,
     is_reasoning,
     words,
 )
@@ -331,13 +333,13 @@ class FakeResponses:
             self.fake.stored[rid] = {"response": response, "input": [*history, *items]}
         if not body.get("stream"):
             if name == "failed":
-                return _error(500, "fake xAI fault failed")
+                return _error(500, f"fake xAI fault failed{echoed(fault, headers)}")
             data = orjson.dumps(response)
             return _Raw(200, {"content-type": "application/json", "content-length": str(len(data))},
                         [data[:len(data) // 2], data[len(data) // 2:]], fault, after=1)
         delay = float(headers.get("x-fake-chunk-delay-ms") or 0) / 1000
         return _Raw(200, {"content-type": "text/event-stream", "cache-control": "no-cache"},
-                    self._frames(response, name), fault, delay)
+                    self._frames(response, name, fault, headers), fault, delay)
 
     @staticmethod
     def _tool_item(kind: str, rid: str, n: int, query: str) -> dict[str, Any]:
@@ -351,7 +353,8 @@ class FakeResponses:
         return {"id": f"ci_{rid}_call_{n}", "type": "code_interpreter_call", "status": "completed",
                 "code": "print(6 * 7)", "outputs": [{"type": "logs", "logs": "42"}]}
 
-    def _frames(self, response: dict[str, Any], fault: str | None) -> list[bytes]:
+    def _frames(self, response: dict[str, Any], fault: str | None, spec: dict[str, Any] | None = None,
+                headers: dict[str, str] | None = None) -> list[bytes]:
         seq = 0
         frames: list[bytes] = []
 
@@ -364,7 +367,15 @@ class FakeResponses:
         emit("response.created", response=opening)
         emit("response.in_progress", response=opening)
         if fault == "failed":
-            error = {"code": "server_error", "message": "fake xAI fault failed"}
+            after = int((spec or {}).get("after", 0))
+            message = next((i for i in response["output"] if i["type"] == "message"), None)
+            if after and message is not None:
+                emit("response.output_item.added", item={**message, "content": [], "status": "in_progress"},
+                     output_index=0)
+                for piece in _split(message["content"][0]["text"], self.fake.chunks)[:after]:
+                    emit("response.output_text.delta", content_index=0, delta=piece, item_id=message["id"],
+                         output_index=0, logprobs=[])
+            error = {"code": "server_error", "message": f"fake xAI fault failed{echoed(spec, headers or {})}"}
             emit("response.failed", response={**opening, "status": "failed", "error": error})
             return frames
         for index, item in enumerate(response["output"]):

@@ -5,7 +5,9 @@ path httpx's per-request cost was the largest single item in the profile, see do
 A request goes out as a stream when the client streams (always asking for usage) and as one JSON
 request otherwise; either way the reply becomes `core.events`. Failures before the first event raise
 `UpstreamFailure`, which the router may retry on another key or backend; failures after it are errors
-of the stream. The router records the backend breaker's success once the first event arrives.
+of the stream. The router records the backend breaker's success once the first event arrives. A refusal is
+judged by its status and structured fields, never by its message, which reaches the caller redacted
+(providers/upstream_errors.py): what one caller sends cannot cool a key or a backend that every tenant shares.
 
 A backend is an `Upstream` (providers/base.py): the router drives `attempt` itself. It is also a plain
 `Provider` whose `generate` is a route of one candidate, for code that serves a model straight from it.
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import itertools
 import logging
 import time
@@ -40,6 +41,7 @@ from grokgate.core.events import Delta, Event, Extra, Finish, JSONObject, Usage,
 from grokgate.core.usage import normalise_usage
 from grokgate.providers.base import BackendStatus, Call, UpstreamFailure, held_body, register
 from grokgate.providers.router import Candidate, RoutedGeneration, rendezvous
+from grokgate.providers.upstream_errors import UpstreamKey, request_fault, retry_after, upstream_message
 from grokgate.schemas.chat import ChatCompletionRequest
 
 log = logging.getLogger("grokgate.upstream")
@@ -51,16 +53,8 @@ PASSTHROUGH_KEYS = ("citations",)
 ReplyReader = Callable[[aiohttp.ClientResponse, bool], AsyncGenerator[Event]]
 
 
-@dataclass
-class UpstreamKey:
-    value: str
-    breaker: Breaker = field(default_factory=Breaker)
-    # The key's name in rendezvous hashing: a hash of the key, so that adding or removing another key moves only
-    # its own conversations, and the key itself is never hashed with anything a client sends.
-    ident: str = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.ident = hashlib.blake2b(self.value.encode(), digest_size=8).hexdigest()
+# Statuses that blame the key (providers/upstream_errors.py): its credentials, its account's credit, its rights.
+KEY_STATUSES = (401, 402, 403)
 
 
 @dataclass
@@ -84,12 +78,16 @@ class BackendConfig:
 
 class OpenAICompatBackend:
     kind = "openai"
+    # Statuses this upstream gives a refused key and a refused request alike: after one, the key is judged by
+    # `check_key`. None here: OpenAI, vLLM and llama.cpp's server answer a wrong key with 401.
+    shared_statuses: tuple[int, ...] = ()
 
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
         self.name = config.name
         self.breaker = Breaker(config.failure_threshold, config.cooldown)
         self.keys = [UpstreamKey(k, Breaker(config.failure_threshold, config.cooldown)) for k in config.api_keys]
+        self.secrets = tuple(config.api_keys)  # redacted from every upstream message, whatever their shape
         self._rotation = itertools.count()
         self.url = config.base_url.rstrip("/") + "/chat/completions"
         self._session: aiohttp.ClientSession | None = None
@@ -119,6 +117,8 @@ class OpenAICompatBackend:
         return self._session
 
     async def close(self) -> None:
+        for key in self.keys:
+            key.cancel_check()
         if self._session is not None:
             await self._session.close()
 
@@ -238,7 +238,10 @@ class OpenAICompatBackend:
                                                f"{type(exc).__name__}."), retryable=True) from None
         if response.status != 200:
             raw = await _read_quietly(response)
-            raise self._failure(response.status, raw, response.headers, key)
+            refused = None
+            if key is not None and response.status in self.shared_statuses:
+                refused = await key.refused(self.check_key)
+            raise self._failure(response.status, raw, response.headers, key, refused)
         # The key was accepted. The backend's own breaker waits for the first event (providers/router.py): a
         # 200 whose body then stalls is not a success.
         if key:
@@ -248,24 +251,38 @@ class OpenAICompatBackend:
     def reply_events(self, response: aiohttp.ClientResponse, stream: bool) -> AsyncGenerator[Event]:
         return self._events(response) if stream else self._json_events(response)
 
-    def _failure(self, status: int, raw: bytes, headers: CIMultiDictProxy[str],
-                 key: UpstreamKey | None) -> UpstreamFailure:
-        message = upstream_message(raw)
-        retry_after = _retry_after(headers)
+    async def check_key(self, key: UpstreamKey) -> bool | None:
+        """Whether the upstream refuses `key` itself, asked by a request that carries nothing of a caller's (None:
+        it cannot tell). Only for `shared_statuses`; xai.py has one."""
+        return None
+
+    def _failure(self, status: int, raw: bytes, headers: CIMultiDictProxy[str], key: UpstreamKey | None,
+                 key_refused: bool | None = None) -> UpstreamFailure:
+        """The refusal as the router sees it. The key and the backend are judged by `status` (and, for a status the
+        key and the request share, by `key_refused`: the upstream's answer about the key alone), never by the
+        message, which the caller may have put there (providers/upstream_errors.py)."""
+        message = upstream_message(raw, self.secrets)
+        wait = retry_after(headers)
         if status == 429:
             if key:
-                key.breaker.failure(retry_after if retry_after is not None else self.config.cooldown)
+                key.breaker.failure(wait if wait is not None else self.config.cooldown)
             return UpstreamFailure(GatewayError(429, "too_many_requests", f"The upstream is rate limiting: {message}",
-                                                headers={"retry-after": str(int(retry_after or 1))}),
-                                   retryable=True, retry_after=retry_after)
-        if status in (401, 402, 403) or (status == 400 and "api key" in message.lower()):
+                                                headers={"retry-after": str(int(wait or 1))}),
+                                   retryable=True, retry_after=wait)
+        if key_refused or (status in KEY_STATUSES and status not in self.shared_statuses):
             # The key is grokgate's, not the caller's: a misconfiguration, never a 401 to the client.
             if key:
                 key.breaker.failure(self.config.cooldown)
-            log.error("upstream rejected our key", extra={"backend": self.name, "status": status})
+            log.error("upstream rejected our key", extra={"backend": self.name, "status": status,
+                                                          "key": key.ident if key else None, "detail": message})
             return UpstreamFailure(GatewayError(502, "api_error", f"The upstream {self.name} refused grokgate's "
                                                 "credentials; the operator must fix the configured API key."),
                                    retryable=True)
+        if status in KEY_STATUSES:
+            # The upstream vouches for the key (or cannot say): this request asked for what the key may not do.
+            # Another key or route may; this one is not cooled for what one caller asked.
+            return UpstreamFailure(GatewayError(502, "api_error", f"The upstream {self.name} refused this request "
+                                                f"with grokgate's key ({status}): {message}"), retryable=True)
         if status == 404:
             return UpstreamFailure(GatewayError(502, "api_error", f"The upstream {self.name} does not know the "
                                                 f"model: {message}"), retryable=True)
@@ -273,8 +290,9 @@ class OpenAICompatBackend:
             return UpstreamFailure(GatewayError(400, "bad_request", f"The upstream refused the request: {message}"),
                                    retryable=False)
         self.breaker.failure()
+        log.warning("upstream failed", extra={"backend": self.name, "status": status, "detail": message})
         return UpstreamFailure(GatewayError(502, "api_error", f"The upstream {self.name} failed ({status})."),
-                               retryable=True, retry_after=retry_after)
+                               retryable=True, retry_after=wait)
 
     async def _events(self, response: aiohttp.ClientResponse) -> AsyncGenerator[Event]:
         usage: dict[str, Any] | None = None
@@ -291,7 +309,7 @@ class OpenAICompatBackend:
                 if not isinstance(chunk, dict):
                     continue
                 if chunk.get("error"):
-                    raise GatewayError(502, "api_error", f"The upstream failed mid-stream: {upstream_message(data)}")
+                    raise stream_error(chunk["error"], upstream_message(data, self.secrets))
                 if chunk.get("usage"):
                     usage = chunk["usage"]  # keep the last, never the sum (some upstreams repeat it cumulatively)
                 extras = {k: chunk[k] for k in PASSTHROUGH_KEYS if chunk.get(k)}
@@ -335,6 +353,14 @@ async def read_json(response: aiohttp.ClientResponse) -> Any:
     """A whole JSON reply, its connection released; failures are the upstream's (GatewayError)."""
     with reading_reply(response):
         return orjson.loads(await response.read())
+
+
+def stream_error(error: object, message: str, failed: str = "The upstream failed mid-stream") -> GatewayError:
+    """An error inside a 200 reply: the caller's 400 when its fields blame the request (no breaker counts it,
+    providers/router.py), else the upstream's failure."""
+    if request_fault(error):
+        return GatewayError(400, "bad_request", f"The upstream refused the request: {message}")
+    return GatewayError(502, "api_error", f"{failed}: {message}")
 
 
 def server_tools_refused(request: ChatCompletionRequest, backend: str) -> GatewayError:
@@ -443,23 +469,6 @@ def _tool_calls(calls: list[dict[str, Any]]) -> list[JSONObject]:
     return out
 
 
-def upstream_message(raw: bytes | str) -> str:
-    """The message of an upstream error body: xAI's flat `{code, error}` or OpenAI's `{error: {message}}`."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
-        return text.strip()[:500] or "no details"
-    if isinstance(body, dict):
-        error = body.get("error")
-        if isinstance(error, dict):
-            return str(error.get("message") or error)[:500]
-        if error:
-            return str(error)[:500]
-        return str(body.get("message") or body.get("code") or body)[:500]
-    return str(body)[:500]
-
-
 async def _read_quietly(response: aiohttp.ClientResponse) -> bytes:
     try:
         return await asyncio.wait_for(response.read(), 10)
@@ -467,22 +476,6 @@ async def _read_quietly(response: aiohttp.ClientResponse) -> bytes:
         return b""
     finally:
         release(response)
-
-
-def _retry_after(headers: CIMultiDictProxy[str]) -> float | None:
-    value = headers.get("retry-after-ms")
-    if value:
-        try:
-            return float(value) / 1000
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if value:
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
 
 
 @register("openai")

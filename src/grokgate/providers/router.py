@@ -8,7 +8,8 @@ its conversations move to their next choice and no other conversation moves; acr
 first in proportion to its weight, as the random order gives. A route's
 backend is driven by what it implements (providers/base.py): an `Upstream` attempt by attempt, any other
 `Provider` through its own `generate`. An upstream route is retried on another key, then the next route, on
-connect errors, timeouts, 429 and 5xx; a 4xx that is the caller's fault ends the request at once. Once the
+connect errors, timeouts, 429 and 5xx; a 4xx that is the caller's fault ends the request at once, and counts
+against no breaker (nor does an error inside a 200 reply whose fields blame the request). Once the
 first event has been read nothing is retried: the client may already hold output. Every request has a total
 deadline.
 
@@ -264,6 +265,10 @@ class RoutedGeneration:
                     continue
                 except (GatewayError, StopAsyncIteration) as exc:  # broke before any output: try elsewhere
                     await self._drop_events()
+                    if isinstance(exc, GatewayError) and exc.status < 500:
+                        # The error's own fields blame the request (openai_compat.stream_error): the caller's
+                        # answer, not the backend's failure, or one caller's requests would open its breaker.
+                        raise exc from None
                     upstream.failed()
                     error = exc if isinstance(exc, GatewayError) else GatewayError(502, "api_error", "Empty reply.")
                     failures.append(UpstreamFailure(error, retryable=True))

@@ -4,8 +4,9 @@ Requests are translated before they leave: `stop` becomes an array; reasoning mo
 `stop` (xAI would refuse them), grok-3 loses `presence_penalty`; `reasoning_effort` reaches only
 grok-3-mini, mapped to low/high; `max_tokens` becomes `max_completion_tokens`; `developer` becomes
 `system`; `logit_bias` and OpenAI-only fields are dropped; `top_logprobs` above xAI's 8 is clamped to 8.
-Replies: usage is normalised to OpenAI arithmetic (core.usage), flat errors become our envelope
-(openai_compat.upstream_message), `end_turn` becomes `stop` (core.completion), and `reasoning_content` and
+Replies: usage is normalised to OpenAI arithmetic (core.usage), flat errors become our envelope, redacted
+(upstream_errors.upstream_message), a wrong key's 400 is told from a bad request's by asking xAI about the key
+alone (`XAIBackend.check_key`), `end_turn` becomes `stop` (core.completion), and `reasoning_content` and
 `citations` pass through.
 
 Prompt caching: xAI caches prompts per server, and sends every request of one conversation id to the same server
@@ -32,7 +33,8 @@ with this module's reader), and its reply becomes the same events:
 - `response.completed` / `response.incomplete` -> Finish ("stop", "tool_calls" after a function call, "length"
   for `incomplete_details.reason: max_output_tokens`) then one UsageReport (core.usage
   normalise_responses_usage: cached and reasoning tokens once each, server-side tool calls counted);
-  `response.failed` and `error` events -> GatewayError, like a chat stream's error chunk.
+  `response.failed` and `error` events -> GatewayError, like a chat stream's error chunk (the caller's 400 when
+  the error's fields blame the request: upstream_errors.request_fault), its message redacted.
 
 Wire formats followed: xAI's recorded replies (vercel/ai packages/xai/src/responses/__fixtures__: web search,
 X search, reasoning with and without `store`), and openai-python's src/openai/types/responses/ event types.
@@ -40,7 +42,8 @@ X search, reasoning with and without `store`), and openai-python's src/openai/ty
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+import asyncio
+from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +61,9 @@ from grokgate.providers.openai_compat import (
     reading_reply,
     server_tools_refused,
     sse_lines,
+    stream_error,
 )
+from grokgate.providers.upstream_errors import KEY_CHECK_TIMEOUT, UpstreamKey, error_text
 from grokgate.schemas.chat import CONVERSATION_HEADER, ChatCompletionRequest
 
 XAI_TOP_LOGPROBS_MAX = 8
@@ -109,10 +114,37 @@ def translate(body: dict[str, Any], model_id: str) -> dict[str, Any]:
 
 class XAIBackend(OpenAICompatBackend):
     kind = "xai"
+    # xAI answers a wrong key with 400 ("Incorrect API key provided"), the status of any invalid argument, and its
+    # flat body's `code` is only the status's text; its 403 is "the key or team lacks permission or is blocked"
+    # (tests/fakes/fake_xai.py). After either, the key is asked about alone (`check_key`).
+    shared_statuses = (400, 403)
 
     def __init__(self, config: BackendConfig) -> None:
         super().__init__(config)
-        self.responses_url = config.base_url.rstrip("/") + "/responses"
+        base = config.base_url.rstrip("/")
+        self.responses_url = base + "/responses"
+        self.key_url = base + "/api-key"
+
+    async def check_key(self, key: UpstreamKey) -> bool | None:
+        """xAI's `GET /v1/api-key`: a request with nothing of a caller's in it, so a refusal of it (400, 401, 403) is
+        the key's, and its 200 says whether the key or its team is blocked or disabled. None when it cannot tell
+        (unreachable, too slow, any other answer): the request's refusal then stands as the caller's."""
+        try:
+            async with asyncio.timeout(KEY_CHECK_TIMEOUT), self.session().get(
+                    self.key_url, headers={"Authorization": f"Bearer {key.value}"}) as response:
+                status = response.status
+                body = await response.read()
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return None
+        if status in (400, 401, 403):
+            return True
+        try:
+            info = orjson.loads(body) if status == 200 else None
+        except orjson.JSONDecodeError:
+            info = None
+        if not isinstance(info, dict):
+            return None
+        return any(info.get(flag) is True for flag in ("api_key_blocked", "api_key_disabled", "team_blocked"))
 
     def check(self, request: ChatCompletionRequest) -> None:
         # Server-side tools run only through /v1/responses: a chat request never carries them, but if one did it
@@ -136,9 +168,8 @@ class XAIBackend(OpenAICompatBackend):
         payload = responses_payload(call, body, model, self.config.max_server_tool_calls)
         return await self._send(payload, tried, url=self.responses_url, reader=self._responses_reply, call=call)
 
-    @staticmethod
-    def _responses_reply(response: aiohttp.ClientResponse, stream: bool) -> AsyncGenerator[Event]:
-        return sse_events(response) if stream else json_events(response)
+    def _responses_reply(self, response: aiohttp.ClientResponse, stream: bool) -> AsyncGenerator[Event]:
+        return sse_events(response, self.secrets) if stream else json_events(response, self.secrets)
 
 
 def responses_payload(call: Call, body: dict[str, Any], model_id: str,
@@ -180,9 +211,10 @@ class _Call:
 class _Reply:
     """One Responses API reply turned into events, event by event (a stream) or item by item (JSON)."""
 
-    def __init__(self) -> None:
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
         self.calls: dict[str, _Call] = {}  # by item id
         self.ended = False
+        self.secrets = tuple(secrets)  # the backend's keys: redacted from the upstream's messages
 
     def stream_event(self, event: dict[str, Any]) -> list[Event]:
         kind = event.get("type")
@@ -211,7 +243,7 @@ class _Reply:
             response = event.get("response")
             return self.end(response if isinstance(response, dict) else {"status": "failed"})
         if kind == "error":
-            raise GatewayError(502, "api_error", f"The upstream failed mid-stream: {_error_text(event)}")
+            raise stream_error(event, error_text(event, self.secrets))
         return []
 
     def item(self, item: dict[str, Any]) -> list[Event]:
@@ -268,7 +300,8 @@ class _Reply:
         self.ended = True
         status = response.get("status")
         if status == "failed" or response.get("error"):
-            raise GatewayError(502, "api_error", f"The upstream failed: {_error_text(response.get('error'))}")
+            error = response.get("error")
+            raise stream_error(error, error_text(error, self.secrets), "The upstream failed")
         reason = "tool_calls" if self.calls else "stop"
         if status == "incomplete":
             why = (response.get("incomplete_details") or {}).get("reason")
@@ -285,17 +318,9 @@ def _fragment(call: _Call, arguments: str) -> JSONObject:
             "function": {"name": call.name, "arguments": arguments}}
 
 
-def _error_text(error: Any) -> str:
-    if isinstance(error, dict):
-        message = error.get("message") or error.get("error") or error.get("code")
-        if message:
-            return str(message)[:500]
-    return "no details"
-
-
-async def sse_events(response: aiohttp.ClientResponse) -> AsyncGenerator[Event]:
+async def sse_events(response: aiohttp.ClientResponse, secrets: Iterable[str] = ()) -> AsyncGenerator[Event]:
     """A streamed reply: `event:` + `data:` frames; the type is read from the data."""
-    reply = _Reply()
+    reply = _Reply(secrets)
     with reading_reply(response):
         async for line in sse_lines(response):
             if not line.startswith(b"data:"):
@@ -309,12 +334,12 @@ async def sse_events(response: aiohttp.ClientResponse) -> AsyncGenerator[Event]:
                     yield out
 
 
-async def json_events(response: aiohttp.ClientResponse) -> AsyncGenerator[Event]:
+async def json_events(response: aiohttp.ClientResponse, secrets: Iterable[str] = ()) -> AsyncGenerator[Event]:
     """A whole response object."""
     body = await read_json(response)
     if not isinstance(body, dict):
         raise GatewayError(502, "api_error", "The upstream reply is not a JSON object.")
-    reply = _Reply()
+    reply = _Reply(secrets)
     if body.get("status") == "failed":
         reply.end(body)  # raises
     for item in body.get("output") or ():
