@@ -17,7 +17,8 @@ the order of rendezvous hashing of that key (providers/router.py `rendezvous`), 
 while it is healthy, since an upstream's prompt cache belongs to one key's account. The conversation id itself
 (`cache_key`) is sent as `prompt_cache_key` only to a backend configured with `prompt_cache_key: true` (OpenAI
 reads it; vLLM ignores it and logs a warning on every request; servers that forbid unknown fields would refuse
-it); a client's own `prompt_cache_key` is forwarded as it was sent, as any field of its body.
+it); a client's own `prompt_cache_key` is forwarded as the tenant's conversation id (serving/affinity.py
+`scoped`), never as it was sent, so two tenants sending the same one do not share a key's prompt cache.
 """
 
 from __future__ import annotations
