@@ -117,20 +117,26 @@ def test_the_cli_addresses_a_tenants_cassettes(tmp_path: Path, capsys: pytest.Ca
 
 def test_cassette_files_are_private(tmp_path: Path, private_umask: None) -> None:
     """Before: 0644 (a cassette holds prompts and answers)."""
-    directory = tmp_path / "cassettes"
-    with app_server(tmp_path / "srv", scripted_models(ScriptedProvider("s")), record_dir=directory) as srv:
-        ok(post(srv, chat("Hi")))
-        a, _ = create_key(srv, "a", credits="10")
-        ok(post(srv, chat("Hi"), token=a))
-    with app_server(tmp_path / "shared", scripted_models(ScriptedProvider("s")), record_dir=tmp_path / "shared-c",
+
+    def modes(root: Path) -> dict[str, int]:
+        return {str(p.relative_to(root.parent)): stat.S_IMODE(p.stat().st_mode) for p in [root, *root.rglob("*")]}
+
+    def private(path: str, mode: int) -> bool:
+        return mode == (0o700 if (tmp_path / path).is_dir() else 0o600)
+
+    shared = tmp_path / "shared"
+    with app_server(tmp_path / "a", scripted_models(ScriptedProvider("s")), record_dir=shared,
                     accounts=False) as srv:
         ok(post(srv, chat("Hi"), cassette_name="named"))
-    files = [*directory.rglob("*.jsonl"), *(tmp_path / "shared-c").glob("*.jsonl")]
-    assert len(files) == 3
-    made = [p for p in [*directory.rglob("*"), directory, tmp_path / "shared-c", *(tmp_path / "shared-c").iterdir()]]
-    for path in made:
-        mode = stat.S_IMODE(path.stat().st_mode)
-        assert mode == (0o700 if path.is_dir() else 0o600), (path, oct(mode))
+    assert (shared / "named.jsonl").is_file()
+    assert all(private(p, m) for p, m in modes(shared).items()), {p: oct(m) for p, m in modes(shared).items()}
+    per_tenant = tmp_path / "per-tenant"
+    with app_server(tmp_path / "b", scripted_models(ScriptedProvider("s")), record_dir=per_tenant) as srv:
+        a, _ = create_key(srv, "a", credits="10")
+        ok(post(srv, chat("Hi"), token=a))
+    assert len(list(per_tenant.rglob("*.jsonl"))) == 1
+    assert all(private(p, m) for p, m in modes(per_tenant).items()), {
+        p: oct(m) for p, m in modes(per_tenant).items()}
 
 
 @pytest.mark.parametrize("name", ["..", ".", ".hidden", "..x"])

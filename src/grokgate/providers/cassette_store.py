@@ -377,9 +377,10 @@ class CassetteStore:
         """Add an appended line to the file's index, when this process has one and the file was as indexed: no
         re-read for its own appends. Otherwise the next lookup finds the file changed and reads what is new."""
         cassette = self._cassettes.get(path)
-        if cassette is None:
+        # Not while a lookup holds the index (it may be reading a large file): appends do not wait on lookups.
+        if cassette is None or not cassette.lock.acquire(blocking=False):
             return
-        with cassette.lock:
+        try:
             index = cassette.index
             if index is None or index.seen != _stamp(before) or index.size != before.st_size or gap:
                 return
@@ -387,6 +388,8 @@ class CassetteStore:
             index.lines += 1
             index.size = after.st_size
             index.seen = _stamp(after)
+        finally:
+            cassette.lock.release()
 
     def _make_dirs(self, where: Where) -> None:
         """The cassette's directory, each level this process creates 0700; a tenant's is labelled with its id."""
