@@ -197,3 +197,17 @@ def test_each_tenant_has_its_own_directory_bound(tmp_path: Path) -> None:
         codes = [post(srv, chat(f"q{i}"), token=a, cassette_name=f"c{i}").status_code for i in range(6)]
         assert codes[-1] == 507
         ok(post(srv, chat("q"), token=b))  # A's full directory is not B's
+
+
+def test_record_missing_fills_each_tenants_own_cassette(tmp_path: Path) -> None:
+    directory = tmp_path / "cassettes"
+    live = ScriptedProvider("live", text="for a")
+    with app_server(tmp_path / "srv", scripted_models(live), replay_dir=directory, record_missing=True) as srv:
+        a, _ = create_key(srv, "a", credits="10")
+        b, _ = create_key(srv, "b", credits="10")
+        assert answer(post(srv, chat(SECRET), token=a)) == "for a"  # a miss: live, appended to A's cassette
+        live.text = "for b"
+        assert answer(post(srv, chat(SECRET), token=b)) == "for b"  # not A's recording: live again, B's own
+        assert answer(post(srv, chat(SECRET), token=a)) == "for a"  # A's recording, replayed
+        assert len(live.requests) == 2
+    assert len(list(directory.rglob("*.jsonl"))) == 2
