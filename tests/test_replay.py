@@ -376,7 +376,9 @@ def ledger(srv: Any, token: str) -> list[dict[str, Any]]:
 def test_replays_are_admitted_settled_and_marked_in_the_ledger(
         recorded: tuple[Path, ScriptedProvider, list[dict[str, Any]]], tmp_path: Path, factor: int) -> None:
     directory, _, _ = recorded
-    with app_server(tmp_path / "play", None, replay_dir=directory, replay_price_factor=factor) as srv:
+    # Recorded with the static key, replayed by an account token: the shared cassettes (docs/replay.md).
+    with app_server(tmp_path / "play", None, replay_dir=directory, replay_price_factor=factor,
+                    cassette_scope="shared") as srv:
         token, _ = create_key(srv, "replayer", credits="10")  # type: ignore[arg-type]
         body = ok(post(srv, chat_body(), token=token))
         assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11,
@@ -491,7 +493,7 @@ def recording(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recording]:
     with FakeXAI().start() as fake:
         rec = Recording(tmp / "cassettes", fake, tmp)
         env: dict[str, str | None] = {"GROKGATE_CONFIG": str(xai_config(tmp, fake.url, local=True)),
-                                      "REPLAY_XAI_KEY": "xai-test-key"}
+                                      "REPLAY_XAI_KEY": "xai-test-key", "GROKGATE_CASSETTE_SCOPE": "shared"}
         srv = start_server(tmp, "--record", str(rec.directory), "--slots", "1", "--ctx-per-slot", "1024", env=env,
                            name="rec")
         try:
@@ -533,12 +535,14 @@ def replay_servers(recording: Recording, filler: FakeXAI) -> Iterator[tuple[Serv
     model path that does not exist), and `--replay --record-missing` with the `filler` upstream to call."""
     tmp = recording.tmp
     (tmp / "fill").mkdir()
+    # Shared cassettes: recorded with the static key, replayed by account tokens too (docs/replay.md's workflow).
     fill_env: dict[str, str | None] = {"GROKGATE_CONFIG": str(xai_config(tmp / "fill", filler.url)),
-                                       "REPLAY_XAI_KEY": "xai-test-key"}
+                                       "REPLAY_XAI_KEY": "xai-test-key", "GROKGATE_CASSETTE_SCOPE": "shared"}
     servers = start_servers(
         tmp,
         ("replay", ("--replay", str(recording.directory)),
-         {"GROKGATE_CONFIG": None, "GROKGATE_MODEL_PATH": str(tmp / "absent.gguf")}),
+         {"GROKGATE_CONFIG": None, "GROKGATE_MODEL_PATH": str(tmp / "absent.gguf"),
+          "GROKGATE_CASSETTE_SCOPE": "shared"}),
         ("fill", ("--replay", str(recording.directory), "--record-missing"), fill_env),
         timeout=30)
     yield servers[0], servers[1]

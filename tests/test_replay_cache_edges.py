@@ -41,7 +41,8 @@ def test_a_replay_never_delivers_more_than_its_reservation(tmp_path: Path) -> No
     provider = ScriptedProvider("s", text=" ".join(["w"] * 3000))
     with app_server(tmp_path / "rec", scripted_models(provider), record_dir=directory, accounts=False) as srv:
         assert post(srv, chat()).status_code == 200
-    with app_server(tmp_path / "play", None, replay_dir=directory, default_output_reservation=2) as srv:
+    with app_server(tmp_path / "play", None, replay_dir=directory, default_output_reservation=2,
+                    cassette_scope="shared") as srv:
         token, _ = create_key(srv, "alice", credits="10")
         refused = post(srv, chat(), token=token)
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens", refused.text

@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import secrets
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from grokgate import __version__
+
+if TYPE_CHECKING:
+    from grokgate.core.cassette import Exchange
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -129,31 +132,72 @@ def _config_check(args: argparse.Namespace) -> int:
 
 
 def _cassette_dir(args: argparse.Namespace) -> Path:
-    """--dir, else GROKGATE_REPLAY_DIR, else GROKGATE_RECORD_DIR, else ./cassettes."""
+    """--dir, else GROKGATE_REPLAY_DIR, else GROKGATE_RECORD_DIR, else ./cassettes; with --tenant, that tenant's
+    directory under it (providers/cassette_store.py)."""
     if args.dir is not None:
-        return Path(args.dir)
-    from grokgate.settings import Settings
+        root = Path(args.dir)
+    else:
+        from grokgate.settings import Settings
 
-    settings = Settings()
-    return settings.replay_dir or settings.record_dir or Path("cassettes")
+        settings = Settings()
+        root = settings.replay_dir or settings.record_dir or Path("cassettes")
+    if getattr(args, "tenant", None):
+        from grokgate.core.cassette import TENANTS, tenant_dir
+
+        return root / TENANTS / tenant_dir(args.tenant)
+    return root
+
+
+def _scan(path: Path) -> Iterator[tuple[int, bytes, Exchange | None]]:
+    """Each line of a cassette: (number, raw, exchange or None); a line that cannot be parsed is reported on stderr
+    (and kept by prune), a blank one skipped."""
+    import os
+
+    from grokgate.providers.cassette_store import scan_lines
+
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for number, (_, raw, exchange, problem) in enumerate(scan_lines(fd), 1):
+            if problem is not None:
+                print(f"grokgate: line {number} of {path} cannot be parsed ({problem}): kept as it is",
+                      file=sys.stderr)
+            if exchange is not None or problem is not None:
+                yield number, raw, exchange
+    finally:
+        os.close(fd)
+
+
+def _sections(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """(whose, directory) of the cassettes `list` shows: the shared ones, then each tenant's (named by its
+    `.tenant` label), or one tenant's with --tenant."""
+    directory = _cassette_dir(args)
+    if getattr(args, "tenant", None):
+        return [(args.tenant, directory)]
+    from grokgate.core.cassette import TENANTS
+    from grokgate.providers.cassette_store import TENANT_LABEL
+
+    sections = [("(shared)", directory)]
+    for sub in sorted((directory / TENANTS).glob("t-*")):
+        label = sub / TENANT_LABEL
+        whose = label.read_text(encoding="utf-8").strip() if label.is_file() else sub.name
+        sections.append((whose, sub))
+    return sections
 
 
 def _cassettes_list(args: argparse.Namespace) -> int:
-    from grokgate.core.cassette import model_of
-    from grokgate.providers.recording import read_cassette
-
-    directory = _cassette_dir(args)
-    paths = sorted(directory.glob("*.jsonl"))
-    if not paths:
-        print(f"no cassettes in {directory}")
+    rows = [(whose, path) for whose, directory in _sections(args) for path in sorted(directory.glob("*.jsonl"))]
+    if not rows:
+        print(f"no cassettes in {_cassette_dir(args)}")
         return 0
-    print(f"{'cassette':<40} {'exchanges':>9} {'requests':>8} {'failures':>8}  models")
-    for path in paths:
-        exchanges = list(read_cassette(path))
-        models = sorted({m for e in exchanges if (m := model_of(e.request))})
+    print(f"{'tenant':<24} {'cassette':<32} {'exchanges':>9} {'requests':>8} {'failures':>8} {'unparsable':>10}  "
+          "models")
+    for whose, path in rows:
+        scanned = list(_scan(path))
+        exchanges = [e for _, _, e in scanned if e is not None]
+        models = sorted({m for e in exchanges if (m := e.model_name)})
         failures = sum(1 for e in exchanges if e.error is not None)
-        print(f"{path.stem:<40} {len(exchanges):>9} {len({e.key for e in exchanges}):>8} {failures:>8}  "
-              f"{', '.join(models)}")
+        print(f"{whose:<24} {path.stem:<32} {len(exchanges):>9} {len({e.key for e in exchanges}):>8} "
+              f"{failures:>8} {len(scanned) - len(exchanges):>10}  {', '.join(models)}")
     return 0
 
 
@@ -170,82 +214,104 @@ def _summary(events: list[dict[str, Any]]) -> tuple[str, str, str]:
     return shown, finishes or "-", used
 
 
+def _named(args: argparse.Namespace, name: str) -> Path | None:
+    """The cassette file NAME names (None, reported: a name the header would refuse)."""
+    from grokgate.core.cassette import cassette_name
+    from grokgate.core.errors import GatewayError
+
+    try:
+        return _cassette_dir(args) / f"{cassette_name(name)}.jsonl"
+    except GatewayError as exc:
+        print(f"grokgate: {exc.message}", file=sys.stderr)
+        return None
+
+
 def _cassettes_show(args: argparse.Namespace) -> int:
     import json
 
-    from grokgate.core.cassette import cassette_name, model_of
-    from grokgate.core.errors import GatewayError
-    from grokgate.providers.recording import read_cassette
-
-    try:
-        path = _cassette_dir(args) / f"{cassette_name(args.name)}.jsonl"
-    except GatewayError as exc:
-        print(f"grokgate: {exc.message}", file=sys.stderr)
+    path = _named(args, args.name)
+    if path is None:
         return 2
     if not path.is_file():
         print(f"grokgate: no cassette {args.name!r} ({path})", file=sys.stderr)
         return 1
-    for number, exchange in enumerate(read_cassette(path), 1):
+    for number, _, exchange in _scan(path):
+        if exchange is None:
+            if not args.json:
+                print(f"#{number} cannot be parsed (kept as it is)")
+            continue
         if args.json:
             print(json.dumps(exchange.to_json(), ensure_ascii=False, indent=2))
             continue
         text, finishes, used = _summary(exchange.events)
         outcome = (f"error {exchange.error.get('status')} {exchange.error.get('code')}" if exchange.error
                    else f"finish {finishes}")
-        print(f"#{number} {exchange.key[:12]} {model_of(exchange.request) or '?'} via {exchange.backend} "
+        print(f"#{number} {exchange.key[:12]} {exchange.model_name or '?'} via {exchange.backend} "
               f"at {exchange.recorded_at or '?'}: {outcome}, {used}")
         if text:
             print(f"    {text!r}")
     return 0
 
 
-def _cassettes_prune(args: argparse.Namespace) -> int:
-    """Drop duplicate recordings (same request, same answer), and with --keep N all but a request's last N."""
+def _pruned(path: Path, keep: int | None) -> tuple[list[bytes], int]:
+    """The lines a cassette keeps (every line that cannot be parsed among them, as it is) and how many go."""
     import json
 
-    from grokgate.providers.recording import read_cassette
+    lines: list[tuple[bytes, Exchange | None]] = [(raw, e) for _, raw, e in _scan(path)]
+    seen: set[str] = set()
+    kept: list[tuple[bytes, Exchange | None]] = []
+    for raw, exchange in lines:
+        if exchange is not None:
+            fingerprint = json.dumps([exchange.key, exchange.answer()], sort_keys=True)
+            if fingerprint in seen:
+                continue
+            seen.add(fingerprint)
+        kept.append((raw, exchange))
+    if keep is not None:
+        counts: dict[str, int] = {}
+        last = []
+        for raw, exchange in reversed(kept):  # the newest recordings of a request are the ones kept
+            if exchange is not None:
+                counts[exchange.key] = counts.get(exchange.key, 0) + 1
+                if counts[exchange.key] > keep:
+                    continue
+            last.append((raw, exchange))
+        kept = last[::-1]
+    return [raw for raw, _ in kept], len(lines) - len(kept)
+
+
+def _cassettes_prune(args: argparse.Namespace) -> int:
+    """Drop duplicate recordings (same request, same answer), and with --keep N all but a request's last N, under
+    the lock a recording server's appends take (so none is lost); a line that cannot be parsed is kept."""
+    import os
+
+    from grokgate.providers.cassette_store import cassette_lock
 
     if args.keep is not None and args.keep < 1:
         print("grokgate: --keep must be at least 1", file=sys.stderr)
         return 2
-    from grokgate.core.cassette import cassette_name
-    from grokgate.core.errors import GatewayError
-
-    try:
-        named = [cassette_name(args.name)] if args.name else None
-    except GatewayError as exc:
-        print(f"grokgate: {exc.message}", file=sys.stderr)
-        return 2
-    directory = _cassette_dir(args)
-    names = named or [p.stem for p in sorted(directory.glob("*.jsonl"))]
-    for name in names:
-        path = directory / f"{name}.jsonl"
+    if args.name:
+        named = _named(args, args.name)
+        if named is None:
+            return 2
+        paths = [named]
+    else:
+        paths = sorted(_cassette_dir(args).glob("*.jsonl"))
+    for path in paths:
         if not path.is_file():
-            print(f"grokgate: no cassette {name!r} ({path})", file=sys.stderr)
+            print(f"grokgate: no cassette {path.stem!r} ({path})", file=sys.stderr)
             return 1
-        exchanges = list(read_cassette(path))
-        seen: set[str] = set()
-        kept = []
-        for exchange in exchanges:
-            fingerprint = json.dumps([exchange.key, exchange.answer()], sort_keys=True)
-            if fingerprint not in seen:
-                seen.add(fingerprint)
-                kept.append(exchange)
-        if args.keep is not None:
-            counts: dict[str, int] = {}
-            last = []
-            for exchange in reversed(kept):  # the newest recordings of a request are the ones kept
-                counts[exchange.key] = counts.get(exchange.key, 0) + 1
-                if counts[exchange.key] <= args.keep:
-                    last.append(exchange)
-            kept = last[::-1]
-        removed = len(exchanges) - len(kept)
-        if removed and not args.dry_run:
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(e.to_json(), ensure_ascii=False, separators=(",", ":")) + "\n"
-                                   for e in kept), encoding="utf-8")
-            tmp.replace(path)
-        print(f"{name}: {len(kept)} kept, {removed} {'would be ' if args.dry_run else ''}removed")
+        with cassette_lock(path):
+            kept, removed = _pruned(path, args.keep)
+            if removed and not args.dry_run:
+                tmp = path.with_name(path.name + ".tmp")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.writelines(kept)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+        print(f"{path.stem}: {len(kept)} kept, {removed} {'would be ' if args.dry_run else ''}removed")
     return 0
 
 
@@ -255,7 +321,12 @@ def add_cassette_commands(sub: Any) -> None:
     where = argparse.ArgumentParser(add_help=False)
     where.add_argument("--dir", metavar="DIR",
                        help="the cassettes' directory (default: GROKGATE_REPLAY_DIR, GROKGATE_RECORD_DIR, ./cassettes)")
-    listing = cassettes.add_parser("list", parents=[where], help="each cassette: exchanges, requests, models")
+    where.add_argument("--tenant", metavar="TENANT",
+                       help="a tenant's own cassettes (token:<id>, or key:<key id> for a static key; docs/replay.md)"
+                            " rather than the shared ones")
+    listing = cassettes.add_parser("list", parents=[where],
+                                   help="each cassette (the shared ones, then each tenant's): exchanges, requests, "
+                                        "models")
     listing.set_defaults(func=_cassettes_list)
     show = cassettes.add_parser("show", parents=[where], help="one cassette's exchanges")
     show.add_argument("name")
@@ -263,7 +334,7 @@ def add_cassette_commands(sub: Any) -> None:
     show.set_defaults(func=_cassettes_show)
     prune = cassettes.add_parser("prune", parents=[where],
                                  help="drop duplicate recordings (same request and answer); --keep N per request")
-    prune.add_argument("name", nargs="?", help="one cassette (default: all)")
+    prune.add_argument("name", nargs="?", help="one cassette (default: all of the directory)")
     prune.add_argument("--keep", type=int, metavar="N", help="keep only each request's last N recordings")
     prune.add_argument("--dry-run", action="store_true", help="say what would be removed, change nothing")
     prune.set_defaults(func=_cassettes_prune)

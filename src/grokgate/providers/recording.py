@@ -1,13 +1,17 @@
 """Record and replay at the provider seam: after routing, before any wire format (docs/replay.md).
 
-- `Recorder` wraps a route's provider: every request that reaches it is appended to DIR/<cassette>.jsonl with
-  the events its generation yielded and their timing, or the GatewayError it failed with (core/cassette.py has
-  the format). A generation closed before its end (the client left) is not an exchange and is not written.
+- `Recorder` wraps a route's provider: every request that reaches it is appended to its cassette
+  (providers/cassette_store.py: the shared `DIR/<cassette>.jsonl`, or its tenant's) with the events its generation
+  yielded and their timing, or the GatewayError it failed with (core/cassette.py has the format; a failure keeps
+  only its request's hash). A request whose recording would pass the cassette's or directory's bound is refused
+  (507) before it reaches the backend. A generation closed before its end (the client left) is not an exchange
+  and is not written.
 - `Replayer` answers from DIR: the same canonical request gets its recordings in order, then again from the
   first; recorded failures fail the same way (before the first event, or after the events a cut stream had). A
   miss is a `replay_miss` GatewayError naming the cassette and the nearest difference, or, with a live provider
   (`--record-missing`), goes live and is appended.
 
+Lookups, misses and appends run in the store's threads: a generation decides what it is on its first read.
 The lifecycle renders the events in the wire format and streaming mode asked for now, and admission, limits and
 settlement run as for a live request; a replay's `backend` is `replay:<recorded backend>` (ledger, metrics, log).
 """
@@ -18,8 +22,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, Iterable
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -28,21 +31,26 @@ from prometheus_client import CollectorRegistry
 
 from grokgate.core.cassette import (
     Exchange,
-    canonical,
     decode_error,
     decode_event,
     decode_usage,
     encode_error,
     encode_event,
     encode_usage,
-    miss,
-    model_of,
-    request_key,
 )
 from grokgate.core.errors import GatewayError
-from grokgate.core.events import Event, JSONObject, Usage, UsageReport
+from grokgate.core.events import Delta, Event, JSONObject, Usage, UsageReport
 from grokgate.core.pricing import beyond_output_cap
 from grokgate.providers.base import BackendStatus, Call, EventsGeneration, Generation, ModelTable, Provider, Route
+from grokgate.providers.cassette_store import (
+    LINE_OVERHEAD,
+    CassetteBounds,
+    CassetteStore,
+    Prepared,
+    Where,
+    canonical_of,
+    read_cassette,
+)
 from grokgate.schemas.chat import ChatCompletionRequest
 
 log = logging.getLogger("grokgate.replay")
@@ -51,144 +59,130 @@ Timing = Literal["instant", "recorded"]
 INTERNAL = GatewayError(500, "api_error", "Internal server error.")
 
 
-def canonical_of(request: ChatCompletionRequest) -> JSONObject:
-    """The request's canonical form (core/cassette.py `canonical`): its body as it is forwarded, fields grokgate does
-    not know included, without how it is delivered; the caller's own output cap (the request is never rewritten:
-    the cap held at admission is the Call's)."""
-    native = request.responses_body
-    if native is not None:
-        return canonical({}, None, native)
-    chat: JSONObject = request.model_dump(mode="json", by_alias=True, exclude_none=True)
-    return canonical(chat, request.output_limit, None)
-
-
-class CassetteStore:
-    """The cassettes of one directory: read when first asked for (again when the file changed), appended to."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self._loaded: dict[str, tuple[tuple[int, int], dict[str, list[Exchange]]]] = {}
-        self._turns: dict[tuple[str, str], int] = {}
-
-    def path(self, name: str) -> Path:
-        return self.directory / f"{name}.jsonl"
-
-    def recordings(self, name: str) -> dict[str, list[Exchange]]:
-        """The cassette's exchanges by request key, in recorded order."""
-        path = self.path(name)
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            return {}
-        stamp = (st.st_mtime_ns, st.st_size)
-        cached = self._loaded.get(name)
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
-        by_key: dict[str, list[Exchange]] = {}
-        for exchange in read_cassette(path):
-            by_key.setdefault(exchange.key, []).append(exchange)
-        self._loaded[name] = (stamp, by_key)
-        return by_key
-
-    def next(self, name: str, key: str) -> Exchange | None:
-        """This request's next recording: in recorded order, then from the first again."""
-        found = self.recordings(name).get(key)
-        if not found:
-            return None
-        turn = self._turns.get((name, key), 0)
-        self._turns[(name, key)] = turn + 1
-        return found[turn % len(found)]
-
-    def append(self, name: str, exchange: Exchange) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        line = json.dumps(exchange.to_json(), ensure_ascii=False, separators=(",", ":")) + "\n"
-        # One write of one line in append mode: concurrent requests of this process never interleave lines.
-        with self.path(name).open("a", encoding="utf-8") as f:
-            f.write(line)
-
-    def models(self) -> list[str]:
-        """Every model name recorded in the directory's cassettes."""
-        names: dict[str, None] = {}
-        for path in sorted(self.directory.glob("*.jsonl")):
-            for exchange in read_cassette(path):
-                model = model_of(exchange.request)
-                if model:
-                    names.setdefault(model)
-        return list(names)
-
-
-def read_cassette(path: Path) -> Iterable[Exchange]:
-    """The exchanges of a cassette file; a line that is not one is skipped with a warning (a hand edit)."""
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield Exchange.from_json(json.loads(line))
-            except ValueError as exc:
-                log.warning("skipping line %d of %s: %s", number, path, exc)
-
-
 class RecordingGeneration:
-    """A live generation, passed through, written as an exchange once it ends or fails."""
+    """A live generation, passed through, written as an exchange once it ends or fails. It starts on its first
+    read: room for its line is reserved first (else the 507 that refuses it), then the backend is asked."""
 
-    def __init__(self, inner: Generation, store: CassetteStore, cassette: str, request: JSONObject) -> None:
-        self._inner = inner
+    def __init__(self, start: Callable[[], Generation], provider: Provider, store: CassetteStore, where: Where,
+                 request: ChatCompletionRequest, prepared: Prepared | None = None) -> None:
+        self._start = start
+        self._provider = provider
+        self._inner: Generation | None = None
         self._store = store
-        self._cassette = cassette
+        self._where = where
         self._request = request
+        self._prepared = prepared
+        self._reserved = 0
         self._started = time.perf_counter()
         self._events: list[JSONObject] = []
+        self._bytes = 0  # about what the events take in the line
+        self._overflow = False  # the events alone would pass the cassette's bound: not kept, not written
         self._done = False
 
     @property
     def backend(self) -> str:
-        return self._inner.backend
+        return self._inner.backend if self._inner is not None else self._provider.name
 
     @property
     def fingerprint(self) -> str:
-        return self._inner.fingerprint
+        return self._inner.fingerprint if self._inner is not None else self._provider.fingerprint
 
     def usage_so_far(self) -> Usage | None:
-        return self._inner.usage_so_far()
+        return self._inner.usage_so_far() if self._inner is not None else None
 
     def __aiter__(self) -> RecordingGeneration:
         return self
 
-    async def __anext__(self) -> Event:
+    async def _begin(self) -> Generation:
+        prepared = self._prepared = self._prepared or await self._store.prepare(self._request)
+        size = len(prepared.text) + LINE_OVERHEAD
+        refusal = await self._store.reserve(self._where, size)
+        if refusal is not None:
+            self._done = True
+            raise refusal
+        self._reserved = size
         try:
-            event = await self._inner.__anext__()
+            inner = self._start()
+        except BaseException:
+            self._done = True
+            self._release()
+            raise
+        self._started = time.perf_counter()
+        return inner
+
+    async def __anext__(self) -> Event:
+        inner = self._inner
+        if inner is None:
+            if self._done:
+                raise StopAsyncIteration
+            inner = self._inner = await self._begin()
+        try:
+            event = await inner.__anext__()
         except StopAsyncIteration:
-            self._write(None)
+            await self._write(None)
             raise
         except GatewayError as exc:
-            self._write(exc)
+            await self._write(exc)
             raise
         except Exception:
-            self._write(INTERNAL)
+            await self._write(INTERNAL)
             raise
-        if not self._done:
-            self._events.append(encode_event(event, (time.perf_counter() - self._started) * 1000))
+        if not self._done and not self._overflow:
+            encoded = encode_event(event, (time.perf_counter() - self._started) * 1000)
+            self._bytes += _size(event)
+            if self._bytes > self._store.bounds.max_bytes:
+                self._overflow = True
+                self._events = []
+            else:
+                self._events.append(encoded)
         return event
 
     async def aclose(self) -> None:
-        self._done = True  # closed before its end: not a whole exchange
-        await self._inner.aclose()
+        if not self._done:
+            self._done = True  # closed before its end: not a whole exchange
+            self._release()
+        if self._inner is not None:
+            await self._inner.aclose()
 
-    def _write(self, error: GatewayError | None) -> None:
+    def _release(self) -> None:
+        self._store.release(self._where, self._reserved)
+        self._reserved = 0
+
+    async def _write(self, error: GatewayError | None) -> None:
         if self._done:
             return
         self._done = True
-        so_far = self._inner.usage_so_far() if error is not None else None
-        exchange = Exchange(key=request_key(self._request), request=self._request, backend=self._inner.backend,
-                            fingerprint=self._inner.fingerprint, events=self._events,
-                            error=encode_error(error) if error is not None else None,
-                            usage_so_far=encode_usage(so_far) if so_far is not None else None,
-                            recorded_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
-        try:
-            self._store.append(self._cassette, exchange)
-        except OSError:  # a full disk must not fail the request being served
-            log.exception("could not append to the cassette %r", self._cassette)
+        inner = self._inner
+        prepared = self._prepared
+        assert inner is not None and prepared is not None
+        if self._overflow:
+            self._release()
+            self._store.unrecorded.labels("cassette").inc()
+            log.warning("an answer too large for the cassette %s was not recorded (GROKGATE_MAX_CASSETTE_BYTES)",
+                        self._where.path)
+            return
+        so_far = inner.usage_so_far() if error is not None else None
+        recorded_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        if error is None:
+            exchange = Exchange(key=prepared.key, request=prepared.request, backend=inner.backend,
+                                fingerprint=inner.fingerprint, events=self._events, recorded_at=recorded_at)
+        else:  # a failure keeps its request's hash, model and size, not the request (docs/replay.md)
+            exchange = Exchange(key=prepared.key, request=None, backend=inner.backend, fingerprint=inner.fingerprint,
+                                events=self._events, error=encode_error(error),
+                                usage_so_far=encode_usage(so_far) if so_far is not None else None,
+                                recorded_at=recorded_at, model=prepared.model, request_bytes=len(prepared.text))
+        reserved, self._reserved = self._reserved, 0
+        await self._store.append(self._where, exchange, prepared.text if error is None else None, reserved)
+
+
+def _size(event: Event) -> int:
+    """About what an event takes in a cassette line, without serializing it (text dominates)."""
+    if isinstance(event, Delta):
+        size = 48 + len(event.content or "") + len(event.reasoning_content or "")
+        if event.tool_calls or event.logprobs:
+            size += len(json.dumps([event.tool_calls, event.logprobs]))
+        return size
+    return 256
 
 
 class _Delegating:
@@ -225,15 +219,17 @@ class _Delegating:
 
 
 class Recorder(_Delegating):
-    """A route's provider whose every request is recorded (`grokgate serve --record DIR`)."""
+    """A route's provider whose every request is recorded (`grokgate serve --record DIR`), into its tenant's
+    cassettes unless they are shared."""
 
     def __init__(self, inner: Provider, store: CassetteStore) -> None:
         super().__init__(inner)
         self.store = store
 
     def generate(self, call: Call, upstream_model: str) -> Generation:
-        return RecordingGeneration(self.inner.generate(call, upstream_model), self.store, call.cassette,
-                                   canonical_of(call.request))
+        inner = self.inner
+        return RecordingGeneration(lambda: inner.generate(call, upstream_model), inner, self.store,
+                                   self.store.where(call.tenant, call.cassette), call.request)
 
 
 class ReplayGeneration(EventsGeneration):
@@ -305,7 +301,7 @@ class Replayer:
         pass
 
     async def close(self) -> None:
-        pass
+        await self.store.flush()
 
     def check(self, request: ChatCompletionRequest) -> None:
         """Pure replay refuses nothing: a request no backend would take was never recorded, so it is a miss. With
@@ -318,19 +314,63 @@ class Replayer:
         return self.live.prompt_copies(request) if self.live is not None else 1
 
     def generate(self, call: Call, upstream_model: str) -> Generation:
-        cassette = call.cassette
-        wanted = canonical_of(call.request)
-        key = request_key(wanted)
-        exchange = self.store.next(cassette, key)
-        if exchange is not None:
-            overflow = _beyond_cap(exchange, call)
+        return _Lookup(self, call, upstream_model)
+
+
+class _Lookup:
+    """A replay decided on its first read, once the store has looked the request up in a reader thread: its
+    recording, the refusal of one too large for this request, its miss, or with `--record-missing` the live
+    provider's generation, recorded."""
+
+    def __init__(self, replayer: Replayer, call: Call, upstream_model: str) -> None:
+        self._replayer = replayer
+        self._call = call
+        self._upstream_model = upstream_model
+        self._inner: Generation | None = None
+        self._closed = False
+
+    @property
+    def backend(self) -> str:
+        return self._inner.backend if self._inner is not None else "replay"
+
+    @property
+    def fingerprint(self) -> str:
+        return self._inner.fingerprint if self._inner is not None else "fp_replay"
+
+    def usage_so_far(self) -> Usage | None:
+        return self._inner.usage_so_far() if self._inner is not None else None
+
+    def __aiter__(self) -> _Lookup:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._inner is None:
+            if self._closed:
+                raise StopAsyncIteration
+            self._inner = await self._open()
+        return await self._inner.__anext__()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._inner is not None:
+            await self._inner.aclose()
+
+    async def _open(self) -> Generation:
+        replayer, call = self._replayer, self._call
+        store, timing, live = replayer.store, replayer.timing, replayer.live
+        where = store.where(call.tenant, call.cassette)
+        found = await store.find(where, call.request, search=live is None)
+        if found.exchange is not None:
+            overflow = _beyond_cap(found.exchange, call)
             if overflow is not None:  # more output than this request's reservation paid for
-                return ReplayGeneration(None, overflow, self.timing)
-            return ReplayGeneration(exchange, None, self.timing)
-        if self.live is not None:
-            return RecordingGeneration(self.live.generate(call, upstream_model), self.store, cassette, wanted)
-        recorded = [e[0].request for e in self.store.recordings(cassette).values()]
-        return ReplayGeneration(None, miss(cassette, recorded, wanted), self.timing)
+                return ReplayGeneration(None, overflow, timing)
+            return ReplayGeneration(found.exchange, None, timing)
+        if live is not None:
+            model = self._upstream_model
+            return RecordingGeneration(lambda: live.generate(call, model), live, store, where, call.request,
+                                       found.prepared)
+        assert found.miss is not None
+        return ReplayGeneration(None, found.miss, timing)
 
 
 def _beyond_cap(exchange: Exchange, call: Call) -> GatewayError | None:
@@ -353,20 +393,11 @@ def _beyond_cap(exchange: Exchange, call: Call) -> GatewayError | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
-class CassetteBounds:
-    """Whose cassettes a request reads and writes (`shared`: everyone's; else its tenant's own), and how large they
-    may grow (settings.max_cassette_bytes, max_cassette_dir_bytes)."""
-
-    shared: bool = True
-    max_bytes: int = 64 * 1024 * 1024
-    max_dir_bytes: int = 1024**3
-
-
 def record_models(models: ModelTable, directory: Path, bounds: CassetteBounds | None = None, *,
                   registry: CollectorRegistry | None = None) -> ModelTable:
-    """Every public name's provider recorded into `directory`; the backends the app starts stay the real ones."""
-    store = CassetteStore(directory)
+    """Every public name's provider recorded into `directory` (each tenant's into its own, unless `bounds.shared`);
+    the backends the app starts stay the real ones."""
+    store = CassetteStore(directory, bounds, registry=registry)
     wrapped: dict[int, Provider] = {}
     routes = [Route(r.public_name, wrapped.setdefault(id(r.provider), Recorder(r.provider, store)),
                     r.upstream_model) for r in _routes(models)]
@@ -377,8 +408,9 @@ def replay_models(names: list[str], directory: Path, bounds: CassetteBounds | No
                   timing: Timing = "instant", live: ModelTable | None = None,
                   registry: CollectorRegistry | None = None) -> ModelTable:
     """A table answering every public name from `directory` (plus the models its cassettes recorded); with `live`,
-    misses go to that table's provider for the name and are appended (then its backends are the ones started)."""
-    store = CassetteStore(directory)
+    misses go to that table's provider for the name and are appended (then its backends are the ones started).
+    Each tenant replays its own cassettes, unless `bounds.shared`."""
+    store = CassetteStore(directory, bounds, registry=registry)
     if live is None:
         replayer = Replayer(store, timing=timing)
         every = list(dict.fromkeys([*names, *store.models()]))
@@ -394,5 +426,5 @@ def _routes(models: ModelTable) -> list[Route]:
     return [route for name in models.names() if (route := models.get(name)) is not None]
 
 
-__all__ = ["CassetteBounds", "CassetteStore", "Recorder", "Replayer", "read_cassette", "record_models",
-           "replay_models"]
+__all__ = ["CassetteBounds", "CassetteStore", "Recorder", "Replayer", "canonical_of", "read_cassette",
+           "record_models", "replay_models"]
