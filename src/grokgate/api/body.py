@@ -1,5 +1,18 @@
 """The chat body: read, checked for its media type, parsed and validated straight from the raw JSON bytes.
 
+Parsing is the one thing a caller gets done before admission, so a large body is parsed only for a caller that
+can be served, and off the event loop:
+
+- **Before the body is read**, a caller this process knows to be past its rpm is refused (core/admission.py
+  `Gate.precheck`: no I/O), and the connection closed if the body may be large. Refused requests count against
+  the rpm (api/chat.py), so a token that sends only invalid bodies soon gets 429s without its bodies being read.
+- **A body over `settings.parse_offload_bytes`** is parsed only for a caller within its rpm (a read-only check of
+  its bucket) and with a balance above zero (`Gate.servable`; 429 and 403 `used_up` otherwise), and then in a
+  worker thread, one at a time per tenant (`Parsing`). pydantic-core holds the GIL while it parses and
+  validates, so the loop still waits for it in stretches (0.2-0.6 s at a time for a 10 MB body of a million
+  small items: bench/refused_bodies.py --funded); it runs between them, and one tenant's parses queue behind
+  each other. What bounds that cost for a token is its rpm, which refused requests count against.
+
 Two guards sit around pydantic's validation; on an ordinary body each costs one pass of a C byte routine:
 
 - **Counts before validation.** Validating costs ~3-8 us per message, content part, tool call or tool, and a
@@ -14,8 +27,12 @@ Two guards sit around pydantic's validation; on an ordinary body each costs one 
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 from collections.abc import Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pydantic_core
 from pydantic import BaseModel, ValidationError
@@ -24,11 +41,17 @@ from pydantic_core import core_schema as cs
 from starlette.requests import Request
 
 from grokgate.api.errors import validation_error
+from grokgate.core.admission import Principal
 from grokgate.core.errors import GatewayError, bad_request
+from grokgate.core.tenancy import tenant_of
 from grokgate.schemas.chat import INT64_MAX, INT64_MIN, ITEMS_PER_MESSAGE, MAX_STOP, MAX_TOOLS, ChatCompletionRequest
 from grokgate.schemas.responses import ResponsesRequest
 
+if TYPE_CHECKING:
+    from grokgate.api.deps import Gateway
+
 _Body = TypeVar("_Body", bound=BaseModel)
+_T = TypeVar("_T")
 
 _NOT_AN_OBJECT = "The request body must be a JSON object."
 
@@ -95,7 +118,73 @@ _DIGITS = bytes(48 if 48 <= b <= 57 else 32 for b in range(256))
 _INT64_DIGITS = b"0" * 19
 
 
-async def _json_body(request: Request) -> bytes:
+# Parsing holds the GIL, so more threads would only take turns at it: two let one tenant's long parse not stop
+# every other tenant's. Threads start on first use; one pool for the process.
+_PARSERS = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="grokgate-parse")
+
+
+@dataclass
+class _Turn:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0  # parses holding or waiting for the lock
+
+
+class Parsing:
+    """Large bodies parsed in worker threads, one at a time per tenant: a tenant's parses queue behind each
+    other, not beside everyone's. A parse whose request is cancelled still holds its tenant's turn until its
+    thread is done with it (a thread cannot be stopped)."""
+
+    def __init__(self) -> None:
+        self._turns: dict[str, _Turn] = {}
+
+    async def run(self, tenant: str, parse: Callable[[], _T]) -> _T:
+        turn = self._turns.get(tenant)
+        if turn is None:
+            turn = self._turns[tenant] = _Turn()
+        turn.users += 1
+        try:
+            await turn.lock.acquire()
+        except BaseException:
+            self._leave(tenant, turn)
+            raise
+        loop = asyncio.get_running_loop()
+        try:
+            job = _PARSERS.submit(parse)
+        except BaseException:
+            self._done(tenant, turn)
+            raise
+
+        def finished(_: concurrent.futures.Future[_T]) -> None:
+            try:
+                loop.call_soon_threadsafe(self._done, tenant, turn)
+            except RuntimeError:  # the loop is closed: nobody waits for this turn any more
+                pass
+
+        job.add_done_callback(finished)
+        return await asyncio.wrap_future(job)
+
+    @property
+    def tenants(self) -> int:
+        """Tenants with a parse running or waiting."""
+        return len(self._turns)
+
+    def _done(self, tenant: str, turn: _Turn) -> None:
+        turn.lock.release()
+        self._leave(tenant, turn)
+
+    def _leave(self, tenant: str, turn: _Turn) -> None:
+        turn.users -= 1
+        if turn.users == 0 and self._turns.get(tenant) is turn:
+            del self._turns[tenant]
+
+
+async def _read(request: Request, gw: Gateway, principal: Principal) -> bytes:
+    """The body's bytes, checked for a JSON media type, once the caller may have them parsed (the module
+    docstring)."""
+    try:
+        gw.gate.precheck(principal)
+    except GatewayError as error:
+        raise _unread(request, error, gw.settings.parse_offload_bytes) from None
     content_type = request.headers.get("content-type", "")
     raw = await request.body()
     media = content_type.split(";", 1)[0].strip().lower()
@@ -103,16 +192,35 @@ async def _json_body(request: Request) -> bytes:
         raise GatewayError(400, "bad_request", "Send the body as JSON with 'Content-Type: application/json'.")
     if not raw.strip():
         raise GatewayError(400, "bad_request", "A JSON request body is required.")
+    if len(raw) > gw.settings.parse_offload_bytes:
+        await gw.gate.servable(principal)
     return raw
 
 
-async def parse_body(request: Request) -> ChatCompletionRequest:
-    return parse_raw(await _json_body(request), request.app.state.gateway.settings.max_messages)
+def _unread(request: Request, error: GatewayError, large: int) -> GatewayError:
+    """`error`, answered before the body was read: with `connection: close` when the body may be large (declared
+    so, or chunked), because the server would otherwise receive all of it to keep the connection (uvicorn reads
+    and drops a body the app left unread), at the cost of the event loop's time for every client."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) <= large:
+        return error
+    return GatewayError(error.status, error.code, error.message, param=error.param,
+                        headers={**error.headers, "connection": "close"})
 
 
-async def parse_responses_body(request: Request) -> ResponsesRequest:
+async def parse_body(request: Request, gw: Gateway, principal: Principal) -> ChatCompletionRequest:
+    raw = await _read(request, gw, principal)
+    if len(raw) <= gw.settings.parse_offload_bytes:
+        return parse_raw(raw, gw.settings.max_messages)
+    return await gw.parsing.run(tenant_of(principal), partial(parse_raw, raw, gw.settings.max_messages))
+
+
+async def parse_responses_body(request: Request, gw: Gateway, principal: Principal) -> ResponsesRequest:
     """A Responses API body, with the same guards as chat's: its `input` items play the messages' part."""
-    return parse_responses_raw(await _json_body(request), request.app.state.gateway.settings.max_messages)
+    raw = await _read(request, gw, principal)
+    if len(raw) <= gw.settings.parse_offload_bytes:
+        return parse_responses_raw(raw, gw.settings.max_messages)
+    return await gw.parsing.run(tenant_of(principal), partial(parse_responses_raw, raw, gw.settings.max_messages))
 
 
 def parse_responses_raw(raw: bytes, max_messages: int) -> ResponsesRequest:

@@ -11,8 +11,9 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from grokgate.api.body import parse_body
-from grokgate.api.deps import Gateway, call_options
+from grokgate.api.deps import Gateway, call_options, refusal
 from grokgate.api.sse import CHAT_SSE, SSE_HEADERS, SSEResponse, until_disconnected
+from grokgate.core.errors import GatewayError
 from grokgate.serving import Collected, Streamed
 from grokgate.serving.chat import ChatWire, chat_call
 
@@ -33,11 +34,14 @@ async def chat_completions(request: Request) -> Response:
     started = time.perf_counter()
     gw: Gateway = request.app.state.gateway
     principal = await gw.admission.authenticate(request.headers.get("authorization"))  # before the body
-    body = await parse_body(request)
-    body.check_limits(max_messages=gw.settings.max_messages, max_tokens_limit=gw.settings.max_tokens_limit)
-    options = call_options(request, principal, started)
-    call = chat_call(body, await request.body(), options)  # the body's bytes are kept
-    result = await gw.serving.serve(call, principal, CHAT, lambda: until_disconnected(request.receive))
+    try:
+        body = await parse_body(request, gw, principal)
+        body.check_limits(max_messages=gw.settings.max_messages, max_tokens_limit=gw.settings.max_tokens_limit)
+        options = call_options(request, principal, started)
+        call = chat_call(body, await request.body(), options)  # the body's bytes are kept
+        result = await gw.serving.serve(call, principal, CHAT, lambda: until_disconnected(request.receive))
+    except GatewayError as error:  # a refusal counts against the caller's limits like a request served
+        raise await refusal(gw, principal, request, error) from None
     if isinstance(result, Streamed):
         return SSEResponse(result, headers={**SSE_HEADERS, **result.headers})
     if isinstance(result, Collected):

@@ -10,9 +10,10 @@ from typing import Annotated
 from fastapi import Depends, Header
 from starlette.requests import Request
 
+from grokgate.api.body import Parsing
 from grokgate.api.errors import request_id_of
 from grokgate.core.accounts import AdminStore
-from grokgate.core.admission import Admission, Principal
+from grokgate.core.admission import OPEN, Admission, Gate, Principal
 from grokgate.core.cassette import HEADER as CASSETTE_HEADER
 from grokgate.core.cassette import cassette_name
 from grokgate.core.errors import GatewayError
@@ -38,6 +39,14 @@ class Gateway:
     store: AdminStore | None = None
     metrics: Metrics = field(default_factory=Metrics)
     started_at: int = field(default_factory=lambda: int(time.time()))
+    # What admission does before and besides `admit` (refusals counted, large bodies gated), when it limits
+    # callers at all; and the worker threads large bodies are parsed in (api/body.py).
+    gate: Gate = field(init=False, default=OPEN)
+    parsing: Parsing = field(init=False, default_factory=Parsing)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.admission, Gate):
+            self.gate = self.admission
 
 
 async def gateway(request: Request) -> Gateway:
@@ -69,6 +78,13 @@ def call_options(request: Request, principal: Principal, started: float) -> Call
                        cassette=cassette_name(headers.get(CASSETTE_HEADER)),
                        cache=parse_option(headers.get(CACHE_HEADER)),
                        conversation_id=conversation_header(headers.get(CONVERSATION_HEADER)))
+
+
+async def refusal(gw: Gateway, principal: Principal, request: Request, error: GatewayError) -> GatewayError:
+    """What to answer for a request of `principal` refused with `error` after authentication: the refusal is
+    counted against the caller's rpm (core/billing.py `AccountAdmission.refused`), so a caller that sends only
+    refused requests is rate-limited like any other; 429 once it is past its rpm. Only errors reach this."""
+    return await gw.gate.refused(principal, request_id_of(request), error)
 
 
 def own_token_id(principal: Principal) -> int:

@@ -26,6 +26,12 @@ log = logging.getLogger("grokgate.errors")
 _TYPE_SEGMENTS = {"str", "int", "float", "bool", "dict", "list", "none", "json-or-python"}
 
 
+# pydantic-core's JSON parser (jiter) stops at a fixed depth, with this error: 200 levels of arrays and objects
+# always parse (a 201st array level does too, a 201st object level does not).
+_RECURSION = "recursion limit exceeded"
+MAX_JSON_DEPTH = 200
+
+
 def request_id_of(request: Request) -> str:
     return str(request.scope.get("state", {}).get("request_id", ""))
 
@@ -66,7 +72,11 @@ def validation_error(errors: list[dict[str, Any]], body: Any = None) -> GatewayE
     """Turn pydantic's error list into one 400 `bad_request` naming the first offending field."""
     if isinstance(body, bytes | bytearray):
         return GatewayError(400, "bad_request", "Send the body as JSON with 'Content-Type: application/json'.")
-    if any(e.get("type") == "json_invalid" for e in errors):
+    invalid = next((e for e in errors if e.get("type") == "json_invalid"), None)
+    if invalid is not None:
+        if _RECURSION in str((invalid.get("ctx") or {}).get("error", "")):
+            return GatewayError(400, "bad_request", f"The request body is nested too deeply: at most {MAX_JSON_DEPTH} "
+                                                    "levels of arrays and objects are accepted.")
         return GatewayError(400, "bad_request", "The request body is not valid JSON.")
     if not errors:
         return GatewayError(400, "bad_request", "The request body is invalid.")

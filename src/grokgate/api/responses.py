@@ -13,8 +13,9 @@ from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
 from grokgate.api.body import parse_responses_body
-from grokgate.api.deps import Gateway, call_options
+from grokgate.api.deps import Gateway, call_options, refusal
 from grokgate.api.sse import SSE_HEADERS, SSEResponse, until_disconnected
+from grokgate.core.errors import GatewayError
 from grokgate.serving import Collected, Streamed
 
 router = APIRouter(tags=["responses"], strict_content_type=False)
@@ -37,11 +38,14 @@ async def create_response(request: Request) -> Response:
     started = time.perf_counter()
     gw: Gateway = request.app.state.gateway
     principal = await gw.admission.authenticate(request.headers.get("authorization"))  # before the body
-    body = await parse_responses_body(request)
-    body.check_limits(max_messages=gw.settings.max_messages, max_tokens_limit=gw.settings.max_tokens_limit)
-    options = call_options(request, principal, started)  # the headers are checked before the stored chain is read
-    call, wire = await gw.responses.prepare(body, options)
-    result = await gw.serving.serve(call, principal, wire, lambda: until_disconnected(request.receive))
+    try:
+        body = await parse_responses_body(request, gw, principal)
+        body.check_limits(max_messages=gw.settings.max_messages, max_tokens_limit=gw.settings.max_tokens_limit)
+        options = call_options(request, principal, started)  # the headers are checked before the chain is read
+        call, wire = await gw.responses.prepare(body, options)
+        result = await gw.serving.serve(call, principal, wire, lambda: until_disconnected(request.receive))
+    except GatewayError as error:  # a refusal counts against the caller's limits, as in api/chat.py
+        raise await refusal(gw, principal, request, error) from None
     if isinstance(result, Streamed):
         return SSEResponse(result, headers={**SSE_HEADERS, **result.headers})
     if isinstance(result, Collected):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from grokgate.core.errors import GatewayError
 from grokgate.core.events import Usage
@@ -28,6 +28,10 @@ class Principal:
     admin: bool = False
     allowed_models: tuple[str, ...] | None = None
     limits: Limits | None = None
+    # The token's balance (micro-credits) when its record was read: admission caches records for a couple of
+    # seconds (store/sql.py), so this is a hint for refusing a large body before parsing it (`Gate.servable`),
+    # never what a reservation is checked against. None: no account (admin and static keys).
+    balance: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +64,43 @@ class Admission(Protocol):
     async def authenticate(self, authorization: str | None) -> Principal: ...
 
     async def admit(self, principal: Principal, request: AdmissionRequest) -> Ticket: ...
+
+
+@runtime_checkable
+class Gate(Protocol):
+    """What an admission that limits callers does before and besides `admit`: refused requests count against a
+    token's limits, and a body is parsed at length only for a caller that can be served (api/body.py). An
+    admission without it (static keys: no limits, no balances) lets everything through (`OPEN`)."""
+
+    def precheck(self, principal: Principal) -> None:
+        """Before the body is read, with no I/O: raise 429 if this process knows the caller to be past its rpm
+        (a refusal or a check found its bucket full, and it cannot have drained since)."""
+
+    async def servable(self, principal: Principal) -> None:
+        """Before a large body is parsed: raise 429 when the caller is past its rpm (a read-only check of its
+        bucket), 403 `used_up` when its balance is not above zero."""
+
+    async def refused(self, principal: Principal, request_id: str, error: GatewayError) -> GatewayError:
+        """The caller's request was refused with `error` after authentication: count it against the caller's
+        rpm unless admission counted it already, and return what to answer (`error`, or 429 when the caller is
+        past its rpm)."""
+        ...
+
+
+class OpenGate:
+    """The gate of an admission that limits nothing."""
+
+    def precheck(self, principal: Principal) -> None:
+        return None
+
+    async def servable(self, principal: Principal) -> None:
+        return None
+
+    async def refused(self, principal: Principal, request_id: str, error: GatewayError) -> GatewayError:
+        return error
+
+
+OPEN = OpenGate()
 
 
 def bearer_token(authorization: str | None) -> str:

@@ -11,17 +11,24 @@ from __future__ import annotations
 import hmac
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from grokgate.core.accounts import AccountStore, Settlement, TokenRecord, hash_token, now_ms
 from grokgate.core.admission import AdmissionRequest, Principal, bearer_token
 from grokgate.core.errors import GatewayError
 from grokgate.core.events import Usage
-from grokgate.core.limits import Limits, RateLimiter
+from grokgate.core.limits import WINDOW_MS, Decision, Limits, RateLimiter, decide, drain, requests_only
 from grokgate.core.pricing import HitPrice, Price, cache_hit_cost, cost_of, max_cost
 from grokgate.core.response_cache import CACHE_BACKEND
 
 log = logging.getLogger("grokgate.billing")
+
+# Request ids the limiter counted (admitted, or refused for credits after `acquire`) whose error may still reach
+# `AccountAdmission.refused`, which must not count them twice: kept only for failures, the oldest dropped first.
+_COUNTED_MAX = 4096
+# Keys this process found past their rpm, at most; past it the notes are dropped (they are only a shortcut).
+_HELD_BACK_MAX = 10_000
 
 USED_UP = (
     "Your balance is not sufficient for current request, please buy more in Ace Data Cloud "
@@ -71,6 +78,9 @@ class AccountTicket:
         if self.settled:
             return
         self.settled = True
+        if status == "error" and self.limits is not None:
+            # The limiter counted this request; its error may now reach the api layer's refusal path.
+            self._admission.counted(self.request.request_id)
         usage = usage or Usage()
         # Bill what was consumed for answers the client got, whole or in part; bill nothing for a failure
         # that delivered nothing (docs/architecture.md, "Accounts").
@@ -114,11 +124,17 @@ class AccountTicket:
 
 class AccountAdmission:
     def __init__(self, store: AccountStore, limiter: RateLimiter, admin_tokens: list[str],
-                 policy: BillingPolicy | None = None) -> None:
+                 policy: BillingPolicy | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
+        self._clock = clock  # seconds, for `precheck`'s notes
         self.limiter = limiter
         self.policy = policy or BillingPolicy()
         self._admin_hashes = [hash_token(t) for t in admin_tokens]
+        self._counted: dict[str, None] = {}  # insertion-ordered: the oldest first
+        # Key id -> (its limits, its requests level, when, in ms of `clock`) as a refusal or a check found
+        # them past their rpm: `precheck` drains that level as the bucket would. Other processes only add to a
+        # bucket shared in Redis and rpm is never given back, so this never refuses what the bucket would admit.
+        self._held_back: dict[str, tuple[Limits, int, int]] = {}
 
     def is_admin(self, token_hash: str) -> bool:
         found = False
@@ -174,9 +190,80 @@ class AccountAdmission:
             raise
         if not reserved:
             await self.limiter.release(principal.key_id, request.request_id, limits, estimated_tokens, 0)
+            self.counted(request.request_id)
             raise GatewayError(403, "used_up", USED_UP)
         return AccountTicket(self, principal, request, price, amount, limits, estimated_tokens, decision.headers,
                              output)
+
+    # -- the gate (core/admission.py Gate): refused requests and large bodies ----------------------------------
+
+    def counted(self, request_id: str) -> None:
+        """The limiter counted this request and it failed: its refusal is not counted again."""
+        counted = self._counted
+        if len(counted) >= _COUNTED_MAX:
+            del counted[next(iter(counted))]
+        counted[request_id] = None
+
+    def precheck(self, principal: Principal) -> None:
+        if not self._held_back:  # the usual case: one truth test
+            return
+        noted = self._held_back.get(principal.key_id)
+        if noted is None:
+            return
+        limits, level, at = noted
+        now = self._now_ms()
+        decision = None
+        if limits == principal.limits and limits.rpm is not None:
+            decision = decide(requests_only(limits), 0, drain(level, now - at, limits.rpm), 0, 0)
+        if decision is None or decision.allowed:
+            del self._held_back[principal.key_id]
+            return
+        raise GatewayError(429, "too_many_requests", _limit_message("rpm"), headers=decision.headers)
+
+    async def servable(self, principal: Principal) -> None:
+        if principal.admin or principal.token_id is None:
+            return
+        limits = principal.limits
+        if limits is not None and limits.rpm is not None:
+            decision = await self.limiter.peek(principal.key_id, limits)
+            if not decision.allowed:
+                if decision.reason == "store_unavailable":  # fail_closed: admit would refuse it the same way
+                    raise GatewayError(503, "rate_limiter_unavailable", _limit_message(decision.reason),
+                                       headers={"retry-after": "1", **decision.headers})
+                raise self._past_rpm(principal.key_id, limits, decision)
+        # A model priced 0 would serve a token with nothing left, but which model is asked for is in the unparsed
+        # body: such a token's large bodies are refused too. An operator who gives tokens free models gives them
+        # a nominal balance (1 micro-credit is enough) or raises GROKGATE_PARSE_OFFLOAD_BYTES.
+        if principal.balance is not None and principal.balance <= 0:
+            raise GatewayError(403, "used_up", USED_UP)
+
+    async def refused(self, principal: Principal, request_id: str, error: GatewayError) -> GatewayError:
+        if self._counted and request_id in self._counted:
+            del self._counted[request_id]
+            return error
+        limits = principal.limits
+        if (principal.admin or principal.token_id is None or limits is None or limits.rpm is None
+                or error.status == 429 or error.status >= 500):  # a 5xx is grokgate's failure, not a refusal
+            return error
+        decision = await self.limiter.count_refusal(principal.key_id, limits)
+        if decision.allowed or decision.reason == "store_unavailable":
+            return error
+        return self._past_rpm(principal.key_id, limits, decision)
+
+    def _past_rpm(self, key: str, limits: Limits, decision: Decision) -> GatewayError:
+        """429 for a key found past its rpm, noted for `precheck`."""
+        rpm = limits.rpm
+        assert rpm is not None
+        if len(self._held_back) >= _HELD_BACK_MAX:
+            self._held_back.clear()
+        # The lowest level that waits `retry_after` (whole ms) for one more request (core/limits.py wait_ms): the
+        # bucket holds at least this much, so `precheck` never refuses longer than the bucket would.
+        wait_ms = round(decision.retry_after * 1000)
+        self._held_back[key] = (limits, (wait_ms - 1) * rpm + 1 + (rpm - 1) * WINDOW_MS, self._now_ms())
+        return GatewayError(429, "too_many_requests", _limit_message("rpm"), headers=decision.headers)
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
 
 
 def principal_of(record: TokenRecord) -> Principal:
@@ -186,6 +273,7 @@ def principal_of(record: TokenRecord) -> Principal:
         token_id=record.id,
         allowed_models=record.allowed_models,
         limits=Limits(rpm=record.rpm, tpm=record.tpm, concurrency=record.max_concurrency),
+        balance=record.balance,
     )
 
 

@@ -63,7 +63,27 @@ class RateLimiter(Protocol):
         """
         ...
 
+    async def count_refusal(self, key: str, limits: Limits) -> Decision:
+        """Count a request refused before `acquire` counted it (a body that failed validation, an unknown model)
+        as one request against the rpm bucket, if it fits: not against tpm, and it takes no concurrency slot.
+
+        Called only on the error path (api/deps.py `refusal`), so an answered request costs nothing more. Not
+        allowed: the key is past its rpm (the refusal is not recorded then); a limit store that cannot be reached
+        answers "store_unavailable", as `acquire` does. Always allowed without an rpm limit.
+        """
+        ...
+
+    async def peek(self, key: str, limits: Limits) -> Decision:
+        """Whether one more request would fit the rpm bucket now, recording nothing (only the rpm limit is
+        checked): asked before a large body is parsed (core/billing.py `AccountAdmission.servable`)."""
+        ...
+
     async def close(self) -> None: ...
+
+
+def requests_only(limits: Limits) -> Limits:
+    """The rpm part of `limits`: what a refused request counts against and what `peek` checks."""
+    return Limits(rpm=limits.rpm)
 
 
 def drain(level: int, elapsed_ms: int, limit: int | None) -> int:

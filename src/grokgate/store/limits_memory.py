@@ -10,7 +10,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from grokgate.core.limits import WINDOW_MS, Decision, Limits, corrected, decide, drain, full_in_ms
+from grokgate.core.limits import (
+    WINDOW_MS,
+    Decision,
+    Limits,
+    corrected,
+    decide,
+    drain,
+    full_in_ms,
+    requests_only,
+)
+
+ALLOWED = Decision(True, None, 0.0, {})
 
 
 @dataclass(slots=True)
@@ -109,6 +120,27 @@ class MemoryRateLimiter:
             state.tokens = corrected(drain(state.tokens, now - state.tokens_at, limits.tpm), delta)
             state.tokens_at = now
         self._update_idle_at(state, limits)
+
+    async def count_refusal(self, key: str, limits: Limits) -> Decision:
+        if limits.rpm is None:
+            return ALLOWED
+        now = self._now()
+        self._sweep(now)
+        state = self._states.get(key) or _KeyState(requests_at=now, tokens_at=now)
+        self._drain(state, limits, now)
+        decision = decide(requests_only(limits), 0, state.requests, 0, 0)
+        if decision.allowed:
+            state.requests += WINDOW_MS
+            self._update_idle_at(state, limits)
+            self._states[key] = state
+        return decision
+
+    async def peek(self, key: str, limits: Limits) -> Decision:
+        if limits.rpm is None:
+            return ALLOWED
+        state = self._states.get(key)
+        level = 0 if state is None else drain(state.requests, self._now() - state.requests_at, limits.rpm)
+        return decide(requests_only(limits), 0, level, 0, 0)
 
     async def close(self) -> None:
         self._states.clear()

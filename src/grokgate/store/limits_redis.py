@@ -9,9 +9,10 @@ Keys per limited key (hash-tagged so both land in one cluster slot):
   <prefix>{<key>}:b  hash: r/rt = requests level/updated ms, t/tt = tokens level/updated ms
   <prefix>{<key>}:f  sorted set: in-flight request ids scored by lease expiry (ms)
 
-Round trips: one per acquire, one per release of a request that used tokens. A release of a request that
-used nothing (refused for credits after the limiter let it through, or failed before any output) is not
-sent on its own: it rides on this process's next acquire or release of the same key, or on a batched
+Round trips: one per acquire, one per release of a request that used tokens, one per request refused before
+its acquire (`count_refusal`: the error path only) and one before a large body is parsed (`peek`). A release of
+a request that used nothing (refused for credits after the limiter let it through, or failed before any output)
+is not sent on its own: it rides on this process's next acquire or release of the same key, or on a batched
 flush a moment later (`release_delay`). Giving capacity back late can only make a limit stricter for that
 moment, never looser, and a burst of credit refusals then costs Redis one round trip each instead of two.
 
@@ -34,7 +35,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from grokgate.core.limits import WINDOW_MS, Decision, Limits, decide
+from grokgate.core.limits import WINDOW_MS, Decision, Limits, decide, requests_only
 
 log = logging.getLogger("grokgate.limits")
 
@@ -141,6 +142,32 @@ return found
 """
 
 
+# The rpm bucket alone, for requests refused before `acquire` (core/limits.py RateLimiter.count_refusal) and for
+# the read-only check before a large body is parsed (`peek`). KEYS: bucket hash. ARGV: rpm.
+_REQUESTS_LEVEL = _NOW + """
+local rpm = tonumber(ARGV[1])
+local s = redis.call('HMGET', KEYS[1], 'r', 'rt')
+local r = 0
+if s[1] then r = math.max(0, tonumber(s[1]) - math.max(0, now - tonumber(s[2] or now)) * rpm) end
+"""
+
+# Returns {fitted, drained requests level}, the level before this refusal; the refusal is recorded when it fits.
+# The hash's expiry is only ever lengthened: it may also hold a token level that drains for longer.
+REFUSAL_LUA = _REQUESTS_LEVEL + f"""
+if r + (1 - rpm) * {WINDOW_MS} > 0 then return {{0, r}} end
+local nr = r + {WINDOW_MS}
+redis.call('HSET', KEYS[1], 'r', string.format('%.0f', nr), 'rt', string.format('%.0f', now))
+local need = math.ceil(nr / rpm) + {_TTL_SLACK_MS}
+if redis.call('PTTL', KEYS[1]) < need then redis.call('PEXPIRE', KEYS[1], string.format('%.0f', need)) end
+return {{1, r}}
+"""
+
+# Returns the drained requests level; writes nothing.
+PEEK_LUA = _REQUESTS_LEVEL + """
+return r
+"""
+
+
 def _pool_exhausted(exc: BaseException) -> bool:
     # How redis-py's BlockingConnectionPool reports its wait running out (redis/asyncio/connection.py).
     return isinstance(exc, RedisConnectionError) and isinstance(exc.__cause__, TimeoutError)
@@ -188,6 +215,8 @@ class RedisRateLimiter:
         self._lease_ms = max(1, round(lease_seconds * 1000))
         self._acquire = client.register_script(ACQUIRE_LUA)
         self._release = client.register_script(RELEASE_LUA)
+        self._refusal = client.register_script(REFUSAL_LUA)
+        self._peek = client.register_script(PEEK_LUA)
         self._release_delay = release_delay
         # Releases of requests that used nothing, not sent yet: key -> {request id: actual - estimated tokens},
         # and the key's tpm limit when they were made.
@@ -242,13 +271,7 @@ class RedisRateLimiter:
             result = await self._acquire(keys=self._keys(key), args=args)
         except STORE_ERRORS as exc:
             self._put_back(key, tpm, carried)
-            self.degraded_total += 1
-            log.warning("rate-limit store unavailable (%s: %s%s); %s for key %s", type(exc).__name__, exc,
-                        self._pool_hint if _pool_exhausted(exc) else "", self._on_store_error.replace("_", " "),
-                        key)
-            if self._on_store_error == "fail_open":
-                return Decision(True, "store_unavailable", 0.0, {})
-            return Decision(False, "store_unavailable", 1.0, {"retry-after": "1"})
+            return self._unavailable(exc, key)
         except BaseException:
             self._put_back(key, tpm, carried)  # cancelled (the client left) or a bug: the releases still count
             raise
@@ -258,6 +281,35 @@ class RedisRateLimiter:
             # Only possible if the script's fit test drifts from decide(); tests keep them equal.
             log.error("rate-limit script and decide() disagree for key %s (script allowed=%s)", key, allowed)
         return decision
+
+    def _unavailable(self, exc: BaseException, key: str) -> Decision:
+        self.degraded_total += 1
+        log.warning("rate-limit store unavailable (%s: %s%s); %s for key %s", type(exc).__name__, exc,
+                    self._pool_hint if _pool_exhausted(exc) else "", self._on_store_error.replace("_", " "), key)
+        if self._on_store_error == "fail_open":
+            return Decision(True, "store_unavailable", 0.0, {})
+        return Decision(False, "store_unavailable", 1.0, {"retry-after": "1"})
+
+    async def count_refusal(self, key: str, limits: Limits) -> Decision:
+        if limits.rpm is None:
+            return Decision(True, None, 0.0, {})
+        try:
+            fitted, level = (int(v) for v in await self._refusal(keys=self._keys(key)[:1], args=[limits.rpm]))
+        except STORE_ERRORS as exc:
+            return self._unavailable(exc, key)
+        decision = decide(requests_only(limits), 0, level, 0, 0)
+        if decision.allowed != bool(fitted):
+            log.error("rate-limit refusal script and decide() disagree for key %s (script fitted=%s)", key, fitted)
+        return decision
+
+    async def peek(self, key: str, limits: Limits) -> Decision:
+        if limits.rpm is None:
+            return Decision(True, None, 0.0, {})
+        try:
+            level = int(await self._peek(keys=self._keys(key)[:1], args=[limits.rpm]))
+        except STORE_ERRORS as exc:
+            return self._unavailable(exc, key)
+        return decide(requests_only(limits), 0, level, 0, 0)
 
     async def release(
         self, key: str, request_id: str, limits: Limits, estimated_tokens: int, actual_tokens: int
