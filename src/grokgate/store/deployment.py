@@ -77,6 +77,12 @@ class DeploymentLimiter:
                 actual_tokens: int) -> Coroutine[Any, Any, None]:
         return self._started.release(key, request_id, limits, estimated_tokens, actual_tokens)
 
+    def count_refusal(self, key: str, limits: Limits) -> Coroutine[Any, Any, Decision]:
+        return self._started.count_refusal(key, limits)
+
+    def peek(self, key: str, limits: Limits) -> Coroutine[Any, Any, Decision]:
+        return self._started.peek(key, limits)
+
     async def flush(self) -> None:
         await self._started.flush()
 

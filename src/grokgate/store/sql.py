@@ -521,6 +521,7 @@ class SqlStore(Reports):
         if not await self.write(op):
             raise GatewayError(404, "token_not_found", f"No token with id {token_id}.")
         self._balances.invalidate(token_id)
+        self._tokens.invalidate()  # the token's record carries its balance (core/billing.py servable)
         return await self.require_token(token_id)
 
     # -- prices --------------------------------------------------------------------------------------------
