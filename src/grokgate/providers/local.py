@@ -6,6 +6,10 @@ together. The engine call releases the GIL; its per-token callback runs in the w
 events to the event loop with `call_soon_threadsafe`, so the loop never waits on the model. Returning
 True from the callback aborts a job, which is how a client that hangs up frees its slot.
 
+Tenants: a job reuses a cached prompt prefix only in a slot holding its own tenant's tokens (providers/local_slots.py
+picks the slot), and a prompt longer than a slot's tokens can stand for is refused in `check`, before any worker
+tokenises it (providers/local_bound.py, from the model's vocabulary).
+
 Loading reports its steps (assembling a catalog model, loading, ready) on the `grokgate.local` logger; printing
 progress is the command line's (cli.py passes its printer to `ensure_model` for `grokgate model`).
 """
@@ -30,7 +34,9 @@ from grokgate.core.events import Delta, Event, Finish, Usage, UsageReport
 from grokgate.core.fairqueue import FairQueue
 from grokgate.core.pricing import estimate_prompt_tokens
 from grokgate.providers.base import BackendStatus, Call, register
+from grokgate.providers.local_bound import PromptBound, message_chars
 from grokgate.providers.local_errors import ENGINE_FAILED, engine_error, refused
+from grokgate.providers.local_slots import PromptDigests, SlotTable
 from grokgate.providers.local_tools import (
     PROBE_MARK,
     TEXT_ONLY_GRAMMAR,
@@ -59,14 +65,18 @@ class _JobEnd:
 class _Job:
     """One choice of one request, run by one worker thread."""
 
-    __slots__ = ("cancelled", "created", "exclusive", "generated", "index", "loop", "parser", "payload", "queue",
-                 "started", "timings", "usage")
+    __slots__ = ("cancelled", "created", "evaluated", "exclusive", "generated", "index", "loop", "parser", "payload",
+                 "prompt", "queue", "started", "tenant", "timings", "usage")
 
     def __init__(self, index: int, payload: dict[str, Any], loop: asyncio.AbstractEventLoop,
-                 queue: asyncio.Queue[Any], exclusive: bool, plan: ToolPlan | None = None) -> None:
+                 queue: asyncio.Queue[Any], exclusive: bool, plan: ToolPlan | None = None, tenant: str = "",
+                 prompt: PromptDigests | None = None) -> None:
         self.index = index
         self.exclusive = exclusive
         self.payload = payload
+        self.tenant = tenant
+        self.prompt = prompt or PromptDigests(payload.get("messages") or [])
+        self.evaluated = False  # the engine reported counts: its prompt was evaluated in the slot (local_slots.py)
         self.loop = loop
         self.queue = queue
         self.cancelled = False
@@ -105,8 +115,10 @@ class _Job:
         timings = chunk.get("timings")
         if timings is not None:
             self.timings = timings
+            self.evaluated = True
         usage = chunk.get("usage")
         if usage:
+            self.evaluated = True
             details = usage.get("prompt_tokens_details") or {}
             self.usage = Usage(
                 prompt_tokens=int(usage.get("prompt_tokens", 0)),
@@ -267,6 +279,9 @@ class LocalEngine:
         self._loading: asyncio.Task[None] | None = None
         self._socket_dir: str | None = None
         self._grammars: dict[bytes, bool] = {}  # tools grammars: whether the engine enforces each
+        self._slot_table = SlotTable(slots)  # unused with a shared prompt cache: llama.cpp picks the slot
+        # The longest prompt a slot could hold (providers/local_bound.py): exact once the vocabulary is read.
+        self.prompt_bound = PromptBound.unread(ctx_per_slot)
         self.resolved_model: Path | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -299,6 +314,7 @@ class LocalEngine:
             identity = hashlib.sha256(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
         self.resolved_model = path
         log.info("loading %s (%d slots, %d thread(s))", path.name, self._slots, self._threads)
+        self.prompt_bound = PromptBound.of_model(path, self._ctx_per_slot)  # 0.25 s for Qwen 2.5's 152k tokens
 
         params = xllamacpp.CommonParams()
         params.model.path = str(path)
@@ -306,12 +322,14 @@ class LocalEngine:
         params.n_ctx = self._slots * self._ctx_per_slot
         params.cpuparams.n_threads = self._threads
         params.cpuparams_batch.n_threads = self._threads
-        # A conversation's next turn goes to the slot holding its prefix when that slot is idle (llama.cpp picks
-        # by prompt similarity among idle slots; grokgate's fair queue still decides who runs next), and what a
-        # slot evicts stays restorable from host memory. Seeded and temperature-0 requests skip the cache
-        # (`cache_prompt: false`), so their reproducibility is unaffected.
+        # A conversation's next turn goes to an idle slot holding its prefix. By default grokgate names the slot
+        # (providers/local_slots.py: only the tenant's own prefixes are reused, so the host-memory prompt cache,
+        # which llama.cpp fills and reads only where it picks the slot itself, would hold memory for nothing).
+        # With a shared prompt cache llama.cpp picks by prompt similarity among idle slots, and what a slot evicts
+        # stays restorable from host memory, whoever sent it. Either way grokgate's fair queue decides who runs
+        # next, and seeded and temperature-0 requests skip the cache (`cache_prompt: false`).
         params.slot_prompt_similarity = self._slot_prompt_similarity
-        params.cache_ram_mib = self._prompt_cache_ram_mib
+        params.cache_ram_mib = self._prompt_cache_ram_mib if self._shared_prompt_cache else 0
         params.verbosity = 3 if self._verbose else -1
         # llama.cpp's "fit to device memory" pass loads the model's metadata a second time to resize n_ctx and
         # offload (half of this load's CPU: 0.5 s of 1.0 s here). grokgate sets n_ctx itself and runs on the CPU,
@@ -369,11 +387,19 @@ class LocalEngine:
     def check(self, request: ChatCompletionRequest) -> None:
         """Refuse, in our words and naming the field, what llama.cpp would refuse with its own message (or, for
         tool-call arguments, with a 500)."""
+        chars = message_chars(request)
+        if (too_long := self.prompt_bound.refusal(chars)) is not None:  # first: no other work on such a prompt
+            raise too_long
         if request.server_tools:  # xAI's web search, X search... run only on xAI (providers/xai.py)
             raise bad_request(f"Server-side tools ({', '.join(request.server_tools)}) run only on a route to xAI; "
                               f"the model '{request.model}' is served by the local engine here. Remove them from "
                               "`tools` or use a model routed to xAI.", "tools")
         check_tools(request)
+        if request.tools:
+            plan = tool_plan(request)
+            # The tools are rendered into the system message (providers/local_tools.py), as JSON no shorter.
+            if plan is not None and (too_long := self.prompt_bound.refusal(chars + len(orjson.dumps(plan.tools)))):
+                raise too_long
         messages = request.messages
         for i, message in enumerate(messages):
             if message.has_images():
@@ -414,12 +440,14 @@ class LocalEngine:
         queue: asyncio.Queue[Any] = asyncio.Queue()
         base = _payload(call, upstream_model)
         plan = tool_plan(request)
+        prompt = PromptDigests(base["messages"])  # one per request: its choices share the prompt
         jobs = []
         for index in range(request.choices):
             payload = dict(base)
             if request.seed is not None:
                 payload["seed"] = (request.seed + index) & 0xFFFFFFFF
-            jobs.append(_Job(index, payload, loop, queue, exclusive=not payload["cache_prompt"], plan=plan))
+            jobs.append(_Job(index, payload, loop, queue, exclusive=not payload["cache_prompt"], plan=plan,
+                             tenant=call.tenant, prompt=prompt))
         # The tools are rendered into the prompt too (providers/local_tools.py): their JSON counts.
         tools_chars = len(orjson.dumps([t.model_dump(exclude_none=True) for t in request.tools or ()]))
         generation = LocalGeneration(self, jobs, queue, estimate_prompt_tokens(request.prompt_chars + tools_chars))
@@ -444,10 +472,7 @@ class LocalEngine:
                     with self._gate:
                         self._jobs_started += 1
                         self._queue_wait_seconds += time.monotonic() - job.created
-                    if job.parser is not None and not self._grammar_ok(job.payload["grammar"]):
-                        job.post(schema_error())
-                    else:
-                        self._server.handle_chat_completions(job.payload, job.on_chunk)
+                    self._run(job)
             except ValueError as exc:  # xllamacpp raises ValueError for requests it cannot parse
                 job.post(refused(str(exc), job.payload))
             except Exception:
@@ -457,13 +482,41 @@ class LocalEngine:
                 self._leave(job)
                 job.post(_JobEnd(job.usage))
 
-    def _grammar_ok(self, grammar: str) -> bool:
-        """Whether the engine enforces this tools grammar (providers/local_tools.py probe_grammar); remembered."""
-        key = hashlib.sha256(grammar.encode()).digest()  # not the text: a client's schemas can be megabytes
+    def _run(self, job: _Job) -> None:
+        """Run `job` in the engine: in a slot of grokgate's choice (providers/local_slots.py), reusing what the
+        slot holds only if it holds the job's own tenant's tokens; with a shared prompt cache, where llama.cpp
+        picks."""
+        if self._shared_prompt_cache:
+            if job.parser is not None and not self._grammar_ok(job.payload["grammar"], job.tenant):
+                job.post(schema_error())
+            else:
+                self._server.handle_chat_completions(job.payload, job.on_chunk)
+            return
+        messages = job.prompt.get()
+        slot, own = self._slot_table.take(job.tenant, messages)
+        try:
+            if job.parser is not None and not self._grammar_ok(job.payload["grammar"], job.tenant, slot.id):
+                job.post(schema_error())
+                return
+            payload = {**job.payload, "id_slot": slot.id, "cache_prompt": job.payload["cache_prompt"] and own}
+            self._server.handle_chat_completions(payload, job.on_chunk)
+        finally:
+            self._slot_table.give_back(slot, job.tenant, messages, job.evaluated)
+
+    def _grammar_ok(self, grammar: str, tenant: str = "", slot: int | None = None) -> bool:
+        """Whether the engine enforces this tools grammar (providers/local_tools.py probe_grammar); remembered per
+        tenant unless the prompt cache is shared (a probe skipped because another tenant sent the same tools
+        first would show in the time to the first token). The probe runs in the job's own slot when grokgate
+        picks slots, so it never lands in another worker's."""
+        scope = "" if self._shared_prompt_cache else tenant
+        # Not the text: a client's schemas can be megabytes.
+        key = hashlib.sha256(scope.encode() + b"\0" + grammar.encode()).digest()
         known = self._grammars.get(key)
         if known is None:
-            probe = {"prompt": "x", "grammar": probe_grammar(grammar), "max_tokens": 1, "temperature": 0,
-                     "cache_prompt": False}
+            probe: dict[str, Any] = {"prompt": "x", "grammar": probe_grammar(grammar), "max_tokens": 1,
+                                     "temperature": 0, "cache_prompt": False}
+            if slot is not None:
+                probe["id_slot"] = slot
             choices = self._server.handle_completions(probe).get("choices") or [{}]
             known = str(choices[0].get("text", "")).startswith(PROBE_MARK[0])
             if len(self._grammars) > 256:
