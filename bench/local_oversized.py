@@ -2,14 +2,14 @@
 billed nothing) while tenant B's short request is timed, against one or more source trees.
 
     .venv/bin/python bench/local_oversized.py [--tree git:main] [--tree src] [--mb 6] [--rounds 5]
-                                              [--under] [--sustained]
+                                              [--under] [--sustained] [--connections 4]
 
 Per tree (a `src` directory, or `git:<rev>` exported from this repository), starts `grokgate serve` (the default
 local model, 4 slots of 4,096 tokens, 1 thread, accounts off, two static keys: one tenant each) with that tree
 first on PYTHONPATH, and times B's request (a short prompt, max_tokens 4, temperature 0.7):
 - unloaded: alone, `--rounds` times;
-- under attack: A opens four connections and sends one `--mb` MB prompt on each (`--sustained`: again and again
-  until B's answer is complete); B's request starts 0.3 s later (the bodies are uploaded by then).
+- under attack: A opens four connections (`--connections`) and sends one `--mb` MB prompt on each (`--sustained`:
+  again and again until B's answer is complete); B's request starts 0.3 s later (the bodies are uploaded by then).
 `--under` sends prompts just under the engine's prompt bound instead (slot tokens x the vocabulary's longest token:
 4,096 x 128 characters for Qwen 2.5), the largest a bound lets through to the tokenizer. Prints, per tree, the
 median of B's times, their ratio, and the statuses A got. Issue 17 item 10 asks for B under attack within 2x of
@@ -110,14 +110,15 @@ def attack(url: str, text: str, sustained: bool, done: threading.Event, statuses
                 return
 
 
-def measure(url: str, text: str, rounds: int, sustained: bool) -> tuple[float, float, Counter[int]]:
+def measure(url: str, text: str, rounds: int, sustained: bool, connections: int) -> tuple[float, float, Counter[int]]:
     timed_b(url)  # warm: the first request of a server pays for imports and allocations
     alone = [timed_b(url) for _ in range(rounds)]
     loaded: list[float] = []
     statuses: Counter[int] = Counter()
     for _ in range(rounds):
         done = threading.Event()
-        threads = [threading.Thread(target=attack, args=(url, text, sustained, done, statuses)) for _ in range(4)]
+        threads = [threading.Thread(target=attack, args=(url, text, sustained, done, statuses))
+                   for _ in range(connections)]
         for t in threads:
             t.start()
         time.sleep(0.3)
@@ -134,18 +135,20 @@ def main() -> None:
     ap.add_argument("--mb", type=float, default=6.0, help="size of each of A's prompts, in MB (default 6)")
     ap.add_argument("--under", action="store_true", help="prompts just under the engine's prompt bound instead")
     ap.add_argument("--sustained", action="store_true", help="A keeps sending until B's answer is complete")
+    ap.add_argument("--connections", type=int, default=4, help="A's connections (default 4)")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     size = CTX * LONGEST_TOKEN if args.under else int(args.mb * 1_000_000)
     text = (WORDS * (size // len(WORDS) + 1))[:size]
     work = Path(tempfile.mkdtemp(prefix="grokgate-local-oversized-"))
     try:
-        print(f"| tree | B alone p50 ms | B under attack p50 ms | ratio | A's statuses | ({args.rounds} rounds, "
-              f"4 x {size:,} characters{', sustained' if args.sustained else ''}) |\n|---|---|---|---|---|---|")
+        how = f"{args.rounds} rounds, {args.connections} x {size:,} characters{', sustained' * args.sustained}"
+        print(f"| tree | B alone p50 ms | B under attack p50 ms | ratio | A's statuses | ({how}) |\n"
+              "|---|---|---|---|---|---|")
         for tree in args.tree or [str(ROOT / "src")]:
             proc, url = start(tree_path(tree, work), work)
             try:
-                alone, loaded, statuses = measure(url, text, args.rounds, args.sustained)
+                alone, loaded, statuses = measure(url, text, args.rounds, args.sustained, args.connections)
             finally:
                 stop(proc)
             print(f"| {tree} | {alone * 1000:,.0f} | {loaded * 1000:,.0f} | {loaded / alone:.1f}x | "

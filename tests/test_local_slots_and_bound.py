@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from grokgate.core.errors import GatewayError
+from grokgate.providers.base import Call
 from grokgate.providers.gguf import GGUFError, read_metadata, vocabulary_facts
 from grokgate.providers.local import LocalEngine, _Job
 from grokgate.providers.local_bound import UNREAD_TOKEN_BYTES, PromptBound, message_chars, slot_tokens
-from grokgate.providers.local_slots import SlotTable
+from grokgate.providers.local_slots import SlotTable, TenantLane
 from grokgate.schemas.chat import ChatCompletionRequest
 
 # -- a GGUF file's metadata, written as the format says (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md)
@@ -156,6 +158,16 @@ def test_a_job_of_another_tenant_that_ended_unseen_leaves_the_slot_nobodys() -> 
     assert table.take("B", Y1) == (slot, True)
 
 
+def test_a_job_the_engine_refused_leaves_the_slot_as_it_was() -> None:
+    """llama.cpp refuses a request (its length above all) before its prompt reaches the slot's KV cache."""
+    table = SlotTable(1)
+    slot, _ = table.take("A", X1)
+    table.give_back(slot, "A", X1, evaluated=True)
+    table.take("B", Y1)
+    table.give_back(slot, "B", Y1, evaluated=False, touched=False)
+    assert table.take("A", X2) == (slot, True)
+
+
 def test_a_tenant_goes_to_the_slot_sharing_most_messages_else_the_least_recently_used() -> None:
     table = SlotTable(3)
     for tenant, prompt in (("A", X1), ("A", Y1), ("B", Y1)):
@@ -175,7 +187,83 @@ def test_a_job_counts_as_evaluated_once_the_engine_reports_counts() -> None:
         job = _Job(0, {"messages": []}, asyncio.get_running_loop(), asyncio.Queue(), exclusive=False)
         job.on_chunk({"error": {"code": 400, "message": "request (300 tokens) exceeds the available context"}})
         assert not job.evaluated
+        assert job.refused and not job.evaluated  # a 4xx before any count: the slot is as it was
         job.on_chunk({"choices": [{"delta": {"role": "assistant"}}], "timings": {"prompt_n": 3, "cache_n": 0}})
         assert job.evaluated
+        later = _Job(0, {"messages": []}, asyncio.get_running_loop(), asyncio.Queue(), exclusive=False)
+        later.on_chunk({"error": {"code": 500, "message": "failed to decode"}})
+        assert not later.refused  # a 5xx may come during the prompt's evaluation
 
     asyncio.run(run())
+
+
+# -- a tenant's long prompts, one at a time -------------------------------------------------------------------------
+
+
+def test_a_tenants_long_prompts_enter_the_queue_one_at_a_time() -> None:
+    released: list[tuple[object, str]] = []
+    lane: TenantLane[str] = TenantLane(lambda key, job: released.append((key, job)))
+    lane.put("A", 1, ["a1", "a2"])
+    lane.put("A", 2, ["a3"])
+    lane.put("B", 3, ["b1"])
+    assert released == [(1, "a1"), (3, "b1")] and len(lane) == 2
+    lane.done("A")
+    assert released[-1] == (1, "a2")
+    assert lane.discard(2) == ["a3"] and len(lane) == 0  # the client left: taken back, never released
+    lane.done("A")
+    lane.done("B")
+    lane.put("A", 4, ["a4"])  # nothing of A's in flight any more: released at once
+    assert released[-1] == (4, "a4")
+
+
+def test_one_tenants_long_prompts_never_hold_every_worker(tmp_path: Path) -> None:
+    """Four prompts of tenant A, each likely too long for a slot, and one short prompt of tenant B on four
+    workers: A's are tokenised one at a time, so B's job starts while A's first is still in the engine (before:
+    A's four held every worker, and B waited for one of them)."""
+    engine = LocalEngine(model_path=None, cache_dir=tmp_path, slots=4, ctx_per_slot=256)
+    engine.prompt_bound = PromptBound(slot_tokens=256, token_bytes=128)  # as loaded: 32,768 characters at most
+    b_started = threading.Event()
+    lock = threading.Lock()
+    running = {"A": 0, "most": 0}
+
+    class Engine:
+        def handle_chat_completions(self, payload: dict[str, Any], on_chunk: Any) -> None:
+            if payload["messages"][0]["content"] == "short":
+                b_started.set()
+                on_chunk({"choices": [{"delta": {"content": "hi"}, "finish_reason": "stop"}],
+                          "timings": {"prompt_n": 5, "cache_n": 0, "predicted_n": 1}})
+                on_chunk({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 1}})
+                return
+            with lock:
+                running["A"] += 1
+                running["most"] = max(running["most"], running["A"])
+            b_started.wait(10)  # tokenising, until B's job has had a worker (or 10 s: the failure)
+            with lock:
+                running["A"] -= 1
+            on_chunk({"error": {"code": 400, "message": "request (1300 tokens) exceeds the available context size"}})
+
+    engine._server = Engine()
+    workers = [threading.Thread(target=engine._work, daemon=True) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+
+    async def run(tenant: str, text: str) -> str:
+        call = Call(request(messages=[{"role": "user", "content": text}], temperature=1.0), tenant)
+        try:
+            async for _ in engine.generate(call, "m"):
+                pass
+        except GatewayError as exc:
+            return f"{exc.status} {b_started.is_set()}"
+        return "ok"
+
+    async def scenario() -> list[str]:
+        longs = [asyncio.create_task(run("A", "y" * 5000)) for _ in range(4)]
+        await asyncio.sleep(0.05)  # A's four are in before B's
+        return [await run("B", "short"), *await asyncio.gather(*longs)]
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        engine._queue.close()
+    assert results == ["ok"] + ["400 True"] * 4
+    assert running["most"] == 1 and engine.status()["queued"] == 0

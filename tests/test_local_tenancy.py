@@ -119,20 +119,20 @@ def test_a_shared_prompt_cache_lets_tenants_reuse_each_others_prefixes(tmp_path:
 def test_a_prompt_no_slot_can_hold_is_refused_before_the_engine_sees_it(tmp_path: Path) -> None:
     """More characters than a slot's tokens can stand for: refused in the gateway with the engine's own error code
     and param, no engine job started (before: tokenised by a worker, seconds for megabytes, then refused). A
-    prompt just under the bound still reaches the engine, and one of long tokens under it is served."""
+    prompt just under the bound still reaches the engine, and one of long tokens under it is served. A prompt
+    the engine refuses leaves the slot as it was: its tenant keeps its cached prefix."""
     facts = vocabulary_facts(model())
     assert facts.token_bytes is not None
     limit = 256 * facts.token_bytes  # a slot of 256 tokens (ctx_per_slot), each at most token_bytes bytes
     with engine_app(tmp_path, slots=1) as srv:
-
         def status() -> dict[str, Any]:
             with srv.client() as c:
                 local: dict[str, Any] = c.get("/readyz").json()["backends"]["local"]
             return local
 
-        def send(text: str) -> httpx.Response:
+        def send(text: str, token: str = B) -> httpx.Response:
             return srv.chat({"model": "grok-3", "messages": [{"role": "user", "content": text}], "max_tokens": 1,
-                             "temperature": 1.0}, token=A)
+                             "temperature": 1.0}, token=token)
 
         words = ("lorem ipsum dolor sit amet " * (limit // 20))[:limit]
         over = send(words + "x")
@@ -141,11 +141,14 @@ def test_a_prompt_no_slot_can_hold_is_refused_before_the_engine_sees_it(tmp_path
         assert (ours["code"], ours["param"]) == ("bad_request", "messages")
         assert status()["jobs_started"] == 0
 
+        first = ask(srv, A, vault(RIGHT))["usage"]  # A's prompt in the only slot
         under = send(words)  # far more tokens than the slot holds, but no more characters than the bound
         assert under.status_code == 400, under.text
         theirs = under.json()["error"]
         assert (theirs["code"], theirs["param"]) == (ours["code"], ours["param"])
-        assert status()["jobs_started"] == 1
+        assert status()["jobs_started"] == 2
+        again = ask(srv, A, vault(RIGHT))["usage"]
+        assert again["prompt_tokens_details"]["cached_tokens"] == first["prompt_tokens"] - 1
 
         # The longest tokens of the vocabulary: more characters per token than any estimate would allow, and
         # it fits (200 of them, and the chat template's few).

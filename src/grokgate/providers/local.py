@@ -7,8 +7,9 @@ events to the event loop with `call_soon_threadsafe`, so the loop never waits on
 True from the callback aborts a job, which is how a client that hangs up frees its slot.
 
 Tenants: a job reuses a cached prompt prefix only in a slot holding its own tenant's tokens (providers/local_slots.py
-picks the slot), and a prompt longer than a slot's tokens can stand for is refused in `check`, before any worker
-tokenises it (providers/local_bound.py, from the model's vocabulary).
+picks the slot); a prompt longer than a slot's tokens can stand for is refused in `check`, before any worker
+tokenises it (providers/local_bound.py, from the model's vocabulary); and a tenant's prompts likely too long for a
+slot are tokenised one at a time (local_slots.py `TenantLane`), so they never hold every worker.
 
 Loading reports its steps (assembling a catalog model, loading, ready) on the `grokgate.local` logger; printing
 progress is the command line's (cli.py passes its printer to `ensure_model` for `grokgate model`).
@@ -24,6 +25,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ from grokgate.core.pricing import estimate_prompt_tokens
 from grokgate.providers.base import BackendStatus, Call, register
 from grokgate.providers.local_bound import PromptBound, message_chars
 from grokgate.providers.local_errors import ENGINE_FAILED, engine_error, refused
-from grokgate.providers.local_slots import PromptDigests, SlotTable
+from grokgate.providers.local_slots import PromptDigests, SlotTable, TenantLane
 from grokgate.providers.local_tools import (
     PROBE_MARK,
     TEXT_ONLY_GRAMMAR,
@@ -65,8 +67,8 @@ class _JobEnd:
 class _Job:
     """One choice of one request, run by one worker thread."""
 
-    __slots__ = ("cancelled", "created", "evaluated", "exclusive", "generated", "index", "loop", "parser", "payload",
-                 "prompt", "queue", "started", "tenant", "timings", "usage")
+    __slots__ = ("cancelled", "created", "evaluated", "exclusive", "generated", "index", "long", "loop", "parser",
+                 "payload", "prompt", "queue", "refused", "started", "tenant", "timings", "usage")
 
     def __init__(self, index: int, payload: dict[str, Any], loop: asyncio.AbstractEventLoop,
                  queue: asyncio.Queue[Any], exclusive: bool, plan: ToolPlan | None = None, tenant: str = "",
@@ -77,6 +79,8 @@ class _Job:
         self.tenant = tenant
         self.prompt = prompt or PromptDigests(payload.get("messages") or [])
         self.evaluated = False  # the engine reported counts: its prompt was evaluated in the slot (local_slots.py)
+        self.refused = False  # the engine refused it before evaluating anything: the slot is as it was
+        self.long = False  # its prompt is likely too long: it came through the tenant's lane (local_slots.py)
         self.loop = loop
         self.queue = queue
         self.cancelled = False
@@ -110,6 +114,10 @@ class _Job:
             return True
         error = chunk.get("error")
         if error is not None:
+            # llama.cpp checks a request (its context size above all) before the prompt touches the slot's KV
+            # cache (tools/server/server-context.cpp `update_slots`); a 5xx may come from anywhere.
+            code = error.get("code") if isinstance(error, dict) else None
+            self.refused = not self.evaluated and isinstance(code, int) and 400 <= code < 500
             self.post(engine_error(error, self.payload))
             return True
         timings = chunk.get("timings")
@@ -280,6 +288,7 @@ class LocalEngine:
         self._socket_dir: str | None = None
         self._grammars: dict[bytes, bool] = {}  # tools grammars: whether the engine enforces each
         self._slot_table = SlotTable(slots)  # unused with a shared prompt cache: llama.cpp picks the slot
+        self._long: TenantLane[_Job] = TenantLane(self._release_long)
         # The longest prompt a slot could hold (providers/local_bound.py): exact once the vocabulary is read.
         self.prompt_bound = PromptBound.unread(ctx_per_slot)
         self.resolved_model: Path | None = None
@@ -377,7 +386,7 @@ class LocalEngine:
             "model": self.resolved_model.name if self.resolved_model else None,
             "slots": self._slots,
             "slots_busy": self._busy,
-            "queued": len(self._queue) + self._at_gate,
+            "queued": len(self._queue) + self._at_gate + len(self._long),
             "tokens_generated": self._tokens_generated,
             "jobs_done": self._jobs_done,
             "jobs_started": self._jobs_started,
@@ -451,12 +460,29 @@ class LocalEngine:
         # The tools are rendered into the prompt too (providers/local_tools.py): their JSON counts.
         tools_chars = len(orjson.dumps([t.model_dump(exclude_none=True) for t in request.tools or ()]))
         generation = LocalGeneration(self, jobs, queue, estimate_prompt_tokens(request.prompt_chars + tools_chars))
-        self._queue.put_group(id(generation), jobs)
+        if self.prompt_bound.is_long(message_chars(request) + tools_chars):
+            for job in jobs:
+                job.long = True
+            self._long.put(call.tenant, id(generation), jobs)
+        else:
+            self._queue.put_group(id(generation), jobs)
         return generation
 
+    def _release_long(self, key: Hashable, job: _Job) -> None:
+        """Put a job of a long prompt into the fair queue: its tenant's last one has ended (local_slots.py)."""
+        try:
+            self._queue.put_group(key, [job])
+        except RuntimeError:  # closed: the engine is shutting down
+            job.post(_JobEnd(None))
+            self._long.done(job.tenant)
+
     def discard(self, generation: LocalGeneration) -> None:
+        for job in self._long.discard(id(generation)):
+            job.post(_JobEnd(None))
         for job in self._queue.discard(id(generation)):
             job.post(_JobEnd(None))
+            if job.long:
+                self._long.done(job.tenant)
 
     # -- worker threads ----------------------------------------------------------------------------------
 
@@ -464,6 +490,8 @@ class LocalEngine:
         while (job := self._queue.get()) is not None:
             if job.cancelled:
                 job.post(_JobEnd(None))
+                if job.long:
+                    self._long.done(job.tenant)
                 continue
             self._enter(job.exclusive)
             try:
@@ -481,6 +509,8 @@ class LocalEngine:
             finally:
                 self._leave(job)
                 job.post(_JobEnd(job.usage))
+                if job.long:
+                    self._long.done(job.tenant)
 
     def _run(self, job: _Job) -> None:
         """Run `job` in the engine: in a slot of grokgate's choice (providers/local_slots.py), reusing what the
@@ -494,14 +524,22 @@ class LocalEngine:
             return
         messages = job.prompt.get()
         slot, own = self._slot_table.take(job.tenant, messages)
+        touched = False  # whether the job's prompt may have reached the slot's KV cache
         try:
+            # (The grammar probe runs in the slot, but its one-token prompt is nobody's.)
             if job.parser is not None and not self._grammar_ok(job.payload["grammar"], job.tenant, slot.id):
                 job.post(schema_error())
                 return
             payload = {**job.payload, "id_slot": slot.id, "cache_prompt": job.payload["cache_prompt"] and own}
-            self._server.handle_chat_completions(payload, job.on_chunk)
+            touched = True
+            try:
+                self._server.handle_chat_completions(payload, job.on_chunk)
+            except ValueError:  # xllamacpp could not parse it: it never reached a slot
+                touched = False
+                raise
         finally:
-            self._slot_table.give_back(slot, job.tenant, messages, job.evaluated)
+            self._slot_table.give_back(slot, job.tenant, messages, evaluated=job.evaluated,
+                                       touched=touched and not job.refused)
 
     def _grammar_ok(self, grammar: str, tenant: str = "", slot: int | None = None) -> bool:
         """Whether the engine enforces this tools grammar (providers/local_tools.py probe_grammar); remembered per

@@ -25,6 +25,11 @@ log = logging.getLogger("grokgate.local")
 # for any vocabulary we know (Qwen 2.5's longest token is 128 bytes: 128 spaces).
 UNREAD_TOKEN_BYTES = 1024
 
+# Characters per token above which a prompt is likely too long for its slot (prose and code run at 3 to 5 per token;
+# long runs of spaces or dashes more): such prompts of one tenant are tokenised one at a time (providers/local_slots.py
+# `TenantLane`). Only when they run changes, never whether.
+LONG_CHARS_PER_TOKEN = 8
+
 
 def slot_tokens(ctx_per_slot: int, trained: int | None) -> int:
     """The tokens one slot holds: llama.cpp rounds a slot's context up to a multiple of 256 (measured with this
@@ -75,6 +80,10 @@ class PromptBound:
     @property
     def max_chars(self) -> int | None:
         return self.slot_tokens * self.token_bytes if self.token_bytes is not None else None
+
+    def is_long(self, chars: int) -> bool:
+        """Whether a prompt of `chars` characters is likely too long for a slot (LONG_CHARS_PER_TOKEN)."""
+        return chars > self.slot_tokens * LONG_CHARS_PER_TOKEN
 
     def refusal(self, chars: int) -> GatewayError | None:
         """The error for a prompt of at least `chars` characters, None if it may fit."""
