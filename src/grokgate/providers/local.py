@@ -6,6 +6,11 @@ together. The engine call releases the GIL; its per-token callback runs in the w
 events to the event loop with `call_soon_threadsafe`, so the loop never waits on the model. Returning
 True from the callback aborts a job, which is how a client that hangs up frees its slot.
 
+Tenants: a job reuses a cached prompt prefix only in a slot holding its own tenant's tokens (providers/local_slots.py
+picks the slot); a prompt longer than a slot's tokens can stand for is refused in `check`, before any worker
+tokenises it (providers/local_bound.py, from the model's vocabulary); and a tenant's prompts likely too long for a
+slot are tokenised one at a time (local_slots.py `TenantLane`), so they never hold every worker.
+
 Loading reports its steps (assembling a catalog model, loading, ready) on the `grokgate.local` logger; printing
 progress is the command line's (cli.py passes its printer to `ensure_model` for `grokgate model`).
 """
@@ -20,22 +25,25 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from grokgate.core.errors import GatewayError, bad_request
-from grokgate.core.events import Delta, Event, Finish, Usage, UsageReport
 from grokgate.core.fairqueue import FairQueue
 from grokgate.core.pricing import estimate_prompt_tokens
 from grokgate.providers.base import BackendStatus, Call, register
-from grokgate.providers.local_errors import ENGINE_FAILED, engine_error, refused
+from grokgate.providers.local_bound import PromptBound, message_chars
+from grokgate.providers.local_errors import ENGINE_FAILED, refused
+from grokgate.providers.local_jobs import Job as _Job
+from grokgate.providers.local_jobs import JobEnd as _JobEnd
+from grokgate.providers.local_jobs import LocalGeneration
+from grokgate.providers.local_slots import PromptDigests, SlotTable, TenantLane
 from grokgate.providers.local_tools import (
     PROBE_MARK,
     TEXT_ONLY_GRAMMAR,
-    ToolCallParser,
-    ToolPlan,
     check_arguments,
     check_tools,
     probe_grammar,
@@ -47,172 +55,6 @@ from grokgate.providers.model_files import DEFAULT_MODEL, CatalogModel, Progress
 from grokgate.schemas.chat import ChatCompletionRequest
 
 log = logging.getLogger("grokgate.local")
-
-
-class _JobEnd:
-    __slots__ = ("usage",)
-
-    def __init__(self, usage: Usage | None) -> None:
-        self.usage = usage
-
-
-class _Job:
-    """One choice of one request, run by one worker thread."""
-
-    __slots__ = ("cancelled", "created", "exclusive", "generated", "index", "loop", "parser", "payload", "queue",
-                 "started", "timings", "usage")
-
-    def __init__(self, index: int, payload: dict[str, Any], loop: asyncio.AbstractEventLoop,
-                 queue: asyncio.Queue[Any], exclusive: bool, plan: ToolPlan | None = None) -> None:
-        self.index = index
-        self.exclusive = exclusive
-        self.payload = payload
-        self.loop = loop
-        self.queue = queue
-        self.cancelled = False
-        self.created = time.monotonic()
-        self.started = False
-        self.generated = 0
-        self.usage: Usage | None = None
-        self.timings: dict[str, Any] | None = None  # llama.cpp's running counts, for a job stopped before its usage
-        # Calls are decoded by grokgate (providers/local_tools.py): the engine streams them as text.
-        self.parser = ToolCallParser(plan) if plan is not None else None
-
-    def consumed(self) -> Usage | None:
-        """The engine's usage report or, for a job aborted before it (the client left, a repeated tool call), the
-        running counts of its last chunk (`timings_per_token`): counted, not estimated (a token or two the engine
-        decodes before it sees the abort go unbilled, never the other way)."""
-        if self.usage is not None or self.timings is None:
-            return self.usage
-        cached = int(self.timings.get("cache_n", 0))
-        return Usage(prompt_tokens=cached + int(self.timings.get("prompt_n", 0)),
-                     completion_tokens=int(self.timings.get("predicted_n", 0)), cached_tokens=cached)
-
-    def post(self, item: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            self.cancelled = True
-
-    def on_chunk(self, chunk: dict[str, Any]) -> bool:
-        """Engine callback (worker thread): translate one chunk; True aborts the generation."""
-        if self.cancelled:
-            return True
-        error = chunk.get("error")
-        if error is not None:
-            self.post(engine_error(error, self.payload))
-            return True
-        timings = chunk.get("timings")
-        if timings is not None:
-            self.timings = timings
-        usage = chunk.get("usage")
-        if usage:
-            details = usage.get("prompt_tokens_details") or {}
-            self.usage = Usage(
-                prompt_tokens=int(usage.get("prompt_tokens", 0)),
-                completion_tokens=int(usage.get("completion_tokens", 0)),
-                cached_tokens=int(details.get("cached_tokens", 0)),
-            )
-        for choice in chunk.get("choices") or ():
-            delta = choice.get("delta") or {}
-            content = delta.get("content")
-            tool_calls = delta.get("tool_calls")
-            reasoning = delta.get("reasoning_content")
-            logprobs = choice.get("logprobs")
-            if content or tool_calls or reasoning:
-                self.generated += 1
-            try:
-                if content and self.parser is not None:  # a call's text becomes tool-call fragments
-                    content, calls = self.parser.feed(content)
-                    logprobs, tool_calls = logprobs if content else None, calls or None
-                reason = choice.get("finish_reason")
-                if self.parser is not None and (reason or self.parser.done):
-                    reason = self.parser.finish(reason or "stop")
-                    self.cancelled |= self.parser.done  # ends the generation; `timings` count what it used
-            except GatewayError as exc:
-                self.post(exc)
-                return True
-            if content or tool_calls or reasoning:
-                self.post(Delta(
-                    index=self.index,
-                    content=content or None,
-                    logprobs=logprobs.get("content") if logprobs else None,
-                    tool_calls=tool_calls,
-                    reasoning_content=reasoning,
-                ))
-            if reason:
-                self.post(Finish(index=self.index, reason=reason))
-        return self.cancelled
-
-
-class LocalGeneration:
-    """Events of one request, merged from its n jobs; usage is reported once, when all jobs ended."""
-
-    def __init__(self, engine: LocalEngine, jobs: list[_Job], queue: asyncio.Queue[Any],
-                 prompt_estimate: int) -> None:
-        self._engine = engine
-        self._prompt_estimate = prompt_estimate
-        self._jobs = jobs
-        self._queue = queue
-        self._open = len(jobs)
-        self._closed = False
-
-    @property
-    def backend(self) -> str:
-        return self._engine.name
-
-    @property
-    def fingerprint(self) -> str:
-        return self._engine.fingerprint
-
-    def __aiter__(self) -> LocalGeneration:
-        return self
-
-    async def __anext__(self) -> Event:
-        while True:
-            if self._open == 0:
-                if self._closed:
-                    raise StopAsyncIteration
-                self._closed = True
-                return UsageReport(self._merged_usage())
-            item = await self._queue.get()
-            if isinstance(item, _JobEnd):
-                self._open -= 1
-                continue
-            if isinstance(item, GatewayError):
-                await self.aclose()
-                raise item
-            event: Event = item
-            return event
-
-    def _merged_usage(self) -> Usage:
-        # The prompt is shared by the choices, so it is counted once; outputs add up.
-        consumed = [j.consumed() for j in self._jobs]
-        first = max((u for u in consumed if u is not None), key=lambda u: u.prompt_tokens, default=Usage())
-        usage = Usage(
-            prompt_tokens=first.prompt_tokens,
-            cached_tokens=first.cached_tokens,
-            completion_tokens=sum(u.completion_tokens if u else job.generated
-                                  for job, u in zip(self._jobs, consumed, strict=True)),
-        )
-        if usage.prompt_tokens == 0 and any(j.started for j in self._jobs):
-            # A job stopped before its first chunk counted anything (the client left during the prompt's
-            # evaluation) has its prompt estimated from its length, and the row says so.
-            usage.prompt_tokens = self._prompt_estimate
-            usage.estimated = True
-        return usage
-
-    def usage_so_far(self) -> Usage:
-        """What was consumed up to now, for a request that ends early."""
-        return self._merged_usage()
-
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        for job in self._jobs:
-            job.cancelled = True
-        self._engine.discard(self)
 
 
 class LocalEngine:
@@ -267,6 +109,10 @@ class LocalEngine:
         self._loading: asyncio.Task[None] | None = None
         self._socket_dir: str | None = None
         self._grammars: dict[bytes, bool] = {}  # tools grammars: whether the engine enforces each
+        self._slot_table = SlotTable(slots)  # unused with a shared prompt cache: llama.cpp picks the slot
+        self._long: TenantLane[_Job] = TenantLane(self._release_long)
+        # The longest prompt a slot could hold (providers/local_bound.py): exact once the vocabulary is read.
+        self.prompt_bound = PromptBound.unread(ctx_per_slot)
         self.resolved_model: Path | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -299,6 +145,7 @@ class LocalEngine:
             identity = hashlib.sha256(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
         self.resolved_model = path
         log.info("loading %s (%d slots, %d thread(s))", path.name, self._slots, self._threads)
+        self.prompt_bound = PromptBound.of_model(path, self._ctx_per_slot)  # 0.25 s for Qwen 2.5's 152k tokens
 
         params = xllamacpp.CommonParams()
         params.model.path = str(path)
@@ -306,12 +153,14 @@ class LocalEngine:
         params.n_ctx = self._slots * self._ctx_per_slot
         params.cpuparams.n_threads = self._threads
         params.cpuparams_batch.n_threads = self._threads
-        # A conversation's next turn goes to the slot holding its prefix when that slot is idle (llama.cpp picks
-        # by prompt similarity among idle slots; grokgate's fair queue still decides who runs next), and what a
-        # slot evicts stays restorable from host memory. Seeded and temperature-0 requests skip the cache
-        # (`cache_prompt: false`), so their reproducibility is unaffected.
+        # A conversation's next turn goes to an idle slot holding its prefix. By default grokgate names the slot
+        # (providers/local_slots.py: only the tenant's own prefixes are reused, so the host-memory prompt cache,
+        # which llama.cpp fills and reads only where it picks the slot itself, would hold memory for nothing).
+        # With a shared prompt cache llama.cpp picks by prompt similarity among idle slots, and what a slot evicts
+        # stays restorable from host memory, whoever sent it. Either way grokgate's fair queue decides who runs
+        # next, and seeded and temperature-0 requests skip the cache (`cache_prompt: false`).
         params.slot_prompt_similarity = self._slot_prompt_similarity
-        params.cache_ram_mib = self._prompt_cache_ram_mib
+        params.cache_ram_mib = self._prompt_cache_ram_mib if self._shared_prompt_cache else 0
         params.verbosity = 3 if self._verbose else -1
         # llama.cpp's "fit to device memory" pass loads the model's metadata a second time to resize n_ctx and
         # offload (half of this load's CPU: 0.5 s of 1.0 s here). grokgate sets n_ctx itself and runs on the CPU,
@@ -359,7 +208,7 @@ class LocalEngine:
             "model": self.resolved_model.name if self.resolved_model else None,
             "slots": self._slots,
             "slots_busy": self._busy,
-            "queued": len(self._queue) + self._at_gate,
+            "queued": len(self._queue) + self._at_gate + len(self._long),
             "tokens_generated": self._tokens_generated,
             "jobs_done": self._jobs_done,
             "jobs_started": self._jobs_started,
@@ -369,11 +218,19 @@ class LocalEngine:
     def check(self, request: ChatCompletionRequest) -> None:
         """Refuse, in our words and naming the field, what llama.cpp would refuse with its own message (or, for
         tool-call arguments, with a 500)."""
+        chars = message_chars(request)
+        if (too_long := self.prompt_bound.refusal(chars)) is not None:  # first: no other work on such a prompt
+            raise too_long
         if request.server_tools:  # xAI's web search, X search... run only on xAI (providers/xai.py)
             raise bad_request(f"Server-side tools ({', '.join(request.server_tools)}) run only on a route to xAI; "
                               f"the model '{request.model}' is served by the local engine here. Remove them from "
                               "`tools` or use a model routed to xAI.", "tools")
         check_tools(request)
+        if request.tools:
+            plan = tool_plan(request)
+            # The tools are rendered into the system message (providers/local_tools.py), as JSON no shorter.
+            if plan is not None and (too_long := self.prompt_bound.refusal(chars + len(orjson.dumps(plan.tools)))):
+                raise too_long
         messages = request.messages
         for i, message in enumerate(messages):
             if message.has_images():
@@ -414,21 +271,40 @@ class LocalEngine:
         queue: asyncio.Queue[Any] = asyncio.Queue()
         base = _payload(call, upstream_model)
         plan = tool_plan(request)
+        prompt = PromptDigests(base["messages"])  # one per request: its choices share the prompt
         jobs = []
         for index in range(request.choices):
             payload = dict(base)
             if request.seed is not None:
                 payload["seed"] = (request.seed + index) & 0xFFFFFFFF
-            jobs.append(_Job(index, payload, loop, queue, exclusive=not payload["cache_prompt"], plan=plan))
+            jobs.append(_Job(index, payload, loop, queue, exclusive=not payload["cache_prompt"], plan=plan,
+                             tenant=call.tenant, prompt=prompt))
         # The tools are rendered into the prompt too (providers/local_tools.py): their JSON counts.
         tools_chars = len(orjson.dumps([t.model_dump(exclude_none=True) for t in request.tools or ()]))
         generation = LocalGeneration(self, jobs, queue, estimate_prompt_tokens(request.prompt_chars + tools_chars))
-        self._queue.put_group(id(generation), jobs)
+        if self.prompt_bound.is_long(message_chars(request) + tools_chars):
+            for job in jobs:
+                job.long = True
+            self._long.put(call.tenant, id(generation), jobs)
+        else:
+            self._queue.put_group(id(generation), jobs)
         return generation
 
+    def _release_long(self, key: Hashable, job: _Job) -> None:
+        """Put a job of a long prompt into the fair queue: its tenant's last one has ended (local_slots.py)."""
+        try:
+            self._queue.put_group(key, [job])
+        except RuntimeError:  # closed: the engine is shutting down
+            job.post(_JobEnd(None))
+            self._long.done(job.tenant)
+
     def discard(self, generation: LocalGeneration) -> None:
+        for job in self._long.discard(id(generation)):
+            job.post(_JobEnd(None))
         for job in self._queue.discard(id(generation)):
             job.post(_JobEnd(None))
+            if job.long:
+                self._long.done(job.tenant)
 
     # -- worker threads ----------------------------------------------------------------------------------
 
@@ -436,6 +312,8 @@ class LocalEngine:
         while (job := self._queue.get()) is not None:
             if job.cancelled:
                 job.post(_JobEnd(None))
+                if job.long:
+                    self._long.done(job.tenant)
                 continue
             self._enter(job.exclusive)
             try:
@@ -444,10 +322,7 @@ class LocalEngine:
                     with self._gate:
                         self._jobs_started += 1
                         self._queue_wait_seconds += time.monotonic() - job.created
-                    if job.parser is not None and not self._grammar_ok(job.payload["grammar"]):
-                        job.post(schema_error())
-                    else:
-                        self._server.handle_chat_completions(job.payload, job.on_chunk)
+                    self._run(job)
             except ValueError as exc:  # xllamacpp raises ValueError for requests it cannot parse
                 job.post(refused(str(exc), job.payload))
             except Exception:
@@ -456,14 +331,52 @@ class LocalEngine:
             finally:
                 self._leave(job)
                 job.post(_JobEnd(job.usage))
+                if job.long:
+                    self._long.done(job.tenant)
 
-    def _grammar_ok(self, grammar: str) -> bool:
-        """Whether the engine enforces this tools grammar (providers/local_tools.py probe_grammar); remembered."""
-        key = hashlib.sha256(grammar.encode()).digest()  # not the text: a client's schemas can be megabytes
+    def _run(self, job: _Job) -> None:
+        """Run `job` in the engine: in a slot of grokgate's choice (providers/local_slots.py), reusing what the
+        slot holds only if it holds the job's own tenant's tokens; with a shared prompt cache, where llama.cpp
+        picks."""
+        if self._shared_prompt_cache:
+            if job.parser is not None and not self._grammar_ok(job.payload["grammar"], job.tenant):
+                job.post(schema_error())
+            else:
+                self._server.handle_chat_completions(job.payload, job.on_chunk)
+            return
+        messages = job.prompt.get()
+        slot, own = self._slot_table.take(job.tenant, messages)
+        touched = False  # whether the job's prompt may have reached the slot's KV cache
+        try:
+            # (The grammar probe runs in the slot, but its one-token prompt is nobody's.)
+            if job.parser is not None and not self._grammar_ok(job.payload["grammar"], job.tenant, slot.id):
+                job.post(schema_error())
+                return
+            payload = {**job.payload, "id_slot": slot.id, "cache_prompt": job.payload["cache_prompt"] and own}
+            touched = True
+            try:
+                self._server.handle_chat_completions(payload, job.on_chunk)
+            except ValueError:  # xllamacpp could not parse it: it never reached a slot
+                touched = False
+                raise
+        finally:
+            self._slot_table.give_back(slot, job.tenant, messages, evaluated=job.evaluated,
+                                       touched=touched and not job.refused)
+
+    def _grammar_ok(self, grammar: str, tenant: str = "", slot: int | None = None) -> bool:
+        """Whether the engine enforces this tools grammar (providers/local_tools.py probe_grammar); remembered per
+        tenant unless the prompt cache is shared (a probe skipped because another tenant sent the same tools
+        first would show in the time to the first token). The probe runs in the job's own slot when grokgate
+        picks slots, so it never lands in another worker's."""
+        scope = "" if self._shared_prompt_cache else tenant
+        # Not the text: a client's schemas can be megabytes.
+        key = hashlib.sha256(scope.encode() + b"\0" + grammar.encode()).digest()
         known = self._grammars.get(key)
         if known is None:
-            probe = {"prompt": "x", "grammar": probe_grammar(grammar), "max_tokens": 1, "temperature": 0,
-                     "cache_prompt": False}
+            probe: dict[str, Any] = {"prompt": "x", "grammar": probe_grammar(grammar), "max_tokens": 1,
+                                     "temperature": 0, "cache_prompt": False}
+            if slot is not None:
+                probe["id_slot"] = slot
             choices = self._server.handle_completions(probe).get("choices") or [{}]
             known = str(choices[0].get("text", "")).startswith(PROBE_MARK[0])
             if len(self._grammars) > 256:

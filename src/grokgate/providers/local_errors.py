@@ -41,3 +41,16 @@ def refused(message: str, payload: dict[str, Any]) -> GatewayError:
         return GatewayError(400, "bad_request", f"The local engine cannot turn {where} into a grammar: {detail}.",
                             param=param)
     return GatewayError(400, "bad_request", message, param="messages" if "context" in message else None)
+
+
+def too_long(chars: int, limit: int, slot_tokens: int, token_bytes: int) -> GatewayError:
+    """A prompt refused before the engine sees it (providers/local.py `check`): more text than a slot's tokens can
+    stand for. The code and param of the engine's own context refusal (`refused`), so a client sees one error."""
+    return GatewayError(
+        400,
+        "bad_request",
+        f"The prompt cannot fit the local engine's context: it has at least {chars} characters, and a slot holds "
+        f"{slot_tokens} tokens of at most {token_bytes} bytes each ({limit} characters at most). Shorten the "
+        "conversation.",
+        param="messages",
+    )
