@@ -2,12 +2,16 @@
 
     .venv/bin/python bench/local_affinity.py [--conversations 4] [--rounds 3]
 
-Starts `grokgate serve` (the default local model, 2 slots, accounts off) three times, one configuration each:
-- affinity: llama.cpp's defaults as grokgate sets them (a request goes to the idle slot whose cached prompt shares
-  the most with its own, `GROKGATE_SLOT_PROMPT_SIMILARITY=0.1`, and evicted prompts are kept in host memory,
+Starts `grokgate serve` (the default local model, 2 slots, accounts off) four times, one configuration each:
+- affinity: a shared prompt cache (GROKGATE_SHARED_PROMPT_CACHE=true, one tenant) with llama.cpp's defaults as
+  grokgate sets them (a request goes to the idle slot whose cached prompt shares the most with its own,
+  `GROKGATE_SLOT_PROMPT_SIMILARITY=0.1`, and evicted prompts are kept in host memory,
   `GROKGATE_PROMPT_CACHE_RAM_MIB=8192`);
-- slots only: similarity on, no host-memory cache;
-- none: least recently used slot, no host-memory cache.
+- slots only: shared, similarity on, no host-memory cache;
+- none: shared, least recently used slot, no host-memory cache;
+- per tenant: the prompt cache kept per tenant (GROKGATE_SHARED_PROMPT_CACHE=false, the default with several
+  tenants): grokgate picks the slot (its tenant's, sharing the most leading messages; else least recently used),
+  no host-memory cache (providers/local_slots.py).
 Each conversation opens with its own ~700-token case file. The first turns run one after another, then every
 conversation's second turn runs in the opposite order, so that least-recently-used picks the wrong slot. Prints
 the median time to the first streamed token of the second turns, and of the first turns for reference.
@@ -30,10 +34,12 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "bench-local-affinity"
+SHARED = {"GROKGATE_SHARED_PROMPT_CACHE": "true"}
 CONFIGS = {
-    "affinity": {"GROKGATE_SLOT_PROMPT_SIMILARITY": "0.1", "GROKGATE_PROMPT_CACHE_RAM_MIB": "8192"},
-    "slots only": {"GROKGATE_SLOT_PROMPT_SIMILARITY": "0.1", "GROKGATE_PROMPT_CACHE_RAM_MIB": "0"},
-    "none": {"GROKGATE_SLOT_PROMPT_SIMILARITY": "0", "GROKGATE_PROMPT_CACHE_RAM_MIB": "0"},
+    "affinity": {**SHARED, "GROKGATE_SLOT_PROMPT_SIMILARITY": "0.1", "GROKGATE_PROMPT_CACHE_RAM_MIB": "8192"},
+    "slots only": {**SHARED, "GROKGATE_SLOT_PROMPT_SIMILARITY": "0.1", "GROKGATE_PROMPT_CACHE_RAM_MIB": "0"},
+    "none": {**SHARED, "GROKGATE_SLOT_PROMPT_SIMILARITY": "0", "GROKGATE_PROMPT_CACHE_RAM_MIB": "0"},
+    "per tenant": {"GROKGATE_SHARED_PROMPT_CACHE": "false"},
 }
 WORDS = ("ledger", "harbour", "copper", "signal", "orchard", "granite", "lantern", "meadow", "falcon", "cobalt")
 

@@ -246,6 +246,21 @@ def test_hits_are_billed_at_the_cached_input_price_and_marked_in_the_ledger(tmp_
         assert 'grokgate_requests_total{backend="cache",endpoint="chat",model="grok-3",status="200"} 2.0' in metrics
 
 
+def test_hits_and_replays_are_known_by_the_generation_not_by_a_backend_name(tmp_path: Path) -> None:
+    """A live backend an operator happened to name `cache` or `replay:...` is billed as live. Before: billing read
+    the backend's name, so a live answer of a backend named `cache` was billed at the cached-input price, and one
+    named `replay:x` times the replay price factor (free with GROKGATE_REPLAY_PRICE_FACTOR=0)."""
+    price = {p.model: p for p in default_prices(["grok-3"], 1.0)}["grok-3"]
+    full = cost_of(Usage(prompt_tokens=PROMPT_TOKENS, completion_tokens=4), price).total
+    for name in ("cache", "replay:xai"):
+        with app_server(tmp_path / name.replace(":", "-"), scripted_models(ScriptedProvider(name)),
+                        replay_price_factor=0) as srv:
+            token, key = create_key(srv, "payer", credits="10")
+            assert srv.chat(BODY, token=token).status_code == 200
+            rows = [r for r in admin_json(srv, f"/admin/ledger?token={key['id']}")["data"] if r["kind"] == "usage"]
+            assert [(r["backend"], r["cost"]) for r in rows] == [(name, full)]
+
+
 def test_the_hit_price_is_configurable(tmp_path: Path) -> None:
     with cached_app(tmp_path, response_cache_hit_price="free") as srv:
         token, key = create_key(srv, "payer", credits="10")

@@ -25,7 +25,7 @@ from grokgate.api.sse import CHAT_SSE
 from grokgate.app import create_app
 from grokgate.core.admission import AdmissionRequest, Principal
 from grokgate.core.errors import GatewayError
-from grokgate.core.events import Delta, Event, Finish, Usage, UsageReport
+from grokgate.core.events import Delta, Event, Finish, Origin, Usage, UsageReport
 from grokgate.observability.metrics import Metrics
 from grokgate.providers.base import BackendStatus, ModelTable, Route, Upstream
 from grokgate.providers.router import Candidate, RoutedGeneration, RoutedModel
@@ -57,7 +57,8 @@ class RecordingTicket:
     overrun: bool = False
     settlements: list[Settled] = field(default_factory=list)
 
-    async def settle(self, usage: Usage | None, *, status: str, estimated: bool = False, backend: str = "") -> None:
+    async def settle(self, usage: Usage | None, *, status: str, estimated: bool = False, backend: str = "",
+                     origin: Origin = "live") -> None:
         self.log.append(f"settle:{status}")
         await asyncio.sleep(0)  # a real store commit suspends: a cancellation here must not lose it
         self.settlements.append(Settled(usage, status, estimated, backend))
@@ -103,6 +104,10 @@ class FakeGeneration:
     @property
     def fingerprint(self) -> str:
         return "fp_fake"
+
+    @property
+    def origin(self) -> Origin:
+        return "live"
 
     def usage_so_far(self) -> Usage | None:
         # `counted`: a backend that knows what it consumed so far (the local engine's running counts).

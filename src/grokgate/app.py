@@ -67,7 +67,7 @@ def build_routing(settings: Settings) -> ModelTable:
             ctx_per_slot=settings.ctx_per_slot,
             slot_prompt_similarity=settings.slot_prompt_similarity,
             prompt_cache_ram_mib=settings.prompt_cache_ram_mib,
-            shared_prompt_cache=settings.shared_prompt_cache,
+            shared_prompt_cache=settings.prompt_cache_shared,
         )
         return engine
 
@@ -117,7 +117,7 @@ def create_app(
     serving = Serving(admission, models, metrics, keepalive=settings.keepalive_seconds,
                       max_server_tool_calls=settings.max_server_tool_calls,
                       server_tool_input_tokens=settings.server_tool_input_tokens,
-                      affinity=settings.prompt_cache_affinity, shared_prompt_cache=settings.shared_prompt_cache,
+                      affinity=settings.prompt_cache_affinity, shared_prompt_cache=settings.prompt_cache_shared,
                       response_cache=response_cache)
     # Stored responses live in the accounts database; with accounts off, in this process's memory.
     stored: ResponseStore = (SqlResponseStore(store)

@@ -57,9 +57,11 @@ class Settings(BaseSettings):
     local_model: str = "qwen2.5-coder-0.5b"
     threads: int = Field(default=1, ge=1, le=256)
     slots: int = Field(default=4, ge=1, le=256)
-    # Prompt-cache affinity on the engine: a request goes to the idle slot whose cached prompt shares the largest
-    # part of its own (above this share; 0: least recently used), and prompts evicted from slots are kept in
-    # host memory up to `prompt_cache_ram_mib` for a later turn to restore (llama.cpp's defaults; 0 turns it off).
+    # Prompt-cache affinity on the engine when its prompt cache is shared (`shared_prompt_cache`, below): a request
+    # goes to the idle slot whose cached prompt shares the largest part of its own (above this share; 0: least
+    # recently used), and prompts evicted from slots are kept in host memory up to `prompt_cache_ram_mib` for a later
+    # turn to restore (llama.cpp's defaults; 0 turns it off). Per tenant (the default with several tenants),
+    # grokgate picks the slot itself (providers/local_slots.py) and both are unused.
     slot_prompt_similarity: float = Field(default=0.1, ge=0, le=1)
     prompt_cache_ram_mib: int = Field(default=8192, ge=0, le=1_048_576)
     ctx_per_slot: int = Field(default=4096, ge=256, le=1_048_576)
@@ -136,8 +138,9 @@ class Settings(BaseSettings):
     # Tenants (docs/operations.md, "Running for many tenants"): every token is a tenant, and nothing one leaves
     # behind is seen by another. A single-tenant deployment may share prompt caches instead: clients' conversation
     # ids then go upstream as sent (not namespaced by tenant), and the local engine reuses a cached prompt prefix
-    # whoever sent it (llama.cpp's own slot choice and host-memory prompt cache).
-    shared_prompt_cache: bool = False
+    # whoever sent it (llama.cpp's own slot choice and host-memory prompt cache). Default (None): shared only where
+    # there is one tenant, accounts off with at most one API key (`prompt_cache_shared`).
+    shared_prompt_cache: bool | None = None
     # Cassettes (docs/replay.md): `tenant`, each tenant records into and replays from cassettes of its own, or
     # `shared`, one set for every caller (record with one key, replay in CI with another). Default: `shared` with
     # accounts off (GROKGATE_API_KEYS are one team's), `tenant` with accounts on.
@@ -153,6 +156,12 @@ class Settings(BaseSettings):
     # A request body larger than this is parsed in a worker thread rather than on the event loop, after the
     # caller was found able to be served (api/body.py).
     parse_offload_bytes: int = Field(default=256 * 1024, ge=1024, le=1024**3)
+
+    @property
+    def prompt_cache_shared(self) -> bool:
+        if self.shared_prompt_cache is not None:
+            return self.shared_prompt_cache
+        return not self.accounts and len(self.api_keys) <= 1
 
     @property
     def cassettes_shared(self) -> bool:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from grokgate.core.errors import GatewayError
-from grokgate.core.events import Usage
+from grokgate.core.events import Origin, Usage
 from grokgate.core.limits import Limits
 
 
@@ -55,7 +55,8 @@ class Ticket(Protocol):
     cost: int
     overrun: bool
 
-    async def settle(self, usage: Usage | None, *, status: str, estimated: bool = False, backend: str = "") -> None:
+    async def settle(self, usage: Usage | None, *, status: str, estimated: bool = False, backend: str = "",
+                     origin: Origin = "live") -> None:
         """Record the outcome (status: ok | client_disconnected | error); idempotent; called shielded, once per
         request, by the serving layer (serving/lifecycle.py)."""
 
@@ -129,7 +130,8 @@ class _NoopTicket:
     cost = 0
     overrun = False
 
-    async def settle(self, usage: Usage | None, *, status: str, estimated: bool = False, backend: str = "") -> None:
+    async def settle(self, usage: Usage | None, *, status: str, estimated: bool = False, backend: str = "",
+                     origin: Origin = "live") -> None:
         return None
 
 

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from grokgate.core.accounts import AccountStore, Settlement, TokenRecord, hash_token, now_ms
 from grokgate.core.admission import AdmissionRequest, Principal, bearer_token
 from grokgate.core.errors import GatewayError
-from grokgate.core.events import Usage
+from grokgate.core.events import Origin, Usage
 from grokgate.core.limits import WINDOW_MS, Decision, Limits, RateLimiter, decide, drain, requests_only
 from grokgate.core.pricing import HitPrice, Price, cache_hit_cost, cost_of, max_cost
-from grokgate.core.response_cache import CACHE_BACKEND
 
 log = logging.getLogger("grokgate.billing")
 
@@ -43,9 +42,9 @@ class BillingPolicy:
     # Micro-credits per server-side tool call (settings.server_tool_call_price); a request that may run them
     # reserves `AdmissionRequest.server_tool_calls` of them.
     server_tool_call_price: int = 0
-    # Replayed answers (backend "replay:...") cost their recorded usage times this: 1, or 0 for free replays.
+    # Replayed answers (origin "replay") cost their recorded usage times this: 1, or 0 for free replays.
     replay_price_factor: int = 1
-    # How an answer replayed from the exact response cache (settled with backend "cache") is priced:
+    # How an answer replayed from the exact response cache (origin "cache") is priced:
     # core/pricing.py cache_hit_cost (settings.response_cache_hit_price).
     cache_hit_price: HitPrice = "cached_input"
 
@@ -74,7 +73,7 @@ class AccountTicket:
         self.overrun = False  # the cost exceeded the reservation: a bound that did not hold
 
     async def settle(self, usage: Usage | None, *, status: str, estimated: bool = False,
-                     backend: str = "") -> None:
+                     backend: str = "", origin: Origin = "live") -> None:
         if self.settled:
             return
         self.settled = True
@@ -88,12 +87,12 @@ class AccountTicket:
         tool_call_price = self._admission.policy.server_tool_call_price
         if not billable:
             cost = 0
-        elif backend == CACHE_BACKEND:  # a hit of the exact response cache (serving/response_cache.py)
+        elif origin == "cache":  # a hit of the exact response cache (serving/response_cache.py)
             cost = cache_hit_cost(usage, self.price, self._admission.policy.cache_hit_price,
                                   tool_call_price=tool_call_price).total
         else:
             cost = cost_of(usage, self.price, tool_call_price=tool_call_price).total
-        if backend.startswith("replay:"):  # a recorded answer (providers/recording.py): 0 makes replays free
+        if origin == "replay":  # a recorded answer (providers/recording.py): 0 makes replays free
             cost *= self._admission.policy.replay_price_factor
         self.cost = cost
         if cost > self.reserved and self.principal.token_id is not None:

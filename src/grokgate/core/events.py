@@ -9,7 +9,7 @@ estimated from its text by the router (providers/router.py), so the client and t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 # JSON as providers pass it through (logprobs, tool-call fragments, xAI's citations): what orjson reads and writes.
 JSON: TypeAlias = "str | int | float | bool | list[JSON] | dict[str, JSON] | None"
@@ -58,6 +58,12 @@ class Finish:
 
     index: int
     reason: str
+
+
+# Where a generation's answer comes from, which decides how it is billed (core/billing.py): a backend generating it
+# now, the exact response cache (serving/response_cache.py), or a recorded exchange (providers/recording.py). A
+# field of the generation, never read off a backend's name.
+Origin = Literal["live", "cache", "replay"]
 
 
 @dataclass(slots=True)

@@ -31,7 +31,7 @@ from typing import Any, Protocol, TypedDict, TypeVar, runtime_checkable
 
 from grokgate.core.cassette import DEFAULT as DEFAULT_CASSETTE
 from grokgate.core.errors import GatewayError
-from grokgate.core.events import Event, Usage, UsageReport
+from grokgate.core.events import Event, Origin, Usage, UsageReport
 from grokgate.core.response_cache import CacheOption
 from grokgate.schemas.chat import ChatCompletionRequest
 
@@ -95,6 +95,11 @@ class Generation(Protocol):
     @property
     def fingerprint(self) -> str:
         """That backend's `system_fingerprint` (backend and model build)."""
+
+    @property
+    def origin(self) -> Origin:
+        """Where the answer comes from: `live` (a backend generating it now), `cache` or `replay`; billing prices
+        by it (core/billing.py). Known once the first event came."""
 
     def usage_so_far(self) -> Usage | None:
         """What the request consumed up to now, for a request cut short (None: nothing is known to be used)."""
@@ -198,10 +203,12 @@ class EventsGeneration:
     """A `Generation` over an async generator of events, for providers that need nothing more: it reports the
     last `UsageReport` it passed on as the usage so far."""
 
-    def __init__(self, events: AsyncGenerator[Event], backend: str, fingerprint: str) -> None:
+    def __init__(self, events: AsyncGenerator[Event], backend: str, fingerprint: str,
+                 origin: Origin = "live") -> None:
         self._events = events
         self._backend = backend
         self._fingerprint = fingerprint
+        self._origin: Origin = origin
         self._usage: Usage | None = None
 
     @property
@@ -211,6 +218,10 @@ class EventsGeneration:
     @property
     def fingerprint(self) -> str:
         return self._fingerprint
+
+    @property
+    def origin(self) -> Origin:
+        return self._origin
 
     def usage_so_far(self) -> Usage | None:
         return self._usage

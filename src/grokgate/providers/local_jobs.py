@@ -13,7 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from grokgate.core.errors import GatewayError
-from grokgate.core.events import Delta, Event, Finish, Usage, UsageReport
+from grokgate.core.events import Delta, Event, Finish, Origin, Usage, UsageReport
 from grokgate.providers.local_errors import engine_error
 from grokgate.providers.local_slots import PromptDigests
 from grokgate.providers.local_tools import ToolCallParser, ToolPlan
@@ -149,6 +149,10 @@ class LocalGeneration:
     @property
     def fingerprint(self) -> str:
         return self._engine.fingerprint
+
+    @property
+    def origin(self) -> Origin:
+        return "live"
 
     def __aiter__(self) -> LocalGeneration:
         return self

@@ -39,7 +39,7 @@ from grokgate.core.cassette import (
     encode_usage,
 )
 from grokgate.core.errors import GatewayError
-from grokgate.core.events import Delta, Event, JSONObject, Usage, UsageReport
+from grokgate.core.events import Delta, Event, JSONObject, Origin, Usage, UsageReport
 from grokgate.core.pricing import beyond_output_cap
 from grokgate.providers.base import BackendStatus, Call, EventsGeneration, Generation, ModelTable, Provider, Route
 from grokgate.providers.cassette_store import (
@@ -86,6 +86,10 @@ class RecordingGeneration:
     @property
     def fingerprint(self) -> str:
         return self._inner.fingerprint if self._inner is not None else self._provider.fingerprint
+
+    @property
+    def origin(self) -> Origin:
+        return self._inner.origin if self._inner is not None else "live"
 
     def usage_so_far(self) -> Usage | None:
         return self._inner.usage_so_far() if self._inner is not None else None
@@ -241,7 +245,7 @@ class ReplayGeneration(EventsGeneration):
         self._timing = timing
         self._played = False
         super().__init__(self._play(), f"replay:{exchange.backend}" if exchange is not None else "replay",
-                         exchange.fingerprint if exchange is not None else "fp_replay")
+                         exchange.fingerprint if exchange is not None else "fp_replay", origin="replay")
 
     def usage_so_far(self) -> Usage | None:
         """A replay cut short after it began is billed its recorded usage: there is no count of its own, and
@@ -336,6 +340,10 @@ class _Lookup:
     @property
     def fingerprint(self) -> str:
         return self._inner.fingerprint if self._inner is not None else "fp_replay"
+
+    @property
+    def origin(self) -> Origin:
+        return self._inner.origin if self._inner is not None else "replay"
 
     def usage_so_far(self) -> Usage | None:
         return self._inner.usage_so_far() if self._inner is not None else None

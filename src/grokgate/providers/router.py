@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from grokgate.core.errors import GatewayError
-from grokgate.core.events import Delta, Event, Usage, UsageReport
+from grokgate.core.events import Delta, Event, Origin, Usage, UsageReport
 from grokgate.core.pricing import PromptShape, estimate_output_tokens, estimate_prompt, utf8_len
 from grokgate.providers.base import (
     BackendStatus,
@@ -172,6 +172,10 @@ class RoutedGeneration:
     @property
     def fingerprint(self) -> str:
         return self._fingerprint
+
+    @property
+    def origin(self) -> Origin:
+        return self._generation.origin if self._generation is not None else "live"
 
     def __aiter__(self) -> RoutedGeneration:
         return self

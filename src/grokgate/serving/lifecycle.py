@@ -320,7 +320,8 @@ class Lifecycle:
         request = self.call.request
         try:
             with anyio.CancelScope(shield=True):
-                await ticket.settle(usage, status=outcome, estimated=estimated, backend=self.backend)
+                await ticket.settle(usage, status=outcome, estimated=estimated, backend=self.backend,
+                                    origin=self.generation.origin if self.generation is not None else "live")
             if ticket.overrun:
                 metrics.overruns.labels(request.model).inc()
         finally:

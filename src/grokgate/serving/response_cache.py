@@ -33,7 +33,7 @@ import orjson
 from prometheus_client import Counter
 
 from grokgate.core.cassette import decode_event, encode_event
-from grokgate.core.events import Delta, Event, Finish, Usage, UsageReport
+from grokgate.core.events import Delta, Event, Finish, Origin, Usage, UsageReport
 from grokgate.core.pricing import beyond_output_cap
 from grokgate.core.response_cache import (
     CACHE_BACKEND,
@@ -96,7 +96,7 @@ class StoredGeneration(EventsGeneration):
     nothing: a client could otherwise read every event but the last and hang up, for free."""
 
     def __init__(self, events: list[Event], backend: str, fingerprint: str) -> None:
-        super().__init__(_replay(events), backend, fingerprint)
+        super().__init__(_replay(events), backend, fingerprint, origin="cache")
         self._total = next((e.usage for e in reversed(events) if isinstance(e, UsageReport)), None)
         self._size = sum(_text_size(e) for e in events)
         self._played = 0  # events passed on
@@ -223,6 +223,10 @@ class CachedGeneration:
     @property
     def fingerprint(self) -> str:
         return self._inner.fingerprint if self._inner is not None else self._provider.fingerprint
+
+    @property
+    def origin(self) -> Origin:
+        return self._inner.origin if self._inner is not None else "live"
 
     def usage_so_far(self) -> Usage | None:
         return self._inner.usage_so_far() if self._inner is not None else None
