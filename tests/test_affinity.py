@@ -268,7 +268,8 @@ def test_the_clients_id_reaches_xai_as_xai_reads_it(tmp_path: Path, fake: FakeXA
 
 
 def test_responses_carry_the_id_in_the_body_and_the_cache_is_read(tmp_path: Path, fake: FakeXAI) -> None:
-    with app_server(tmp_path, xai_table((fake, 1)), accounts=False) as srv:
+    # Two keys, two tenants: a client's own id goes out within its tenant (with one, it would go as sent).
+    with app_server(tmp_path, xai_table((fake, 1)), accounts=False, api_keys=[TOKEN, OTHER]) as srv:
         first = post(srv, {"model": "grok-3", "instructions": SYSTEM, "input": "Where should I go in May?",
                            "max_output_tokens": 8}, path="/v1/responses")
         derived = fake.responses_requests[-1]["body"]["prompt_cache_key"]

@@ -486,12 +486,12 @@ def test_stored_bytes_are_gauged(gw: Server, client: openai.OpenAI) -> None:
 
 
 def test_a_deleted_tokens_conversations_go_with_it(gw: Server) -> None:
-    """On SQLite a new token may get a deleted token's id; it must not find the deleted one's responses."""
+    """A token created after another was deleted never gets its id (migration 0004), nor its conversations."""
     token, key = create_key(gw, "leaver", credits="1")
     kept = sdk(gw, token).responses.create(model="grok-3", input="my secret is 1234", max_output_tokens=4)
     assert call(gw, "DELETE", f"/admin/keys/{key['id']}", gw.token).status_code in (200, 204)
     heir_token, heir = create_key(gw, "heir", credits="1")
-    assert heir["id"] == key["id"]  # SQLite reuses the highest id: the case this guards
+    assert heir["id"] > key["id"]  # before: SQLite handed the highest id out again
     with pytest.raises(openai.NotFoundError):
         sdk(gw, heir_token).responses.input_items.list(kept.id)
     with pytest.raises(openai.NotFoundError):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -382,6 +383,11 @@ def test_the_local_prompt_cache_stays_inside_a_tenant(tmp_path: Path) -> None:
 
         settings = app_settings(tmp, slots=2, ctx_per_slot=512)
         with app_server(tmp, build_routing(settings), slots=2, ctx_per_slot=512) as srv:
+            deadline = time.monotonic() + 120
+            with srv.client() as c:  # the engine loads in the background: wait until it serves
+                while c.get("/readyz").status_code != 200:
+                    assert time.monotonic() < deadline, "the local engine did not load"
+                    time.sleep(0.05)
             w = World(srv, tmp)
             w.tenant("a")
             w.tenant("b")
