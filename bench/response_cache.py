@@ -35,12 +35,13 @@ from grokgate.api.chat import CHAT
 from grokgate.core.admission import Principal, StaticKeyAdmission
 from grokgate.core.events import Delta, Event, Finish, Usage, UsageReport
 from grokgate.core.response_cache import CacheRule, ResponseCacheStore
+from grokgate.core.tenancy import tenant_of
 from grokgate.observability.metrics import Metrics
-from grokgate.providers.base import BackendStatus, EventsGeneration, ModelTable, Route
+from grokgate.providers.base import BackendStatus, Call, EventsGeneration, ModelTable, Route
 from grokgate.schemas.chat import ChatCompletionRequest
-from grokgate.serving import Collected, Serving
+from grokgate.serving import CallOptions, Collected, Serving
 from grokgate.serving.chat import chat_call
-from grokgate.serving.response_cache import ResponseCache, use_header
+from grokgate.serving.response_cache import ResponseCache
 from grokgate.store.response_cache_memory import MemoryResponseCache
 from grokgate.store.response_cache_redis import RedisResponseCache
 
@@ -71,7 +72,7 @@ class Instant:
     def prompt_copies(self, request: ChatCompletionRequest) -> int:
         return 1
 
-    def generate(self, request: ChatCompletionRequest, upstream_model: str) -> EventsGeneration:
+    def generate(self, call: Call, upstream_model: str) -> EventsGeneration:
         return EventsGeneration(self._say(), self.name, self.fingerprint)
 
     async def _say(self) -> AsyncGenerator[Event]:
@@ -93,8 +94,8 @@ async def measure(serving: Serving, body: Callable[[int], bytes], requests: int)
     for i in range(requests):
         raw = body(i)
         started = time.perf_counter()
-        use_header(None)
-        call = chat_call(ChatCompletionRequest.model_validate_json(raw), raw, f"req-{i}", started)
+        call = chat_call(ChatCompletionRequest.model_validate_json(raw), raw,
+                         CallOptions(tenant_of(principal), f"req-{i}", started))
         result = await serving.serve(call, principal, CHAT, never)
         assert isinstance(result, Collected)
         walls.append((time.perf_counter() - started) * 1000)
