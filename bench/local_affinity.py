@@ -10,8 +10,10 @@ Starts `grokgate serve` (the default local model, 2 slots, accounts off) four ti
 - slots only: shared, similarity on, no host-memory cache;
 - none: shared, least recently used slot, no host-memory cache;
 - per tenant: the prompt cache kept per tenant (GROKGATE_SHARED_PROMPT_CACHE=false, the default with several
-  tenants): grokgate picks the slot (its tenant's, sharing the most leading messages; else least recently used),
-  no host-memory cache (providers/local_slots.py).
+  tenants): grokgate picks the slot (its tenant's, sharing the most leading messages; else least recently used;
+  providers/local_slots.py), and prompts evicted from slots are saved for their tenant only, up to
+  `GROKGATE_PROMPT_CACHE_RAM_MIB=8192`, and restored into the slot of that tenant's next turn
+  (providers/local_cache.py).
 Each conversation opens with its own ~700-token case file. The first turns run one after another, then every
 conversation's second turn runs in the opposite order, so that least-recently-used picks the wrong slot. Prints
 the median time to the first streamed token of the second turns, and of the first turns for reference.

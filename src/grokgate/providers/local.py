@@ -7,9 +7,10 @@ events to the event loop with `call_soon_threadsafe`, so the loop never waits on
 True from the callback aborts a job, which is how a client that hangs up frees its slot.
 
 Tenants: a job reuses a cached prompt prefix only in a slot holding its own tenant's tokens (providers/local_slots.py
-picks the slot); a prompt longer than a slot's tokens can stand for is refused in `check`, before any worker
-tokenises it (providers/local_bound.py, from the model's vocabulary); and a tenant's prompts likely too long for a
-slot are tokenised one at a time (local_slots.py `TenantLane`), so they never hold every worker.
+picks the slot), restored there from its own tenant's saved prefixes if need be (providers/local_cache.py); a
+prompt longer than a slot's tokens can stand for is refused in `check`, before any worker tokenises it
+(providers/local_bound.py, from the model's vocabulary); and a tenant's prompts likely too long for a slot are
+tokenised one at a time (local_slots.py `TenantLane`), so they never hold every worker.
 
 Loading reports its steps (assembling a catalog model, loading, ready) on the `grokgate.local` logger; printing
 progress is the command line's (cli.py passes its printer to `ensure_model` for `grokgate model`).
@@ -36,11 +37,12 @@ from grokgate.core.fairqueue import FairQueue
 from grokgate.core.pricing import estimate_prompt_tokens
 from grokgate.providers.base import BackendStatus, Call, register
 from grokgate.providers.local_bound import PromptBound, message_chars
+from grokgate.providers.local_cache import SavedStates, SlotFiles, TenantPromptCache, private_directory
 from grokgate.providers.local_errors import ENGINE_FAILED, refused
 from grokgate.providers.local_jobs import Job as _Job
 from grokgate.providers.local_jobs import JobEnd as _JobEnd
 from grokgate.providers.local_jobs import LocalGeneration
-from grokgate.providers.local_slots import PromptDigests, SlotTable, TenantLane
+from grokgate.providers.local_slots import PromptDigests, Slot, SlotTable, TenantLane
 from grokgate.providers.local_tools import (
     PROBE_MARK,
     TEXT_ONLY_GRAMMAR,
@@ -110,6 +112,9 @@ class LocalEngine:
         self._socket_dir: str | None = None
         self._grammars: dict[bytes, bool] = {}  # tools grammars: whether the engine enforces each
         self._slot_table = SlotTable(slots)  # unused with a shared prompt cache: llama.cpp picks the slot
+        # Per tenant, evicted prefixes saved for their tenant (providers/local_cache.py); None when shared or off.
+        self.tenant_cache: TenantPromptCache | None = None
+        self._saves_dir: Path | None = None
         self._long: TenantLane[_Job] = TenantLane(self._release_long)
         # The longest prompt a slot could hold (providers/local_bound.py): exact once the vocabulary is read.
         self.prompt_bound = PromptBound.unread(ctx_per_slot)
@@ -154,11 +159,13 @@ class LocalEngine:
         params.cpuparams.n_threads = self._threads
         params.cpuparams_batch.n_threads = self._threads
         # A conversation's next turn goes to an idle slot holding its prefix. By default grokgate names the slot
-        # (providers/local_slots.py: only the tenant's own prefixes are reused, so the host-memory prompt cache,
-        # which llama.cpp fills and reads only where it picks the slot itself, would hold memory for nothing).
-        # With a shared prompt cache llama.cpp picks by prompt similarity among idle slots, and what a slot evicts
-        # stays restorable from host memory, whoever sent it. Either way grokgate's fair queue decides who runs
-        # next, and seeded and temperature-0 requests skip the cache (`cache_prompt: false`).
+        # (providers/local_slots.py: only the tenant's own prefixes are reused, so llama.cpp's host-memory prompt
+        # cache, which it fills and reads only where it picks the slot itself and which matches any tenant's
+        # prompt, is off); prefixes evicted from slots are saved per tenant instead, up to the same bound
+        # (providers/local_cache.py, through the listener below). With a shared prompt cache llama.cpp picks by
+        # prompt similarity among idle slots, and what a slot evicts stays restorable from host memory, whoever
+        # sent it. Either way grokgate's fair queue decides who runs next, and seeded and temperature-0 requests
+        # skip the cache (`cache_prompt: false`).
         params.slot_prompt_similarity = self._slot_prompt_similarity
         params.cache_ram_mib = self._prompt_cache_ram_mib if self._shared_prompt_cache else 0
         params.verbosity = 3 if self._verbose else -1
@@ -170,10 +177,18 @@ class LocalEngine:
         # to a Unix socket in a private (0700) directory and require a random key nobody knows, so nothing
         # but this process can reach it.
         self._socket_dir = tempfile.mkdtemp(prefix="grokgate-engine-")
-        params.hostnames = [str(Path(self._socket_dir) / "llama.sock")]
-        params.api_keys = [secrets.token_urlsafe(32)]
+        listener, key = str(Path(self._socket_dir) / "llama.sock"), secrets.token_urlsafe(32)
+        params.hostnames = [listener]
+        params.api_keys = [key]
         params.n_threads_http = 1
+        limit = self._prompt_cache_ram_mib << 20
+        if not self._shared_prompt_cache and limit:
+            self._saves_dir = private_directory(limit)
+            params.slot_save_path = f"{self._saves_dir}/"  # llama.cpp appends the file name to it as it is
         self._server = xllamacpp.Server(params)
+        if self._saves_dir is not None:
+            self.tenant_cache = TenantPromptCache(self._slot_table, SavedStates(self._saves_dir, limit),
+                                                  SlotFiles(listener, key))
         self._fingerprint = f"fp_local_{identity}_xllamacpp-{xllamacpp.__version__}"
 
         for i in range(self._slots):
@@ -191,6 +206,8 @@ class LocalEngine:
         self._server = None
         if self._socket_dir:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
+        if self._saves_dir is not None:
+            shutil.rmtree(self._saves_dir, ignore_errors=True)
 
     # -- Provider ------------------------------------------------------------------------------------------
 
@@ -345,14 +362,19 @@ class LocalEngine:
                 self._server.handle_chat_completions(job.payload, job.on_chunk)
             return
         messages = job.prompt.get()
-        slot, own = self._slot_table.take(job.tenant, messages)
+        reuse, cache = bool(job.payload["cache_prompt"]), self.tenant_cache
+        saved, shared = cache.lookup(job.tenant, messages) if cache is not None and reuse else (None, 0)
+        slot, own = self._slot_table.take(job.tenant, messages, saved=shared)
         touched = False  # whether the job's prompt may have reached the slot's KV cache
         try:
+            if cache is not None:  # before anything of the job's reaches the slot
+                cache.keep(slot, job.tenant, messages)
             # (The grammar probe runs in the slot, but its one-token prompt is nobody's.)
-            if job.parser is not None and not self._grammar_ok(job.payload["grammar"], job.tenant, slot.id):
+            if job.parser is not None and not self._grammar_ok(job.payload["grammar"], job.tenant, slot):
                 job.post(schema_error())
                 return
-            payload = {**job.payload, "id_slot": slot.id, "cache_prompt": job.payload["cache_prompt"] and own}
+            own = cache.fill(slot, job.tenant, messages, saved) if cache is not None else slot.tenant == job.tenant
+            payload = {**job.payload, "id_slot": slot.id, "cache_prompt": reuse and own}
             touched = True
             try:
                 self._server.handle_chat_completions(payload, job.on_chunk)
@@ -363,7 +385,7 @@ class LocalEngine:
             self._slot_table.give_back(slot, job.tenant, messages, evaluated=job.evaluated,
                                        touched=touched and not job.refused)
 
-    def _grammar_ok(self, grammar: str, tenant: str = "", slot: int | None = None) -> bool:
+    def _grammar_ok(self, grammar: str, tenant: str = "", slot: Slot | None = None) -> bool:
         """Whether the engine enforces this tools grammar (providers/local_tools.py probe_grammar); remembered per
         tenant unless the prompt cache is shared (a probe skipped because another tenant sent the same tools
         first would show in the time to the first token). The probe runs in the job's own slot when grokgate
@@ -376,8 +398,10 @@ class LocalEngine:
             probe: dict[str, Any] = {"prompt": "x", "grammar": probe_grammar(grammar), "max_tokens": 1,
                                      "temperature": 0, "cache_prompt": False}
             if slot is not None:
-                probe["id_slot"] = slot
+                probe["id_slot"] = slot.id
             choices = self._server.handle_completions(probe).get("choices") or [{}]
+            if slot is not None:  # its prompt replaced what the slot held
+                self._slot_table.hold(slot, None, ())
             known = str(choices[0].get("text", "")).startswith(PROBE_MARK[0])
             if len(self._grammars) > 256:
                 self._grammars.clear()

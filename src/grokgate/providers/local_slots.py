@@ -8,7 +8,8 @@ to first token) then tell how much of its guess matches a prompt it never saw. g
 names it (`id_slot`): llama.cpp then runs the job in that slot, skipping both its similarity choice and the
 host-memory cache (tools/server/server-context.cpp: `get_slot_by_id` instead of `get_available_slot`), and the job
 reuses the slot's prefix only when the slot holds its own tenant's tokens; otherwise it runs with
-`cache_prompt: false`, a fresh evaluation from the first token.
+`cache_prompt: false`, a fresh evaluation from the first token. What a slot held before another conversation took
+it is kept per tenant by providers/local_cache.py, and restored into a slot for that tenant's jobs only.
 
 Whose tokens a slot holds is known only from evidence: a job that reported running counts (`timings`) or usage
 had its prompt evaluated, and then the slot holds that job's tokens. A job the engine refused (a 4xx: llama.cpp
@@ -65,7 +66,7 @@ class Slot:
     used: int = 0  # when it was last released, on the table's clock
 
 
-def _shared_prefix(a: tuple[bytes, ...], b: tuple[bytes, ...]) -> int:
+def shared_prefix(a: tuple[bytes, ...], b: tuple[bytes, ...]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
@@ -86,10 +87,12 @@ class SlotTable:
     def __post_init__(self) -> None:
         self.slots = [Slot(i) for i in range(self.size)]
 
-    def take(self, tenant: str, messages: tuple[bytes, ...]) -> tuple[Slot, bool]:
+    def take(self, tenant: str, messages: tuple[bytes, ...], saved: int = 0) -> tuple[Slot, bool]:
         """An idle slot for a job of `tenant`, and whether the job may reuse what it holds: among the tenant's own
         idle slots, the one whose prompt shares the most leading messages with this one; else (none, or none
-        sharing a message) the least recently used idle slot. Nothing about another tenant's prompts decides it."""
+        sharing a message, or none sharing as many as the tenant's best saved state, `saved`, which is then
+        restored into it: providers/local_cache.py) the least recently used idle slot. Nothing about another
+        tenant's prompts decides it."""
         with self._lock:
             idle = [s for s in self.slots if not s.busy]
             if not idle:  # cannot happen while each worker holds at most one slot; say so rather than guess
@@ -99,13 +102,19 @@ class SlotTable:
             for slot in idle:
                 if slot.tenant != tenant:
                     continue
-                n = _shared_prefix(slot.messages, messages)
+                n = shared_prefix(slot.messages, messages)
                 if n > shared or (n == shared and best is not None and slot.used > best.used):
                     best, shared = slot, n
-            if best is None or shared == 0:
+            if best is None or shared == 0 or shared < saved:
                 best = min(idle, key=lambda s: s.used)
             best.busy = True
             return best, best.tenant == tenant
+
+    def hold(self, slot: Slot, tenant: str | None, messages: tuple[bytes, ...]) -> None:
+        """What a taken slot holds now that its worker changed it outside a job: a tenant's restored prompt, or
+        (None) nobody's."""
+        with self._lock:
+            slot.tenant, slot.messages = tenant, messages
 
     def give_back(self, slot: Slot, tenant: str, messages: tuple[bytes, ...], *, evaluated: bool,
                   touched: bool = True) -> None:
