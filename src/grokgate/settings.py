@@ -60,8 +60,10 @@ class Settings(BaseSettings):
     # Prompt-cache affinity on the engine when its prompt cache is shared (`shared_prompt_cache`, below): a request
     # goes to the idle slot whose cached prompt shares the largest part of its own (above this share; 0: least
     # recently used), and prompts evicted from slots are kept in host memory up to `prompt_cache_ram_mib` for a later
-    # turn to restore (llama.cpp's defaults; 0 turns it off). Per tenant (the default with several tenants),
-    # grokgate picks the slot itself (providers/local_slots.py) and both are unused.
+    # turn to restore (llama.cpp's defaults; 0 turns it off). Per tenant (the default with several tenants), grokgate
+    # picks the slot itself (providers/local_slots.py) and the similarity is unused; prompts evicted from slots are
+    # saved for their own tenant only, in files up to `prompt_cache_ram_mib` in all (on tmpfs when it has room;
+    # providers/local_cache.py; 0 turns it off).
     slot_prompt_similarity: float = Field(default=0.1, ge=0, le=1)
     prompt_cache_ram_mib: int = Field(default=8192, ge=0, le=1_048_576)
     ctx_per_slot: int = Field(default=4096, ge=256, le=1_048_576)
