@@ -120,8 +120,10 @@ def _uses_harness_fixture(item: pytest.Item, name: str) -> bool:
 # out whole files in collection order (--dist loadfile): a long file drawn last keeps one worker busy while the
 # others idle. Stable: the rest keep their order, and a module's tests stay together.
 LONGEST_FIRST = ("test_openapi_contract", "test_local_tools", "test_console", "test_generation", "test_billing",
-                 "test_accounts_hardening", "test_isolation", "test_replay", "test_responses_api", "test_cli",
-                 "test_concurrency", "test_model_files", "test_agents_offline")
+                 "test_tenant_walls", "test_accounts_hardening", "test_local_tenant_prompt_cache",
+                 "test_server_limits", "test_isolation", "test_replay", "test_routing", "test_input_hardening",
+                 "test_local_tenancy", "test_responses_api", "test_cli", "test_concurrency", "test_model_files",
+                 "test_agents_offline")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
