@@ -90,6 +90,9 @@ def _isolate_environment() -> Path:
         path.mkdir()
         os.environ[name] = str(path)
     os.environ["GROKGATE_TEST_USER_CACHE_DIR"] = str(user_cache)
+    # No server of the session serves gRPC unless its test asks (a free port of its own): 50051 may be a running
+    # `make serve`'s.
+    os.environ["GROKGATE_GRPC_PORT"] = "0"
     _share_model(user_cache, paths["GROKGATE_CACHE_DIR"])
     return _SESSION_DIR
 

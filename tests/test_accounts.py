@@ -394,7 +394,8 @@ def run_and_expect(srv: Srv, secret: str, model: str, times: int) -> dict[str, A
                             ("reasoning_tokens", usage["completion_tokens_details"]["reasoning_tokens"]),
                             ("cost", cost(usage, p))):
             counts[name] += value
-    return {"model": model, **counts}
+    # A scripted backend reports no cost of its own: none of these requests count towards the drift report.
+    return {"model": model, **counts, "upstream_requests": 0, "upstream_cost_ticks": 0, "upstream_charged": 0}
 
 
 def sums(rows: list[dict[str, Any]]) -> dict[str, int]:

@@ -153,7 +153,7 @@ def test_non_stream_shape_and_usage(fake: FakeXAI) -> None:
         "prompt_tokens_details": {"text_tokens": 15, "audio_tokens": 0, "image_tokens": 0, "cached_tokens": 0},
         "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0, "accepted_prediction_tokens": 0,
                                       "rejected_prediction_tokens": 0},
-        "num_sources_used": 0}
+        "num_sources_used": 0, "cost_in_usd_ticks": 15 * 30_000 + 4 * 150_000}
 
 
 def test_reasoning_usage_arithmetic(fake: FakeXAI) -> None:

@@ -60,6 +60,9 @@ RULES: dict[str, Rule] = {
     "serving": rule("core", "schemas", "providers", "observability", forbidden=WEB | SQL),
     "api": rule("core", "schemas", "providers", "store", "routing", "config", "settings", "observability",
                 "serving"),
+    # xAI's native gRPC API: a transport layer beside api/ (it shares api/deps.py's Gateway), no HTTP framework.
+    "rpc": rule("core", "schemas", "providers", "store", "routing", "settings", "observability", "serving", "api",
+                forbidden=WEB),
     # Entry points and wiring: app.py picks the concrete classes; the CLI and the HTTP server start them.
     "app": rule(*ANY),
     "cli": rule(*ANY),

@@ -659,3 +659,29 @@ def test_record_missing_fills_the_gap(recording: Recording, replay_servers: tupl
     new = ok(post(srv, {"model": "grok-3", "messages": user("Something new")}, "xai"))
     assert new["choices"][0]["message"]["content"] == "Filled in" and len(filler.requests) == 1
     assert len(lines(recording.directory / "xai.jsonl")) == before + 1
+
+
+def test_a_recorded_backend_still_tokenizes_and_describes_its_models(tmp_path: Path) -> None:
+    """`grokgate serve --record` (and `--replay --record-missing`) answer xAI's Tokenize and Models as the live backend
+    does; pure replay has no tokenizer (the caller estimates). Before: the wrappers hid both capabilities."""
+    import asyncio
+
+    from grokgate.providers.base import DescribesModels, ModelFacts, Token
+    from grokgate.providers.cassette_store import CassetteStore
+    from grokgate.providers.recording import CassetteBounds, Recorder, Replayer
+
+    class Counting(ScriptedProvider):
+        async def tokenize(self, text: str, model: str) -> list[Token] | None:
+            return [Token(7, text.encode(), text)]
+
+        def describe(self, model: str) -> ModelFacts | None:
+            return ModelFacts(context_length=1234)
+
+    store = CassetteStore(tmp_path, CassetteBounds())
+    recorder, live, pure = Recorder(Counting(), store), Replayer(store, live=Counting()), Replayer(store)
+    for wrapper in (recorder, live):
+        assert asyncio.run(wrapper.tokenize("hi", "m")) == [Token(7, b"hi", "hi")]
+        assert isinstance(wrapper, DescribesModels) and wrapper.describe("m") == ModelFacts(context_length=1234)
+    assert asyncio.run(pure.tokenize("hi", "m")) is None and pure.describe("m") is None
+    plain = Recorder(ScriptedProvider(), store)  # a backend without either: the caller estimates
+    assert asyncio.run(plain.tokenize("hi", "m")) is None and plain.describe("m") is None

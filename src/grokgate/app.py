@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from starlette.routing import Route as StarletteRoute
 
 from grokgate import __version__, routing
-from grokgate.api import account, admin, chat, console, errors, ledger, meta, responses
+from grokgate.api import account, admin, chat, console, errors, ledger, meta, responses, xai_routes
 from grokgate.api.deps import Gateway
 from grokgate.api.docs import mount_docs
 from grokgate.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
@@ -29,6 +29,9 @@ from grokgate.observability.metrics import Metrics, backend_state
 from grokgate.providers import base, recording
 from grokgate.providers.base import ModelTable, Provider, Route
 from grokgate.providers.model_files import CATALOG
+from grokgate.rpc import chat as rpc_chat
+from grokgate.rpc import info as rpc_info
+from grokgate.rpc.server import RpcServer
 from grokgate.runtime import tune_gc
 from grokgate.serving import Serving
 from grokgate.serving.response_cache import ResponseCache
@@ -132,6 +135,7 @@ def create_app(
     gw.metrics.add_state("backends", backend_state(models.providers(), getattr(gw.admission, "limiter", None)))
     if store is not None:
         store.on_commit = gw.metrics.observe_commit
+    rpc = build_rpc(settings, gw)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -146,12 +150,16 @@ def create_app(
                               or static_deployment_id(settings.api_keys))
         for provider in gw.models.providers():
             await provider.start()
+        if rpc is not None:
+            await rpc.start()  # on this event loop, beside uvicorn's server
         untune = tune_gc() if settings.tune_gc else None
         purging = asyncio.create_task(purge_responses(stored, metrics, settings.responses_purge_seconds,
                                                       settings.responses_measure_seconds))
         try:
             yield
         finally:
+            if rpc is not None:
+                await rpc.stop()  # RPCs in flight finish (or settle as cut short) before the backends close
             purging.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await purging
@@ -187,6 +195,7 @@ def create_app(
     app.include_router(chat.router)
     app.include_router(responses.router)
     app.include_router(meta.router)
+    app.include_router(xai_routes.router)  # xAI's REST twins of Models, Tokenize, Auth
     if store is not None:
         app.include_router(account.router)
         app.include_router(admin.router)
@@ -219,6 +228,15 @@ async def purge_responses(stored: ResponseStore, metrics: Metrics, every: float,
         except Exception:  # a database hiccup must not end the loop; the next round retries
             log.exception("purging or measuring stored responses failed")
         await asyncio.sleep(min(every, measure_every))
+
+
+def build_rpc(settings: Settings, gw: Gateway) -> RpcServer | None:
+    """xAI's native gRPC API (src/grokgate/rpc) on settings.grpc_port; None when it is 0."""
+    if not settings.grpc_port:
+        return None
+    return RpcServer(settings.host, settings.grpc_port, [rpc_chat.register(gw), rpc_info.register(gw)],
+                     max_receive_bytes=settings.max_body_bytes, tls_cert=settings.grpc_tls_cert,
+                     tls_key=settings.grpc_tls_key)
 
 
 def build_response_cache(settings: Settings, metrics: Metrics,

@@ -19,7 +19,7 @@ def _serve(args: argparse.Namespace) -> int:
     from grokgate.settings import Settings
 
     overrides: dict[str, Any] = {}
-    for name in ("host", "port", "threads", "slots", "ctx_per_slot", "keepalive_seconds", "log_level"):
+    for name in ("host", "port", "grpc_port", "threads", "slots", "ctx_per_slot", "keepalive_seconds", "log_level"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
@@ -348,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the HTTP server")
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--grpc-port", type=int,
+                       help="port of xAI's native gRPC API, for xai-sdk (default 50051; 0: off)")
     serve.add_argument("--model", metavar="NAME|PATH.gguf",
                        help="a catalog model (qwen2.5-coder-0.5b, the default, or qwen2.5-coder-1.5b) or any GGUF file")
     serve.add_argument("--threads", type=int, help="engine threads (default 1)")

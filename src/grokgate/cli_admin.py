@@ -176,9 +176,33 @@ async def usage_report(store: Any, args: argparse.Namespace) -> int:
         return 0
     for row in rows:
         row["cost_credits"] = format_credits(row["cost"])
-    print(_table(rows, [args.by, "requests", "prompt_tokens", "cached_tokens", "completion_tokens",
-                        "reasoning_tokens", "cost_credits"]))
+    columns = [args.by, "requests", "prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens",
+               "cost_credits"]
+    if any(row["upstream_requests"] for row in rows):
+        from grokgate.settings import Settings
+
+        per_usd = Settings().credits_per_usd
+        for row in rows:
+            row.update(upstream_drift(row, per_usd))
+        columns += ["upstream_requests", "upstream_cost_credits", "charged_credits", "drift"]
+    print(_table(rows, columns))
     return 0
+
+
+TICKS_PER_USD = 10**10  # xAI's cost_in_usd_ticks
+
+
+def upstream_drift(row: dict[str, Any], credits_per_usd: float) -> dict[str, str]:
+    """For the requests whose upstream reported its own cost (xAI's cost_in_usd_ticks): that cost in credits (at
+    GROKGATE_CREDITS_PER_USD), what grokgate charged for the same requests, and the difference as a share of the
+    upstream's cost (positive: grokgate charged more)."""
+    if not row["upstream_requests"]:
+        return {"upstream_cost_credits": "-", "charged_credits": "-", "drift": "-"}
+    upstream = round(row["upstream_cost_ticks"] * credits_per_usd * 1_000_000 / TICKS_PER_USD)
+    charged = row["upstream_charged"]
+    drift = f"{(charged - upstream) * 100 / upstream:+.1f}%" if upstream else "-"
+    return {"upstream_cost_credits": format_credits(upstream), "charged_credits": format_credits(charged),
+            "drift": drift}
 
 
 async def db_upgrade(store: Any, args: argparse.Namespace) -> int:

@@ -38,6 +38,11 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
+    # xAI's native gRPC API (src/grokgate/rpc: what xai-sdk speaks), on the same host, in the same process and event
+    # loop as HTTP: plaintext, or TLS when a certificate and its key are given (PEM files). 0 turns it off.
+    grpc_port: int = Field(default=50051, ge=0, le=65535)
+    grpc_tls_cert: Path | None = None
+    grpc_tls_key: Path | None = None
 
     # Bearer tokens accepted by the minimal admission step (comma-separated in the environment).
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -233,6 +238,12 @@ class Settings(BaseSettings):
     def _metrics_token_given(self) -> Settings:
         if self.metrics_access == "token" and not (self.metrics_token or "").strip():
             raise ValueError("GROKGATE_METRICS_ACCESS=token needs a non-empty GROKGATE_METRICS_TOKEN")
+        return self
+
+    @model_validator(mode="after")
+    def _grpc_tls_pair(self) -> Settings:
+        if (self.grpc_tls_cert is None) != (self.grpc_tls_key is None):
+            raise ValueError("GROKGATE_GRPC_TLS_CERT and GROKGATE_GRPC_TLS_KEY go together")
         return self
 
     @model_validator(mode="after")

@@ -25,6 +25,19 @@ Token counts (``words(s) = len(s.split())``):
   It EXCLUDES reasoning, as at xAI.
 * ``reasoning_tokens = 7 * n`` for reasoning models, else 0 (``completion_tokens_details.reasoning_tokens``).
 * ``total_tokens = prompt_tokens + completion_tokens + reasoning_tokens``; ``num_sources_used = 0``.
+* ``cost_in_usd_ticks`` (xAI's own cost of the request, 1 USD = 1e10 ticks, in the ``usage`` object of chat
+  completions and of the Responses API: docs.x.ai "Cost Tracking"), as xAI always sends it (``report_cost=False``
+  leaves it out).
+  :func:`usd_ticks`: every model at one fixed rate, :data:`TICKS_PER_TOKEN` (grok-3's list price: $3 per million
+  input tokens, $0.75 cached, $15 output), ``(prompt - cached) * 30000 + cached * 7500 + (completion + reasoning) *
+  150000``: reasoning is billed as output.
+
+Tokenize (``POST /v1/tokenize-text``, xAI's REST shape: ``{"text", "model", "user"?}`` ->
+``{"token_ids": [{"token_id", "string_token", "token_bytes"}]}``; same auth, errors, faults and strictness as chat):
+one token per word of :func:`words`, each with the whitespace before it (trailing whitespace joins the last one), so
+``len(tokens) == words(text)`` (a text of whitespace alone is one token) and a text adds that many tokens to a chat's
+``prompt_tokens``; the pieces make the text; ``token_id`` is a digest of the piece below :data:`VOCABULARY`.
+``fake.tokenize_requests`` records them.
 
 Streams: keys are omitted rather than null. Reasoning models first send ``{"role": "assistant"}``, then (grok-3-mini
 only) :data:`REASONING_TEXT` in 3 ``reasoning_content`` deltas, then 3 empty ``delta: {}`` chunks; other models put the
@@ -61,8 +74,9 @@ Keys (xAI's answers, per docs.x.ai's REST reference and an SDK's recorded error:
 400. ``fake.blocked`` (a set of keys): their requests get the 403, their ``/v1/api-key`` record says
 ``api_key_blocked: true``.
 
-Faults (:data:`FAULTS`; queued ones are consumed FIFO, one per ``POST`` to ``/chat/completions`` or ``/responses``,
-whatever the request; ``failed`` is the Responses API's alone, see tests/fakes/fake_xai_responses.py):
+Faults (:data:`FAULTS`; queued ones are consumed FIFO, one per ``POST`` to ``/chat/completions``, ``/responses`` or
+``/tokenize-text``, whatever the request; ``failed`` is the Responses API's alone, see
+tests/fakes/fake_xai_responses.py):
 ``500``/``502``/``503``; ``429`` (``retry_after``, default 1, sent as ``retry-after``); ``bad_key`` (the 400 wrong-key
 answer; the key's ``GET /v1/api-key`` then gives it too, until a request with that key is next served: a key
 refused for a while); ``403`` (the key may not do what this request asks; its ``/v1/api-key`` record is clean);
@@ -83,6 +97,7 @@ import collections
 import contextlib
 import hashlib
 import random
+import re
 import socket
 import threading
 import time
@@ -117,6 +132,8 @@ TOOL_CALL_ID = "call_12345678"
 TOOL_ARGUMENTS = '{"city": "Paris"}'
 CITATIONS = ["https://example.com/a", "https://example.com/b"]
 FINGERPRINT = "fp_fake"
+TICKS_PER_TOKEN = {"input": 30_000, "cached_input": 7_500, "output": 150_000}  # USD ticks (1e-10 USD) per token
+VOCABULARY = 131_072  # token ids are below this (xAI's tokenizer has about that many)
 _TRANSPORT_KEY = "fake_xai.transport"
 
 
@@ -138,7 +155,34 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return Response(body, status, headers=headers, media_type="application/json")
 
 
-def _usage(prompt: int, cached: int, completion: int, reasoning: int) -> dict[str, Any]:
+def usd_ticks(prompt: int, cached: int, output: int) -> int:
+    """xAI's cost of a request here (``cost_in_usd_ticks``): ``output`` counts reasoning tokens too."""
+    return ((prompt - cached) * TICKS_PER_TOKEN["input"] + cached * TICKS_PER_TOKEN["cached_input"]
+            + output * TICKS_PER_TOKEN["output"])
+
+
+def tokenize(text: str) -> list[dict[str, Any]]:
+    """The fake's tokens of ``text`` in xAI's REST shape (see the module's docstring)."""
+    pieces = re.findall(r"\s*\S+", text)
+    rest = text[sum(map(len, pieces)):]
+    if rest:
+        pieces = [*pieces[:-1], pieces[-1] + rest] if pieces else [rest]
+    out = []
+    for piece in pieces:
+        data = piece.encode("utf-8", "surrogatepass")
+        ident = int.from_bytes(hashlib.sha256(data).digest()[:4], "big") % VOCABULARY
+        out.append({"token_id": ident, "string_token": piece, "token_bytes": list(data)})
+    return out
+
+
+def _usage(prompt: int, cached: int, completion: int, reasoning: int, cost: bool = False) -> dict[str, Any]:
+    usage = _usage_fields(prompt, cached, completion, reasoning)
+    if cost:
+        usage["cost_in_usd_ticks"] = usd_ticks(prompt, cached, completion + reasoning)
+    return usage
+
+
+def _usage_fields(prompt: int, cached: int, completion: int, reasoning: int) -> dict[str, Any]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion + reasoning,
             "prompt_tokens_details": {"text_tokens": prompt, "audio_tokens": 0, "image_tokens": 0,
                                       "cached_tokens": cached},
@@ -268,8 +312,10 @@ def prompt_sequence(messages: list[tuple[str, list[str]]]) -> tuple[str, ...]:
 
 class FakeXAI:
     def __init__(self, api_keys: Sequence[str] = ("xai-test-key",), chunks: int = 5, strict: bool = True,
-                 content: str = DEFAULT_CONTENT, host: str = "127.0.0.1", cache_servers: int = 0) -> None:
+                 content: str = DEFAULT_CONTENT, host: str = "127.0.0.1", cache_servers: int = 0,
+                 report_cost: bool = True) -> None:
         self.api_keys, self.chunks, self.strict, self.content, self.host = list(api_keys), chunks, strict, content, host
+        self.report_cost = report_cost  # chat usage carries cost_in_usd_ticks (see the module's docstring)
         self.caches = PromptCaches(cache_servers) if cache_servers > 0 else None
         self.requests: list[dict[str, Any]] = []
         # Quirk switches for every request, as if each carried these x-fake-* headers (grokgate does not
@@ -294,6 +340,7 @@ class FakeXAI:
                                      Route("/v1/responses", responses.create, methods=["POST"]),
                                      Route("/v1/responses/{response_id}", responses.get, methods=["GET"]),
                                      Route("/v1/responses/{response_id}", responses.delete, methods=["DELETE"]),
+                                     Route("/v1/tokenize-text", self._tokenize, methods=["POST"]),
                                      Route("/v1/models", self._models, methods=["GET"]),
                                      Route("/v1/api-key", self._api_key, methods=["GET"])],
                              exception_handlers={HTTPException: self._http_error})
@@ -347,6 +394,11 @@ class FakeXAI:
     @property
     def chat_requests(self) -> list[dict[str, Any]]:
         return [r for r in self.requests if r["path"].endswith("/chat/completions")]
+
+    @property
+    def tokenize_requests(self) -> list[dict[str, Any]]:
+        """The `POST /v1/tokenize-text` requests, oldest first."""
+        return [r for r in self.requests if r["path"].endswith("/tokenize-text")]
 
     @property
     def responses_requests(self) -> list[dict[str, Any]]:
@@ -521,6 +573,19 @@ class FakeXAI:
                 return _error(400, problem)
         return self._answer(body, headers, fault, len(raw))
 
+    async def _tokenize(self, request: Request) -> Response:
+        body, _, _, fault, answered = await self._json_post(request, "text", "model")
+        if answered is not None:
+            return answered
+        text, model = body["text"], body["model"]
+        if not isinstance(text, str) or not isinstance(model, str):
+            return _error(422, "Failed to deserialize the JSON body into the target type: text, model: invalid type")
+        if self.strict and model not in KNOWN_MODELS:
+            return _error(404, f"The model {model} does not exist or your team does not have access to it.")
+        data = orjson.dumps({"token_ids": tokenize(text)})
+        return _Raw(200, {"content-type": "application/json", "content-length": str(len(data))},
+                    [data[:len(data) // 2], data[len(data) // 2:]], fault, after=1)
+
     @staticmethod
     def _validate(body: dict[str, Any], model: str) -> str | None:
         def given(key: str) -> bool:
@@ -588,7 +653,7 @@ class FakeXAI:
                 text, finish = " ".join(text.split()[:limit]), "length"
             choices.append({"text": text, "finish": headers.get("x-fake-finish-reason") or finish})
         completion = sum(words(c["text"]) + (words(TOOL_ARGUMENTS) if tool_name else 0) for c in choices)
-        usage = _usage(prompt, cached, completion, 7 * n if reasoning else 0)
+        usage = _usage(prompt, cached, completion, 7 * n if reasoning else 0, self.report_cost)
         ident, created = f"{uuid.uuid4()}_us-east-1", int(time.time())
         citations = CITATIONS if body.get("search_parameters") is not None else None
         name = fault["fault"] if fault else None
@@ -635,7 +700,8 @@ class FakeXAI:
             if every:
                 scale = len(ordered)
                 chunk["usage"] = _usage(prompt, cached, completion * j // scale,
-                                        usage["completion_tokens_details"]["reasoning_tokens"] * j // scale)
+                                        usage["completion_tokens_details"]["reasoning_tokens"] * j // scale,
+                                        self.report_cost)
             chunks.append(chunk)
         if include_usage:
             chunks.append({**base, "choices": [], "usage": usage})
@@ -671,9 +737,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--content", default=DEFAULT_CONTENT)
     parser.add_argument("--no-strict", action="store_true", help="skip xAI's parameter validation")
     parser.add_argument("--cache-servers", type=int, default=0, help="servers with prompt caches per key (0: off)")
+    parser.add_argument("--no-cost", action="store_true", help="usage leaves out cost_in_usd_ticks")
     args = parser.parse_args(argv)
     fake = FakeXAI(api_keys=args.keys or ["xai-test-key"], chunks=args.chunks, strict=not args.no_strict,
-                   content=args.content, host=args.host, cache_servers=args.cache_servers)
+                   content=args.content, host=args.host, cache_servers=args.cache_servers,
+                   report_cost=not args.no_cost)
     print(f"fake xAI on http://{args.host}:{args.port}/v1 (keys: {', '.join(fake.api_keys)})", flush=True)
     uvicorn.run(fake.asgi, host=args.host, port=args.port, log_level="warning", lifespan="off",
                 access_log=False, interface="asgi3")

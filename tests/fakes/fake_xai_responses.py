@@ -76,6 +76,7 @@ from tests.fakes.fake_xai import (
     _split,
     echoed,
     is_reasoning,
+    usd_ticks,
     words,
 )
 
@@ -315,6 +316,8 @@ class FakeResponses:
                     item["type"], "code_interpreter_calls")
                 details[key] += 1
             usage["server_side_tool_usage_details"] = details
+        if self.fake.report_cost:  # xAI's own cost, in the Responses usage as in chat's (tests/fakes/fake_xai.py)
+            usage["cost_in_usd_ticks"] = usd_ticks(prompt, cached, completion + reasoning_tokens)
         name = fault["fault"] if fault else None
         if name == "no_usage":
             usage = None

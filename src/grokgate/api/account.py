@@ -59,6 +59,10 @@ class _UsageTotals(_Closed):
     completion_tokens: Count
     reasoning_tokens: Count
     cost: Micro
+    upstream_requests: Count = Field(description="Requests whose upstream reported its own cost (xAI's "
+                                                 "cost_in_usd_ticks)")
+    upstream_cost_ticks: Count = Field(description="That cost, in the upstream's ticks (1 USD = 1e10 ticks)")
+    upstream_charged: Micro = Field(description="What grokgate charged for those same requests")
 
 
 class UsageByDay(_UsageTotals):

@@ -163,8 +163,9 @@ class LedgerEntry(_Strict):
     kind: str = Field(description="usage or topup")
     model: str | None
     backend: str | None
-    endpoint: Literal["chat", "responses"] | None = Field(
-        description="The API the request came through: chat (chat completions) or responses; null: a top-up")
+    endpoint: Literal["chat", "responses", "grpc"] | None = Field(
+        description="The API the request came through: chat (chat completions), responses, or grpc (xAI's native "
+                    "API); null: a top-up")
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
@@ -176,6 +177,8 @@ class LedgerEntry(_Strict):
     status: str = Field(description="ok (top-ups too), error, client_disconnected...")
     estimated: bool = Field(description="Token counts estimated by grokgate, not reported by the backend")
     duration_ms: int | None
+    upstream_cost_ticks: int | None = Field(description="What the upstream said the request cost it (xAI's "
+                                                        "cost_in_usd_ticks; 1 USD = 1e10 ticks); null: not reported")
     note: str | None
     created_at: int = Field(description="Unix milliseconds (not seconds)")
 

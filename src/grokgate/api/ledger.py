@@ -127,8 +127,9 @@ class LedgerRow(LedgerEntry):
     """A ledger row as the console shows it: times in seconds, money also as credits."""
 
     created_at: int = Field(description="Unix seconds")
-    endpoint: Literal["chat", "responses"] | None = Field(
-        description="The API the request came through: chat (chat completions) or responses; null: a top-up")
+    endpoint: Literal["chat", "responses", "grpc"] | None = Field(
+        description="The API the request came through: chat (chat completions), responses, or grpc (xAI's native "
+                    "API); null: a top-up")
     server_tool_calls: int = Field(description="Server-side tool calls (web search...) charged per call")
     amount_credits: SignedCredits
     cost_credits: SignedCredits
@@ -208,7 +209,7 @@ class LedgerQuery:
     model: Text = None
     status: Annotated[str | None, Query(json_schema_extra=STATUS_QUERY)] = None
     kind: Literal["usage", "topup"] | None = None
-    endpoint: Literal["chat", "responses"] | None = None
+    endpoint: Literal["chat", "responses", "grpc"] | None = None
     since: Day = None
     until: Day = None
     cursor: Annotated[str | None, Query(json_schema_extra=CURSOR_QUERY)] = None

@@ -53,11 +53,15 @@ _ERRORS_BY_TAG = {
     "chat": ("400", "401", "403", "404", "413", "429", "500", "502", "503", "504"),
     "responses": ("400", "401", "403", "404", "413", "429", "500", "502", "503", "504"),
     "models": _AUTH,
+    # xAI's POST /v1/tokenize-text (api/xai_routes.py): forwarded to xAI for its routes, counted against the rpm.
+    "tokenize": ("400", "401", "403", "404", "413", "429", "500", "502", "503", "504"),
+    # xAI's GET /v1/api-key (api/xai_routes.py); 404: the calling token was deleted a moment ago, as for "account".
+    "auth": (*_AUTH, "404"),
     "admin": _AUTH,
     "account": (*_AUTH, "404"),  # 404: the calling token was deleted a moment ago (authentication is cached 2 s)
     "health": ("500",),
 }
-_SECURED_TAGS = {"chat", "responses", "models", "admin", "account"}
+_SECURED_TAGS = {"chat", "responses", "models", "admin", "account", "tokenize", "auth"}
 _TOKENS = {"type": "integer", "minimum": 0}
 _USAGE: dict[str, Any] = {
     "type": "object",

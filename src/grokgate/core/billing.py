@@ -8,6 +8,7 @@ serving/lifecycle.py).
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 import time
@@ -81,6 +82,9 @@ class AccountTicket:
             # The limiter counted this request; its error may now reach the api layer's refusal path.
             self._admission.counted(self.request.request_id)
         usage = usage or Usage()
+        if origin != "live" and usage.cost_in_usd_ticks is not None:
+            # A cached or replayed answer cost the upstream nothing now: its recorded cost is not this request's.
+            usage = dataclasses.replace(usage, cost_in_usd_ticks=None)
         # Bill what was consumed for answers the client got, whole or in part; bill nothing for a failure
         # that delivered nothing (docs/architecture.md, "Accounts").
         billable = status != "error" or usage.completion_tokens > 0

@@ -151,7 +151,7 @@ def encode_usage(usage: Usage) -> JSONObject:
 
 def decode_usage(data: JSONObject) -> Usage:
     fields = {k: data[k] for k in ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens",
-                                   "server_tool_calls") if isinstance(data.get(k), int)}
+                                   "server_tool_calls", "cost_in_usd_ticks") if isinstance(data.get(k), int)}
     return Usage(**fields, estimated=data.get("estimated") is True)  # type: ignore[arg-type]
 
 

@@ -26,6 +26,9 @@ class Usage:
     server_tool_calls: int = 0
     # Counted by grokgate from the text (the backend reported none): the ledger row is marked estimated.
     estimated: bool = False
+    # What the upstream itself says the request cost it, where it says so: xAI's `usage.cost_in_usd_ticks` (1 USD =
+    # 1e10 ticks). Kept beside grokgate's own price on the ledger (drift reports); None: not reported.
+    cost_in_usd_ticks: int | None = None
 
     @property
     def total_tokens(self) -> int:

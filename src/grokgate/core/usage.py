@@ -20,6 +20,14 @@ def _int(value: Any) -> int:
         return 0
 
 
+def _ticks(raw: dict[str, Any]) -> int | None:
+    """xAI's own cost of the request (`cost_in_usd_ticks`, an integer), when it reports one."""
+    value = raw.get("cost_in_usd_ticks")
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        return None
+    return int(value)
+
+
 def normalise_usage(raw: dict[str, Any]) -> Usage:
     prompt = _int(raw.get("prompt_tokens"))
     completion = _int(raw.get("completion_tokens"))
@@ -31,7 +39,8 @@ def normalise_usage(raw: dict[str, Any]) -> Usage:
     if reasoning and total == prompt + completion + reasoning:
         completion += reasoning  # xAI arithmetic: reasoning was outside completion_tokens
     reasoning = min(reasoning, completion)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached, reasoning_tokens=reasoning)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached, reasoning_tokens=reasoning,
+                 cost_in_usd_ticks=_ticks(raw))
 
 
 def normalise_responses_usage(raw: dict[str, Any]) -> Usage:
@@ -56,4 +65,4 @@ def normalise_responses_usage(raw: dict[str, Any]) -> Usage:
     else:
         tools = _int(raw.get("num_server_side_tools_used"))
     return Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached, reasoning_tokens=reasoning,
-                 server_tool_calls=tools)
+                 server_tool_calls=tools, cost_in_usd_ticks=_ticks(raw))

@@ -18,6 +18,10 @@ One value and three protocols, each exactly what its callers use (mypy strict ch
 - `Upstream`: a Provider the router drives attempt by attempt (providers/openai_compat.py, xai.py): keys and a
   breaker decide whether and where to try, and failures before the first event are `UpstreamFailure`s the
   router may retry elsewhere. The router tells the two apart by this protocol, once, when a route is built.
+- `Tokenizer` and `DescribesModels`: optional capabilities of a Provider, for xAI's Tokenize and Models services
+  (api/xai_info.py): the model's own tokenizer (the local engine's, xAI's `/v1/tokenize-text`) and what the backend
+  knows of its model (its context length, image input). A routed model answers for the route it tries first
+  (providers/router.py). A provider without them is estimated for (core/pricing.py) and given a default.
 
 Third-party kinds register a factory under the `grokgate.providers` entry-point group; `create` finds them.
 """
@@ -27,7 +31,7 @@ from __future__ import annotations
 import importlib.metadata as metadata
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypedDict, TypeVar, runtime_checkable
+from typing import Any, NamedTuple, Protocol, TypedDict, TypeVar, runtime_checkable
 
 from grokgate.core.cassette import DEFAULT as DEFAULT_CASSETTE
 from grokgate.core.errors import GatewayError
@@ -199,6 +203,41 @@ class Upstream(Provider, Protocol):
 
     def failed(self) -> None:
         """The reply broke or stalled before its first event: the breaker counts a failure."""
+
+
+class Token(NamedTuple):
+    """One token of a text: its id in the model's vocabulary, its bytes (a multi-byte character may be split across
+    tokens: the pieces of a text, in order, are its UTF-8 bytes) and those bytes as text (U+FFFD for bytes that are
+    not whole UTF-8)."""
+
+    id: int
+    piece: bytes
+    text: str
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """Optional: a Provider that can tokenize text exactly as its model counts a prompt."""
+
+    async def tokenize(self, text: str, model: str) -> list[Token] | None:
+        """The tokens of `text` for `model` (the upstream model id); None when this backend has no tokenizer for it
+        (the caller estimates). Failures are GatewayErrors (503 while a model loads, 502/504 from an upstream)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFacts:
+    """What a backend knows of a model it serves (xAI's Models API: `max_prompt_length`, `input_modalities`)."""
+
+    context_length: int  # tokens one request may hold, prompt and output together
+    images: bool = False  # whether the model takes image inputs
+
+
+@runtime_checkable
+class DescribesModels(Protocol):
+    """Optional: a Provider that knows the context length (and modalities) of the models it serves."""
+
+    def describe(self, model: str) -> ModelFacts | None:
+        """What this backend knows of `model` (the upstream model id); None: nothing."""
 
 
 class EventsGeneration:

@@ -19,6 +19,7 @@ progress is the command line's (cli.py passes its printer to `ensure_model` for 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import logging
 import secrets
@@ -35,7 +36,7 @@ import orjson
 from grokgate.core.errors import GatewayError, bad_request
 from grokgate.core.fairqueue import FairQueue
 from grokgate.core.pricing import estimate_prompt_tokens
-from grokgate.providers.base import BackendStatus, Call, register
+from grokgate.providers.base import BackendStatus, Call, ModelFacts, Token, register
 from grokgate.providers.local_bound import PromptBound, message_chars
 from grokgate.providers.local_cache import SavedStates, SlotFiles, TenantPromptCache, private_directory
 from grokgate.providers.local_errors import ENGINE_FAILED, refused
@@ -43,6 +44,7 @@ from grokgate.providers.local_jobs import Job as _Job
 from grokgate.providers.local_jobs import JobEnd as _JobEnd
 from grokgate.providers.local_jobs import LocalGeneration
 from grokgate.providers.local_slots import PromptDigests, Slot, SlotTable, TenantLane
+from grokgate.providers.local_tokenize import engine_tokens
 from grokgate.providers.local_tools import (
     PROBE_MARK,
     TEXT_ONLY_GRAMMAR,
@@ -110,6 +112,9 @@ class LocalEngine:
         self._load_error: str | None = None
         self._loading: asyncio.Task[None] | None = None
         self._socket_dir: str | None = None
+        self._listener: tuple[str, str] | None = None  # the engine's HTTP listener: its socket and key
+        # Tokenize calls (xAI's Tokenize service) in a thread of their own: the listener answers one at a time.
+        self._tokenizing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="local-tokenize")
         self._grammars: dict[bytes, bool] = {}  # tools grammars: whether the engine enforces each
         self._slot_table = SlotTable(slots)  # unused with a shared prompt cache: llama.cpp picks the slot
         # Per tenant, evicted prefixes saved for their tenant (providers/local_cache.py); None when shared or off.
@@ -181,6 +186,7 @@ class LocalEngine:
         params.hostnames = [listener]
         params.api_keys = [key]
         params.n_threads_http = 1
+        self._listener = (listener, key)
         limit = self._prompt_cache_ram_mib << 20
         if not self._shared_prompt_cache and limit:
             self._saves_dir = private_directory(limit)
@@ -199,6 +205,7 @@ class LocalEngine:
 
     async def close(self) -> None:
         self._queue.close()
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)
         if self._loading is not None and not self._loading.done():
             await asyncio.shield(self._loading)
         for worker in self._workers:
@@ -281,6 +288,20 @@ class LocalEngine:
 
     def prompt_copies(self, request: ChatCompletionRequest) -> int:
         return 1  # the choices share one prompt evaluation; llama.cpp reports (and grokgate bills) it once
+
+    # -- Tokenizer, DescribesModels (providers/base.py): one model, whatever name a route gives it -------------
+
+    async def tokenize(self, text: str, model: str) -> list[Token]:
+        """The model's own tokens of `text` (providers/local_tokenize.py), in a worker thread."""
+        if self._listener is None or not self.ready():
+            raise GatewayError(503, "model_loading", "The local model is not loaded yet. Retry shortly.",
+                               headers={"retry-after": "2"})
+        socket_path, key = self._listener
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizing, engine_tokens, socket_path, key, text)
+
+    def describe(self, model: str) -> ModelFacts:
+        return ModelFacts(context_length=self._ctx_per_slot)  # a request holds one slot; text only
 
     def generate(self, call: Call, upstream_model: str) -> LocalGeneration:
         request = call.request

@@ -399,8 +399,11 @@ async def merge_choices(streams: list[AsyncGenerator[Event]]) -> AsyncGenerator[
             elif isinstance(item, UsageReport):
                 u = item.usage
                 reported.add(i)
+                ticks = (None if u.cost_in_usd_ticks is None or (reported - {i} and total.cost_in_usd_ticks is None)
+                         else (total.cost_in_usd_ticks or 0) + u.cost_in_usd_ticks)
                 total = Usage(total.prompt_tokens + u.prompt_tokens, total.completion_tokens + u.completion_tokens,
-                              total.cached_tokens + u.cached_tokens, total.reasoning_tokens + u.reasoning_tokens)
+                              total.cached_tokens + u.cached_tokens, total.reasoning_tokens + u.reasoning_tokens,
+                              cost_in_usd_ticks=ticks)
             elif isinstance(item, Delta | Finish):
                 item.index = i
                 yield item

@@ -41,7 +41,19 @@ from grokgate.core.cassette import (
 from grokgate.core.errors import GatewayError
 from grokgate.core.events import Delta, Event, JSONObject, Origin, Usage, UsageReport
 from grokgate.core.pricing import beyond_output_cap
-from grokgate.providers.base import BackendStatus, Call, EventsGeneration, Generation, ModelTable, Provider, Route
+from grokgate.providers.base import (
+    BackendStatus,
+    Call,
+    DescribesModels,
+    EventsGeneration,
+    Generation,
+    ModelFacts,
+    ModelTable,
+    Provider,
+    Route,
+    Token,
+    Tokenizer,
+)
 from grokgate.providers.cassette_store import (
     LINE_OVERHEAD,
     CassetteBounds,
@@ -221,6 +233,14 @@ class _Delegating:
     def prompt_copies(self, request: ChatCompletionRequest) -> int:
         return self.inner.prompt_copies(request)
 
+    # The optional capabilities (providers/base.py Tokenizer, DescribesModels) of the backend recorded: a recording
+    # server tokenizes and describes its models as the live one does.
+    async def tokenize(self, text: str, model: str) -> list[Token] | None:
+        return await self.inner.tokenize(text, model) if isinstance(self.inner, Tokenizer) else None
+
+    def describe(self, model: str) -> ModelFacts | None:
+        return self.inner.describe(model) if isinstance(self.inner, DescribesModels) else None
+
 
 class Recorder(_Delegating):
     """A route's provider whose every request is recorded (`grokgate serve --record DIR`), into its tenant's
@@ -316,6 +336,13 @@ class Replayer:
 
     def prompt_copies(self, request: ChatCompletionRequest) -> int:
         return self.live.prompt_copies(request) if self.live is not None else 1
+
+    async def tokenize(self, text: str, model: str) -> list[Token] | None:
+        """The live backend's tokenizer with `--record-missing`; pure replay has none (the caller estimates)."""
+        return await self.live.tokenize(text, model) if isinstance(self.live, Tokenizer) else None
+
+    def describe(self, model: str) -> ModelFacts | None:
+        return self.live.describe(model) if isinstance(self.live, DescribesModels) else None
 
     def generate(self, call: Call, upstream_model: str) -> Generation:
         return _Lookup(self, call, upstream_model)

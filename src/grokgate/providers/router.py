@@ -17,6 +17,10 @@ A backend's breaker counts what happens before the first event: a success is the
 whose body then stalls or breaks is a failure), so a backend that stalls until the deadline is skipped once its
 breaker opens instead of making every later request wait the whole deadline.
 
+Tokenize and model facts (providers/base.py `Tokenizer`, `DescribesModels`): a routed model answers with the route it
+tries first (the lowest priority; the first listed among equals), whose backend serves its requests while it is
+healthy; None when that backend has no tokenizer (or knows nothing of the model): the caller estimates.
+
 Usage: a backend that reports none (or is cut short) is billed an estimate from the text that went through
 (core/pricing.py: one token per 3 bytes), reported as the stream's last event, so the client is shown exactly
 what the ledger charges, and the row is marked estimated.
@@ -40,9 +44,13 @@ from grokgate.core.pricing import PromptShape, estimate_output_tokens, estimate_
 from grokgate.providers.base import (
     BackendStatus,
     Call,
+    DescribesModels,
     Generation,
+    ModelFacts,
     Provider,
     RouteStatus,
+    Token,
+    Tokenizer,
     Upstream,
     UpstreamFailure,
 )
@@ -143,6 +151,21 @@ class RoutedModel:
     def generate(self, call: Call, upstream_model: str) -> RoutedGeneration:
         candidates = self.ordered(self.usable(call.request)[0], call.route_key)
         return RoutedGeneration(call, candidates, time.monotonic() + self.deadline, self.name, self.fingerprint)
+
+    @property
+    def primary(self) -> Candidate:
+        """The route tried first: the lowest priority, the first listed among equals."""
+        return min(self.candidates, key=lambda c: c.priority)
+
+    async def tokenize(self, text: str, model: str) -> list[Token] | None:
+        primary = self.primary
+        if not isinstance(primary.backend, Tokenizer):
+            return None
+        return await primary.backend.tokenize(text, primary.model)
+
+    def describe(self, model: str) -> ModelFacts | None:
+        primary = self.primary
+        return primary.backend.describe(primary.model) if isinstance(primary.backend, DescribesModels) else None
 
 
 class RoutedGeneration:

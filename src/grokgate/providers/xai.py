@@ -36,6 +36,11 @@ with this module's reader), and its reply becomes the same events:
   `response.failed` and `error` events -> GatewayError, like a chat stream's error chunk (the caller's 400 when
   the error's fields blame the request: upstream_errors.request_fault), its message redacted.
 
+Tokenize (providers/base.py `Tokenizer`): xAI's `POST /v1/tokenize-text` (`{"text", "model"}` ->
+`{"token_ids": [{"token_id", "string_token", "token_bytes"}]}`), sent like a request (keys rotated, a refusal judged
+as for chat: openai_compat `_send`), within TOKENIZE_TIMEOUT. Context lengths and image input: `MODEL_FACTS`, from
+xAI's models page (docs.x.ai "Models and Pricing"), by model id prefix.
+
 Wire formats followed: xAI's recorded replies (vercel/ai packages/xai/src/responses/__fixtures__: web search,
 X search, reasoning with and without `store`), and openai-python's src/openai/types/responses/ event types.
 """
@@ -53,7 +58,7 @@ import orjson
 from grokgate.core.errors import GatewayError
 from grokgate.core.events import JSON, Delta, Event, Extra, Finish, Item, JSONObject, UsageReport
 from grokgate.core.usage import normalise_responses_usage
-from grokgate.providers.base import Call, register
+from grokgate.providers.base import Call, ModelFacts, Token, UpstreamFailure, register
 from grokgate.providers.openai_compat import (
     BackendConfig,
     OpenAICompatBackend,
@@ -79,6 +84,23 @@ DEFAULT_MODEL_IDS = {
     "grok-3-mini": "grok-3-mini",
     "grok-2-vision": "grok-2-vision-1212",
 }
+
+
+# xAI's context windows (tokens) and image input, by model id prefix: the longest matching prefix wins.
+MODEL_FACTS: dict[str, ModelFacts] = {
+    "grok-4-1-fast": ModelFacts(2_000_000, images=True),
+    "grok-4-fast": ModelFacts(2_000_000, images=True),
+    "grok-4": ModelFacts(256_000, images=True),
+    "grok-code-fast": ModelFacts(256_000),
+    "grok-3": ModelFacts(131_072),
+    "grok-2-vision": ModelFacts(32_768, images=True),
+}
+TOKENIZE_TIMEOUT = 30.0  # seconds for the whole call, retries on other keys included
+
+
+def model_facts(model_id: str) -> ModelFacts | None:
+    prefixes = [p for p in MODEL_FACTS if model_id.startswith(p)]
+    return MODEL_FACTS[max(prefixes, key=len)] if prefixes else None
 
 
 def is_reasoning_model(model_id: str) -> bool:
@@ -124,6 +146,7 @@ class XAIBackend(OpenAICompatBackend):
         base = config.base_url.rstrip("/")
         self.responses_url = base + "/responses"
         self.key_url = base + "/api-key"
+        self.tokenize_url = base + "/tokenize-text"
 
     async def check_key(self, key: UpstreamKey) -> bool | None:
         """xAI's `GET /v1/api-key`: a request with nothing of a caller's in it, so a refusal of it (400, 401, 403) is
@@ -170,6 +193,44 @@ class XAIBackend(OpenAICompatBackend):
 
     def _responses_reply(self, response: aiohttp.ClientResponse, stream: bool) -> AsyncGenerator[Event]:
         return sse_events(response, self.secrets) if stream else json_events(response, self.secrets)
+
+    # -- Tokenizer, DescribesModels (providers/base.py) ---------------------------------------------------------
+
+    def describe(self, model: str) -> ModelFacts | None:
+        return model_facts(model)
+
+    async def tokenize(self, text: str, model: str) -> list[Token]:
+        """xAI's tokens of `text` for `model`: on one key, then the next while the failure is the key's or the
+        upstream's (a refusal of the request itself ends it, as for chat)."""
+        tried: set[int] = set()
+        failures: list[UpstreamFailure] = []
+        try:
+            async with asyncio.timeout(TOKENIZE_TIMEOUT):
+                while self.available(tried):
+                    try:
+                        reply = await self._send({"text": text, "model": model}, tried, url=self.tokenize_url,
+                                                 reader=_tokenize_reply)
+                    except UpstreamFailure as failure:
+                        if not failure.retryable:
+                            raise failure.error from None
+                        failures.append(failure)
+                        continue
+                    try:
+                        event = await reply.__anext__()
+                    except GatewayError:  # the reply broke: the backend's failure, as a chat reply's would be
+                        self.failed()
+                        raise
+                    finally:
+                        await reply.aclose()
+                    assert isinstance(event, Extra)  # _tokenize_reply's only event
+                    self.succeeded()
+                    return _tokens(event.fields.get("token_ids"))
+        except TimeoutError:
+            raise GatewayError(504, "timeout", f"The upstream {self.name} did not tokenize the text in time.") from None
+        if failures:
+            raise failures[-1].error
+        raise GatewayError(503, "upstream_unavailable", f"No usable key for {self.name}; retry shortly.",
+                           headers={"retry-after": str(max(1, int(self.retry_in()) + 1))})
 
 
 def responses_payload(call: Call, body: dict[str, Any], model_id: str,
@@ -348,6 +409,28 @@ async def json_events(response: aiohttp.ClientResponse, secrets: Iterable[str] =
                 yield event
     for event in reply.end(body):
         yield event
+
+
+async def _tokenize_reply(response: aiohttp.ClientResponse, stream: bool) -> AsyncGenerator[Event]:
+    """`/v1/tokenize-text`'s 200 as one Extra event carrying the whole reply (openai_compat `_send`'s reader)."""
+    body = await read_json(response)
+    if not isinstance(body, dict):
+        raise GatewayError(502, "api_error", "The upstream's tokenize reply is not a JSON object.")
+    yield Extra(body)
+
+
+def _tokens(items: object) -> list[Token]:
+    """xAI's `token_ids` -> Tokens; anything else is the upstream's failure (502)."""
+    tokens = []
+    for item in items if isinstance(items, list) else [None]:
+        if not isinstance(item, dict):
+            raise GatewayError(502, "api_error", "The upstream's tokenize reply has no list of tokens.")
+        ident, text, raw = item.get("token_id"), item.get("string_token"), item.get("token_bytes")
+        if (not isinstance(ident, int) or not isinstance(text, str) or not isinstance(raw, list)
+                or not all(isinstance(b, int) and 0 <= b < 256 for b in raw)):
+            raise GatewayError(502, "api_error", "The upstream's tokenize reply has a malformed token.")
+        tokens.append(Token(ident, bytes(raw), text))
+    return tokens
 
 
 @register("xai")

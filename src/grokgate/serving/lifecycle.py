@@ -227,7 +227,8 @@ class Lifecycle:
             event = self.first
             while event is not END:
                 if isinstance(event, Marker):  # TIMEOUT: a silence
-                    yield framing.keepalive
+                    if framing.keepalive:  # gRPC keeps its connection alive itself (HTTP/2 pings)
+                        yield framing.keepalive
                 else:
                     for payload in renderer.on_event(event):
                         yield frame(payload)

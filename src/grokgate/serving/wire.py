@@ -58,7 +58,8 @@ class Framing(Protocol):
 
     @property
     def keepalive(self) -> bytes:
-        """Sent during silences, so proxies and clients do not time out."""
+        """Sent during silences, so proxies and clients do not time out (b"": nothing is sent; gRPC's transport
+        keeps itself alive)."""
 
     @property
     def done(self) -> bytes:

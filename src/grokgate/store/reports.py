@@ -29,7 +29,8 @@ class Reports:
 
         key = usage_daily.c.day if by == "day" else usage_daily.c.model
         columns = [func.sum(getattr(usage_daily.c, c)).label(c) for c in
-                   ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens", "cost")]
+                   ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens", "cost",
+                    "upstream_requests", "upstream_cost_ticks", "upstream_charged")]
         query = select(key.label(by), *columns).group_by(key).order_by(key)
         if token_id is not None:
             query = query.where(usage_daily.c.token_id == token_id)

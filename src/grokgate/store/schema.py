@@ -115,6 +115,8 @@ ledger = Table(
     Column("status", String(32), nullable=False),
     Column("estimated", Boolean, nullable=False, default=False),
     Column("duration_ms", Integer, nullable=True),
+    # What the upstream said the request cost it (xAI's cost_in_usd_ticks; 1 USD = 1e10 ticks); null: not reported.
+    Column("upstream_cost_ticks", BigInteger, nullable=True),
     Column("note", String(500), nullable=True),
     Column("created_at", BigInteger, nullable=False),
     Index("ix_ledger_token_created", "token_id", "created_at"),
@@ -133,6 +135,11 @@ usage_daily = Table(
     Column("completion_tokens", BigInteger, nullable=False, default=0),
     Column("reasoning_tokens", BigInteger, nullable=False, default=0),
     Column("cost", BigInteger, nullable=False, default=0),
+    # The requests whose upstream reported its own cost (xAI's cost_in_usd_ticks): how many, that cost in ticks, and
+    # what grokgate charged for those same requests, so a drift report compares like with like.
+    Column("upstream_requests", BigInteger, nullable=False, server_default="0"),
+    Column("upstream_cost_ticks", BigInteger, nullable=False, server_default="0"),
+    Column("upstream_charged", BigInteger, nullable=False, server_default="0"),
 )
 
 # Stored responses of the Responses API (core/responses.py, store/responses_sql.py): scoped by `owner` on every

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 if TYPE_CHECKING:
     from grokgate.core.accounts import Settlement
 
-COUNTERS = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens", "cost")
+COUNTERS = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens", "cost",
+            "upstream_requests", "upstream_cost_ticks", "upstream_charged")
 
 # Statement names, each bound to SQL by the runner. Parameters: token, delta / freed, charge / hold.
 LOCK_BALANCE = "lock_balance"  # balance += delta, reserved -= delta; RETURNING balance
@@ -38,6 +39,7 @@ class UsageRow(NamedTuple):
     cached_tokens: int
     reasoning_tokens: int
     server_tool_calls: int = 0
+    cost_in_usd_ticks: int | None = None  # the upstream's own figure (xAI's), when it reported one
 
 
 class SettlementRow(NamedTuple):
@@ -60,7 +62,7 @@ def as_row(s: Settlement) -> SettlementRow:
     u = s.usage
     return SettlementRow(s.request_id, s.token_id, s.model, s.backend,
                          UsageRow(u.prompt_tokens, u.completion_tokens, u.cached_tokens, u.reasoning_tokens,
-                                  u.server_tool_calls),
+                                  u.server_tool_calls, u.cost_in_usd_ticks),
                          s.cost, s.price_version, s.status, s.estimated, s.duration_ms, s.endpoint)
 
 
@@ -117,12 +119,14 @@ def charge_and_record(run: Runner, fresh: Sequence[Settlement | SettlementRow],
             "cached_tokens": u.cached_tokens, "completion_tokens": u.completion_tokens,
             "reasoning_tokens": u.reasoning_tokens, "server_tool_calls": u.server_tool_calls, "amount": -charge,
             "cost": s.cost, "price_version": s.price_version, "status": s.status, "estimated": s.estimated,
-            "duration_ms": s.duration_ms, "created_at": created,
+            "duration_ms": s.duration_ms, "created_at": created, "upstream_cost_ticks": u.cost_in_usd_ticks,
             "note": None if charge == s.cost or s.token_id is None else f"cost {s.cost} capped at the balance",
         })
         totals = daily.setdefault((day, s.token_id or 0, s.model), dict.fromkeys(COUNTERS, 0))
+        ticks = u.cost_in_usd_ticks
         for name, value in zip(COUNTERS, (1, u.prompt_tokens, u.cached_tokens, u.completion_tokens,
-                                          u.reasoning_tokens, charge), strict=True):
+                                          u.reasoning_tokens, charge, int(ticks is not None), ticks or 0,
+                                          charge if ticks is not None else 0), strict=True):
             totals[name] += value
     run.insert("ledger", rows)
     run.insert("usage_daily", [{"day": d, "token_id": t, "model": m, **c} for (d, t, m), c in daily.items()],

@@ -51,7 +51,8 @@ def main() -> None:
         # A path that is not the serving process's database (an empty new file) fails here, at setup, so the
         # parent settles in a thread instead of failing every batch.
         # The ledger's newest columns are named, so a database behind this code's schema fails here too.
-        db.execute("SELECT 1, ledger.endpoint, ledger.server_tool_calls, responses.size "
+        db.execute("SELECT 1, ledger.endpoint, ledger.server_tool_calls, ledger.upstream_cost_ticks, "
+                   "usage_daily.upstream_charged, responses.size "
                    "FROM api_tokens, ledger, usage_daily, responses LIMIT 0")
         run = SqliteCursorRunner(db.cursor(), setup["statements"], db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
     except Exception as exc:  # reported to the parent

@@ -1,0 +1,97 @@
+"""Servicers registered so that a request that is not the method's message answers INVALID_ARGUMENT.
+
+gRPC parses a request with the method's deserializer before any servicer code runs, and a `DecodeError` there ends
+the RPC as UNKNOWN ("Unexpected <class DecodeError>"): a client's bad input reported as the server's fault. So each
+servicer is registered through `add_servicer`: the generated `add_<Service>Servicer_to_server` of xai_sdk/proto/v6
+is run against a recorder, and each method it would register gets a deserializer that turns a corrupt message into
+a `Malformed` marker, which the method's wrapper answers with INVALID_ARGUMENT before the servicer sees it. Unary
+and server-streaming methods (every method xai-sdk calls is one of them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+# grpc.RpcMethodHandler, whose stub types its behaviours as sync (grpc.aio's are coroutines and async generators).
+Handler = Any
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """A request whose bytes are not the method's message."""
+
+    reason: str
+
+
+class _Recorder:
+    """Stands for the server in a generated `add_..._to_server`: keeps what it registers."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, Handler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        return None  # the same methods come to add_registered_method_handlers
+
+    def add_registered_method_handlers(self, service: str, handlers: Mapping[str, Handler]) -> None:
+        self.service = service
+        self.handlers = dict(handlers)
+
+
+def add_servicer(server: grpc.aio.Server, add: Callable[[Any, Any], None], servicer: object) -> str:
+    """Register `servicer` as `add` (a generated `add_<Service>Servicer_to_server`) would, each method's request
+    checked; returns the service's full name (xai_api.Models, ...)."""
+    recorder = _Recorder()
+    add(servicer, recorder)
+    handlers = {name: checked(handler) for name, handler in recorder.handlers.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(recorder.service, handlers),))
+    server.add_registered_method_handlers(recorder.service, handlers)
+    return recorder.service
+
+
+def _safe(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        if deserialize is None:
+            return data
+        try:
+            return deserialize(data)
+        except DecodeError as exc:
+            return Malformed(str(exc) or "the message is corrupt")
+
+    return parse
+
+
+async def _refuse(context: grpc.aio.ServicerContext[Any, Any], request: Malformed) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad_request: the request is not a valid message of this "
+                                                          f"method ({request.reason})")
+
+
+def checked(handler: Handler) -> Handler:
+    """`handler` with its request checked (see the module's docstring)."""
+    parse, serialize = _safe(handler.request_deserializer), handler.response_serializer
+    if handler.unary_unary is not None:
+        unary = handler.unary_unary
+
+        async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if isinstance(request, Malformed):
+                await _refuse(context, request)
+            return await unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(call, request_deserializer=parse, response_serializer=serialize)
+    if handler.unary_stream is not None:
+        streaming = handler.unary_stream
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            if isinstance(request, Malformed):
+                await _refuse(context, request)
+            async for response in streaming(request, context):
+                yield response
+
+        return grpc.unary_stream_rpc_method_handler(stream, request_deserializer=parse,
+                                                    response_serializer=serialize)
+    return handler  # client streaming: none of xAI's methods that grokgate serves

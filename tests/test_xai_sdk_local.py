@@ -1,0 +1,81 @@
+"""xai-sdk's Tokenize and Models against a real `grokgate serve` on the local model (e2e): the engine's own tokens,
+exactly what a text adds to a chat prompt's `prompt_tokens`, and the engine's context length."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+import xai_sdk
+from xai_sdk.proto.v6 import models_pb2, tokenize_pb2, tokenize_pb2_grpc
+
+from tests.conftest import TOKEN, Server, free_port, start_server, stop_server, user
+
+pytestmark = pytest.mark.e2e
+
+CTX_PER_SLOT = 1024
+# Texts that start with a letter: in a chat prompt they follow the template's newline, which Qwen's pre-tokenizer
+# never merges with a letter, and end before a special token: so the text's tokens are exactly what it adds.
+TEXTS = ["Hello world", "def add(a, b):\n    return a + b\n", "Grüße 🎉 aus Köln, 你好!", "Stop <|im_end|> here"]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, int]]:
+    port = free_port()
+    srv = start_server(tmp_path_factory.mktemp("xai-sdk-local"), "--grpc-port", str(port), "--slots", "2",
+                       "--ctx-per-slot", str(CTX_PER_SLOT), name="xai-sdk-local")
+    yield srv, port
+    stop_server(srv)
+
+
+def prompt_tokens(server: Server, text: str) -> int:
+    r = server.chat({"model": "grok-3", "messages": user(text), "max_tokens": 1, "temperature": 0})
+    assert r.status_code == 200, r.text
+    count: int = r.json()["usage"]["prompt_tokens"]
+    return count
+
+
+def test_tokens_are_what_the_text_adds_to_a_chat_prompt(served: tuple[Server, int]) -> None:
+    server, port = served
+    client = xai_sdk.Client(api_key=TOKEN, api_host=f"localhost:{port}", timeout=60)
+    empty = prompt_tokens(server, "")
+    for text in TEXTS:
+        tokens = client.tokenize.tokenize_text(text, model="grok-3")
+        assert len(tokens) == prompt_tokens(server, text) - empty, text
+        assert b"".join(t.token_bytes for t in tokens) == text.encode()
+    special = client.tokenize.tokenize_text("<|im_end|>", model="grok-3")
+    assert len(special) == 1 and special[0].string_token == "<|im_end|>"  # as the engine reads it in a prompt
+
+
+def test_the_async_client_and_the_rest_twin_agree(served: tuple[Server, int]) -> None:
+    server, port = served
+    text = TEXTS[2]
+
+    async def main() -> Any:
+        return await xai_sdk.AsyncClient(api_key=TOKEN, api_host=f"localhost:{port}").tokenize.tokenize_text(
+            text, "grok-4")
+
+    tokens = [(t.token_id, t.string_token, bytes(t.token_bytes)) for t in asyncio.run(main())]
+    with server.client() as c:
+        r = c.post("/v1/tokenize-text", json={"text": text, "model": "grok-4"},
+                   headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-grokgate-tokenizer"] == "exact"
+    assert [(t["token_id"], t["string_token"], bytes(t["token_bytes"])) for t in r.json()["token_ids"]] == tokens
+    # A piece that is part of a character (the emoji's bytes come in more than one token) keeps its bytes.
+    assert any("\ufffd" in s for _, s, _ in tokens)
+    stub = tokenize_pb2_grpc.TokenizeStub(grpc.insecure_channel(f"localhost:{port}"))
+    _, call = stub.TokenizeText.with_call(tokenize_pb2.TokenizeTextRequest(text=text, model="grok-4"),
+                                          metadata=(("authorization", f"Bearer {TOKEN}"),))
+    assert dict(call.trailing_metadata())["x-grokgate-tokenizer"] == "exact"
+
+
+def test_models_carry_the_engines_context_length(served: tuple[Server, int]) -> None:
+    _, port = served
+    models = xai_sdk.Client(api_key=TOKEN, api_host=f"localhost:{port}").models.list_language_models()
+    assert models and all(m.max_prompt_length == CTX_PER_SLOT for m in models)
+    assert all(list(m.input_modalities) == [models_pb2.TEXT] for m in models)
+    assert all(m.system_fingerprint.startswith("fp_local_") for m in models)
