@@ -29,9 +29,11 @@ def test_the_session_has_directories_of_its_own() -> None:
                  Path(os.environ["XDG_CACHE_HOME"])):
         assert path.resolve().is_relative_to(session_dir().resolve()), path
         assert not path.resolve().is_relative_to(home) or session_dir().resolve().is_relative_to(home), path
-    # The caller's own settings do not leak into the tests (a GROKGATE_CONFIG or a database URL of theirs).
+    # The caller's own settings do not leak into the tests (a GROKGATE_CONFIG or a database URL of theirs); the
+    # session's own: its directories, and no gRPC port (tests/conftest.py: 50051 may be a running `make serve`'s).
     assert not [n for n in os.environ if n.startswith("GROKGATE_") and not n.startswith("GROKGATE_TEST_")
-                and n not in ("GROKGATE_DATA_DIR", "GROKGATE_CACHE_DIR")]
+                and n not in ("GROKGATE_DATA_DIR", "GROKGATE_CACHE_DIR", "GROKGATE_GRPC_PORT")]
+    assert os.environ["GROKGATE_GRPC_PORT"] == "0"
 
 
 def test_an_app_with_default_settings_keeps_to_the_session() -> None:

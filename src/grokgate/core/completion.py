@@ -174,7 +174,7 @@ class CompletionAccumulator:
         if event.logprobs is not None:
             state.logprobs = (state.logprobs or []) + event.logprobs
         for fragment in event.tool_calls or ():
-            _merge_tool_call(state.tool_calls, fragment)
+            merge_tool_call(state.tool_calls, fragment)
 
     async def commit(self) -> None:
         """Nothing to keep once a chat completion is settled (serving/wire.py Collector.commit)."""
@@ -206,7 +206,7 @@ class CompletionAccumulator:
         }
 
 
-def _merge_tool_call(calls: dict[int, dict[str, Any]], fragment: JSONObject) -> None:
+def merge_tool_call(calls: dict[int, dict[str, Any]], fragment: JSONObject) -> None:
     """Tool-call deltas: the first fragment of an index carries id and name, later ones append arguments."""
     index = fragment.get("index")
     call = calls.setdefault(index if isinstance(index, int) else len(calls),

@@ -1,18 +1,169 @@
-"""`xai_api.Chat` over the serving lifecycle (to be written: GetCompletion, GetCompletionChunk, deferred and stored
-completions)."""
+"""`xai_api.Chat` over the serving lifecycle: what xai-sdk's `chat.sample()`, `sample_batch(n)`, `stream()` and
+`parse()` call (GetCompletion, GetCompletionChunk).
+
+Each RPC does what api/chat.py does for HTTP: authenticate the `authorization` metadata, turn the message into the
+chat request (rpc/convert.py, validated by the HTTP body's code), build the call with the options of its metadata
+(`x-grokgate-cassette`, `x-grokgate-cache`, `x-grok-conv-id`, as HTTP's headers), serve it through the one
+lifecycle with the xAI chat wire format (serving/xai_chat.py), and map the result to protobuf (rpc/chunks.py). A
+refusal counts against the caller's rpm as over HTTP. The answer's initial metadata carries `x-request-id` and
+the ticket's headers (credits left, limits), as HTTP's response headers do.
+
+Endings: a client's cancel or deadline is a disconnect, settled as over HTTP (billed what was generated): a
+collected answer's generation is stopped through the lifecycle's `until_gone`; a stream is closed, shielded.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from functools import partial
+from typing import Any
 
 import grpc
+from xai_sdk.proto.v6 import chat_pb2, chat_pb2_grpc
 
+from grokgate.api.body import parse_raw
 from grokgate.api.deps import Gateway
+from grokgate.core.admission import Principal
+from grokgate.core.cassette import HEADER as CASSETTE_HEADER
+from grokgate.core.cassette import cassette_name
+from grokgate.core.errors import GatewayError
+from grokgate.core.response_cache import CACHE_HEADER, parse_option
+from grokgate.core.tenancy import tenant_of
+from grokgate.providers.base import Call
+from grokgate.rpc.auth import authenticate
+from grokgate.rpc.chunks import FRAMING, completion_response
+from grokgate.rpc.convert import chat_body
+from grokgate.rpc.errors import abort
+from grokgate.rpc.handlers import add_servicer
 from grokgate.rpc.server import Register
+from grokgate.schemas.chat import CONVERSATION_HEADER, conversation_header
+from grokgate.serving import ABANDONED, CallOptions, Collected, Streamed
+from grokgate.serving.chat import chat_call
+from grokgate.serving.lifecycle import Result
+from grokgate.serving.xai_chat import XaiChatWire
+
+Context = grpc.aio.ServicerContext[Any, Any]
+WIRE = XaiChatWire(FRAMING)
+
+
+def metadata_of(context: Context) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for key, value in context.invocation_metadata() or ():
+        if key in (CASSETTE_HEADER, CACHE_HEADER, CONVERSATION_HEADER):
+            found[key] = value if isinstance(value, str) else value.decode(errors="replace")
+    return found
+
+
+def options_of(context: Context, principal: Principal, started: float, request_id: str) -> CallOptions:
+    """api/deps.py `call_options`, from the RPC's metadata."""
+    metadata = metadata_of(context)
+    return CallOptions(tenant=tenant_of(principal), request_id=request_id, started=started,
+                       cassette=cassette_name(metadata.get(CASSETTE_HEADER)),
+                       cache=parse_option(metadata.get(CACHE_HEADER)),
+                       conversation_id=conversation_header(metadata.get(CONVERSATION_HEADER)))
+
+
+def _parsed(message: chat_pb2.GetCompletionsRequest, stream: bool, max_messages: int,
+            max_tokens_limit: int) -> tuple[Any, bytes]:
+    raw = chat_body(message, stream=stream)
+    body = parse_raw(raw, max_messages)
+    body.check_limits(max_messages=max_messages, max_tokens_limit=max_tokens_limit)
+    return body, raw
+
+
+class Chat(chat_pb2_grpc.ChatServicer):  # type: ignore[misc]
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    async def _call(self, message: chat_pb2.GetCompletionsRequest, context: Context, principal: Principal,
+                    started: float, request_id: str, *, stream: bool) -> Call:
+        settings = self.gw.settings
+        if len(message.messages) > settings.max_messages:  # before anything is built from them
+            raise GatewayError(400, "bad_request", f"Too many messages: at most {settings.max_messages} are "
+                                                   "accepted.", param="messages")
+        options = options_of(context, principal, started, request_id)
+        parse = partial(_parsed, message, stream, settings.max_messages, settings.max_tokens_limit)
+        if message.ByteSize() <= settings.parse_offload_bytes:
+            body, raw = parse()
+        else:  # a large message is converted and validated off the event loop, as HTTP's large bodies are
+            body, raw = await self.gw.parsing.run(options.tenant, parse)
+        return chat_call(body, raw, options)
+
+    async def _serve(self, message: chat_pb2.GetCompletionsRequest, context: Context, *,
+                     stream: bool) -> tuple[Result, str]:
+        """Authenticate and serve; the RPC ends with the error's status otherwise."""
+        started = time.perf_counter()
+        request_id = uuid.uuid4().hex
+        try:
+            principal = await authenticate(self.gw.admission, context)
+        except GatewayError as error:
+            await abort(context, error)
+        try:
+            call = await self._call(message, context, principal, started, request_id, stream=stream)
+            if stream:
+                result = await self.gw.serving.serve(call, principal, WIRE, _never)
+            else:
+                result = await self._collected(call, principal)
+        except GatewayError as error:  # a refusal counts against the caller's limits, as in api/chat.py
+            await abort(context, await self.gw.gate.refused(principal, request_id, error))
+        return result, request_id
+
+    async def _collected(self, call: Call, principal: Principal) -> Result:
+        """Serve in a task of its own, so that a cancelled RPC (the client's cancel or deadline) reaches the
+        lifecycle as a disconnect (its `until_gone`), not as a cancellation in the middle of it."""
+        gone = asyncio.Event()
+
+        async def until_gone() -> None:
+            await gone.wait()
+
+        task = asyncio.ensure_future(self.gw.serving.serve(call, principal, WIRE, until_gone))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            gone.set()
+            await asyncio.wait((task,))
+            if not task.cancelled() and task.exception() is None:
+                task.result()
+            raise
+
+    async def GetCompletion(self, request: chat_pb2.GetCompletionsRequest,
+                            context: Context) -> chat_pb2.GetChatCompletionResponse:
+        result, request_id = await self._serve(request, context, stream=False)
+        if result is ABANDONED or not isinstance(result, Collected):  # pragma: no cover (only after a cancel)
+            raise asyncio.CancelledError
+        await context.send_initial_metadata(_metadata(request_id, result.headers))
+        return completion_response(result.body)
+
+    async def GetCompletionChunk(self, request: chat_pb2.GetCompletionsRequest,
+                                 context: Context) -> AsyncIterator[bytes]:
+        result, request_id = await self._serve(request, context, stream=True)
+        assert isinstance(result, Streamed)
+        try:
+            await context.send_initial_metadata(_metadata(request_id, result.headers))
+            try:
+                async for chunk in result:
+                    yield chunk
+            except GatewayError as error:  # after the first chunk: the RPC's status says it
+                await abort(context, error)
+        finally:
+            await asyncio.shield(result.aclose())
+
+
+async def _never() -> None:
+    """A stream's lifecycle is told of a departed client by the stream being closed (GetCompletionChunk)."""
+    await asyncio.Event().wait()
+
+
+def _metadata(request_id: str, headers: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    return (("x-request-id", request_id), *((k.lower(), v) for k, v in headers.items() if v.isascii()))
 
 
 def register(gw: Gateway) -> Register:
     def add(server: grpc.aio.Server) -> Iterable[str]:
-        return []
+        return [add_servicer(server, chat_pb2_grpc.add_ChatServicer_to_server, Chat(gw),
+                             raw_responses={"GetCompletionChunk"})]
 
     return add

@@ -10,7 +10,7 @@ and server-streaming methods (every method xai-sdk calls is one of them).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,12 +43,14 @@ class _Recorder:
         self.handlers = dict(handlers)
 
 
-def add_servicer(server: grpc.aio.Server, add: Callable[[Any, Any], None], servicer: object) -> str:
+def add_servicer(server: grpc.aio.Server, add: Callable[[Any, Any], None], servicer: object, *,
+                 raw_responses: Collection[str] = ()) -> str:
     """Register `servicer` as `add` (a generated `add_<Service>Servicer_to_server`) would, each method's request
-    checked; returns the service's full name (xai_api.Models, ...)."""
+    checked; returns the service's full name (xai_api.Models, ...). The methods named in `raw_responses` answer
+    bytes their servicer has serialized already (a stream's chunks: rpc/chunks.py), sent as they are."""
     recorder = _Recorder()
     add(servicer, recorder)
-    handlers = {name: checked(handler) for name, handler in recorder.handlers.items()}
+    handlers = {name: checked(handler, raw=name in raw_responses) for name, handler in recorder.handlers.items()}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(recorder.service, handlers),))
     server.add_registered_method_handlers(recorder.service, handlers)
     return recorder.service
@@ -71,9 +73,9 @@ async def _refuse(context: grpc.aio.ServicerContext[Any, Any], request: Malforme
                                                           f"method ({request.reason})")
 
 
-def checked(handler: Handler) -> Handler:
-    """`handler` with its request checked (see the module's docstring)."""
-    parse, serialize = _safe(handler.request_deserializer), handler.response_serializer
+def checked(handler: Handler, *, raw: bool = False) -> Handler:
+    """`handler` with its request checked (see the module's docstring); `raw`: its answers are bytes already."""
+    parse, serialize = _safe(handler.request_deserializer), None if raw else handler.response_serializer
     if handler.unary_unary is not None:
         unary = handler.unary_unary
 
