@@ -72,7 +72,7 @@ class ResponsesService:
         items = [item for item in map(turn_item, body.input) if not _stateless_reasoning(item)]
         history: list[JSONObject] = []
         if body.previous_response_id is not None:
-            for stored in await self._chain(owner, body.previous_response_id, len(items)):
+            for stored in await self.chain(owner, body.previous_response_id, len(items)):
                 history += stored.input_items
                 history += stored.output
         request = translate(body, history, items)
@@ -84,7 +84,10 @@ class ResponsesService:
                              input_items=items, created_ms=int(now * 1000))
         return options.call(request, prompt), wire
 
-    async def _chain(self, owner: str, previous_id: str, turn_items: int) -> list[StoredResponse]:
+    async def chain(self, owner: str, previous_id: str, turn_items: int) -> list[StoredResponse]:
+        """The owner's conversation ending with `previous_id`, oldest first (also serving/stored_chat.py's, for
+        xAI's stored chat completions): 404 naming `previous_response_id` when it is not found, 400 past the
+        bounds with this turn's `turn_items`."""
         try:
             chain = await self.store.chain(owner, previous_id, max_items=max(self.max_messages - turn_items, 0),
                                            max_bytes=self.max_chain_bytes)
