@@ -341,3 +341,71 @@ def test_http_and_grpc_are_billed_alike(gw: Gateway) -> None:
     assert (http_row["endpoint"], grpc_row["endpoint"]) == ("chat", "grpc")
     for field in ("prompt_tokens", "completion_tokens", "cost"):
         assert http_row[field] == grpc_row[field], field
+
+
+# -- stored completions ------------------------------------------------------------------------------------------
+
+
+def test_a_stored_conversation_continues_over_grpc_then_http_then_grpc(gw: Gateway) -> None:
+    secret, _ = key(gw, "storer")
+    client = gw.client(secret)
+    first = client.chat.create(model="grok-3", messages=[user("My name is Ada.")], store_messages=True).sample()
+    assert first.id.startswith("resp_")
+    [stored] = client.chat.get_stored_completion(first.id)
+    assert (stored.id, stored.content) == (first.id, FAKE_TEXT)
+    second = client.chat.create(model="grok-3", messages=[user("What is my name?")], previous_response_id=first.id,
+                                store_messages=True).sample()
+    assert gw.fake.chat_requests[-1]["body"]["messages"] == [
+        {"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": FAKE_TEXT},
+        {"role": "user", "content": "What is my name?"}]
+    # Over the Responses API: the gRPC conversation is a stored response like any other.
+    headers = {"Authorization": f"Bearer {secret}"}
+    with gw.http.client() as c:
+        got = c.get(f"/v1/responses/{second.id}", headers=headers)
+        assert got.status_code == 200, got.text
+        assert got.json()["previous_response_id"] == first.id
+        r = c.post("/v1/responses", headers=headers, json={"model": "grok-3", "input": "And my age?",
+                                                            "previous_response_id": second.id})
+        assert r.status_code == 200, r.text
+        third = r.json()["id"]
+    # ... and back over gRPC, streamed this time.
+    chat = client.chat.create(model="grok-3", messages=[user("Thanks")], previous_response_id=third,
+                              store_messages=True)
+    response, _ = streamed(chat)
+    texts = [m.get("content") for m in gw.fake.chat_requests[-1]["body"]["messages"]]
+    assert texts[0] == "My name is Ada." and texts[2] == "What is my name?" and texts[-1] == "Thanks"
+    assert len(texts) == 7  # three turns of two, and this one
+    [kept] = client.chat.get_stored_completion(response.id)
+    assert kept.content == response.content == FAKE_TEXT
+
+
+def test_another_token_cannot_read_continue_or_delete_a_stored_completion(gw: Gateway) -> None:
+    owner, _ = key(gw, "owner")
+    thief, _ = key(gw, "thief")
+    mine = gw.client(owner).chat.create(model="grok-3", messages=[user("secret")], store_messages=True).sample()
+    other = gw.client(thief)
+    for call in (lambda: other.chat.get_stored_completion(mine.id),
+                 lambda: other.chat.delete_stored_completion(mine.id),
+                 lambda: other.chat.create(model="grok-3", messages=[user("hi")],
+                                           previous_response_id=mine.id).sample()):
+        error = rpc_error(call)
+        assert error.code() == grpc.StatusCode.NOT_FOUND, error.details()
+    assert gw.client(owner).chat.get_stored_completion(mine.id)[0].content == FAKE_TEXT
+
+
+def test_a_deleted_completion_is_gone_and_an_unstored_one_was_never_kept(gw: Gateway) -> None:
+    client = gw.client()
+    kept = client.chat.create(model="grok-3", messages=[user("hi")], store_messages=True).sample()
+    assert client.chat.delete_stored_completion(kept.id) == kept.id
+    assert rpc_error(lambda: client.chat.get_stored_completion(kept.id)).code() == grpc.StatusCode.NOT_FOUND
+    assert rpc_error(lambda: client.chat.delete_stored_completion(kept.id)).code() == grpc.StatusCode.NOT_FOUND
+    plain = client.chat.create(model="grok-3", messages=[user("hi")]).sample()
+    assert rpc_error(lambda: client.chat.get_stored_completion(plain.id)).code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_stored_batch_keeps_every_choice(gw: Gateway) -> None:
+    client = gw.client()
+    batch = client.chat.create(model="grok-3", messages=[user("hi")], store_messages=True).sample_batch(2)
+    assert len({r.id for r in batch}) == 1
+    stored = client.chat.get_stored_completion(batch[0].id)
+    assert [r.content for r in stored] == [FAKE_TEXT, f"{FAKE_TEXT} #1"]

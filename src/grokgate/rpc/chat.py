@@ -22,6 +22,7 @@ from functools import partial
 from typing import Any
 
 import grpc
+import orjson
 from xai_sdk.proto.v6 import chat_pb2, chat_pb2_grpc
 
 from grokgate.api.body import parse_raw
@@ -38,15 +39,17 @@ from grokgate.rpc.chunks import FRAMING, completion_response
 from grokgate.rpc.convert import chat_body
 from grokgate.rpc.errors import abort
 from grokgate.rpc.handlers import add_servicer
+from grokgate.rpc.info import answer
 from grokgate.rpc.server import Register
-from grokgate.schemas.chat import CONVERSATION_HEADER, conversation_header
+from grokgate.schemas.chat import CONVERSATION_HEADER, ChatCompletionRequest, conversation_header
 from grokgate.serving import ABANDONED, CallOptions, Collected, Streamed
 from grokgate.serving.chat import chat_call
 from grokgate.serving.lifecycle import Result
+from grokgate.serving.stored_chat import Keeper, history, stored_completion
+from grokgate.serving.stored_chat import delete as delete_stored
 from grokgate.serving.xai_chat import XaiChatWire
 
 Context = grpc.aio.ServicerContext[Any, Any]
-WIRE = XaiChatWire(FRAMING)
 
 
 def metadata_of(context: Context) -> dict[str, str]:
@@ -66,12 +69,11 @@ def options_of(context: Context, principal: Principal, started: float, request_i
                        conversation_id=conversation_header(metadata.get(CONVERSATION_HEADER)))
 
 
-def _parsed(message: chat_pb2.GetCompletionsRequest, stream: bool, max_messages: int,
-            max_tokens_limit: int) -> tuple[Any, bytes]:
-    raw = chat_body(message, stream=stream)
-    body = parse_raw(raw, max_messages)
-    body.check_limits(max_messages=max_messages, max_tokens_limit=max_tokens_limit)
-    return body, raw
+def _parsed(body: dict[str, Any], max_messages: int, max_tokens_limit: int) -> tuple[ChatCompletionRequest, bytes]:
+    raw = orjson.dumps(body)
+    request = parse_raw(raw, max_messages)
+    request.check_limits(max_messages=max_messages, max_tokens_limit=max_tokens_limit)
+    return request, raw
 
 
 class Chat(chat_pb2_grpc.ChatServicer):  # type: ignore[misc]
@@ -79,18 +81,28 @@ class Chat(chat_pb2_grpc.ChatServicer):  # type: ignore[misc]
         self.gw = gw
 
     async def _call(self, message: chat_pb2.GetCompletionsRequest, context: Context, principal: Principal,
-                    started: float, request_id: str, *, stream: bool) -> Call:
-        settings = self.gw.settings
+                    started: float, request_id: str, *, stream: bool) -> tuple[Call, XaiChatWire]:
+        """The lifecycle's call and this request's wire format. A stored conversation (`previous_response_id`)
+        comes before the request's messages; `store_messages` keeps the answer under the completion's id."""
+        gw = self.gw
+        settings = gw.settings
         if len(message.messages) > settings.max_messages:  # before anything is built from them
             raise GatewayError(400, "bad_request", f"Too many messages: at most {settings.max_messages} are "
                                                    "accepted.", param="messages")
         options = options_of(context, principal, started, request_id)
-        parse = partial(_parsed, message, stream, settings.max_messages, settings.max_tokens_limit)
-        if message.ByteSize() <= settings.parse_offload_bytes:
-            body, raw = parse()
-        else:  # a large message is converted and validated off the event loop, as HTTP's large bodies are
-            body, raw = await self.gw.parsing.run(options.tenant, parse)
-        return chat_call(body, raw, options)
+        large = message.ByteSize() > settings.parse_offload_bytes
+        convert = partial(chat_body, message, stream=stream)
+        body = await gw.parsing.run(options.tenant, convert) if large else convert()
+        turn = body["messages"]
+        previous = message.previous_response_id if message.HasField("previous_response_id") else None
+        if previous is not None:
+            body["messages"] = await history(gw.responses, options.tenant, previous, len(turn)) + turn
+        parse = partial(_parsed, body, settings.max_messages, settings.max_tokens_limit)
+        # a large message is converted and validated off the event loop, as HTTP's large bodies are
+        request, raw = await gw.parsing.run(options.tenant, parse) if large else parse()
+        keeper = (Keeper(gw.responses, options.tenant, turn, previous_id=previous, request=request)
+                  if message.store_messages else None)
+        return chat_call(request, raw, options), XaiChatWire(FRAMING, keeper)
 
     async def _serve(self, message: chat_pb2.GetCompletionsRequest, context: Context, *,
                      stream: bool) -> tuple[Result, str]:
@@ -102,16 +114,16 @@ class Chat(chat_pb2_grpc.ChatServicer):  # type: ignore[misc]
         except GatewayError as error:
             await abort(context, error)
         try:
-            call = await self._call(message, context, principal, started, request_id, stream=stream)
+            call, wire = await self._call(message, context, principal, started, request_id, stream=stream)
             if stream:
-                result = await self.gw.serving.serve(call, principal, WIRE, _never)
+                result = await self.gw.serving.serve(call, principal, wire, _never)
             else:
-                result = await self._collected(call, principal)
+                result = await self._collected(call, principal, wire)
         except GatewayError as error:  # a refusal counts against the caller's limits, as in api/chat.py
             await abort(context, await self.gw.gate.refused(principal, request_id, error))
         return result, request_id
 
-    async def _collected(self, call: Call, principal: Principal) -> Result:
+    async def _collected(self, call: Call, principal: Principal, wire: XaiChatWire) -> Result:
         """Serve in a task of its own, so that a cancelled RPC (the client's cancel or deadline) reaches the
         lifecycle as a disconnect (its `until_gone`), not as a cancellation in the middle of it."""
         gone = asyncio.Event()
@@ -119,7 +131,7 @@ class Chat(chat_pb2_grpc.ChatServicer):  # type: ignore[misc]
         async def until_gone() -> None:
             await gone.wait()
 
-        task = asyncio.ensure_future(self.gw.serving.serve(call, principal, WIRE, until_gone))
+        task = asyncio.ensure_future(self.gw.serving.serve(call, principal, wire, until_gone))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -150,6 +162,25 @@ class Chat(chat_pb2_grpc.ChatServicer):  # type: ignore[misc]
                 await abort(context, error)
         finally:
             await asyncio.shield(result.aclose())
+
+
+    # -- stored completions ------------------------------------------------------------------------------------
+
+    async def GetStoredCompletion(self, request: chat_pb2.GetStoredCompletionRequest,
+                                  context: Context) -> chat_pb2.GetChatCompletionResponse:
+        async def work() -> dict[str, Any]:
+            principal = await authenticate(self.gw.admission, context)
+            return await stored_completion(self.gw.responses, tenant_of(principal), request.response_id)
+
+        return completion_response(await answer(context, work()))
+
+    async def DeleteStoredCompletion(self, request: chat_pb2.DeleteStoredCompletionRequest,
+                                     context: Context) -> chat_pb2.DeleteStoredCompletionResponse:
+        async def work() -> str:
+            principal = await authenticate(self.gw.admission, context)
+            return await delete_stored(self.gw.responses, tenant_of(principal), request.response_id)
+
+        return chat_pb2.DeleteStoredCompletionResponse(response_id=await answer(context, work()))
 
 
 async def _never() -> None:

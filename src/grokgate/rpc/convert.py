@@ -31,8 +31,8 @@ _FLOATS = ("temperature", "top_p", "frequency_penalty", "presence_penalty")
 _INTS = ("n", "max_tokens", "seed", "top_logprobs")
 
 
-def chat_body(request: chat_pb2.GetCompletionsRequest, *, stream: bool) -> bytes:
-    """The request as a chat-completion JSON body (validated afterwards by api/body.py `parse_raw`)."""
+def chat_body(request: chat_pb2.GetCompletionsRequest, *, stream: bool) -> dict[str, Any]:
+    """The request as a chat-completion body (to be validated as JSON by api/body.py `parse_raw`)."""
     body: dict[str, Any] = {"model": request.model, "messages": [_message(m, i) for i, m in
                                                                   enumerate(request.messages)]}
     if stream:
@@ -69,7 +69,7 @@ def chat_body(request: chat_pb2.GetCompletionsRequest, *, stream: bool) -> bytes
     if request.HasField("search_parameters") and request.search_parameters.mode == chat_pb2.ON_SEARCH_MODE:
         raise bad_request("Live search is not served: use the web_search tool over /v1/responses.",
                           "search_parameters")
-    return orjson.dumps(body)
+    return body
 
 
 def _message(message: chat_pb2.Message, i: int) -> dict[str, Any]:

@@ -22,8 +22,8 @@ error payload inside a stream.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import orjson
 
@@ -41,20 +41,52 @@ from grokgate.serving.wire import Framing, Payload
 NOTHING: tuple[Payload, ...] = ()
 
 
+class Keeping(Protocol):
+    """What keeps a stored completion (`store_messages`: serving/stored_chat.py `Keeper`): its id is the
+    completion's; `keep` runs once the settlement is committed, before the client gets the end of the answer."""
+
+    @property
+    def id(self) -> str: ...
+
+    async def keep(self, completion: Mapping[str, Any], usage: Usage | None = None) -> bool: ...
+
+
 class XaiChatWire:
-    """One `xai_api.Chat` completion: `XaiChunkStream` renders a stream, `CompletionAccumulator` collects."""
+    """One `xai_api.Chat` completion: `XaiChunkStream` renders a stream, `CompletionAccumulator` collects; with a
+    `keeper`, the answer is stored (under the keeper's id, which is the completion's) before the client has it."""
 
     label = "xai chat completion"
     endpoint = "grpc"
 
-    def __init__(self, framing: Framing) -> None:
+    def __init__(self, framing: Framing, keeper: Keeping | None = None) -> None:
         self.framing = framing
+        self.keeper = keeper
+
+    def _factory(self, request: ChatCompletionRequest, fingerprint: str) -> ChunkFactory:
+        return ChunkFactory(request.model, fingerprint, self.keeper.id if self.keeper is not None else None)
 
     def renderer(self, request: ChatCompletionRequest, fingerprint: str) -> XaiChunkStream:
-        return XaiChunkStream(ChunkFactory(request.model, fingerprint), request.choices)
+        factory = self._factory(request, fingerprint)
+        if self.keeper is None:
+            return XaiChunkStream(factory, request.choices)
+        return KeptChunkStream(factory, request.choices, self.keeper)
 
     def collector(self, request: ChatCompletionRequest, fingerprint: str) -> CompletionAccumulator:
-        return CompletionAccumulator(ChunkFactory(request.model, fingerprint), request.choices)
+        factory = self._factory(request, fingerprint)
+        if self.keeper is None:
+            return CompletionAccumulator(factory, request.choices)
+        return KeptCompletion(factory, request.choices, self.keeper)
+
+
+class KeptCompletion(CompletionAccumulator):
+    """A collected answer that is stored once settled."""
+
+    def __init__(self, factory: ChunkFactory, choices: int, keeper: Keeping) -> None:
+        super().__init__(factory, choices)
+        self.keeper = keeper
+
+    async def commit(self) -> None:
+        await self.keeper.keep(self.result(), self.usage)
 
 
 def whole_calls(calls: dict[int, dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:
@@ -145,3 +177,21 @@ class XaiChunkStream:
 
     def failed(self, error: GatewayError, trace_id: str) -> Sequence[Payload]:
         raise error
+
+
+class KeptChunkStream(XaiChunkStream):
+    """A stream whose whole answer is also collected, and stored once settled (before the last chunk goes out)."""
+
+    __slots__ = ("_whole", "keeper")
+
+    def __init__(self, factory: ChunkFactory, choices: int, keeper: Keeping) -> None:
+        super().__init__(factory, choices)
+        self.keeper = keeper
+        self._whole = CompletionAccumulator(factory, choices)
+
+    def on_event(self, event: Event) -> Sequence[Payload]:
+        self._whole.on_event(event)
+        return super().on_event(event)
+
+    async def commit(self) -> None:
+        await self.keeper.keep(self._whole.result(), self._whole.usage)
