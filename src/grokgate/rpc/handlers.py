@@ -17,6 +17,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from grokgate.rpc.errors import bounded
+
 # grpc.RpcMethodHandler, whose stub types its behaviours as sync (grpc.aio's are coroutines and async generators).
 Handler = Any
 
@@ -67,8 +69,8 @@ def _safe(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
 
 
 async def _refuse(context: grpc.aio.ServicerContext[Any, Any], request: Malformed) -> None:
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad_request: the request is not a valid message of this "
-                                                          f"method ({request.reason})")
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bounded(
+        f"bad_request: the request is not a valid message of this method ({request.reason})"))
 
 
 def checked(handler: Handler) -> Handler:
