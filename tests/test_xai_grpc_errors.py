@@ -16,11 +16,13 @@ import pytest
 import xai_sdk
 from google.protobuf import empty_pb2
 from xai_sdk.chat import user
-from xai_sdk.proto.v6 import models_pb2_grpc
+from xai_sdk.proto.v6 import chat_pb2, chat_pb2_grpc, models_pb2_grpc
 
 from grokgate.core.billing import USED_UP
 from grokgate.core.errors import GatewayError
 from grokgate.rpc.errors import details_of, status_of
+from grokgate.rpc.handlers import add_servicer
+from grokgate.rpc.server import RpcServer
 from tests.conftest import TOKEN, create_key, free_port
 from tests.inproc import AppServer, app_server
 
@@ -179,3 +181,37 @@ def test_an_error_that_quotes_a_huge_input_keeps_its_status(gw: Gateway) -> None
         method = channel.unary_unary("/xai_api.Image/" + "G" * 6000)
         error = refused(lambda: method(b"", metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=30))
     assert error.code() == grpc.StatusCode.UNIMPLEMENTED and error.details().startswith("grokgate does not serve ")
+
+
+def test_a_method_a_servicer_does_not_implement_answers_unimplemented_naming_what_is_served() -> None:
+    """A servicer that implements part of its service (Chat without CompactContext): the generated base class's
+    stub would raise NotImplementedError, which grpc.aio reports as "Unexpected <class 'NotImplementedError'>"; the
+    method is left to the UNIMPLEMENTED handler instead (rpc/handlers.py `_overrides`)."""
+
+    class Partial(chat_pb2_grpc.ChatServicer):  # type: ignore[misc]
+        async def GetCompletion(self, request: Any, context: Any) -> chat_pb2.GetChatCompletionResponse:
+            return chat_pb2.GetChatCompletionResponse(id="partial")
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        return [add_servicer(server, chat_pb2_grpc.add_ChatServicer_to_server, Partial())]
+
+    async def main() -> tuple[str, grpc.StatusCode, str]:
+        server = RpcServer("127.0.0.1", free_port(), [register], max_receive_bytes=1 << 20)
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"localhost:{server.bound_port}") as channel:
+                stub = chat_pb2_grpc.ChatStub(channel)
+                served = await stub.GetCompletion(chat_pb2.GetCompletionsRequest(), timeout=30)
+                try:
+                    await stub.CompactContext(chat_pb2.CompactContextRequest(), timeout=30)
+                except grpc.aio.AioRpcError as exc:
+                    return served.id, exc.code(), exc.details() or ""
+                raise AssertionError("CompactContext was answered")
+        finally:
+            await server.stop()
+
+    served, code, details = asyncio.run(main())
+    assert served == "partial"
+    assert code == grpc.StatusCode.UNIMPLEMENTED
+    assert details.startswith("grokgate does not serve xai_api.Chat/CompactContext. It serves: xai_api.Chat")
+    assert "NotImplementedError" not in details
