@@ -17,6 +17,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from grokgate.rpc.errors import bounded
+
 # grpc.RpcMethodHandler, whose stub types its behaviours as sync (grpc.aio's are coroutines and async generators).
 Handler = Any
 
@@ -46,14 +48,27 @@ class _Recorder:
 def add_servicer(server: grpc.aio.Server, add: Callable[[Any, Any], None], servicer: object, *,
                  raw_responses: Collection[str] = ()) -> str:
     """Register `servicer` as `add` (a generated `add_<Service>Servicer_to_server`) would, each method's request
-    checked; returns the service's full name (xai_api.Models, ...). The methods named in `raw_responses` answer
-    bytes their servicer has serialized already (a stream's chunks: rpc/chunks.py), sent as they are."""
+    checked; returns the service's full name (xai_api.Models, ...). Methods it does not implement are left to
+    rpc/unimplemented.py (`_overrides`). The methods named in `raw_responses` answer bytes their servicer has
+    serialized already (a stream's chunks: rpc/chunks.py), sent as they are."""
     recorder = _Recorder()
     add(servicer, recorder)
-    handlers = {name: checked(handler, raw=name in raw_responses) for name, handler in recorder.handlers.items()}
+    handlers = {name: checked(handler, raw=name in raw_responses) for name, handler in recorder.handlers.items()
+                if _overrides(servicer, name)}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(recorder.service, handlers),))
     server.add_registered_method_handlers(recorder.service, handlers)
     return recorder.service
+
+
+def _overrides(servicer: object, method: str) -> bool:
+    """Whether `servicer` implements `method` rather than inheriting the generated base class's stub. A stub is
+    left unregistered, so the server's last handler (rpc/unimplemented.py) answers it UNIMPLEMENTED naming what
+    grokgate serves: the stub itself raises NotImplementedError, which grpc.aio reports as "Unexpected <class
+    'NotImplementedError'>: Method not implemented!" and logs as the servicer's error."""
+    for cls in type(servicer).__mro__:
+        if method in vars(cls):
+            return not cls.__module__.endswith("_pb2_grpc")
+    return False
 
 
 def _safe(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
@@ -69,8 +84,8 @@ def _safe(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
 
 
 async def _refuse(context: grpc.aio.ServicerContext[Any, Any], request: Malformed) -> None:
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad_request: the request is not a valid message of this "
-                                                          f"method ({request.reason})")
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bounded(
+        f"bad_request: the request is not a valid message of this method ({request.reason})"))
 
 
 def checked(handler: Handler, *, raw: bool = False) -> Handler:

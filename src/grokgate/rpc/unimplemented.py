@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterable
 
 import grpc
 
+from grokgate.rpc.errors import bounded
+
 
 class Unimplemented(grpc.GenericRpcHandler):
     """The last handler of the server: any method no servicer took. `served` lists what is, for the message."""
@@ -17,8 +19,9 @@ class Unimplemented(grpc.GenericRpcHandler):
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[bytes, bytes] | None:
         method = str(handler_call_details.method)
         served = ", ".join(sorted(self._served())) or "none"
-        message = (f"grokgate does not serve {method.lstrip('/')}. It serves: {served} (and the HTTP API: "
-                   "/v1/chat/completions, /v1/responses).")
+        # The method's name as the client sent it: bounded, as any details that quote the caller (rpc/errors.py).
+        message = (f"grokgate does not serve {bounded(method.lstrip('/'), 512)}. It serves: {served} (and the HTTP "
+                   "API: /v1/chat/completions, /v1/responses).")
 
         async def refuse(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
