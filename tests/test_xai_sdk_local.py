@@ -1,15 +1,20 @@
-"""xai-sdk's Tokenize and Models against a real `grokgate serve` on the local model (e2e): the engine's own tokens,
-exactly what a text adds to a chat prompt's `prompt_tokens`, and the engine's context length."""
+"""xai-sdk against a real `grokgate serve` on the local model (e2e): Tokenize (the engine's own tokens, exactly what
+a text adds to a chat prompt's `prompt_tokens`), Models (the engine's context length), and Chat with the SDK's
+defaults (sample, stream, n, a tool call and its result, `parse` through the engine's constrained decoding)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
 import xai_sdk
+from pydantic import BaseModel
+from xai_sdk.chat import tool, tool_result
+from xai_sdk.chat import user as chat_user
 from xai_sdk.proto.v6 import models_pb2, tokenize_pb2, tokenize_pb2_grpc
 
 from tests.conftest import TOKEN, Server, free_port, start_server, stop_server, user
@@ -79,3 +84,60 @@ def test_models_carry_the_engines_context_length(served: tuple[Server, int]) -> 
     assert models and all(m.max_prompt_length == CTX_PER_SLOT for m in models)
     assert all(list(m.input_modalities) == [models_pb2.TEXT] for m in models)
     assert all(m.system_fingerprint.startswith("fp_local_") for m in models)
+
+
+# -- chat on the local model, with the SDK's defaults --------------------------------------------------------------
+
+
+def test_sample_and_stream_answer_on_the_local_model(served: tuple[Server, int]) -> None:
+    _, port = served
+    client = xai_sdk.Client(api_key=TOKEN, api_host=f"localhost:{port}", timeout=120)
+    chat = client.chat.create(model="grok-3", messages=[chat_user("Say hello in three words.")], max_tokens=24)
+    sampled = chat.sample()
+    assert sampled.content.strip() and sampled.role == "ROLE_ASSISTANT"
+    assert sampled.usage.prompt_tokens > 0 and 0 < sampled.usage.completion_tokens <= 24
+    texts, response = [], None
+    for response, chunk in chat.stream():  # noqa: B007  (the last response is the whole answer)
+        texts.append(chunk.content)
+    assert response is not None and "".join(texts) == response.content and response.content.strip()
+    assert response.usage.completion_tokens > 0
+    batch = chat.sample_batch(2)
+    assert len(batch) == 2 and all(r.content.strip() for r in batch)
+
+
+def test_a_tool_call_round_trip_on_the_local_model(served: tuple[Server, int]) -> None:
+    _, port = served
+    weather = tool("get_weather", "The current weather in a city.", {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]})
+    client = xai_sdk.Client(api_key=TOKEN, api_host=f"localhost:{port}", timeout=120)
+    chat = client.chat.create(model="grok-3", messages=[chat_user("What is the weather in Paris?")],
+                              tools=[weather], tool_choice="required", max_tokens=128)
+    response = chat.sample()
+    [call] = response.tool_calls
+    assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments), dict)
+    assert response.finish_reason == "REASON_TOOL_CALLS"
+    chat.append(response)
+    chat.append(tool_result('{"sky": "sunny", "celsius": 21}', tool_call_id=call.id))
+    answer = client.chat.create(model="grok-3", messages=list(chat.messages), tools=[weather],
+                                max_tokens=64).sample()
+    assert answer.content.strip() or answer.tool_calls  # tool_choice auto: text, or another whole call
+    for again in answer.tool_calls:
+        json.loads(again.function.arguments)
+
+
+def test_parse_returns_the_pydantic_model_on_the_local_model(served: tuple[Server, int]) -> None:
+    class City(BaseModel):
+        name: str
+        country: str
+
+    _, port = served
+
+    async def main() -> tuple[Any, City]:
+        client = xai_sdk.AsyncClient(api_key=TOKEN, api_host=f"localhost:{port}", timeout=120)
+        chat = client.chat.create(model="grok-3", messages=[chat_user("Name a city in France, as JSON.")],
+                                  max_tokens=96)
+        return await chat.parse(City)
+
+    response, city = asyncio.run(main())
+    assert isinstance(city, City) and city.name.strip()
+    assert City.model_validate_json(response.content) == city
