@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -33,6 +34,7 @@ from grokgate.rpc import chat as rpc_chat
 from grokgate.rpc import info as rpc_info
 from grokgate.rpc.server import RpcServer
 from grokgate.runtime import tune_gc
+from grokgate.server import derive_max_connections
 from grokgate.serving import Serving
 from grokgate.serving.response_cache import ResponseCache
 from grokgate.serving.responses import ResponsesService
@@ -234,9 +236,13 @@ def build_rpc(settings: Settings, gw: Gateway) -> RpcServer | None:
     """xAI's native gRPC API (src/grokgate/rpc) on settings.grpc_port; None when it is 0."""
     if not settings.grpc_port:
         return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)  # raised to the hard limit by `grokgate serve` already
+    connections = settings.max_connections or max(1, derive_max_connections(soft) // 2)
     return RpcServer(settings.host, settings.grpc_port, [rpc_chat.register(gw), rpc_info.register(gw)],
                      max_receive_bytes=settings.max_body_bytes, tls_cert=settings.grpc_tls_cert,
-                     tls_key=settings.grpc_tls_key)
+                     tls_key=settings.grpc_tls_key, max_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
+                     max_streams=settings.grpc_max_streams_per_connection, max_connections=connections,
+                     handshake_seconds=settings.header_timeout_seconds)
 
 
 def build_response_cache(settings: Settings, metrics: Metrics,

@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     grpc_port: int = Field(default=50051, ge=0, le=65535)
     grpc_tls_cert: Path | None = None
     grpc_tls_key: Path | None = None
+    # The gRPC port's own bounds (rpc/server.py): RPCs in flight at once (past it: RESOURCE_EXHAUSTED at once), and
+    # HTTP/2 streams per connection. Connections, idle and handshake times follow the HTTP server's settings.
+    grpc_max_concurrent_rpcs: int = Field(default=4096, ge=1, le=1_000_000)
+    grpc_max_streams_per_connection: int = Field(default=100, ge=1, le=100_000)
 
     # Bearer tokens accepted by the minimal admission step (comma-separated in the environment).
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
