@@ -191,6 +191,21 @@ def test_another_token_cannot_see_it_pending_or_done(srv: AppServer) -> None:
         sdk(srv, other).get(f"/chat/deferred-completion/{request_id}", cast_to=httpx.Response)
 
 
+def test_the_responses_api_never_reads_a_deferred_result(srv: AppServer) -> None:
+    """Results share the Responses store's table, under the tenant's own deferred scope: none of the Responses
+    API's reads (retrieve, continue, delete) finds one, by the request id or the row's id."""
+    secret, _ = token(srv)
+    request_id = start(srv, secret).json()["request_id"]
+    assert poll(srv, secret, request_id).status_code == 200
+    with srv.client(headers={"Authorization": f"Bearer {secret}"}) as c:
+        for rid in (request_id, f"deferred:{request_id}", f"deferred-pending:{request_id}"):
+            err(c.get(f"/v1/responses/{rid}"), 404, "not_found")
+            err(c.post("/v1/responses", json={"model": MODEL, "input": "hi", "previous_response_id": rid}), 404,
+                "not_found", "previous_response_id")
+            err(c.delete(f"/v1/responses/{rid}"), 404, "not_found")
+    assert fetch(srv, secret, request_id).status_code == 200
+
+
 def test_an_unknown_id_is_not_found(srv: AppServer) -> None:
     secret, _ = token(srv)
     err(fetch(srv, secret, str(uuid.uuid4())), 404, "not_found", "request_id")

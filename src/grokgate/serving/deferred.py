@@ -14,7 +14,9 @@ Where things live:
   answers 429.
 - Results live in the Responses store (core/responses.py: the accounts database's `responses` table, so every
   replica reads them; with accounts off, this process's bounded memory): two rows per request, owned by the
-  tenant (`tenant_of`, the Responses store's owner key), under ids no Responses request can have (`_row_ids`):
+  tenant's deferred scope (`deferred_owner` of `tenant_of`, the Responses store's owner key: the Responses API
+  and stored chat completions never find them; a deleted token's go with its responses), under ids no Responses
+  request has (`_row_ids`):
   a small pending row written once admitted, visible until the request's deadline, and the result row, written
   when it ends and kept `retention_ms` (xAI keeps 24 h), counted in the store's size bound (a result larger than
   `max_result_bytes` is kept as a failure saying so). `get` reads the pending row before the result row, and
@@ -41,7 +43,7 @@ from typing import Any, Final, Literal
 from grokgate.core.accounts import now_ms
 from grokgate.core.admission import Principal
 from grokgate.core.errors import GatewayError
-from grokgate.core.responses import ResponseStore, StoredResponse
+from grokgate.core.responses import ResponseStore, StoredResponse, deferred_owner
 from grokgate.core.tenancy import tenant_of
 from grokgate.providers.base import Call
 from grokgate.serving.lifecycle import INTERNAL_ERROR, Collected, Serving
@@ -128,7 +130,7 @@ class Deferred:
                                "exclude each other.", param="deferred")
         if self._closing:
             raise GatewayError(503, "service_unavailable", "The server is shutting down; send the request again.")
-        owner = tenant_of(principal)
+        owner = deferred_owner(tenant_of(principal))
         if self._per_owner[owner] >= self.max_pending:
             raise GatewayError(429, "too_many_requests", f"Too many deferred requests pending: at most "
                                f"{self.max_pending} at a time; fetch their results first.", param="deferred")
@@ -241,7 +243,7 @@ class Deferred:
 
     async def get(self, principal: Principal, request_id: str) -> DeferredResult:
         """The request's state for its owner; 404 `not_found` (raised) when unknown, another tenant's, expired."""
-        owner = tenant_of(principal)
+        owner = deferred_owner(tenant_of(principal))
         entry = self._running.get(request_id)
         if entry is not None and entry.owner == owner:
             return DeferredResult(PENDING)
