@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from starlette.routing import Route as StarletteRoute
 
 from grokgate import __version__, routing
-from grokgate.api import account, admin, chat, console, errors, ledger, meta, responses, xai_routes
+from grokgate.api import account, admin, chat, console, deferred, errors, ledger, meta, responses, xai_routes
 from grokgate.api.deps import Gateway
 from grokgate.api.docs import mount_docs
 from grokgate.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
@@ -36,6 +36,7 @@ from grokgate.rpc.server import RpcServer
 from grokgate.runtime import tune_gc
 from grokgate.server import derive_max_connections
 from grokgate.serving import Serving
+from grokgate.serving.deferred import Deferred
 from grokgate.serving.response_cache import ResponseCache
 from grokgate.serving.responses import ResponsesService
 from grokgate.settings import Settings
@@ -132,8 +133,13 @@ def create_app(
         stored, metrics, RESPONSES_SSE, retention_ms=int(settings.responses_retention_days * 86_400_000),
         max_stored_bytes=settings.max_stored_response_bytes, max_chain_bytes=settings.max_chain_bytes,
         max_messages=settings.max_messages)
+    # Deferred chat completions keep their results beside the stored responses (shared by replicas with accounts).
+    deferred_service = Deferred(serving, stored, retention_ms=int(settings.deferred_retention_seconds * 1000),
+                                max_pending=settings.deferred_max_pending,
+                                timeout_s=settings.deferred_timeout_seconds,
+                                max_result_bytes=settings.max_stored_response_bytes)
     gw = Gateway(settings=settings, admission=admission, models=models, serving=serving,
-                 responses=responses_service, store=store, metrics=metrics)
+                 responses=responses_service, store=store, metrics=metrics, deferred=deferred_service)
     gw.metrics.add_state("backends", backend_state(models.providers(), getattr(gw.admission, "limiter", None)))
     if store is not None:
         store.on_commit = gw.metrics.observe_commit
@@ -162,6 +168,9 @@ def create_app(
         finally:
             if rpc is not None:
                 await rpc.stop()  # RPCs in flight finish (or settle as cut short) before the backends close
+            # Deferred requests still running are stopped and settled (billed what they consumed), their failure
+            # kept, while the backends and the store are still open; the first event's wait bounds the grace.
+            await deferred_service.close(grace_s=settings.keepalive_seconds + 5)
             purging.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await purging
@@ -198,6 +207,7 @@ def create_app(
     app.include_router(responses.router)
     app.include_router(meta.router)
     app.include_router(xai_routes.router)  # xAI's REST twins of Models, Tokenize, Auth
+    app.include_router(deferred.router)  # GET .../chat/deferred-completion/{request_id}
     if store is not None:
         app.include_router(account.router)
         app.include_router(admin.router)

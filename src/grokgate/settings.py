@@ -135,6 +135,14 @@ class Settings(BaseSettings):
     max_chain_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=1024**3)
     # Accounts off: stored responses live in memory, at most this many bytes (oldest dropped first).
     memory_responses_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=1024**4)
+    # Deferred chat completions (serving/deferred.py): results are kept this long (xAI keeps 24 h) in the stored
+    # responses' store (memory_responses_bytes bounds them with accounts off; a result is at most
+    # max_stored_response_bytes); one tenant may have at most `deferred_max_pending` running in a process (429
+    # past it); a deferred request runs at most `deferred_timeout_seconds` (then it fails with 504, billed what it
+    # consumed).
+    deferred_retention_seconds: float = Field(default=86_400.0, gt=0, le=30 * 86_400)
+    deferred_max_pending: int = Field(default=20, ge=1, le=100_000)
+    deferred_timeout_seconds: float = Field(default=1800.0, gt=0, le=86_400)
     # Server-side tools (xAI's web search, X search, code execution) are charged per call, in micro-credits, and a
     # request reserves `max_server_tool_calls` of them (sent upstream as `max_tool_calls` when the client sets none).
     server_tool_call_price: int = Field(default=25_000, ge=0, le=10**12)

@@ -1,5 +1,6 @@
 """`POST /grok/chat/completions` and `POST /v1/chat/completions`: parse, serve, map the result to a response.
-Everything in between (model, admission, generation, streaming, settlement, metrics, log) is serving/lifecycle.py."""
+Everything in between (model, admission, generation, streaming, settlement, metrics, log) is serving/lifecycle.py;
+a body with `deferred: true` is admitted and answered `{"request_id"}` at once (serving/deferred.py)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,11 @@ async def chat_completions(request: Request) -> Response:
         body.check_limits(max_messages=gw.settings.max_messages, max_tokens_limit=gw.settings.max_tokens_limit)
         options = call_options(request, principal, started)
         call = chat_call(body, await request.body(), options)  # the body's bytes are kept
+        if body.deferred and gw.deferred is not None:
+            # Admitted now (a refusal is answered here, as undeferred), generated in the background: api/deferred.py
+            # answers its result.
+            deferred_id = await gw.deferred.start(call, principal, CHAT)
+            return Response(orjson.dumps({"request_id": deferred_id}), media_type="application/json")
         result = await gw.serving.serve(call, principal, CHAT, lambda: until_disconnected(request.receive))
     except GatewayError as error:  # a refusal counts against the caller's limits like a request served
         raise await refusal(gw, principal, request, error) from None

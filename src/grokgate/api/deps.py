@@ -23,6 +23,7 @@ from grokgate.observability.metrics import Metrics
 from grokgate.providers.base import ModelTable
 from grokgate.schemas.chat import CONVERSATION_HEADER, conversation_header
 from grokgate.serving import CallOptions, Serving
+from grokgate.serving.deferred import Deferred
 from grokgate.serving.responses import ResponsesService
 from grokgate.settings import Settings
 
@@ -38,6 +39,8 @@ class Gateway:
     responses: ResponsesService
     store: AdminStore | None = None
     metrics: Metrics = field(default_factory=Metrics)
+    # Deferred completions (serving/deferred.py): app.py always builds it; None only for a Gateway built bare.
+    deferred: Deferred | None = None
     started_at: int = field(default_factory=lambda: int(time.time()))
     # What admission does before and besides `admit` (refusals counted, large bodies gated), when it limits
     # callers at all; and the worker threads large bodies are parsed in (api/body.py).

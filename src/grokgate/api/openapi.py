@@ -52,6 +52,8 @@ _AUTH = ("400", "401", "403", "500")
 _ERRORS_BY_TAG = {
     "chat": ("400", "401", "403", "404", "413", "429", "500", "502", "503", "504"),
     "responses": ("400", "401", "403", "404", "413", "429", "500", "502", "503", "504"),
+    # GET .../chat/deferred-completion/{id} (api/deferred.py): a failed deferred request answers its own error.
+    "deferred": ("400", "401", "403", "404", "429", "500", "502", "503", "504"),
     "models": _AUTH,
     # xAI's POST /v1/tokenize-text (api/xai_routes.py): forwarded to xAI for its routes, counted against the rpm.
     "tokenize": ("400", "401", "403", "404", "413", "429", "500", "502", "503", "504"),
@@ -61,7 +63,7 @@ _ERRORS_BY_TAG = {
     "account": (*_AUTH, "404"),  # 404: the calling token was deleted a moment ago (authentication is cached 2 s)
     "health": ("500",),
 }
-_SECURED_TAGS = {"chat", "responses", "models", "admin", "account", "tokenize", "auth"}
+_SECURED_TAGS = {"chat", "responses", "models", "admin", "account", "tokenize", "auth", "deferred"}
 _TOKENS = {"type": "integer", "minimum": 0}
 _USAGE: dict[str, Any] = {
     "type": "object",
@@ -105,6 +107,9 @@ CHAT_CHUNK: dict[str, Any] = {
     },
     "additionalProperties": True,  # keys an upstream adds (xAI's `citations`) are passed through
 }
+# What a chat request with `deferred: true` answers (api/chat.py): its id for GET .../deferred-completion/{id}.
+DEFERRED_STARTED: dict[str, Any] = {"type": "object", "required": ["request_id"], "additionalProperties": False,
+                                    "properties": {"request_id": {"type": "string"}}}
 # Schemathesis and OpenAPI 3.1 read an event stream's `schema` as the schema of each event.
 CHAT_EVENT: dict[str, Any] = {
     "title": "ChatCompletionEvent",
@@ -258,8 +263,9 @@ def _describe_operation(path: str, op: dict[str, Any], settings: Settings) -> No
         responses.setdefault("200", {}).setdefault("content", {}).setdefault(
             "text/csv", {"schema": {"type": "string"}})
     if "chat" in tags:
-        responses["200"] = {"description": "The completion; with `stream: true`, server-sent events", "content": {
-            "application/json": {"schema": _ref("ChatCompletion")},
+        responses["200"] = {"description": "The completion; with `stream: true`, server-sent events; with "
+                            "`deferred: true`, the `request_id` to poll", "content": {
+            "application/json": {"schema": {"anyOf": [_ref("ChatCompletion"), DEFERRED_STARTED]}},
             "text/event-stream": {"schema": _ref("ChatCompletionEvent")},
         }}
     if "responses" in tags:

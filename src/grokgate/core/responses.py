@@ -63,3 +63,9 @@ class ResponseStore(Protocol):
 def owner_of(token_id: int | None, key_id: str) -> str:
     """The scope of a principal's stored responses: its tenant (core/tenancy.py)."""
     return tenant_id(token_id, key_id)
+
+
+def deferred_owner(owner: str) -> str:
+    """The scope of a tenant's deferred completions (serving/deferred.py), kept in the same store: its own, so
+    the Responses API and stored chat completions (which read `owner_of`) never find them; no tenant id has '#'."""
+    return f"{owner}#deferred"

@@ -268,6 +268,9 @@ def _request_rules(schema: dict[str, Any]) -> None:
     # `top_logprobs` (a number, not null) needs `logprobs: true`.
     schema["if"] = {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer"}}}
     schema["then"] = {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}
+    # `deferred: true` cannot be streamed.
+    schema["not"] = {"required": ["deferred", "stream"],
+                     "properties": {"deferred": {"const": True}, "stream": {"const": True}}}
     # logit_bias keys are token ids: pydantic's schema names their pattern but lets other keys through.
     for branch in schema["properties"]["logit_bias"]["anyOf"]:
         if branch.get("type") == "object":
@@ -309,10 +312,18 @@ class ChatCompletionRequest(_Lenient):
     # OpenAI's conversation key for its prompt cache; xAI's Chat Completions reads the same id from the
     # `x-grok-conv-id` header, its Responses API from this field (providers/xai.py maps it).
     prompt_cache_key: CacheKey | None = None
+    # xAI's deferred completion: answer `{"request_id"}` at once, the completion later from
+    # `GET /v1/chat/deferred-completion/{request_id}` (serving/deferred.py). grokgate's own: never forwarded
+    # (excluded from every dump, so from upstream bodies, cassettes and cache keys).
+    deferred: StrictBool | None = Field(default=None, exclude=True)
+
     def check_limits(self, *, max_messages: int, max_tokens_limit: int) -> None:
         """Cross-field rules and the server's configured bounds, each naming its field."""
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
+        if self.deferred and self.stream:
+            raise bad_request("A deferred request cannot be streamed: deferred and stream: true exclude each other.",
+                              "deferred")
         if len(self.messages) > max_messages:
             raise bad_request(f"Too many messages: at most {max_messages} are accepted.", "messages")
         for name in ("max_tokens", "max_completion_tokens"):

@@ -137,7 +137,10 @@ class Serving:
         # The exact response cache (serving/response_cache.py): None when no model opts in.
         self.response_cache = response_cache
 
-    async def serve(self, call: Call, principal: Principal, wire: WireFormat, until_gone: UntilGone) -> Result:
+    async def serve(self, call: Call, principal: Principal, wire: WireFormat, until_gone: UntilGone, *,
+                    admitted: Callable[[], None] | None = None) -> Result:
+        """`admitted`, if given, is called once the request is admitted, before its generation opens: a deferred
+        request (serving/deferred.py) answers its caller then, refusals having been raised before it."""
         request = call.request
         route = self.models.get(request.model)
         if route is None:
@@ -159,6 +162,8 @@ class Serving:
         # reserved one), with its conversation's keys. A new value: what the client sent is never rewritten.
         call = call.admitted(ticket.output_limit, *assign(call, self.affinity, shared=self.shared_prompt_cache))
         life = Lifecycle(self, call, principal, ticket, wire, provider.name)
+        if admitted is not None:
+            admitted()  # plain code, no await: nothing can cut in between the admission and `open`'s settling
         await life.open(provider, route.upstream_model)
         if request.stream:
             return life.streamed()

@@ -57,7 +57,7 @@ from grokgate.core.accounts import (
 )
 from grokgate.core.errors import GatewayError
 from grokgate.core.pricing import Price
-from grokgate.core.responses import owner_of
+from grokgate.core.responses import deferred_owner, owner_of
 from grokgate.store.batch import Reservation, reserve_many, settle_many, sqlite_statements
 from grokgate.store.cache import RefreshingCache
 from grokgate.store.reports import Reports
@@ -493,7 +493,8 @@ class SqlStore(Reports):
             conn.execute(delete(reservations).where(reservations.c.token_id == token_id))
             # Its stored conversations go with it (nobody can reach them any more: ids are never reused, migration
             # 0004); its ledger and daily usage stay, for the operator's books.
-            conn.execute(delete(responses).where(responses.c.owner == owner_of(token_id, "")))
+            owner = owner_of(token_id, "")
+            conn.execute(delete(responses).where(responses.c.owner.in_((owner, deferred_owner(owner)))))
             return int((conn.execute(delete(api_tokens).where(api_tokens.c.id == token_id))).rowcount)
 
         if not await self.write(op):
