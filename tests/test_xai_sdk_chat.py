@@ -6,6 +6,7 @@ lifecycle as HTTP: the ledger row, the refusals, the statuses the SDK surfaces."
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import time
 from collections.abc import AsyncGenerator, Iterator
@@ -18,7 +19,7 @@ import pytest
 import xai_sdk
 from pydantic import BaseModel
 from xai_sdk.chat import required_tool, system, tool, tool_result, user
-from xai_sdk.proto.v6 import chat_pb2, chat_pb2_grpc
+from xai_sdk.proto.v6 import chat_pb2, chat_pb2_grpc, deferred_pb2
 
 from grokgate.core.events import Delta, Event, Finish, Usage, UsageReport
 from grokgate.providers import base
@@ -409,3 +410,68 @@ def test_a_stored_batch_keeps_every_choice(gw: Gateway) -> None:
     assert len({r.id for r in batch}) == 1
     stored = client.chat.get_stored_completion(batch[0].id)
     assert [r.content for r in stored] == [FAKE_TEXT, f"{FAKE_TEXT} #1"]
+
+
+# -- deferred completions ----------------------------------------------------------------------------------------
+
+
+def test_defer_polls_until_the_answer_and_bills_it_once(gw: Gateway) -> None:
+    secret, record = key(gw, "deferrer")
+    chat = gw.client(secret).chat.create(model="grok-3", messages=[user("Say hello")])
+    response = chat.defer(interval=datetime.timedelta(milliseconds=50))
+    assert response.content == FAKE_TEXT and response.usage.completion_tokens == words(FAKE_TEXT)
+    batch = chat.defer_batch(2, interval=datetime.timedelta(milliseconds=50))
+    assert [r.content for r in batch] == [FAKE_TEXT, f"{FAKE_TEXT} #1"]
+    rows = gw.ledger(record["id"])
+    assert len(rows) == 2 and all(r["endpoint"] == "grpc" and r["status"] == "ok" for r in rows)
+
+
+def test_a_deferred_completion_is_its_tenants_and_readable_over_rest(gw: Gateway) -> None:
+    owner, _ = key(gw, "defer-owner")
+    thief, _ = key(gw, "defer-thief")
+    with grpc.insecure_channel(gw.host) as channel:
+        stub = chat_pb2_grpc.ChatStub(channel)
+        request = chat_pb2.GetCompletionsRequest(model="grok-3", messages=[chat_pb2.Message(
+            role=chat_pb2.ROLE_USER, content=[chat_pb2.Content(text="hi")])])
+        started = stub.StartDeferredCompletion(request, metadata=(("authorization", f"Bearer {owner}"),))
+        poll = deferred_pb2.GetDeferredRequest(request_id=started.request_id)
+        deadline = time.monotonic() + 10
+        while (got := stub.GetDeferredCompletion(poll, metadata=(("authorization", f"Bearer {owner}"),))).status \
+                == deferred_pb2.PENDING and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert got.status == deferred_pb2.DONE and got.response.outputs[0].message.content == FAKE_TEXT
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.GetDeferredCompletion(poll, metadata=(("authorization", f"Bearer {thief}"),))
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    with gw.http.client() as c:
+        rest = c.get(f"/v1/chat/deferred-completion/{started.request_id}", headers={"Authorization": f"Bearer {owner}"})
+        assert rest.status_code == 200 and rest.json()["choices"][0]["message"]["content"] == FAKE_TEXT
+        stolen = c.get(f"/v1/chat/deferred-completion/{started.request_id}",
+                       headers={"Authorization": f"Bearer {thief}"})
+        assert stolen.status_code == 404
+
+
+def test_a_deferred_start_is_refused_at_once_and_a_failure_is_the_polls_status(gw: Gateway) -> None:
+    broke, _ = key(gw, "defer-broke", credits="0")
+    error = rpc_error(lambda: gw.client(broke).chat.create(model="grok-3", messages=[user("hi")]).defer())
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "used_up" in error.details()
+    gw.fake.fail_next("500", "500", "500", "500", "500")
+    try:
+        with grpc.insecure_channel(gw.host) as channel:
+            stub = chat_pb2_grpc.ChatStub(channel)
+            auth = (("authorization", f"Bearer {TOKEN}"),)
+            request = chat_pb2.GetCompletionsRequest(model="grok-4-1-fast", messages=[chat_pb2.Message(
+                role=chat_pb2.ROLE_USER, content=[chat_pb2.Content(text="hi")])])
+            started = stub.StartDeferredCompletion(request, metadata=auth)  # admitted: the failure comes later
+            poll = deferred_pb2.GetDeferredRequest(request_id=started.request_id)
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    got = stub.GetDeferredCompletion(poll, metadata=auth)
+                except grpc.RpcError as failed:
+                    assert failed.code() == grpc.StatusCode.UNAVAILABLE, failed.details()
+                    break
+                assert got.status == deferred_pb2.PENDING and time.monotonic() < deadline
+                time.sleep(0.02)
+    finally:
+        gw.fake.reset()

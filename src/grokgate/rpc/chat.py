@@ -1,5 +1,8 @@
 """`xai_api.Chat` over the serving lifecycle: what xai-sdk's `chat.sample()`, `sample_batch(n)`, `stream()` and
-`parse()` call (GetCompletion, GetCompletionChunk).
+`parse()` call (GetCompletion, GetCompletionChunk), `defer()` (StartDeferredCompletion, GetDeferredCompletion:
+serving/deferred.py, shared with HTTP's `deferred: true`), and stored completions (`store_messages`,
+`previous_response_id`, GetStoredCompletion, DeleteStoredCompletion: serving/stored_chat.py, on the Responses
+store, so a conversation goes on over /v1/responses and back). `CompactContext` is not served (UNIMPLEMENTED).
 
 Each RPC does what api/chat.py does for HTTP: authenticate the `authorization` metadata, turn the message into the
 chat request (rpc/convert.py, validated by the HTTP body's code), build the call with the options of its metadata
@@ -23,7 +26,7 @@ from typing import Any
 
 import grpc
 import orjson
-from xai_sdk.proto.v6 import chat_pb2, chat_pb2_grpc
+from xai_sdk.proto.v6 import chat_pb2, chat_pb2_grpc, deferred_pb2
 
 from grokgate.api.body import parse_raw
 from grokgate.api.deps import Gateway
@@ -44,7 +47,8 @@ from grokgate.rpc.server import Register
 from grokgate.schemas.chat import CONVERSATION_HEADER, ChatCompletionRequest, conversation_header
 from grokgate.serving import ABANDONED, CallOptions, Collected, Streamed
 from grokgate.serving.chat import chat_call
-from grokgate.serving.lifecycle import Result
+from grokgate.serving.deferred import FAILED, PENDING, DeferredResult
+from grokgate.serving.lifecycle import INTERNAL_ERROR, Result
 from grokgate.serving.stored_chat import Keeper, history, stored_completion
 from grokgate.serving.stored_chat import delete as delete_stored
 from grokgate.serving.xai_chat import XaiChatWire
@@ -164,6 +168,47 @@ class Chat(chat_pb2_grpc.ChatServicer):  # type: ignore[misc]
             await asyncio.shield(result.aclose())
 
 
+    # -- deferred completions ----------------------------------------------------------------------------------
+
+    async def StartDeferredCompletion(self, request: chat_pb2.GetCompletionsRequest,
+                                      context: Context) -> deferred_pb2.StartDeferredResponse:
+        """Admitted now (a refusal is this RPC's status), generated in the background (serving/deferred.py)."""
+        started = time.perf_counter()
+        request_id = uuid.uuid4().hex
+        deferred = self.gw.deferred
+        try:
+            principal = await authenticate(self.gw.admission, context)
+        except GatewayError as error:
+            await abort(context, error)
+        try:
+            if deferred is None:  # pragma: no cover (app.py always builds it)
+                raise GatewayError(501, "not_implemented", "Deferred completions are not served here.")
+            call, wire = await self._call(request, context, principal, started, request_id, stream=False)
+            deferred_id = await deferred.start(call, principal, wire)
+        except GatewayError as error:
+            await abort(context, await self.gw.gate.refused(principal, request_id, error))
+        return deferred_pb2.StartDeferredResponse(request_id=deferred_id)
+
+    async def GetDeferredCompletion(self, request: deferred_pb2.GetDeferredRequest,
+                                    context: Context) -> chat_pb2.GetDeferredCompletionResponse:
+        """PENDING, or DONE with the answer; a failed generation ends the RPC with its status (xai-sdk's poll knows
+        only DONE, PENDING and EXPIRED: a FAILED status would be a ValueError in the client); an unknown, expired
+        or another tenant's id is NOT_FOUND."""
+        async def work() -> DeferredResult:
+            principal = await authenticate(self.gw.admission, context)
+            if self.gw.deferred is None:  # pragma: no cover (app.py always builds it)
+                raise not_found_deferred(request.request_id)
+            return await self.gw.deferred.get(principal, request.request_id)
+
+        result = await answer(context, work())
+        if result.status == PENDING:
+            return chat_pb2.GetDeferredCompletionResponse(status=deferred_pb2.PENDING)
+        if result.status == FAILED or result.body is None:
+            await abort(context, result.error or INTERNAL_ERROR)
+        assert result.body is not None
+        return chat_pb2.GetDeferredCompletionResponse(status=deferred_pb2.DONE,
+                                                      response=completion_response(result.body))
+
     # -- stored completions ------------------------------------------------------------------------------------
 
     async def GetStoredCompletion(self, request: chat_pb2.GetStoredCompletionRequest,
@@ -186,6 +231,11 @@ class Chat(chat_pb2_grpc.ChatServicer):  # type: ignore[misc]
 async def _never() -> None:
     """A stream's lifecycle is told of a departed client by the stream being closed (GetCompletionChunk)."""
     await asyncio.Event().wait()
+
+
+def not_found_deferred(request_id: str) -> GatewayError:
+    return GatewayError(404, "not_found", f"No deferred completion with id '{request_id}' was found.",
+                        param="request_id")
 
 
 def _metadata(request_id: str, headers: dict[str, str]) -> tuple[tuple[str, str], ...]:
