@@ -63,8 +63,8 @@ class Gateway:
     def host(self) -> str:
         return f"localhost:{self.port}"
 
-    def client(self, key: str = TOKEN, **kwargs: Any) -> xai_sdk.Client:
-        return xai_sdk.Client(api_key=key, api_host=self.host, timeout=30, **kwargs)
+    def client(self, key: str = TOKEN, timeout: float = 30, **kwargs: Any) -> xai_sdk.Client:
+        return xai_sdk.Client(api_key=key, api_host=self.host, timeout=timeout, **kwargs)
 
     def ledger(self, key_id: int) -> list[dict[str, Any]]:
         with self.http.client() as c:
@@ -475,3 +475,20 @@ def test_a_deferred_start_is_refused_at_once_and_a_failure_is_the_polls_status(g
                 time.sleep(0.02)
     finally:
         gw.fake.reset()
+
+
+def test_a_client_deadline_stops_a_collected_answer_and_settles_it_as_a_disconnect(gw: Gateway) -> None:
+    secret, record = key(gw, "impatient")
+    gw.fake.header_defaults["x-fake-fault"] = "stall;seconds=3"  # the deadline comes first
+    try:
+        client = gw.client(secret, timeout=0.6)
+        error = rpc_error(lambda: client.chat.create(model="grok-3", messages=[user("hi")]).sample())
+    finally:
+        gw.fake.header_defaults.pop("x-fake-fault")
+        gw.fake.release_stalls()
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 10
+    while not (rows := gw.ledger(record["id"])) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [row] = rows
+    assert row["status"] == "client_disconnected", row

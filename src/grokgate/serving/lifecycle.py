@@ -294,7 +294,9 @@ class Lifecycle:
         watcher = asyncio.ensure_future(until_gone())
         try:
             await asyncio.wait((consumer, watcher), return_when=asyncio.FIRST_COMPLETED)
-            return consumer.result() if consumer.done() else None
+            # Both may end in one turn of the loop (the client left while the first event was awaited, and the
+            # rest came at once): nobody will read the answer, so it is a disconnect.
+            return consumer.result() if consumer.done() and not watcher.done() else None
         finally:
             for task in (consumer, watcher):
                 task.cancel()
