@@ -5,6 +5,7 @@ defaults (sample, stream, n, a tool call and its result, `parse` through the eng
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -141,3 +142,22 @@ def test_parse_returns_the_pydantic_model_on_the_local_model(served: tuple[Serve
     response, city = asyncio.run(main())
     assert isinstance(city, City) and city.name.strip()
     assert City.model_validate_json(response.content) == city
+
+
+def test_a_stored_conversation_and_a_deferred_answer_on_the_local_model(served: tuple[Server, int]) -> None:
+    server, port = served
+    client = xai_sdk.Client(api_key=TOKEN, api_host=f"localhost:{port}", timeout=120)
+    first = client.chat.create(model="grok-3", messages=[chat_user("My name is Ada. Say hi.")], max_tokens=16,
+                               store_messages=True).sample()
+    second = client.chat.create(model="grok-3", messages=[chat_user("What is my name?")], max_tokens=16,
+                                previous_response_id=first.id, store_messages=True).sample()
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens  # the stored turn went to the engine too
+    with server.client() as c:
+        r = c.post("/v1/responses", headers={"Authorization": f"Bearer {TOKEN}"},
+                   json={"model": "grok-3", "input": "Thanks!", "previous_response_id": second.id,
+                         "max_output_tokens": 16})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["input_tokens"] > second.usage.prompt_tokens
+    deferred = client.chat.create(model="grok-3", messages=[chat_user("Say hi.")], max_tokens=8).defer(
+        interval=datetime.timedelta(milliseconds=100))
+    assert deferred.content.strip() and deferred.usage.completion_tokens > 0
