@@ -1,7 +1,7 @@
 """xAI's gRPC chat against HTTP chat completions, through one grokgate on one fake upstream, in one run.
 
     .venv/bin/python bench/grpc.py [-n REQUESTS] [--stream-requests N] [-c 1,16] [--rounds 2]
-                                   [--modes nonstream,stream] [--channels 4] [--check 1.2]
+                                   [--modes nonstream,stream] [--channels 4] [--check 1.2] [--floor]
 
 Starts the shared fast fake upstream (../shared/bench/fake_upstream.js on :18000, reused if one listens there; env
 SHARED_BENCH moves it) and one `grokgate serve` from this checkout (`python -m grokgate` with src/ first on
@@ -26,6 +26,12 @@ Prints a Markdown table: req/s, p50 and p99 latency (whole answer; for a stream 
 chunk of a stream, grokgate's CPU ms per request and the cores it kept busy, and per cell the ratio gRPC/HTTP of
 CPU per request (issue 18: at most 1.2). `--check 1.2` makes the exit status 1 when a ratio is above it. Then the
 ledger's count of usage rows against the requests sent, and grokgate's log lines besides its banner.
+
+`--floor` adds the transports' floor, measured alike in the same rounds: a bare grpc.aio Chat servicer answering
+canned messages (the initial metadata, then one message or 12 chunks, as grokgate sends for the fake's answer) and a
+bare uvicorn ASGI app (httptools and uvloop, as `grokgate serve`) answering canned JSON or 13 SSE events. Then per
+cell: how much of gRPC's extra CPU is grpc.aio's own per-call cost (bare grpc.aio - bare uvicorn) and how much is
+grokgate's gRPC path, and the gRPC/HTTP ratio net of that floor.
 
 On a 2-core machine the load generator and grokgate share the cores: req/s and latencies move with that, CPU per
 request much less. About 1-2 minutes with the defaults. KEEP_WORKDIR=1 keeps the temp dir (log, data dir).
@@ -242,6 +248,82 @@ def load_main(args: argparse.Namespace) -> None:
         uvloop.run(load(args))
 
 
+# ---- the transport floor (--floor): servers that answer without doing anything -------------------------------
+
+FLOOR_CHUNKS = 12  # what grokgate sends for the fake upstream's stream: 10 content chunks, the finish, the usage
+
+
+async def bare_grpc(port: int) -> None:
+    """A grpc.aio Chat servicer that answers canned messages, with the initial metadata grokgate sends."""
+    import grpc
+    from xai_sdk.proto.v6 import chat_pb2, chat_pb2_grpc, usage_pb2
+
+    usage = usage_pb2.SamplingUsage(prompt_tokens=20, completion_tokens=10, total_tokens=30)
+    answer = chat_pb2.GetChatCompletionResponse(id="bare", model=MODEL, usage=usage, outputs=[chat_pb2.CompletionOutput(
+        message=chat_pb2.CompletionMessage(role=chat_pb2.ROLE_ASSISTANT, content="Hello! This is the bare floor."))])
+    chunks = [chat_pb2.GetChatCompletionChunk(id="bare", model=MODEL, outputs=[chat_pb2.CompletionOutputChunk(
+        delta=chat_pb2.Delta(role=chat_pb2.ROLE_ASSISTANT, content="word "))]).SerializeToString()
+        for _ in range(FLOOR_CHUNKS - 1)]
+    chunks.append(chat_pb2.GetChatCompletionChunk(id="bare", model=MODEL, usage=usage).SerializeToString())
+    metadata = (("x-request-id", "0" * 32), ("x-grokgate-credits-remaining", "1"))
+
+    class Bare(chat_pb2_grpc.ChatServicer):  # type: ignore[misc]
+        async def GetCompletion(self, request: Any, context: Any) -> Any:
+            await context.send_initial_metadata(metadata)
+            return answer
+
+        async def GetCompletionChunk(self, request: Any, context: Any) -> Any:
+            await context.send_initial_metadata(metadata)
+            for chunk in chunks:
+                yield chunk
+
+    server = grpc.aio.server()
+    servicer = Bare()
+    # the stream's chunks go out as serialized bytes, as grokgate's do (rpc/handlers.py raw_responses)
+    handlers = {"GetCompletion": grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCompletion, request_deserializer=chat_pb2.GetCompletionsRequest.FromString,
+                    response_serializer=chat_pb2.GetChatCompletionResponse.SerializeToString),
+                "GetCompletionChunk": grpc.unary_stream_rpc_method_handler(
+                    servicer.GetCompletionChunk, request_deserializer=chat_pb2.GetCompletionsRequest.FromString)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("xai_api.Chat", handlers),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+def bare_http(port: int) -> None:
+    """uvicorn (httptools, uvloop: as `grokgate serve`) with a raw ASGI app answering canned JSON or SSE."""
+    import uvicorn
+
+    answer = json.dumps({
+        "id": "bare", "object": "chat.completion", "created": 1, "model": MODEL,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello! This is the bare floor."},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 20, "completion_tokens": 10, "total_tokens": 30}}).encode()
+    event = b'data: {"id":"bare","object":"chat.completion.chunk","created":1,"model":"grok-3","choices":' \
+            b'[{"index":0,"delta":{"content":"word "}}]}\n\n'
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        if b'"stream": true' not in body:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": answer})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        for _ in range(FLOOR_CHUNKS + 1):  # the role chunk, content, finish, usage: one write each
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", loop="uvloop", http="httptools")
+
+
 # ---- the orchestrator ----------------------------------------------------------------------------------------
 
 def measure(api: str, port: int, token: str, stream: bool, concurrency: int, requests: int, gateway: int,
@@ -291,38 +373,55 @@ def wait_ready(base: str, gateway: subprocess.Popen[bytes], log: Path) -> None:
         time.sleep(0.1)
 
 
+NAMES = {"http": "HTTP", "grpc": "gRPC", "bare-http": "floor: bare uvicorn", "bare-grpc": "floor: bare grpc.aio"}
+
+
 def render(results: dict[tuple[str, int, str], list[dict[str, Any]]], modes: list[str], concurrencies: list[int],
-           args: argparse.Namespace) -> list[float]:
+           names: list[str], args: argparse.Namespace) -> list[float]:
+    """The table; returns grokgate's gRPC/HTTP CPU ratio of each cell."""
     def med(values: list[Any]) -> float | None:
-        values = sorted(v for v in values if v is not None)
-        return None if not values else pct(values, 50)
+        return pct([v for v in values if v is not None], 50)
 
     def fmt(v: float | None, nd: int = 2) -> str:
         return "-" if v is None else f"{v:,.{nd}f}"
 
     print(f"\n## grokgate: gRPC chat vs HTTP chat ({args.rounds} round(s), {args.requests} non-stream / "
           f"{args.stream_requests} stream requests per run, gRPC over {args.channels} channel(s) at most)\n")
-    print("| mode | conc | API | requests | req/s | p50 ms | p99 ms | first chunk p50 ms | gw CPU ms/req | gw cores "
+    print("| mode | conc | API | requests | req/s | p50 ms | p99 ms | first chunk p50 ms | CPU ms/req | cores "
           "| gRPC/HTTP CPU |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    ratios = []
+    ratios: list[float] = []
+    notes: list[str] = []
     for mode in modes:
         for conc in concurrencies:
             per: dict[str, float] = {}
-            for api in ("http", "grpc"):
-                runs = results[(mode, conc, api)]
+            for name in names:
+                runs = results[(mode, conc, name)]
                 count = sum(r["requests"] for r in runs)
                 wall = sum(r["wall_s"] for r in runs)
                 cpu = sum(r["cpu_s"] for r in runs)
-                per[api] = cpu / count * 1000
+                per[name] = cpu / count * 1000
                 ratio = ""
-                if api == "grpc":
-                    ratios.append(per["grpc"] / per["http"])
-                    ratio = f"**{ratios[-1]:.2f}x**"
-                print(f"| {mode} | {conc} | {'gRPC' if api == 'grpc' else 'HTTP'} | {count} | {fmt(count / wall, 0)} | "
+                if name.endswith("grpc"):
+                    ratio = f"{per[name] / per[name[:-4] + 'http']:.2f}x"
+                    if name == "grpc":
+                        ratios.append(per["grpc"] / per["http"])
+                        ratio = f"**{ratio}**"
+                print(f"| {mode} | {conc} | {NAMES[name]} | {count} | {fmt(count / wall, 0)} | "
                       f"{fmt(med([r['p50_ms'] for r in runs]))} | {fmt(med([r['p99_ms'] for r in runs]))} | "
                       f"{fmt(med([r['first_p50_ms'] for r in runs])) if mode == 'stream' else '-'} | "
-                      f"{per[api]:.3f} | {cpu / wall:.2f} | {ratio} |")
+                      f"{per[name]:.3f} | {cpu / wall:.2f} | {ratio} |")
+            if "bare-grpc" in per:
+                floor = per["bare-grpc"] - per["bare-http"]
+                own = per["grpc"] - per["http"] - floor
+                notes.append(f"- {mode} c={conc}: gRPC costs grokgate {per['grpc'] - per['http']:+.3f} CPU ms/req over "
+                             f"HTTP, of which the transports' floors differ by {floor:+.3f} (bare grpc.aio - bare "
+                             f"uvicorn) and grokgate's own gRPC path {own:+.3f}; net of the floor gRPC/HTTP is "
+                             f"{(per['grpc'] - floor) / per['http']:.2f}x")
+    if notes:
+        print("\nCPU per request that is not the transport's (floor rows: the same load on servers that answer canned"
+              " messages: grpc.aio's own per-call cost against uvicorn's):\n")
+        print("\n".join(notes))
     return ratios
 
 
@@ -336,12 +435,23 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=4, help="gRPC channels the concurrent calls share")
     ap.add_argument("--warmup", type=int, default=5, help="requests per connection before a run")
     ap.add_argument("--check", type=float, default=0.0, help="exit 1 when a gRPC/HTTP CPU ratio is above this")
+    ap.add_argument("--floor", action="store_true",
+                    help="also measure the transport floor: a bare grpc.aio servicer and a bare uvicorn app")
     # the load generator's side (a child process of this script)
     ap.add_argument("--load", choices=("http", "grpc"), help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--token", help=argparse.SUPPRESS)
     ap.add_argument("--stream", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--bare", choices=("http", "grpc"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.bare == "http":
+        bare_http(args.port)
+        return
+    if args.bare == "grpc":
+        import uvloop
+
+        uvloop.run(bare_grpc(args.port))
+        return
     if args.load:
         args.concurrency = int(args.concurrency)
         load_main(args)
@@ -382,6 +492,21 @@ def main() -> None:
         print(f"# grokgate pid {gateway.pid}: HTTP :{port}, gRPC :{grpc_port}; {os.cpu_count()} cores",
               file=sys.stderr, flush=True)
 
+        # (name, load generator, port, pid whose CPU is read)
+        targets = [("http", "http", port, gateway.pid), ("grpc", "grpc", grpc_port, gateway.pid)]
+        if args.floor:
+            for kind in ("http", "grpc"):
+                bare_port, bare_log = free_port(), work / f"bare-{kind}.log"
+                with bare_log.open("wb") as out:
+                    bare = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--bare", kind,
+                                             "--port", str(bare_port)], stdout=out, stderr=subprocess.STDOUT)
+                procs.append(bare)
+                deadline = time.monotonic() + 30
+                while not listening(bare_port):
+                    if bare.poll() is not None or time.monotonic() > deadline:
+                        sys.exit(f"the bare {kind} server did not start: {bare_log.read_text()[-2000:]}")
+                    time.sleep(0.05)
+                targets.append((f"bare-{kind}", kind, bare_port, bare.pid))
         results: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
         sent = 0
         for mode in modes:
@@ -389,14 +514,14 @@ def main() -> None:
             requests = args.stream_requests if stream else args.requests
             for conc in concurrencies:
                 for r in range(args.rounds):
-                    for api in ("http", "grpc") if r % 2 == 0 else ("grpc", "http"):
-                        res = measure(api, grpc_port if api == "grpc" else port, token, stream, conc, requests,
-                                      gateway.pid, args.channels)
-                        sent += requests + args.warmup * conc
-                        results.setdefault((mode, conc, api), []).append(res)
-                        print(f"# {mode} c={conc} {api}: {res['rps']} req/s, p50 {res['p50_ms']} ms, "
+                    for name, kind, target_port, pid in targets if r % 2 == 0 else reversed(targets):
+                        res = measure(kind, target_port, token, stream, conc, requests, pid, args.channels)
+                        if pid == gateway.pid:
+                            sent += requests + args.warmup * conc
+                        results.setdefault((mode, conc, name), []).append(res)
+                        print(f"# {mode} c={conc} {name}: {res['rps']} req/s, p50 {res['p50_ms']} ms, "
                               f"{res['cpu_s'] / res['requests'] * 1000:.3f} CPU ms/req", file=sys.stderr, flush=True)
-        ratios = render(results, modes, concurrencies, args)
+        ratios = render(results, modes, concurrencies, [t[0] for t in targets], args)
         print(f"\n- largest gRPC/HTTP CPU-per-request ratio: {max(ratios):.2f}x"
               + (f" (limit {args.check}x: {'ok' if max(ratios) <= args.check else 'ABOVE'})" if args.check else ""))
         usage = http_json(f"{base}/admin/usage?by=model")["data"]
