@@ -136,7 +136,11 @@ def test_sample_answers_through_the_gateway_and_is_billed_once_as_grpc(gw: Gatew
 def test_stream_yields_the_text_in_chunks_and_usage_at_the_end(gw: Gateway) -> None:
     secret, record = key(gw, "streamer")
     chat = gw.client(secret).chat.create(model="grok-3", messages=[user("Say hello")])
-    response, chunks = streamed(chat)
+    gw.fake.header_defaults["x-fake-chunk-delay-ms"] = "20"  # what has come meanwhile goes out in one message
+    try:
+        response, chunks = streamed(chat)
+    finally:
+        gw.fake.header_defaults.pop("x-fake-chunk-delay-ms")
     pieces = [chunk.content for chunk in chunks]
     assert len([p for p in pieces if p]) > 1  # streamed, not one piece
     assert "".join(pieces) == FAKE_TEXT == response.content

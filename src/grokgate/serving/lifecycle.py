@@ -229,22 +229,38 @@ class Lifecycle:
         try:
             for payload in renderer.opening():
                 yield frame(payload)
-            event = self.first
+            event: Event | Marker = self.first
             while event is not END:
                 if isinstance(event, Marker):  # TIMEOUT: a silence
                     if framing.keepalive:  # gRPC keeps its connection alive itself (HTTP/2 pings)
                         yield framing.keepalive
-                else:
-                    for payload in renderer.on_event(event):
-                        yield frame(payload)
-                event = await pump.next(keepalive)
+                    event = await pump.next(keepalive)
+                    continue
+                # The events that have come meanwhile go out in one write: frames concatenate (SSE events; gRPC
+                # chunks, whose concatenation is one message the SDK reads as the chunks in turn: rpc/chunks.py).
+                # Nothing waits for more: a lone event goes out at once.
+                frames = [frame(payload) for payload in renderer.on_event(event)]
+                try:
+                    more = pump.ready()
+                    while more is not None and more is not END:
+                        assert not isinstance(more, Marker)  # the reader never queues a TIMEOUT
+                        frames += [frame(payload) for payload in renderer.on_event(more)]
+                        more = pump.ready()
+                except Exception:  # the generation failed after these: they go out before its error
+                    if frames:
+                        yield b"".join(frames)
+                    raise
+                if frames:
+                    yield frames[0] if len(frames) == 1 else b"".join(frames)
+                event = more if more is not None else await pump.next(keepalive)
             # Zero loss: the settlement is committed before the client sees the end of the stream.
             await self.settle(renderer.usage, OK, None)
             await renderer.commit()
-            for payload in renderer.closing():
-                yield frame(payload)
+            closing = [frame(payload) for payload in renderer.closing()]
             if framing.done:
-                yield framing.done
+                closing.append(framing.done)
+            if closing:
+                yield b"".join(closing)
         except GatewayError as exc:
             failure = exc
             for payload in renderer.failed(exc, self.call.request_id):

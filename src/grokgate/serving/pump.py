@@ -68,6 +68,17 @@ class Pump:
             raise item
         return item
 
+    def ready(self) -> Event | Marker | None:
+        """The next event if the reader has queued it already, END if the generation is over, None otherwise:
+        never waits (a stream sends what has come in one write: serving/lifecycle.py `_stream`)."""
+        try:
+            item = self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+        if isinstance(item, Exception):
+            raise item
+        return item
+
     async def aclose(self) -> None:
         """Stop reading and close the generation (idempotent: a generation's `aclose` may be called again)."""
         reader, self._reader = self._reader, None
