@@ -52,8 +52,8 @@ def fake() -> Iterator[FakeXAI]:
 
 
 class LastCall(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
-    """Keeps the call object of the client's latest RPC, whose initial metadata carries the server's
-    `x-request-id`. One per client, and each client is used by one thread."""
+    """Keeps the call object of the client's latest RPC, whose metadata carries the server's `x-request-id`
+    (trailing for a sample, initial for a stream). One per client, and each client is used by one thread."""
 
     def __init__(self) -> None:
         self.call: Any = None
@@ -67,7 +67,7 @@ class LastCall(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercept
         return self.call
 
     def request_id(self) -> str:
-        metadata = dict(self.call.initial_metadata() or ())
+        metadata = {**dict(self.call.initial_metadata() or ()), **dict(self.call.trailing_metadata() or ())}
         request_id: str = metadata["x-request-id"]
         return request_id
 

@@ -331,7 +331,7 @@ def test_the_answer_carries_the_request_id_and_the_tickets_metadata(gw: Gateway)
         request = chat_pb2.GetCompletionsRequest(model="grok-3", messages=[chat_pb2.Message(
             role=chat_pb2.ROLE_USER, content=[chat_pb2.Content(text="hi")])])
         _, call = stub.GetCompletion.with_call(request, metadata=(("authorization", f"Bearer {secret}"),))
-    metadata = dict(call.initial_metadata())
+    metadata = dict(call.trailing_metadata())
     assert len(metadata["x-request-id"]) == 32
 
 

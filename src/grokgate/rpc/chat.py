@@ -8,8 +8,9 @@ Each RPC does what api/chat.py does for HTTP: authenticate the `authorization` m
 chat request (rpc/convert.py, validated by the HTTP body's code), build the call with the options of its metadata
 (`x-grokgate-cassette`, `x-grokgate-cache`, `x-grok-conv-id`, as HTTP's headers), serve it through the one
 lifecycle with the xAI chat wire format (serving/xai_chat.py), and map the result to protobuf (rpc/chunks.py). A
-refusal counts against the caller's rpm as over HTTP. The answer's initial metadata carries `x-request-id` and
-the ticket's headers (credits left, limits), as HTTP's response headers do.
+refusal counts against the caller's rpm as over HTTP. The answer's metadata carries `x-request-id` and the
+ticket's headers (credits left, limits), as HTTP's response headers do: trailing for GetCompletion, initial for
+a stream (before its first chunk).
 
 Endings: a client's cancel or deadline is a disconnect, settled as over HTTP (billed what was generated): a
 collected answer's generation is stopped through the lifecycle's `until_gone`; a stream is closed, shielded.
@@ -150,7 +151,9 @@ class Chat(chat_pb2_grpc.ChatServicer):  # type: ignore[misc]
         result, request_id = await self._serve(request, context, stream=False)
         if result is ABANDONED or not isinstance(result, Collected):  # pragma: no cover (only after a cancel)
             raise asyncio.CancelledError
-        await context.send_initial_metadata(_metadata(request_id, result.headers))
+        # Trailing, not initial: gRPC then sends the message and its status in one batch (an initial metadata of
+        # its own is one more round through grpc.aio's completion queue, measured by bench/grpc.py).
+        context.set_trailing_metadata(_metadata(request_id, result.headers))
         return completion_response(result.body)
 
     async def GetCompletionChunk(self, request: chat_pb2.GetCompletionsRequest,
