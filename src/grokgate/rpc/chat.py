@@ -141,9 +141,9 @@ class Chat(chat_pb2_grpc.ChatServicer):  # type: ignore[misc]
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             gone.set()
-            await asyncio.wait((task,))
-            if not task.cancelled() and task.exception() is None:
-                task.result()
+            await asyncio.wait((task,))  # settled as a disconnect; its answer (or error) is nobody's now
+            if not task.cancelled():
+                task.exception()  # retrieved, so that asyncio does not report it as never retrieved
             raise
 
     async def GetCompletion(self, request: chat_pb2.GetCompletionsRequest,
@@ -169,7 +169,6 @@ class Chat(chat_pb2_grpc.ChatServicer):  # type: ignore[misc]
                 await abort(context, error)
         finally:
             await asyncio.shield(result.aclose())
-
 
     # -- deferred completions ----------------------------------------------------------------------------------
 
