@@ -322,3 +322,24 @@ def test_a_shutdown_settles_what_is_pending_once_and_keeps_its_failure(tmp_path:
         # And a restart refuses nothing: new deferred requests run.
         again = start(second, secret)
         assert poll(second, secret, again.json()["request_id"]).status_code == 200
+
+
+def test_an_answer_too_large_to_keep_is_refused_as_such_not_as_a_server_error(tmp_path: Path) -> None:
+    with app_server(tmp_path, scripted_models(ScriptedProvider(text="word " * 600)),
+                    max_stored_response_bytes=1024) as server:
+        secret, _ = token(server)
+        started = start(server, secret, max_tokens=600)  # ~3.6 KB of answer, past the 1 KiB a result may be
+        assert started.status_code == 200, started.text
+        err(poll(server, secret, started.json()["request_id"]), 507, "result_too_large")
+
+
+def test_settings_keep_a_deferred_request_within_its_reservation_and_its_result_past_its_pending_row() -> None:
+    from pydantic import ValidationError
+
+    from grokgate.settings import Settings
+
+    with pytest.raises(ValidationError, match="DEFERRED_TIMEOUT"):
+        Settings(deferred_timeout_seconds=7200, reservation_lease_seconds=3600)
+    with pytest.raises(ValidationError, match="DEFERRED_RETENTION"):
+        Settings(deferred_timeout_seconds=600, deferred_retention_seconds=600)
+    assert Settings().deferred_timeout_seconds < Settings().reservation_lease_seconds

@@ -496,3 +496,92 @@ def test_a_client_deadline_stops_a_collected_answer_and_settles_it_as_a_disconne
         time.sleep(0.05)
     [row] = rows
     assert row["status"] == "client_disconnected", row
+
+
+@pytest.mark.parametrize("rpc", ["GetCompletionChunk", "StartDeferredCompletion", "GetCompletion"])
+def test_a_cancel_during_admission_leaves_no_reservation_held(gw: Gateway, rpc: str) -> None:
+    """The client's deadline passes while its reservation is being written (a slow database, as PostgreSQL under
+    load): the request is settled as a disconnect, never left holding the credits with nobody to settle them."""
+    secret, record = key(gw, f"slow-reserve-{rpc}")
+    store = gw.http.app.state.gateway.admission.store
+    reserve = store.reserve
+
+    async def slow_reserve(token_id: int, request_id: str, amount: int) -> bool:
+        reserved: bool = await reserve(token_id, request_id, amount)  # written: the credits are held from here
+        await asyncio.sleep(0.8)
+        return reserved
+
+    store.reserve = slow_reserve
+    try:
+        with grpc.insecure_channel(gw.host) as channel:
+            method = getattr(chat_pb2_grpc.ChatStub(channel), rpc)
+            request = chat_pb2.GetCompletionsRequest(model="grok-3", messages=[chat_pb2.Message(
+                role=chat_pb2.ROLE_USER, content=[chat_pb2.Content(text="hi")])])
+            with pytest.raises(grpc.RpcError) as raised:
+                answer = method(request, metadata=(("authorization", f"Bearer {secret}"),), timeout=0.3)
+                list(answer) if rpc == "GetCompletionChunk" else None
+        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 10
+        while not (rows := gw.ledger(record["id"])) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        store.reserve = reserve
+    [row] = rows
+    assert row["status"] == "client_disconnected", row
+    with gw.http.client() as c:
+        keys = c.get("/admin/keys", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    [mine] = [k for k in keys["data"] if k["id"] == record["id"]]
+    assert mine["reserved"] == 0
+
+
+def test_lists_and_nesting_are_bounded_before_anything_is_built(gw: Gateway) -> None:
+    auth = (("authorization", f"Bearer {TOKEN}"),)
+    deep = "[" * 300 + "]" * 300
+    cases = {
+        "tools": chat_pb2.GetCompletionsRequest(model="grok-3", messages=[chat_pb2.Message(
+            role=chat_pb2.ROLE_USER, content=[chat_pb2.Content(text="hi")])], tools=[WEATHER] * 129),
+        "messages[0].content": chat_pb2.GetCompletionsRequest(model="grok-3", messages=[chat_pb2.Message(
+            role=chat_pb2.ROLE_USER, content=[chat_pb2.Content(text="x")] * 10_000)]),
+        "tools[0].function.parameters": chat_pb2.GetCompletionsRequest(model="grok-3", messages=[chat_pb2.Message(
+            role=chat_pb2.ROLE_USER, content=[chat_pb2.Content(text="hi")])], tools=[chat_pb2.Tool(
+                function=chat_pb2.Function(name="f", parameters='{"a": ' + deep + "}"))]),
+        "response_format.schema": chat_pb2.GetCompletionsRequest(model="grok-3", messages=[chat_pb2.Message(
+            role=chat_pb2.ROLE_USER, content=[chat_pb2.Content(text="hi")])], response_format=chat_pb2.ResponseFormat(
+                format_type=chat_pb2.FORMAT_TYPE_JSON_SCHEMA, schema='{"a": ' + deep + "}")),
+    }
+    with grpc.insecure_channel(gw.host) as channel:
+        stub = chat_pb2_grpc.ChatStub(channel)
+        for param, request in cases.items():
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.GetCompletion(request, metadata=auth)
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (param, raised.value.details())
+            assert f"(param: {param})" in raised.value.details(), raised.value.details()
+
+
+def test_a_large_message_of_a_caller_without_credit_is_refused_before_it_is_parsed(gw: Gateway) -> None:
+    broke, _ = key(gw, "broke-large", credits="0")
+    text = "word " * (gw.http.app.state.gateway.settings.parse_offload_bytes // 4)
+    request = chat_pb2.GetCompletionsRequest(model="grok-3", temperature=9, messages=[chat_pb2.Message(
+        role=chat_pb2.ROLE_USER, content=[chat_pb2.Content(text=text)])])
+    with grpc.insecure_channel(gw.host) as channel, pytest.raises(grpc.RpcError) as raised:
+        chat_pb2_grpc.ChatStub(channel).GetCompletion(request, metadata=(("authorization", f"Bearer {broke}"),))
+    # Not the temperature's INVALID_ARGUMENT: the message was never converted.
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED and "used_up" in raised.value.details()
+
+
+def test_an_internal_failure_mid_stream_leaves_nothing_behind(gw: Gateway) -> None:
+    from grokgate.serving.lifecycle import INTERNAL_ERROR
+
+    async def breaks(request: ChatCompletionRequest, model: str) -> AsyncGenerator[Event]:
+        yield Delta(0, content="partial")
+        raise RuntimeError("a bug")
+
+    gw.scripted.script = breaks
+    try:
+        for _ in range(3):
+            chat = gw.client().chat.create(model="grok-4", messages=[user("hi")])
+            error = rpc_error(lambda chat=chat: streamed(chat))
+            assert error.code() == grpc.StatusCode.INTERNAL and "api_error" in error.details()
+    finally:
+        gw.scripted.script = fragments
+    assert INTERNAL_ERROR.__traceback__ is None and INTERNAL_ERROR.__context__ is None

@@ -259,6 +259,18 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _deferred_within_lease(self) -> Settings:
+        # A running deferred request holds its reservation; another instance starting up frees reservations older
+        # than the lease, so a request that may run longer could overspend its token meanwhile. And a result kept
+        # for less than a request's pending row would let a finished request answer "pending" again.
+        if self.deferred_timeout_seconds >= self.reservation_lease_seconds:
+            raise ValueError("GROKGATE_DEFERRED_TIMEOUT_SECONDS must be below GROKGATE_RESERVATION_LEASE_SECONDS")
+        if self.deferred_retention_seconds < self.deferred_timeout_seconds + 60:
+            raise ValueError("GROKGATE_DEFERRED_RETENTION_SECONDS must be at least "
+                             "GROKGATE_DEFERRED_TIMEOUT_SECONDS + 60")
+        return self
+
+    @model_validator(mode="after")
     def _record_or_replay(self) -> Settings:
         if self.record_dir is not None and self.replay_dir is not None:
             raise ValueError("GROKGATE_RECORD_DIR and GROKGATE_REPLAY_DIR exclude each other (with "

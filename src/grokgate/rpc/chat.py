@@ -40,7 +40,7 @@ from grokgate.core.tenancy import tenant_of
 from grokgate.providers.base import Call
 from grokgate.rpc.auth import authenticate
 from grokgate.rpc.chunks import FRAMING, completion_response
-from grokgate.rpc.convert import chat_body
+from grokgate.rpc.convert import chat_body, check_counts
 from grokgate.rpc.errors import abort
 from grokgate.rpc.handlers import add_servicer
 from grokgate.rpc.info import answer
@@ -74,8 +74,25 @@ def options_of(context: Context, principal: Principal, started: float, request_i
                        conversation_id=conversation_header(metadata.get(CONVERSATION_HEADER)))
 
 
+def _text_size(messages: list[dict[str, Any]]) -> int:
+    """About the bytes of JSON that `messages` make (their text, tool arguments and parts), without writing it."""
+    size = 0
+    for message in messages:
+        content = message.get("content")
+        size += 32 + (len(content) if isinstance(content, str) else 64 * len(content) if isinstance(content, list)
+                      else 0)
+        if isinstance(content, list):
+            size += sum(len(str(part.get("text", ""))) for part in content if isinstance(part, dict))
+        for call in message.get("tool_calls") or ():
+            size += 64 + len(str(call.get("function", {}).get("arguments", "")))
+    return size
+
+
 def _parsed(body: dict[str, Any], max_messages: int, max_tokens_limit: int) -> tuple[ChatCompletionRequest, bytes]:
-    raw = orjson.dumps(body)
+    try:
+        raw = orjson.dumps(body)
+    except orjson.JSONEncodeError:  # nested past what JSON may hold here (convert.py bounds the known places)
+        raise GatewayError(400, "bad_request", "The request is nested too deeply.") from None
     request = parse_raw(raw, max_messages)
     request.check_limits(max_messages=max_messages, max_tokens_limit=max_tokens_limit)
     return request, raw
@@ -91,20 +108,24 @@ class Chat(chat_pb2_grpc.ChatServicer):  # type: ignore[misc]
         comes before the request's messages; `store_messages` keeps the answer under the completion's id."""
         gw = self.gw
         settings = gw.settings
-        if len(message.messages) > settings.max_messages:  # before anything is built from them
-            raise GatewayError(400, "bad_request", f"Too many messages: at most {settings.max_messages} are "
-                                                   "accepted.", param="messages")
+        gw.gate.precheck(principal)  # a caller known to be past its rpm is refused before any work
+        check_counts(message, settings.max_messages)  # before anything is built from the message's lists
         options = options_of(context, principal, started, request_id)
-        large = message.ByteSize() > settings.parse_offload_bytes
+        size = message.ByteSize()
+        large = size > settings.parse_offload_bytes
+        if large:  # as HTTP's large bodies: parsed at length only for a caller that can be served
+            await gw.gate.servable(principal)
         convert = partial(chat_body, message, stream=stream)
         body = await gw.parsing.run(options.tenant, convert) if large else convert()
         turn = body["messages"]
         previous = message.previous_response_id if message.HasField("previous_response_id") else None
         if previous is not None:
-            body["messages"] = await history(gw.responses, options.tenant, previous, len(turn)) + turn
+            earlier = await history(gw.responses, options.tenant, previous, len(turn))
+            body["messages"] = earlier + turn
+            size += _text_size(earlier)
         parse = partial(_parsed, body, settings.max_messages, settings.max_tokens_limit)
-        # a large message is converted and validated off the event loop, as HTTP's large bodies are
-        request, raw = await gw.parsing.run(options.tenant, parse) if large else parse()
+        # a large request (a stored conversation's included) is validated off the event loop, as HTTP's large bodies
+        request, raw = await gw.parsing.run(options.tenant, parse) if size > settings.parse_offload_bytes else parse()
         keeper = (Keeper(gw.responses, options.tenant, turn, previous_id=previous, request=request)
                   if message.store_messages else None)
         return chat_call(request, raw, options), XaiChatWire(FRAMING, keeper)
@@ -120,17 +141,16 @@ class Chat(chat_pb2_grpc.ChatServicer):  # type: ignore[misc]
             await abort(context, error)
         try:
             call, wire = await self._call(message, context, principal, started, request_id, stream=stream)
-            if stream:
-                result = await self.gw.serving.serve(call, principal, wire, _never)
-            else:
-                result = await self._collected(call, principal, wire)
+            result = await self._served(call, principal, wire)
         except GatewayError as error:  # a refusal counts against the caller's limits, as in api/chat.py
             await abort(context, await self.gw.gate.refused(principal, request_id, error))
         return result, request_id
 
-    async def _collected(self, call: Call, principal: Principal, wire: XaiChatWire) -> Result:
+    async def _served(self, call: Call, principal: Principal, wire: XaiChatWire) -> Result:
         """Serve in a task of its own, so that a cancelled RPC (the client's cancel or deadline) reaches the
-        lifecycle as a disconnect (its `until_gone`), not as a cancellation in the middle of it."""
+        lifecycle as a disconnect, never as a cancellation in the middle of it: during admission (a reservation
+        being written would be left held, nobody's to settle), during a collected answer (its `until_gone`), or
+        between a stream's admission and its first read (the stream is closed: settled with what it used)."""
         gone = asyncio.Event()
 
         async def until_gone() -> None:
@@ -141,9 +161,11 @@ class Chat(chat_pb2_grpc.ChatServicer):  # type: ignore[misc]
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             gone.set()
-            await asyncio.wait((task,))  # settled as a disconnect; its answer (or error) is nobody's now
-            if not task.cancelled():
-                task.exception()  # retrieved, so that asyncio does not report it as never retrieved
+            await asyncio.wait((task,))  # admitted and settled as a disconnect, or refused
+            if not task.cancelled() and task.exception() is None:
+                result = task.result()
+                if isinstance(result, Streamed):
+                    await asyncio.shield(result.aclose())
             raise
 
     async def GetCompletion(self, request: chat_pb2.GetCompletionsRequest,
@@ -228,11 +250,6 @@ class Chat(chat_pb2_grpc.ChatServicer):  # type: ignore[misc]
             return await delete_stored(self.gw.responses, tenant_of(principal), request.response_id)
 
         return chat_pb2.DeleteStoredCompletionResponse(response_id=await answer(context, work()))
-
-
-async def _never() -> None:
-    """A stream's lifecycle is told of a departed client by the stream being closed (GetCompletionChunk)."""
-    await asyncio.Event().wait()
 
 
 def not_found_deferred(request_id: str) -> GatewayError:

@@ -19,7 +19,9 @@ from typing import Any
 import orjson
 from xai_sdk.proto.v6 import chat_pb2, image_pb2
 
+from grokgate.api.errors import MAX_JSON_DEPTH
 from grokgate.core.errors import GatewayError, bad_request
+from grokgate.schemas.chat import ITEMS_PER_MESSAGE, MAX_STOP, MAX_TOOLS
 
 _ROLES = {chat_pb2.ROLE_USER: "user", chat_pb2.ROLE_ASSISTANT: "assistant", chat_pb2.ROLE_SYSTEM: "system",
           chat_pb2.ROLE_TOOL: "tool", chat_pb2.ROLE_DEVELOPER: "developer", chat_pb2.ROLE_FUNCTION: "tool"}
@@ -149,10 +151,49 @@ def _response_format(form: chat_pb2.ResponseFormat) -> dict[str, Any]:
 
 
 def _json_object(text: str, param: str) -> dict[str, Any]:
+    """A JSON object, nested at most as deep as an HTTP body may be (orjson reads 1024 levels but writes 254)."""
     try:
         value = orjson.loads(text)
     except orjson.JSONDecodeError:
         value = None
     if not isinstance(value, dict):
         raise GatewayError(400, "bad_request", f"Invalid '{param}': must be a JSON object.", param=param)
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise GatewayError(400, "bad_request", f"Invalid '{param}': nested too deeply (at most {MAX_JSON_DEPTH} "
+                                               "levels of arrays and objects).", param=param)
     return value
+
+
+def _depth(value: Any) -> int:
+    """How deep arrays and objects nest in `value`, without recursion (the value may be 1024 levels deep)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict):
+            node = list(node.values())
+        if isinstance(node, list):
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in node if isinstance(child, dict | list))
+    return deepest
+
+
+def check_counts(request: chat_pb2.GetCompletionsRequest, max_messages: int) -> None:
+    """HTTP's list bounds (api/body.py `check_counts`), on the message's own lists before anything is built from
+    them: messages, tools, stop sequences, content parts and tool calls of all messages together."""
+    if len(request.messages) > max_messages:
+        raise bad_request(f"Too many messages: at most {max_messages} are accepted.", "messages")
+    for name, most in (("tools", MAX_TOOLS), ("stop", MAX_STOP)):
+        count = len(getattr(request, name))
+        if count > most:
+            raise bad_request(f"Invalid '{name}': at most {most} items are accepted, not {count}.", name)
+    limit = ITEMS_PER_MESSAGE * max_messages
+    parts = calls = 0
+    for i, message in enumerate(request.messages):
+        parts += len(message.content)
+        calls += len(message.tool_calls)
+        if parts > limit:
+            raise bad_request(f"Too many content parts: at most {limit} are accepted in all messages together.",
+                              f"messages[{i}].content")
+        if calls > limit:
+            raise bad_request(f"Too many tool calls: at most {limit} are accepted in all messages together.",
+                              f"messages[{i}].tool_calls")

@@ -132,8 +132,9 @@ class Deferred:
             raise GatewayError(503, "service_unavailable", "The server is shutting down; send the request again.")
         owner = deferred_owner(tenant_of(principal))
         if self._per_owner[owner] >= self.max_pending:
-            raise GatewayError(429, "too_many_requests", f"Too many deferred requests pending: at most "
-                               f"{self.max_pending} at a time; fetch their results first.", param="deferred")
+            raise GatewayError(429, "too_many_requests", f"Too many deferred requests running: at most "
+                               f"{self.max_pending} at a time on one server; send more once one has finished.",
+                               param="deferred")
         request_id = str(uuid.uuid4())  # random (os.urandom): unguessable, and xAI's ids are UUIDs too
         entry = _Pending(owner)
         # Counted before the first await, so concurrent starts cannot pass the cap together.
@@ -147,11 +148,15 @@ class Deferred:
         task.add_done_callback(lambda _: self._forget(request_id, entry))
         try:
             await asyncio.shield(admitted)
-        except asyncio.CancelledError:  # the caller went away before the answer: nobody would know the id
+            await self._save_pending(request_id, entry)
+        except asyncio.CancelledError:
+            # The caller went away before it had the id: nobody will fetch the answer, so the generation stops as
+            # a disconnect (billed what it used). Not cancelled: a cancel in the middle of admission would leave a
+            # reservation being written with nobody to settle it.
             admitted.add_done_callback(_retrieve)
-            task.cancel()
+            self._stop(entry, GatewayError(499, "client_disconnected", "The client went away before it had the "
+                                           "deferred request's id."))
             raise
-        await self._save_pending(request_id, owner)
         log.info("deferred request started", extra={"request_id": call.request_id, "deferred_id": request_id})
         return request_id
 
@@ -214,10 +219,15 @@ class Deferred:
         return StoredResponse(id=row_id, owner=owner, created_at=self.clock(), expires_at=expires_at,
                               previous_id=None, input_items=[], response={"object": OBJECT, **data})
 
-    async def _save_pending(self, request_id: str, owner: str) -> None:
+    async def _save_pending(self, request_id: str, entry: _Pending) -> None:
         expires = self.clock() + int(self.timeout_s * 1000) + PENDING_MARGIN_MS
+        pending_id = _row_ids(request_id)[0]
         try:
-            await self.store.save(self._row(_row_ids(request_id)[0], owner, expires, {"status": PENDING}))
+            await self.store.save(self._row(pending_id, entry.owner, expires, {"status": PENDING}))
+            if entry.task is not None and entry.task.done():
+                # The request ended (its result kept, the pending row "deleted") before this row was written: it
+                # must not outlive the result and answer pending again.
+                await self.store.delete(entry.owner, pending_id)
         except Exception:  # this process still answers pending; other replicas answer 404 until the result
             log.exception("keeping a deferred request's pending row failed", extra={"deferred_id": request_id})
 
@@ -230,7 +240,7 @@ class Deferred:
         try:
             kept = await self.store.save(self._row(result_id, owner, expires, data), max_bytes=self.max_result_bytes)
             if kept is None:  # the answer is larger than a result may be: say so rather than vanish
-                too_large = GatewayError(500, "result_too_large", "The deferred completion was larger than the "
+                too_large = GatewayError(507, "result_too_large", "The deferred completion was larger than the "
                                          f"{self.max_result_bytes} bytes grokgate keeps of one; ask for fewer "
                                          "tokens or send the request without `deferred`.")
                 await self.store.save(self._row(result_id, owner, expires,

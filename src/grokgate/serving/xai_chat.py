@@ -176,7 +176,9 @@ class XaiChunkStream:
         return [self._chunk(outputs, self.usage or Usage())]
 
     def failed(self, error: GatewayError, trace_id: str) -> Sequence[Payload]:
-        raise error
+        # A copy: `error` may be a shared one (the lifecycle's INTERNAL_ERROR), whose traceback and context would
+        # grow with every raise, keeping each failed stream's frames alive.
+        raise GatewayError(error.status, error.code, error.message, param=error.param, headers=error.headers)
 
 
 class KeptChunkStream(XaiChunkStream):
