@@ -53,3 +53,23 @@ def test_rpcs_past_the_bound_are_refused_at_once_and_served_once_others_end(tmp_
             assert [c for c in stream]  # the held streams end normally
         answer = stub.GetCompletion(request(), metadata=auth, timeout=10)
         assert answer.outputs[0].message.content == "held"
+
+
+def test_a_caller_without_a_valid_key_is_refused_before_its_message_is_read(tmp_path_factory:
+                                                                            pytest.TempPathFactory) -> None:
+    """grpc.aio would receive a unary message whole (up to the receive bound) before any code of ours: anyone could
+    make the server hold that much per RPC. The key is checked first: a message over the bound from a caller
+    without a valid key is UNAUTHENTICATED (its message never read), not RESOURCE_EXHAUSTED (received, measured
+    and refused by gRPC); with a valid key the bound still holds."""
+    port = free_port()
+    big = chat_pb2.GetCompletionsRequest(model="grok-3", messages=[chat_pb2.Message(
+        role=chat_pb2.ROLE_USER, content=[chat_pb2.Content(text="x" * (2 * 1024 * 1024))])])
+    with app_server(tmp_path_factory.mktemp("grpc-unread"), grpc_port=port, max_body_bytes=1024 * 1024), \
+            grpc.insecure_channel(f"localhost:{port}", options=[("grpc.max_send_message_length", 8 << 20)]) as channel:
+        stub = chat_pb2_grpc.ChatStub(channel)
+        for metadata, code in ((("authorization", "Bearer gg-not-a-key"),), grpc.StatusCode.UNAUTHENTICATED), \
+                              (((), grpc.StatusCode.UNAUTHENTICATED)), \
+                              ((("authorization", f"Bearer {TOKEN}"),), grpc.StatusCode.RESOURCE_EXHAUSTED):
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.GetCompletion(big, metadata=metadata, timeout=20)
+            assert refused.value.code() == code, refused.value.details()

@@ -38,7 +38,7 @@ from grokgate.core.errors import GatewayError
 from grokgate.core.response_cache import CACHE_HEADER, parse_option
 from grokgate.core.tenancy import tenant_of
 from grokgate.providers.base import Call
-from grokgate.rpc.auth import authenticate
+from grokgate.rpc.auth import authenticate, caller_check
 from grokgate.rpc.chunks import FRAMING, completion_response
 from grokgate.rpc.convert import chat_body, check_counts
 from grokgate.rpc.errors import abort
@@ -264,6 +264,6 @@ def _metadata(request_id: str, headers: dict[str, str]) -> tuple[tuple[str, str]
 def register(gw: Gateway) -> Register:
     def add(server: grpc.aio.Server) -> Iterable[str]:
         return [add_servicer(server, chat_pb2_grpc.add_ChatServicer_to_server, Chat(gw),
-                             raw_responses={"GetCompletionChunk"})]
+                             raw_responses={"GetCompletionChunk"}, before=caller_check(gw.admission))]
 
     return add

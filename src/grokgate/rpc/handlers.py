@@ -6,11 +6,18 @@ servicer is registered through `add_servicer`: the generated `add_<Service>Servi
 is run against a recorder, and each method it would register gets a deserializer that turns a corrupt message into
 a `Malformed` marker, which the method's wrapper answers with INVALID_ARGUMENT before the servicer sees it. Unary
 and server-streaming methods (every method xai-sdk calls is one of them).
+
+The caller first, then its message: grpc.aio receives a unary request's whole message (up to the receive bound,
+16 MiB) before any servicer code runs, so anyone could make the server hold that much per RPC without a valid
+key. With `before` (rpc/auth.py `caller_check`: the `authorization` metadata), each method is registered as
+taking a stream of requests, which on the wire is the same (a unary client sends one message and half-closes):
+the wrapper runs `before` on the metadata, and only then reads the one message; until it does, HTTP/2 flow
+control holds the client to the stream's window.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,16 +52,20 @@ class _Recorder:
         self.handlers = dict(handlers)
 
 
+Before = Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[None]]
+"""Runs on an RPC's metadata before its message is read; ends the RPC (aborts) to refuse it."""
+
+
 def add_servicer(server: grpc.aio.Server, add: Callable[[Any, Any], None], servicer: object, *,
-                 raw_responses: Collection[str] = ()) -> str:
+                 raw_responses: Collection[str] = (), before: Before | None = None) -> str:
     """Register `servicer` as `add` (a generated `add_<Service>Servicer_to_server`) would, each method's request
     checked; returns the service's full name (xai_api.Models, ...). Methods it does not implement are left to
     rpc/unimplemented.py (`_overrides`). The methods named in `raw_responses` answer bytes their servicer has
     serialized already (a stream's chunks: rpc/chunks.py), sent as they are."""
     recorder = _Recorder()
     add(servicer, recorder)
-    handlers = {name: checked(handler, raw=name in raw_responses) for name, handler in recorder.handlers.items()
-                if _overrides(servicer, name)}
+    handlers = {name: checked(handler, raw=name in raw_responses, before=before)
+                for name, handler in recorder.handlers.items() if _overrides(servicer, name)}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(recorder.service, handlers),))
     server.add_registered_method_handlers(recorder.service, handlers)
     return recorder.service
@@ -88,8 +99,16 @@ async def _refuse(context: grpc.aio.ServicerContext[Any, Any], request: Malforme
         f"bad_request: the request is not a valid message of this method ({request.reason})"))
 
 
-def checked(handler: Handler, *, raw: bool = False) -> Handler:
-    """`handler` with its request checked (see the module's docstring); `raw`: its answers are bytes already."""
+async def _first(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    """The request message of a unary method registered as taking a stream (see the module's docstring)."""
+    async for request in requests:
+        return request
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad_request: the request message is missing.")
+
+
+def checked(handler: Handler, *, raw: bool = False, before: Before | None = None) -> Handler:
+    """`handler` with its request checked (see the module's docstring); `raw`: its answers are bytes already;
+    `before`: run on the metadata before the message is read."""
     parse, serialize = _safe(handler.request_deserializer), None if raw else handler.response_serializer
     if handler.unary_unary is not None:
         unary = handler.unary_unary
@@ -99,7 +118,16 @@ def checked(handler: Handler, *, raw: bool = False) -> Handler:
                 await _refuse(context, request)
             return await unary(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(call, request_deserializer=parse, response_serializer=serialize)
+        if before is None:
+            return grpc.unary_unary_rpc_method_handler(call, request_deserializer=parse,
+                                                       response_serializer=serialize)
+
+        async def call_after(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await before(context)
+            return await call(await _first(requests, context), context)
+
+        return grpc.stream_unary_rpc_method_handler(call_after, request_deserializer=parse,
+                                                    response_serializer=serialize)
     if handler.unary_stream is not None:
         streaming = handler.unary_stream
 
@@ -109,6 +137,16 @@ def checked(handler: Handler, *, raw: bool = False) -> Handler:
             async for response in streaming(request, context):
                 yield response
 
-        return grpc.unary_stream_rpc_method_handler(stream, request_deserializer=parse,
-                                                    response_serializer=serialize)
+        if before is None:
+            return grpc.unary_stream_rpc_method_handler(stream, request_deserializer=parse,
+                                                        response_serializer=serialize)
+
+        async def stream_after(requests: AsyncIterator[Any],
+                               context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            await before(context)
+            async for response in stream(await _first(requests, context), context):
+                yield response
+
+        return grpc.stream_stream_rpc_method_handler(stream_after, request_deserializer=parse,
+                                                     response_serializer=serialize)
     return handler  # client streaming: none of xAI's methods that grokgate serves

@@ -32,7 +32,7 @@ from xai_sdk.proto.v6 import (
 from grokgate.api import xai_info
 from grokgate.api.deps import Gateway
 from grokgate.core.errors import GatewayError
-from grokgate.rpc.auth import authenticate, authorization_of
+from grokgate.rpc.auth import authenticate, authorization_of, caller_check
 from grokgate.rpc.errors import abort
 from grokgate.rpc.handlers import add_servicer
 from grokgate.rpc.server import Register
@@ -140,8 +140,10 @@ class Auth(auth_pb2_grpc.AuthServicer):  # type: ignore[misc]
 
 def register(gw: Gateway) -> Register:
     def add(server: grpc.aio.Server) -> Iterable[str]:
-        return [add_servicer(server, models_pb2_grpc.add_ModelsServicer_to_server, Models(gw)),
-                add_servicer(server, tokenize_pb2_grpc.add_TokenizeServicer_to_server, Tokenize(gw)),
-                add_servicer(server, auth_pb2_grpc.add_AuthServicer_to_server, Auth(gw))]
+        before = caller_check(gw.admission)  # no message is read for a caller without a valid key
+        return [add_servicer(server, models_pb2_grpc.add_ModelsServicer_to_server, Models(gw), before=before),
+                add_servicer(server, tokenize_pb2_grpc.add_TokenizeServicer_to_server, Tokenize(gw), before=before),
+                add_servicer(server, auth_pb2_grpc.add_AuthServicer_to_server, Auth(gw),
+                             before=caller_check(gw.admission, known=True))]
 
     return add
