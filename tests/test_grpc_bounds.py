@@ -66,6 +66,11 @@ def test_a_caller_without_a_valid_key_is_refused_before_its_message_is_read(tmp_
         role=chat_pb2.ROLE_USER, content=[chat_pb2.Content(text="x" * (2 * 1024 * 1024))])])
     with app_server(tmp_path_factory.mktemp("grpc-unread"), grpc_port=port, max_body_bytes=1024 * 1024), \
             grpc.insecure_channel(f"localhost:{port}", options=[("grpc.max_send_message_length", 8 << 20)]) as channel:
+        # A method grokgate does not serve is refused before its message is read too (UNIMPLEMENTED, not
+        # RESOURCE_EXHAUSTED), whoever calls it.
+        with pytest.raises(grpc.RpcError) as unserved:
+            channel.unary_unary("/xai_api.Image/GenerateImage")(big.SerializeToString(), timeout=20)
+        assert unserved.value.code() == grpc.StatusCode.UNIMPLEMENTED, unserved.value.details()
         stub = chat_pb2_grpc.ChatStub(channel)
         for metadata, code in ((("authorization", "Bearer gg-not-a-key"),), grpc.StatusCode.UNAUTHENTICATED), \
                               (((), grpc.StatusCode.UNAUTHENTICATED)), \

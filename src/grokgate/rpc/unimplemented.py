@@ -3,7 +3,7 @@ own answer, "Method not found!", says nothing of where to go instead)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import grpc
 
@@ -23,9 +23,11 @@ class Unimplemented(grpc.GenericRpcHandler):
         message = (f"grokgate does not serve {bounded(method.lstrip('/'), 512)}. It serves: {served} (and the HTTP "
                    "API: /v1/chat/completions, /v1/responses).")
 
-        async def refuse(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        async def refuse(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
             return b""  # pragma: no cover (abort raises)
 
-        # Raw bytes in and out: whatever the method's messages are, nothing of them is parsed.
-        return grpc.unary_unary_rpc_method_handler(refuse)
+        # Registered as taking a stream, and answered before any message is read (a unary handler would first
+        # receive the whole message, up to the receive bound, from anyone: rpc/handlers.py); raw bytes, so
+        # whatever the method's messages are, nothing of them is parsed.
+        return grpc.stream_unary_rpc_method_handler(refuse)
