@@ -1,7 +1,7 @@
 """xAI's gRPC chat against HTTP chat completions, through one grokgate on one fake upstream, in one run.
 
     .venv/bin/python bench/grpc.py [-n REQUESTS] [--stream-requests N] [-c 1,16] [--rounds 2]
-                                   [--modes nonstream,stream] [--channels 4] [--check 1.2] [--floor]
+                                   [--modes nonstream,stream] [--channels 4] [--check 1.2] [--floor] [--rate R]
 
 Starts the shared fast fake upstream (../shared/bench/fake_upstream.js on :18000, reused if one listens there; env
 SHARED_BENCH moves it) and one `grokgate serve` from this checkout (`python -m grokgate` with src/ first on
@@ -149,6 +149,29 @@ async def closed_loop(workers: list[Any], total: int) -> Lap:
     return lap
 
 
+async def paced_loop(workers: list[Any], total: int, rate: float) -> Lap:
+    """As `closed_loop`, but request i is not sent before `i / rate` seconds from the start: both APIs at the same
+    throughput, so per-request costs that depend on it (the SQLite writer's group commits hold fewer requests each
+    at a lower rate) weigh alike. A worker still waits for its answer before it sends its next request."""
+    lap = Lap()
+    sent = 0
+    start = perf()
+
+    async def run(one: Any) -> None:
+        nonlocal sent
+        while sent < total:
+            due = start + sent / rate
+            sent += 1
+            if (wait := due - perf()) > 0:
+                await asyncio.sleep(wait)
+            latency, first = await one()
+            lap.latency.append(latency)
+            lap.first.append(first)
+
+    await asyncio.gather(*(run(w) for w in workers))
+    return lap
+
+
 async def http_workers(port: int, token: str, stream: bool, concurrency: int) -> list[Any]:
     sys.path.insert(0, str(SHARED))
     from loadgen import Resp  # the shared harness's raw keep-alive HTTP/1.1 client protocol
@@ -235,7 +258,7 @@ async def load(args: argparse.Namespace) -> None:
     print("ready", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     t0 = perf()
-    lap = await closed_loop(workers, args.requests)
+    lap = await (paced_loop(workers, args.requests, args.rate) if args.rate else closed_loop(workers, args.requests))
     print(json.dumps(lap.result(perf() - t0)), flush=True)
 
 
@@ -327,10 +350,11 @@ def bare_http(port: int) -> None:
 # ---- the orchestrator ----------------------------------------------------------------------------------------
 
 def measure(api: str, port: int, token: str, stream: bool, concurrency: int, requests: int, gateway: int,
-            channels: int) -> dict[str, Any]:
+            channels: int, rate: float = 0.0) -> dict[str, Any]:
     """One load run in a child process; grokgate's CPU between the go and the last answer."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--load", api, "--port", str(port), "--token", token,
-           "--stream", str(int(stream)), "-c", str(concurrency), "-n", str(requests), "--channels", str(channels)]
+           "--stream", str(int(stream)), "-c", str(concurrency), "-n", str(requests), "--channels", str(channels),
+           "--rate", str(rate)]
     child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert child.stdin is not None and child.stdout is not None
     try:
@@ -435,6 +459,9 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=4, help="gRPC channels the concurrent calls share")
     ap.add_argument("--warmup", type=int, default=5, help="requests per connection before a run")
     ap.add_argument("--check", type=float, default=0.0, help="exit 1 when a gRPC/HTTP CPU ratio is above this")
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="requests per second for every run (0: as fast as the concurrency allows); below what "
+                         "both APIs reach, the CPU per request compares at the same throughput")
     ap.add_argument("--floor", action="store_true",
                     help="also measure the transport floor: a bare grpc.aio servicer and a bare uvicorn app")
     # the load generator's side (a child process of this script)
@@ -515,7 +542,8 @@ def main() -> None:
             for conc in concurrencies:
                 for r in range(args.rounds):
                     for name, kind, target_port, pid in targets if r % 2 == 0 else reversed(targets):
-                        res = measure(kind, target_port, token, stream, conc, requests, pid, args.channels)
+                        res = measure(kind, target_port, token, stream, conc, requests, pid, args.channels,
+                                      args.rate)
                         if pid == gateway.pid:
                             sent += requests + args.warmup * conc
                         results.setdefault((mode, conc, name), []).append(res)
