@@ -20,8 +20,6 @@ import asyncio
 import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,18 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from harness import free_port, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN = "bench-admin-token"
 XAI_KEYS = {"XAI_A": "xai-bench-a", "XAI_B": "xai-bench-b", "XAI_C": "xai-bench-c"}
 WORDS = ("booking refund policy traveller passport visa luggage hotel flight transfer deposit invoice schedule "
          "insurance itinerary museum harbour mountain festival ferry").split()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def case_file(n: int, words: int) -> str:
@@ -160,12 +153,7 @@ def main() -> None:
         on, off = results["on"]["credits"], results["off"]["credits"]
         print(f"\ncredits with affinity: {on / off:.1%} of without" if off else "")
     finally:
-        for proc in reversed(procs):
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(procs)
         if os.environ.get("KEEP_WORKDIR") != "1":
             shutil.rmtree(work, ignore_errors=True)
 

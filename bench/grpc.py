@@ -44,15 +44,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # `python bench/grpc.py` puts bench/ first on sys.path, where this file would shadow the grpc package itself.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+# Last instead, for its sibling bench/harness.py: the grpc package is found first.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -60,48 +59,16 @@ import urllib.error  # noqa: E402
 import urllib.request  # noqa: E402
 from typing import Any  # noqa: E402
 
+from harness import cpu_seconds, free_port, listening, stop  # noqa: E402
+
 ROOT = HERE.parent
 SHARED = Path(os.environ.get("SHARED_BENCH", ROOT.parent / "shared" / "bench"))
-TICK = os.sysconf("SC_CLK_TCK")
 ADMIN = "bench-admin-token"
 MODEL = "grok-3"
 SYSTEM = "You are a helpful assistant."
 PROMPT = "Say hello in one short sentence."
 UPSTREAM_PORT = 18000
 perf = time.perf_counter
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def cpu_seconds(root: int) -> float:
-    """CPU time (user + system) of a process and its live descendants."""
-    children: dict[int, list[int]] = {}
-    stats: dict[int, float] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        pid, ppid = int(entry), int(fields[1])
-        children.setdefault(ppid, []).append(pid)
-        stats[pid] = (int(fields[11]) + int(fields[12])) / TICK
-    total, todo = 0.0, [root]
-    while todo:
-        pid = todo.pop()
-        total += stats.get(pid, 0.0)
-        todo += children.get(pid, [])
-    return total
 
 
 def pct(values: list[float], p: float) -> float | None:
@@ -562,12 +529,7 @@ def main() -> None:
         if args.check and max(ratios) > args.check:
             sys.exit(1)
     finally:
-        for proc in reversed(procs):
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(procs)
         if ok and os.environ.get("KEEP_WORKDIR") != "1":
             shutil.rmtree(work, ignore_errors=True)
         else:

@@ -18,8 +18,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,44 +25,11 @@ import time
 from pathlib import Path
 
 import aiohttp
+from harness import cpu_seconds, free_port, listening, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("SHARED_BENCH", ROOT.parent / "shared" / "bench"))
-TICK = os.sysconf("SC_CLK_TCK")
 ADMIN = "bench-admin-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def cpu_seconds(root: int) -> float:
-    """CPU time (user + system) of a process and its live descendants."""
-    children: dict[int, list[int]] = {}
-    stats: dict[int, float] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        pid, ppid = int(entry), int(fields[1])
-        children.setdefault(ppid, []).append(pid)
-        stats[pid] = (int(fields[11]) + int(fields[12])) / TICK
-    total, todo = 0.0, [root]
-    while todo:
-        pid = todo.pop()
-        total += stats.get(pid, 0.0)
-        todo += children.get(pid, [])
-    return total
 
 
 async def load(url: str, token: str, body: dict[str, object], stream: bool, concurrency: int,
@@ -146,12 +111,7 @@ def main() -> None:
                 print(f"| {mode} | {name} | {count / (args.duration * len(runs)):,.0f} | {per[name]:.3f} | |")
             print(f"| {mode} | **responses / chat** | | **{per['responses'] / per['chat']:.2f}x** | |")
     finally:
-        for proc in reversed(procs):
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(procs)
         if os.environ.get("KEEP_WORKDIR") != "1":
             shutil.rmtree(work, ignore_errors=True)
 

@@ -4,6 +4,7 @@ dependencies every route family shares: who is calling, the admin check, the hol
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -73,14 +74,21 @@ async def require_admin(
     return gw.store
 
 
+OPTION_HEADERS = (CASSETTE_HEADER, CACHE_HEADER, CONVERSATION_HEADER)
+
+
 def call_options(request: Request, principal: Principal, started: float) -> CallOptions:
-    """Whose the request is and what its headers ask for, each header checked (400 naming it): the cassette
-    (`x-grokgate-cassette`), the response cache (`x-grokgate-cache`), the conversation id (`x-grok-conv-id`)."""
-    headers = request.headers
-    return CallOptions(tenant=tenant_of(principal), request_id=request_id_of(request), started=started,
-                       cassette=cassette_name(headers.get(CASSETTE_HEADER)),
-                       cache=parse_option(headers.get(CACHE_HEADER)),
-                       conversation_id=conversation_header(headers.get(CONVERSATION_HEADER)))
+    return options_of(request.headers.get, principal, started, request_id_of(request))
+
+
+def options_of(header: Callable[[str], str | None], principal: Principal, started: float,
+               request_id: str) -> CallOptions:
+    """Whose the request is and what its headers (gRPC: its metadata) ask for, each checked (400 naming it): the
+    cassette (`x-grokgate-cassette`), the response cache (`x-grokgate-cache`), the conversation id
+    (`x-grok-conv-id`)."""
+    return CallOptions(tenant=tenant_of(principal), request_id=request_id, started=started,
+                       cassette=cassette_name(header(CASSETTE_HEADER)), cache=parse_option(header(CACHE_HEADER)),
+                       conversation_id=conversation_header(header(CONVERSATION_HEADER)))
 
 
 async def refusal(gw: Gateway, principal: Principal, request: Request, error: GatewayError) -> GatewayError:

@@ -21,21 +21,18 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import orjson
 from xai_sdk.proto.v6 import chat_pb2, chat_pb2_grpc, deferred_pb2
 
 from grokgate.api.body import parse_raw
-from grokgate.api.deps import Gateway
+from grokgate.api.deps import OPTION_HEADERS, Gateway, options_of
 from grokgate.core.admission import Principal
-from grokgate.core.cassette import HEADER as CASSETTE_HEADER
-from grokgate.core.cassette import cassette_name
 from grokgate.core.errors import GatewayError
-from grokgate.core.response_cache import CACHE_HEADER, parse_option
 from grokgate.core.tenancy import tenant_of
 from grokgate.providers.base import Call
 from grokgate.rpc.auth import authenticate, caller_check
@@ -45,8 +42,8 @@ from grokgate.rpc.errors import abort
 from grokgate.rpc.handlers import add_servicer
 from grokgate.rpc.info import answer
 from grokgate.rpc.server import Register
-from grokgate.schemas.chat import CONVERSATION_HEADER, ChatCompletionRequest, conversation_header
-from grokgate.serving import ABANDONED, CallOptions, Collected, Streamed
+from grokgate.schemas.chat import ChatCompletionRequest
+from grokgate.serving import Collected, Streamed
 from grokgate.serving.chat import chat_call
 from grokgate.serving.deferred import FAILED, PENDING, DeferredResult
 from grokgate.serving.lifecycle import INTERNAL_ERROR, Result
@@ -55,37 +52,16 @@ from grokgate.serving.stored_chat import delete as delete_stored
 from grokgate.serving.xai_chat import XaiChatWire
 
 Context = grpc.aio.ServicerContext[Any, Any]
+_T = TypeVar("_T")
 
 
 def metadata_of(context: Context) -> dict[str, str]:
+    """The metadata HTTP would send as the headers of a call's options (api/deps.py `options_of`)."""
     found: dict[str, str] = {}
     for key, value in context.invocation_metadata() or ():
-        if key in (CASSETTE_HEADER, CACHE_HEADER, CONVERSATION_HEADER):
+        if key in OPTION_HEADERS:
             found[key] = value if isinstance(value, str) else value.decode(errors="replace")
     return found
-
-
-def options_of(context: Context, principal: Principal, started: float, request_id: str) -> CallOptions:
-    """api/deps.py `call_options`, from the RPC's metadata."""
-    metadata = metadata_of(context)
-    return CallOptions(tenant=tenant_of(principal), request_id=request_id, started=started,
-                       cassette=cassette_name(metadata.get(CASSETTE_HEADER)),
-                       cache=parse_option(metadata.get(CACHE_HEADER)),
-                       conversation_id=conversation_header(metadata.get(CONVERSATION_HEADER)))
-
-
-def _text_size(messages: list[dict[str, Any]]) -> int:
-    """About the bytes of JSON that `messages` make (their text, tool arguments and parts), without writing it."""
-    size = 0
-    for message in messages:
-        content = message.get("content")
-        size += 32 + (len(content) if isinstance(content, str) else 64 * len(content) if isinstance(content, list)
-                      else 0)
-        if isinstance(content, list):
-            size += sum(len(str(part.get("text", ""))) for part in content if isinstance(part, dict))
-        for call in message.get("tool_calls") or ():
-            size += 64 + len(str(call.get("function", {}).get("arguments", "")))
-    return size
 
 
 def _parsed(body: dict[str, Any], max_messages: int, max_tokens_limit: int) -> tuple[ChatCompletionRequest, bytes]:
@@ -110,29 +86,27 @@ class Chat(chat_pb2_grpc.ChatServicer):  # type: ignore[misc]
         settings = gw.settings
         gw.gate.precheck(principal)  # a caller known to be past its rpm is refused before any work
         check_counts(message, settings.max_messages)  # before anything is built from the message's lists
-        options = options_of(context, principal, started, request_id)
-        size = message.ByteSize()
-        large = size > settings.parse_offload_bytes
+        options = options_of(metadata_of(context).get, principal, started, request_id)
+        large = message.ByteSize() > settings.parse_offload_bytes
         if large:  # as HTTP's large bodies: parsed at length only for a caller that can be served
             await gw.gate.servable(principal)
         convert = partial(chat_body, message, stream=stream)
         body = await gw.parsing.run(options.tenant, convert) if large else convert()
         turn = body["messages"]
         previous = message.previous_response_id if message.HasField("previous_response_id") else None
-        if previous is not None:
-            earlier = await history(gw.responses, options.tenant, previous, len(turn))
-            body["messages"] = earlier + turn
-            size += _text_size(earlier)
+        if previous is not None:  # a stored conversation may be up to max_chain_bytes: validated off the loop too
+            body["messages"] = await history(gw.responses, options.tenant, previous, len(turn)) + turn
         parse = partial(_parsed, body, settings.max_messages, settings.max_tokens_limit)
-        # a large request (a stored conversation's included) is validated off the event loop, as HTTP's large bodies
-        request, raw = await gw.parsing.run(options.tenant, parse) if size > settings.parse_offload_bytes else parse()
+        offload = large or previous is not None  # as HTTP's large bodies are
+        request, raw = await gw.parsing.run(options.tenant, parse) if offload else parse()
         keeper = (Keeper(gw.responses, options.tenant, turn, previous_id=previous, request=request)
                   if message.store_messages else None)
         return chat_call(request, raw, options), XaiChatWire(FRAMING, keeper)
 
-    async def _serve(self, message: chat_pb2.GetCompletionsRequest, context: Context, *,
-                     stream: bool) -> tuple[Result, str]:
-        """Authenticate and serve; the RPC ends with the error's status otherwise."""
+    async def _serve(self, message: chat_pb2.GetCompletionsRequest, context: Context, *, stream: bool,
+                     then: Callable[[Call, Principal, XaiChatWire], Awaitable[_T]]) -> tuple[_T, str]:
+        """Authenticate, build the call and hand it to `then` (serve it, or start it deferred); the RPC ends with
+        the error's status otherwise, a refusal counted against the caller's limits, as in api/chat.py."""
         started = time.perf_counter()
         request_id = uuid.uuid4().hex
         try:
@@ -141,10 +115,9 @@ class Chat(chat_pb2_grpc.ChatServicer):  # type: ignore[misc]
             await abort(context, error)
         try:
             call, wire = await self._call(message, context, principal, started, request_id, stream=stream)
-            result = await self._served(call, principal, wire)
-        except GatewayError as error:  # a refusal counts against the caller's limits, as in api/chat.py
+            return await then(call, principal, wire), request_id
+        except GatewayError as error:
             await abort(context, await self.gw.gate.refused(principal, request_id, error))
-        return result, request_id
 
     async def _served(self, call: Call, principal: Principal, wire: XaiChatWire) -> Result:
         """Serve in a task of its own, so that a cancelled RPC (the client's cancel or deadline) reaches the
@@ -170,9 +143,8 @@ class Chat(chat_pb2_grpc.ChatServicer):  # type: ignore[misc]
 
     async def GetCompletion(self, request: chat_pb2.GetCompletionsRequest,
                             context: Context) -> chat_pb2.GetChatCompletionResponse:
-        result, request_id = await self._serve(request, context, stream=False)
-        if result is ABANDONED or not isinstance(result, Collected):  # pragma: no cover (only after a cancel)
-            raise asyncio.CancelledError
+        result, request_id = await self._serve(request, context, stream=False, then=self._served)
+        assert isinstance(result, Collected)  # ABANDONED only after a cancel, which `_served` raises
         # Trailing, not initial: gRPC then sends the message and its status in one batch (an initial metadata of
         # its own is one more round through grpc.aio's completion queue, measured by bench/grpc.py).
         context.set_trailing_metadata(_metadata(request_id, result.headers))
@@ -180,7 +152,7 @@ class Chat(chat_pb2_grpc.ChatServicer):  # type: ignore[misc]
 
     async def GetCompletionChunk(self, request: chat_pb2.GetCompletionsRequest,
                                  context: Context) -> AsyncIterator[bytes]:
-        result, request_id = await self._serve(request, context, stream=True)
+        result, request_id = await self._serve(request, context, stream=True, then=self._served)
         assert isinstance(result, Streamed)
         try:
             await context.send_initial_metadata(_metadata(request_id, result.headers))
@@ -197,20 +169,9 @@ class Chat(chat_pb2_grpc.ChatServicer):  # type: ignore[misc]
     async def StartDeferredCompletion(self, request: chat_pb2.GetCompletionsRequest,
                                       context: Context) -> deferred_pb2.StartDeferredResponse:
         """Admitted now (a refusal is this RPC's status), generated in the background (serving/deferred.py)."""
-        started = time.perf_counter()
-        request_id = uuid.uuid4().hex
         deferred = self.gw.deferred
-        try:
-            principal = await authenticate(self.gw.admission, context)
-        except GatewayError as error:
-            await abort(context, error)
-        try:
-            if deferred is None:  # pragma: no cover (app.py always builds it)
-                raise GatewayError(501, "not_implemented", "Deferred completions are not served here.")
-            call, wire = await self._call(request, context, principal, started, request_id, stream=False)
-            deferred_id = await deferred.start(call, principal, wire)
-        except GatewayError as error:
-            await abort(context, await self.gw.gate.refused(principal, request_id, error))
+        assert deferred is not None  # app.py always builds it
+        deferred_id, _ = await self._serve(request, context, stream=False, then=deferred.start)
         return deferred_pb2.StartDeferredResponse(request_id=deferred_id)
 
     async def GetDeferredCompletion(self, request: deferred_pb2.GetDeferredRequest,
@@ -218,11 +179,12 @@ class Chat(chat_pb2_grpc.ChatServicer):  # type: ignore[misc]
         """PENDING, or DONE with the answer; a failed generation ends the RPC with its status (xai-sdk's poll knows
         only DONE, PENDING and EXPIRED: a FAILED status would be a ValueError in the client); an unknown, expired
         or another tenant's id is NOT_FOUND."""
+        deferred = self.gw.deferred
+        assert deferred is not None  # app.py always builds it
+
         async def work() -> DeferredResult:
             principal = await authenticate(self.gw.admission, context)
-            if self.gw.deferred is None:  # pragma: no cover (app.py always builds it)
-                raise not_found_deferred(request.request_id)
-            return await self.gw.deferred.get(principal, request.request_id)
+            return await deferred.get(principal, request.request_id)
 
         result = await answer(context, work())
         if result.status == PENDING:
@@ -250,11 +212,6 @@ class Chat(chat_pb2_grpc.ChatServicer):  # type: ignore[misc]
             return await delete_stored(self.gw.responses, tenant_of(principal), request.response_id)
 
         return chat_pb2.DeleteStoredCompletionResponse(response_id=await answer(context, work()))
-
-
-def not_found_deferred(request_id: str) -> GatewayError:
-    return GatewayError(404, "not_found", f"No deferred completion with id '{request_id}' was found.",
-                        param="request_id")
 
 
 def _metadata(request_id: str, headers: dict[str, str]) -> tuple[tuple[str, str], ...]:

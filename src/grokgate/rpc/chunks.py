@@ -15,6 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from xai_sdk.proto.v6 import chat_pb2, sample_pb2, usage_pb2
 
 from grokgate.core.events import Usage
+from grokgate.core.usage import normalise_usage
 from grokgate.serving.wire import Payload
 from grokgate.serving.xai_chat import whole_calls
 
@@ -33,16 +34,6 @@ def sampling_usage(usage: Usage) -> usage_pb2.SamplingUsage:
         total_tokens=usage.total_tokens, reasoning_tokens=usage.reasoning_tokens,
         prompt_text_tokens=usage.prompt_tokens, cached_prompt_text_tokens=usage.cached_tokens)
     return message
-
-
-def _usage_of(usage: dict[str, Any]) -> Usage:
-    """The chat object's usage (Usage.as_dict) back as counts."""
-    prompt = usage.get("prompt_tokens_details") or {}
-    completion = usage.get("completion_tokens_details") or {}
-    return Usage(prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                 completion_tokens=int(usage.get("completion_tokens") or 0),
-                 cached_tokens=int(prompt.get("cached_tokens") or 0),
-                 reasoning_tokens=int(completion.get("reasoning_tokens") or 0))
 
 
 def tool_calls(calls: list[dict[str, Any]]) -> list[chat_pb2.ToolCall]:
@@ -94,7 +85,8 @@ def completion_response(completion: Payload) -> chat_pb2.GetChatCompletionRespon
     response = chat_pb2.GetChatCompletionResponse(
         id=completion["id"], outputs=outputs, model=completion["model"],
         system_fingerprint=completion.get("system_fingerprint") or "",
-        created=Timestamp(seconds=int(completion["created"])), usage=sampling_usage(_usage_of(completion["usage"])))
+        created=Timestamp(seconds=int(completion["created"])),
+        usage=sampling_usage(normalise_usage(completion["usage"])))
     citations = completion.get("citations")
     if isinstance(citations, list):
         response.citations.extend(c for c in citations if isinstance(c, str))

@@ -240,16 +240,11 @@ class Lifecycle:
                 # chunks, whose concatenation is one message the SDK reads as the chunks in turn: rpc/chunks.py).
                 # Nothing waits for more: a lone event goes out at once.
                 frames = [frame(payload) for payload in renderer.on_event(event)]
-                try:
+                more = pump.ready()
+                while more is not None and more is not END:
+                    assert not isinstance(more, Marker)  # the reader never queues a TIMEOUT
+                    frames += [frame(payload) for payload in renderer.on_event(more)]
                     more = pump.ready()
-                    while more is not None and more is not END:
-                        assert not isinstance(more, Marker)  # the reader never queues a TIMEOUT
-                        frames += [frame(payload) for payload in renderer.on_event(more)]
-                        more = pump.ready()
-                except Exception:  # the generation failed after these: they go out before its error
-                    if frames:
-                        yield b"".join(frames)
-                    raise
                 if frames:
                     yield frames[0] if len(frames) == 1 else b"".join(frames)
                 event = more if more is not None else await pump.next(keepalive)

@@ -32,13 +32,14 @@ class Pump:
     waiting on the queue with a timeout is safe to cancel, where cancelling the generation's own read would
     tear down the upstream stream. This costs one task per request instead of one per event."""
 
-    __slots__ = ("_queue", "_reader", "generation", "waited")
+    __slots__ = ("_failure", "_queue", "_reader", "generation", "waited")
 
     def __init__(self, generation: Generation) -> None:
         self.generation = generation
         self._queue: asyncio.Queue[Event | Marker | Exception] = asyncio.Queue(maxsize=16)
         self._reader: asyncio.Task[None] | None = None
         self.waited = 0.0  # seconds spent waiting on the backend: what is not grokgate's own overhead
+        self._failure: Exception | None = None  # the generation's failure, found by `ready`: raised by `next`
 
     async def _read(self) -> None:
         try:
@@ -51,6 +52,8 @@ class Pump:
 
     async def next(self, wait: float | None) -> Event | Marker:
         """The next event, END, or TIMEOUT after `wait` seconds (the read goes on for the next call)."""
+        if self._failure is not None:
+            raise self._failure
         if self._reader is None:
             self._reader = asyncio.create_task(self._read())
         started = time.perf_counter()
@@ -70,13 +73,15 @@ class Pump:
 
     def ready(self) -> Event | Marker | None:
         """The next event if the reader has queued it already, END if the generation is over, None otherwise:
-        never waits (a stream sends what has come in one write: serving/lifecycle.py `_stream`)."""
+        never waits (a stream sends what has come in one write: serving/lifecycle.py `_stream`). A failure is
+        kept for `next` to raise, so what came before it goes out first."""
         try:
             item = self._queue.get_nowait()
         except asyncio.QueueEmpty:
             return None
         if isinstance(item, Exception):
-            raise item
+            self._failure = item  # the reader's last item
+            return None
         return item
 
     async def aclose(self) -> None:

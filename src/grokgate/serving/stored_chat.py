@@ -30,6 +30,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from grokgate.core.events import JSON, Delta, Event, Finish, JSONObject, Usage, UsageReport
+from grokgate.core.usage import normalise_responses_usage, normalise_usage
 from grokgate.schemas.chat import ChatCompletionRequest, Message
 from grokgate.serving.responses import ResponsesService, chat_messages, not_found
 from grokgate.serving.responses_wire import INCOMPLETE, ResponseCollector, ResponsesWire, new_id
@@ -224,17 +225,7 @@ def _events(choice: Mapping[str, Any], usage: Usage) -> list[Event]:
 
 def _usage(value: Any) -> Usage:
     """A chat usage object (`prompt_tokens`, `completion_tokens`, their details) as grokgate's Usage."""
-    if not isinstance(value, Mapping):
-        return Usage()
-    prompt = value.get("prompt_tokens_details")
-    completion = value.get("completion_tokens_details")
-    return Usage(prompt_tokens=_int(value.get("prompt_tokens")), completion_tokens=_int(value.get("completion_tokens")),
-                 cached_tokens=_int(prompt.get("cached_tokens")) if isinstance(prompt, Mapping) else 0,
-                 reasoning_tokens=_int(completion.get("reasoning_tokens")) if isinstance(completion, Mapping) else 0)
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+    return normalise_usage(value) if isinstance(value, dict) else Usage()
 
 
 def _kept_choice(choice: Mapping[str, Any], position: int) -> JSONObject:
@@ -333,13 +324,7 @@ def _dicts(value: Any) -> list[Mapping[str, Any]]:
 
 def _chat_usage(value: Any) -> dict[str, Any]:
     """A Responses usage object as chat's."""
-    usage = value if isinstance(value, Mapping) else {}
-    inputs = usage.get("input_tokens_details")
-    outputs = usage.get("output_tokens_details")
-    return Usage(prompt_tokens=_int(usage.get("input_tokens")), completion_tokens=_int(usage.get("output_tokens")),
-                 cached_tokens=_int(inputs.get("cached_tokens")) if isinstance(inputs, Mapping) else 0,
-                 reasoning_tokens=_int(outputs.get("reasoning_tokens")) if isinstance(outputs, Mapping) else 0,
-                 ).as_dict()
+    return (normalise_responses_usage(value) if isinstance(value, dict) else Usage()).as_dict()
 
 
 __all__ = ["Keeper", "delete", "history", "input_items", "new_stored_id", "stored_completion"]
