@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import threading
 import time
 from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
@@ -483,14 +484,16 @@ def test_a_deferred_start_is_refused_at_once_and_a_failure_is_the_polls_status(g
 
 def test_a_client_deadline_stops_a_collected_answer_and_settles_it_as_a_disconnect(gw: Gateway) -> None:
     secret, record = key(gw, "impatient")
-    gw.fake.header_defaults["x-fake-fault"] = "stall;seconds=3"  # the deadline comes first
+    asked = len(gw.fake.chat_requests)
+    gw.fake.header_defaults["x-fake-fault"] = "stall;seconds=30"  # the deadline comes first, however busy the host
     try:
-        client = gw.client(secret, timeout=0.6)
+        client = gw.client(secret, timeout=2)
         error = rpc_error(lambda: client.chat.create(model="grok-3", messages=[user("hi")]).sample())
     finally:
         gw.fake.header_defaults.pop("x-fake-fault")
         gw.fake.release_stalls()
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert len(gw.fake.chat_requests) > asked  # admitted and sent upstream before the deadline
     deadline = time.monotonic() + 10
     while not (rows := gw.ledger(record["id"])) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -500,14 +503,16 @@ def test_a_client_deadline_stops_a_collected_answer_and_settles_it_as_a_disconne
 
 @pytest.mark.parametrize("rpc", ["GetCompletionChunk", "StartDeferredCompletion", "GetCompletion"])
 def test_a_cancel_during_admission_leaves_no_reservation_held(gw: Gateway, rpc: str) -> None:
-    """The client's deadline passes while its reservation is being written (a slow database, as PostgreSQL under
-    load): the request is settled as a disconnect, never left holding the credits with nobody to settle them."""
+    """The client cancels while its reservation is being written (a slow database, as PostgreSQL under load): the
+    request is settled as a disconnect, never left holding the credits with nobody to settle them."""
     secret, record = key(gw, f"slow-reserve-{rpc}")
     store = gw.http.app.state.gateway.admission.store
     reserve = store.reserve
+    writing = threading.Event()
 
     async def slow_reserve(token_id: int, request_id: str, amount: int) -> bool:
         reserved: bool = await reserve(token_id, request_id, amount)  # written: the credits are held from here
+        writing.set()
         await asyncio.sleep(0.8)
         return reserved
 
@@ -517,10 +522,18 @@ def test_a_cancel_during_admission_leaves_no_reservation_held(gw: Gateway, rpc: 
             method = getattr(chat_pb2_grpc.ChatStub(channel), rpc)
             request = chat_pb2.GetCompletionsRequest(model="grok-3", messages=[chat_pb2.Message(
                 role=chat_pb2.ROLE_USER, content=[chat_pb2.Content(text="hi")])])
-            with pytest.raises(grpc.RpcError) as raised:
-                answer = method(request, metadata=(("authorization", f"Bearer {secret}"),), timeout=0.3)
-                list(answer) if rpc == "GetCompletionChunk" else None
-        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            auth = (("authorization", f"Bearer {secret}"),)
+            call = method(request, metadata=auth) if rpc == "GetCompletionChunk" else method.future(request,
+                                                                                                  metadata=auth)
+            assert writing.wait(10)
+            assert call.cancel()
+            if rpc == "GetCompletionChunk":
+                with pytest.raises(grpc.RpcError) as raised:
+                    list(call)
+                assert raised.value.code() == grpc.StatusCode.CANCELLED
+            else:
+                with pytest.raises(grpc.FutureCancelledError):
+                    call.result()
         deadline = time.monotonic() + 10
         while not (rows := gw.ledger(record["id"])) and time.monotonic() < deadline:
             time.sleep(0.05)
