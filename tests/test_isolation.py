@@ -78,7 +78,9 @@ def test_the_tests_pass_while_a_server_holds_the_users_data_dir(tmp_path: Path,
             users_shell.delenv(name)
         for name, value in shell.items():
             users_shell.setenv(name, value)
-        settings = Settings(api_keys=[TOKEN], tune_gc=False)
+        # Its gRPC port off: this stand-in is about the data dir's lock, and the port it would take (50051) may be
+        # a real `make serve`'s while the tests run.
+        settings = Settings(api_keys=[TOKEN], tune_gc=False, grpc_port=0)
     # No local engine: nothing to load into the fake home's cache.
     with serve_app(create_app(settings, models=scripted_models(ScriptedProvider()))):
         data_dir = home / ".local" / "share" / "grokgate"
