@@ -118,24 +118,38 @@ def test_a_system_message_added_later_keeps_the_conversation_id() -> None:
     assert derived_key(first, who) == derived_key(later, who)
 
 
-@pytest.mark.parametrize(("text", "allowed"), [
-    ("It is sunny in Paris today.", True),
-    ('Sure: {"name": "get_weather", "arguments": {"city": "Paris"}}', False),
-    ('Here:\n```json\n{\n  name: "get_weather",\n  arguments: {city: "Paris"}\n}\n```', False),  # unquoted keys
-    ("```python\nprint(1)\n```", False),  # cannot start like a fence
-])
-def test_text_under_auto_cannot_spell_a_call(text: str, allowed: bool) -> None:
-    """The text branch of `auto` (and of `none` with tools) as the grammar states it (before: only `{"` was
-    refused, and a call with unquoted keys came through as content)."""
+def matches(rule: str, text: str) -> bool:
+    """A lexeme rule as llguidance reads it (`A & ~B & ~C`: A and neither B nor C), with Python's regexes."""
     import re
 
-    from grokgate.providers.local_tools import _TEXT_RULE
+    first, *negated = [part.strip() for part in rule.split(":", 1)[1].split("&")]
+    assert first.startswith("/") and all(n.startswith("~/") for n in negated)
+    if re.fullmatch(first[1:-1], text) is None:
+        return False
+    return not any(re.fullmatch(n[2:-1], text) for n in negated)
 
-    pattern = _TEXT_RULE.split("/", 1)[1].rsplit("/", 1)[0]
-    assert (re.fullmatch(pattern, text, re.DOTALL) is not None) is allowed
+
+@pytest.mark.parametrize(("text", "auto", "none"), [
+    ("It is sunny in Paris today.", True, True),
+    ("```python\ndef f(d):\n    return {k: v for k, v in d.items()}\n```", True, False),  # code may open a fence
+    ("Use f(x) { return x; } here.", True, True),  # braces in text
+    ('Sure: {"name": "get_weather", "arguments": {"city": "Paris"}}', False, False),
+    ('```json\n{"city": "Paris"}\n```', False, False),  # cannot start like a fenced call
+    ("{ name: 1 }", False, False),
+    ('Here:\n```json\n{\n  name: "get_weather",\n  arguments: {city: "Paris"}\n}\n```', True, False),
+    ("Done: {'name': 'get_weather'}", True, False),
+])
+def test_what_text_may_hold(text: str, auto: bool, none: bool) -> None:
+    """The text branch of `auto` starts unlike a call and never spells a call's object, but may hold braces and
+    code (before: no `{` at all, nor a fence at the start); where no call may come (`none` with tools, the answer
+    after a repeated call) the model pushes calls into text, so objects with quoted keys and ```json stay out."""
+    from grokgate.providers.local_tools import _TEXT_ONLY_RULE, _TEXT_RULE
+
+    assert matches(_TEXT_RULE, text) is auto
+    assert matches(_TEXT_ONLY_RULE, text) is none
 
 
 def test_a_named_function_is_one_call() -> None:
     plan = plan_tools([W], {"type": "function", "function": {"name": "get_weather"}}, None)
     assert plan is not None and plan.forced and not plan.parallel
-    assert '("\\n" call)*' not in plan.grammar()  # one call, not a list of them
+    assert "calls: call\n" in plan.grammar() and "SEP call" not in plan.grammar()  # one call, not a list

@@ -48,6 +48,7 @@ from grokgate.providers.local_tokenize import engine_tokens
 from grokgate.providers.local_tools import (
     PROBE_MARK,
     TEXT_ONLY_GRAMMAR,
+    answered_calls,
     check_arguments,
     check_tools,
     probe_grammar,
@@ -287,7 +288,9 @@ class LocalEngine:
             )
 
     def prompt_copies(self, request: ChatCompletionRequest) -> int:
-        return 1  # the choices share one prompt evaluation; llama.cpp reports (and grokgate bills) it once
+        # The choices share one prompt evaluation; llama.cpp reports (and grokgate bills) it once. An answer after
+        # tool results may be generated twice (providers/local_tool_parser.py `retry`): both prompts count.
+        return 2 if _answered(request) else 1
 
     # -- Tokenizer, DescribesModels (providers/base.py): one model, whatever name a route gives it -------------
 
@@ -309,14 +312,20 @@ class LocalEngine:
         queue: asyncio.Queue[Any] = asyncio.Queue()
         base = _payload(call, upstream_model)
         plan = tool_plan(request)
+        answered = _answered(request)
+        # The answer if the model only repeats a call the conversation answered: as with tool_choice "none".
+        fallback = _payload(_Untooled(call), upstream_model) if answered else None
         prompt = PromptDigests(base["messages"])  # one per request: its choices share the prompt
         jobs = []
         for index in range(request.choices):
             payload = dict(base)
             if request.seed is not None:
                 payload["seed"] = (request.seed + index) & 0xFFFFFFFF
-            jobs.append(_Job(index, payload, loop, queue, exclusive=not payload["cache_prompt"], plan=plan,
-                             tenant=call.tenant, prompt=prompt))
+            job = _Job(index, payload, loop, queue, exclusive=not payload["cache_prompt"], plan=plan,
+                       tenant=call.tenant, prompt=prompt, answered=answered)
+            if fallback is not None:
+                job.fallback = {**fallback, **({"seed": payload["seed"]} if "seed" in payload else {})}
+            jobs.append(job)
         # The tools are rendered into the prompt too (providers/local_tools.py): their JSON counts.
         tools_chars = len(orjson.dumps([t.model_dump(exclude_none=True) for t in request.tools or ()]))
         generation = LocalGeneration(self, jobs, queue, estimate_prompt_tokens(request.prompt_chars + tools_chars))
@@ -381,6 +390,8 @@ class LocalEngine:
                 job.post(schema_error())
             else:
                 self._server.handle_chat_completions(job.payload, job.on_chunk)
+                if (again := job.answer_again()) is not None:
+                    self._server.handle_chat_completions(again, job.on_chunk)
             return
         messages = job.prompt.get()
         reuse, cache = bool(job.payload["cache_prompt"]), self.tenant_cache
@@ -399,6 +410,11 @@ class LocalEngine:
             touched = True
             try:
                 self._server.handle_chat_completions(payload, job.on_chunk)
+                if (again := job.answer_again()) is not None:
+                    # The same tenant's slot, another prompt: the slot table's note of its content only guides
+                    # reuse (llama.cpp compares the tokens themselves), and nobody else's tokens are in it.
+                    self._server.handle_chat_completions({**again, "id_slot": slot.id, "cache_prompt": False},
+                                                         job.on_chunk)
             except ValueError:  # xllamacpp could not parse it: it never reached a slot
                 touched = False
                 raise
@@ -454,10 +470,25 @@ class LocalEngine:
             self._gate.notify_all()
 
 
+class _Untooled:
+    """A call as if it said tool_choice "none": the answer generated after a repeated call."""
+
+    def __init__(self, call: Call) -> None:
+        self.request = call.request.model_copy(update={"tool_choice": "none"})
+        self.output_limit = call.output_limit
+
+
+def _answered(request: ChatCompletionRequest) -> frozenset[str]:
+    plan = tool_plan(request)
+    if plan is None or plan.forced:
+        return frozenset()
+    return answered_calls([m.model_dump(exclude_none=True) for m in request.messages])
+
+
 _PASSTHROUGH = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs")
 
 
-def _payload(call: Call, upstream_model: str) -> dict[str, Any]:
+def _payload(call: Call | _Untooled, upstream_model: str) -> dict[str, Any]:
     """The engine request for one choice (n=1), from the validated public request."""
     request = call.request
     messages = []
@@ -485,11 +516,11 @@ def _payload(call: Call, upstream_model: str) -> dict[str, Any]:
     if request.stop_list:
         payload["stop"] = request.stop_list  # never with a tool plan: check_tools refuses the pair
     if plan is not None:  # `tools` are not sent: grokgate renders them and constrains the calls itself
-        payload["grammar"] = plan.grammar()
-    elif request.tools and request.response_format is None:
+        payload["grammar"] = plan.grammar()  # with the structured answer's schema, if any
+    elif request.tools and (request.response_format is None or request.response_format.type == "text"):
         # tool_choice none: no call may happen, and none may be written out as text either.
         payload["grammar"] = TEXT_ONLY_GRAMMAR
-    if request.response_format is not None:
+    elif request.response_format is not None:
         payload["response_format"] = request.response_format.model_dump(exclude_none=True, by_alias=True)
     # The prompt cache reuses KV state across requests, which changes the numbers and so the text:
     # a request that asks for reproducible output gets a fresh evaluation.

@@ -16,7 +16,7 @@ from grokgate.core.errors import GatewayError
 from grokgate.core.events import Delta, Event, Finish, Origin, Usage, UsageReport
 from grokgate.providers.local_errors import engine_error
 from grokgate.providers.local_slots import PromptDigests
-from grokgate.providers.local_tools import ToolCallParser, ToolPlan
+from grokgate.providers.local_tools import ToolPlan, parser_for
 
 if TYPE_CHECKING:
     from grokgate.providers.local import LocalEngine
@@ -32,12 +32,12 @@ class JobEnd:
 class Job:
     """One choice of one request, run by one worker thread."""
 
-    __slots__ = ("cancelled", "created", "evaluated", "exclusive", "generated", "index", "long", "loop", "parser",
-                 "payload", "prompt", "queue", "refused", "started", "tenant", "timings", "usage")
+    __slots__ = ("cancelled", "created", "earlier", "evaluated", "exclusive", "fallback", "generated", "index", "long",
+                 "loop", "parser", "payload", "prompt", "queue", "refused", "started", "tenant", "timings", "usage")
 
     def __init__(self, index: int, payload: dict[str, Any], loop: asyncio.AbstractEventLoop,
                  queue: asyncio.Queue[Any], exclusive: bool, plan: ToolPlan | None = None, tenant: str = "",
-                 prompt: PromptDigests | None = None) -> None:
+                 prompt: PromptDigests | None = None, answered: frozenset[str] = frozenset()) -> None:
         self.index = index
         self.exclusive = exclusive
         self.payload = payload
@@ -55,17 +55,40 @@ class Job:
         self.usage: Usage | None = None
         self.timings: dict[str, Any] | None = None  # llama.cpp's running counts, for a job stopped before its usage
         # Calls are decoded by grokgate (providers/local_tools.py): the engine streams them as text.
-        self.parser = ToolCallParser(plan) if plan is not None else None
+        self.parser = parser_for(plan, answered) if plan is not None else None
+        # The payload to answer with when the model only repeats an answered call (providers/local.py), and what
+        # the first generation consumed then.
+        self.fallback: dict[str, Any] | None = None
+        self.earlier: Usage | None = None
+
+    def answer_again(self) -> dict[str, Any] | None:
+        """The payload of a second generation, when the first ended in a repeated answered call: it answers as
+        with tool_choice "none", within what is left of the output cap; its usage adds to the first's."""
+        if self.parser is None or not self.parser.retry or self.fallback is None or self.cancelled:
+            return None
+        first = self.consumed() or Usage()
+        self.earlier, self.usage, self.timings, self.parser = first, None, None, None
+        payload = dict(self.fallback)
+        if "max_tokens" in payload:
+            payload["max_tokens"] = max(1, int(payload["max_tokens"]) - first.completion_tokens)
+        return payload
 
     def consumed(self) -> Usage | None:
         """The engine's usage report or, for a job aborted before it (the client left, a repeated tool call), the
         running counts of its last chunk (`timings_per_token`): counted, not estimated (a token or two the engine
         decodes before it sees the abort go unbilled, never the other way)."""
         if self.usage is not None or self.timings is None:
-            return self.usage
-        cached = int(self.timings.get("cache_n", 0))
-        return Usage(prompt_tokens=cached + int(self.timings.get("prompt_n", 0)),
-                     completion_tokens=int(self.timings.get("predicted_n", 0)), cached_tokens=cached)
+            latest = self.usage
+        else:
+            cached = int(self.timings.get("cache_n", 0))
+            latest = Usage(prompt_tokens=cached + int(self.timings.get("prompt_n", 0)),
+                           completion_tokens=int(self.timings.get("predicted_n", 0)), cached_tokens=cached)
+        if self.earlier is None:
+            return latest
+        later = latest or Usage()
+        return Usage(prompt_tokens=self.earlier.prompt_tokens + later.prompt_tokens,
+                     completion_tokens=self.earlier.completion_tokens + later.completion_tokens,
+                     cached_tokens=self.earlier.cached_tokens + later.cached_tokens)
 
     def post(self, item: Any) -> None:
         try:
@@ -111,6 +134,8 @@ class Job:
                     content, calls = self.parser.feed(content)
                     logprobs, tool_calls = logprobs if content else None, calls or None
                 reason = choice.get("finish_reason")
+                if self.parser is not None and self.parser.retry and self.fallback is not None:
+                    return True  # ends this generation; `answer_again` starts the next
                 if self.parser is not None and (reason or self.parser.done):
                     reason = self.parser.finish(reason or "stop")
                     self.cancelled |= self.parser.done  # ends the generation; `timings` count what it used

@@ -8,13 +8,13 @@ in the model's own (Hermes / Qwen 2.5) format, the one its chat template describ
 1. the prompt: the tools are listed in the system message exactly as the template words it; earlier assistant
    tool calls become `<tool_call>` blocks and tool results `<tool_response>` blocks in a user turn
    (`render_messages`), so llama.cpp's template sees plain messages;
-2. the grammar (llguidance's Lark dialect, which this build uses for JSON schemas too): one
-   `<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>` block per call, the name one of the offered
-   functions and the arguments that function's parameter schema (`%json`), so they parse and satisfy the
-   schema at any temperature. `required` or a named function forces a call; `auto` lets the model answer in
-   text instead, a text that can neither start like a call nor hold a JSON object (`{"`), so a call's JSON
-   never lands in `content`;
-3. the output: `ToolCallParser` turns the streamed text back into OpenAI's tool-call deltas.
+2. the grammar (llguidance's Lark dialect, which this build uses for JSON schemas too): calls in each shape the
+   model was measured to write them (a `<tool_call>` block, bare JSON, a ```json fence; several separated by
+   newlines, at most MAX_CALLS), each an object `{"name", "arguments"}` whose name is an offered function and
+   whose arguments satisfy its parameter schema (`%json`), at any temperature. `required` or a named function
+   forces calls; `auto` also allows a text answer that does not start like a call, or with `response_format` a
+   JSON answer valid against its schema;
+3. the output: providers/local_tool_parser.py turns the streamed text back into text, an answer, or whole calls.
 
 Measured with this build: a grammar llguidance cannot compile is ignored, not refused (the output comes back
 unconstrained), so the parser checks the shape it gets and a forced call that does not come is an error.
@@ -23,18 +23,14 @@ unconstrained), so the parser checks the shape it gets and a forced call that do
 from __future__ import annotations
 
 import json
-import re
-import secrets
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from grokgate.core.errors import GatewayError, bad_request
-from grokgate.core.events import JSONObject
+from grokgate.providers.local_tool_parser import CLOSE, OPEN, ToolCallParser, malformed
 from grokgate.schemas.chat import ChatCompletionRequest, ToolCall
-
-OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
 # The words of Qwen 2.5's chat template (tokenizer.chat_template in the GGUF) when it is given tools.
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -44,12 +40,19 @@ _TOOLS_OUTRO = ("\n</tools>\n\nFor each function call, return a json object with
                 "within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, "
                 "\"arguments\": <args-json-object>}\n</tool_call>")
 
-# A text answer under `auto` (and `none` with tools): not starting like a call or a bare JSON value, and no `{` at
-# all. A small model writes a call as text in many shapes (quoted keys, unquoted keys, in a fence); forbidding only
-# `{"` let `{ name: "get_weather", ... }` through at high temperature. The cost: such text answers carry no braces.
-_TEXT_RULE = r'text: /[^<`{\[\s(][^{]*/'
-# tool_choice "none" with tools: a text answer only, with the same rule (the history may show calls to imitate).
-TEXT_ONLY_GRAMMAR = "%llguidance {}\nstart: text\n" + _TEXT_RULE + "\n"
+MAX_CALLS = 8  # parallel calls in one answer: the grammar ends the answer there (a small model may not stop)
+
+# A text answer under `auto`: anything that does not start like a call (a `{`, a `[`, a `<tool_call>`, a ```json
+# fence around an object) and never spells a call's object (`{"name"`); braces and code are free otherwise. Calls
+# have their own branch, so the model is not pushed to write one as text.
+_TEXT_RULE = (r'TEXT: /[^\s{\[<](?s:.*)/ & ~/```[ \t]*(json|JSON)?[ \t]*\n?\s*[{\[](?s:.*)/'
+              r' & ~/(?s:.*)\{\s*"name"(?s:.*)/')
+# A text answer where no call may come (tool_choice "none" with tools, and the answer after a repeated call, see
+# providers/local_tool_parser.py): the model still wants to write a call there, and writes it as text in many
+# shapes (quoted keys, a fence...) unless objects with quoted keys are ruled out; code with braces stays possible.
+_TEXT_ONLY_RULE = (r"""TEXT: /[^<`{\[\s(](?s:.*)/ & ~/(?s:.*)\{\s*["'](?s:.*)/"""
+                   r""" & ~/(?s:.*)```[ \t]*(json|JSON)(?s:.*)/""")
+TEXT_ONLY_GRAMMAR = "%llguidance {}\nstart: TEXT\n" + _TEXT_ONLY_RULE + "\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,28 +63,44 @@ class ToolPlan:
     names: list[str]  # the functions a call may name
     forced: bool  # `required` or a named function: the answer is calls only
     parallel: bool
+    answer: dict[str, Any] | None = None  # the structured answer's JSON schema (response_format), if any
 
     def grammar(self) -> str:
+        """One llguidance grammar: calls in the shapes the model writes, or (under `auto`) a text answer or, with a
+        response_format, a JSON answer valid against its schema."""
         by_name = {t["function"]["name"]: t["function"] for t in self.tools}
         lines = ["%llguidance {}"]
-        calls = "call" if not self.parallel else 'call ("\\n" call)*'
-        lines.append(f"start: {calls}" if self.forced else f"start: {calls} | text")
-        if not self.forced:
-            lines.append(_TEXT_RULE)
-        lines.append("call: " + " | ".join(f"call{i}" for i in range(len(self.names))))
-        for i, name in enumerate(self.names):
-            head = _lark_string(f'{OPEN}\n{{"name": {_json(name)}, "arguments": ')
-            lines.append(f"call{i}: {head} args{i} {_lark_string('}' + chr(10) + CLOSE)}")
+        if self.forced:
+            lines.append("start: calls")
+        else:
+            lines.append("start: calls | answer" if self.answer is not None else "start: calls | TEXT")
+        more = f" (SEP call){{0,{MAX_CALLS - 1}}}" if self.parallel else ""
+        lines.append(f"calls: call{more}")
+        lines.append(r"SEP: /\n{1,2}/")
+        lines.append("call: tagged | fenced | fn")
+        lines.append("tagged: " + _json(OPEN + "\n") + " fn " + _json("\n" + CLOSE))
+        lines.append('fenced: "```json\\n" fn "\\n```"')
+        shapes = []
+        for name in self.names:
             parameters = by_name[name].get("parameters") or {"type": "object", "properties": {}}
             if "type" not in parameters:  # properties without a type: still an object (check_tools refuses others)
                 parameters = {"type": "object", **parameters}
-            lines.append(f"args{i}: %json {_json(parameters)}")
+            shapes.append({"type": "object", "properties": {"name": {"const": name}, "arguments": parameters},
+                           "required": ["name", "arguments"], "additionalProperties": False})
+        lines.append("fn: %json " + _json(shapes[0] if len(shapes) == 1 else {"anyOf": shapes}))
+        if self.forced:
+            pass
+        elif self.answer is not None:
+            lines.append("answer: %json " + _json(self.answer))
+        else:
+            lines.append(_TEXT_RULE)
         return "\n".join(lines) + "\n"
 
 
-def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel: bool | None) -> ToolPlan | None:
-    """The plan for a request's `tools`, `tool_choice` and `parallel_tool_calls` (already validated: a named
-    function is one of the tools, see `check_choice`)."""
+def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel: bool | None,
+               answer: dict[str, Any] | None = None) -> ToolPlan | None:
+    """The plan for a request's `tools`, `tool_choice`, `parallel_tool_calls` and structured answer schema
+    (already validated: a named function is one of the tools, see `check_choice`)."""
     functions = [t for t in tools or () if t.get("type") == "function"]
     if not functions or tool_choice == "none":
         return None
@@ -91,7 +110,39 @@ def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel: b
         # A named function is one call to it, as OpenAI answers it (a small model would otherwise call it again
         # with other arguments until its output cap).
         return ToolPlan(tools=functions, names=[tool_choice["function"]["name"]], forced=True, parallel=False)
-    return ToolPlan(tools=functions, names=names, forced=forced, parallel=parallel is not False)
+    return ToolPlan(tools=functions, names=names, forced=forced, parallel=parallel is not False, answer=answer)
+
+
+def answer_schema(request: ChatCompletionRequest) -> dict[str, Any] | None:
+    """The JSON schema a structured answer must satisfy (`response_format`), or None for text."""
+    fmt = request.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return {"type": "object"}
+    return fmt.json_schema.schema_ or {"type": "object"}
+
+
+def call_key(name: str, arguments: Any) -> str:
+    return name + "\0" + orjson.dumps(arguments, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def answered_calls(messages: list[dict[str, Any]]) -> frozenset[str]:
+    """The calls (name + canonical arguments) whose results end the conversation: the model writing one of them
+    again means it wants to answer from the result (providers/local_tool_parser.py `retry`)."""
+    if not messages or messages[-1].get("role") != "tool":
+        return frozenset()
+    results = {m.get("tool_call_id") for m in messages if m.get("role") == "tool"}
+    keys = set()
+    for message in messages:
+        for call in message.get("tool_calls") or () if message.get("role") == "assistant" else ():
+            if call.get("id") in results:
+                try:
+                    arguments = orjson.loads(call["function"]["arguments"] or "{}")
+                except orjson.JSONDecodeError:
+                    continue
+                keys.add(call_key(call["function"]["name"], arguments))
+    return frozenset(keys)
 
 
 def choice_error(tools: list[dict[str, Any]] | None, tool_choice: Any) -> str | None:
@@ -106,7 +157,12 @@ def choice_error(tools: list[dict[str, Any]] | None, tool_choice: Any) -> str | 
 
 def tool_plan(request: ChatCompletionRequest) -> ToolPlan | None:
     tools = [t.model_dump(exclude_none=True) for t in request.tools or ()]
-    return plan_tools(tools, _dump(request.tool_choice), request.parallel_tool_calls)
+    return plan_tools(tools, _dump(request.tool_choice), request.parallel_tool_calls, answer_schema(request))
+
+
+def parser_for(plan: ToolPlan, answered: frozenset[str] = frozenset()) -> ToolCallParser:
+    return ToolCallParser(plan.names, plan.forced, answers=plan.answer is not None and not plan.forced,
+                          answered=answered if not plan.forced else frozenset())
 
 
 def check_tools(request: ChatCompletionRequest) -> None:
@@ -127,11 +183,6 @@ def check_tools(request: ChatCompletionRequest) -> None:
         # A stop sequence can end the answer inside a call's arguments, leaving JSON that does not parse.
         raise bad_request("The local engine cannot apply stop sequences together with function tools: drop "
                           "`stop`, or set tool_choice to 'none'.", "stop")
-    if tool_plan(request) is not None and request.response_format is not None \
-            and request.response_format.type != "text":
-        # Both are grammars, and the engine applies one per request.
-        raise bad_request("The local engine cannot combine `response_format` with function tools: drop one, or "
-                          "set tool_choice to 'none'.", "response_format")
 
 
 def check_arguments(index: int, calls: list[ToolCall]) -> None:
@@ -179,131 +230,6 @@ def render_messages(messages: list[dict[str, Any]], plan: ToolPlan | None) -> li
     return out
 
 
-_HEAD = re.compile(r'\s*<tool_call>\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
-
-
-class ToolCallParser:
-    """Turns one choice's streamed text into content and OpenAI tool-call fragments.
-
-    Fragments follow OpenAI's stream: the first of a call carries `index`, `id`, `type` and `function.name`
-    (with empty arguments), later ones `index` and argument text."""
-
-    def __init__(self, plan: ToolPlan) -> None:
-        self._plan = plan
-        self._buffer = ""
-        self._mode = "start"  # start | text | head | args | tail
-        self._calls = 0
-        self._depth = 0
-        self._in_string = False
-        self._escape = False
-        self._seen: set[str] = set()
-        self._pending: list[JSONObject] = []  # a later call's fragments, held until it proves no repeat
-        self._name = ""
-        self._arguments = ""
-        self.done = False  # the model repeated a call: the answer is complete, stop the generation
-
-    @property
-    def calls(self) -> int:
-        return self._calls
-
-    def feed(self, text: str) -> tuple[str, list[JSONObject]]:
-        """Content to pass on, and tool-call fragments, for the next piece of output."""
-        if self._mode == "text":
-            return text, []
-        if self.done:
-            return "", []
-        self._buffer += text
-        fragments: list[JSONObject] = []
-        out = self._pending if self._calls else fragments
-        while self._buffer:
-            if self._mode == "start":
-                stripped = self._buffer.lstrip()
-                if not stripped or (OPEN.startswith(stripped) and stripped != OPEN):
-                    break  # could still become a call
-                if not stripped.startswith(OPEN) and not self._plan.forced:
-                    self._mode, content, self._buffer = "text", self._buffer, ""
-                    return content, fragments
-                self._mode = "head"
-            if self._mode == "head":
-                match = _HEAD.match(self._buffer)
-                if match is None:
-                    if len(self._buffer) > 4096 or not _could_be_head(self._buffer):
-                        raise _malformed()
-                    break
-                self._buffer = self._buffer[match.end():]
-                name = orjson.loads(f'"{match.group(1)}"')
-                out = self._pending if self._calls else fragments
-                out.append({"index": self._calls, "id": f"call_{secrets.token_hex(12)}", "type": "function",
-                            "function": {"name": name, "arguments": ""}})
-                self._name, self._arguments = name, ""
-                self._mode, self._depth, self._in_string, self._escape = "args", 0, False, False
-            if self._mode == "args":
-                if self._depth == 0:  # whitespace before the arguments' `{` is no part of them
-                    self._buffer = self._buffer.lstrip()
-                end = self._scan()
-                piece = self._buffer[:end]
-                if piece:
-                    out.append({"index": self._calls, "function": {"arguments": piece}})
-                    self._arguments += piece
-                self._buffer = self._buffer[end:]
-                if self._depth > 0 or not piece:
-                    break
-                # The small model tends to repeat its call until max_tokens: an identical call adds nothing.
-                try:
-                    parsed = orjson.loads(self._arguments)
-                except orjson.JSONDecodeError:
-                    raise _malformed() from None
-                key = self._name + "\0" + orjson.dumps(parsed, option=orjson.OPT_SORT_KEYS).decode()
-                if key in self._seen:
-                    self._pending.clear()
-                    self.done = True
-                    return "", fragments
-                self._seen.add(key)
-                fragments += self._pending
-                self._pending.clear()
-                self._mode = "tail"
-                self._calls += 1
-            if self._mode == "tail":
-                at = self._buffer.find(CLOSE)
-                if at < 0:
-                    break
-                self._buffer = self._buffer[at + len(CLOSE):]
-                self._mode = "start"
-        return "", fragments
-
-    def _scan(self) -> int:
-        """How much of the buffer belongs to the arguments' JSON (which ends where its depth returns to 0)."""
-        for i, ch in enumerate(self._buffer):
-            if self._in_string:
-                if self._escape:
-                    self._escape = False
-                elif ch == "\\":
-                    self._escape = True
-                elif ch == '"':
-                    self._in_string = False
-            elif ch == '"':
-                self._in_string = True
-            elif ch in "{[":
-                self._depth += 1
-            elif ch in "}]":
-                self._depth -= 1
-                if self._depth == 0:
-                    return i + 1
-        return len(self._buffer)
-
-    def finish(self, reason: str) -> str:
-        """The choice's finish_reason; an error if a forced call never came (the grammar was not applied)."""
-        if self._mode == "text":
-            return reason
-        if self.done:
-            return "tool_calls"
-        if self._calls and reason == "stop" and self._mode in ("start", "tail"):
-            return "tool_calls"
-        if reason == "stop" and self._plan.forced:
-            raise _malformed()
-        return reason
-
-
 def probe_grammar(grammar: str) -> str:
     """A request-sized check of a tools grammar: the same rules, forced to start with a marker. This engine ignores
     a grammar llguidance cannot compile (an unknown type, a dangling $ref...) instead of refusing it, so a one-token
@@ -315,23 +241,7 @@ PROBE_MARK = "\u00a7\u00a7"  # "§§": nothing a model writes first unprompted
 
 
 def schema_error() -> GatewayError:
-    return _malformed()
-
-
-def _could_be_head(buffer: str) -> bool:
-    # A prefix of a call's opening (up to the arguments) with the name still being written.
-    probe = buffer.lstrip()
-    template = f'{OPEN}\n{{"name": "'
-    if len(probe) <= len(template):
-        return template.startswith(probe)
-    return probe.startswith(template) and "\n" not in probe[len(template):]
-
-
-def _malformed() -> GatewayError:
-    return GatewayError(400, "bad_request", "The local engine could not constrain its output to the functions' "
-                        "parameter schemas (a JSON Schema feature it does not support?): simplify the schemas in "
-                        "`tools`.", param="tools")
-
+    return malformed()
 
 def _call_block(name: str, arguments: str) -> str:
     return f'{OPEN}\n{{"name": {_json(name)}, "arguments": {arguments.strip() or "{}"}}}\n{CLOSE}'

@@ -1,0 +1,187 @@
+"""The embedded engine's output under a tools grammar (providers/local_tools.py) turned back into an answer: text,
+a structured answer, or whole tool calls.
+
+The grammar lets the model write a call in any of the shapes it was measured to use (docs/benchmarks.md, "BFCL on
+the local engine"): a `<tool_call>` block (its chat template's form), a bare JSON object, or one in a ```json fence,
+one call or several separated by newlines. Each call is handed on whole, the way xAI streams them (one delta
+holding the name and all the arguments; OpenAI's clients accept that too), once its JSON is complete: a call is
+never half-sent, so a cut call can be dropped.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from typing import Any
+
+import orjson
+
+from grokgate.core.errors import GatewayError
+from grokgate.core.events import JSONObject
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+FENCE = "```"
+_FENCED_CALL = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\n?\s*[{\[]")
+_FIRST_KEY = re.compile(r'\{\s*"((?:[^"\\]|\\.)*)"')
+
+
+class ToolCallParser:
+    """Turns one choice's streamed text into content and whole tool calls.
+
+    `answered` holds the calls (name + canonical arguments) whose results the conversation already has: a model
+    that writes one of them again as its first call means to use the result, not to call again (a small model
+    copies the call it sees above); `retry` then says the answer should be generated as text instead."""
+
+    def __init__(self, names: list[str], forced: bool, answers: bool = False,
+                 answered: frozenset[str] = frozenset()) -> None:
+        self._names = set(names)
+        self._forced = forced
+        self._answers = answers  # a structured answer (JSON) may come instead of calls
+        self._answered = answered
+        self._buffer = ""
+        self._mode = "start"  # start | text | calls
+        self._depth = 0
+        self._in_string = False
+        self._escape = False
+        self._object_at = -1  # where the JSON value being scanned starts in the buffer
+        self._scanned = 0
+        self._seen: set[str] = set()
+        self._calls = 0
+        self.done = False  # nothing more is wanted from the model: stop the generation
+        self.retry = False  # the model repeated an answered call: answer in text instead (see the class doc)
+
+    @property
+    def calls(self) -> int:
+        return self._calls
+
+    def feed(self, text: str) -> tuple[str, list[JSONObject]]:
+        """Content to pass on, and whole tool calls, for the next piece of output."""
+        if self._mode == "text":
+            return text, []
+        if self.done:
+            return "", []
+        self._buffer += text
+        if self._mode == "start":
+            stripped = self._buffer.lstrip()
+            if not stripped or _could_open(stripped):
+                return "", []  # could still become a call
+            if not _opens_call(stripped):
+                if self._forced:
+                    raise malformed()
+                self._mode, content, self._buffer = "text", self._buffer, ""
+                return content, []
+            self._mode = "calls"
+        return self._take_calls()
+
+    def _take_calls(self) -> tuple[str, list[JSONObject]]:
+        out: list[JSONObject] = []
+        while not self.done:
+            if self._object_at < 0:
+                # Between calls: markup (`<tool_call>`, a fence, `</tool_call>`, newlines) up to the next `{`.
+                at = self._buffer.find("{")
+                if at < 0:
+                    if len(self._buffer) > 4096:
+                        raise malformed()
+                    return "", out
+                self._object_at, self._scanned = at, at
+                self._depth, self._in_string, self._escape = 0, False, False
+            if self._answers and not self._calls and self._mode == "calls":
+                first = _FIRST_KEY.match(self._buffer, self._object_at)
+                if first is None and len(self._buffer) - self._object_at < 512:
+                    return "", out  # the first key decides between a call and a structured answer
+                if first is None or first.group(1) not in ("name", "arguments"):
+                    # A structured answer: streamed as content from here (a call's object starts with its name).
+                    self._mode, content, self._buffer = "text", self._buffer[self._object_at:], ""
+                    return content, out
+            end = self._scan()
+            if end < 0:
+                return "", out
+            raw, self._buffer = self._buffer[self._object_at:end], self._buffer[end:]
+            self._object_at = -1
+            try:
+                value = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                raise malformed() from None
+            call = self._call(value)
+            if call is None:  # a structured answer whose first key is "name" (the grammar's answer branch)
+                if not self._answers or self._calls:
+                    raise malformed()
+                self._mode, content, self._buffer = "text", raw + self._buffer, ""
+                return content, out
+            name, arguments = call
+            key = name + "\0" + orjson.dumps(arguments, option=orjson.OPT_SORT_KEYS).decode()  # local_tools.call_key
+            if key in self._seen or (key in self._answered and not self._calls):
+                # The small model tends to repeat a call until max_tokens: an identical call adds nothing, and a
+                # first call the conversation already answered means the model wants to answer.
+                self.retry = not self._calls
+                self.done = True
+                return "", out
+            if key in self._answered:
+                self.done = True  # later calls repeating answered ones end the answer; the new ones stand
+                return "", out
+            self._seen.add(key)
+            out.append({"index": self._calls, "id": f"call_{secrets.token_hex(12)}", "type": "function",
+                        "function": {"name": name, "arguments": orjson.dumps(arguments).decode()}})
+            self._calls += 1
+        return "", out
+
+    def _call(self, value: Any) -> tuple[str, Any] | None:
+        if (isinstance(value, dict) and set(value) == {"name", "arguments"} and value["name"] in self._names
+                and isinstance(value["arguments"], dict)):
+            return value["name"], value["arguments"]
+        return None
+
+    def _scan(self) -> int:
+        """The end of the JSON value starting at `_object_at`, or -1 while it is incomplete."""
+        buffer = self._buffer
+        for i in range(self._scanned, len(buffer)):
+            ch = buffer[i]
+            if self._in_string:
+                if self._escape:
+                    self._escape = False
+                elif ch == "\\":
+                    self._escape = True
+                elif ch == '"':
+                    self._in_string = False
+            elif ch == '"':
+                self._in_string = True
+            elif ch in "{[":
+                self._depth += 1
+            elif ch in "}]":
+                self._depth -= 1
+                if self._depth == 0:
+                    return i + 1
+        self._scanned = len(buffer)
+        return -1
+
+    def finish(self, reason: str) -> str:
+        """The choice's finish_reason. A call cut by the output cap after complete ones is dropped and the answer
+        ends `tool_calls`: it ends `length` only when its only call or its text reached the cap."""
+        if self._mode == "text" or self.retry:
+            return reason
+        if self._calls:
+            return "tool_calls"
+        if reason == "stop" and (self._forced or self._mode == "calls"):
+            raise malformed()  # the grammar was not applied (see providers/local_tools.py probe_grammar)
+        return reason
+
+
+def _could_open(text: str) -> bool:
+    """Whether `text` (stripped) is still a prefix of a call's opening: more output decides."""
+    if OPEN.startswith(text) and text != OPEN:
+        return True
+    if text.startswith(FENCE):
+        head = text.split("\n", 1)
+        # "```", "```js", "```json" with the line unfinished, or a fence line followed by blank space only
+        return len(head) == 1 or not head[1].strip()
+    return False
+
+
+def _opens_call(text: str) -> bool:
+    return text.startswith((OPEN, "{", "[")) or _FENCED_CALL.match(text) is not None
+
+
+def malformed() -> GatewayError:
+    return GatewayError(400, "bad_request", "The local engine could not constrain its output to the functions' "
+                        "parameter schemas (a JSON Schema feature it does not support?): simplify the schemas in "
+                        "`tools`.", param="tools")
