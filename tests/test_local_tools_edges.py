@@ -153,3 +153,47 @@ def test_a_named_function_is_one_call() -> None:
     plan = plan_tools([W], {"type": "function", "function": {"name": "get_weather"}}, None)
     assert plan is not None and plan.forced and not plan.parallel
     assert "calls: call\n" in plan.grammar() and "SEP call" not in plan.grammar()  # one call, not a list
+
+
+def test_an_answer_after_a_repeated_call_is_generated_again_and_billed_once_each() -> None:
+    """After tool results the model repeats the answered call; the job then answers as with tool_choice none
+    (no events from the first generation), within the rest of the cap, and bills both generations, which the
+    reservation covers (prompt_copies 2)."""
+    history = [{"role": "user", "content": "Weather in Paris?"},
+               {"role": "assistant", "tool_calls": [{"id": "a", "type": "function", "function": {
+                   "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+               {"role": "tool", "tool_call_id": "a", "content": "sunny"}]
+    asked = request(tools=[W], messages=history, max_tokens=50)
+    engine = LocalEngine(model_path=None, cache_dir=Path("/nonexistent"))
+    assert engine.prompt_copies(asked) == 2
+    assert engine.prompt_copies(request(tools=[W], max_tokens=50)) == 1
+    assert engine.prompt_copies(request(tools=[W], messages=history, tool_choice="required")) == 1
+
+    async def run() -> None:
+        from grokgate.providers.local import _answered, _Untooled
+
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        call = Call(asked, "key:k", output_cap=50)
+        first = _payload(call, "m")
+        job = _Job(0, first, asyncio.get_running_loop(), queue, exclusive=False, plan=plan_tools([W], "auto", None),
+                   answered=_answered(asked))
+        job.fallback = _payload(_Untooled(call), "m")
+        assert "# Tools" in first["messages"][0]["content"] and job.fallback["grammar"] == TEXT_ONLY_GRAMMAR
+        assert all("# Tools" not in str(m["content"]) for m in job.fallback["messages"])
+        repeat = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+        assert job.on_chunk(chunk(repeat, {"cache_n": 0, "prompt_n": 200, "predicted_n": 12})) is True
+        again = job.answer_again()
+        assert again is not None and again["max_tokens"] == 38 and job.parser is None
+        assert job.on_chunk(chunk("It is sunny.", {"cache_n": 0, "prompt_n": 120, "predicted_n": 4})) is False
+        job.on_chunk({"choices": [{"delta": {}, "finish_reason": "stop"}],
+                      "usage": {"prompt_tokens": 120, "completion_tokens": 4}})
+        usage = job.consumed()
+        assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (320, 16)
+        await asyncio.sleep(0)
+        events = []
+        while not queue.empty():
+            events.append(queue.get_nowait())
+        assert [getattr(e, "content", None) for e in events if hasattr(e, "content")] == ["It is sunny."]
+        assert [e.reason for e in events if hasattr(e, "reason")] == ["stop"]
+
+    asyncio.run(run())

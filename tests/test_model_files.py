@@ -64,3 +64,20 @@ def test_missing_package_names_the_fix(tmp_path: Path) -> None:
 def test_wrong_version_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ModelFileError, match=r"expected 0\.8\.0"):
         ensure_model(dataclasses.replace(DEFAULT_MODEL, version="0.8.0"), tmp_path)
+
+
+def test_every_extra_is_named_as_pip_publishes_it() -> None:
+    """An extra's name must be PEP 685-normal: pip 23.2 (what `python3 -m venv` brings on Debian 12) does not
+    normalise the name typed, so `.[local-1.5b]` (published as `local-1-5b`) installed nothing there."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from grokgate.providers.model_files import CATALOG
+
+    root = Path(__file__).resolve().parent.parent
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert all(re.sub(r"[-_.]+", "-", name).lower() == name for name in extras)
+    assert {model.extra for model in CATALOG.values()} <= set(extras)
+    readme = (root / "README.md").read_text()
+    assert all(f".[{model.extra}]" in readme for model in CATALOG.values() if model.extra != "local")

@@ -59,3 +59,19 @@ def test_memory_store_says_none_for_what_it_cannot_keep() -> None:
         assert await store.get("token:1", "resp_big") is None
 
     asyncio.run(run())
+
+
+def test_a_backend_error_names_the_field_the_responses_request_sent() -> None:
+    """Backends check the chat request a Responses body is translated to; their errors name Responses' fields
+    (before: `response_format` for a request that sent `text.format`, a function's index among functions)."""
+    from grokgate.schemas.responses import ResponsesRequest
+    from grokgate.serving.responses import responses_param
+
+    body = ResponsesRequest.model_validate({"model": "grok-3", "input": "hi", "tools": [
+        {"type": "web_search"}, {"type": "function", "name": "f", "parameters": {"type": "object"}}]})
+    assert responses_param("response_format", body) == "text.format"
+    assert responses_param("response_format.json_schema", body) == "text.format.json_schema"
+    assert responses_param("tools[0].function.parameters", body) == "tools[1].parameters"
+    assert responses_param("max_completion_tokens", body) == "max_output_tokens"
+    assert responses_param("messages[3].content", body) == "input"
+    assert responses_param("tool_choice", body) == "tool_choice" and responses_param(None, body) is None

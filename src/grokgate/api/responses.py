@@ -17,6 +17,7 @@ from grokgate.api.deps import Gateway, call_options, refusal
 from grokgate.api.sse import SSE_HEADERS, SSEResponse, until_disconnected
 from grokgate.core.errors import GatewayError
 from grokgate.serving import Collected, Streamed
+from grokgate.serving.responses import responses_param
 
 router = APIRouter(tags=["responses"], strict_content_type=False)
 
@@ -43,7 +44,11 @@ async def create_response(request: Request) -> Response:
         body.check_limits(max_messages=gw.settings.max_messages, max_tokens_limit=gw.settings.max_tokens_limit)
         options = call_options(request, principal, started)  # the headers are checked before the chain is read
         call, wire = await gw.responses.prepare(body, options)
-        result = await gw.serving.serve(call, principal, wire, lambda: until_disconnected(request.receive))
+        try:
+            result = await gw.serving.serve(call, principal, wire, lambda: until_disconnected(request.receive))
+        except GatewayError as error:  # checked as chat by the backend: name the field this request sent
+            error.param = responses_param(error.param, body)
+            raise
     except GatewayError as error:  # a refusal counts against the caller's limits, as in api/chat.py
         raise await refusal(gw, principal, request, error) from None
     if isinstance(result, Streamed):

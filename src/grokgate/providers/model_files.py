@@ -58,7 +58,7 @@ LARGER_MODEL = CatalogModel(
     version="0.2.0",
     sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     size=1_117_320_768,
-    extra="local-1.5b",
+    extra="local-1-5b",
 )
 
 # The names `GROKGATE_LOCAL_MODEL` and `grokgate serve --model` accept.

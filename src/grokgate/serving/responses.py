@@ -197,6 +197,29 @@ def translate(body: ResponsesRequest, history: list[JSONObject], items: list[JSO
     return request.attach(native_body(body, conversation), server_tools)
 
 
+_PARAMS = {"response_format": "text.format", "max_completion_tokens": "max_output_tokens",
+           "max_tokens": "max_output_tokens"}
+
+
+def responses_param(param: str | None, body: ResponsesRequest) -> str | None:
+    """A chat field named by an error (a backend checks the translated request, see `translate`) as the field of
+    the Responses request that carried it: `response_format` is `text.format`, a function's `tools[i]` is its
+    place among all the request's tools, a message is in `input`."""
+    if param is None:
+        return None
+    head, dot, rest = param.partition(".")
+    if head in _PARAMS:
+        return _PARAMS[head] + dot + rest
+    if head.startswith("messages"):
+        return "input"
+    if head.startswith("tools[") and head.endswith("]") and head[6:-1].isdigit():
+        functions = [i for i, t in enumerate(body.tools or ()) if isinstance(t, FunctionTool)]
+        index = int(head[6:-1])
+        if index < len(functions):
+            return f"tools[{functions[index]}]" + ("." + rest.removeprefix("function.") if rest else "")
+    return param
+
+
 def chat_messages(instructions: str | None, items: list[JSONObject]) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
     if instructions is not None:
