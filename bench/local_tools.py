@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from grokgate.providers.base import Call
 from grokgate.providers.local import LocalEngine, _payload
 from grokgate.providers.model_files import DEFAULT_MODEL
 from grokgate.schemas.chat import ChatCompletionRequest
@@ -31,7 +32,7 @@ TOOL = {"type": "function", "function": {
 
 
 def per_token(engine: LocalEngine, body: dict[str, Any]) -> tuple[float, int]:
-    payload = _payload(ChatCompletionRequest.model_validate(body), "local")
+    payload = _payload(Call(ChatCompletionRequest.model_validate(body), "key:bench"), "local")
     payload["stream"] = False
     started = time.perf_counter()
     result = engine._server.handle_chat_completions(payload)
