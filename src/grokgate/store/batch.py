@@ -12,7 +12,7 @@ import sqlite3
 from collections import defaultdict
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, bindparam, case, delete, insert, select, update
+from sqlalchemy import ColumnElement, Connection, bindparam, case, delete, insert, literal_column, select, update
 
 from grokgate.core.accounts import Settlement, now_ms
 from grokgate.core.budgets import GRANTED, Hold, Reserved
@@ -26,6 +26,7 @@ _account = accounts.c.id == bindparam("account")
 _key = api_tokens.c.id == bindparam("token")
 _start = api_tokens.c.period_start
 _period: Any = bindparam("period")
+_ZERO = literal_column("0")  # in the SQL itself: the runners bind named parameters only
 STATEMENTS: dict[str, Any] = {
     settling.LOCK_BALANCE: (
         update(accounts).where(_account)
@@ -49,14 +50,14 @@ STATEMENTS: dict[str, Any] = {
             period_spent=case((_start == _period, api_tokens.c.period_spent + bindparam("charge")),
                               (_start < _period, bindparam("charge")), else_=api_tokens.c.period_spent),
             period_reserved=case((_start == _period, api_tokens.c.period_reserved - bindparam("freed")),
-                                 (_start < _period, 0), else_=api_tokens.c.period_reserved),
+                                 (_start < _period, _ZERO), else_=api_tokens.c.period_reserved),
             period_start=case((_start < _period, _period), else_=_start))
         .returning(api_tokens.c.period_start, api_tokens.c.period_spent)
     ),
     settling.KEY_LOCK: (
         update(api_tokens).where(_key).values(
-            period_spent=case((_start < _period, 0), else_=api_tokens.c.period_spent),
-            period_reserved=case((_start < _period, 0), else_=api_tokens.c.period_reserved),
+            period_spent=case((_start < _period, _ZERO), else_=api_tokens.c.period_spent),
+            period_reserved=case((_start < _period, _ZERO), else_=api_tokens.c.period_reserved),
             period_start=case((_start < _period, _period), else_=_start))
         .returning(api_tokens.c.spend_limit, api_tokens.c.period_start, api_tokens.c.period_spent,
                    api_tokens.c.period_reserved)

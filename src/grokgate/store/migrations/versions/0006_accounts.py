@@ -45,7 +45,9 @@ def upgrade() -> None:
         sa.CheckConstraint("reserved >= 0", name="ck_accounts_reserved_nonnegative"),
         sqlite_autoincrement=True,
     )
-    op.add_column("api_tokens", sa.Column("account_id", sa.Integer, sa.ForeignKey("accounts.id"), nullable=True))
+    op.add_column("api_tokens", sa.Column("account_id", sa.Integer, nullable=True))
+    if dialect == "postgresql":  # SQLite adds no constraint to an existing table; the store never names a missing one
+        op.create_foreign_key("fk_api_tokens_account", "api_tokens", "accounts", ["account_id"], ["id"])
     op.add_column("api_tokens", sa.Column("spend_limit", sa.BigInteger, nullable=True))
     op.add_column("api_tokens", sa.Column("limit_period", sa.String(8), nullable=True))
     for name in ("period_start", "period_spent", "period_reserved"):
