@@ -92,13 +92,16 @@ def test_an_account_with_keys_sharing_its_balance(srv: AppServer) -> None:
     assert chat(srv, one["token"]).status_code == 200
 
 
-def test_credits_on_a_key_of_an_existing_account_are_refused(srv: AppServer) -> None:
+def test_credits_with_a_key_of_an_existing_account_go_to_the_account(srv: AppServer) -> None:
     account = admin(srv, "POST", "/admin/accounts", 201, json={"name": name()})
-    r = call(srv, "POST", "/admin/keys", TOKEN, json={"name": "k", "account": str(account["id"]), "credits": "5"})
-    err(r, 400, "bad_request", "credits")
+    made = admin(srv, "POST", "/admin/keys", 201, json={"name": "k", "account": str(account["id"]), "credits": "5"})
+    assert made["key"]["account_id"] == account["id"] and made["key"]["balance"] == 5_000_000
+    rows = admin(srv, "GET", "/admin/ledger", params={"account": account["id"]})["data"]
+    assert [(r["kind"], r["token_id"], r["amount"]) for r in rows] == [("topup", made["key"]["id"], 5_000_000)]
     err(call(srv, "POST", "/admin/accounts/nobody-here/keys", TOKEN, json={"name": "k"}), 404, "account_not_found")
+    err(call(srv, "POST", "/admin/keys", TOKEN, json={"name": "k", "account": "nobody"}), 404, "account_not_found")
     err(call(srv, "POST", "/admin/keys", TOKEN, json={"name": "k", "period": "hourly"}), 400, "bad_request")
-    assert admin(srv, "GET", f"/admin/accounts/{account['id']}")["keys"] == 0
+    assert admin(srv, "GET", f"/admin/accounts/{account['id']}")["keys"] == 1
 
 
 def test_a_key_made_with_credits_is_an_account_of_its_own(srv: AppServer) -> None:

@@ -77,9 +77,8 @@ class KeyCreate(_Strict):
     rpm: int | None = Field(default=None, ge=1, le=INT32_MAX)
     tpm: int | None = Field(default=None, ge=1, le=INT32_MAX)
     max_concurrency: int | None = Field(default=None, ge=1, le=INT32_MAX)
-    credits: OptionalAmount = Field(default=None, description="Initial credits (zero or more), e.g. \"10\" or "
-                                                              "\"0.5\"; null or left out: none. Only for a key "
-                                                              "of its own new account (no `account`)")
+    credits: OptionalAmount = Field(default=None, description="Credits added to the key's account (zero or more), "
+                                                              "e.g. \"10\" or \"0.5\"; null or left out: none")
     account: str | None = Field(default=None, min_length=1, max_length=200,
                                 description="The account (id or name) the key spends from; left out: a new "
                                             "account of its own, named like the key")
@@ -227,13 +226,9 @@ async def create_key(body: KeyCreate, store: Store) -> dict[str, Any]:
 
 
 async def new_key(store: AdminStore, body: KeyCreate, initial: int, account: str | int | None) -> dict[str, Any]:
-    """A key of `account` (a reference), or of a new account of its own (None) funded with `initial`."""
-    account_id = None
-    if account is not None:
-        if initial:
-            raise GatewayError(400, "bad_request", "'credits' funds a new account; top up an existing account with "
-                                                   "POST /admin/accounts/{ref}/credits.", param="credits")
-        account_id = (await store.require_account(account)).id
+    """A key of `account` (a reference), or of a new account of its own (None); `initial` credits are added to
+    its account (a ledger row naming the key)."""
+    account_id = None if account is None else (await store.require_account(account)).id
     limit = parse_credits(body.spend_limit, "spend_limit", allow_zero=True) if body.spend_limit is not None else None
     record, secret = await store.create_token(
         body.name, allowed_models=body.allowed_models, rpm=body.rpm, tpm=body.tpm,

@@ -26,7 +26,7 @@ _account = accounts.c.id == bindparam("account")
 _key = api_tokens.c.id == bindparam("token")
 _start = api_tokens.c.period_start
 _period: Any = bindparam("period")
-_ZERO = literal_column("0")  # in the SQL itself: the runners bind named parameters only
+_ZERO: Any = literal_column("0")  # in the SQL itself: the runners bind named parameters only
 STATEMENTS: dict[str, Any] = {
     settling.LOCK_BALANCE: (
         update(accounts).where(_account)
