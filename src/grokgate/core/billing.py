@@ -260,7 +260,9 @@ class AccountAdmission:
         # body: such a token's large bodies are refused too. An operator who gives tokens free models gives them
         # a nominal balance (1 micro-credit is enough) or raises GROKGATE_PARSE_OFFLOAD_BYTES.
         if principal.balance is not None and principal.balance <= 0:
-            raise GatewayError(403, "used_up", USED_UP)
+            raise GatewayError(403, "used_up", USED_UP, headers={"x-grokgate-limit": "account.balance"},
+                               limit={"type": "balance", "scope": "account", "available": 0,
+                                      "available_credits": "0"})
 
     async def refused(self, principal: Principal, request_id: str, error: GatewayError) -> GatewayError:
         if self._counted and request_id in self._counted:
