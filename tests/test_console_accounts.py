@@ -201,6 +201,30 @@ def test_accounts_pages_in_chromium(srv: Server, browser: Any, tabs: list[Tab]) 
     link.click()
     page.wait_for_selector("main[data-ready=accounts] tr[data-key=app-2]")
 
+    # An account that is not there is said so in words, not a blank page.
+    admin.open("accounts", "?id=999999")
+    expect(page.locator("main .notice-error")).to_contain_text("No account matches")
+
     assert not admin.errors, admin.errors
     assert not [u for u in admin.urls if srv.token in u or secret in u or rotated in u]
+    admin.page.close()
+
+    # The key's holder sees both, apart: the account's balance (shared) and its own key's spend against its limit.
+    holder = Tab(browser, srv)
+    tabs.append(holder)
+    holder.sign_in(rotated)
+    balance = ok(call(srv, "GET", "/v1/balance", rotated))
+    cards = holder.page.locator(".cards")
+    expect(cards.locator(".card:has(.card-label:text('Account balance')) .card-value")).to_have_text(
+        balance["balance_credits"])
+    expect(cards.locator(".card:has(.card-label:text('Account balance')) .card-note")).to_contain_text(NASTY)
+    expect(cards.locator(".card-key .card-value")).to_have_text(balance["key"]["spent_credits"])
+    expect(cards.locator(".card-key .card-note")).to_contain_text("spent of 0.5 per week")
+    expect(cards.locator(".card-key .card-note")).to_contain_text(
+        dt.datetime.fromtimestamp(balance["key"]["resets_at"], dt.UTC).strftime("%Y-%m-%d %H:%M:%S"))
+    holder.open("accounts")
+    assert "Only the admin token can manage accounts." in holder.page.inner_text("main")
+    holder.open("overview")
+    holder.shoot("holder-key-limit")
+    assert not holder.errors, holder.errors
     assert secret not in srv.log() and rotated not in srv.log()
