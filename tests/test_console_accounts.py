@@ -148,6 +148,11 @@ def test_accounts_pages_in_chromium(srv: Server, browser: Any, tabs: list[Tab]) 
 
     # Set the limit: weekly now; the row says so, and so does the API.
     key_row.locator("[data-action=set-limit]").click()
+    # A limit the API refuses is said in the dialog, which stays open for a correction.
+    page.locator("dialog[open] input[name=spend_limit]").fill("-1")
+    page.locator("dialog[open] button[type=submit]").click()
+    expect(page.locator("dialog[open] .form-error")).to_be_visible()
+    assert key_of(srv, key["id"])["spend"]["limit"] == 1_000_000
     page.locator("dialog[open] input[name=spend_limit]").fill("0.5")
     page.locator("dialog[open] select[name=period]").select_option("weekly")
     page.locator("dialog[open] button[type=submit]").click()
