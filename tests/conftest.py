@@ -435,12 +435,18 @@ def ok(r: httpx.Response, status: int = 200) -> Any:
     return r.json()
 
 
+LIMIT_CODES = {"used_up", "key_limit_exceeded", "too_many_requests", "rate_limiter_unavailable"}
+
+
 def err(r: httpx.Response, status: int, code: str, param: str | None = None) -> dict[str, Any]:
     """Check the contract's error envelope and return its `error` object."""
     assert r.status_code == status, r.text
     body = r.json()
     assert set(body) == {"error", "trace_id"}, body
-    assert set(body["error"]) == {"code", "message", "type", "param"}, body
+    # `limit`: which limit refused a request, beside AceData's members (core/billing.py); only on such refusals.
+    assert set(body["error"]) - {"limit"} == {"code", "message", "type", "param"}, body
+    if "limit" in body["error"]:
+        assert code in LIMIT_CODES and isinstance(body["error"]["limit"], dict), body
     assert body["error"]["code"] == code, body
     assert body["error"]["message"], body
     assert body["trace_id"] == r.headers["x-request-id"]

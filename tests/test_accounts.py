@@ -33,7 +33,8 @@ USED_UP = ("Your balance is not sufficient for current request, please buy more 
            "https://platform.acedata.cloud")
 COUNTERS = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens", "cost")
 RECORD_FIELDS = {"id", "name", "prefix", "created_at", "expires_at", "disabled", "allowed_models", "rpm", "tpm",
-                 "max_concurrency", "balance", "reserved", "balance_credits"}
+                 "max_concurrency", "balance", "reserved", "balance_credits", "account_id", "account_name", "spend",
+                 "rotated_at", "previous_valid_until"}
 CACHED = 3  # of the scripted provider's 7 prompt tokens, when it saw the prompt before
 
 
@@ -296,7 +297,8 @@ def test_topups_add_exactly_and_show_in_every_view(srv: Srv) -> None:
     assert (after["balance"], after["balance_credits"]) == (5_750_001, "5.750001")
     assert record(srv, key["id"]) == after
     expected = {"object": "balance", "token": {"id": key["id"], "name": key["name"], "prefix": key["prefix"]},
-                "balance": 5_750_001, "reserved": 0, "balance_credits": "5.750001", "unit": "micro-credits"}
+                "balance": 5_750_001, "reserved": 0, "balance_credits": "5.750001", "unit": "micro-credits",
+                "account": {"id": key["account_id"], "name": key["name"]}, "key": key["spend"]}
     for path in ("/v1/balance", "/grok/balance"):
         r = api(srv, "GET", path, token=secret)
         assert ok(r) == expected and secret not in r.text

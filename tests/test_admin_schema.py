@@ -107,7 +107,17 @@ def test_every_admin_and_account_answer_matches_its_documented_schema(
     ok(call(srv, "PUT", "/admin/prices/schema-model", TOKEN,
             json={"input": "1", "cached_input": "0.5", "output": "2"}))
     victim = create_key(srv, name())[1]
+    account = ok(call(srv, "POST", "/admin/accounts", TOKEN, json={"name": name()}), 201)["id"]
     answers = [
+        ("POST", "/admin/accounts", "/admin/accounts", TOKEN, {"name": name(), "credits": "1", "rpm": 5}),
+        ("GET", "/admin/accounts", "/admin/accounts", TOKEN, None),
+        ("POST", "/admin/accounts/{ref}/credits", f"/admin/accounts/{account}/credits", TOKEN, {"amount": "1"}),
+        ("POST", "/admin/accounts/{ref}/keys", f"/admin/accounts/{account}/keys", TOKEN,
+         {"name": name(), "spend_limit": "0.5", "period": "weekly"}),
+        ("GET", "/admin/accounts/{ref}", f"/admin/accounts/{account}", TOKEN, None),
+        ("PATCH", "/admin/accounts/{ref}", f"/admin/accounts/{account}", TOKEN, {"tpm": 1000, "name": name()}),
+        ("POST", "/admin/accounts/{ref}/disable", f"/admin/accounts/{account}/disable", TOKEN, None),
+        ("POST", "/admin/keys/{ref}/rotate", f"/admin/keys/{victim['id']}/rotate", TOKEN, {"grace_seconds": 5}),
         ("POST", "/admin/keys", "/admin/keys", TOKEN, {"name": name(), "credits": "2", "rpm": 5}),
         ("POST", "/admin/keys", "/admin/keys", TOKEN,
          {"name": name(), "allowed_models": ["grok-3"], "expires_at": 4_000_000_000}),

@@ -187,9 +187,83 @@ def race(servers: list[Server]) -> None:
     check_books(servers[0], key["id"], initial, served)
 
 
+def fire_keys(servers: list[Server], tokens: list[str], count: int, body: dict[str, Any]) -> list[httpx.Response]:
+    """`count` requests at once, spread over the keys and the replicas, each on its own connection."""
+    async def run() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=count, max_keepalive_connections=0)
+        clients = [httpx.AsyncClient(base_url=s.url, timeout=300, limits=limits, verify=False) for s in servers]
+        try:
+            return await asyncio.gather(*(
+                clients[i % len(clients)].post("/grok/chat/completions", json=body,
+                                                headers={"Authorization": f"Bearer {tokens[i % len(tokens)]}"})
+                for i in range(count)
+            ))
+        finally:
+            for c in clients:
+                await c.aclose()
+
+    return asyncio.run(run())
+
+
+def admin_post_json(server: Server, path: str, body: dict[str, Any]) -> Any:
+    with server.client() as c:
+        r = c.post(path, json=body, headers={"Authorization": f"Bearer {server.token}"})
+    assert r.status_code in (200, 201), r.text
+    return r.json()
+
+
+def account_with_keys(server: Server, name: str, initial: int, keys: int = 4) -> tuple[int, list[str], list[int]]:
+    """An account funded with `initial` micro-credits and `keys` keys: (account id, secrets, key ids)."""
+    account = admin_post_json(server, "/admin/accounts", {"name": f"{name}-{uuid.uuid4().hex[:6]}",
+                                                          "credits": format_credits(initial)})
+    made = [admin_post_json(server, f"/admin/accounts/{account['id']}/keys", {"name": f"{name}-key-{i}"})
+            for i in range(keys)]
+    return account["id"], [m["token"] for m in made], [m["key"]["id"] for m in made]
+
+
+def check_account_books(server: Server, account_id: int, initial: int, served: int) -> None:
+    account = admin_get(server, f"/admin/accounts/{account_id}")
+    assert account["reserved"] == 0, "every reservation was settled"
+    assert account["balance"] >= 0
+    usage = admin_get(server, f"/admin/usage?account={account_id}&by=model")["data"]
+    charged = sum(r["cost"] for r in usage)
+    assert sum(r["requests"] for r in usage) == served, "one ledger row per served request"
+    assert initial - account["balance"] == charged, "the ledger's sum equals the balance moved"
+    rows = admin_get(server, f"/admin/ledger?account={account_id}&limit=10000")["data"]
+    assert -sum(r["amount"] for r in rows if r["kind"] == "usage") == charged
+    per_key = {k["id"]: k["spend"]["spent"] for k in account["data"]}
+    assert sum(per_key.values()) == charged, "each key's spend in this period adds up to the account's"
+
+
+def race_keys(servers: list[Server]) -> None:
+    """64 requests at once over 4 keys of one account funded for about 10."""
+    reservation = reservation_of(servers[0], CHEAP)
+    initial = reservation * 10 + reservation // 2
+    account_id, tokens, _ = account_with_keys(servers[0], "racers", initial)
+    responses = fire_keys(servers, tokens, 64, CHEAP)
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 403}, codes
+    assert all(r.json()["error"]["code"] == "used_up" for r in responses if r.status_code == 403)
+    served = codes.count(200)
+    assert served >= 10 and 403 in codes, (served, codes)
+    check_account_books(servers[0], account_id, initial, served)
+
+
 @E2E
 def test_concurrent_requests_cannot_overdraw(server: Server) -> None:
     race([server])
+
+
+@E2E
+def test_concurrent_requests_over_four_keys_of_one_account_cannot_overdraw(server: Server) -> None:
+    race_keys([server])
+
+
+@E2E
+def test_four_keys_of_one_account_across_two_replicas_cannot_overdraw(
+        replicas: tuple[Server, Server, str | None]) -> None:
+    a, b, _ = replicas
+    race_keys([a, b])
 
 
 @E2E
@@ -358,5 +432,36 @@ def test_sigkill_loses_no_completed_request_and_one_process_per_sqlite_file(
             raise AssertionError(f"a second server started on the SQLite file:\n{exc.stdout!r}") from None
         assert second.returncode != 0, second
         assert "several processes need PostgreSQL" in second.stdout + second.stderr, second
+    finally:
+        stop_server(again)
+
+
+@E2E
+def test_sigkill_with_four_keys_of_one_account_loses_nothing(tmp_path_factory: pytest.TempPathFactory,
+                                                              fake: FakeXAI) -> None:
+    """Several keys of one account spending when the server is killed: every completed request is in the ledger,
+    and after the restart the account's books balance (what was held in memory is simply not charged)."""
+    tmp = tmp_path_factory.mktemp("crash-keys")
+    env = upstream_env(tmp, fake, GROKGATE_INSTANCE_ID="crash-keys")
+    srv = start_server(tmp, "--slots", "4", env=env, name="crash-keys")
+    account_id, tokens, _ = account_with_keys(srv, "victims", 5_000_000)
+
+    def send(i: int, c: httpx.Client) -> str | None:
+        body = {"model": "grok-3", "messages": user(f"Count to {i + 3}."), "max_tokens": 2 + i % 6,
+                "stream": i % 2 == 0}
+        r = c.post("/grok/chat/completions", json=body, headers={"Authorization": f"Bearer {tokens[i % 4]}"})
+        done = r.status_code == 200 and (r.text.endswith("data: [DONE]\n\n") if body["stream"]
+                                         else "choices" in r.json())
+        return r.headers["x-request-id"] if done else None
+
+    completed = kill_under_load(srv, send, 6)
+    assert len(completed) >= 6
+    again = start_server(tmp, "--slots", "2", env=env, name="crash-keys")
+    try:
+        rows = admin_get(again, f"/admin/ledger?account={account_id}&limit=10000")["data"]
+        missing = [rid for rid in completed if rid not in {r["request_id"] for r in rows}]
+        assert not missing, f"completed requests missing from the ledger: {missing}"
+        assert len({r["token_id"] for r in rows if r["kind"] == "usage"}) > 1, "several keys spent"
+        check_account_books(again, account_id, 5_000_000, len([r for r in rows if r["kind"] == "usage"]))
     finally:
         stop_server(again)

@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from grokgate.core.accounts import Settlement, TokenRecord
 from grokgate.core.admission import AdmissionRequest, Principal
 from grokgate.core.billing import AccountAdmission
+from grokgate.core.budgets import Hold, Reserved
 from grokgate.core.errors import GatewayError
 from grokgate.core.limits import Decision, Limits
 from grokgate.core.pricing import Price
@@ -70,9 +71,9 @@ class NoCredits:
     async def current_price(self, model: str) -> Price | None:
         return Price(model, 3_000_000, 750_000, 15_000_000)
 
-    async def reserve(self, token_id: int, request_id: str, amount: int) -> bool:
+    async def reserve(self, hold: Hold) -> Reserved:
         self.reserve_calls += 1
-        return False
+        return Reserved(False, "balance", 0)
 
     async def settle(self, settlement: Settlement) -> None:
         raise AssertionError("a refused request is never settled")
@@ -93,7 +94,7 @@ def test_refused_for_credits_costs_one_redis_round_trip(redis_url: str, redis_pr
     """A request the limiter lets through but the balance refuses: one round trip on its path (before: a second
     one to release its slot); the slot still goes back, to this replica at once, to the others by a flush."""
     limits = Limits(rpm=1000, tpm=1_000_000, concurrency=1)
-    principal = Principal(key_id="tok-7", token_id=7, limits=limits)
+    principal = Principal(key_id="tok-7", token_id=7, account_id=7, limits=limits)
 
     async def run() -> None:
         client = counting_client(redis_url)
@@ -132,7 +133,7 @@ def test_refused_for_credits_costs_one_redis_round_trip(redis_url: str, redis_pr
 def test_refused_request_slot_is_freed_for_other_replicas_without_more_traffic(
         redis_url: str, redis_prefix: str) -> None:
     limits = Limits(concurrency=1)
-    principal = Principal(key_id="tok-8", token_id=8, limits=limits)
+    principal = Principal(key_id="tok-8", token_id=8, account_id=8, limits=limits)
 
     async def run() -> Decision:
         limiter = RedisRateLimiter(redis_url, key_prefix=redis_prefix, on_store_error="fail_closed")

@@ -104,7 +104,7 @@ def test_the_cli_addresses_a_tenants_cassettes(tmp_path: Path, capsys: pytest.Ca
                     ) as srv:
         a, key = create_key(srv, "a", credits="10")
         ok(post(srv, chat("Mine"), token=a, cassette_name="suite"))
-    tenant = f"token:{key['id']}"
+    tenant = f"account:{key['account_id']}"
     assert cli_main(["cassettes", "list", "--dir", str(directory)]) == 0
     out = capsys.readouterr().out
     assert tenant in out and "suite" in out and "grok-3" in out

@@ -556,8 +556,8 @@ def test_console_in_chromium(srv: Server, browser: Any, tabs: list[Tab]) -> None
     page.click(".signin-form button[type=submit]")
     expect(page.locator(".signin-form .form-error")).to_contain_text("invalid")
     admin.sign_in(srv.token)
-    assert page.locator("#nav a").all_inner_texts() == ["Overview", "Tokens", "Usage", "Models & prices",
-                                                        "Playground"]
+    assert page.locator("#nav a").all_inner_texts() == ["Overview", "Accounts", "Tokens", "Usage",
+                                                        "Models & prices", "Playground"]
     assert page.inner_text("#who-label") == "Admin"
 
     # Tokens: create with limits and a model list; the secret is shown once and copied.

@@ -242,7 +242,8 @@ def test_saves_commit_beside_settlements(kind: str, tmp_path: Path) -> None:
         sql = store.store
         record, _ = await sql.create_token("t")
         await sql.add_credits(record.id, 1_000_000)
-        settlements = [Settlement(request_id=f"req-{i}", token_id=record.id, model="grok-3", backend="test",
+        settlements = [Settlement(request_id=f"req-{i}", token_id=record.id, account_id=record.account_id,
+                                model="grok-3", backend="test",
                                   usage=Usage(prompt_tokens=1, completion_tokens=1), cost=10, price_version=1,
                                   status="ok", estimated=False, duration_ms=1, reserved=0, endpoint="responses")
                        for i in range(20)]
@@ -286,7 +287,8 @@ def test_saves_survive_a_writer_process_failure(
         record, _ = await sql.create_token("t")
         await sql.add_credits(record.id, 1_000_000)
         monkeypatch.setattr(SqliteWriter, "_call", commit_then_vanish)
-        settlement = Settlement(request_id="req-lost", token_id=record.id, model="grok-3", backend="test",
+        settlement = Settlement(request_id="req-lost", token_id=record.id, account_id=record.account_id,
+                                model="grok-3", backend="test",
                                 usage=Usage(prompt_tokens=1, completion_tokens=1), cost=10, price_version=1,
                                 status="ok", estimated=False, duration_ms=1, reserved=0, endpoint="responses")
         saves = [turn(f"resp_{i}") for i in range(5)]
@@ -383,7 +385,7 @@ def test_migration_from_0002_sqlite(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/old.db"
     asyncio.run(_migrate_from_0002(url))
     with sqlite3.connect(tmp_path / "old.db") as db:
-        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("0005",)]
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("0006",)]
         indexes = {row[1] for row in db.execute("PRAGMA index_list(responses)")}
         assert "ix_responses_expires" in indexes
 

@@ -41,7 +41,8 @@ def test_reasoning_without_encrypted_content_is_neither_sent_nor_stored() -> Non
         {"role": "user", "content": "hi"}]}), max_messages=64)
 
     async def run() -> None:
-        call, wire = await service.prepare(body, CallOptions(tenant_of(Principal(key_id="k", token_id=1)), "req", 0.0))
+        owner = tenant_of(Principal(key_id="k", token_id=1, account_id=1))
+        call, wire = await service.prepare(body, CallOptions(owner, "req", 0.0))
         assert [i["type"] for i in wire.input_items] == ["message"]
         assert "x" * 1000 not in orjson.dumps(call.request.responses_body).decode()
         assert call.prompt_tokens < 10_000  # the 100 kB summary is not in the bound either: it is not sent

@@ -35,8 +35,8 @@ from grokgate.serving.responses import ResponsesService, translate, turn_item
 from grokgate.serving.responses_wire import ResponsesWire
 
 EVENTS: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
-ALICE = Principal(key_id="a", token_id=1)
-BOB = Principal(key_id="b", token_id=2)
+ALICE = Principal(key_id="a", token_id=1, account_id=1)
+BOB = Principal(key_id="b", token_id=2, account_id=2)
 
 
 # -- fakes -----------------------------------------------------------------------------------------------------
@@ -631,7 +631,7 @@ def test_commit_stores_input_items_and_the_response() -> None:
     _, wire = prepare(svc, input=[{"role": "user", "content": "q"}])
     result = collect(wire, TEXT)
     stored = store.kept[wire.id]
-    assert stored.owner == "token:1" and stored.response is result and stored.previous_id is None
+    assert stored.owner == "account:1" and stored.response is result and stored.previous_id is None
     assert stored.input_items == wire.input_items and str(stored.input_items[0]["id"]).startswith("msg_")
     assert stored.expires_at - stored.created_at >= 86_400_000 - 5_000
     assert counter(metrics, "grokgate_responses_stored_total") == 1

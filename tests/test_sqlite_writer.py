@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from grokgate.core.accounts import Settlement, TokenRecord
+from grokgate.core.budgets import Hold
 from grokgate.core.events import Usage
 from grokgate.store.batch import sqlite_statements
 from grokgate.store.sql import SqlStore
@@ -89,8 +90,9 @@ async def _funded_store(tmp_path: Path, credits: int = 1_000_000) -> AsyncIterat
         await store.close()
 
 
-def _settlement(token_id: int, cost: int) -> Settlement:
-    return Settlement(request_id=uuid.uuid4().hex, token_id=token_id, model="grok-3", backend="test",
+def _settlement(record: TokenRecord, cost: int) -> Settlement:
+    return Settlement(request_id=uuid.uuid4().hex, token_id=record.id, account_id=record.account_id, model="grok-3",
+                      backend="test",
                       usage=Usage(prompt_tokens=10, completion_tokens=5), cost=cost, price_version=1,
                       status="ok", estimated=False, duration_ms=1, reserved=0)
 
@@ -111,7 +113,7 @@ def test_batch_committed_but_answer_lost_is_not_charged_twice(tmp_path: Path,
                 return answer
 
             monkeypatch.setattr(SqliteWriter, "_call", commit_then_vanish)
-            batch = [_settlement(record.id, 1000 + i) for i in range(5)]
+            batch = [_settlement(record, 1000 + i) for i in range(5)]
             await asyncio.gather(*(store.settle(s) for s in batch))
             after = await store.get_token(record.id)
             assert after is not None and after.balance == 1_000_000 - sum(s.cost for s in batch)
@@ -119,7 +121,7 @@ def test_batch_committed_but_answer_lost_is_not_charged_twice(tmp_path: Path,
             usage = [r for r in rows if r["kind"] == "usage"]
             assert sorted(r["request_id"] for r in usage) == sorted(s.request_id for s in batch)
             # The next batch goes to a new child.
-            more = _settlement(record.id, 7)
+            more = _settlement(record, 7)
             await store.settle(more)
             again = await store.get_token(record.id)
             assert again is not None and again.balance == after.balance - 7
@@ -176,7 +178,7 @@ def test_a_stuck_writer_is_replaced_and_its_batch_settled_here(tmp_path: Path) -
             stuck = settler.pid
             os.kill(stuck, signal.SIGSTOP)
             started = time.monotonic()
-            batch = [_settlement(record.id, 100) for _ in range(3)]
+            batch = [_settlement(record, 100) for _ in range(3)]
             await asyncio.gather(*(store.settle(s) for s in batch))
             # One timeout, then it is killed: not a second timeout spent waiting for a stopped child to exit.
             assert time.monotonic() - started < 2 * settler.timeout - 0.1
@@ -193,7 +195,7 @@ def test_a_stuck_writer_is_replaced_and_its_batch_settled_here(tmp_path: Path) -
 def test_the_same_settlement_twice_in_one_batch_is_charged_once(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with _funded_store(tmp_path) as (store, record):
-            s = _settlement(record.id, 250)
+            s = _settlement(record, 250)
             await asyncio.gather(store.settle(s), store.settle(s))
             after = await store.get_token(record.id)
             assert after is not None and after.balance == 1_000_000 - 250
@@ -217,7 +219,7 @@ def test_admin_writes_in_a_batch_whose_settlement_fails_run_once(tmp_path: Path,
 
             monkeypatch.setattr(SqliteWriter, "settle", refuse)
             monkeypatch.setattr(SqlStore, "_settle_checked", refuse_here)  # where it is retried on its own
-            s = _settlement(record.id, 10)
+            s = _settlement(record, 10)
             results = await asyncio.gather(store.add_credits(record.id, 5_000), store.settle(s),
                                            return_exceptions=True)
             assert isinstance(results[1], RuntimeError)
@@ -238,7 +240,7 @@ def test_no_new_writer_can_start_settles_here(tmp_path: Path, monkeypatch: pytes
             os.kill(settler.pid, signal.SIGKILL)
             monkeypatch.setattr("grokgate.store.sqlite_writer.sys.executable", str(tmp_path / "no-python"))
             for _ in range(2):  # the first finds the child dead, the second finds no child at all
-                batch = [_settlement(record.id, 100) for _ in range(3)]
+                batch = [_settlement(record, 100) for _ in range(3)]
                 await asyncio.gather(*(store.settle(s) for s in batch))
             after = await store.get_token(record.id)
             assert after is not None and after.balance == 1_000_000 - 600
@@ -353,7 +355,7 @@ def test_lost_answer_then_a_failed_fallback_still_charges_once_and_answers(
 
             monkeypatch.setattr(SqliteWriter, "_call", commit_then_vanish)
             monkeypatch.setattr(SqlStore, "_settle_checked", locked_once)
-            batch = [_settlement(record.id, 1000 + i) for i in range(3)]
+            batch = [_settlement(record, 1000 + i) for i in range(3)]
             await asyncio.gather(*(store.settle(s) for s in batch))  # none raises
             assert failures == {"call": 0, "checked": 0}, "both failures happened"
             after = await store.get_token(record.id)
@@ -381,7 +383,7 @@ def test_an_answer_that_is_not_one_is_a_writer_failure(tmp_path: Path, monkeypat
                 return real_loads(data)
 
             monkeypatch.setattr("grokgate.store.sqlite_writer.pickle.loads", loads)
-            batch = [_settlement(record.id, 100) for _ in range(3)]
+            batch = [_settlement(record, 100) for _ in range(3)]
             await asyncio.gather(*(store.settle(s) for s in batch))
             after = await store.get_token(record.id)
             assert after is not None and after.balance == 1_000_000 - 300
@@ -401,7 +403,7 @@ def test_sqlite_url_with_a_query_string(tmp_path: Path) -> None:
             assert store._settler is not None, "the writer process started on the right file"
             record, _ = await store.create_token("q")
             await store.add_credits(record.id, 1_000)
-            s = _settlement(record.id, 10)
+            s = _settlement(record, 10)
             await store.settle(s)
             after = await store.get_token(record.id)
             assert after is not None and after.balance == 990
@@ -429,9 +431,9 @@ def test_settlements_that_arrive_while_the_store_closes_are_committed(tmp_path: 
     come from their `finally` a moment later. close() waits for every granted reservation to settle."""
     async def scenario() -> None:
         async with _funded_store(tmp_path) as (store, record):
-            late = [dataclasses.replace(_settlement(record.id, 100), reserved=500) for _ in range(3)]
+            late = [dataclasses.replace(_settlement(record, 100), reserved=500) for _ in range(3)]
             for s in late:
-                assert await store.reserve(record.id, s.request_id, s.reserved)
+                assert (await store.reserve(Hold(record.account_id, record.id, s.request_id, s.reserved))).granted
 
             async def settle_late(s: Settlement, delay: float) -> None:
                 await asyncio.sleep(delay)
@@ -441,7 +443,7 @@ def test_settlements_that_arrive_while_the_store_closes_are_committed(tmp_path: 
             await store.close()
             await asyncio.gather(*tasks)
             with pytest.raises(RuntimeError, match="the store is closed"):
-                await store.settle(_settlement(record.id, 1))
+                await store.settle(_settlement(record, 1))
         reopened = SqlStore(f"sqlite:///{tmp_path}/g.db")
         await reopened.open()
         try:

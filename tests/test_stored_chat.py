@@ -58,7 +58,7 @@ class Gate:
         self.responses: ResponsesService = served.app.state.gateway.responses
         token_a, key_a = create_key(served, "alice", credits="100")
         token_b, key_b = create_key(served, "bob", credits="100")
-        self.owner_a, self.owner_b = f"token:{key_a['id']}", f"token:{key_b['id']}"
+        self.owner_a, self.owner_b = f"account:{key_a['account_id']}", f"account:{key_b['account_id']}"
         self.a = openai.OpenAI(base_url=f"{served.url}/v1", api_key=token_a, max_retries=0)
         self.b = openai.OpenAI(base_url=f"{served.url}/v1", api_key=token_b, max_retries=0)
 

@@ -39,8 +39,8 @@ from tests.inproc import AppServer, ScriptedProvider, app_server, scripted_model
 SECRET = "Internal key: HR-SECRET-7781. Salary of Jane Roe: 182,000."
 # What differs between any two responses, whoever else exists: never an observation.
 VOLATILE = {"id", "created", "created_at", "trace_id", "request_id", "duration_ms", "system_fingerprint",
-            "token_id", "completed_at", "at", "day", "first_id", "last_id", "previous_response_id", "response_id",
-            "prefix"}
+            "token_id", "account_id", "completed_at", "at", "day", "first_id", "last_id", "previous_response_id",
+            "response_id", "prefix"}
 HEADERS = ("x-grokgate-cache", "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
            "x-ratelimit-limit-tokens", "content-type")
 

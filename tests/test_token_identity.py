@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Connection, delete, insert, select, text
 
-from grokgate.store.schema import api_tokens, ledger, responses, usage_daily
+from grokgate.store.schema import accounts, api_tokens, ledger, responses, usage_daily
 from grokgate.store.sql import SqlStore, normalise_url
 from tests.conftest import E2E, PG_ADMIN_URL, TOKEN, _pg_execute, call, create_key, ok, user
 from tests.inproc import AppServer, ScriptedProvider, app_server, scripted_models
@@ -185,7 +185,11 @@ def test_the_upgrade_keeps_every_id_and_never_hands_out_a_deleted_one(database: 
         await store.open(serve=True)
         try:
             tokens = await rows_of(store, select(api_tokens).order_by(api_tokens.c.id))
-            assert tokens == [_token(1, 1000), _token(2, 988)], "ids and every column as they were"
+            # Every column as it was, but the balance: since 0006 the token's account holds it (same id).
+            assert [{k: t[k] for k in _token(1, 0)} for t in tokens] == [_token(1, 0), _token(2, 0)], \
+                "ids and every column as they were"
+            assert [(a["id"], a["balance"]) for a in await rows_of(store, select(accounts).order_by(accounts.c.id))] \
+                == [(1, 1000), (2, 988)]
             assert len(await rows_of(store, select(ledger))) == 5, "the deleted token's ledger rows are kept"
             assert len(await rows_of(store, select(usage_daily))) == 2
             assert [r["id"] for r in await rows_of(store, select(responses))] == ["resp_2"]
@@ -301,5 +305,5 @@ def test_an_upgrade_that_fails_midway_leaves_the_database_as_it_was(tmp_path: Pa
         db.execute("DROP TABLE _api_tokens_0004")
     asyncio.run(open_close())
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("0005",)]
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("0006",)]
         assert db.execute("SELECT id, name FROM api_tokens").fetchall() == [(1, "token-1")]

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from xai_sdk.chat import required_tool, system, tool, tool_result, user
 from xai_sdk.proto.v6 import chat_pb2, chat_pb2_grpc, deferred_pb2
 
+from grokgate.core.budgets import Hold, Reserved
 from grokgate.core.events import Delta, Event, Finish, Usage, UsageReport
 from grokgate.providers import base
 from grokgate.providers.base import ModelTable, Route
@@ -510,8 +511,8 @@ def test_a_cancel_during_admission_leaves_no_reservation_held(gw: Gateway, rpc: 
     reserve = store.reserve
     writing = threading.Event()
 
-    async def slow_reserve(token_id: int, request_id: str, amount: int) -> bool:
-        reserved: bool = await reserve(token_id, request_id, amount)  # written: the credits are held from here
+    async def slow_reserve(hold: Hold) -> Reserved:
+        reserved: Reserved = await reserve(hold)  # written: the credits are held from here
         writing.set()
         await asyncio.sleep(0.8)
         return reserved

@@ -258,7 +258,7 @@ def test_api_key_info_describes_the_token_without_its_secret(gw: Gateway) -> Non
     assert info.redacted_api_key == record["prefix"] + "..." and secret.startswith(record["prefix"])
     assert list(info.acls) == ["api-key:model:grok-3", "api-key:model:grok-3-mini", "api-key:endpoint:*"]
     assert (info.disabled, info.api_key_blocked, info.team_blocked) == (False, False, False)
-    assert info.team_id == f"token:{record['id']}"
+    assert info.team_id == f"account:{record['account_id']}"
     assert info.create_time.seconds == record["created_at"]
     secret_part = secret[len(record["prefix"]):]
     assert secret_part not in info.SerializeToString().decode("utf-8", "replace") and secret_part not in str(info)

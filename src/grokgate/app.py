@@ -14,9 +14,21 @@ from fastapi import FastAPI
 from starlette.routing import Route as StarletteRoute
 
 from grokgate import __version__, routing
-from grokgate.api import account, admin, chat, console, deferred, errors, ledger, meta, responses, xai_routes
+from grokgate.api import (
+    account,
+    admin,
+    admin_accounts,
+    chat,
+    console,
+    deferred,
+    errors,
+    ledger,
+    meta,
+    responses,
+    xai_routes,
+)
 from grokgate.api.deps import Gateway
-from grokgate.api.docs import mount_docs
+from grokgate.api.docs import mount_docs, mount_home
 from grokgate.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from grokgate.api.openapi import describe_api
 from grokgate.api.sse import RESPONSES_SSE
@@ -211,9 +223,11 @@ def create_app(
     if store is not None:
         app.include_router(account.router)
         app.include_router(admin.router)
+        app.include_router(admin_accounts.router)
         app.include_router(ledger.router)
         app.include_router(console.router)  # the web console at /console (static files)
     mount_docs(app)
+    mount_home(app, console=store is not None)
     describe_api(app, settings)
     # The chat routes are also served by plain Starlette routes placed first: the same endpoint, minus
     # FastAPI's per-request machinery (route wrappers, exit stacks, empty dependency solving). The FastAPI

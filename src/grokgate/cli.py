@@ -322,7 +322,7 @@ def add_cassette_commands(sub: Any) -> None:
     where.add_argument("--dir", metavar="DIR",
                        help="the cassettes' directory (default: GROKGATE_REPLAY_DIR, GROKGATE_RECORD_DIR, ./cassettes)")
     where.add_argument("--tenant", metavar="TENANT",
-                       help="a tenant's own cassettes (token:<id>, or key:<key id> for a static key; docs/replay.md)"
+                       help="a tenant's own cassettes (account:<id>, or key:<key id> for a static key; docs/replay.md)"
                             " rather than the shared ones")
     listing = cassettes.add_parser("list", parents=[where],
                                    help="each cassette (the shared ones, then each tenant's): exchanges, requests, "

@@ -1,4 +1,4 @@
-"""`grokgate keys | credits | prices | usage | db`: account administration on the store directly.
+"""`grokgate accounts | keys | credits | prices | usage | db`: account administration on the store directly.
 
 The same store methods back the admin HTTP API, so both paths validate and record alike.
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from grokgate.core.accounts import format_credits, parse_credits, parse_price
+from grokgate.core.budgets import PERIODS
 from grokgate.core.errors import GatewayError
 from grokgate.core.pricing import Price
 
@@ -96,14 +97,89 @@ async def keys_create(store: Any, args: argparse.Namespace) -> int:
     # Zero is a valid starting balance, as in POST /admin/keys; only top-ups must add something.
     credits = parse_credits(args.credits, "--credits", allow_zero=True) if args.credits is not None else 0
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    account_id = None
+    if args.account is not None:
+        if credits:
+            raise GatewayError(400, "bad_request", "--credits funds a new account; top up an existing one with "
+                                                   "'grokgate accounts topup ACCOUNT AMOUNT'.")
+        account_id = (await store.require_account(args.account)).id
+    limit = parse_credits(args.limit, "--limit", allow_zero=True) if args.limit is not None else None
+    if args.period is not None and limit is None:
+        raise GatewayError(400, "bad_request", "--period needs --limit (the spending limit it resets).")
     record, secret = await store.create_token(
         args.name, allowed_models=models, expires_at=_expiry(args.expires), rpm=args.rpm, tpm=args.tpm,
-        max_concurrency=args.concurrency,
+        max_concurrency=args.concurrency, account_id=account_id, spend_limit=limit, limit_period=args.period,
     )
     if credits:
         record = await store.add_credits(record.id, credits, note="initial credits")
-    print(f"created token {record.id} ({record.name}), balance {format_credits(record.balance)} credits")
+    print(f"created token {record.id} ({record.name}) of account {record.account_id} ({record.account_name}), "
+          f"balance {format_credits(record.balance)} credits{_cap_text(record)}")
     print(f"secret (shown once, store it now): {secret}")
+    return 0
+
+
+def _cap_text(record: Any) -> str:
+    if record.spend_limit is None:
+        return ""
+    period = f" {record.limit_period}" if record.limit_period else " (never resets)"
+    return f", spending limit {format_credits(record.spend_limit)} credits{period}"
+
+
+async def keys_limit(store: Any, args: argparse.Namespace) -> int:
+    record = await store.require_token(args.ref)
+    limit = None if args.limit in (None, "none") else parse_credits(args.limit, "--limit", allow_zero=True)
+    record = await store.update_token(record.id, spend_limit=limit, limit_period=args.period)
+    print(f"token {record.id} ({record.name}){_cap_text(record) or ': no spending limit'}")
+    return 0
+
+
+async def keys_rotate(store: Any, args: argparse.Namespace) -> int:
+    record = await store.require_token(args.ref)
+    record, secret = await store.rotate_token(record.id, args.grace * 1000)
+    grace = f"the old secret works for {args.grace} more seconds" if args.grace else "the old secret no longer works"
+    print(f"token {record.id} ({record.name}) rotated; {grace}")
+    print(f"new secret (shown once, store it now): {secret}")
+    return 0
+
+
+async def accounts_create(store: Any, args: argparse.Namespace) -> int:
+    credits = parse_credits(args.credits, "--credits", allow_zero=True) if args.credits is not None else 0
+    account = await store.create_account(args.name, rpm=args.rpm, tpm=args.tpm, max_concurrency=args.concurrency)
+    if credits:
+        account = await store.add_account_credits(account.id, credits, note="initial credits")
+    print(f"created account {account.id} ({account.name}), balance {format_credits(account.balance)} credits")
+    print(f"add keys with: grokgate keys create NAME --account {account.id}")
+    return 0
+
+
+async def accounts_list(store: Any, args: argparse.Namespace) -> int:
+    rows = [a.public() for a in await store.list_accounts()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(_table(rows, ["id", "name", "disabled", "balance_credits", "keys", "rpm", "tpm", "max_concurrency"]))
+    return 0
+
+
+async def accounts_show(store: Any, args: argparse.Namespace) -> int:
+    account = await store.require_account(args.ref)
+    keys = [k.public() for k in await store.account_keys(account.id)]
+    print(json.dumps({**account.public(), "data": keys}, indent=2))
+    return 0
+
+
+async def accounts_topup(store: Any, args: argparse.Namespace) -> int:
+    amount = parse_credits(args.amount)
+    account = await store.require_account(args.ref)
+    account = await store.add_account_credits(account.id, amount, note=args.note)
+    print(f"account {account.id} ({account.name}): balance {format_credits(account.balance)} credits")
+    return 0
+
+
+async def accounts_set_disabled(store: Any, args: argparse.Namespace) -> int:
+    account = await store.require_account(args.ref)
+    account = await store.update_account(account.id, disabled=args.command == "disable")
+    print(f"account {account.id} ({account.name}) {'disabled' if account.disabled else 'enabled'}")
     return 0
 
 
@@ -163,11 +239,10 @@ async def prices_set(store: Any, args: argparse.Namespace) -> int:
 
 async def usage_report(store: Any, args: argparse.Namespace) -> int:
     token_id = (await store.require_token(args.token)).id if args.token else None
-    rows = await store.usage(token_id=token_id, since=args.since, by=args.by)
+    account_id = (await store.require_account(args.account)).id if args.account else None
+    rows = await store.usage(token_id=token_id, since=args.since, by=args.by, account_id=account_id)
     if args.csv:
-        from grokgate.store.reports import to_csv
-
-        text = to_csv(rows)
+        text = store.to_csv(rows)
         if args.csv == "-":
             sys.stdout.write(text)
         else:
@@ -223,6 +298,10 @@ def add_commands(sub: Any) -> None:
     create.add_argument("--rpm", type=_positive)
     create.add_argument("--tpm", type=_positive)
     create.add_argument("--concurrency", type=_positive, help="max requests in flight")
+    create.add_argument("--account", help="the account (id or name) it spends from; default: a new account of its "
+                                          "own, named like the key")
+    create.add_argument("--limit", help="the key's spending limit in credits (default: none)")
+    create.add_argument("--period", choices=list(PERIODS), help="when --limit resets (UTC); default: never")
     command(create, keys_create)
     listing = keys.add_parser("list", help="list tokens (prefixes only)")
     listing.add_argument("--json", action="store_true")
@@ -235,8 +314,44 @@ def add_commands(sub: Any) -> None:
         p.add_argument("ref", help="id, name or prefix (gg-xxxxxxxx); refused when it could mean two tokens")
         command(p, action)
 
+    limit = keys.add_parser("limit", help="set or clear a key's spending limit")
+    limit.add_argument("ref", help="id, name or prefix")
+    limit.add_argument("--limit", required=True, help="credits per period; 'none' clears it")
+    limit.add_argument("--period", choices=list(PERIODS), help="when it resets (UTC); default: never")
+    command(limit, keys_limit)
+    rotate = keys.add_parser("rotate", help="a new secret for the same key (shown once)")
+    rotate.add_argument("ref", help="id, name or prefix")
+    rotate.add_argument("--grace", type=int, default=3600,
+                        help="seconds the old secret keeps working (default 3600; 0: stops at once)")
+    command(rotate, keys_rotate)
+
+    accounts = sub.add_parser("accounts", help="customers: one balance shared by their keys").add_subparsers(
+        dest="command", required=True)
+    acreate = accounts.add_parser("create", help="create an account")
+    acreate.add_argument("name")
+    acreate.add_argument("--credits", help="initial credits, e.g. 10 or 0.5")
+    acreate.add_argument("--rpm", type=_positive, help="requests per minute, all its keys together")
+    acreate.add_argument("--tpm", type=_positive, help="tokens per minute, all its keys together")
+    acreate.add_argument("--concurrency", type=_positive, help="requests in flight, all its keys together")
+    command(acreate, accounts_create)
+    alist = accounts.add_parser("list", help="list accounts")
+    alist.add_argument("--json", action="store_true")
+    command(alist, accounts_list)
+    ashow = accounts.add_parser("show", help="an account and its keys (their limits and this period's spend)")
+    ashow.add_argument("ref", help="id or name")
+    command(ashow, accounts_show)
+    topup = accounts.add_parser("topup", help="top up an account (recorded in the ledger)")
+    topup.add_argument("ref", help="id or name")
+    topup.add_argument("amount", help="credits, e.g. 10 or 0.5")
+    topup.add_argument("--note")
+    command(topup, accounts_topup)
+    for name in ("disable", "enable"):
+        toggle = accounts.add_parser(name, help=f"{name} an account (all its keys)")
+        toggle.add_argument("ref", help="id or name")
+        command(toggle, accounts_set_disabled)
+
     credits = sub.add_parser("credits", help="balances").add_subparsers(dest="command", required=True)
-    add = credits.add_parser("add", help="top up a token (recorded in the ledger)")
+    add = credits.add_parser("add", help="top up a token's account (recorded in the ledger)")
     add.add_argument("ref", help="id, name or prefix")
     add.add_argument("amount", help="credits, e.g. 10 or 0.5")
     add.add_argument("--note")
@@ -255,6 +370,7 @@ def add_commands(sub: Any) -> None:
 
     usage = sub.add_parser("usage", help="usage report")
     usage.add_argument("--token", help="id, name or prefix")
+    usage.add_argument("--account", help="id or name: all its keys")
     usage.add_argument("--since", type=_day, help="YYYY-MM-DD")
     usage.add_argument("--by", choices=["day", "model"], default="day")
     usage.add_argument("--csv", metavar="FILE", help="write CSV to FILE ('-' for stdout)")

@@ -1,4 +1,4 @@
-"""What a key holder may see of its own account: balance and usage."""
+"""What a key holder may see of its own account: the account's balance and usage, the key's spending limit."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from grokgate.api.deps import Gateway, authenticate, gateway, own_token_id
 from grokgate.api.openapi import ErrorEnvelope
-from grokgate.core.accounts import format_credits
+from grokgate.core.accounts import format_credits, now_ms
 from grokgate.core.admission import Principal
 from grokgate.core.errors import GatewayError
 
@@ -86,13 +86,34 @@ class BalanceToken(_Closed):
     prefix: str
 
 
+class BalanceAccount(_Closed):
+    id: int
+    name: str
+
+
+class KeySpend(_Closed):
+    """A key's spending limit and what it spent in the current period (core/budgets.py)."""
+
+    limit: Micro | None = Field(description="The key's spending limit; null: only the account's balance bounds it")
+    limit_credits: SignedCredits | None
+    period: Literal["daily", "weekly", "monthly"] | None = Field(
+        description="When the limit resets (UTC calendar days, ISO weeks from Monday, months); null: never")
+    spent: Micro = Field(description="Settled in the current period")
+    spent_credits: SignedCredits
+    reserved: Micro = Field(description="Held in the current period by the key's requests in flight")
+    remaining: Micro | None = Field(description="What the limit still allows this period; null: no limit")
+    resets_at: int | None = Field(description="Unix seconds when the current period ends; null: never")
+
+
 class Balance(_Closed):
     object: Literal["balance"]
     token: BalanceToken
-    balance: Micro
-    reserved: Micro = Field(description="Micro-credits held for requests in flight")
+    account: BalanceAccount
+    balance: Micro = Field(description="The account's balance, shared by all its keys")
+    reserved: Micro = Field(description="Micro-credits held for the account's requests in flight")
     balance_credits: SignedCredits
     unit: Literal["micro-credits"]
+    key: KeySpend = Field(description="The calling key's own spending limit and this period's spend")
 
 
 # The 403 a holder's own routes add to the usual ones (a disabled token); api/openapi.py adds the rest.
@@ -103,7 +124,8 @@ OWN_FORBIDDEN: dict[int | str, dict[str, Any]] = {403: {
 }}
 
 
-@router.get("/v1/balance", summary="The calling token's balance", response_model=None,
+@router.get("/v1/balance", summary="The calling key's account balance, and the key's spending limit",
+            response_model=None,
             responses={200: {"model": Balance, "description": "The balance, in micro-credits and in credits"},
                        **OWN_FORBIDDEN})
 @router.get("/grok/balance", include_in_schema=False)
@@ -116,6 +138,8 @@ async def balance(
     return {
         "object": "balance",
         "token": {"id": record.id, "name": record.name, "prefix": record.prefix},
+        "account": {"id": record.account_id, "name": record.account_name},
+        "key": record.cap(now_ms()),
         "balance": record.balance,
         "reserved": record.reserved,
         "balance_credits": format_credits(record.balance),
@@ -123,7 +147,7 @@ async def balance(
     }
 
 
-@router.get("/v1/usage", summary="The calling token's usage, by day or by model", response_model=None,
+@router.get("/v1/usage", summary="The calling account's usage (or its key's), by day or by model", response_model=None,
             responses={200: {"model": UsageReport, "description": "Totals per UTC day or per model"},
                        **OWN_FORBIDDEN})
 @router.get("/grok/usage", include_in_schema=False)
@@ -132,8 +156,13 @@ async def usage(
     gw: Annotated[Gateway, Depends(gateway)],
     since: Annotated[str | None, Query(json_schema_extra=SINCE_QUERY)] = None,
     by: Annotated[Literal["day", "model"], Query()] = "day",
+    scope: Annotated[Literal["account", "key"], Query(description="account: all the account's keys; key: the "
+                                                                  "calling key's own")] = "account",
 ) -> dict[str, Any]:
     assert gw.store is not None
     token_id = own_token_id(principal)
-    rows = await gw.store.usage(token_id=token_id, since=check_day(since, "since"), by=by)
+    if scope == "key":
+        rows = await gw.store.usage(token_id=token_id, since=check_day(since, "since"), by=by)
+    else:
+        rows = await gw.store.usage(account_id=principal.account_id, since=check_day(since, "since"), by=by)
     return {"object": "list", "by": by, "data": rows}

@@ -11,12 +11,11 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Stric
 from starlette.requests import Request
 from starlette.responses import Response
 
-from grokgate.api.account import SINCE_QUERY, Micro, SignedCredits, UsageReport, check_day
+from grokgate.api.account import SINCE_QUERY, KeySpend, Micro, SignedCredits, UsageReport, check_day
 from grokgate.api.deps import Gateway, require_admin
 from grokgate.core.accounts import AdminStore, credits_schema, parse_credits, parse_price
 from grokgate.core.errors import GatewayError
 from grokgate.core.pricing import Price
-from grokgate.store.reports import to_csv
 
 
 class AdminRoute(APIRoute):
@@ -43,6 +42,11 @@ Store = Annotated[AdminStore, Depends(require_admin)]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+Period = Literal["daily", "weekly", "monthly"]
+GRACE_SECONDS = 3600  # a rotated key's old secret works this long by default: time to roll the new one out
+MAX_GRACE_SECONDS = 30 * 86400
 
 
 INT32_MAX = 2_147_483_647  # the limit columns are 32-bit integers
@@ -73,8 +77,15 @@ class KeyCreate(_Strict):
     rpm: int | None = Field(default=None, ge=1, le=INT32_MAX)
     tpm: int | None = Field(default=None, ge=1, le=INT32_MAX)
     max_concurrency: int | None = Field(default=None, ge=1, le=INT32_MAX)
-    credits: OptionalAmount = Field(default=None, description="Initial credits (zero or more), e.g. \"10\" or "
-                                                              "\"0.5\"; null or left out: none")
+    credits: OptionalAmount = Field(default=None, description="Credits added to the key's account (zero or more), "
+                                                              "e.g. \"10\" or \"0.5\"; null or left out: none")
+    account: str | None = Field(default=None, min_length=1, max_length=200,
+                                description="The account (id or name) the key spends from; left out: a new "
+                                            "account of its own, named like the key")
+    spend_limit: OptionalAmount = Field(default=None, description="The key's spending limit in credits; null: "
+                                                                  "only the account's balance bounds it")
+    period: Period | None = Field(default=None, description="When the spending limit resets (UTC calendar); "
+                                                            "null: never")
 
 
 class KeyUpdate(_Strict):
@@ -87,9 +98,16 @@ class KeyUpdate(_Strict):
     rpm: int | None = Field(default=None, ge=1, le=INT32_MAX)
     tpm: int | None = Field(default=None, ge=1, le=INT32_MAX)
     max_concurrency: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    spend_limit: OptionalAmount = Field(default=None, description="Credits; null: no limit")
+    period: Period | None = Field(default=None, description="daily | weekly | monthly; null: never resets")
 
 
 NOT_NULLABLE = ("name", "disabled")
+
+
+class KeyRotate(_Strict):
+    grace_seconds: int = Field(default=GRACE_SECONDS, ge=0, le=MAX_GRACE_SECONDS,
+                               description="How long the old secret keeps working (0: it stops at once)")
 
 
 class CreditsAdd(_Strict):
@@ -119,9 +137,15 @@ class TokenPublic(_Strict):
     rpm: int | None = Field(description="Requests per minute; null: no limit")
     tpm: int | None = Field(description="Tokens per minute; null: no limit")
     max_concurrency: int | None = Field(description="Requests in flight; null: no limit")
-    balance: Micro
-    reserved: Micro = Field(description="Micro-credits held for requests in flight")
+    account_id: int = Field(description="The account the key spends from")
+    account_name: str
+    balance: Micro = Field(description="The account's balance (all its keys share it)")
+    reserved: Micro = Field(description="Micro-credits the account holds for requests in flight")
     balance_credits: SignedCredits
+    spend: KeySpend = Field(description="The key's own spending limit and this period's spend")
+    rotated_at: int | None = Field(description="Unix seconds of the last rotation; null: never rotated")
+    previous_valid_until: int | None = Field(description="Unix seconds until which the secret before the last "
+                                                         "rotation still works; null: it does not")
 
 
 class KeyCreated(_Strict):
@@ -159,7 +183,8 @@ class LedgerEntry(_Strict):
 
     id: int
     request_id: str
-    token_id: int | None = Field(description="null: the bootstrap admin token")
+    token_id: int | None = Field(description="The key; null: the bootstrap admin token, or a top-up of an account")
+    account_id: int | None = Field(description="The account whose balance moved; null: the bootstrap admin token")
     kind: str = Field(description="usage or topup")
     model: str | None
     backend: str | None
@@ -197,9 +222,18 @@ def _ok(model: type[BaseModel], description: str, status: int = 200) -> dict[int
 async def create_key(body: KeyCreate, store: Store) -> dict[str, Any]:
     # Zero is a valid starting balance (a token funded later); a top-up, by contrast, must add something.
     initial = parse_credits(body.credits, "credits", allow_zero=True) if body.credits is not None else 0
+    return await new_key(store, body, initial, body.account)
+
+
+async def new_key(store: AdminStore, body: KeyCreate, initial: int, account: str | int | None) -> dict[str, Any]:
+    """A key of `account` (a reference), or of a new account of its own (None); `initial` credits are added to
+    its account (a ledger row naming the key)."""
+    account_id = None if account is None else (await store.require_account(account)).id
+    limit = parse_credits(body.spend_limit, "spend_limit", allow_zero=True) if body.spend_limit is not None else None
     record, secret = await store.create_token(
         body.name, allowed_models=body.allowed_models, rpm=body.rpm, tpm=body.tpm,
         max_concurrency=body.max_concurrency, expires_at=body.expires_at * 1000 if body.expires_at else None,
+        account_id=account_id, spend_limit=limit, limit_period=body.period,
     )
     if initial:
         record = await store.add_credits(record.id, initial, note="initial credits")
@@ -228,7 +262,19 @@ async def update_key(ref: str, body: KeyUpdate, store: Store) -> dict[str, Any]:
             raise GatewayError(400, "bad_request", f"{name} cannot be null.", param=name)
     if "expires_at" in fields and fields["expires_at"] is not None:
         fields["expires_at"] *= 1000
+    if "spend_limit" in fields and fields["spend_limit"] is not None:
+        fields["spend_limit"] = parse_credits(fields["spend_limit"], "spend_limit", allow_zero=True)
+    if "period" in fields:
+        fields["limit_period"] = fields.pop("period")
     return (await store.update_token(record.id, **fields)).public()
+
+
+@router.post("/keys/{ref}/rotate", summary="A new secret for the same key (the old one works for a grace period)",
+             response_model=None, responses=_ok(KeyCreated, "The key, with its new secret (shown only here)"))
+async def rotate_key(ref: str, body: KeyRotate, store: Store) -> dict[str, Any]:
+    record = await store.require_token(ref)
+    record, secret = await store.rotate_token(record.id, body.grace_seconds * 1000)
+    return {"token": secret, "key": record.public()}
 
 
 @router.delete("/keys/{ref}", summary="Delete a token (its ledger rows stay)", response_model=None,
@@ -239,8 +285,8 @@ async def delete_key(ref: str, store: Store) -> dict[str, Any]:
     return {"deleted": True, "id": record.id}
 
 
-@router.post("/keys/{ref}/credits", summary="Top up a token's balance (recorded in the ledger)",
-             response_model=None, responses=_ok(TokenPublic, "The token with its new balance"))
+@router.post("/keys/{ref}/credits", summary="Top up the balance of a key's account (recorded in the ledger)",
+             response_model=None, responses=_ok(TokenPublic, "The key with its account's new balance"))
 async def add_credits(ref: str, body: CreditsAdd, store: Store) -> dict[str, Any]:
     amount = parse_credits(body.amount, "amount")
     record = await store.require_token(ref)
@@ -269,7 +315,7 @@ async def set_price(model: Annotated[str, Path(json_schema_extra={**_TEXT, "maxL
     return _price_json(await store.set_price(price))
 
 
-@router.get("/usage", summary="Usage by day or model, for all tokens or one; CSV with format=csv",
+@router.get("/usage", summary="Usage by day or model, for all, one account or one key; CSV with format=csv",
             response_model=None, responses=_ok(UsageReport, "Totals per UTC day or per model, oldest day first; "
                                                             "`format=csv`: the same rows as CSV"))
 async def usage(
@@ -278,12 +324,14 @@ async def usage(
     since: Annotated[str | None, Query(json_schema_extra=SINCE_QUERY)] = None,
     by: Literal["day", "model"] = "day",
     format: Literal["json", "csv"] = "json",
+    account: str | None = None,
 ) -> Any:
     since = check_day(since, "since")
     token_id = (await store.require_token(token)).id if token else None
-    rows = await store.usage(token_id=token_id, since=since, by=by)
+    account_id = (await store.require_account(account)).id if account else None
+    rows = await store.usage(token_id=token_id, since=since, by=by, account_id=account_id)
     if format == "csv":
-        return Response(to_csv(rows), media_type="text/csv")
+        return Response(store.to_csv(rows), media_type="text/csv")
     return {"object": "list", "by": by, "data": rows}
 
 
@@ -293,6 +341,8 @@ async def ledger(
     store: Store,
     token: str | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    account: str | None = None,
 ) -> dict[str, Any]:
     token_id = (await store.require_token(token)).id if token else None
-    return {"object": "list", "data": await store.ledger_rows(token_id=token_id, limit=limit)}
+    account_id = (await store.require_account(account)).id if account else None
+    return {"object": "list", "data": await store.ledger_rows(token_id=token_id, limit=limit, account_id=account_id)}

@@ -65,3 +65,37 @@ def mount_docs(app: FastAPI) -> None:
         return Response(document[0], media_type="application/json", headers=DOCS_FILE_HEADERS)
 
     app.add_route("/openapi.json", openapi_json, methods=["GET"], include_in_schema=False)
+
+
+_HOME = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>grokgate</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"></head>
+<body><h1>grokgate</h1><p>This is an API server: clients send requests to <code>/v1/chat/completions</code>,
+<code>/v1/responses</code> and the other paths of its API.</p><ul>{links}</ul></body></html>
+"""
+_HOME_HEADERS = {**DOCS_FILE_HEADERS, "content-security-policy": "default-src 'none'; frame-ancestors 'none'",
+                 "cache-control": "no-cache", "vary": "accept"}
+
+
+def wants_html(request: Request) -> bool:
+    """A browser: its Accept names text/html (curl, SDKs and fetch() send */* or application/json)."""
+    return any(part.split(";", 1)[0].strip().lower() == "text/html"
+               for part in request.headers.get("accept", "").split(","))
+
+
+def mount_home(app: FastAPI, *, console: bool) -> None:
+    """`GET /` for a browser: a page leading to the console and the API docs. Any other client, and any other
+    method, gets the 404 `no_api` every unknown path gets (AceData's answer at `/`)."""
+    from grokgate.core.errors import GatewayError
+
+    links = ('<li><a href="/console/">The console</a> (the admin token, or a key to see its own account)</li>'
+             if console else "") + '<li><a href="/docs">The API documentation</a></li>'
+    page = _HOME.format(links=links).encode()
+
+    async def home(request: Request) -> Response:
+        if request.method in ("GET", "HEAD") and wants_html(request):
+            return Response(page, media_type="text/html", headers=_HOME_HEADERS)
+        raise GatewayError(404, "no_api", f"The API {request.url.path} is not registered.")
+
+    app.add_route("/", home, methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+                  include_in_schema=False)

@@ -2,11 +2,12 @@
 
 - `GET /admin/ledger/search` (admin): ledger rows filtered by token, model, status, kind, endpoint (chat |
   responses) and UTC date range, newest first, paginated with an opaque cursor, JSON or CSV.
-- `GET /v1/ledger` (any account token): the same for the calling token's own rows.
+- `GET /v1/ledger` (any account token): the same for the calling key's account (`scope=key`: the key's own rows).
 - `GET /admin/ledger/errors` (admin) and `GET /v1/ledger/errors` (own): failed requests per day and status.
 - `GET /admin/models` (admin): the routing table: each public model, its routes and its current price.
 
-Every ledger query is a range of `ix_ledger_created` or `ix_ledger_token_created` (see store/reports.py).
+Every ledger query is a range of `ix_ledger_created`, `ix_ledger_token_created` or `ix_ledger_account_created`
+(see store/reports.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from grokgate.api.deps import Gateway, authenticate, gateway, own_token_id, requ
 from grokgate.core.accounts import AdminStore, ReportStore, format_credits
 from grokgate.core.admission import Principal
 from grokgate.core.errors import GatewayError
-from grokgate.store.reports import to_csv
 
 DAY_MS = 86_400_000
 MAX_LIMIT = 10_000
@@ -217,10 +217,11 @@ class LedgerQuery:
     format: Literal["json", "csv"] = "json"
 
 
-async def _ledger(store: ReportStore, token_id: int | None, q: LedgerQuery) -> Any:
+async def _ledger(store: ReportStore, token_id: int | None, q: LedgerQuery, account_id: int | None = None) -> Any:
     since_ms, until_ms = date_range(q.since, q.until)
     rows, more = await store.ledger_page(
-        token_id=token_id, model=check_text(q.model, "model"), status=check_status(q.status), kind=q.kind,
+        token_id=token_id, account_id=account_id, model=check_text(q.model, "model"), status=check_status(q.status),
+        kind=q.kind,
         endpoint=q.endpoint, since_ms=since_ms, until_ms=until_ms, cursor=parse_cursor(q.cursor),
         limit=check_limit(q.limit),
     )
@@ -232,7 +233,7 @@ async def _ledger(store: ReportStore, token_id: int | None, q: LedgerQuery) -> A
         headers = {"content-disposition": 'attachment; filename="ledger.csv"'}
         if next_cursor:
             headers["x-next-cursor"] = next_cursor
-        return Response(to_csv(data), media_type="text/csv", headers=headers)
+        return Response(store.to_csv(data), media_type="text/csv", headers=headers)
     return {"object": "list", "data": data, "has_more": more, "next_cursor": next_cursor}
 
 
@@ -241,33 +242,50 @@ Admin = Annotated[AdminStore, Depends(require_admin)]
 
 @router.get("/admin/ledger/search", tags=["admin"], responses=LEDGER_RESPONSES,
             summary="Ledger rows filtered by token, model, status, kind, endpoint, UTC dates; paginated; JSON or CSV")
-async def admin_ledger(store: Admin, q: Annotated[LedgerQuery, Depends()], token: Text = None) -> Any:
-    """`status=!ok` lists every failed row; `since`/`until` are inclusive UTC days (YYYY-MM-DD); pass the
-    answer's `next_cursor` as `cursor` for the next page (CSV: the `x-next-cursor` header)."""
+async def admin_ledger(store: Admin, q: Annotated[LedgerQuery, Depends()], token: Text = None,
+                       account: Text = None) -> Any:
+    """`token` (a key) or `account` (all its keys and its top-ups) narrow the rows; `status=!ok` lists every
+    failed row; `since`/`until` are inclusive UTC days (YYYY-MM-DD); pass the answer's `next_cursor` as `cursor`
+    for the next page (CSV: the `x-next-cursor` header)."""
+    token_id, account_id = await whose(store, token, account)
+    return await _ledger(store, token_id, q, account_id)
+
+
+async def whose(store: AdminStore, token: str | None, account: str | None) -> tuple[int | None, int | None]:
+    """The key id and the account id the admin's `token` and `account` filters name (None: not given)."""
     token = check_text(token, "token")
+    account = check_text(account, "account")
     token_id = (await store.require_token(token)).id if token else None
-    return await _ledger(store, token_id, q)
+    account_id = (await store.require_account(account)).id if account else None
+    return token_id, account_id
 
 
 async def _own(
     principal: Annotated[Principal, Depends(authenticate)],
     gw: Annotated[Gateway, Depends(gateway)],
-) -> tuple[ReportStore, int]:
+    scope: Annotated[Literal["account", "key"], Query(description="account: every key of the caller's account "
+                                                                  "(and its top-ups); key: the calling key's own")]
+    = "account",
+) -> tuple[ReportStore, int | None, int | None]:
     assert gw.store is not None
-    return gw.store, own_token_id(principal)
+    token_id = own_token_id(principal)
+    if scope == "key":
+        return gw.store, token_id, None
+    return gw.store, None, principal.account_id
 
 
-Own = Annotated[tuple[ReportStore, int], Depends(_own)]
+Own = Annotated[tuple[ReportStore, int | None, int | None], Depends(_own)]
 
 
 @router.get("/v1/ledger", tags=["account"], responses=LEDGER_RESPONSES,
-            summary="The calling token's own ledger rows (filters as the admin's)")
+            summary="The calling account's ledger rows, or its key's (filters as the admin's)")
 async def own_ledger(own: Own, q: Annotated[LedgerQuery, Depends()]) -> Any:
-    store, token_id = own
-    return await _ledger(store, token_id, q)
+    store, token_id, account_id = own
+    return await _ledger(store, token_id, q, account_id)
 
 
-async def _errors(store: ReportStore, token_id: int | None, since: str | None, until: str | None) -> dict[str, Any]:
+async def _errors(store: ReportStore, token_id: int | None, since: str | None, until: str | None,
+                  account_id: int | None = None) -> dict[str, Any]:
     today = dt.datetime.now(dt.UTC).date()
     end = parse_day(until, "until") or today
     # The default window is the 30 days up to `until`, cut short at 0001-01-01 (before it, no date exists).
@@ -276,7 +294,8 @@ async def _errors(store: ReportStore, token_id: int | None, since: str | None, u
         raise _bad("'since' is after 'until'.", "since")
     if (end - start).days >= MAX_ERROR_DAYS:
         raise _bad(f"Ask for at most {MAX_ERROR_DAYS} days of errors at a time.", "since")
-    rows = await store.ledger_errors(token_id=token_id, since_ms=day_ms(start), until_ms=day_ms(end) + DAY_MS)
+    rows = await store.ledger_errors(token_id=token_id, since_ms=day_ms(start), until_ms=day_ms(end) + DAY_MS,
+                                     account_id=account_id)
     by_status: dict[str, int] = {}
     by_day: dict[str, int] = {}
     for r in rows:
@@ -289,18 +308,18 @@ async def _errors(store: ReportStore, token_id: int | None, since: str | None, u
 
 @router.get("/admin/ledger/errors", tags=["admin"], summary="Failed requests per UTC day and status",
             response_model=None, responses={200: {"model": ErrorCounts}})
-async def admin_errors(store: Admin, token: Text = None, since: Day = None, until: Day = None) -> dict[str, Any]:
+async def admin_errors(store: Admin, token: Text = None, since: Day = None, until: Day = None,
+                       account: Text = None) -> dict[str, Any]:
     """Requests whose status is not `ok`, over [since, until] (UTC days; default the last 30)."""
-    token = check_text(token, "token")
-    token_id = (await store.require_token(token)).id if token else None
-    return await _errors(store, token_id, since, until)
+    token_id, account_id = await whose(store, token, account)
+    return await _errors(store, token_id, since, until, account_id)
 
 
 @router.get("/v1/ledger/errors", tags=["account"], summary="The calling token's failed requests per day and status",
             response_model=None, responses={200: {"model": ErrorCounts}})
 async def own_errors(own: Own, since: Day = None, until: Day = None) -> dict[str, Any]:
-    store, token_id = own
-    return await _errors(store, token_id, since, until)
+    store, token_id, account_id = own
+    return await _errors(store, token_id, since, until, account_id)
 
 
 # -- routing table -------------------------------------------------------------------------------------------

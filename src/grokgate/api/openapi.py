@@ -7,10 +7,18 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from grokgate.core.completion import FINISH_REASONS
 from grokgate.settings import Settings
+
+
+class LimitDetail(BaseModel):
+    """Which limit refused a request (core/billing.py): beside AceData's code and message, never instead of them."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str = Field(description="balance | key_limit (403); rpm | tpm | concurrency (429); store_unavailable")
+    scope: str = Field(description="account (its balance, or a limit of all its keys together) | key")
 
 
 class ErrorDetail(BaseModel):
@@ -19,6 +27,8 @@ class ErrorDetail(BaseModel):
     message: str
     type: str
     param: str | None
+    limit: LimitDetail | None = Field(default=None, description="Only on a refusal for a limit: which, and how "
+                                                                "much (required, available, affordable_tokens...)")
 
 
 class ErrorEnvelope(BaseModel):
@@ -32,14 +42,16 @@ class ErrorEnvelope(BaseModel):
 ERRORS = {
     "400": "Bad request: an invalid parameter or body (`bad_request`), or no `Authorization` header (`no_token`)",
     "401": "The token is invalid or has expired (`invalid_token`, `token_expired`)",
-    "403": "Not allowed: a disabled token (`disabled`), not the admin token or the bootstrap admin token on a "
-           "holder's own routes (`forbidden`), a model the token may "
-           "not use (`model_not_allowed`), not enough credits (`used_up`)",
-    "404": "Not found: the token named (`token_not_found`), the model (`model_not_found`), a stored response of "
-           "this token (`not_found`)",
-    "409": "The reference names more than one token (`ambiguous_reference`): use its id or prefix",
+    "403": "Not allowed: a disabled token or account (`disabled`), not the admin token or the bootstrap admin token "
+           "on a holder's own routes (`forbidden`), a model the token may not use (`model_not_allowed`), not "
+           "enough credits (`used_up`), the key's spending limit reached (`key_limit_exceeded`); a refusal for a "
+           "limit says which in `error.limit` and the `x-grokgate-limit` header",
+    "404": "Not found: the token named (`token_not_found`), the account (`account_not_found`), the model "
+           "(`model_not_found`), a stored response of this account (`not_found`)",
+    "409": "The reference names more than one token or account (`ambiguous_reference`): use its id or prefix",
     "413": "The request body is larger than GROKGATE_MAX_BODY_BYTES (`request_too_large`)",
-    "429": "Rate limited, by this token's limits or by every upstream (`too_many_requests`); see `retry-after`",
+    "429": "Rate limited, by this key's limits, its account's (all its keys together) or by every upstream "
+           "(`too_many_requests`); see `retry-after`, and `error.limit` for which limit",
     "500": "Internal error (`api_error`)",
     "502": "The upstream failed or sent something unreadable (`api_error`)",
     "503": "Unavailable: every upstream is cooling down, the rate limiter's store is unreachable, or the model "
@@ -242,7 +254,7 @@ def _describe_operation(path: str, op: dict[str, Any], settings: Settings) -> No
     parameters = {p["name"] for p in op.get("parameters", ())}
     if parameters:
         statuses.add("400")
-    if parameters & {"ref", "token"}:
+    if parameters & {"ref", "token", "account"} or (path == "/admin/keys" and "requestBody" in op):  # its `account`
         statuses |= {"404", "409"}
     if "model" in parameters:  # /v1/models/{model}: model_not_found
         statuses.add("404")

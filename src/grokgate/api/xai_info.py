@@ -230,9 +230,9 @@ def record_info(record: TokenRecord) -> ApiKeyInfo:
     expired = record.expires_at is not None and record.expires_at <= now_ms()
     return ApiKeyInfo(
         redacted_api_key=f"{record.prefix}...", name=record.name, api_key_id=str(record.id),
-        team_id=tenant_id(record.id, f"tok-{record.id}"), acls=acls_of(record.allowed_models),
+        team_id=tenant_id(record.account_id, f"tok-{record.id}"), acls=acls_of(record.allowed_models),
         create_time=record.created_at, modify_time=record.created_at, api_key_blocked=expired,
-        team_blocked=record.balance <= 0, disabled=record.disabled)
+        team_blocked=record.balance <= 0 or record.account_disabled, disabled=record.disabled)
 
 
 async def api_key_info(gw: Gateway, authorization: str | None) -> ApiKeyInfo:

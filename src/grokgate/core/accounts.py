@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Protocol
 
+from grokgate.core.budgets import AccountRecord, Hold, Reserved, period_bounds, spent_in
 from grokgate.core.errors import GatewayError
 from grokgate.core.events import Usage
+from grokgate.core.limits import Limits
 from grokgate.core.pricing import MICRO, Price
 
 TOKEN_PREFIX = "gg-"
@@ -176,6 +178,8 @@ def format_credits(micro: int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class TokenRecord:
+    """A key, read with its account: `balance` and `reserved` are the account's (its keys share them)."""
+
     id: int
     name: str
     prefix: str
@@ -188,12 +192,48 @@ class TokenRecord:
     max_concurrency: int | None
     balance: int
     reserved: int
+    account_id: int = 0
+    account_name: str = ""
+    account_disabled: bool = False
+    account_limits: Limits | None = None
+    # The key's spending limit (micro-credits; None: only the balance bounds it), its reset period (None: never)
+    # and its counters as stored: the period they belong to, settled spend, what requests in flight hold.
+    spend_limit: int | None = None
+    limit_period: str | None = None
+    period_start: int = 0
+    period_spent: int = 0
+    period_reserved: int = 0
+    rotated_at: int | None = None  # when its secret was last rotated (ms)
+    previous_valid_until: int | None = None  # until when the secret before that one still works (ms)
 
-    def public(self) -> dict[str, object]:
+    def spend(self, now: int) -> tuple[int, int, int | None]:
+        """(spent, reserved, resets_at ms or None) of the period holding `now`."""
+        start, end = period_bounds(self.limit_period, now)
+        return (spent_in(start, self.period_start, self.period_spent),
+                spent_in(start, self.period_start, self.period_reserved), end)
+
+    def cap(self, now: int) -> dict[str, object]:
+        """The key's spending limit as its holder and the admin see it."""
+        spent, reserved, resets = self.spend(now)
+        remaining = None if self.spend_limit is None else max(0, self.spend_limit - spent - reserved)
+        return {
+            "limit": self.spend_limit,
+            "limit_credits": None if self.spend_limit is None else format_credits(self.spend_limit),
+            "period": self.limit_period,
+            "spent": spent,
+            "spent_credits": format_credits(spent),
+            "reserved": reserved,
+            "remaining": remaining,
+            "resets_at": None if resets is None else resets // 1000,
+        }
+
+    def public(self, now: int | None = None) -> dict[str, object]:
         return {
             "id": self.id,
             "name": self.name,
             "prefix": self.prefix,
+            "account_id": self.account_id,
+            "account_name": self.account_name,
             "created_at": self.created_at // 1000,
             "expires_at": self.expires_at // 1000 if self.expires_at else None,
             "disabled": self.disabled,
@@ -204,6 +244,9 @@ class TokenRecord:
             "balance": self.balance,
             "reserved": self.reserved,
             "balance_credits": format_credits(self.balance),
+            "spend": self.cap(now_ms() if now is None else now),
+            "rotated_at": self.rotated_at // 1000 if self.rotated_at else None,
+            "previous_valid_until": (self.previous_valid_until // 1000 if self.previous_valid_until else None),
         }
 
 
@@ -223,6 +266,8 @@ class Settlement:
     duration_ms: int
     reserved: int  # what admission held for it (0 when nothing was reserved)
     endpoint: str = "chat"  # the API the request came through: chat | responses (AdmissionRequest.endpoint)
+    account_id: int | None = None  # the key's account, which is charged (None: a bootstrap admin token)
+    period_start: int = 0  # the key's period the request was admitted in (core/budgets.py Hold)
 
 
 class AccountStore(Protocol):
@@ -230,8 +275,9 @@ class AccountStore(Protocol):
 
     async def current_price(self, model: str) -> Price | None: ...
 
-    async def reserve(self, token_id: int, request_id: str, amount: int) -> bool:
-        """Atomically move `amount` from balance to reserved; False when the balance is short."""
+    async def reserve(self, hold: Hold) -> Reserved:
+        """Atomically move `hold.amount` from the account's balance to reserved, and count it against the key's
+        room in `hold.period_start`'s period; refused (saying which) when either is short."""
 
     async def settle(self, settlement: Settlement) -> None:
         """Charge the cost, release the rest of the reservation, append the ledger row: once per request."""
@@ -242,15 +288,18 @@ class ReportStore(Protocol):
     APIs read. Rows are plain dicts of column values."""
 
     async def usage(self, *, token_id: int | None = None, since: str | None = None,
-                    by: str = "day") -> list[dict[str, Any]]: ...
+                    by: str = "day", account_id: int | None = None) -> list[dict[str, Any]]: ...
 
     async def ledger_rows(self, *, token_id: int | None = None, since_ms: int | None = None,
-                          limit: int = 1000) -> list[dict[str, Any]]: ...
+                          limit: int = 1000, account_id: int | None = None) -> list[dict[str, Any]]: ...
 
     async def ledger_page(self, *, limit: int = 100, **filters: Any) -> tuple[list[dict[str, Any]], bool]: ...
 
     async def ledger_errors(self, *, token_id: int | None = None, since_ms: int,
-                            until_ms: int) -> list[dict[str, Any]]: ...
+                            until_ms: int, account_id: int | None = None) -> list[dict[str, Any]]: ...
+
+    def to_csv(self, rows: list[dict[str, Any]]) -> str:
+        """Report rows as CSV (one column per key of the first row; no rows: an empty body)."""
 
 
 class AdminStore(ReportStore, Protocol):
@@ -258,7 +307,13 @@ class AdminStore(ReportStore, Protocol):
 
     async def create_token(self, name: str, *, allowed_models: list[str] | None = None,
                            expires_at: int | None = None, rpm: int | None = None, tpm: int | None = None,
-                           max_concurrency: int | None = None) -> tuple[TokenRecord, str]: ...
+                           max_concurrency: int | None = None, account_id: int | None = None,
+                           spend_limit: int | None = None,
+                           limit_period: str | None = None) -> tuple[TokenRecord, str]:
+        """A new key of `account_id`, or of a new account of its own named like it (None)."""
+
+    async def rotate_token(self, token_id: int, grace_ms: int) -> tuple[TokenRecord, str]:
+        """A new secret for the key; the one it had keeps working for `grace_ms` (0: not at all)."""
 
     async def list_tokens(self) -> list[TokenRecord]: ...
 
@@ -269,7 +324,22 @@ class AdminStore(ReportStore, Protocol):
 
     async def delete_token(self, token_id: int) -> None: ...
 
-    async def add_credits(self, token_id: int, amount: int, note: str | None = None) -> TokenRecord: ...
+    async def add_credits(self, token_id: int, amount: int, note: str | None = None) -> TokenRecord:
+        """Top up the key's account (the ledger row names the key)."""
+
+    async def create_account(self, name: str, *, rpm: int | None = None, tpm: int | None = None,
+                             max_concurrency: int | None = None) -> AccountRecord: ...
+
+    async def list_accounts(self) -> list[AccountRecord]: ...
+
+    async def require_account(self, ref: int | str) -> AccountRecord:
+        """The one account `ref` (id or name) names: 404 if none, 409 if it could mean several."""
+
+    async def update_account(self, account_id: int, **fields: Any) -> AccountRecord: ...
+
+    async def add_account_credits(self, account_id: int, amount: int, note: str | None = None) -> AccountRecord: ...
+
+    async def account_keys(self, account_id: int) -> list[TokenRecord]: ...
 
     async def current_prices(self) -> dict[str, Price]: ...
 

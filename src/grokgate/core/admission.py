@@ -32,6 +32,10 @@ class Principal:
     # seconds (store/sql.py), so this is a hint for refusing a large body before parsing it (`Gate.servable`),
     # never what a reservation is checked against. None: no account (admin and static keys).
     balance: int | None = None
+    # The account the key spends from: the tenant (core/tenancy.py). Its own limits apply to all its keys together.
+    account_id: int | None = None
+    account_limits: Limits | None = None
+    limit_period: str | None = None  # the key's spending limit's reset period (core/budgets.py)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from grokgate.core.accounts import AccountStore, Settlement, TokenRecord, hash_token, now_ms
+from grokgate.core.accounts import AccountStore, Settlement, TokenRecord, format_credits, hash_token, now_ms
 from grokgate.core.admission import AdmissionRequest, Principal, bearer_token
+from grokgate.core.budgets import Hold, Reserved, period_bounds
 from grokgate.core.errors import GatewayError
 from grokgate.core.events import Origin, Usage
 from grokgate.core.limits import WINDOW_MS, Decision, Limits, RateLimiter, decide, drain, requests_only
@@ -58,7 +59,7 @@ class BillingPolicy:
 class AccountTicket:
     def __init__(self, admission: AccountAdmission, principal: Principal, request: AdmissionRequest,
                  price: Price, reserved: int, limits: Limits | None, estimated_tokens: int,
-                 headers: dict[str, str], output_limit: int) -> None:
+                 headers: dict[str, str], output_limit: int, period_start: int = 0) -> None:
         self._admission = admission
         self.principal = principal
         self.request = request
@@ -68,6 +69,7 @@ class AccountTicket:
         self.estimated_tokens = estimated_tokens
         self.headers = headers
         self.output_limit: int | None = output_limit
+        self.period_start = period_start  # the key's period this request counts in (core/budgets.py)
         self.started = time.monotonic()
         self.settled = False
         self.cost = 0
@@ -113,23 +115,23 @@ class AccountTicket:
             request_id=self.request.request_id, token_id=self.principal.token_id, model=self.request.model,
             backend=backend, usage=usage, cost=cost, price_version=self.price.version, status=status,
             estimated=estimated, duration_ms=int((time.monotonic() - self.started) * 1000), reserved=self.reserved,
-            endpoint=self.request.endpoint,
+            endpoint=self.request.endpoint, account_id=self.principal.account_id, period_start=self.period_start,
         )
         try:
             await self._admission.store.settle(settlement)
         finally:
             if self.limits is not None:
-                await self._admission.limiter.release(
-                    self.principal.key_id, self.request.request_id, self.limits, self.estimated_tokens,
-                    usage.total_tokens,
-                )
+                await self._admission.release(self.principal, self.request.request_id, self.limits,
+                                              self.estimated_tokens, usage.total_tokens)
 
 
 class AccountAdmission:
     def __init__(self, store: AccountStore, limiter: RateLimiter, admin_tokens: list[str],
-                 policy: BillingPolicy | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
+                 policy: BillingPolicy | None = None, *, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], int] = now_ms) -> None:
         self.store = store
         self._clock = clock  # seconds, for `precheck`'s notes
+        self._wall = wall  # epoch ms: which period of a key's spending limit a request is admitted in
         self.limiter = limiter
         self.policy = policy or BillingPolicy()
         self._admin_hashes = [hash_token(t) for t in admin_tokens]
@@ -155,6 +157,8 @@ class AccountAdmission:
             raise GatewayError(401, "invalid_token", "The specified token is invalid or wrong.")
         if record.disabled:
             raise GatewayError(403, "disabled", "This token has been disabled.")
+        if record.account_disabled:
+            raise GatewayError(403, "disabled", "This token's account has been disabled.")
         if record.expires_at is not None and record.expires_at <= now_ms():
             raise GatewayError(401, "token_expired", "This token has expired.")
         return principal_of(record)
@@ -177,26 +181,44 @@ class AccountAdmission:
             return AccountTicket(self, principal, request, price, 0, None, estimated_tokens, {}, output)
 
         limits = principal.limits or Limits()
-        decision = await self.limiter.acquire(principal.key_id, request.request_id, limits, estimated_tokens)
-        if not decision.allowed:
-            if decision.reason == "store_unavailable":  # fail_closed, and the limit store is down
-                raise GatewayError(503, "rate_limiter_unavailable", _limit_message(decision.reason),
-                                   headers={"retry-after": "1", **decision.headers})
-            raise GatewayError(429, "too_many_requests", _limit_message(decision.reason),
-                               headers=decision.headers)
+        decision = await self._acquire(principal, request.request_id, limits, estimated_tokens)
         amount = max_cost(prompt, request.choices, output, price, server_tool_calls=request.server_tool_calls,
                           tool_call_price=self.policy.server_tool_call_price)
+        period_start, resets = period_bounds(principal.limit_period, self._wall())
+        assert principal.account_id is not None
+        hold = Hold(principal.account_id, principal.token_id, request.request_id, amount, period_start)
         try:
-            reserved = await self.store.reserve(principal.token_id, request.request_id, amount)
+            outcome = await self.store.reserve(hold)
         except BaseException:
-            await self.limiter.release(principal.key_id, request.request_id, limits, estimated_tokens, 0)
+            await self.release(principal, request.request_id, limits, estimated_tokens, 0)
             raise
-        if not reserved:
-            await self.limiter.release(principal.key_id, request.request_id, limits, estimated_tokens, 0)
+        if not outcome.granted:
+            await self.release(principal, request.request_id, limits, estimated_tokens, 0)
             self.counted(request.request_id)
-            raise GatewayError(403, "used_up", USED_UP)
+            raise _short(outcome, request, prompt, output, price, amount, self.policy, resets)
         return AccountTicket(self, principal, request, price, amount, limits, estimated_tokens, decision.headers,
-                             output)
+                             output, period_start)
+
+    async def _acquire(self, principal: Principal, request_id: str, limits: Limits, tokens: int) -> Decision:
+        """The key's limits, then its account's (all its keys together): both must admit the request."""
+        decision = await self.limiter.acquire(principal.key_id, request_id, limits, tokens)
+        if not decision.allowed:
+            raise _limited(decision, "key")
+        account_limits = principal.account_limits
+        if account_limits is None:
+            return decision
+        shared = await self.limiter.acquire(_account_key(principal), request_id, account_limits, tokens)
+        if not shared.allowed:
+            await self.limiter.release(principal.key_id, request_id, limits, tokens, 0)
+            raise _limited(shared, "account")
+        return decision
+
+    async def release(self, principal: Principal, request_id: str, limits: Limits, estimated: int,
+                      actual: int) -> None:
+        await self.limiter.release(principal.key_id, request_id, limits, estimated, actual)
+        if principal.account_limits is not None:
+            await self.limiter.release(_account_key(principal), request_id, principal.account_limits, estimated,
+                                       actual)
 
     # -- the gate (core/admission.py Gate): refused requests and large bodies ----------------------------------
 
@@ -238,7 +260,9 @@ class AccountAdmission:
         # body: such a token's large bodies are refused too. An operator who gives tokens free models gives them
         # a nominal balance (1 micro-credit is enough) or raises GROKGATE_PARSE_OFFLOAD_BYTES.
         if principal.balance is not None and principal.balance <= 0:
-            raise GatewayError(403, "used_up", USED_UP)
+            raise GatewayError(403, "used_up", USED_UP, headers={"x-grokgate-limit": "account.balance"},
+                               limit={"type": "balance", "scope": "account", "available": 0,
+                                      "available_credits": "0"})
 
     async def refused(self, principal: Principal, request_id: str, error: GatewayError) -> GatewayError:
         if self._counted and request_id in self._counted:
@@ -277,12 +301,78 @@ def principal_of(record: TokenRecord) -> Principal:
         allowed_models=record.allowed_models,
         limits=Limits(rpm=record.rpm, tpm=record.tpm, concurrency=record.max_concurrency),
         balance=record.balance,
+        account_id=record.account_id,
+        account_limits=record.account_limits,
+        limit_period=record.limit_period,
     )
 
 
-def _limit_message(reason: str | None) -> str:
+def _account_key(principal: Principal) -> str:
+    """The limiter's key of an account's own limits (its keys' are `tok-<id>`)."""
+    return f"acct-{principal.account_id}"
+
+
+def _limit_message(reason: str | None, scope: str = "key") -> str:
     if reason == "concurrency":
-        return "Concurrency limit exceeded for this token."
+        return "Concurrency limit exceeded for this " + ("account." if scope == "account" else "token.")
     if reason == "store_unavailable":
         return "Rate limits cannot be checked right now; retry shortly."
+    if scope == "account":
+        return "Your account has exceeded its rate limit (shared by all its keys)."
     return "You have exceeded the rate limit."
+
+
+def _limited(decision: Decision, scope: str) -> GatewayError:
+    """429 (503 when the limit store is down and limits fail closed) naming the limit: `error.limit` says the
+    scope (key, or the account: all its keys together) and which of rpm, tpm, concurrency; the headers the rest."""
+    detail: dict[str, object] = {"type": decision.reason, "scope": scope, "retry_after": decision.retry_after}
+    headers = {"x-grokgate-limit": f"{scope}.{decision.reason}", **decision.headers}
+    if decision.reason == "store_unavailable":  # fail_closed, and the limit store is down
+        return GatewayError(503, "rate_limiter_unavailable", _limit_message(decision.reason),
+                            headers={"retry-after": "1", **headers}, limit=detail)
+    return GatewayError(429, "too_many_requests", _limit_message(decision.reason, scope), headers=headers,
+                        limit=detail)
+
+
+def _affordable_output(available: int, prompt: int, choices: int, output: int, price: Price,
+                       request: AdmissionRequest, policy: BillingPolicy) -> int:
+    """The largest output cap per choice (at most `output`) whose reservation `available` covers; 0 if none."""
+    low, high = 0, output
+    while low < high:  # the cost grows with the cap: the last cap that fits
+        middle = (low + high + 1) // 2
+        cost = max_cost(prompt, choices, middle, price, server_tool_calls=request.server_tool_calls,
+                        tool_call_price=policy.server_tool_call_price)
+        if cost <= available:
+            low = middle
+        else:
+            high = middle - 1
+    fits = max_cost(prompt, choices, low, price, server_tool_calls=request.server_tool_calls,
+                    tool_call_price=policy.server_tool_call_price) <= available
+    return low if fits else 0
+
+
+def _short(outcome: Reserved, request: AdmissionRequest, prompt: int, output: int, price: Price, amount: int,
+           policy: BillingPolicy, resets: int | None) -> GatewayError:
+    """The refusal of a reservation that the account's balance or the key's spending limit cannot hold. An empty
+    balance is AceData's `used_up`, as is a balance too short for this request (its message and code unchanged);
+    `error.limit` says which limit and how much: what the request needs, what is available, and the output tokens
+    that would fit (as OpenRouter says: "you requested up to N tokens, but can only afford M")."""
+    available = outcome.available
+    affordable = _affordable_output(available, prompt, request.choices, output, price, request, policy)
+    scope = "account" if outcome.limit == "balance" else "key"
+    detail: dict[str, object] = {
+        "type": outcome.limit, "scope": scope, "required": amount, "available": available,
+        "required_credits": format_credits(amount), "available_credits": format_credits(available),
+        "requested_tokens": output, "affordable_tokens": affordable,
+        "message": (f"You requested up to {output} output tokens, but can only afford {affordable}"
+                    + (f" (the prompt needs up to {prompt} tokens)." if affordable == 0 else ".")),
+    }
+    headers = {"x-grokgate-limit": f"{scope}.{outcome.limit}"}
+    if outcome.limit == "key_limit":
+        detail["resets_at"] = None if resets is None else resets // 1000
+        when = "" if resets is None else " until the period resets"
+        return GatewayError(403, "key_limit_exceeded",
+                            f"This key has reached its spending limit{when}: {format_credits(available)} credits "
+                            f"left, this request needs up to {format_credits(amount)}. {detail['message']}",
+                            headers=headers, limit=detail)
+    return GatewayError(403, "used_up", USED_UP, headers=headers, limit=detail)

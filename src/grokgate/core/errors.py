@@ -29,6 +29,7 @@ class GatewayError(Exception):
         *,
         param: str | None = None,
         headers: dict[str, str] | None = None,
+        limit: dict[str, object] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -36,13 +37,19 @@ class GatewayError(Exception):
         self.message = message
         self.param = param
         self.headers = headers or {}
+        # Which limit refused the request and by how much (core/billing.py): an extra member of the error object,
+        # beside AceData's code and message, which stay as they are.
+        self.limit = limit
 
     @property
     def type(self) -> str:
         return _TYPES.get(self.status, "api_error")
 
-    def body(self) -> dict[str, str | None]:
-        return {"code": self.code, "message": self.message, "type": self.type, "param": self.param}
+    def body(self) -> dict[str, object]:
+        body: dict[str, object] = {"code": self.code, "message": self.message, "type": self.type, "param": self.param}
+        if self.limit is not None:
+            body["limit"] = self.limit
+        return body
 
 
 def bad_request(message: str, param: str | None = None) -> GatewayError:

@@ -60,9 +60,9 @@ class ResponseStore(Protocol):
         """(responses kept, bytes of JSON kept), for the metrics."""
 
 
-def owner_of(token_id: int | None, key_id: str) -> str:
-    """The scope of a principal's stored responses: its tenant (core/tenancy.py)."""
-    return tenant_id(token_id, key_id)
+def owner_of(account_id: int | None, key_id: str) -> str:
+    """The scope of a principal's stored responses: its tenant (core/tenancy.py), the key's account."""
+    return tenant_id(account_id, key_id)
 
 
 def deferred_owner(owner: str) -> str:

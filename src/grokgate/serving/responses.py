@@ -103,7 +103,7 @@ class ResponsesService:
     # -- stored responses --------------------------------------------------------------------------------------
 
     async def _get(self, principal: Principal, response_id: str) -> StoredResponse:
-        stored = await self.store.get(owner_of(principal.token_id, principal.key_id), response_id)
+        stored = await self.store.get(owner_of(principal.account_id, principal.key_id), response_id)
         if stored is None:
             raise not_found(response_id, "response_id")
         return stored
@@ -113,7 +113,7 @@ class ResponsesService:
         return dict((await self._get(principal, response_id)).response)
 
     async def delete(self, principal: Principal, response_id: str) -> dict[str, Any]:
-        if not await self.store.delete(owner_of(principal.token_id, principal.key_id), response_id):
+        if not await self.store.delete(owner_of(principal.account_id, principal.key_id), response_id):
             raise not_found(response_id, "response_id")
         return {"id": response_id, "object": "response.deleted", "deleted": True}
 

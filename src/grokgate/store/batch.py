@@ -10,43 +10,60 @@ from __future__ import annotations
 import functools
 import sqlite3
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, insert, select, update
+from sqlalchemy import ColumnElement, Connection, bindparam, case, delete, insert, literal_column, select, update
 
 from grokgate.core.accounts import Settlement, now_ms
+from grokgate.core.budgets import GRANTED, Hold, Reserved
 from grokgate.store import settling
-from grokgate.store.schema import api_tokens, ledger, reservations, usage_daily
-from grokgate.store.settling import COUNTERS, SqliteCursorRunner, charge_and_record
-
-
-@dataclass(frozen=True, slots=True)
-class Reservation:
-    token_id: int
-    request_id: str
-    amount: int
-
+from grokgate.store.schema import accounts, api_tokens, ledger, reservations, usage_daily
+from grokgate.store.settling import COUNTERS, KeySpend, SqliteCursorRunner, charge_and_record
 
 # The statements are built once: constructing a SQLAlchemy statement costs more Python than running it.
-_balance = api_tokens.c.balance
+_balance = accounts.c.balance
+_account = accounts.c.id == bindparam("account")
+_key = api_tokens.c.id == bindparam("token")
+_start = api_tokens.c.period_start
+_period: Any = bindparam("period")
+_ZERO: Any = literal_column("0")  # in the SQL itself: the runners bind named parameters only
 STATEMENTS: dict[str, Any] = {
     settling.LOCK_BALANCE: (
-        update(api_tokens).where(api_tokens.c.id == bindparam("token"))
-        .values(balance=_balance + bindparam("delta"), reserved=api_tokens.c.reserved - bindparam("delta"))
+        update(accounts).where(_account)
+        .values(balance=_balance + bindparam("delta"), reserved=accounts.c.reserved - bindparam("delta"))
         .returning(_balance)
     ),
     settling.CHARGE_IN_FULL: (
-        update(api_tokens)
-        .where(api_tokens.c.id == bindparam("token"), _balance + bindparam("freed") >= bindparam("charge"))
+        update(accounts)
+        .where(_account, _balance + bindparam("freed") >= bindparam("charge"))
         .values(balance=_balance + bindparam("freed") - bindparam("charge"),
-                reserved=api_tokens.c.reserved - bindparam("freed"))
+                reserved=accounts.c.reserved - bindparam("freed"))
         .returning(_balance)
     ),
-    settling.CHARGE: update(api_tokens).where(api_tokens.c.id == bindparam("token"))
-    .values(balance=_balance - bindparam("charge")),
-    settling.HOLD: update(api_tokens).where(api_tokens.c.id == bindparam("token"))
-    .values(balance=_balance - bindparam("hold"), reserved=api_tokens.c.reserved + bindparam("hold")),
+    settling.CHARGE: update(accounts).where(_account).values(balance=_balance - bindparam("charge")),
+    settling.HOLD: update(accounts).where(_account)
+    .values(balance=_balance - bindparam("hold"), reserved=accounts.c.reserved + bindparam("hold")),
+    # A key's counters belong to one period: a later period starts them again (core/budgets.py). Both statements
+    # lock the key's row; every SET reads the row as it was (PostgreSQL and SQLite alike).
+    settling.KEY_SPEND: (
+        update(api_tokens).where(_key).values(
+            period_spent=case((_start == _period, api_tokens.c.period_spent + bindparam("charge")),
+                              (_start < _period, bindparam("charge")), else_=api_tokens.c.period_spent),
+            period_reserved=case((_start == _period, api_tokens.c.period_reserved - bindparam("freed")),
+                                 (_start < _period, _ZERO), else_=api_tokens.c.period_reserved),
+            period_start=case((_start < _period, _period), else_=_start))
+        .returning(api_tokens.c.period_start, api_tokens.c.period_spent)
+    ),
+    settling.KEY_LOCK: (
+        update(api_tokens).where(_key).values(
+            period_spent=case((_start < _period, _ZERO), else_=api_tokens.c.period_spent),
+            period_reserved=case((_start < _period, _ZERO), else_=api_tokens.c.period_reserved),
+            period_start=case((_start < _period, _period), else_=_start))
+        .returning(api_tokens.c.spend_limit, api_tokens.c.period_start, api_tokens.c.period_spent,
+                   api_tokens.c.period_reserved)
+    ),
+    settling.KEY_HOLD: update(api_tokens).where(_key)
+    .values(period_reserved=api_tokens.c.period_reserved + bindparam("hold")),
 }
 _TABLES = {"ledger": ledger, "usage_daily": usage_daily, "reservations": reservations}
 
@@ -86,32 +103,57 @@ def runner(conn: Connection) -> _AlchemyRunner | SqliteCursorRunner:
     return SqliteCursorRunner(dbapi.cursor(), sqlite_statements(), dbapi.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
 
 
-def reserve_many(conn: Connection, items: list[Reservation], owner: str) -> list[bool]:
-    granted = [False] * len(items)
-    by_token: dict[int, list[int]] = defaultdict(list)
-    for i, item in enumerate(items):
-        by_token[item.token_id].append(i)
-    rows = []
+def reserve_many(conn: Connection, items: list[Hold], owner: str) -> list[Reserved]:
+    """Hold each item against its account's balance and its key's spending limit, first come first served.
+    Lock order, as settlements and releases take it: accounts by id, then keys by id (no deadlocks)."""
+    results = [Reserved(False, "balance", 0)] * len(items)
     run = runner(conn)
-    for token_id, indexes in sorted(by_token.items()):  # one lock order for every replica: no deadlocks
-        row = run.first(settling.LOCK_BALANCE, {"token": token_id, "delta": 0})
-        if row is None:
+    balances: dict[int, int] = {}
+    for account_id in sorted({item.account_id for item in items}):
+        row = run.first(settling.LOCK_BALANCE, {"account": account_id, "delta": 0})
+        if row is not None:
+            balances[account_id] = int(row[0])
+    keys: dict[int, tuple[int | None, int, int]] = {}  # token -> (limit, its period, room used in it)
+    for token_id, period in sorted({(item.token_id, item.period_start) for item in items}):
+        if token_id in keys:
+            continue  # one row, one period: the first item's (a batch spans a boundary only by a few ms)
+        row = run.first(settling.KEY_LOCK, {"token": token_id, "period": period})
+        if row is not None:
+            keys[token_id] = (None if row[0] is None else int(row[0]), int(row[1]), int(row[2]) + int(row[3]))
+    held: dict[int, int] = defaultdict(int)
+    key_held: dict[int, int] = defaultdict(int)
+    rows = []
+    for i, item in enumerate(items):
+        balance = balances.get(item.account_id)
+        key = keys.get(item.token_id)
+        if balance is None or key is None:
             continue
-        balance, total = int(row[0]), 0
-        for i in indexes:  # first come, first served within the batch
-            if items[i].amount <= balance - total:
-                total += items[i].amount
-                granted[i] = True
-                rows.append({"request_id": items[i].request_id, "token_id": token_id, "amount": items[i].amount,
-                             "owner": owner, "created_at": now_ms()})
+        available = balance - held[item.account_id]
+        if item.amount > available:
+            results[i] = Reserved(False, "balance", max(0, available))
+            continue
+        limit, period, used = key
+        if limit is not None and item.amount > limit - used - key_held[item.token_id]:
+            results[i] = Reserved(False, "key_limit", max(0, limit - used - key_held[item.token_id]))
+            continue
+        held[item.account_id] += item.amount
+        key_held[item.token_id] += item.amount
+        results[i] = GRANTED
+        rows.append({"request_id": item.request_id, "token_id": item.token_id, "account_id": item.account_id,
+                     "amount": item.amount, "period_start": period, "owner": owner, "created_at": now_ms()})
+    for account_id, total in sorted(held.items()):
         if total:
-            run.execute(settling.HOLD, {"token": token_id, "hold": total})
+            run.execute(settling.HOLD, {"account": account_id, "hold": total})
+    for token_id, total in sorted(key_held.items()):
+        if total:
+            run.execute(settling.KEY_HOLD, {"token": token_id, "hold": total})
     run.insert("reservations", rows)
-    return granted
+    return results
 
 
-def settle_many(conn: Connection, items: list[Settlement], *, shared: bool = True) -> dict[int, int]:
-    """Settle the batch; returns each touched token's balance after it (for the in-process cache).
+def settle_many(conn: Connection, items: list[Settlement], *, shared: bool = True) -> KeySpend:
+    """Settle the batch; returns each touched account's balance and key's counters after it (for the in-process
+    cache).
 
     `shared=False` (one SQLite process, reservations in memory): no reservation rows to release, and no
     earlier settlement can exist (each request settles once, and a crashed run's requests never settle),
@@ -126,14 +168,36 @@ def settle_many(conn: Connection, items: list[Settlement], *, shared: bool = Tru
         if s.request_id not in done:  # settlement is idempotent by request id
             fresh.setdefault(s.request_id, s)
     if not fresh:
-        return {}
-    held: dict[str, int] = {}
+        return {}, {}
+    held: dict[str, tuple[int, int]] = {}
     reserved_ids = [s.request_id for s in fresh.values() if shared and s.reserved and s.token_id is not None]
     if reserved_ids:
         result = conn.execute(delete(reservations).where(reservations.c.request_id.in_(reserved_ids))
-                              .returning(reservations.c.request_id, reservations.c.amount))
-        held = {rid: int(amount) for rid, amount in result.all()}  # missing: released by crash recovery
+                              .returning(reservations.c.request_id, reservations.c.amount,
+                                         reservations.c.period_start))
+        # Missing: released by crash recovery. The period is the one the reservation was counted in.
+        held = {rid: (int(amount), int(period)) for rid, amount, period in result.all()}
     return charge_and_record(runner(conn), list(fresh.values()), held)
+
+
+def release_held(conn: Connection, condition: ColumnElement[bool]) -> int:
+    """Delete the reservations matching `condition` and give their amounts back: one UPDATE per account in id
+    order, then one per key and period (the order settlements lock them in, so the two cannot deadlock). A
+    settlement that comes later finds its reservation gone and charges the balance directly (store/batch.py)."""
+    rows = conn.execute(delete(reservations).where(condition).returning(
+        reservations.c.account_id, reservations.c.token_id, reservations.c.amount, reservations.c.period_start)).all()
+    freed: dict[int, int] = defaultdict(int)
+    key_freed: dict[tuple[int, int], int] = defaultdict(int)
+    for account_id, token_id, amount, period in rows:
+        freed[int(account_id if account_id is not None else token_id)] += int(amount)
+        key_freed[(int(token_id), int(period))] += int(amount)
+    for account_id, amount in sorted(freed.items()):
+        conn.execute(update(accounts).where(accounts.c.id == account_id).values(
+            balance=accounts.c.balance + amount, reserved=accounts.c.reserved - amount))
+    for (token_id, period), amount in sorted(key_freed.items()):
+        conn.execute(update(api_tokens).where(api_tokens.c.id == token_id, api_tokens.c.period_start == period)
+                     .values(period_reserved=api_tokens.c.period_reserved - amount))
+    return len(rows)
 
 
 @functools.cache
@@ -144,6 +208,7 @@ def _upsert_daily(dialect: str) -> Any:
         from sqlalchemy.dialects.sqlite import insert as dialect_insert  # type: ignore[assignment]
     stmt = dialect_insert(usage_daily).values(
         day=bindparam("day"), token_id=bindparam("token_id"), model=bindparam("model"),
+        account_id=bindparam("account_id"),
         **{c: bindparam(c) for c in COUNTERS},
     )
     return stmt.on_conflict_do_update(

@@ -1,7 +1,7 @@
 """Read-only reports on the account store: usage aggregates, ledger pages, error counts, totals.
 
 Every query reads the daily aggregates or an indexed range of the ledger (`ix_ledger_created`,
-`ix_ledger_token_created`), never a full scan, so the console stays fast on large ledgers.
+`ix_ledger_token_created`, `ix_ledger_account_created`), never a full scan, so the console stays fast on large ledgers.
 """
 
 from __future__ import annotations
@@ -23,8 +23,11 @@ class Reports:
     def engine(self) -> AsyncEngine:
         raise NotImplementedError
 
+    def to_csv(self, rows: list[dict[str, Any]]) -> str:
+        return to_csv(rows)
+
     async def usage(self, *, token_id: int | None = None, since: str | None = None,
-                    by: str = "day") -> list[dict[str, Any]]:
+                    by: str = "day", account_id: int | None = None) -> list[dict[str, Any]]:
         from sqlalchemy import func
 
         key = usage_daily.c.day if by == "day" else usage_daily.c.model
@@ -34,6 +37,8 @@ class Reports:
         query = select(key.label(by), *columns).group_by(key).order_by(key)
         if token_id is not None:
             query = query.where(usage_daily.c.token_id == token_id)
+        if account_id is not None:
+            query = query.where(usage_daily.c.account_id == account_id)
         if since:
             query = query.where(usage_daily.c.day >= since)
         async with self.engine.connect() as conn:
@@ -41,10 +46,12 @@ class Reports:
         return [{k: (int(v) if k != by else v) for k, v in r.items()} for r in rows]
 
     async def ledger_rows(self, *, token_id: int | None = None, since_ms: int | None = None,
-                          limit: int = 1000) -> list[dict[str, Any]]:
+                          limit: int = 1000, account_id: int | None = None) -> list[dict[str, Any]]:
         query = select(ledger).order_by(ledger.c.id.desc()).limit(limit)
         if token_id is not None:
             query = query.where(ledger.c.token_id == token_id)
+        if account_id is not None:
+            query = query.where(ledger.c.account_id == account_id)
         if since_ms is not None:
             query = query.where(ledger.c.created_at >= since_ms)
         async with self.engine.connect() as conn:
@@ -54,7 +61,7 @@ class Reports:
     def ledger_page_query(*, token_id: int | None = None, model: str | None = None, status: str | None = None,
                           kind: str | None = None, since_ms: int | None = None, until_ms: int | None = None,
                           cursor: tuple[int, int] | None = None, limit: int = 100,
-                          endpoint: str | None = None) -> Any:
+                          endpoint: str | None = None, account_id: int | None = None) -> Any:
         """Newest first by (created_at, id), so the order comes straight from an index whose leading
         column (after token_id) is created_at; `cursor` is the (created_at, id) of the last row already
         shown. `status` "!x" means "anything but x". Model, status and kind are filters on the rows the range
@@ -65,6 +72,8 @@ class Reports:
         query = select(ledger)
         if token_id is not None:
             query = query.where(ledger.c.token_id == token_id)
+        if account_id is not None:
+            query = query.where(ledger.c.account_id == account_id)
         if since_ms is not None:
             query = query.where(ledger.c.created_at >= since_ms)
         upper = until_ms
@@ -96,7 +105,8 @@ class Reports:
         return rows[:limit], len(rows) > limit
 
     @staticmethod
-    def ledger_errors_query(*, token_id: int | None = None, since_ms: int, until_ms: int) -> Any:
+    def ledger_errors_query(*, token_id: int | None = None, since_ms: int, until_ms: int,
+                            account_id: int | None = None) -> Any:
         """Failed requests (status != ok) per UTC day number and status, over one created_at range."""
         from sqlalchemy import func
 
@@ -107,14 +117,17 @@ class Reports:
                  .group_by(day, ledger.c.status).order_by(day, ledger.c.status))
         if token_id is not None:
             query = query.where(ledger.c.token_id == token_id)
+        if account_id is not None:
+            query = query.where(ledger.c.account_id == account_id)
         return query
 
     async def ledger_errors(self, *, token_id: int | None = None, since_ms: int,
-                            until_ms: int) -> list[dict[str, Any]]:
+                            until_ms: int, account_id: int | None = None) -> list[dict[str, Any]]:
         """[{day: "YYYY-MM-DD" (UTC), status, count}] for the failed requests in [since_ms, until_ms)."""
         import datetime as dt
 
-        query = self.ledger_errors_query(token_id=token_id, since_ms=since_ms, until_ms=until_ms)
+        query = self.ledger_errors_query(token_id=token_id, since_ms=since_ms, until_ms=until_ms,
+                                         account_id=account_id)
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
         epoch = dt.date(1970, 1, 1)

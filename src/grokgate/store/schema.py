@@ -22,6 +22,27 @@ from sqlalchemy import (
 
 metadata = MetaData()
 
+# The customers (migration 0006): an account holds the balance its keys spend from, and may limit the rate of all
+# its keys together. AUTOINCREMENT, as api_tokens: the account is the tenant (core/tenancy.py), and its id is never
+# reused. Every token that existed before 0006 became the account of the same id, with one key: that token.
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(200), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("disabled", Boolean, nullable=False, default=False),
+    Column("rpm", Integer, nullable=True),
+    Column("tpm", Integer, nullable=True),
+    Column("max_concurrency", Integer, nullable=True),
+    # Available credits; what reservations hold has already been moved to `reserved`.
+    Column("balance", BigInteger, nullable=False, default=0),
+    Column("reserved", BigInteger, nullable=False, default=0),
+    CheckConstraint("balance >= 0", name="ck_accounts_balance_nonnegative"),
+    CheckConstraint("reserved >= 0", name="ck_accounts_reserved_nonnegative"),
+    sqlite_autoincrement=True,
+)
+
 # AUTOINCREMENT (migration 0004): SQLite never hands a deleted token's id to a new one, as PostgreSQL's sequence never
 # does; everything a token leaves behind is keyed by its id (core/tenancy.py).
 api_tokens = Table(
@@ -38,9 +59,25 @@ api_tokens = Table(
     Column("rpm", Integer, nullable=True),
     Column("tpm", Integer, nullable=True),
     Column("max_concurrency", Integer, nullable=True),
-    # Available credits; what reservations hold has already been moved to `reserved`.
+    # Before 0006 a token held its own balance; since then its account does, and these two stay 0 (SQLite cannot
+    # drop a column a CHECK names without rebuilding the table; an older replica reading them finds nothing to spend).
     Column("balance", BigInteger, nullable=False, default=0),
     Column("reserved", BigInteger, nullable=False, default=0),
+    # The account it spends from (null only in a database 0006 has not migrated: SQLite cannot add NOT NULL).
+    Column("account_id", Integer, ForeignKey("accounts.id"), nullable=True),
+    # The key's own spending limit in micro-credits (null: none), reset each `limit_period` (daily | weekly |
+    # monthly, UTC calendar; null: never), and its counters for the period starting at `period_start` (core/budgets.py).
+    Column("spend_limit", BigInteger, nullable=True),
+    Column("limit_period", String(8), nullable=True),
+    Column("period_start", BigInteger, nullable=False, server_default="0"),
+    Column("period_spent", BigInteger, nullable=False, server_default="0"),
+    Column("period_reserved", BigInteger, nullable=False, server_default="0"),
+    # Rotation: the secret before the current one, valid until `previous_valid_until` (ms).
+    Column("previous_hash", String(64), nullable=True),
+    Column("previous_valid_until", BigInteger, nullable=True),
+    Column("rotated_at", BigInteger, nullable=True),
+    Index("ix_api_tokens_account", "account_id"),
+    Index("ix_api_tokens_previous_hash", "previous_hash", unique=True),
     CheckConstraint("balance >= 0", name="ck_api_tokens_balance_nonnegative"),
     CheckConstraint("reserved >= 0", name="ck_api_tokens_reserved_nonnegative"),
     sqlite_autoincrement=True,
@@ -76,6 +113,8 @@ reservations = Table(
     Column("request_id", String(64), primary_key=True),
     Column("token_id", Integer, ForeignKey("api_tokens.id", ondelete="CASCADE"), nullable=False),
     Column("amount", BigInteger, nullable=False),
+    Column("account_id", Integer, nullable=True),  # whose balance holds `amount` (0006)
+    Column("period_start", BigInteger, nullable=False, server_default="0"),  # the key's period it counts in
     Column("owner", String(200), nullable=False),
     Column("created_at", BigInteger, nullable=False),
 )
@@ -96,7 +135,8 @@ ledger = Table(
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("request_id", String(64), nullable=False, unique=True),
-    Column("token_id", Integer, nullable=True),  # null: a bootstrap admin token
+    Column("token_id", Integer, nullable=True),  # null: a bootstrap admin token, or a top-up of an account
+    Column("account_id", Integer, nullable=True),  # the balance it moved (0006); null: a bootstrap admin token
     Column("kind", String(16), nullable=False),  # usage | topup
     Column("model", String(200), nullable=True),
     Column("backend", String(100), nullable=True),
@@ -120,6 +160,7 @@ ledger = Table(
     Column("note", String(500), nullable=True),
     Column("created_at", BigInteger, nullable=False),
     Index("ix_ledger_token_created", "token_id", "created_at"),
+    Index("ix_ledger_account_created", "account_id", "created_at"),
     Index("ix_ledger_created", "created_at"),
 )
 
@@ -129,6 +170,7 @@ usage_daily = Table(
     Column("day", String(10), primary_key=True),
     Column("token_id", Integer, primary_key=True),  # 0 for bootstrap admin tokens
     Column("model", String(200), primary_key=True),
+    Column("account_id", Integer, nullable=False, server_default="0"),  # the token's account (0006); 0: none
     Column("requests", BigInteger, nullable=False, default=0),
     Column("prompt_tokens", BigInteger, nullable=False, default=0),
     Column("cached_tokens", BigInteger, nullable=False, default=0),

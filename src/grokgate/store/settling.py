@@ -23,11 +23,19 @@ if TYPE_CHECKING:
 COUNTERS = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens", "cost",
             "upstream_requests", "upstream_cost_ticks", "upstream_charged")
 
-# Statement names, each bound to SQL by the runner. Parameters: token, delta / freed, charge / hold.
+# Statement names, each bound to SQL by the runner (store/batch.py). The first four are on an account's balance:
+# parameters account, delta / freed, charge / hold. The last three on a key's counters (core/budgets.py).
 LOCK_BALANCE = "lock_balance"  # balance += delta, reserved -= delta; RETURNING balance
 CHARGE_IN_FULL = "charge_in_full"  # if balance + freed >= charge: balance += freed - charge, reserved -= freed
 CHARGE = "charge"  # balance -= charge
 HOLD = "hold"  # balance -= hold, reserved += hold
+KEY_SPEND = "key_spend"  # token, period, charge, freed: count a settled charge in its period; RETURNING the counters
+KEY_LOCK = "key_lock"  # token, period: start the period if it is newer; RETURNING limit and counters
+KEY_HOLD = "key_hold"  # token, hold: period_reserved += hold
+
+# What a settlement batch returns: each touched account's balance after it, and each touched key's (period_start,
+# period_spent) after it.
+KeySpend = tuple[dict[int, int], dict[int, tuple[int, int]]]
 
 SQLITE_DAILY_CONFLICT = "ON CONFLICT (day, token_id, model) DO UPDATE SET " + ", ".join(
     f"{c} = {c} + excluded.{c}" for c in COUNTERS)
@@ -56,6 +64,8 @@ class SettlementRow(NamedTuple):
     estimated: bool
     duration_ms: int
     endpoint: str = "chat"  # chat | responses
+    account_id: int | None = None
+    period_start: int = 0
 
 
 def as_row(s: Settlement) -> SettlementRow:
@@ -63,7 +73,8 @@ def as_row(s: Settlement) -> SettlementRow:
     return SettlementRow(s.request_id, s.token_id, s.model, s.backend,
                          UsageRow(u.prompt_tokens, u.completion_tokens, u.cached_tokens, u.reasoning_tokens,
                                   u.server_tool_calls, u.cost_in_usd_ticks),
-                         s.cost, s.price_version, s.status, s.estimated, s.duration_ms, s.endpoint)
+                         s.cost, s.price_version, s.status, s.estimated, s.duration_ms, s.endpoint,
+                         s.account_id, s.period_start)
 
 
 class Runner(Protocol):
@@ -75,24 +86,25 @@ class Runner(Protocol):
 
 
 def charge_and_record(run: Runner, fresh: Sequence[Settlement | SettlementRow],
-                      held: dict[str, int]) -> dict[int, int]:
-    """Charge each settlement's cost (releasing what its reservation held, `held` by request id) and append
-    its ledger row and daily totals; returns each touched token's balance after it."""
+                      held: dict[str, tuple[int, int]]) -> KeySpend:
+    """Charge each settlement's cost to its account (releasing what its reservation held: `held` by request id,
+    (amount, the key's period it was counted in)), count it in its key's period, and append its ledger row and
+    daily totals; returns the touched accounts' balances and keys' counters after it."""
     charges: dict[str, int] = {}
     balances: dict[int, int] = {}
-    by_token: dict[int, list[Settlement | SettlementRow]] = defaultdict(list)
+    by_account: dict[int, list[Settlement | SettlementRow]] = defaultdict(list)
     for s in fresh:
-        if s.token_id is not None:
-            by_token[s.token_id].append(s)
-    for token_id, settlements in sorted(by_token.items()):  # one lock order for every replica: no deadlocks
-        released = sum(held.get(s.request_id, 0) for s in settlements)
+        if s.account_id is not None:
+            by_account[s.account_id].append(s)
+    for account_id, settlements in sorted(by_account.items()):  # one lock order for every replica: no deadlocks
+        released = sum(held.get(s.request_id, (0, 0))[0] for s in settlements)
         wanted = sum(s.cost for s in settlements)
-        row = run.first(CHARGE_IN_FULL, {"token": token_id, "freed": released, "charge": wanted})
+        row = run.first(CHARGE_IN_FULL, {"account": account_id, "freed": released, "charge": wanted})
         if row is not None:
             charges.update((s.request_id, s.cost) for s in settlements)
-            balances[token_id] = int(row[0])
+            balances[account_id] = int(row[0])
             continue
-        row = run.first(LOCK_BALANCE, {"token": token_id, "delta": released})
+        row = run.first(LOCK_BALANCE, {"account": account_id, "delta": released})
         remaining = int(row[0]) if row is not None else 0
         total = 0
         for s in settlements:
@@ -103,25 +115,44 @@ def charge_and_record(run: Runner, fresh: Sequence[Settlement | SettlementRow],
             if charge < s.cost:
                 _report_capped(s, charge)
         if total:
-            run.execute(CHARGE, {"token": token_id, "charge": total})
+            run.execute(CHARGE, {"account": account_id, "charge": total})
         if row is not None:
-            balances[token_id] = remaining
+            balances[account_id] = remaining
+
+    # Each key's spend, in the period its requests were admitted in (core/budgets.py): after the accounts, in key
+    # order, as reservations lock them.
+    per_key: dict[tuple[int, int], list[int]] = {}
+    for s in fresh:
+        if s.account_id is None or s.token_id is None:
+            continue
+        amount, period = held.get(s.request_id, (0, s.period_start))
+        key_totals = per_key.setdefault((s.token_id, period), [0, 0])
+        key_totals[0] += charges.get(s.request_id, 0)
+        key_totals[1] += amount
+    keys: dict[int, tuple[int, int]] = {}
+    for (token_id, period), (charge, freed) in sorted(per_key.items()):
+        row = run.first(KEY_SPEND, {"token": token_id, "period": period, "charge": charge, "freed": freed})
+        if row is not None:
+            keys[token_id] = (int(row[0]), int(row[1]))
 
     created = int(time.time() * 1000)
     day = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
     rows = []
     daily: dict[tuple[str, int, str], dict[str, int]] = {}
+    accounts_of: dict[int, int] = {}
     for s in fresh:
         u, charge = s.usage, charges.get(s.request_id, 0)
         rows.append({
-            "request_id": s.request_id, "token_id": s.token_id, "kind": "usage", "model": s.model,
+            "request_id": s.request_id, "token_id": s.token_id, "account_id": s.account_id, "kind": "usage",
+            "model": s.model,
             "backend": s.backend, "endpoint": s.endpoint, "prompt_tokens": u.prompt_tokens,
             "cached_tokens": u.cached_tokens, "completion_tokens": u.completion_tokens,
             "reasoning_tokens": u.reasoning_tokens, "server_tool_calls": u.server_tool_calls, "amount": -charge,
             "cost": s.cost, "price_version": s.price_version, "status": s.status, "estimated": s.estimated,
             "duration_ms": s.duration_ms, "created_at": created, "upstream_cost_ticks": u.cost_in_usd_ticks,
-            "note": None if charge == s.cost or s.token_id is None else f"cost {s.cost} capped at the balance",
+            "note": None if charge == s.cost or s.account_id is None else f"cost {s.cost} capped at the balance",
         })
+        accounts_of[s.token_id or 0] = s.account_id or 0
         totals = daily.setdefault((day, s.token_id or 0, s.model), dict.fromkeys(COUNTERS, 0))
         ticks = u.cost_in_usd_ticks
         for name, value in zip(COUNTERS, (1, u.prompt_tokens, u.cached_tokens, u.completion_tokens,
@@ -129,9 +160,9 @@ def charge_and_record(run: Runner, fresh: Sequence[Settlement | SettlementRow],
                                           charge if ticks is not None else 0), strict=True):
             totals[name] += value
     run.insert("ledger", rows)
-    run.insert("usage_daily", [{"day": d, "token_id": t, "model": m, **c} for (d, t, m), c in daily.items()],
-               daily=True)
-    return balances
+    run.insert("usage_daily", [{"day": d, "token_id": t, "model": m, "account_id": accounts_of[t], **c}
+                               for (d, t, m), c in daily.items()], daily=True)
+    return balances, keys
 
 
 def _report_capped(s: Settlement | SettlementRow, charge: int) -> None:

@@ -14,8 +14,6 @@ import dataclasses
 import logging
 import secrets
 import time
-import uuid
-from collections import defaultdict
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -42,26 +40,15 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
-from grokgate.core.accounts import (
-    Settlement,
-    TokenRecord,
-    ambiguous,
-    check_text,
-    check_token_name,
-    display_prefix,
-    hash_token,
-    new_secret,
-    now_ms,
-    parse_ref,
-    storable,
-)
-from grokgate.core.errors import GatewayError
+from grokgate.core.accounts import Settlement, TokenRecord, check_text, now_ms, storable
+from grokgate.core.budgets import GRANTED, AccountRecord, Hold, Reserved, period_bounds, spent_in
 from grokgate.core.pricing import Price
-from grokgate.core.responses import deferred_owner, owner_of
-from grokgate.store.batch import Reservation, reserve_many, settle_many, sqlite_statements
+from grokgate.store.batch import release_held, reserve_many, settle_many, sqlite_statements
 from grokgate.store.cache import RefreshingCache
+from grokgate.store.keys_sql import KeysMixin
 from grokgate.store.reports import Reports
-from grokgate.store.schema import api_tokens, deployment, instances, ledger, prices, reservations, responses
+from grokgate.store.schema import accounts, api_tokens, deployment, instances, prices, reservations
+from grokgate.store.settling import KeySpend
 from grokgate.store.sqlite_writer import SqliteWriter, WriterFailed
 
 log = logging.getLogger("grokgate.store")
@@ -92,7 +79,7 @@ def default_url(data_dir: Path) -> str:
 _CHILD_KINDS = ("settle", "rows")
 
 
-class SqlStore(Reports):
+class SqlStore(KeysMixin, Reports):
     def __init__(self, url: str, *, owner: str = "grokgate", max_batch: int = 256,
                  writer_process: bool = True, heartbeat_seconds: float = 10.0,
                  dead_after_seconds: float = 45.0) -> None:
@@ -115,15 +102,17 @@ class SqlStore(Reports):
         self._sync_engine: Engine | None = None  # SQLite's writer
         self._queue: list[tuple[str, Any, asyncio.Future[Any]]] = []
         self._writer: asyncio.Task[None] | None = None
-        self._tokens: RefreshingCache[str, TokenRecord | None] = RefreshingCache(_CACHE_SECONDS)
+        self._tokens: RefreshingCache[str, tuple[TokenRecord, bool] | None] = RefreshingCache(_CACHE_SECONDS)
         self._prices: RefreshingCache[str, dict[str, Price]] = RefreshingCache(_CACHE_SECONDS)
         self.on_commit: Callable[[float, int], None] | None = None  # metrics: (seconds, operations)
         # SQLite serves one process, so reservations live in memory: the request path then waits for one
         # commit (its settlement), not two. Each token's committed balance is cached (refreshed when older
         # than _CACHE_SECONDS, kept current by our own settlements) and what is held is subtracted from it.
         self._memory_holds = False
-        self._held: dict[int, int] = {}
-        self._balances: RefreshingCache[int, int | None] = RefreshingCache(_CACHE_SECONDS)
+        self._held: dict[int, int] = {}  # account id -> micro-credits held
+        self._key_held: dict[tuple[int, int], int] = {}  # (token id, period_start) -> held against its limit
+        self._balances: RefreshingCache[int, int | None] = RefreshingCache(_CACHE_SECONDS)  # by account id
+        self._keys: RefreshingCache[int, tuple[int | None, int, int] | None] = RefreshingCache(_CACHE_SECONDS)
         self._lock_file: Any = None
         self._unsettled = 0  # reservations granted and not yet settled: close() waits for them
         self._closed = False
@@ -237,7 +226,7 @@ class SqlStore(Reports):
         for future in [f for _, _, f in self._queue if not f.done()]:
             future.set_exception(RuntimeError("the store is closed"))
         self._queue.clear()
-        for cache in (self._tokens, self._prices, self._balances):
+        for cache in (self._tokens, self._prices, self._balances, self._keys):
             await cache.aclose()
         if self._settler is not None:
             await self._settler.close()
@@ -341,16 +330,22 @@ class SqlStore(Reports):
             # One bad settlement must not sink the others: each on its own, in this process and through the
             # ledger check, since a child that failed mid-answer may have committed the batch after all.
             for i, payload in settles:
-                if payload.token_id is not None:
-                    self._balances.invalidate(payload.token_id)
+                self._forget_settled(payload)
                 try:
                     results[i] = await asyncio.to_thread(self._settle_checked, [payload])
                 except Exception as exc:
                     results[i] = _Failed(exc)
         return results
 
+    def _forget_settled(self, s: Settlement) -> None:
+        """A settlement whose outcome is unknown here: the cache reads its account and key again."""
+        if s.account_id is not None:
+            self._balances.invalidate(s.account_id)
+        if s.token_id is not None:
+            self._keys.invalidate(s.token_id)
+
     async def _settle_in_writer(self, settlements: list[Settlement],
-                                inserts: list[tuple[str, list[tuple[Any, ...]]]]) -> dict[int, int]:
+                                inserts: list[tuple[str, list[tuple[Any, ...]]]]) -> KeySpend:
         assert self._settler is not None
         unique = list({s.request_id: s for s in reversed(settlements)}.values())  # the first of each id
         try:
@@ -361,8 +356,7 @@ class SqlStore(Reports):
             # reads them again). The next batch starts a new child.
             log.warning("the SQLite writer process failed; settling its batch in this process", exc_info=True)
             for s in unique:
-                if s.token_id is not None:
-                    self._balances.invalidate(s.token_id)
+                self._forget_settled(s)
             if inserts:  # idempotent: the child may or may not have committed them
                 await asyncio.to_thread(self._insert_sync, inserts)
             return await asyncio.to_thread(self._settle_checked, unique)
@@ -373,7 +367,7 @@ class SqlStore(Reports):
             for sql, rows in inserts:
                 conn.exec_driver_sql(sql, rows)
 
-    def _settle_checked(self, settlements: list[Settlement]) -> dict[int, int]:
+    def _settle_checked(self, settlements: list[Settlement]) -> KeySpend:
         assert self._sync_engine is not None
         with self._sync_engine.begin() as conn:
             return settle_many(conn, settlements, shared=True)
@@ -403,127 +397,6 @@ class SqlStore(Reports):
             for (i, _), ok in zip(reserves, granted, strict=True):
                 results[i] = ok
         return results
-
-    # -- tokens --------------------------------------------------------------------------------------------
-
-    async def create_token(self, name: str, *, allowed_models: list[str] | None = None,
-                           expires_at: int | None = None, rpm: int | None = None, tpm: int | None = None,
-                           max_concurrency: int | None = None) -> tuple[TokenRecord, str]:
-        check_token_name(name)
-        secret = new_secret()
-        values = {
-            "name": name, "prefix": display_prefix(secret), "token_hash": hash_token(secret),
-            "created_at": now_ms(), "expires_at": expires_at, "disabled": False,
-            "allowed_models": allowed_models, "rpm": rpm, "tpm": tpm, "max_concurrency": max_concurrency,
-            "balance": 0, "reserved": 0,
-        }
-
-        def op(conn: Connection) -> int:
-            result = conn.execute(insert(api_tokens).values(**values).returning(api_tokens.c.id))
-            return int(result.scalar_one())
-
-        token_id = await self.write(op)
-        record = await self.get_token(token_id)
-        assert record is not None
-        return record, secret
-
-    async def get_token(self, ref: int | str) -> TokenRecord | None:
-        """By id, by name, or by prefix (`gg-xxxxxxxx`). A reference is checked against every meaning it
-        can have, so a token named "2" (allowed before names were checked) and the token whose id is 2 make
-        "2" ambiguous: 409 naming both, never a silent choice."""
-        parsed = parse_ref(ref)
-        name = parsed.name
-        if name is not None and "\x00" in name and self.dialect == "postgresql":
-            name = None  # PostgreSQL text cannot hold NUL, so no name has one (and asyncpg would refuse it)
-        conditions = []
-        if parsed.id is not None:
-            conditions.append(api_tokens.c.id == parsed.id)
-        if parsed.prefix is not None:
-            conditions.append(api_tokens.c.prefix == parsed.prefix)
-        if name is not None:
-            conditions.append(api_tokens.c.name == name)
-        if not conditions:
-            return None
-        query = select(api_tokens).where(or_(*conditions)).order_by(api_tokens.c.id)
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).mappings().all()
-        if len(rows) > 1:
-            raise ambiguous(parsed.text, [_record(r) for r in rows])
-        return self._with_holds(_record(rows[0])) if rows else None
-
-    async def require_token(self, ref: int | str) -> TokenRecord:
-        record = await self.get_token(ref)
-        if record is None:
-            raise GatewayError(404, "token_not_found", f"No token matches {ref!r}.")
-        return record
-
-    async def list_tokens(self) -> list[TokenRecord]:
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(select(api_tokens).order_by(api_tokens.c.id))).mappings().all()
-        return [self._with_holds(_record(r)) for r in rows]
-
-    async def find_token(self, token_hash: str) -> TokenRecord | None:
-        return await self._tokens.get(token_hash, lambda: self._read_token(token_hash))
-
-    async def _read_token(self, token_hash: str) -> TokenRecord | None:
-        async with self.engine.connect() as conn:
-            query = select(api_tokens).where(api_tokens.c.token_hash == token_hash)
-            row = (await conn.execute(query)).mappings().first()
-        return _record(row) if row else None
-
-    async def update_token(self, token_id: int, **fields: Any) -> TokenRecord:
-        allowed = {"name", "disabled", "expires_at", "allowed_models", "rpm", "tpm", "max_concurrency"}
-        unknown = set(fields) - allowed
-        if unknown:
-            raise GatewayError(400, "bad_request", f"Cannot change {', '.join(sorted(unknown))}.")
-        if fields.get("name") is not None:
-            check_token_name(fields["name"])
-
-        def op(conn: Connection) -> int:
-            result = conn.execute(update(api_tokens).where(api_tokens.c.id == token_id).values(**fields))
-            return int(result.rowcount)
-
-        if fields and not await self.write(op):
-            raise GatewayError(404, "token_not_found", f"No token with id {token_id}.")
-        self._tokens.invalidate()
-        return await self.require_token(token_id)
-
-    async def delete_token(self, token_id: int) -> None:
-        def op(conn: Connection) -> int:
-            conn.execute(delete(reservations).where(reservations.c.token_id == token_id))
-            # Its stored conversations go with it (nobody can reach them any more: ids are never reused, migration
-            # 0004); its ledger and daily usage stay, for the operator's books.
-            owner = owner_of(token_id, "")
-            conn.execute(delete(responses).where(responses.c.owner.in_((owner, deferred_owner(owner)))))
-            return int((conn.execute(delete(api_tokens).where(api_tokens.c.id == token_id))).rowcount)
-
-        if not await self.write(op):
-            raise GatewayError(404, "token_not_found", f"No token with id {token_id}.")
-        self._tokens.invalidate()
-        self._balances.invalidate(token_id)
-
-    async def add_credits(self, token_id: int, amount: int, note: str | None = None) -> TokenRecord:
-        if amount <= 0:
-            raise GatewayError(400, "bad_request", "The amount must be positive.", param="amount")
-
-        def op(conn: Connection) -> int:
-            result = conn.execute(
-                update(api_tokens).where(api_tokens.c.id == token_id).values(balance=api_tokens.c.balance + amount)
-            )
-            if result.rowcount:
-                conn.execute(insert(ledger).values(
-                    request_id=f"topup-{uuid.uuid4().hex}", token_id=token_id, kind="topup", endpoint=None,
-                    amount=amount, cost=0,
-                    prompt_tokens=0, cached_tokens=0, completion_tokens=0, reasoning_tokens=0, status="ok",
-                    estimated=False, note=note, created_at=now_ms(),
-                ))
-            return int(result.rowcount)
-
-        if not await self.write(op):
-            raise GatewayError(404, "token_not_found", f"No token with id {token_id}.")
-        self._balances.invalidate(token_id)
-        self._tokens.invalidate()  # the token's record carries its balance (core/billing.py servable)
-        return await self.require_token(token_id)
 
     # -- prices --------------------------------------------------------------------------------------------
 
@@ -585,48 +458,103 @@ class SqlStore(Reports):
 
     # -- reservations and settlement --------------------------------------------------------------------------
 
-    async def reserve(self, token_id: int, request_id: str, amount: int) -> bool:
+    async def reserve(self, hold: Hold) -> Reserved:
         if not self._memory_holds:
-            granted = bool(await self._submit("reserve", Reservation(token_id, request_id, amount)))
+            outcome: Reserved = await self._submit("reserve", hold)
         else:
-            balance = await self._committed_balance(token_id)
-            held = self._held.get(token_id, 0)
-            # No await between the check and the hold: the event loop makes this one atomic step.
-            granted = balance is not None and balance - held >= amount
-            if granted:
-                self._held[token_id] = held + amount
-        self._unsettled += granted and amount > 0
-        return granted
+            outcome = await self._reserve_in_memory(hold)
+        self._unsettled += outcome.granted and hold.amount > 0
+        return outcome
+
+    async def _reserve_in_memory(self, hold: Hold) -> Reserved:
+        balance = await self._committed_balance(hold.account_id)
+        key = await self._committed_key(hold.token_id)
+        # No await between the checks and the holds: the event loop makes this one atomic step.
+        if balance is None or key is None:
+            return Reserved(False, "balance", 0)
+        available = balance - self._held.get(hold.account_id, 0)
+        if hold.amount > available:
+            return Reserved(False, "balance", max(0, available))
+        limit, stored_start, stored_spent = key
+        slot = (hold.token_id, hold.period_start)
+        if limit is not None:
+            room = limit - spent_in(hold.period_start, stored_start, stored_spent) - self._key_held.get(slot, 0)
+            if hold.amount > room:
+                return Reserved(False, "key_limit", max(0, room))
+        self._held[hold.account_id] = self._held.get(hold.account_id, 0) + hold.amount
+        self._key_held[slot] = self._key_held.get(slot, 0) + hold.amount
+        return GRANTED
 
     async def settle(self, s: Settlement) -> None:
         try:
-            balances: dict[int, int] = await self._submit("settle", s)
+            spent: KeySpend = await self._submit("settle", s)
         finally:
-            if s.token_id is not None and s.reserved:
+            if s.account_id is not None and s.reserved:
                 self._unsettled = max(0, self._unsettled - 1)
                 if self._memory_holds:
-                    self._held[s.token_id] = max(0, self._held.get(s.token_id, 0) - s.reserved)
+                    self._held[s.account_id] = max(0, self._held.get(s.account_id, 0) - s.reserved)
+                    slot = (s.token_id or 0, s.period_start)
+                    left = self._key_held.get(slot, 0) - s.reserved
+                    if left > 0:
+                        self._key_held[slot] = left
+                    else:
+                        self._key_held.pop(slot, None)
         if self._memory_holds:
-            # The balance each settlement read under the row lock is the newest committed one.
-            for token_id, balance in balances.items():
-                self._balances.put(token_id, balance)
+            # What each settlement read under the row lock is the newest committed state.
+            balances, keys = spent
+            for account_id, balance in balances.items():
+                self._balances.put(account_id, balance)
+            for token_id, (start, total) in keys.items():
+                current = self._keys.peek(token_id)
+                if current is not None:
+                    self._keys.put(token_id, (current[0], start, total))
 
-    async def _committed_balance(self, token_id: int) -> int | None:
+    async def _committed_balance(self, account_id: int) -> int | None:
         # A top-up by another process shows up within twice _CACHE_SECONDS (an expired entry is served
-        # while it is read again), or at our next settlement of this token, which reads the balance; only
+        # while it is read again), or at our next settlement of this account, which reads the balance; only
         # this process spends from it.
-        return await self._balances.get(token_id, lambda: self._read_balance(token_id))
+        return await self._balances.get(account_id, lambda: self._read_balance(account_id))
 
-    async def _read_balance(self, token_id: int) -> int | None:
+    async def _read_balance(self, account_id: int) -> int | None:
         async with self.engine.connect() as conn:
-            value = (await conn.execute(select(api_tokens.c.balance).where(api_tokens.c.id == token_id))).scalar()
+            value = (await conn.execute(select(accounts.c.balance).where(accounts.c.id == account_id))).scalar()
         return None if value is None else int(value)
 
+    async def _committed_key(self, token_id: int) -> tuple[int | None, int, int] | None:
+        """(spend limit, period_start, period_spent) as committed; kept current by our settlements."""
+        return await self._keys.get(token_id, lambda: self._read_key(token_id))
+
+    async def _read_key(self, token_id: int) -> tuple[int | None, int, int] | None:
+        query = select(api_tokens.c.spend_limit, api_tokens.c.period_start, api_tokens.c.period_spent).where(
+            api_tokens.c.id == token_id)
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        return None if row is None else (None if row[0] is None else int(row[0]), int(row[1]), int(row[2]))
+
     def _with_holds(self, record: TokenRecord) -> TokenRecord:
+        held = self._held.get(record.account_id, 0)
+        start, _ = period_bounds(record.limit_period, now_ms())
+        key_held = self._key_held.get((record.id, start), 0)
+        if not held and not key_held:
+            return record
+        return dataclasses.replace(record, balance=record.balance - held, reserved=record.reserved + held,
+                                   period_start=start, period_spent=spent_in(start, record.period_start,
+                                                                             record.period_spent),
+                                   period_reserved=key_held)
+
+    def _account_with_holds(self, record: AccountRecord) -> AccountRecord:
         held = self._held.get(record.id, 0)
         if not held:
             return record
         return dataclasses.replace(record, balance=record.balance - held, reserved=record.reserved + held)
+
+    def _forget(self, *, token_id: int | None = None, account_id: int | None = None) -> None:
+        """An admin change: what this process caches of the token or the account is read again."""
+        self._tokens.invalidate()
+        if token_id is not None:
+            self._keys.invalidate(token_id)
+        if account_id is not None:
+            self._balances.invalidate(account_id)
 
     async def reclaim(self, *, owner: str | None = None, older_than_ms: int | None = None) -> int:
         """Release reservations left by a crash: this owner's, or any older than the cut-off."""
@@ -637,7 +565,7 @@ class SqlStore(Reports):
             conditions.append(reservations.c.created_at < now_ms() - older_than_ms)
         if not conditions:
             return 0
-        count = int(await self.write(lambda conn: _release(conn, or_(*conditions))))
+        count = int(await self.write(lambda conn: release_held(conn, or_(*conditions))))
         if count:
             log.warning("released reservations left by an earlier run", extra={"count": count})
         return count
@@ -702,7 +630,7 @@ class SqlStore(Reports):
 
         def op(conn: Connection) -> int:
             # The staleness is checked again inside the transaction: an instance that beat since is alive.
-            count = _release(conn, reservations.c.owner.in_(select(instances.c.owner).where(stale)))
+            count = release_held(conn, reservations.c.owner.in_(select(instances.c.owner).where(stale)))
             conn.execute(delete(instances).where(stale))
             return count
 
@@ -716,28 +644,13 @@ class SqlStore(Reports):
         owner = self.owner
 
         def op(conn: Connection) -> int:
-            count = _release(conn, reservations.c.owner == owner)
+            count = release_held(conn, reservations.c.owner == owner)
             conn.execute(delete(instances).where(instances.c.owner == owner))
             return count
 
         count = int(await self.write(op))
         if count:
             log.warning("released reservations still held at shutdown", extra={"count": count})
-
-
-def _release(conn: Connection, condition: ColumnElement[bool]) -> int:
-    """Delete the reservations matching `condition` and give their amounts back, one UPDATE per token in
-    id order (the order settlements lock tokens in, so the two cannot deadlock). A settlement that comes
-    later finds its reservation gone and charges the balance directly (store/batch.py)."""
-    rows = conn.execute(
-        delete(reservations).where(condition).returning(reservations.c.token_id, reservations.c.amount)).all()
-    freed: dict[int, int] = defaultdict(int)
-    for token_id, amount in rows:
-        freed[int(token_id)] += int(amount)
-    for token_id, amount in sorted(freed.items()):
-        conn.execute(update(api_tokens).where(api_tokens.c.id == token_id).values(
-            balance=api_tokens.c.balance + amount, reserved=api_tokens.c.reserved - amount))
-    return len(rows)
 
 
 def _dialect_insert(dialect: str, table: Table) -> Any:
@@ -792,17 +705,6 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
-
-
-def _record(row: Any) -> TokenRecord:
-    models = row["allowed_models"]
-    return TokenRecord(
-        id=int(row["id"]), name=row["name"], prefix=row["prefix"], created_at=int(row["created_at"]),
-        expires_at=row["expires_at"], disabled=bool(row["disabled"]),
-        allowed_models=tuple(models) if models is not None else None,
-        rpm=row["rpm"], tpm=row["tpm"], max_concurrency=row["max_concurrency"],
-        balance=int(row["balance"]), reserved=int(row["reserved"]),
-    )
 
 
 def _price(row: Any) -> Price:

@@ -24,7 +24,7 @@ import sys
 from typing import Any
 
 from grokgate.core.accounts import Settlement
-from grokgate.store.settling import as_row
+from grokgate.store.settling import KeySpend, as_row
 from grokgate.store.writer_child import LENGTH, encode_frame
 
 log = logging.getLogger("grokgate.store")
@@ -67,7 +67,7 @@ class SqliteWriter:
             raise WriterFailed(f"the SQLite writer did not start: {detail}")
 
     async def settle(self, items: list[Settlement],
-                     inserts: list[tuple[str, list[tuple[Any, ...]]]] | None = None) -> dict[int, int]:
+                     inserts: list[tuple[str, list[tuple[Any, ...]]]] | None = None) -> KeySpend:
         """Commit the batch in the child, with `inserts` (SQL, rows) in the same transaction; raises RuntimeError
         for an error the child reported (nothing was committed), WriterFailed when the child is gone (it is
         stopped first, so nothing is still running)."""
@@ -89,7 +89,7 @@ class SqliteWriter:
             raise
         if status != "ok":
             raise RuntimeError(f"settlement failed in the SQLite writer: {detail}")
-        balances: dict[int, int] = detail
+        balances: KeySpend = (detail[0], detail[1])
         return balances
 
     async def _call(self, frame: bytes) -> tuple[str, Any]:

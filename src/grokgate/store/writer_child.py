@@ -52,8 +52,9 @@ def main() -> None:
         # parent settles in a thread instead of failing every batch.
         # The ledger's newest columns are named, so a database behind this code's schema fails here too.
         db.execute("SELECT 1, ledger.endpoint, ledger.server_tool_calls, ledger.upstream_cost_ticks, "
-                   "usage_daily.upstream_charged, responses.size "
-                   "FROM api_tokens, ledger, usage_daily, responses LIMIT 0")
+                   "usage_daily.upstream_charged, responses.size, accounts.balance, api_tokens.period_spent, "
+                   "ledger.account_id, usage_daily.account_id "
+                   "FROM accounts, api_tokens, ledger, usage_daily, responses LIMIT 0")
         run = SqliteCursorRunner(db.cursor(), setup["statements"], db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
     except Exception as exc:  # reported to the parent
         write_frame(sink, ("error", repr(exc)))
@@ -66,7 +67,7 @@ def main() -> None:
             try:
                 for sql, rows in inserts:
                     db.executemany(sql, rows)
-                balances = charge_and_record(run, items, {}) if items else {}
+                balances = charge_and_record(run, items, {}) if items else ({}, {})
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")

@@ -13,6 +13,7 @@ const TOKEN_KEY = "grokgate.console.token";
 
 const PAGES = {
   overview: { title: "Overview", load: async () => overview },
+  accounts: { title: "Accounts", adminOnly: true, load: () => import("./pages/accounts.js") },
   tokens: { title: "Tokens", adminOnly: true, load: () => import("./pages/tokens.js") },
   usage: { title: "Usage", load: () => import("./pages/usage.js") },
   models: { title: "Models & prices", short: "Models", load: () => import("./pages/models.js") },
@@ -130,7 +131,7 @@ async function route() {
   delete main.dataset.ready;
   delete main.dataset.painted;
   if (spec.adminOnly && session.role !== "admin") {
-    section.append(h("div.notice", h("h1", spec.title), h("p", "Only the admin token can manage tokens.")));
+    section.append(h("div.notice", h("h1", spec.title), h("p", `Only the admin token can manage ${spec.title.toLowerCase()}.`)));
     main.dataset.ready = page;
     return;
   }

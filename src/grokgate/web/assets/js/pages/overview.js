@@ -5,6 +5,7 @@
 import { barChart, shareBars } from "../charts.js";
 import { clear, h } from "../dom.js";
 import { addDays, compact, credits, daysBetween, int, plural, todayUTC } from "../format.js";
+import { limitText, resetText } from "../keys.js";
 import { errorBox, pill } from "../ui.js";
 
 const PERIODS = [7, 30, 90];
@@ -123,10 +124,27 @@ export async function render(root, ctx, params) {
       cards.append(card("Account tokens", int(keys.filter((k) => !k.disabled).length),
         `${int(keys.length)} in all`));
     } else {
-      cards.prepend(card("Balance", `${credits(balance.value.balance)}`, "credits"));
+      // Two different things, shown apart: the account's balance (all its keys share it), and this key's own
+      // spending limit with what it spent this period.
+      const b = balance.value;
+      cards.prepend(
+        card("Account balance", `${credits(b.balance)}`, `credits of ${b.account.name}, shared by its keys`),
+        keyCard(b.key));
     }
   }
   return () => cleanups.forEach((stop) => stop());
+}
+
+/** The calling key's spending limit: spent this period of its limit, and when the period resets. */
+function keyCard(spend) {
+  if (!spend || spend.limit === null) {
+    return h("div.card.card-key", h("div.card-label", "This key"), h("div.card-value", "no limit"),
+      h("div.card-note", "only the account's balance bounds it"));
+  }
+  return h("div.card.card-key", h("div.card-label", "This key, this period"),
+    h("div.card-value", credits(spend.spent)),
+    h("div.card-note", `spent of ${limitText(spend)}`, h("br"),
+      spend.resets_at ? `resets ${resetText(spend)}` : "never resets"));
 }
 
 /** /readyz: one row per backend with the facts that say whether it can take work. */

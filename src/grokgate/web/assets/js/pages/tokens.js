@@ -2,61 +2,9 @@
 // edit limits and models, delete.
 
 import { clear, h } from "../dom.js";
-import { credits, date, int } from "../format.js";
-import { busy, confirmDialog, copyText, errorBox, field, formDialog, loading, pageHeader, pill, table, toast }
-  from "../ui.js";
-
-const DAY = 86_400;
-
-/** "2026-01-31" -> the end of that UTC day in Unix seconds: the token works through the whole date. */
-function expiryFromDate(text) {
-  if (!text) return null;
-  return Math.floor(Date.parse(`${text}T00:00:00Z`) / 1000) + DAY - 1;
-}
-
-const positive = (text) => (text === "" ? null : Number(text));
-
-function limitsText(k) {
-  const parts = [];
-  if (k.rpm) parts.push(`${int(k.rpm)} rpm`);
-  if (k.tpm) parts.push(`${int(k.tpm)} tpm`);
-  if (k.max_concurrency) parts.push(`${int(k.max_concurrency)} at once`);
-  return parts.join(" · ") || "none";
-}
-
-function state(k) {
-  if (k.disabled) return pill("disabled", "bad");
-  if (k.expires_at && k.expires_at * 1000 < Date.now()) return pill("expired", "warn");
-  return pill("active", "ok");
-}
-
-/** The fields shared by "create" and "edit". */
-function limitFields(models, k = {}) {
-  return [
-    field({ name: "rpm", label: "Requests per minute", type: "number", min: 1, step: 1, value: k.rpm ?? "",
-      hint: "Empty: no limit" }),
-    field({ name: "tpm", label: "Tokens per minute", type: "number", min: 1, step: 1, value: k.tpm ?? "",
-      hint: "Empty: no limit" }),
-    field({ name: "max_concurrency", label: "Requests at once", type: "number", min: 1, step: 1,
-      value: k.max_concurrency ?? "", hint: "Empty: no limit" }),
-    field({ name: "expires", label: "Expires after (UTC date)", type: "date", value: date(k.expires_at),
-      hint: "Empty: never" }),
-    field({ name: "allowed_models", label: "Allowed models (none ticked: every model)", type: "checkboxes",
-      value: k.allowed_models || [],
-      // Keep models the token already allows even when no route serves them now, so saving does not drop them.
-      options: [...new Set([...models, ...(k.allowed_models || [])])].map((m) => ({ value: m, label: m })) }),
-  ];
-}
-
-function limitValues(v) {
-  return {
-    rpm: positive(v.rpm),
-    tpm: positive(v.tpm),
-    max_concurrency: positive(v.max_concurrency),
-    expires_at: expiryFromDate(v.expires),
-    allowed_models: v.allowed_models && v.allowed_models.length ? v.allowed_models : null,
-  };
-}
+import { credits, date } from "../format.js";
+import { limitFields, limitsText, limitValues, showSecret, state } from "../keys.js";
+import { busy, confirmDialog, errorBox, field, formDialog, loading, pageHeader, table, toast } from "../ui.js";
 
 export async function render(root, ctx) {
   const { api } = ctx;
@@ -94,30 +42,10 @@ export async function render(root, ctx) {
       },
     });
     if (!created) return;
-    showSecret(created);
+    showSecret(secretBox, created);
     toast(`Token ${created.key.name} created.`);
     await reload().catch((e) => clear(list, errorBox(e, reload)));
   });
-
-  /** The secret exists only in the create answer: show it once, with a way to copy it, until dismissed. */
-  function showSecret(created) {
-    const code = h("code#new-secret.secret", created.token);
-    const copy = h("button.btn.btn-primary", { type: "button", dataset: { action: "copy-secret" } }, "Copy");
-    copy.addEventListener("click", async () => {
-      if (await copyText(created.token)) {
-        toast("Secret copied to the clipboard.");
-        copy.textContent = "Copied";
-      } else {
-        // Select it so one Ctrl+C / long-press does it by hand.
-        getSelection().selectAllChildren(code);
-        toast("Copying is blocked here: the secret is selected, copy it by hand.", "warn");
-      }
-    });
-    const done = h("button.btn.btn-quiet", { type: "button", onclick: () => clear(secretBox) }, "Done");
-    clear(secretBox, h("div.notice.notice-secret", { role: "region", "aria-label": "New token secret" },
-      h("p", h("strong", `Secret of ${created.key.name}`), " — copy it now: it is not shown again."),
-      h("div.secret-row", code, copy, done)));
-  }
 
   function actions(k) {
     const topUp = h("button.btn.btn-small", { type: "button", dataset: { action: "topup" } }, "Top up");
@@ -174,6 +102,8 @@ export async function render(root, ctx) {
     clear(list, table([
       { label: "Name", cell: (k) => h("strong", k.name) },
       { label: "Prefix", cell: (k) => h("code", k.prefix) },
+      // The balance is the account's, shared by all its keys: say whose it is, and lead to it.
+      { label: "Account", cell: (k) => h("a", { href: `#/accounts?id=${Number(k.account_id)}` }, k.account_name) },
       { label: "Balance", cls: "num", cell: (k) => `${credits(k.balance)}` },
       { label: "Reserved", cls: "num", cell: (k) => credits(k.reserved) },
       { label: "Limits", cell: limitsText },

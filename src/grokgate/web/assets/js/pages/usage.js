@@ -1,5 +1,5 @@
-// Usage: the ledger, newest first, filtered by token (admin), model, status, kind, API (chat completions or
-// responses) and UTC dates, a page at a time (cursor pagination, so deep pages cost the same as the first), with CSV export of the filtered rows.
+// Usage: the ledger, newest first, filtered by account and token (admin), model, status, kind, API (chat
+// completions or responses) and UTC dates, a page at a time (cursor pagination, so deep pages cost the same as the first), with CSV export of the filtered rows.
 // Each usage row shows the share of its prompt read from the backend's prompt cache, and a line above the table
 // sums that share per model and backend over the rows shown (prompt-cache affinity keeps a conversation where
 // its cache is: serving/affinity.py).
@@ -29,6 +29,7 @@ export async function render(root, ctx, params) {
   const today = todayUTC();
   const filters = {
     token: admin ? params.get("token") || "" : "",
+    account: admin ? params.get("account") || "" : "",
     model: params.get("model") || "",
     status: params.get("status") || "",
     kind: params.get("kind") || "",
@@ -38,11 +39,13 @@ export async function render(root, ctx, params) {
     limit: PAGE_SIZES.includes(Number(params.get("limit"))) ? Number(params.get("limit")) : 50,
   };
 
-  const [models, keys] = await Promise.all([
+  const [models, keys, accounts] = await Promise.all([
     ctx.api.get("/v1/models"),
     admin ? ctx.api.get("/admin/keys") : Promise.resolve(null),
+    admin ? ctx.api.get("/admin/accounts") : Promise.resolve(null),
   ]);
   const names = new Map((keys ? keys.data : []).map((k) => [k.id, k.name]));
+  const accountNames = new Map((accounts ? accounts.data : []).map((a) => [a.id, a.name]));
   const modelIds = models.data.map((m) => m.id);
   if (filters.model && !modelIds.includes(filters.model)) modelIds.push(filters.model);
 
@@ -51,6 +54,9 @@ export async function render(root, ctx, params) {
     admin ? field({ name: "token", label: "Token", type: "select", value: filters.token,
       options: [{ value: "", label: "All tokens" },
         ...[...names].map(([id, name]) => ({ value: String(id), label: name }))] }) : null,
+    admin ? field({ name: "account", label: "Account", type: "select", value: filters.account,
+      options: [{ value: "", label: "All accounts" },
+        ...[...accountNames].map(([id, name]) => ({ value: String(id), label: name }))] }) : null,
     field({ name: "model", label: "Model", type: "select", value: filters.model,
       options: [{ value: "", label: "Any model" }, ...modelIds.map((m) => ({ value: m, label: m }))] }),
     field({ name: "status", label: "Status", type: "select", value: filters.status, options: STATUSES }),
@@ -82,10 +88,16 @@ export async function render(root, ctx, params) {
   const cursors = [""]; // cursors[i] opens page i; "Newer" walks back through them
   let page = 0;
 
-  const tokenName = (id) => (id === null ? "admin token" : names.get(id) || `#${id}`);
+  // No key: the bootstrap admin token's own request, or a top-up of an account (which names its account).
+  const tokenName = (r) => {
+    if (r.token_id !== null) return names.get(r.token_id) || `#${r.token_id}`;
+    return r.account_id == null ? "admin token" : "";
+  };
+  const accountName = (r) => (r.account_id == null ? "" : accountNames.get(r.account_id) || `#${r.account_id}`);
   const columns = [
     { label: "Time (UTC)", cell: (r) => dateTime(r.created_at) },
-    admin ? { label: "Token", cell: (r) => tokenName(r.token_id) } : null,
+    admin ? { label: "Account", cell: accountName } : null,
+    admin ? { label: "Token", cell: tokenName } : null,
     { label: "Kind", cell: (r) => r.kind },
     { label: "Model", cell: (r) => r.model || "" },
     { label: "API", cell: (r) => (r.kind === "usage" ? apiLabel(r) : "") },
