@@ -1,0 +1,108 @@
+"""The embedded engine's prompt, counted exactly before admission, so that its reservation is tight.
+
+A request's reservation holds a true upper bound of its prompt (core/pricing.py `prompt_token_bound`): the body's
+bytes plus a template allowance, about ten times what a short prompt costs on the local model ("hi" is bounded by
+355 tokens and billed 30). The local engine can do better: its own chat template and tokenizer say exactly what the
+prompt will be, before anything is reserved. llama.cpp's HTTP listener (on the engine's private Unix socket,
+providers/local.py `_load`) renders a chat request as its chat completions do (`POST /apply-template`: the same
+parse of the same payload, so the same template, messages and prefill) and tokenizes the text as they do (`POST
+/tokenize` with `add_special` and `parse_special`, as llama.cpp tokenizes a chat prompt). The engine's
+`prompt_tokens` for that payload (cached plus evaluated) is that count, so the count is exact, and so a true bound.
+
+Bounded in cost: only a prompt whose body bound is at most COUNT_MAX_TOKENS is counted (two small requests on the
+listener, about a millisecond: bench/prompt_count.py); a larger one keeps the body bound, which is tight enough
+relative to its size. The listener has one thread, which a slot save or a long Tokenize call may hold: a count
+that has not answered within COUNT_TIMEOUT_SECONDS is given up, and the request keeps its body bound. A count that
+fails for any reason does the same: counting only ever lowers a reservation to a figure that is still true.
+
+Blocking I/O: in a worker thread of its own (`PromptCounting`), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import http.client
+from typing import Any
+
+import orjson
+
+from grokgate.providers.local_cache import _UnixConnection
+
+# Body bounds (core/pricing.py) up to which the prompt is counted: 16 KiB of text renders and tokenizes in about
+# 2 ms (bench/prompt_count.py); past it the bound is within a few times the truth, and counting costs more.
+COUNT_MAX_TOKENS = 16_384
+# How long admission waits for a count before it keeps the body bound (the listener may be saving a slot).
+COUNT_TIMEOUT_SECONDS = 0.5
+
+
+class CountFailed(Exception):
+    """The listener did not answer with a count: the caller keeps its bound."""
+
+
+def _post(socket_path: str, api_key: str, path: str, body: bytes, timeout: float) -> Any:
+    conn = _UnixConnection(socket_path, timeout)
+    try:
+        conn.request("POST", path, body=body,
+                     headers={"Authorization": f"Bearer {api_key}", "Content-Type": "application/json",
+                              "Connection": "close"})
+        response = conn.getresponse()
+        raw = response.read()
+    except (OSError, http.client.HTTPException) as exc:  # TimeoutError is an OSError
+        raise CountFailed(str(exc)) from None
+    finally:
+        conn.close()
+    if response.status != 200:
+        raise CountFailed(f"{path} answered {response.status}")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise CountFailed(f"{path} answered no JSON") from None
+
+
+def engine_prompt_tokens(socket_path: str, api_key: str, payload: dict[str, Any],
+                         timeout: float = COUNT_TIMEOUT_SECONDS) -> int:
+    """The tokens of the prompt llama.cpp's chat completions make of `payload` (the engine request of
+    providers/local.py `_payload`); CountFailed when the listener does not say."""
+    rendered = _post(socket_path, api_key, "/apply-template", orjson.dumps(payload), timeout)
+    prompt = rendered.get("prompt") if isinstance(rendered, dict) else None
+    if not isinstance(prompt, str):
+        raise CountFailed("/apply-template answered no prompt")
+    body = orjson.dumps({"content": prompt, "add_special": True, "parse_special": True})
+    answer = _post(socket_path, api_key, "/tokenize", body, timeout)
+    tokens = answer.get("tokens") if isinstance(answer, dict) else None
+    if not isinstance(tokens, list):
+        raise CountFailed("/tokenize answered no tokens")
+    return len(tokens)
+
+
+class PromptCounting:
+    """Counts prompts in a thread of its own (the listener answers one call at a time, so more threads would
+    only queue there)."""
+
+    def __init__(self, max_tokens: int = COUNT_MAX_TOKENS, timeout: float = COUNT_TIMEOUT_SECONDS) -> None:
+        self.max_tokens = max_tokens
+        self.timeout = timeout
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="local-count")
+
+    def worth(self, bound: int) -> bool:
+        """Whether a prompt bounded by `bound` tokens is cheap enough to count."""
+        return bound <= self.max_tokens
+
+    async def count(self, listener: tuple[str, str], payload: dict[str, Any]) -> int | None:
+        """The prompt's tokens, or None when the listener did not say in time (the caller keeps its bound)."""
+        socket_path, key = listener
+        loop = asyncio.get_running_loop()
+        try:
+            future = loop.run_in_executor(self._executor, engine_prompt_tokens, socket_path, key, payload,
+                                          self.timeout)
+        except RuntimeError:  # shut down: the engine is closing
+            return None
+        try:
+            # Cancelled on timeout: a count still queued is dropped, one in progress ends at its socket timeout.
+            return await asyncio.wait_for(future, self.timeout)
+        except (TimeoutError, CountFailed):
+            return None
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
