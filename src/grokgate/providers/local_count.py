@@ -10,10 +10,11 @@ parse of the same payload, so the same template, messages and prefill) and token
 `prompt_tokens` for that payload (cached plus evaluated) is that count, so the count is exact, and so a true bound.
 
 Bounded in cost: only a prompt whose body bound is at most COUNT_MAX_TOKENS is counted (two small requests on the
-listener, about a millisecond: bench/prompt_count.py); a larger one keeps the body bound, which is tight enough
-relative to its size. The listener has one thread, which a slot save or a long Tokenize call may hold: a count
-that has not answered within COUNT_TIMEOUT_SECONDS is given up, and the request keeps its body bound. A count that
-fails for any reason does the same: counting only ever lowers a reservation to a figure that is still true.
+listener: under a millisecond for a short prompt, about 4 ms for 4 KiB, bench/prompt_count.py); a larger one keeps
+the body bound, a few times its cost (a 15 KiB prompt took 14 ms to count, and 64 of them at once over 0.5 s).
+The listener has one thread, which a slot save or a long Tokenize call may hold: a count that has not answered
+within COUNT_TIMEOUT_SECONDS is given up, and the request keeps its body bound. A count that fails for any reason
+does the same: counting only ever replaces a bound with the exact figure.
 
 Blocking I/O: in a worker thread of its own (`PromptCounting`), never on the event loop.
 """
@@ -29,9 +30,10 @@ import orjson
 
 from grokgate.providers.local_cache import _UnixConnection
 
-# Body bounds (core/pricing.py) up to which the prompt is counted: 16 KiB of text renders and tokenizes in about
-# 2 ms (bench/prompt_count.py); past it the bound is within a few times the truth, and counting costs more.
-COUNT_MAX_TOKENS = 16_384
+# Body bounds (core/pricing.py) up to which the prompt is counted: about 4 KiB of text, counted in about 4 ms
+# (llama.cpp's tokenizer runs at about 1 MB/s here: bench/prompt_count.py). The tightness matters most for short
+# prompts, whose bound is mostly the template's allowance (256 tokens).
+COUNT_MAX_TOKENS = 4096
 # How long admission waits for a count before it keeps the body bound (the listener may be saving a slot).
 COUNT_TIMEOUT_SECONDS = 0.5
 
