@@ -39,7 +39,7 @@ def bodies() -> dict[str, dict[str, object]]:
         "tiny ('hi')": {"model": "grok-3", "max_tokens": 1, "messages": user("hi")},
         "tools, 1 tool": {"model": "grok-3", "max_tokens": 8, "tools": [WEATHER], "messages": user("Weather?")},
         "1 KiB": {"model": "grok-3", "max_tokens": 8, "messages": user(PROSE * 11)},
-        "3.9 KiB (near the limit)": {"model": "grok-3", "max_tokens": 8, "messages": user(PROSE * 40)},
+        "3.7 KiB (near the limit)": {"model": "grok-3", "max_tokens": 8, "messages": user(PROSE * 38)},
         "15 KiB (not counted)": {"model": "grok-3", "max_tokens": 8, "messages": user(PROSE * 160)},
     }
 
@@ -63,6 +63,9 @@ async def main(rounds: int, model: Path) -> None:
     for name, body in bodies().items():
         call = call_of(body)
         counted = await engine.count_prompt(call, "grok-3")
+        if counted is None:  # past the limit (or the listener failed): the body's bound stays
+            print(f"{name:26} {call.prompt_tokens:>6} {'-':>7}   not counted: the body's bound is reserved")
+            continue
         times = []
         for _ in range(rounds):
             start = time.perf_counter()
