@@ -297,7 +297,7 @@ class LocalEngine:
         prompt too large to count cheaply, or when the listener does not answer in time."""
         if self._listener is None or not self._counting.worth(call.prompt_tokens):
             return None
-        return await self._counting.count(self._listener, _payload(call, upstream_model))
+        return await self._counting.count(self._listener, call.tenant, _payload(call, upstream_model))
 
     # -- Tokenizer, DescribesModels (providers/base.py): one model, whatever name a route gives it -------------
 

@@ -16,18 +16,19 @@ The listener has one thread, which a slot save or a long Tokenize call may hold:
 within COUNT_TIMEOUT_SECONDS is given up, and the request keeps its body bound. A count that fails for any reason
 does the same: counting only ever replaces a bound with the exact figure.
 
-Blocking I/O: in a worker thread of its own (`PromptCounting`), never on the event loop.
+Blocking I/O: in a worker thread of its own (`PromptCounting`), never on the event loop; tenants' counts in turn.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import http.client
+import threading
 from typing import Any
 
 import orjson
 
+from grokgate.core.fairqueue import FairQueue
 from grokgate.providers.local_cache import _UnixConnection
 
 # Body bounds (core/pricing.py) up to which the prompt is counted: about 4 KiB of text, counted in about 4 ms
@@ -78,33 +79,69 @@ def engine_prompt_tokens(socket_path: str, api_key: str, payload: dict[str, Any]
     return len(tokens)
 
 
+class _Count:
+    __slots__ = ("future", "loop", "payload")
+
+    def __init__(self, payload: dict[str, Any], loop: asyncio.AbstractEventLoop,
+                 future: asyncio.Future[int | None]) -> None:
+        self.payload = payload
+        self.loop = loop
+        self.future = future
+
+
 class PromptCounting:
-    """Counts prompts in a thread of its own (the listener answers one call at a time, so more threads would
-    only queue there)."""
+    """Counts prompts in a thread of its own (the listener answers one call at a time, so more threads would only
+    queue there), taking the tenants' counts in turn (core/fairqueue.py): a tenant that sends many prompts at once
+    delays another's count by one of its own, not by all of them."""
 
     def __init__(self, max_tokens: int = COUNT_MAX_TOKENS, timeout: float = COUNT_TIMEOUT_SECONDS) -> None:
         self.max_tokens = max_tokens
         self.timeout = timeout
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="local-count")
+        self._queue: FairQueue[_Count] = FairQueue()
+        self._listener: tuple[str, str] | None = None
+        self._worker: threading.Thread | None = None
 
     def worth(self, bound: int) -> bool:
         """Whether a prompt bounded by `bound` tokens is cheap enough to count."""
         return bound <= self.max_tokens
 
-    async def count(self, listener: tuple[str, str], payload: dict[str, Any]) -> int | None:
+    async def count(self, listener: tuple[str, str], tenant: str, payload: dict[str, Any]) -> int | None:
         """The prompt's tokens, or None when the listener did not say in time (the caller keeps its bound)."""
-        socket_path, key = listener
+        if self._worker is None:
+            self._listener = listener
+            self._worker = threading.Thread(target=self._work, name="local-count", daemon=True)
+            self._worker.start()
         loop = asyncio.get_running_loop()
+        future: asyncio.Future[int | None] = loop.create_future()
         try:
-            future = loop.run_in_executor(self._executor, engine_prompt_tokens, socket_path, key, payload,
-                                          self.timeout)
-        except RuntimeError:  # shut down: the engine is closing
+            self._queue.put_group(tenant, [_Count(payload, loop, future)])
+        except RuntimeError:  # closed: the engine is shutting down
             return None
         try:
-            # Cancelled on timeout: a count still queued is dropped, one in progress ends at its socket timeout.
+            # Cancelled on timeout: a count still queued is skipped, one in progress ends at its socket timeout.
             return await asyncio.wait_for(future, self.timeout)
-        except (TimeoutError, CountFailed):
+        except TimeoutError:
             return None
 
+    def _work(self) -> None:
+        assert self._listener is not None
+        socket_path, key = self._listener
+        while (job := self._queue.get()) is not None:
+            if job.future.done():  # its request gave up waiting (or left)
+                continue
+            try:
+                result: int | None = engine_prompt_tokens(socket_path, key, job.payload, self.timeout)
+            except CountFailed:
+                result = None
+            try:
+                job.loop.call_soon_threadsafe(_resolve, job.future, result)
+            except RuntimeError:  # the loop is closed
+                pass
+
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._queue.close()
+
+
+def _resolve(future: asyncio.Future[int | None], result: int | None) -> None:
+    if not future.done():
+        future.set_result(result)

@@ -152,7 +152,9 @@ class Serving:
         provider = route.provider
         provider.check(request)
         prompt = call.prompt_tokens  # one copy's bound, from the body (core/pricing.py)
-        if isinstance(provider, CountsPrompts):  # the local engine counts it exactly: a tight reservation
+        # The local engine counts it exactly: a tight reservation (only where something is reserved: not for an admin
+        # or a static key).
+        if principal.token_id is not None and not principal.admin and isinstance(provider, CountsPrompts):
             counted = await provider.count_prompt(call, route.upstream_model)
             if counted is not None:
                 prompt = counted
