@@ -11,7 +11,6 @@ What a limiter does without its store is the app's decision, shown in process (t
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -127,17 +126,14 @@ def admin_get(server: Server | AppServer, path: str) -> Any:
 
 
 def reservation_of(server: Server, body: dict[str, Any]) -> int:
-    """What admission reserves for `body` at the current grok-3 price (mirrors core.pricing)."""
-    from grokgate.core.pricing import Price, max_cost, prompt_token_bound
-    from grokgate.providers.router import prompt_shape
-    from grokgate.schemas.chat import ChatCompletionRequest
-
-    current = {p["model"]: p for p in admin_get(server, "/admin/prices")["current"]}["grok-3"]
-    price = Price("grok-3", current["input"], current["cached_input"], current["output"])
-    raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()  # the bytes httpx sends
-    request = ChatCompletionRequest.model_validate_json(raw)
-    return max_cost(prompt_token_bound(raw, prompt_shape(request)), request.choices, request.output_limit or 0,
-                    price)
+    """What admission reserves for `body`, as the server says it: the whole reservation in the refusal of a key
+    holding 1 micro-credit (`error.limit.required`). The body's bound on an upstream; on the local engine the
+    prompt counted exactly (tests/test_local_reservation.py), so "funded for 10" means 10 there too."""
+    token, _ = create_key(server, f"probe-{uuid.uuid4().hex[:6]}", credits="0.000001")
+    with server.client() as c:
+        r = c.post("/grok/chat/completions", json=body, headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 403, r.text
+    return int(r.json()["error"]["limit"]["required"])
 
 
 def fire(servers: list[Server], token: str, count: int, body: dict[str, Any]) -> list[httpx.Response]:

@@ -211,3 +211,67 @@ def test_record_missing_fills_each_tenants_own_cassette(tmp_path: Path) -> None:
         assert answer(post(srv, chat(SECRET), token=a)) == "for a"  # A's recording, replayed
         assert len(live.requests) == 2
     assert len(list(directory.rglob("*.jsonl"))) == 2
+
+
+# -- upgrading from tokens to accounts (migration 0006) ---------------------------------------------------------------
+
+def as_before_accounts(directory: Path, account_id: int) -> Path:
+    """Move an account's cassettes to where a server before migration 0006 recorded the same key's: the tenant was
+    the token, `token:<id>`, and 0006 gave each token's account the token's id."""
+    tenants = directory / cassette.TENANTS
+    old = tenants / cassette.tenant_dir(f"token:{account_id}")
+    os.rename(tenants / cassette.tenant_dir(f"account:{account_id}"), old)
+    (old / ".tenant").write_text(f"token:{account_id}\n")
+    return old
+
+
+def test_a_tokens_cassettes_from_before_accounts_replay_for_its_account(tmp_path: Path) -> None:
+    """Before: after the upgrade the account's key got replay_miss ("no recordings"): its cassettes sat under the
+    token's tenant directory, which no request looks in any more."""
+    directory = tmp_path / "cassettes"
+    with app_server(tmp_path / "srv", scripted_models(ScriptedProvider("s", text="recorded before")),
+                    record_dir=directory) as srv:
+        a, key = create_key(srv, "a", credits="10")
+        ok(post(srv, chat("Old prompt"), token=a, cassette_name="suite"))
+    old = as_before_accounts(directory, key["account_id"])
+    with app_server(tmp_path / "srv", None, replay_dir=directory) as srv:
+        assert answer(post(srv, chat("Old prompt"), token=a, cassette_name="suite")) == "recorded before"
+        b, _ = create_key(srv, "b", credits="10")  # another account does not inherit it
+        err(post(srv, chat("Old prompt"), token=b, cassette_name="suite"), 404, "replay_miss")
+    assert not old.exists()
+    moved = directory / cassette.TENANTS / cassette.tenant_dir(f"account:{key['account_id']}")
+    assert (moved / ".tenant").read_text() == f"account:{key['account_id']}\n"
+    assert (moved / "suite.jsonl").is_file()
+
+
+def test_carrying_over_merges_without_overwriting_and_survives_an_interruption(tmp_path: Path) -> None:
+    from grokgate.providers.cassette_tenants import carry_over
+
+    tenants = tmp_path / cassette.TENANTS
+
+    def tenant(whose: str, **files: str) -> Path:
+        d = tenants / cassette.tenant_dir(whose)
+        d.mkdir(parents=True)
+        (d / ".tenant").write_text(whose + "\n")
+        for name, text in files.items():
+            (d / f"{name}.jsonl").write_text(text)
+        return d
+
+    token_5 = tenant("token:5", suite="old suite\n", other="old other\n")
+    (token_5 / "suite.jsonl.lock").touch()
+    account_5 = tenant("account:5", suite="new suite\n")  # recorded after the upgrade, before the carry-over
+    interrupted = tenant("account:6", suite="six\n")
+    (interrupted / ".tenant").write_text("token:6\n")  # renamed, not yet relabelled
+    untouched = [tenant("account:7", suite="seven\n"), tenant("key:key-abc", suite="static\n")]
+    before = {p: p.read_text() for d in untouched for p in d.iterdir()}
+
+    assert len(carry_over(tmp_path)) == 1  # token 5 merged; account 6 only relabelled
+    assert not token_5.exists()
+    assert (account_5 / "suite.jsonl").read_text() == "new suite\n"
+    assert (account_5 / "suite-pre-accounts.jsonl").read_text() == "old suite\n"
+    assert (account_5 / "other.jsonl").read_text() == "old other\n"
+    assert (interrupted / ".tenant").read_text() == "account:6\n"
+    assert {p: p.read_text() for d in untouched for p in d.iterdir()} == before
+    assert carry_over(tmp_path) == []  # nothing left to do the second time
+    assert sorted(p.read_text() for p in tenants.rglob("*.jsonl")) == sorted(
+        ["new suite\n", "old suite\n", "old other\n", "six\n", "seven\n", "static\n"])  # nothing lost

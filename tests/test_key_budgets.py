@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from grokgate.core.accounts import TokenRecord
-from grokgate.core.admission import AdmissionRequest
+from grokgate.core.admission import AdmissionRequest, Principal
 from grokgate.core.billing import AccountAdmission, AccountTicket, principal_of
 from grokgate.core.budgets import period_bounds
 from grokgate.core.errors import GatewayError
@@ -197,6 +197,68 @@ def test_an_account_wide_concurrency_limit_spans_its_keys(database: str) -> None
             for ticket in (second, third):
                 await ticket.settle(USED, status="ok")
             assert Limits(concurrency=2) == (await store.require_token(keys[0].id)).account_limits
+
+    asyncio.run(main())
+
+
+async def key_principal(store: SqlStore, name: str, **fields: Any) -> Principal:
+    """A new key's principal, as authentication reads it (with its account's limits)."""
+    return principal_of(await store.require_token((await store.create_token(name, **fields))[0].id))
+
+
+def test_an_account_wide_rpm_holds_on_the_early_refusal_paths(database: str) -> None:
+    """Refused requests (an invalid body, an unknown model) count against the account's rpm as well as the key's,
+    and once the account's is spent every key of it is refused before its body is parsed (`servable`), before it is
+    read (`precheck`, no I/O) and on xAI's uncharged calls (`count_request`), naming the account's limit."""
+    async def main() -> None:
+        async with admission(database, Wall(utc_ms(2027, 6, 1))) as (store, adm):
+            account = await store.create_account("chatty", rpm=3)
+            await store.add_account_credits(account.id, 100 * RESERVATION)
+            keys = [await key_principal(store, f"k{i}", account_id=account.id) for i in range(3)]
+            other, _ = await store.create_token("elsewhere", rpm=100)
+            await store.add_credits(other.id, RESERVATION)
+            bystander = principal_of(await store.require_token(other.id))
+            invalid = GatewayError(400, "bad_request", "Invalid body.")
+            for principal in keys:  # one refused request per key: 3, the account's whole minute
+                await adm.servable(principal)
+                assert await adm.refused(principal, uuid.uuid4().hex, invalid) is invalid
+            error = await adm.refused(keys[0], uuid.uuid4().hex, invalid)
+            assert (error.status, error.code) == (429, "too_many_requests")
+            assert error.limit is not None and (error.limit["type"], error.limit["scope"]) == ("rpm", "account")
+            assert error.headers["x-grokgate-limit"] == "account.rpm" and "account" in error.message
+            for principal in keys:
+                for early in (adm.precheck, adm.servable, adm.count_request):
+                    with pytest.raises(GatewayError) as caught:
+                        result = early(principal)
+                        if result is not None:
+                            await result
+                    assert caught.value.status == 429 and caught.value.limit is not None
+                    assert caught.value.limit["scope"] == "account"
+            # Another account is neither refused nor slowed.
+            adm.precheck(bystander)
+            await adm.servable(bystander)
+            await adm.count_request(bystander)
+            assert await adm.refused(bystander, uuid.uuid4().hex, invalid) is invalid
+
+    asyncio.run(main())
+
+
+def test_a_key_past_its_own_rpm_is_named_on_the_early_paths(database: str) -> None:
+    async def main() -> None:
+        async with admission(database, Wall(utc_ms(2027, 6, 1))) as (store, adm):
+            account = await store.create_account("roomy", rpm=100)
+            await store.add_account_credits(account.id, 100 * RESERVATION)
+            key = await key_principal(store, "tight", account_id=account.id, rpm=1)
+            sibling = await key_principal(store, "free", account_id=account.id)
+            invalid = GatewayError(400, "bad_request", "Invalid body.")
+            assert await adm.refused(key, uuid.uuid4().hex, invalid) is invalid
+            error = await adm.refused(key, uuid.uuid4().hex, invalid)
+            assert error.status == 429 and error.limit is not None and error.limit["scope"] == "key"
+            assert error.headers["x-grokgate-limit"] == "key.rpm"
+            with pytest.raises(GatewayError):
+                adm.precheck(key)
+            adm.precheck(sibling)  # the account has room: its other keys go on
+            await adm.servable(sibling)
 
     asyncio.run(main())
 

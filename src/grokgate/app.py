@@ -41,6 +41,7 @@ from grokgate.core.responses import ResponseStore
 from grokgate.observability.metrics import Metrics, backend_state
 from grokgate.providers import base, recording
 from grokgate.providers.base import ModelTable, Provider, Route
+from grokgate.providers.cassette_tenants import carry_over
 from grokgate.providers.model_files import CATALOG
 from grokgate.rpc import chat as rpc_chat
 from grokgate.rpc import info as rpc_info
@@ -101,6 +102,9 @@ def wrap_recording(settings: Settings, models: ModelTable, metrics: Metrics) -> 
     """Record every public name's requests, or replay them (providers/recording.py); else `models` as it is."""
     bounds = recording.CassetteBounds(shared=settings.cassettes_shared, max_bytes=settings.max_cassette_bytes,
                                       max_dir_bytes=settings.max_cassette_dir_bytes)
+    for directory in (settings.record_dir, settings.replay_dir):
+        if directory is not None:  # a token's cassettes from before accounts move to its account's directory
+            carry_over(directory)
     if settings.record_dir is not None:
         return recording.record_models(models, settings.record_dir, bounds, registry=metrics.registry)
     if settings.replay_dir is not None:

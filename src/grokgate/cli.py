@@ -141,6 +141,9 @@ def _cassette_dir(args: argparse.Namespace) -> Path:
 
         settings = Settings()
         root = settings.replay_dir or settings.record_dir or Path("cassettes")
+    from grokgate.providers.cassette_tenants import carry_over
+
+    carry_over(root)  # a token's cassettes from before accounts are its account's now
     if getattr(args, "tenant", None):
         from grokgate.core.cassette import TENANTS, tenant_dir
 

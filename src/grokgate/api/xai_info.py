@@ -162,22 +162,12 @@ def estimated_tokens(text: str) -> list[Token]:
 
 
 async def count_request(gw: Gateway, principal: Principal) -> None:
-    """One request against the caller's rpm (not its tpm, no credits), as a refused one counts
-    (core/limits.py `count_refusal`): 429 when it is past its rpm, 503 when the limits cannot be checked and the
-    limiter fails closed. Admin and static keys have no limits."""
+    """One request against the caller's rpm and its account's (not tpm, no credits), as a refused one counts
+    (core/billing.py `AccountAdmission.count_request`): 429 when either is spent, 503 when the limits cannot be
+    checked and the limiter fails closed. Admin and static keys have no limits."""
     gw.gate.precheck(principal)
-    admission = gw.admission
-    limits = principal.limits
-    if (not isinstance(admission, AccountAdmission) or principal.admin or principal.token_id is None
-            or limits is None or limits.rpm is None):
-        return
-    decision = await admission.limiter.count_refusal(principal.key_id, limits)
-    if decision.allowed:
-        return
-    if decision.reason == "store_unavailable":
-        raise GatewayError(503, "rate_limiter_unavailable", "Rate limits cannot be checked right now; retry shortly.",
-                           headers={"retry-after": "1", **decision.headers})
-    raise GatewayError(429, "too_many_requests", "You have exceeded the rate limit.", headers=decision.headers)
+    if isinstance(gw.admission, AccountAdmission):
+        await gw.admission.count_request(principal)
 
 
 async def tokenize_text(gw: Gateway, principal: Principal, text: str, model: str) -> Tokenized:

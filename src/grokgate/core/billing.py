@@ -232,30 +232,30 @@ class AccountAdmission:
     def precheck(self, principal: Principal) -> None:
         if not self._held_back:  # the usual case: one truth test
             return
-        noted = self._held_back.get(principal.key_id)
-        if noted is None:
-            return
-        limits, level, at = noted
-        now = self._now_ms()
-        decision = None
-        if limits == principal.limits and limits.rpm is not None:
-            decision = decide(requests_only(limits), 0, drain(level, now - at, limits.rpm), 0, 0)
-        if decision is None or decision.allowed:
-            del self._held_back[principal.key_id]
-            return
-        raise GatewayError(429, "too_many_requests", _limit_message("rpm"), headers=decision.headers)
+        for scope, key, limits in _rpm_buckets(principal):
+            noted = self._held_back.get(key)
+            if noted is None:
+                continue
+            noted_limits, level, at = noted
+            decision = None
+            if noted_limits == limits:  # a limit changed since: the note says nothing of the new one
+                assert limits.rpm is not None
+                decision = decide(requests_only(limits), 0, drain(level, self._now_ms() - at, limits.rpm), 0, 0)
+            if decision is None or decision.allowed:
+                del self._held_back[key]
+                continue
+            raise _rpm_refusal(decision, scope)
 
     async def servable(self, principal: Principal) -> None:
         if principal.admin or principal.token_id is None:
             return
-        limits = principal.limits
-        if limits is not None and limits.rpm is not None:
-            decision = await self.limiter.peek(principal.key_id, limits)
+        for scope, key, limits in _rpm_buckets(principal):  # the key's rpm, then its account's (all its keys)
+            decision = await self.limiter.peek(key, limits)
             if not decision.allowed:
                 if decision.reason == "store_unavailable":  # fail_closed: admit would refuse it the same way
                     raise GatewayError(503, "rate_limiter_unavailable", _limit_message(decision.reason),
                                        headers={"retry-after": "1", **decision.headers})
-                raise self._past_rpm(principal.key_id, limits, decision)
+                raise self._past_rpm(key, limits, decision, scope)
         # A model priced 0 would serve a token with nothing left, but which model is asked for is in the unparsed
         # body: such a token's large bodies are refused too. An operator who gives tokens free models gives them
         # a nominal balance (1 micro-credit is enough) or raises GROKGATE_PARSE_OFFLOAD_BYTES.
@@ -268,17 +268,40 @@ class AccountAdmission:
         if self._counted and request_id in self._counted:
             del self._counted[request_id]
             return error
-        limits = principal.limits
-        if (principal.admin or principal.token_id is None or limits is None or limits.rpm is None
-                or error.status == 429 or error.status >= 500):  # a 5xx is grokgate's failure, not a refusal
+        if (principal.admin or principal.token_id is None or error.status == 429
+                or error.status >= 500):  # a 5xx is grokgate's failure, not a refusal
             return error
-        decision = await self.limiter.count_refusal(principal.key_id, limits)
-        if decision.allowed or decision.reason == "store_unavailable":
+        full = await self._count(principal)
+        if full is None or full[2].reason == "store_unavailable":
             return error
-        return self._past_rpm(principal.key_id, limits, decision)
+        return self._past_rpm(*full)
 
-    def _past_rpm(self, key: str, limits: Limits, decision: Decision) -> GatewayError:
-        """429 for a key found past its rpm, noted for `precheck`."""
+    async def count_request(self, principal: Principal) -> None:
+        """One request against the key's rpm and its account's, not tpm, no credits (xAI's Tokenize and model
+        listings: api/xai_info.py): 429 naming the full one, 503 when the limits cannot be checked and the limiter
+        fails closed. Admin and static keys have no limits."""
+        if principal.admin or principal.token_id is None:
+            return
+        full = await self._count(principal)
+        if full is None:
+            return
+        decision = full[2]
+        if decision.reason == "store_unavailable":
+            raise GatewayError(503, "rate_limiter_unavailable", _limit_message(decision.reason),
+                               headers={"retry-after": "1", **decision.headers})
+        raise self._past_rpm(*full)
+
+    async def _count(self, principal: Principal) -> tuple[str, Limits, Decision, str] | None:
+        """Count a request refused before `acquire` against the key's rpm, then its account's: the first that is
+        full (its bucket, limits, decision and scope), or None when each had room (the request counts in both)."""
+        for scope, key, limits in _rpm_buckets(principal):
+            decision = await self.limiter.count_refusal(key, limits)
+            if not decision.allowed:
+                return key, limits, decision, scope
+        return None
+
+    def _past_rpm(self, key: str, limits: Limits, decision: Decision, scope: str = "key") -> GatewayError:
+        """429 for a bucket (a key's, or an account's: all its keys) found past its rpm, noted for `precheck`."""
         rpm = limits.rpm
         assert rpm is not None
         if len(self._held_back) >= _HELD_BACK_MAX:
@@ -287,7 +310,7 @@ class AccountAdmission:
         # bucket holds at least this much, so `precheck` never refuses longer than the bucket would.
         wait_ms = round(decision.retry_after * 1000)
         self._held_back[key] = (limits, (wait_ms - 1) * rpm + 1 + (rpm - 1) * WINDOW_MS, self._now_ms())
-        return GatewayError(429, "too_many_requests", _limit_message("rpm"), headers=decision.headers)
+        return _rpm_refusal(decision, scope)
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -312,6 +335,18 @@ def _account_key(principal: Principal) -> str:
     return f"acct-{principal.account_id}"
 
 
+def _rpm_buckets(principal: Principal) -> list[tuple[str, str, Limits]]:
+    """The rpm buckets a request of `principal` counts against, as (scope, limiter key, limits): the key's, then its
+    account's (all its keys together), each only when it has an rpm."""
+    buckets = []
+    if principal.limits is not None and principal.limits.rpm is not None:
+        buckets.append(("key", principal.key_id, principal.limits))
+    account = principal.account_limits
+    if account is not None and account.rpm is not None and principal.account_id is not None:
+        buckets.append(("account", _account_key(principal), account))
+    return buckets
+
+
 def _limit_message(reason: str | None, scope: str = "key") -> str:
     if reason == "concurrency":
         return "Concurrency limit exceeded for this " + ("account." if scope == "account" else "token.")
@@ -332,6 +367,14 @@ def _limited(decision: Decision, scope: str) -> GatewayError:
                             headers={"retry-after": "1", **headers}, limit=detail)
     return GatewayError(429, "too_many_requests", _limit_message(decision.reason, scope), headers=headers,
                         limit=detail)
+
+
+def _rpm_refusal(decision: Decision, scope: str) -> GatewayError:
+    """429 for a request refused early (before admission) because the key's or the account's rpm is spent: named
+    as admission's own refusals are (`_limited`)."""
+    return GatewayError(429, "too_many_requests", _limit_message("rpm", scope),
+                        headers={"x-grokgate-limit": f"{scope}.rpm", **decision.headers},
+                        limit={"type": "rpm", "scope": scope, "retry_after": decision.retry_after})
 
 
 def _affordable_output(available: int, prompt: int, choices: int, output: int, price: Price,

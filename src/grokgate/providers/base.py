@@ -174,6 +174,16 @@ class Provider(Protocol):
         generation's first step."""
 
 
+@runtime_checkable
+class CountsPrompts(Protocol):
+    """A backend that can count a prompt exactly before admission (the local engine: providers/local_count.py), so
+    that the reservation holds what the prompt will be billed instead of the body's bound (core/pricing.py)."""
+
+    async def count_prompt(self, call: Call, upstream_model: str) -> int | None:
+        """The tokens one copy of `call`'s prompt will be billed, exactly (never fewer); None when it is not
+        counted (too large to count cheaply, the backend busy or failing): the caller keeps its bound."""
+
+
 class UpstreamFailure(Exception):
     """An upstream attempt failed before any output: the router decides whether to try elsewhere."""
 

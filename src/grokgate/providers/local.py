@@ -39,6 +39,7 @@ from grokgate.core.pricing import estimate_prompt_tokens
 from grokgate.providers.base import BackendStatus, Call, ModelFacts, Token, register
 from grokgate.providers.local_bound import PromptBound, message_chars
 from grokgate.providers.local_cache import SavedStates, SlotFiles, TenantPromptCache, private_directory
+from grokgate.providers.local_count import PromptCounting
 from grokgate.providers.local_errors import ENGINE_FAILED, refused
 from grokgate.providers.local_jobs import Job as _Job
 from grokgate.providers.local_jobs import JobEnd as _JobEnd
@@ -116,6 +117,7 @@ class LocalEngine:
         self._listener: tuple[str, str] | None = None  # the engine's HTTP listener: its socket and key
         # Tokenize calls (xAI's Tokenize service) in a thread of their own: the listener answers one at a time.
         self._tokenizing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="local-tokenize")
+        self._counting = PromptCounting()  # prompts counted before admission (providers/local_count.py)
         self._grammars: dict[bytes, bool] = {}  # tools grammars: whether the engine enforces each
         self._slot_table = SlotTable(slots)  # unused with a shared prompt cache: llama.cpp picks the slot
         # Per tenant, evicted prefixes saved for their tenant (providers/local_cache.py); None when shared or off.
@@ -207,6 +209,7 @@ class LocalEngine:
     async def close(self) -> None:
         self._queue.close()
         self._tokenizing.shutdown(wait=False, cancel_futures=True)
+        self._counting.close()
         if self._loading is not None and not self._loading.done():
             await asyncio.shield(self._loading)
         for worker in self._workers:
@@ -291,6 +294,13 @@ class LocalEngine:
         # The choices share one prompt evaluation; llama.cpp reports (and grokgate bills) it once. An answer after
         # tool results may be generated twice (providers/local_tool_parser.py `retry`): both prompts count.
         return 2 if _answered(request) else 1
+
+    async def count_prompt(self, call: Call, upstream_model: str) -> int | None:
+        """Exactly the prompt this call's engine request will be billed (providers/local_count.py); None for a
+        prompt too large to count cheaply, or when the listener does not answer in time."""
+        if self._listener is None or not self._counting.worth(call.prompt_tokens):
+            return None
+        return await self._counting.count(self._listener, call.tenant, _payload(call, upstream_model))
 
     # -- Tokenizer, DescribesModels (providers/base.py): one model, whatever name a route gives it -------------
 

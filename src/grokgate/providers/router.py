@@ -44,6 +44,7 @@ from grokgate.core.pricing import PromptShape, estimate_output_tokens, estimate_
 from grokgate.providers.base import (
     BackendStatus,
     Call,
+    CountsPrompts,
     DescribesModels,
     Generation,
     ModelFacts,
@@ -129,10 +130,22 @@ class RoutedModel:
             raise refusal
 
     def prompt_copies(self, request: ChatCompletionRequest) -> int:
-        """The most any route may bill this request's prompt (n when a route sends n single requests)."""
-        if request.choices == 1:
-            return 1
+        """The most any route may bill this request's prompt (n when a route sends n single requests; 2 when the
+        local engine may answer twice, even for n=1)."""
         return max(c.backend.prompt_copies(request) for c in self.candidates)
+
+    async def count_prompt(self, call: Call, upstream_model: str) -> int | None:
+        """The most any route will bill one copy of the prompt, when every route counts it exactly (providers/base.py
+        CountsPrompts); None as soon as one cannot: any route may serve the request, so the body's bound stays."""
+        counts = []
+        for c in self.candidates:
+            if not isinstance(c.backend, CountsPrompts):
+                return None
+            count = await c.backend.count_prompt(call, c.model)
+            if count is None:
+                return None
+            counts.append(count)
+        return max(counts)
 
     def ordered(self, candidates: list[Candidate], route_key: str | None = None) -> list[Candidate]:
         """By priority; within one, by rendezvous hashing of the conversation's key, else a weighted shuffle."""

@@ -37,7 +37,7 @@ from grokgate.core.errors import GatewayError
 from grokgate.core.events import Event, Usage
 from grokgate.core.response_cache import CacheOption
 from grokgate.observability.metrics import Metrics
-from grokgate.providers.base import Call, Generation, ModelTable, Provider
+from grokgate.providers.base import Call, CountsPrompts, Generation, ModelTable, Provider
 from grokgate.schemas.chat import ChatCompletionRequest
 from grokgate.serving.affinity import assign
 from grokgate.serving.pump import END, Marker, Pump
@@ -151,7 +151,14 @@ class Serving:
             )
         provider = route.provider
         provider.check(request)
-        prompt = call.prompt_tokens * provider.prompt_copies(request)
+        prompt = call.prompt_tokens  # one copy's bound, from the body (core/pricing.py)
+        # The local engine counts it exactly: a tight reservation (only where something is reserved: not for an admin
+        # or a static key).
+        if principal.token_id is not None and not principal.admin and isinstance(provider, CountsPrompts):
+            counted = await provider.count_prompt(call, route.upstream_model)
+            if counted is not None:
+                prompt = counted
+        prompt *= provider.prompt_copies(request)
         tool_calls = request.server_tool_calls(self.max_server_tool_calls)
         prompt += tool_calls * self.server_tool_input_tokens  # what the tools feed back is billed as input
         ticket = await self.admission.admit(
