@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from grokgate.core.accounts import TokenRecord
+from grokgate.core.accounts import TokenRecord, now_ms
 from grokgate.core.admission import AdmissionRequest, Principal
 from grokgate.core.billing import AccountAdmission, AccountTicket, principal_of
 from grokgate.core.budgets import period_bounds
@@ -170,6 +170,46 @@ def test_a_limit_lowered_below_what_was_spent_refuses_until_the_reset(database: 
             wall.now = utc_ms(2027, 5, 10)  # the next Monday
             await store.update_token(key.id, spend_limit=RESERVATION)
             await (await admit(adm, key)).settle(USED, status="ok")
+
+    asyncio.run(main())
+
+
+def changed_periods(now: int) -> tuple[str, str]:
+    """Two reset periods whose current periods start at different times (today is not the first day of the
+    week or the month, or not both): what a change between them has to carry the key's spend across."""
+    pairs = [(a, b) for a in ("daily", "weekly", "monthly") for b in ("weekly", "monthly", "daily") if a != b]
+    return next(((a, b) for a, b in pairs if period_bounds(a, now)[0] != period_bounds(b, now)[0]), pairs[0])
+
+
+def test_a_changed_reset_period_keeps_the_spend_of_the_new_period(database: str) -> None:
+    """A daily key of a Tuesday made weekly: today's spend is the week's too, what settles after the change counts
+    in the week (its limit holds), and a request in flight across the change frees its hold there. The store
+    dates the change and the ledger with the real clock, so the admission's clock is the real one too."""
+    async def main() -> None:
+        now = now_ms()
+        if period_bounds("daily", now)[1] - now < 5_000:  # type: ignore[operator]
+            await asyncio.sleep((period_bounds("daily", now)[1] - now) / 1000 + 0.1)  # type: ignore[operator]
+        wall = Wall(now_ms())
+        before, after = changed_periods(wall.now)
+        async with admission(database, wall) as (store, adm):
+            account = await store.create_account("acme")
+            await store.add_account_credits(account.id, 10 * RESERVATION)
+            key, _ = await store.create_token("app", account_id=account.id, spend_limit=10 * RESERVATION,
+                                              limit_period=before)
+            await (await admit(adm, key)).settle(USED, status="ok")
+            in_flight = await admit(adm, key)
+            await store.update_token(key.id, limit_period=after)
+            spend = (await store.require_token(key.id)).cap(wall.now)
+            assert (spend["period"], spend["spent"], spend["reserved"]) == (after, 20, RESERVATION)
+            await in_flight.settle(USED, status="ok")
+            spend = (await store.require_token(key.id)).cap(wall.now)
+            assert (spend["spent"], spend["reserved"]) == (40, 0), "settled in the new period, its hold freed"
+            # The new period's limit counts what settles after the change: room for one more request, then none.
+            await store.update_token(key.id, spend_limit=40 + RESERVATION + 10)
+            await (await admit(adm, key)).settle(USED, status="ok")
+            assert (await store.require_token(key.id)).cap(wall.now)["spent"] == 60
+            assert (await refused(adm, key)).code == "key_limit_exceeded"
+            assert (await store.require_account(account.id)).balance == 10 * RESERVATION - 60
 
     asyncio.run(main())
 

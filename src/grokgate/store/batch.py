@@ -12,7 +12,18 @@ import sqlite3
 from collections import defaultdict
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, bindparam, case, delete, insert, literal_column, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    literal_column,
+    select,
+    update,
+)
 
 from grokgate.core.accounts import Settlement, now_ms
 from grokgate.core.budgets import GRANTED, Hold, Reserved
@@ -215,3 +226,25 @@ def _upsert_daily(dialect: str) -> Any:
         index_elements=["day", "token_id", "model"],
         set_={c: getattr(usage_daily.c, c) + getattr(stmt.excluded, c) for c in COUNTERS},
     )
+
+
+def restart_period(conn: Connection, token_id: int, start: int) -> None:
+    """A key's reset period changed: its counters move to the new period holding now, which starts at `start`.
+
+    Left as they were, they would belong to the old period's calendar: a daily counter of a Tuesday is later than
+    the week that started on Monday, so the week's spend would read 0 and its charges would never count (both
+    statements above leave a counter of a later period alone) until the next Monday. The spend is what the key's
+    ledger charged since `start` (the exact figure: a weekly counter knows nothing of Monday's daily one), and
+    the reservations in flight move with it, so that they settle in the new period and free what they hold there.
+    Reservations first, then the key's row: the order settlements and releases lock them in."""
+    moved = (update(reservations).where(reservations.c.token_id == token_id, reservations.c.period_start != start)
+             .values(period_start=start))
+    conn.execute(moved)
+    conn.execute(select(api_tokens.c.id).where(api_tokens.c.id == token_id).with_for_update())
+    conn.execute(moved)  # what another replica reserved before the key's row was locked
+    spent = conn.execute(select(func.coalesce(func.sum(-ledger.c.amount), 0)).where(
+        ledger.c.token_id == token_id, ledger.c.kind == "usage", ledger.c.created_at >= start)).scalar()
+    held = conn.execute(select(func.coalesce(func.sum(reservations.c.amount), 0)).where(
+        reservations.c.token_id == token_id)).scalar()
+    conn.execute(update(api_tokens).where(api_tokens.c.id == token_id).values(
+        period_start=start, period_spent=int(spent or 0), period_reserved=int(held or 0)))

@@ -26,10 +26,10 @@ from grokgate.core.accounts import (
     now_ms,
     parse_ref,
 )
-from grokgate.core.budgets import PERIODS, AccountRecord
+from grokgate.core.budgets import PERIODS, AccountRecord, period_bounds
 from grokgate.core.errors import GatewayError
 from grokgate.core.limits import Limits
-from grokgate.store.batch import release_held
+from grokgate.store.batch import release_held, restart_period
 from grokgate.store.cache import RefreshingCache
 from grokgate.store.schema import accounts, api_tokens, ledger, reservations
 
@@ -77,6 +77,9 @@ class KeysMixin:
         raise NotImplementedError
 
     def _account_with_holds(self, record: AccountRecord) -> AccountRecord:
+        raise NotImplementedError
+
+    def _restart_held(self, token_id: int, before: int, start: int) -> None:
         raise NotImplementedError
 
     def _forget(self, *, token_id: int | None = None, account_id: int | None = None) -> None:
@@ -188,12 +191,23 @@ class KeysMixin:
             check_token_name(fields["name"])
         check_period(fields.get("limit_period"))
 
+        now = now_ms()
+        start = period_bounds(fields.get("limit_period"), now)[0]
+        restarted: list[int] = []  # the start of the key's period before the change, when it changed
+
         def op(conn: Connection) -> int:
+            if "limit_period" in fields:
+                old = conn.execute(select(api_tokens.c.limit_period).where(api_tokens.c.id == token_id)).first()
+                if old is not None and old[0] != fields["limit_period"]:
+                    restart_period(conn, token_id, start)
+                    restarted.append(period_bounds(old[0], now)[0])
             result = conn.execute(update(api_tokens).where(api_tokens.c.id == token_id).values(**fields))
             return int(result.rowcount)
 
         if fields and not await self.write(op):
             raise GatewayError(404, "token_not_found", f"No token with id {token_id}.")
+        if restarted:
+            self._restart_held(token_id, restarted[0], start)
         self._forget(token_id=token_id)
         return await self.require_token(token_id)
 

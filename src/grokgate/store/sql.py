@@ -111,6 +111,9 @@ class SqlStore(KeysMixin, Reports):
         self._memory_holds = False
         self._held: dict[int, int] = {}  # account id -> micro-credits held
         self._key_held: dict[tuple[int, int], int] = {}  # (token id, period_start) -> held against its limit
+        # (token id, period_start) -> the period its holds moved to when an admin changed the key's reset period
+        # (store/batch.py restart_period): a request admitted before the change reserves and settles there.
+        self._moved_periods: dict[tuple[int, int], int] = {}
         self._balances: RefreshingCache[int, int | None] = RefreshingCache(_CACHE_SECONDS)  # by account id
         self._keys: RefreshingCache[int, tuple[int | None, int, int] | None] = RefreshingCache(_CACHE_SECONDS)
         self._lock_file: Any = None
@@ -476,9 +479,9 @@ class SqlStore(KeysMixin, Reports):
         if hold.amount > available:
             return Reserved(False, "balance", max(0, available))
         limit, stored_start, stored_spent = key
-        slot = (hold.token_id, hold.period_start)
+        slot = (hold.token_id, self._moved_periods.get((hold.token_id, hold.period_start), hold.period_start))
         if limit is not None:
-            room = limit - spent_in(hold.period_start, stored_start, stored_spent) - self._key_held.get(slot, 0)
+            room = limit - spent_in(slot[1], stored_start, stored_spent) - self._key_held.get(slot, 0)
             if hold.amount > room:
                 return Reserved(False, "key_limit", max(0, room))
         self._held[hold.account_id] = self._held.get(hold.account_id, 0) + hold.amount
@@ -486,6 +489,10 @@ class SqlStore(KeysMixin, Reports):
         return GRANTED
 
     async def settle(self, s: Settlement) -> None:
+        if self._memory_holds and s.token_id is not None:
+            moved = self._moved_periods.get((s.token_id, s.period_start))
+            if moved is not None:
+                s = dataclasses.replace(s, period_start=moved)
         try:
             spent: KeySpend = await self._submit("settle", s)
         finally:
@@ -541,6 +548,19 @@ class SqlStore(KeysMixin, Reports):
                                    period_start=start, period_spent=spent_in(start, record.period_start,
                                                                              record.period_spent),
                                    period_reserved=key_held)
+
+    def _restart_held(self, token_id: int, before: int, start: int) -> None:
+        """The key's counters moved from the period starting at `before` to the one starting at `start` (its reset
+        period changed): so do the holds of its requests in flight, and those of requests admitted before it."""
+        if not self._memory_holds:
+            return  # reservation rows, moved in the same transaction
+        self._moved_periods[(token_id, before)] = start
+        for slot in [slot for slot in self._key_held if slot[0] == token_id and slot[1] != start]:
+            self._key_held[(token_id, start)] = self._key_held.get((token_id, start), 0) + self._key_held.pop(slot)
+            self._moved_periods[slot] = start
+        for slot in [slot for slot in self._moved_periods if slot[0] == token_id]:
+            self._moved_periods[slot] = start
+        self._moved_periods.pop((token_id, start), None)  # the new period is its own
 
     def _account_with_holds(self, record: AccountRecord) -> AccountRecord:
         held = self._held.get(record.id, 0)
