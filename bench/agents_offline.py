@@ -74,6 +74,8 @@ async def run_once(base_url: str, token: str, kind: str, seed: int) -> dict[str,
         row["turns"] = len(result.raw_responses)
         row["final"] = final.model_dump() if isinstance(final, pydantic.BaseModel) else str(final)[:200]
         row["ok"] = bool(calls) and (isinstance(final, Weather) if kind == "structured" else bool(final))
+        # Whether the answer uses the tool's result (its numbers or its words), reported beside success.
+        row["grounded"] = bool(calls) and ("21" in str(row["final"]) or "sunny" in str(row["final"]).lower())
     except Exception as exc:  # any failure of the loop is a failed run, recorded with its reason
         row["ok"], row["error"] = False, f"{type(exc).__name__}: {exc}"[:300]
     finally:
@@ -113,8 +115,10 @@ async def measure(base_url: str, token: str, kinds: list[str], runs: int) -> Non
             print(json.dumps(row), flush=True)
             rows.append(row)
         seconds = [r["seconds"] for r in rows]
+        grounded = sum(r.get("grounded", False) for r in rows)
         print(f"{kind}: {sum(r['ok'] for r in rows)}/{runs} completed with the tool called"
-              f"{' and a structured answer' if kind == 'structured' else ''}; seconds per run: median "
+              f"{' and a structured answer' if kind == 'structured' else ''}, {grounded} answers citing its result;"
+              f" seconds per run: median "
               f"{statistics.median(seconds):.1f}, max {max(seconds):.1f}", flush=True)
 
 

@@ -31,6 +31,14 @@ def in_paris(arguments: Any) -> bool:
     return isinstance(arguments, dict) and set(arguments) == {"city"} and "paris" in str(arguments["city"]).lower()
 
 
+def parsed(arguments: str) -> Any:
+    """The arguments' JSON, or None where they are not whole (a fragment of a call streamed in pieces)."""
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return None
+
+
 def node_script(name: str, *args: str) -> dict[str, Any]:
     """Run tests/js/<name> with node; its last stdout line is JSON."""
     node = shutil.which("node")
@@ -74,7 +82,7 @@ def test_openai_stream_helper_gets_whole_calls(server: Server) -> None:
         final = stream.get_final_completion()
     choice = final.choices[0]
     assert choice.finish_reason == "tool_calls", choice
-    assert done and all(name == "get_weather" and in_paris(json.loads(args)) for name, args in done), done
+    assert done and all(name == "get_weather" and in_paris(parsed(args)) for name, args in done), done
     # xAI's shape: each call's arguments in one delta, whole (OpenAI sends them in fragments).
     assert fragments == [args for _, args in done], fragments
     assert choice.message.tool_calls is not None and len(choice.message.tool_calls) == len(done)
@@ -93,8 +101,13 @@ def test_langchain_bind_tools_stream_and_invoke(server: Server) -> None:
     llm = langchain_openai.ChatOpenAI(model="grok-3", base_url=f"{server.url}/v1", api_key=server.token,
                                       max_retries=0, timeout=300).bind_tools([get_weather])
     streamed: Any = None
+    pieces = []
     for chunk in llm.stream(ASK):
         streamed = chunk if streamed is None else streamed + chunk
+        pieces += chunk.tool_call_chunks
+    # Each call came whole in one chunk (xAI's shape): its id, name and all its arguments, parsed as they arrive.
+    assert pieces, streamed
+    assert all(p["id"] and p["name"] == "get_weather" and in_paris(parsed(p["args"])) for p in pieces), pieces
     invoked = llm.invoke(ASK)
     for message in (streamed, invoked):
         assert message.invalid_tool_calls == [], message
