@@ -88,8 +88,6 @@ def test_responses_accept_tools_with_text_format(server: Server) -> None:
 
 # A schema the engine cannot compile: the error must name the field the request sent (text.format, not the chat
 # API's `response_format`) and the schema at fault (not the tools', which are fine).
-@pytest.mark.xfail(strict=True, reason="engine side: with tools, a bad text.format schema is blamed on `tools` "
-                                       "(providers/local_tool_parser.py malformed()); without, on `response_format`")
 @pytest.mark.parametrize("with_tools", [True, False])
 def test_an_unusable_text_format_schema_is_named(server: Server, with_tools: bool) -> None:
     body: dict[str, Any] = {"model": "grok-3", "input": "What is the weather in Paris?", "max_output_tokens": 8,

@@ -257,8 +257,8 @@ PROBE_MARK = "\u00a7\u00a7"  # "§§": nothing a model writes first unprompted
 def schema_error(answer_refused: bool = False) -> GatewayError:
     """A grammar the engine cannot enforce: the tools' schemas, or the structured answer's (`answer_refused`)."""
     if answer_refused:
-        return GatewayError(400, "bad_request", "The local engine cannot constrain its answer to the JSON schema "
-                            "in `response_format` (a JSON Schema feature it does not support?): simplify it.",
+        return GatewayError(400, "bad_request", "The local engine cannot constrain its answer to the structured "
+                            "output's JSON schema (a JSON Schema feature it does not support?): simplify it.",
                             param="response_format")
     return malformed()
 
