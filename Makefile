@@ -16,13 +16,16 @@ $(VENV)/.installed-run: pyproject.toml | $(PY)
 	$(VENV)/bin/grokgate model >/dev/null
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(PY)
+$(VENV)/.installed-dev: pyproject.toml tests/js/package-lock.json | $(PY)
 	$(PIP) -e '.[local,dev]'
 	$(VENV)/bin/grokgate model >/dev/null
 	@# The console's browser tests drive Debian's chromium (browser downloads are not possible here).
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \
 		|| echo "chromium not installed: the browser tests will be skipped"; }
+	@# JavaScript clients the tests drive (tests/js: the AI SDK with @ai-sdk/xai), from npm's registry, as locked.
+	@if command -v npm >/dev/null; then npm ci --prefix tests/js --no-audit --no-fund; \
+		else echo "npm not installed: the JavaScript client tests will be skipped"; fi
 	touch $@ $(VENV)/.installed-run
 
 ## serve: install grokgate with the local engine and default model, serve on http://127.0.0.1:8000
@@ -49,4 +52,4 @@ bench: $(VENV)/.installed-dev
 	$(PY) bench/local_engine.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache test-artifacts
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache test-artifacts tests/js/node_modules

@@ -126,7 +126,7 @@ LONGEST_FIRST = ("test_openapi_contract", "test_local_tools", "test_console", "t
                  "test_tenant_walls", "test_accounts_hardening", "test_local_tenant_prompt_cache",
                  "test_server_limits", "test_isolation", "test_replay", "test_routing", "test_input_hardening",
                  "test_local_tenancy", "test_responses_api", "test_cli", "test_concurrency", "test_model_files",
-                 "test_agents_offline")
+                 "test_tool_clients", "test_agents_offline", "test_tools_with_structured_output")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -40,10 +40,11 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 # -- offline: prompt, grammar, parser ----------------------------------------------------------------------
 
 def parser(tools: list[dict[str, Any]], choice: Any = "auto", parallel: bool | None = None,
-           answer: dict[str, Any] | None = None, answered: frozenset[str] = frozenset()) -> ToolCallParser:
+           answer: dict[str, Any] | None = None, answered: frozenset[str] = frozenset(),
+           asked: str = 'Weather in Pa"}ris and Rome?') -> ToolCallParser:
     plan = plan_tools(tools, choice, parallel, answer)
     assert plan is not None
-    return parser_for(plan, answered)
+    return parser_for(plan, answered, [{"role": "user", "content": asked}])
 
 
 def feed_all(parser: ToolCallParser, pieces: list[str], reason: str = "stop") -> tuple[str, list[Any], str]:
@@ -135,6 +136,19 @@ def test_a_call_cut_by_the_cap_after_whole_ones_is_dropped() -> None:
     _, calls, reason = feed_all(parser([WEATHER]), ['<tool_call>\n{"name": "get_weather", "arguments": {"ci'],
                                 "length")
     assert reason == "length" and calls == []
+
+
+def test_calls_the_question_does_not_ask_for_end_the_answer() -> None:
+    """At the default temperature the model went on from Paris to London, Tokyo, Berlin... (distinct calls, so no
+    repeat stopped them): a later call whose text arguments are in neither the conversation nor an earlier call
+    ends the answer."""
+    call = '{"name": "get_weather", "arguments": {"city": "%s"}}'
+    p = parser([WEATHER], asked="Weather in Paris?")
+    _, calls, reason = feed_all(p, [call % "Paris", "\n", call % "London", "\n", call % "Tokyo"])
+    assert [json.loads(c["function"]["arguments"])["city"] for c in calls] == ["Paris"] and p.done
+    assert reason == "tool_calls"
+    p = parser([WEATHER], asked="Weather in PARIS and rome?")  # asked for: both stand, whatever their case
+    assert len(feed_all(p, [call % "Paris", "\n", call % "Rome"])[1]) == 2
 
 
 def test_text_answers_pass_through_with_braces_and_code() -> None:

@@ -137,7 +137,8 @@ def matches(rule: str, text: str) -> bool:
     ('```json\n{"city": "Paris"}\n```', False, False),  # cannot start like a fenced call
     ("{ name: 1 }", False, False),
     ('Here:\n```json\n{\n  name: "get_weather",\n  arguments: {city: "Paris"}\n}\n```', True, False),
-    ("Done: {'name': 'get_weather'}", True, False),
+    ("Done: {'name': 'get_weather'}", False, False),
+    ('Here: {\n"name\': "Paris"}', False, False),  # a call-like text that came through under auto
 ])
 def test_what_text_may_hold(text: str, auto: bool, none: bool) -> None:
     """The text branch of `auto` starts unlike a call and never spells a call's object, but may hold braces and
@@ -166,8 +167,11 @@ def test_an_answer_after_a_repeated_call_is_generated_again_and_billed_once_each
     asked = request(tools=[W], messages=history, max_tokens=50)
     engine = LocalEngine(model_path=None, cache_dir=Path("/nonexistent"))
     assert engine.prompt_copies(asked) == 2
-    assert engine.prompt_copies(request(tools=[W], max_tokens=50)) == 1
-    assert engine.prompt_copies(request(tools=[W], messages=history, tool_choice="required")) == 1
+    assert engine.prompt_copies(request(tools=[W], max_tokens=50)) == 2  # a continuation for parallel calls
+    assert engine.prompt_copies(request(tools=[W], parallel_tool_calls=False)) == 1
+    assert engine.prompt_copies(request(tools=[W], messages=history, tool_choice="required",
+                                        parallel_tool_calls=False)) == 1
+    assert engine.prompt_copies(request()) == 1
 
     async def run() -> None:
         from grokgate.providers.local import _answered, _Untooled
@@ -175,7 +179,7 @@ def test_an_answer_after_a_repeated_call_is_generated_again_and_billed_once_each
         queue: asyncio.Queue[Any] = asyncio.Queue()
         call = Call(asked, "key:k", output_cap=50)
         first = _payload(call, "m")
-        job = _Job(0, first, asyncio.get_running_loop(), queue, exclusive=False, plan=plan_tools([W], "auto", None),
+        job = _Job(0, first, asyncio.get_running_loop(), queue, exclusive=False, plan=plan_tools([W], "auto", False),
                    answered=_answered(asked))
         job.fallback = _payload(_Untooled(call), "m")
         assert "# Tools" in first["messages"][0]["content"] and job.fallback["grammar"] == TEXT_ONLY_GRAMMAR
@@ -195,5 +199,44 @@ def test_an_answer_after_a_repeated_call_is_generated_again_and_billed_once_each
             events.append(queue.get_nowait())
         assert [getattr(e, "content", None) for e in events if hasattr(e, "content")] == ["It is sunny."]
         assert [e.reason for e in events if hasattr(e, "reason")] == ["stop"]
+
+    asyncio.run(run())
+
+
+def test_calls_the_model_ended_on_get_a_continuation_in_the_templates_blocks() -> None:
+    """The model ends after one call in the bare or fenced shape, but after `<tool_call>` blocks it goes on with
+    the other calls a parallel question needs: its calls are written back as blocks and it may add more (or
+    nothing); the finish waits for that, and both generations are billed (prompt_copies 2 covers them)."""
+    async def run() -> None:
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        asked = request(tools=[W], messages=[{"role": "user", "content": "Weather in Paris and Rome?"}])
+        call = Call(asked, "key:k", output_cap=100)
+        job = _Job(0, _payload(call, "m"), asyncio.get_running_loop(), queue, exclusive=False,
+                   plan=plan_tools([W], "auto", None))
+        paris = '```json\n{\n  "name": "get_weather",\n  "arguments": {"city": "Paris"}\n}\n```'
+        assert job.on_chunk(chunk(paris, {"cache_n": 0, "prompt_n": 150, "predicted_n": 30})) is False
+        done = {"choices": [{"delta": {}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 150,
+                                                                             "completion_tokens": 30}}
+        assert job.on_chunk(done) is True  # held: no Finish yet
+        more = job.answer_again()
+        assert more is not None and more["max_tokens"] == 70 and "start: calls?" in more["grammar"]
+        assert more["messages"][-1] == {"role": "assistant", "content": (
+            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n')}
+        job.on_chunk(chunk('{"name": "get_weather", "arguments": {"city": "Rome"}}'))
+        job.on_chunk({"choices": [{"delta": {}, "finish_reason": "stop"}],
+                      "usage": {"prompt_tokens": 190, "completion_tokens": 15, "prompt_tokens_details": {
+                          "cached_tokens": 150}}})
+        assert job.answer_again() is None
+        job.end()
+        usage = job.consumed()
+        assert usage is not None and (usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens) == \
+            (340, 150, 45)
+        await asyncio.sleep(0)
+        events = []
+        while not queue.empty():
+            events.append(queue.get_nowait())
+        calls = [c for e in events for c in getattr(e, "tool_calls", None) or ()]
+        assert [c["index"] for c in calls] == [0, 1]
+        assert [e.reason for e in events if hasattr(e, "reason")] == ["tool_calls"]
 
     asyncio.run(run())

@@ -49,6 +49,7 @@ from grokgate.providers.local_tokenize import engine_tokens
 from grokgate.providers.local_tools import (
     PROBE_MARK,
     TEXT_ONLY_GRAMMAR,
+    answer_grammar,
     answered_calls,
     check_arguments,
     check_tools,
@@ -291,9 +292,11 @@ class LocalEngine:
             )
 
     def prompt_copies(self, request: ChatCompletionRequest) -> int:
-        # The choices share one prompt evaluation; llama.cpp reports (and grokgate bills) it once. An answer after
-        # tool results may be generated twice (providers/local_tool_parser.py `retry`): both prompts count.
-        return 2 if _answered(request) else 1
+        # The choices share one prompt evaluation; llama.cpp reports (and grokgate bills) it once. An answer with
+        # tools may take a second generation (providers/local_jobs.py `answer_again`: the answer after a repeated
+        # call, or a continuation for parallel calls), whose prompt counts too.
+        plan = tool_plan(request)
+        return 2 if plan is not None and (plan.parallel or _answered(request)) else 1
 
     async def count_prompt(self, call: Call, upstream_model: str) -> int | None:
         """Exactly the prompt this call's engine request will be billed (providers/local_count.py); None for a
@@ -397,11 +400,12 @@ class LocalEngine:
         picks."""
         if self._shared_prompt_cache:
             if job.parser is not None and not self._grammar_ok(job.payload["grammar"], job.tenant):
-                job.post(schema_error())
+                job.post(self._schema_error(job))
             else:
                 self._server.handle_chat_completions(job.payload, job.on_chunk)
-                if (again := job.answer_again()) is not None:
+                while (again := job.answer_again()) is not None:
                     self._server.handle_chat_completions(again, job.on_chunk)
+                job.end()
             return
         messages = job.prompt.get()
         reuse, cache = bool(job.payload["cache_prompt"]), self.tenant_cache
@@ -413,24 +417,30 @@ class LocalEngine:
                 cache.keep(slot, job.tenant, messages)
             # (The grammar probe runs in the slot, but its one-token prompt is nobody's.)
             if job.parser is not None and not self._grammar_ok(job.payload["grammar"], job.tenant, slot):
-                job.post(schema_error())
+                job.post(self._schema_error(job, slot))
                 return
             own = cache.fill(slot, job.tenant, messages, saved) if cache is not None else slot.tenant == job.tenant
             payload = {**job.payload, "id_slot": slot.id, "cache_prompt": reuse and own}
             touched = True
             try:
                 self._server.handle_chat_completions(payload, job.on_chunk)
-                if (again := job.answer_again()) is not None:
+                while (again := job.answer_again()) is not None:
                     # The same tenant's slot, another prompt: the slot table's note of its content only guides
                     # reuse (llama.cpp compares the tokens themselves), and nobody else's tokens are in it.
-                    self._server.handle_chat_completions({**again, "id_slot": slot.id, "cache_prompt": False},
+                    self._server.handle_chat_completions({**again, "id_slot": slot.id, "cache_prompt": reuse},
                                                          job.on_chunk)
+                job.end()
             except ValueError:  # xllamacpp could not parse it: it never reached a slot
                 touched = False
                 raise
         finally:
             self._slot_table.give_back(slot, job.tenant, messages, evaluated=job.evaluated,
                                        touched=touched and not job.refused)
+
+    def _schema_error(self, job: _Job, slot: Slot | None = None) -> GatewayError:
+        """The refusal of a tools grammar the engine cannot enforce, naming whose schema it is."""
+        alone = answer_grammar(job.plan) if job.plan is not None else None
+        return schema_error(alone is not None and not self._grammar_ok(alone, job.tenant, slot))
 
     def _grammar_ok(self, grammar: str, tenant: str = "", slot: Slot | None = None) -> bool:
         """Whether the engine enforces this tools grammar (providers/local_tools.py probe_grammar); remembered per

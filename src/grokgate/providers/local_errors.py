@@ -36,7 +36,8 @@ def refused(message: str, payload: dict[str, Any]) -> GatewayError:
         # ignored, and caught by providers/local.py's probe).
         schema = (payload.get("response_format") or {}).get("type") == "json_schema"
         param = "response_format" if schema else None
-        where = f"the JSON schema in '{param}'" if param else "the JSON schemas of this request"
+        # The field is `param` (a Responses request's is text.format: serving/responses.py renames it), not the words.
+        where = "the structured output's JSON schema" if param else "the JSON schemas of this request"
         detail = message.rsplit("failed: ", 1)[-1].rstrip(".")  # past "Unable to generate parser ... failed: "
         return GatewayError(400, "bad_request", f"The local engine cannot turn {where} into a grammar: {detail}.",
                             param=param)

@@ -16,10 +16,13 @@ from grokgate.core.errors import GatewayError
 from grokgate.core.events import Delta, Event, Finish, Origin, Usage, UsageReport
 from grokgate.providers.local_errors import engine_error
 from grokgate.providers.local_slots import PromptDigests
-from grokgate.providers.local_tools import ToolPlan, parser_for
+from grokgate.providers.local_tools import MAX_CALLS, ToolPlan, continuation, parser_for
 
 if TYPE_CHECKING:
     from grokgate.providers.local import LocalEngine
+
+
+_ENOUGH = 16  # output tokens a continuation needs to hold one more call
 
 
 class JobEnd:
@@ -32,8 +35,9 @@ class JobEnd:
 class Job:
     """One choice of one request, run by one worker thread."""
 
-    __slots__ = ("cancelled", "created", "earlier", "evaluated", "exclusive", "fallback", "generated", "index", "long",
-                 "loop", "parser", "payload", "prompt", "queue", "refused", "started", "tenant", "timings", "usage")
+    __slots__ = ("cancelled", "continued", "created", "earlier", "evaluated", "exclusive", "fallback", "generated",
+                 "index", "long", "loop", "parser", "payload", "plan", "prompt", "queue", "refused", "resumable",
+                 "started", "tenant", "timings", "usage")
 
     def __init__(self, index: int, payload: dict[str, Any], loop: asyncio.AbstractEventLoop,
                  queue: asyncio.Queue[Any], exclusive: bool, plan: ToolPlan | None = None, tenant: str = "",
@@ -55,23 +59,44 @@ class Job:
         self.usage: Usage | None = None
         self.timings: dict[str, Any] | None = None  # llama.cpp's running counts, for a job stopped before its usage
         # Calls are decoded by grokgate (providers/local_tools.py): the engine streams them as text.
-        self.parser = parser_for(plan, answered) if plan is not None else None
+        self.plan = plan
+        self.parser = parser_for(plan, answered, payload.get("messages")) if plan is not None else None
         # The payload to answer with when the model only repeats an answered call (providers/local.py), and what
-        # the first generation consumed then.
+        # the earlier generations consumed.
         self.fallback: dict[str, Any] | None = None
         self.earlier: Usage | None = None
+        self.resumable = False  # the model ended after its calls: a continuation may add parallel ones
+        self.continued = False
 
     def answer_again(self) -> dict[str, Any] | None:
-        """The payload of a second generation, when the first ended in a repeated answered call: it answers as
-        with tool_choice "none", within what is left of the output cap; its usage adds to the first's."""
-        if self.parser is None or not self.parser.retry or self.fallback is None or self.cancelled:
+        """The payload of one more generation, or None: after a repeated answered call, the answer as with
+        tool_choice "none"; after calls the model ended on, a continuation that may add parallel calls (see
+        providers/local_tools.py `continuation`). Within what is left of the output cap; usage adds up."""
+        if self.parser is None or self.cancelled:
+            return None
+        if self.parser.retry and self.fallback is not None:
+            payload, self.parser = dict(self.fallback), None
+        elif self.resumable and self.plan is not None:
+            self.resumable, self.continued = False, True
+            payload = continuation(self.payload, self.plan, self.parser.made)
+            self.parser.resume()
+        else:
             return None
         first = self.consumed() or Usage()
-        self.earlier, self.usage, self.timings, self.parser = first, None, None, None
-        payload = dict(self.fallback)
+        self.earlier, self.usage, self.timings = first, None, None
         if "max_tokens" in payload:
-            payload["max_tokens"] = max(1, int(payload["max_tokens"]) - first.completion_tokens)
+            left = int(payload["max_tokens"]) - first.completion_tokens
+            if left < _ENOUGH and self.parser is not None:  # no room for a call: the answer stands
+                self.post(Finish(index=self.index, reason="tool_calls"))
+                return None
+            payload["max_tokens"] = max(1, left)
         return payload
+
+    def end(self) -> None:
+        """After the last generation: a finish held for a continuation that did not run is sent."""
+        if self.resumable:
+            self.resumable = False
+            self.post(Finish(index=self.index, reason="tool_calls"))
 
     def consumed(self) -> Usage | None:
         """The engine's usage report or, for a job aborted before it (the client left, a repeated tool call), the
@@ -136,6 +161,13 @@ class Job:
                 reason = choice.get("finish_reason")
                 if self.parser is not None and self.parser.retry and self.fallback is not None:
                     return True  # ends this generation; `answer_again` starts the next
+                if (reason == "stop" and self.parser is not None and self.parser.calls and not self.parser.done
+                        and not self.continued and self.plan is not None and self.plan.parallel
+                        and self.parser.calls < MAX_CALLS):
+                    self.resumable = True  # the finish waits for the continuation (`answer_again`)
+                    if content or tool_calls:
+                        self.post(Delta(index=self.index, content=content or None, tool_calls=tool_calls))
+                    return True
                 if self.parser is not None and (reason or self.parser.done):
                     reason = self.parser.finish(reason or "stop")
                     self.cancelled |= self.parser.done  # ends the generation; `timings` count what it used

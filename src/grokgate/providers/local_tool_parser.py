@@ -30,10 +30,17 @@ class ToolCallParser:
 
     `answered` holds the calls (name + canonical arguments) whose results the conversation already has: a model
     that writes one of them again as its first call means to use the result, not to call again (a small model
-    copies the call it sees above); `retry` then says the answer should be generated as text instead."""
+    copies the call it sees above); `retry` then says the answer should be generated as text instead.
+
+    `context` is the conversation's text, lowercased: a call after the first whose text arguments appear neither
+    there nor in an earlier call of this answer is the model inventing work (at the default temperature it went on
+    from "the weather in Paris" to London, Tokyo, Berlin...), and ends the answer."""
 
     def __init__(self, names: list[str], forced: bool, answers: bool = False,
-                 answered: frozenset[str] = frozenset()) -> None:
+                 answered: frozenset[str] = frozenset(), context: str = "") -> None:
+        self._context = context
+        self._leaves: set[str] = set()
+        self.made: list[tuple[str, Any]] = []  # the calls handed on, for a continuation's prompt
         self._names = set(names)
         self._forced = forced
         self._answers = answers  # a structured answer (JSON) may come instead of calls
@@ -116,14 +123,23 @@ class ToolCallParser:
                 self.retry = not self._calls
                 self.done = True
                 return "", out
-            if key in self._answered:
+            if key in self._answered or (self._calls and not self._grounded(arguments)):
                 self.done = True  # later calls repeating answered ones end the answer; the new ones stand
                 return "", out
             self._seen.add(key)
+            self._leaves |= set(_strings(arguments))
+            self.made.append((name, arguments))
             out.append({"index": self._calls, "id": f"call_{secrets.token_hex(12)}", "type": "function",
                         "function": {"name": name, "arguments": orjson.dumps(arguments).decode()}})
             self._calls += 1
         return "", out
+
+    def _grounded(self, arguments: Any) -> bool:
+        return all(leaf in self._leaves or leaf.lower() in self._context for leaf in _strings(arguments))
+
+    def resume(self) -> None:
+        """Read a continuation of the answer (more calls after those made, or nothing)."""
+        self._mode, self._buffer, self._object_at, self.done = "calls", "", -1, False
 
     def _call(self, value: Any) -> tuple[str, Any] | None:
         if (isinstance(value, dict) and set(value) == {"name", "arguments"} and value["name"] in self._names
@@ -164,6 +180,17 @@ class ToolCallParser:
         if reason == "stop" and (self._forced or self._mode == "calls"):
             raise malformed()  # the grammar was not applied (see providers/local_tools.py probe_grammar)
         return reason
+
+
+def _strings(value: Any) -> list[str]:
+    """The text values in a call's arguments (keys are the schema's, not the model's invention)."""
+    if isinstance(value, str):
+        return [value] if len(value.strip()) > 1 else []
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
 
 
 def _could_open(text: str) -> bool:

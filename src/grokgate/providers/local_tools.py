@@ -43,10 +43,10 @@ _TOOLS_OUTRO = ("\n</tools>\n\nFor each function call, return a json object with
 MAX_CALLS = 8  # parallel calls in one answer: the grammar ends the answer there (a small model may not stop)
 
 # A text answer under `auto`: anything that does not start like a call (a `{`, a `[`, a `<tool_call>`, a ```json
-# fence around an object) and never spells a call's object (`{"name"`); braces and code are free otherwise. Calls
-# have their own branch, so the model is not pushed to write one as text.
+# fence around an object) and never spells a call's object (`{"name`, `{'name`); braces and code are free
+# otherwise. Calls have their own branch, so the model is not pushed to write one as text.
 _TEXT_RULE = (r'TEXT: /[^\s{\[<](?s:.*)/ & ~/```[ \t]*(json|JSON)?[ \t]*\n?\s*[{\[](?s:.*)/'
-              r' & ~/(?s:.*)\{\s*"name"(?s:.*)/')
+              r""" & ~/(?s:.*)\{\s*["']name(?s:.*)/""")
 # A text answer where no call may come (tool_choice "none" with tools, and the answer after a repeated call, see
 # providers/local_tool_parser.py): the model still wants to write a call there, and writes it as text in many
 # shapes (quoted keys, a fence...) unless objects with quoted keys are ruled out; code with braces stays possible.
@@ -65,16 +65,19 @@ class ToolPlan:
     parallel: bool
     answer: dict[str, Any] | None = None  # the structured answer's JSON schema (response_format), if any
 
-    def grammar(self) -> str:
+    def grammar(self, made: int = 0) -> str:
         """One llguidance grammar: calls in the shapes the model writes, or (under `auto`) a text answer or, with a
-        response_format, a JSON answer valid against its schema."""
+        response_format, a JSON answer valid against its schema. With `made` calls already made (a continuation,
+        see providers/local_jobs.py), more calls or nothing."""
         by_name = {t["function"]["name"]: t["function"] for t in self.tools}
         lines = ["%llguidance {}"]
-        if self.forced:
+        if made:
+            lines.append("start: calls?")
+        elif self.forced:
             lines.append("start: calls")
         else:
             lines.append("start: calls | answer" if self.answer is not None else "start: calls | TEXT")
-        more = f" (SEP call){{0,{MAX_CALLS - 1}}}" if self.parallel else ""
+        more = f" (SEP call){{0,{MAX_CALLS - 1 - made}}}" if self.parallel and MAX_CALLS - 1 - made > 0 else ""
         lines.append(f"calls: call{more}")
         lines.append(r"SEP: /\n{1,2}/")
         lines.append("call: tagged | fenced | fn")
@@ -88,7 +91,7 @@ class ToolPlan:
             shapes.append({"type": "object", "properties": {"name": {"const": name}, "arguments": parameters},
                            "required": ["name", "arguments"], "additionalProperties": False})
         lines.append("fn: %json " + _json(shapes[0] if len(shapes) == 1 else {"anyOf": shapes}))
-        if self.forced:
+        if self.forced or made:
             pass
         elif self.answer is not None:
             lines.append("answer: %json " + _json(self.answer))
@@ -160,9 +163,20 @@ def tool_plan(request: ChatCompletionRequest) -> ToolPlan | None:
     return plan_tools(tools, _dump(request.tool_choice), request.parallel_tool_calls, answer_schema(request))
 
 
-def parser_for(plan: ToolPlan, answered: frozenset[str] = frozenset()) -> ToolCallParser:
+def parser_for(plan: ToolPlan, answered: frozenset[str] = frozenset(),
+               messages: list[dict[str, Any]] | None = None) -> ToolCallParser:
+    context = "\n".join(_text(m.get("content")) for m in messages or ()).lower()
     return ToolCallParser(plan.names, plan.forced, answers=plan.answer is not None and not plan.forced,
-                          answered=answered if not plan.forced else frozenset())
+                          answered=answered if not plan.forced else frozenset(), context=context)
+
+
+def continuation(payload: dict[str, Any], plan: ToolPlan, made: list[tuple[str, Any]]) -> dict[str, Any]:
+    """The engine request that asks for more calls after those `made`, written back as the template's
+    `<tool_call>` blocks: the model stops after one call in the other shapes, but goes on after blocks (it made
+    the second call of BFCL's parallel questions in this form), and the prompt before them is in the slot's cache."""
+    blocks = "".join(_call_block(name, _json(arguments)) + "\n" for name, arguments in made)
+    return {**payload, "messages": [*payload["messages"], {"role": "assistant", "content": blocks}],
+            "grammar": plan.grammar(made=len(made))}
 
 
 def check_tools(request: ChatCompletionRequest) -> None:
@@ -240,8 +254,18 @@ def probe_grammar(grammar: str) -> str:
 PROBE_MARK = "\u00a7\u00a7"  # "§§": nothing a model writes first unprompted
 
 
-def schema_error() -> GatewayError:
+def schema_error(answer_refused: bool = False) -> GatewayError:
+    """A grammar the engine cannot enforce: the tools' schemas, or the structured answer's (`answer_refused`)."""
+    if answer_refused:
+        return GatewayError(400, "bad_request", "The local engine cannot constrain its answer to the structured "
+                            "output's JSON schema (a JSON Schema feature it does not support?): simplify it.",
+                            param="response_format")
     return malformed()
+
+
+def answer_grammar(plan: ToolPlan) -> str | None:
+    """The structured answer's schema alone, to tell whose schema the engine refused."""
+    return None if plan.answer is None else "%llguidance {}\nstart: answer\nanswer: %json " + _json(plan.answer) + "\n"
 
 def _call_block(name: str, arguments: str) -> str:
     return f'{OPEN}\n{{"name": {_json(name)}, "arguments": {arguments.strip() or "{}"}}}\n{CLOSE}'
