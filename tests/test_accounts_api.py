@@ -195,4 +195,8 @@ def test_the_cli_makes_accounts_and_capped_keys(tmp_path: Path) -> None:
     assert "acme" in grokgate("accounts", "list") and '"keys": 1' in grokgate("accounts", "list", "--json")
     assert '"period": "weekly"' in grokgate("accounts", "show", "acme")
     assert "new secret" in grokgate("keys", "rotate", "app", "--grace", "0")
+    for absurd in ("99999999999999999999", "2592001", "-1"):  # past the API's 30 days, or negative: a usage error
+        done = subprocess.run([sys.executable, "-m", "grokgate", "keys", "rotate", "app", "--grace", absurd], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "from 0 to 2592000" in done.stderr and "Traceback" not in done.stderr, absurd
     assert "disabled" in grokgate("accounts", "disable", "acme")

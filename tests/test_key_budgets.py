@@ -181,6 +181,44 @@ def changed_periods(now: int) -> tuple[str, str]:
     return next(((a, b) for a, b in pairs if period_bounds(a, now)[0] != period_bounds(b, now)[0]), pairs[0])
 
 
+
+def test_a_principal_cached_across_a_changed_reset_period_neither_passes_the_cap_nor_forgets_the_spend(
+        database: str) -> None:
+    """A principal authenticated (or cached) before an admin changed the key's reset period computes its hold's period
+    with the old calendar. After daily -> weekly or monthly (or any -> none) the key's period starts earlier, so the
+    stale period looks later: it must not start a new period (zeroing the spend and passing the cap), and what that
+    request settles counts in the key's period."""
+    async def main() -> None:
+        now = now_ms()
+        if period_bounds("daily", now)[1] - now < 5_000:  # type: ignore[operator]
+            await asyncio.sleep((period_bounds("daily", now)[1] - now) / 1000 + 0.1)  # type: ignore[operator]
+        wall = Wall(now_ms())
+        today = period_bounds("daily", wall.now)[0]
+        earlier = [p for p in ("weekly", "monthly") if period_bounds(p, wall.now)[0] < today]
+        async with admission(database, wall) as (store, adm):
+            for after in [*earlier[:1], None]:
+                account = await store.create_account(f"acme-{after}")
+                await store.add_account_credits(account.id, 10 * RESERVATION)
+                key, _ = await store.create_token(f"app-{after}", account_id=account.id,
+                                                  spend_limit=10 * RESERVATION, limit_period="daily")
+                await (await admit(adm, key)).settle(USED, status="ok")
+                stale = principal_of(await store.require_token(key.id))  # daily, as a cached principal is
+                await store.update_token(key.id, limit_period=after, spend_limit=20 + RESERVATION - 1)
+                with pytest.raises(GatewayError) as caught:
+                    await adm.admit(stale, request())
+                assert caught.value.code == "key_limit_exceeded", f"{after}: the stale period passed the cap"
+                spend = (await store.require_token(key.id)).cap(wall.now)
+                assert (spend["spent"], spend["reserved"]) == (20, 0), f"{after}: the spend was forgotten"
+                await store.update_token(key.id, spend_limit=20 + RESERVATION)
+                ticket = await adm.admit(stale, request())  # room for exactly one: held in the key's period
+                assert (await refused(adm, key)).code == "key_limit_exceeded", f"{after}: its hold is not counted"
+                await ticket.settle(USED, status="ok")
+                spend = (await store.require_token(key.id)).cap(wall.now)
+                assert (spend["period"], spend["spent"], spend["reserved"]) == (after, 40, 0), after
+                assert (await store.require_account(account.id)).balance == 10 * RESERVATION - 40
+
+    asyncio.run(main())
+
 def test_a_changed_reset_period_keeps_the_spend_of_the_new_period(database: str) -> None:
     """A daily key of a Tuesday made weekly: today's spend is the week's too, what settles after the change counts
     in the week (its limit holds), and a request in flight across the change frees its hold there. The store

@@ -76,6 +76,16 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+_MAX_GRACE_SECONDS = 30 * 86400  # as the admin API's (api/admin.py MAX_GRACE_SECONDS)
+
+
+def _grace(text: str) -> int:
+    """A rotation's grace in seconds: bounded, so that an absurd number is a usage error, not a bigint overflow."""
+    if not _ascii_digits(text) or len(text) > 10 or int(text) > _MAX_GRACE_SECONDS:
+        raise argparse.ArgumentTypeError(f"must be a whole number of seconds from 0 to {_MAX_GRACE_SECONDS} (30 days)")
+    return int(text)
+
+
 def _day(text: str) -> str:
     try:
         if re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", text):
@@ -321,7 +331,7 @@ def add_commands(sub: Any) -> None:
     command(limit, keys_limit)
     rotate = keys.add_parser("rotate", help="a new secret for the same key (shown once)")
     rotate.add_argument("ref", help="id, name or prefix")
-    rotate.add_argument("--grace", type=int, default=3600,
+    rotate.add_argument("--grace", type=_grace, default=3600,
                         help="seconds the old secret keeps working (default 3600; 0: stops at once)")
     command(rotate, keys_rotate)
 

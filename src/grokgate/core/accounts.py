@@ -268,6 +268,7 @@ class Settlement:
     endpoint: str = "chat"  # the API the request came through: chat | responses (AdmissionRequest.endpoint)
     account_id: int | None = None  # the key's account, which is charged (None: a bootstrap admin token)
     period_start: int = 0  # the key's period the request was admitted in (core/budgets.py Hold)
+    limit_period: str | None = None  # the reset period `period_start` is of (core/budgets.py Hold)
 
 
 class AccountStore(Protocol):

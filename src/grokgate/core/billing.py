@@ -59,7 +59,8 @@ class BillingPolicy:
 class AccountTicket:
     def __init__(self, admission: AccountAdmission, principal: Principal, request: AdmissionRequest,
                  price: Price, reserved: int, limits: Limits | None, estimated_tokens: int,
-                 headers: dict[str, str], output_limit: int, period_start: int = 0) -> None:
+                 headers: dict[str, str], output_limit: int, period_start: int = 0,
+                 limit_period: str | None = None) -> None:
         self._admission = admission
         self.principal = principal
         self.request = request
@@ -70,6 +71,7 @@ class AccountTicket:
         self.headers = headers
         self.output_limit: int | None = output_limit
         self.period_start = period_start  # the key's period this request counts in (core/budgets.py)
+        self.limit_period = limit_period  # the reset period whose calendar period_start is of
         self.started = time.monotonic()
         self.settled = False
         self.cost = 0
@@ -116,6 +118,7 @@ class AccountTicket:
             backend=backend, usage=usage, cost=cost, price_version=self.price.version, status=status,
             estimated=estimated, duration_ms=int((time.monotonic() - self.started) * 1000), reserved=self.reserved,
             endpoint=self.request.endpoint, account_id=self.principal.account_id, period_start=self.period_start,
+            limit_period=self.limit_period,
         )
         try:
             await self._admission.store.settle(settlement)
@@ -186,7 +189,8 @@ class AccountAdmission:
                           tool_call_price=self.policy.server_tool_call_price)
         period_start, resets = period_bounds(principal.limit_period, self._wall())
         assert principal.account_id is not None
-        hold = Hold(principal.account_id, principal.token_id, request.request_id, amount, period_start)
+        hold = Hold(principal.account_id, principal.token_id, request.request_id, amount, period_start,
+                    principal.limit_period)
         try:
             outcome = await self.store.reserve(hold)
         except BaseException:
@@ -197,7 +201,7 @@ class AccountAdmission:
             self.counted(request.request_id)
             raise _short(outcome, request, prompt, output, price, amount, self.policy, resets)
         return AccountTicket(self, principal, request, price, amount, limits, estimated_tokens, decision.headers,
-                             output, period_start)
+                             output, period_start, principal.limit_period)
 
     async def _acquire(self, principal: Principal, request_id: str, limits: Limits, tokens: int) -> Decision:
         """The key's limits, then its account's (all its keys together): both must admit the request."""

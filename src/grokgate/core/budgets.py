@@ -64,6 +64,10 @@ class Hold:
     request_id: str
     amount: int
     period_start: int = NEVER
+    # The reset period whose calendar `period_start` is of (the key's, as the principal saw it). A principal is
+    # cached, so an admin's change may not have reached it: the store starts a new period only when this is still
+    # the key's period, and otherwise counts the hold in the period the key's counters are in (store/batch.py).
+    limit_period: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

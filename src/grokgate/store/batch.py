@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    String,
     bindparam,
     case,
     delete,
@@ -38,6 +39,16 @@ _key = api_tokens.c.id == bindparam("token")
 _start = api_tokens.c.period_start
 _period: Any = bindparam("period")
 _ZERO: Any = literal_column("0")  # in the SQL itself: the runners bind named parameters only
+_kind: Any = bindparam("kind", type_=String)
+# The hold's or settlement's period is of the key's own calendar: its reset period is the key's ("" for none), or
+# "*" (OWN_CALENDAR: the period of a reservation row, which moves with the key's period, restart_period below).
+# Only such a period may start a new one: a principal cached across an admin's change of the reset period computes
+# the period with the old calendar, and daily -> weekly, weekly -> monthly or any -> none moves the key's start
+# earlier, so the old calendar's start looks later and would zero the counters (the period's spend forgotten and
+# the key past its limit). Of another calendar, the hold and the charge count in the key's counters' period.
+_same: Any = ((_kind == literal_column("'*'"))
+              | (func.coalesce(api_tokens.c.limit_period, literal_column("''")) == _kind))
+_later = _same & (_start < _period)
 STATEMENTS: dict[str, Any] = {
     settling.LOCK_BALANCE: (
         update(accounts).where(_account)
@@ -59,17 +70,19 @@ STATEMENTS: dict[str, Any] = {
     settling.KEY_SPEND: (
         update(api_tokens).where(_key).values(
             period_spent=case((_start == _period, api_tokens.c.period_spent + bindparam("charge")),
-                              (_start < _period, bindparam("charge")), else_=api_tokens.c.period_spent),
+                              (_later, bindparam("charge")), (_same, api_tokens.c.period_spent),
+                              else_=api_tokens.c.period_spent + bindparam("charge")),
             period_reserved=case((_start == _period, api_tokens.c.period_reserved - bindparam("freed")),
-                                 (_start < _period, _ZERO), else_=api_tokens.c.period_reserved),
-            period_start=case((_start < _period, _period), else_=_start))
+                                 (_later, _ZERO), (_same, api_tokens.c.period_reserved),
+                                 else_=api_tokens.c.period_reserved - bindparam("freed")),
+            period_start=case((_later, _period), else_=_start))
         .returning(api_tokens.c.period_start, api_tokens.c.period_spent)
     ),
     settling.KEY_LOCK: (
         update(api_tokens).where(_key).values(
-            period_spent=case((_start < _period, _ZERO), else_=api_tokens.c.period_spent),
-            period_reserved=case((_start < _period, _ZERO), else_=api_tokens.c.period_reserved),
-            period_start=case((_start < _period, _period), else_=_start))
+            period_spent=case((_later, _ZERO), else_=api_tokens.c.period_spent),
+            period_reserved=case((_later, _ZERO), else_=api_tokens.c.period_reserved),
+            period_start=case((_later, _period), else_=_start))
         .returning(api_tokens.c.spend_limit, api_tokens.c.period_start, api_tokens.c.period_spent,
                    api_tokens.c.period_reserved)
     ),
@@ -125,10 +138,11 @@ def reserve_many(conn: Connection, items: list[Hold], owner: str) -> list[Reserv
         if row is not None:
             balances[account_id] = int(row[0])
     keys: dict[int, tuple[int | None, int, int]] = {}  # token -> (limit, its period, room used in it)
-    for token_id, period in sorted({(item.token_id, item.period_start) for item in items}):
+    for token_id, period, kind in sorted({(item.token_id, item.period_start, item.limit_period or "")
+                                          for item in items}):
         if token_id in keys:
             continue  # one row, one period: the first item's (a batch spans a boundary only by a few ms)
-        row = run.first(settling.KEY_LOCK, {"token": token_id, "period": period})
+        row = run.first(settling.KEY_LOCK, {"token": token_id, "period": period, "kind": kind})
         if row is not None:
             keys[token_id] = (None if row[0] is None else int(row[0]), int(row[1]), int(row[2]) + int(row[3]))
     held: dict[int, int] = defaultdict(int)

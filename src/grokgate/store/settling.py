@@ -29,8 +29,9 @@ LOCK_BALANCE = "lock_balance"  # balance += delta, reserved -= delta; RETURNING 
 CHARGE_IN_FULL = "charge_in_full"  # if balance + freed >= charge: balance += freed - charge, reserved -= freed
 CHARGE = "charge"  # balance -= charge
 HOLD = "hold"  # balance -= hold, reserved += hold
-KEY_SPEND = "key_spend"  # token, period, charge, freed: count a settled charge in its period; RETURNING the counters
-KEY_LOCK = "key_lock"  # token, period: start the period if it is newer; RETURNING limit and counters
+KEY_SPEND = "key_spend"  # token, period, kind, charge, freed: count a settled charge in its period; RETURNING counters
+KEY_LOCK = "key_lock"  # token, period, kind: start the period if it is newer; RETURNING limit and counters
+OWN_CALENDAR = "*"  # the `kind` of a reservation row's period: the key's own calendar (store/batch.py _same)
 KEY_HOLD = "key_hold"  # token, hold: period_reserved += hold
 
 # What a settlement batch returns: each touched account's balance after it, and each touched key's (period_start,
@@ -66,6 +67,7 @@ class SettlementRow(NamedTuple):
     endpoint: str = "chat"  # chat | responses
     account_id: int | None = None
     period_start: int = 0
+    limit_period: str | None = None
 
 
 def as_row(s: Settlement) -> SettlementRow:
@@ -74,7 +76,7 @@ def as_row(s: Settlement) -> SettlementRow:
                          UsageRow(u.prompt_tokens, u.completion_tokens, u.cached_tokens, u.reasoning_tokens,
                                   u.server_tool_calls, u.cost_in_usd_ticks),
                          s.cost, s.price_version, s.status, s.estimated, s.duration_ms, s.endpoint,
-                         s.account_id, s.period_start)
+                         s.account_id, s.period_start, s.limit_period)
 
 
 class Runner(Protocol):
@@ -121,17 +123,22 @@ def charge_and_record(run: Runner, fresh: Sequence[Settlement | SettlementRow],
 
     # Each key's spend, in the period its requests were admitted in (core/budgets.py): after the accounts, in key
     # order, as reservations lock them.
-    per_key: dict[tuple[int, int], list[int]] = {}
+    per_key: dict[tuple[int, int, str], list[int]] = {}
     for s in fresh:
         if s.account_id is None or s.token_id is None:
             continue
-        amount, period = held.get(s.request_id, (0, s.period_start))
-        key_totals = per_key.setdefault((s.token_id, period), [0, 0])
+        if s.request_id in held:  # the reservation row's period, which moved with the key's (restart_period)
+            amount, period = held[s.request_id]
+            kind = OWN_CALENDAR
+        else:  # released by crash recovery, or held in memory: the period admission computed
+            amount, period, kind = 0, s.period_start, s.limit_period or ""
+        key_totals = per_key.setdefault((s.token_id, period, kind), [0, 0])
         key_totals[0] += charges.get(s.request_id, 0)
         key_totals[1] += amount
     keys: dict[int, tuple[int, int]] = {}
-    for (token_id, period), (charge, freed) in sorted(per_key.items()):
-        row = run.first(KEY_SPEND, {"token": token_id, "period": period, "charge": charge, "freed": freed})
+    for (token_id, period, kind), (charge, freed) in sorted(per_key.items()):
+        row = run.first(KEY_SPEND, {"token": token_id, "period": period, "kind": kind, "charge": charge,
+                                    "freed": freed})
         if row is not None:
             keys[token_id] = (int(row[0]), int(row[1]))
 

@@ -115,7 +115,9 @@ class SqlStore(KeysMixin, Reports):
         # (store/batch.py restart_period): a request admitted before the change reserves and settles there.
         self._moved_periods: dict[tuple[int, int], int] = {}
         self._balances: RefreshingCache[int, int | None] = RefreshingCache(_CACHE_SECONDS)  # by account id
-        self._keys: RefreshingCache[int, tuple[int | None, int, int] | None] = RefreshingCache(_CACHE_SECONDS)
+        # by token id: (spend limit, period_start, period_spent, limit_period)
+        self._keys: RefreshingCache[int, tuple[int | None, int, int, str | None] | None] = RefreshingCache(
+            _CACHE_SECONDS)
         self._lock_file: Any = None
         self._unsettled = 0  # reservations granted and not yet settled: close() waits for them
         self._closed = False
@@ -478,8 +480,14 @@ class SqlStore(KeysMixin, Reports):
         available = balance - self._held.get(hold.account_id, 0)
         if hold.amount > available:
             return Reserved(False, "balance", max(0, available))
-        limit, stored_start, stored_spent = key
+        limit, stored_start, stored_spent, kind = key
         slot = (hold.token_id, self._moved_periods.get((hold.token_id, hold.period_start), hold.period_start))
+        if (hold.limit_period or "") != (kind or "") and slot[1] != stored_start:
+            # A principal cached across a change of the key's reset period computed the period with the old
+            # calendar: the hold counts in the period the key's counters are in (store/batch.py _same), and its
+            # settlement follows it there.
+            self._moved_periods[(hold.token_id, hold.period_start)] = stored_start
+            slot = (hold.token_id, stored_start)
         if limit is not None:
             room = limit - spent_in(slot[1], stored_start, stored_spent) - self._key_held.get(slot, 0)
             if hold.amount > room:
@@ -514,7 +522,11 @@ class SqlStore(KeysMixin, Reports):
             for token_id, (start, total) in keys.items():
                 current = self._keys.peek(token_id)
                 if current is not None:
-                    self._keys.put(token_id, (current[0], start, total))
+                    self._keys.put(token_id, (current[0], start, total, current[3]))
+                else:
+                    # A read that began before this commit may still be storing the counters without this
+                    # charge: dropping it makes the next reservation read them again.
+                    self._keys.invalidate(token_id)
 
     async def _committed_balance(self, account_id: int) -> int | None:
         # A top-up by another process shows up within twice _CACHE_SECONDS (an expired entry is served
@@ -527,16 +539,16 @@ class SqlStore(KeysMixin, Reports):
             value = (await conn.execute(select(accounts.c.balance).where(accounts.c.id == account_id))).scalar()
         return None if value is None else int(value)
 
-    async def _committed_key(self, token_id: int) -> tuple[int | None, int, int] | None:
-        """(spend limit, period_start, period_spent) as committed; kept current by our settlements."""
+    async def _committed_key(self, token_id: int) -> tuple[int | None, int, int, str | None] | None:
+        """(spend limit, period_start, period_spent, limit_period) as committed; kept current by our settlements."""
         return await self._keys.get(token_id, lambda: self._read_key(token_id))
 
-    async def _read_key(self, token_id: int) -> tuple[int | None, int, int] | None:
-        query = select(api_tokens.c.spend_limit, api_tokens.c.period_start, api_tokens.c.period_spent).where(
-            api_tokens.c.id == token_id)
+    async def _read_key(self, token_id: int) -> tuple[int | None, int, int, str | None] | None:
+        query = select(api_tokens.c.spend_limit, api_tokens.c.period_start, api_tokens.c.period_spent,
+                       api_tokens.c.limit_period).where(api_tokens.c.id == token_id)
         async with self.engine.connect() as conn:
             row = (await conn.execute(query)).first()
-        return None if row is None else (None if row[0] is None else int(row[0]), int(row[1]), int(row[2]))
+        return None if row is None else (None if row[0] is None else int(row[0]), int(row[1]), int(row[2]), row[3])
 
     def _with_holds(self, record: TokenRecord) -> TokenRecord:
         held = self._held.get(record.account_id, 0)
