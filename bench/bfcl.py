@@ -21,6 +21,7 @@ BFCL v4's files (BFCL_v4_<category>.json): "simple" is its `simple_python` (v3's
     .venv/bin/python bench/bfcl.py [--per-category 40] [--seed 0] [--systems grokgate,peer]
         [--categories simple,multiple,...] [--tool-choice auto|required] [--model qwen2.5-coder-1.5b]
         [--url http://127.0.0.1:8000 --api-key KEY] [--concurrency 4] [--out DIR]
+    .venv/bin/python bench/bfcl.py --from-json DIR      # the tables again, from an earlier run's files
 
 Prints a markdown table per system (hits/n and % per category, pooled over all items) and writes, under `--out`
 (default a new temporary directory), `<system>.json`: {"meta": {...}, "items": [...]}, one item per question with
@@ -330,12 +331,15 @@ def main() -> None:
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     ap.add_argument("--bfcl-dir", type=Path, default=cache / "grokgate-bench" / f"bfcl-eval-{BFCL_VERSION}",
                     help="where bfcl-eval is installed without its dependencies when not importable")
+    ap.add_argument("--from-json", type=Path, metavar="DIR", help="print the tables of an earlier run's --out DIR")
     args = ap.parse_args()
     systems = [s for s in args.systems.split(",") if s]
     categories = [c for c in args.categories.split(",") if c]
     unknown = [s for s in systems if s not in ("grokgate", "peer")] + [c for c in categories if c not in CATEGORIES]
     if unknown:
         raise SystemExit(f"unknown system or category: {', '.join(unknown)}")
+    if args.from_json:
+        return report_saved(args.from_json, systems)
     out = args.out or Path(tempfile.mkdtemp(prefix="grokgate-bfcl-"))
     out.mkdir(parents=True, exist_ok=True)
 
@@ -372,15 +376,39 @@ def main() -> None:
                             "answer": answer, **scores})
         (out / f"{system}.json").write_text(json.dumps({"meta": {**meta, "system": system}, "items": records},
                                                        indent=1, ensure_ascii=False, default=str))
-        for s in scorings:
-            label = system if len(scorings) == 1 else f"{system} ({s})"
-            rows.append((label, [{"category": r["category"], **r[s]} for r in records]))
-    print(f"BFCL ({meta['date']}, bfcl-eval {bfcl.version}): {args.per_category} per category, seed {args.seed}, "
-          f"tool_choice {args.tool_choice}, max_tokens {MAX_TOKENS}, model {meta['model']}\n")
+        rows += rows_of(system, records)
+    print_report(meta, rows, categories, out)
+
+
+def rows_of(system: str, records: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    scorings = [s for s in ("strict", "lenient") if records and s in records[0]]
+    return [(system if len(scorings) == 1 else f"{system} ({s})", [{"category": r["category"], **r[s]}
+                                                                   for r in records]) for s in scorings]
+
+
+def print_report(meta: dict[str, Any], rows: list[tuple[str, list[dict[str, Any]]]], categories: list[str],
+                 out: Path) -> None:
+    print(f"BFCL ({meta['date']}, bfcl-eval {meta['bfcl_eval']}): {meta['per_category']} per category, seed "
+          f"{meta['seed']}, tool_choice {meta['tool_choice']}, max_tokens {meta['max_tokens']}, temperature "
+          f"{meta['temperature'] if meta['temperature'] is not None else 'default'}, model {meta['model']}\n")
     print(table(rows, categories))
     print("\n" + misses(rows, categories))
     print(f"\nper-item results: {out}/<system>.json")
 
+
+def report_saved(directory: Path, systems: list[str]) -> None:
+    """The tables of an earlier run, from its per-item files (no model, no BFCL needed)."""
+    rows, meta = [], None
+    for system in systems:
+        path = directory / f"{system}.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            meta = meta or saved["meta"]
+            rows += rows_of(system, saved["items"])
+    if meta is None:
+        raise SystemExit(f"no {' or '.join(f'{s}.json' for s in systems)} in {directory}")
+    present = {r["category"] for _, scored in rows for r in scored}
+    print_report(meta, rows, [c for c in CATEGORIES if c in present], directory)
 
 if __name__ == "__main__":
     main()
