@@ -167,8 +167,7 @@ def test_an_answer_after_a_repeated_call_is_generated_again_and_billed_once_each
     asked = request(tools=[W], messages=history, max_tokens=50)
     engine = LocalEngine(model_path=None, cache_dir=Path("/nonexistent"))
     assert engine.prompt_copies(asked) == 2
-    assert engine.prompt_copies(request(tools=[W], max_tokens=50)) == 2  # a continuation for parallel calls
-    assert engine.prompt_copies(request(tools=[W], parallel_tool_calls=False)) == 1
+    assert engine.prompt_copies(request(tools=[W], max_tokens=50)) == 1  # a continuation bills its prompt once
     assert engine.prompt_copies(request(tools=[W], messages=history, tool_choice="required",
                                         parallel_tool_calls=False)) == 1
     assert engine.prompt_copies(request()) == 1
@@ -206,7 +205,8 @@ def test_an_answer_after_a_repeated_call_is_generated_again_and_billed_once_each
 def test_calls_the_model_ended_on_get_a_continuation_in_the_templates_blocks() -> None:
     """The model ends after one call in the bare or fenced shape, but after `<tool_call>` blocks it goes on with
     the other calls a parallel question needs: its calls are written back as blocks and it may add more (or
-    nothing); the finish waits for that, and both generations are billed (prompt_copies 2 covers them)."""
+    nothing); the finish waits for that. It extends the same answer: the prompt is billed once, the outputs add
+    up within the cap, so the reservation (one prompt, max_tokens) still bounds it."""
     async def run() -> None:
         queue: asyncio.Queue[Any] = asyncio.Queue()
         asked = request(tools=[W], messages=[{"role": "user", "content": "Weather in Paris and Rome?"}])
@@ -230,7 +230,7 @@ def test_calls_the_model_ended_on_get_a_continuation_in_the_templates_blocks() -
         job.end()
         usage = job.consumed()
         assert usage is not None and (usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens) == \
-            (340, 150, 45)
+            (150, 0, 45)
         await asyncio.sleep(0)
         events = []
         while not queue.empty():

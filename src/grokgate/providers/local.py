@@ -292,11 +292,10 @@ class LocalEngine:
             )
 
     def prompt_copies(self, request: ChatCompletionRequest) -> int:
-        # The choices share one prompt evaluation; llama.cpp reports (and grokgate bills) it once. An answer with
-        # tools may take a second generation (providers/local_jobs.py `answer_again`: the answer after a repeated
-        # call, or a continuation for parallel calls), whose prompt counts too.
-        plan = tool_plan(request)
-        return 2 if plan is not None and (plan.parallel or _answered(request)) else 1
+        # The choices share one prompt evaluation; llama.cpp reports (and grokgate bills) it once. An answer after
+        # tool results may be generated twice (providers/local_jobs.py `answer_again`), from another prompt: both
+        # count. (A continuation for parallel calls extends the same answer: its prompt is billed once.)
+        return 2 if _answered(request) else 1
 
     async def count_prompt(self, call: Call, upstream_model: str) -> int | None:
         """Exactly the prompt this call's engine request will be billed (providers/local_count.py); None for a

@@ -111,9 +111,13 @@ class Job:
         if self.earlier is None:
             return latest
         later = latest or Usage()
-        return Usage(prompt_tokens=self.earlier.prompt_tokens + later.prompt_tokens,
+        # A continuation extends the same answer (its prompt is the first one, held in the slot, plus the calls
+        # already made): the prompt is billed once, as for the choices of one request, and the output adds up.
+        # The answer after a repeated call is another prompt, billed as well (prompt_copies covers it).
+        again = not self.continued
+        return Usage(prompt_tokens=self.earlier.prompt_tokens + (later.prompt_tokens if again else 0),
                      completion_tokens=self.earlier.completion_tokens + later.completion_tokens,
-                     cached_tokens=self.earlier.cached_tokens + later.cached_tokens)
+                     cached_tokens=self.earlier.cached_tokens + (later.cached_tokens if again else 0))
 
     def post(self, item: Any) -> None:
         try:
