@@ -151,6 +151,19 @@ def test_calls_the_question_does_not_ask_for_end_the_answer() -> None:
     assert len(feed_all(p, [call % "Paris", "\n", call % "Rome"])[1]) == 2
 
 
+def test_output_no_rule_allows_after_calls_ends_the_answer_not_the_calls() -> None:
+    """Calls handed on stand: what follows them that is no call (an engine that ignored a continuation's grammar)
+    ends the answer instead of failing it; with no call yet it is the grammar error it always was."""
+    call = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    p = parser([WEATHER])
+    _, calls, _ = feed_all(p, [call])
+    p.resume()
+    content, more, reason = feed_all(p, ['{"weather": "sunny"}'])
+    assert (content, more, reason, p.done) == ("", [], "tool_calls", True) and len(calls) == 1
+    with pytest.raises(GatewayError):
+        feed_all(parser([WEATHER], "required"), ['{"weather": "sunny"}'])
+
+
 def test_text_answers_pass_through_with_braces_and_code() -> None:
     assert feed_all(parser([WEATHER]), ["Hel", "lo <b>"]) == ("Hello <b>", [], "stop")
     code = "```python\ndef f(d):\n    return {k: v for k, v in d.items()}\n```"

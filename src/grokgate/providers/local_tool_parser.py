@@ -88,7 +88,7 @@ class ToolCallParser:
                 at = self._buffer.find("{")
                 if at < 0:
                     if len(self._buffer) > 4096:
-                        raise malformed()
+                        return self._broken(out)
                     return "", out
                 self._object_at, self._scanned = at, at
                 self._depth, self._in_string, self._escape = 0, False, False
@@ -108,11 +108,11 @@ class ToolCallParser:
             try:
                 value = orjson.loads(raw)
             except orjson.JSONDecodeError:
-                raise malformed() from None
+                return self._broken(out)
             call = self._call(value)
             if call is None:  # a structured answer whose first key is "name" (the grammar's answer branch)
                 if not self._answers or self._calls:
-                    raise malformed()
+                    return self._broken(out)
                 self._mode, content, self._buffer = "text", raw + self._buffer, ""
                 return content, out
             name, arguments = call
@@ -132,6 +132,14 @@ class ToolCallParser:
             out.append({"index": self._calls, "id": f"call_{secrets.token_hex(12)}", "type": "function",
                         "function": {"name": name, "arguments": orjson.dumps(arguments).decode()}})
             self._calls += 1
+        return "", out
+
+    def _broken(self, out: list[JSONObject]) -> tuple[str, list[JSONObject]]:
+        """Output no grammar rule allows (the engine ignored the grammar): an error, unless calls were handed on
+        already, which stand (the answer ends there)."""
+        if not self._calls and not out:
+            raise malformed()
+        self.done = True
         return "", out
 
     def _grounded(self, arguments: Any) -> bool:
