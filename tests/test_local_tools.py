@@ -53,6 +53,7 @@ def feed_all(parser: ToolCallParser, pieces: list[str], reason: str = "stop") ->
         text, found = parser.feed(piece)
         content += text
         calls += found
+    content += parser.flush()  # as providers/local_jobs.py does at the finish
     return content, calls, parser.finish(reason)
 
 
@@ -162,6 +163,20 @@ def test_output_no_rule_allows_after_calls_ends_the_answer_not_the_calls() -> No
     assert (content, more, reason, p.done) == ("", [], "tool_calls", True) and len(calls) == 1
     with pytest.raises(GatewayError):
         feed_all(parser([WEATHER], "required"), ['{"weather": "sunny"}'])
+
+
+@pytest.mark.parametrize("gap", ["\n", "\n\n"])
+def test_a_call_announced_on_a_first_line_is_a_call(gap: str) -> None:
+    """At the default temperature the model sometimes announces its call ("Here is a JSON object with the function
+    name ...:") before writing it: the line is content, the call a call (before: all of it text, no call)."""
+    intro = 'Here is a JSON object with the function name "get_weather": '
+    call = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    for wrap in (call, f"```json\n{call}\n```", f"<tool_call>\n{call}\n</tool_call>"):
+        content, calls, reason = feed_all(parser([WEATHER]), by3(intro + ":" + gap + wrap))
+        assert (content, reason) == (intro + ":\n", "tool_calls") and len(calls) == 1, (content, calls)
+    for text in ('Here is the JSON:\n{"a": 1}', "Note:\nIt is sunny.", "Sure:", "Sure:\n", "A: b\nc:\n{ x }",
+                 "Example:\n```python\nprint(1)\n```", "Here:\n{\"cut"):
+        assert feed_all(parser([WEATHER]), by3(text)) == (text, [], "stop"), text
 
 
 def test_text_answers_pass_through_with_braces_and_code() -> None:

@@ -173,6 +173,8 @@ class Job:
                         self.post(Delta(index=self.index, content=content or None, tool_calls=tool_calls))
                     return True
                 if self.parser is not None and (reason or self.parser.done):
+                    if held := self.parser.flush():  # text the parser held to see what followed it
+                        content = (content or "") + held
                     reason = self.parser.finish(reason or "stop")
                     self.cancelled |= self.parser.done  # ends the generation; `timings` count what it used
             except GatewayError as exc:

@@ -39,6 +39,9 @@ class ToolCallParser:
     def __init__(self, names: list[str], forced: bool, answers: bool = False,
                  answered: frozenset[str] = frozenset(), context: str = "") -> None:
         self._context = context
+        self._intro = not forced and not answers  # the grammar's `intro calls` branch (auto, text answers)
+        self._line = ""  # the first line's text sent so far (mode "intro")
+        self._from_intro: str | None = None  # calls after an intro line: the blank text held between them
         self._leaves: set[str] = set()
         self.made: list[tuple[str, Any]] = []  # the calls handed on, for a continuation's prompt
         self._names = set(names)
@@ -46,7 +49,7 @@ class ToolCallParser:
         self._answers = answers  # a structured answer (JSON) may come instead of calls
         self._answered = answered
         self._buffer = ""
-        self._mode = "start"  # start | text | calls
+        self._mode = "start"  # start | intro | text | calls
         self._depth = 0
         self._in_string = False
         self._escape = False
@@ -63,6 +66,8 @@ class ToolCallParser:
 
     def feed(self, text: str) -> tuple[str, list[JSONObject]]:
         """Content to pass on, and whole tool calls, for the next piece of output."""
+        if self._mode == "intro":
+            return self._after_intro(text)
         if self._mode == "text":
             return text, []
         if self.done:
@@ -75,6 +80,9 @@ class ToolCallParser:
             if not _opens_call(stripped):
                 if self._forced:
                     raise malformed()
+                if self._intro:  # the first line may announce calls: content, watched until it ends
+                    self._mode, pending, self._buffer = "intro", self._buffer, ""
+                    return self._after_intro(pending)
                 self._mode, content, self._buffer = "text", self._buffer, ""
                 return content, []
             self._mode = "calls"
@@ -108,9 +116,13 @@ class ToolCallParser:
             try:
                 value = orjson.loads(raw)
             except orjson.JSONDecodeError:
+                if self._from_intro is not None and not self._calls:
+                    return self._as_text(raw)
                 return self._broken(out)
             call = self._call(value)
             if call is None:  # a structured answer whose first key is "name" (the grammar's answer branch)
+                if self._from_intro is not None and not self._calls:
+                    return self._as_text(raw)
                 if not self._answers or self._calls:
                     return self._broken(out)
                 self._mode, content, self._buffer = "text", raw + self._buffer, ""
@@ -133,6 +145,42 @@ class ToolCallParser:
                         "function": {"name": name, "arguments": orjson.dumps(arguments).decode()}})
             self._calls += 1
         return "", out
+
+    def _after_intro(self, text: str) -> tuple[str, list[JSONObject]]:
+        """Text whose first line may end "...:" and be followed by calls (the grammar's `intro calls`): the line is
+        content; what follows it is held until it shows whether it opens a call."""
+        self._buffer += text
+        line, newline, rest = self._buffer.partition("\n")
+        if not newline:
+            content, self._buffer = self._buffer, ""  # still the first line: content as it comes
+            self._line += content
+            return content, []
+        if not (self._line + line).rstrip().endswith(":"):
+            self._mode, content, self._buffer = "text", self._buffer, ""
+            return content, []
+        head = rest.lstrip("\n")
+        if (not head and len(rest) < 2) or (head and _could_open(head)):
+            return "", []  # the line ended with a colon: what comes next decides
+        if head and _opens_call(head) and not head.startswith("["):
+            self._mode, self._buffer, self._from_intro = "calls", head, rest[:len(rest) - len(head)]
+            content, calls = self._take_calls()
+            return line + newline + content, calls
+        self._mode, content, self._buffer = "text", self._buffer, ""
+        return content, []
+
+    def flush(self) -> str:
+        """Text held at the end of the output: an intro line with nothing after it, or what followed it and was no
+        call (cut)."""
+        if self._mode == "intro" or (self._mode == "calls" and self._from_intro is not None and not self._calls):
+            self._mode, content, self._buffer = "text", (self._from_intro or "") + self._buffer, ""
+            return content
+        return ""
+
+    def _as_text(self, raw: str) -> tuple[str, list[JSONObject]]:
+        """What followed an intro line was text after all (an object that is no call: the grammar's TEXT allows
+        it)."""
+        self._mode, content, self._buffer = "text", (self._from_intro or "") + raw + self._buffer, ""
+        return content, []
 
     def _broken(self, out: list[JSONObject]) -> tuple[str, list[JSONObject]]:
         """Output no grammar rule allows (the engine ignored the grammar): an error, unless calls were handed on
@@ -181,7 +229,7 @@ class ToolCallParser:
     def finish(self, reason: str) -> str:
         """The choice's finish_reason. A call cut by the output cap after complete ones is dropped and the answer
         ends `tool_calls`: it ends `length` only when its only call or its text reached the cap."""
-        if self._mode == "text" or self.retry:
+        if (self._mode in ("text", "intro") and not self._calls) or self.retry:
             return reason
         if self._calls:
             return "tool_calls"
@@ -203,7 +251,7 @@ def _strings(value: Any) -> list[str]:
 
 def _could_open(text: str) -> bool:
     """Whether `text` (stripped) is still a prefix of a call's opening: more output decides."""
-    if OPEN.startswith(text) and text != OPEN:
+    if (OPEN.startswith(text) and text != OPEN) or FENCE.startswith(text):
         return True
     if text.startswith(FENCE):
         head = text.split("\n", 1)

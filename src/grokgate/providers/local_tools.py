@@ -76,7 +76,7 @@ class ToolPlan:
         elif self.forced:
             lines.append("start: calls")
         else:
-            lines.append("start: calls | answer" if self.answer is not None else "start: calls | TEXT")
+            lines.append("start: calls | answer" if self.answer is not None else "start: calls | TEXT | intro calls")
         more = f" (SEP call){{0,{MAX_CALLS - 1 - made}}}" if self.parallel and MAX_CALLS - 1 - made > 0 else ""
         lines.append(f"calls: call{more}")
         lines.append(r"SEP: /\n{1,2}/")
@@ -97,6 +97,8 @@ class ToolPlan:
             lines.append("answer: %json " + _json(self.answer))
         else:
             lines.append(_TEXT_RULE)
+            # "Here is the call:" on a line of its own, then the call: the model's way of announcing one.
+            lines.append(r"intro[lazy]: /[^\s{\[<][^\n]*:\n\n?/")
         return "\n".join(lines) + "\n"
 
 
