@@ -6,13 +6,13 @@ e2e: every generation costs seconds of CPU."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
 import pydantic
 import pytest
 
+from tests.agent_runs import run_weather_agent
 from tests.conftest import Server, call, err, ok, wait_idle
 
 pytestmark = pytest.mark.e2e
@@ -33,34 +33,11 @@ class Weather(pydantic.BaseModel):
 
 
 def test_an_agent_with_a_tool_and_output_type_completes(server: Server) -> None:
-    # Imported here, not at collection: every xdist worker collects every module (~1.5 s of CPU for the SDK).
     agents = pytest.importorskip("agents", reason="the OpenAI Agents SDK (openai-agents, a dev dependency)")
-    from openai import AsyncOpenAI
-
-    calls: list[str] = []
-
-    @agents.function_tool
-    def get_weather(city: str) -> str:
-        """The current weather in a city."""
-        calls.append(city)
-        return f"Sunny and 21 C in {city}."
-
-    async def run() -> Any:
-        client = AsyncOpenAI(base_url=f"{server.url}/v1", api_key=server.token, max_retries=0, timeout=300)
-        agents.set_tracing_disabled(True)  # no trace export: nothing leaves this machine
-        model = agents.OpenAIChatCompletionsModel(model="grok-3", openai_client=client)
-        # The SDK's defaults (tool_choice auto, no temperature); one seed of bench/agents_offline.py's ten (the
-        # SDK has no seed setting: extra_args reach the request body).
-        agent = agents.Agent(name="forecaster", instructions="Use the tool to answer.", tools=[get_weather],
-                             model=model, output_type=Weather,
-                             model_settings=agents.ModelSettings(extra_args={"seed": 0}))
-        try:
-            return await agents.Runner.run(agent, "What is the weather in Paris?", max_turns=4)
-        finally:
-            await client.close()
-
-    wait_idle(server)  # the session's shared server: no other test's job left to share a batch with these
-    result = asyncio.run(run())
+    # The SDK's defaults (tool_choice auto, no temperature); one seed of bench/agents_offline.py's ten (the SDK has
+    # no seed setting: extra_args reach the request body).
+    result, calls = run_weather_agent(server, name="forecaster", instructions="Use the tool to answer.",
+                                      output_type=Weather, model_settings=agents.ModelSettings(extra_args={"seed": 0}))
     assert len(calls) == 1 and "paris" in calls[0].lower(), calls  # the tool ran, on the model's arguments
     assert isinstance(result.final_output, Weather), result.final_output  # a final answer of the output type
     assert "paris" in result.final_output.city.lower(), result.final_output

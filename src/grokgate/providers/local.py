@@ -498,6 +498,8 @@ class _Untooled:
 
 
 def _answered(request: ChatCompletionRequest) -> frozenset[str]:
+    if request.messages[-1].role != "tool":  # only a conversation ending in tool results (answered_calls)
+        return frozenset()
     plan = tool_plan(request)
     if plan is None or plan.forced:
         return frozenset()

@@ -25,6 +25,11 @@ _FENCED_CALL = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\n?\s*[{\[]")
 _FIRST_KEY = re.compile(r'\{\s*"((?:[^"\\]|\\.)*)"')
 
 
+def call_key(name: str, arguments: Any) -> str:
+    """A call's identity: its name and its arguments, canonical (key order and spacing do not count)."""
+    return name + "\0" + orjson.dumps(arguments, option=orjson.OPT_SORT_KEYS).decode()
+
+
 class ToolCallParser:
     """Turns one choice's streamed text into content and whole tool calls.
 
@@ -128,7 +133,7 @@ class ToolCallParser:
                 self._mode, content, self._buffer = "text", raw + self._buffer, ""
                 return content, out
             name, arguments = call
-            key = name + "\0" + orjson.dumps(arguments, option=orjson.OPT_SORT_KEYS).decode()  # local_tools.call_key
+            key = call_key(name, arguments)
             if key in self._seen or (key in self._answered and not self._calls):
                 # The small model tends to repeat a call until max_tokens: an identical call adds nothing, and a
                 # first call the conversation already answered means the model wants to answer.

@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 
 from grokgate.core.errors import GatewayError, bad_request
-from grokgate.providers.local_tool_parser import CLOSE, OPEN, ToolCallParser, malformed
+from grokgate.providers.local_tool_parser import CLOSE, OPEN, ToolCallParser, call_key, malformed
 from grokgate.schemas.chat import ChatCompletionRequest, ToolCall
 
 # The words of Qwen 2.5's chat template (tokenizer.chat_template in the GGUF) when it is given tools.
@@ -126,10 +126,6 @@ def answer_schema(request: ChatCompletionRequest) -> dict[str, Any] | None:
     if fmt.type == "json_object":
         return {"type": "object"}
     return fmt.json_schema.schema_ or {"type": "object"}
-
-
-def call_key(name: str, arguments: Any) -> str:
-    return name + "\0" + orjson.dumps(arguments, option=orjson.OPT_SORT_KEYS).decode()
 
 
 def answered_calls(messages: list[dict[str, Any]]) -> frozenset[str]:
@@ -283,6 +279,3 @@ def _json(value: Any) -> str:
     # The template's `tojson`: ", " and ": " separators, non-ASCII kept.
     return json.dumps(value, ensure_ascii=False)
 
-
-def _lark_string(text: str) -> str:
-    return _json(text)
