@@ -12,6 +12,9 @@
 #     account token (not the admin token), so admission, reservation, settlement and the ledger are measured,
 #   - with --with-accounts-off, a second grokgate with GROKGATE_ACCOUNTS=false (target "grokgate-noacct").
 #   --no-litellm leaves LiteLLM out: with --with-accounts-off, the accounts overhead alone, in half the time.
+#   --scale-out adds "grokgate-pg": the same grokgate as a scale-out replica, accounts in a fresh PostgreSQL database
+#     (GROKGATE_PG_ADMIN, default postgresql://postgres@127.0.0.1:5432/test, creates and drops it) and rate limits in
+#     Redis (GROKGATE_BENCH_REDIS, default redis://127.0.0.1:6379/0, under a key prefix of its own).
 #   --base REV adds "grokgate-base": grokgate as of git revision REV (a temporary worktree on PYTHONPATH, same
 #     venv), accounts on, measured in the same alternating rounds: a change's before/after on one host, one run.
 # Then it runs gateway_bench.py (defaults: --concurrency 1,16,64 --modes nonstream,stream -d 10 --warmup 2
@@ -43,14 +46,16 @@ die() { say "ERROR: $*"; exit 1; }
 WITH_NOACCT=0
 NO_LITELLM=0
 BASE_REV=""
+SCALE_OUT=0
 EXTRA=()
 JSON_OUT=""
 while [ $# -gt 0 ]; do
   case $1 in
     --with-accounts-off) WITH_NOACCT=1 ;;
     --no-litellm) NO_LITELLM=1 ;;
+    --scale-out) SCALE_OUT=1 ;;
     --base) [ $# -ge 2 ] || die "--base needs a git revision"; BASE_REV=$2; shift ;;
-    -h|--help) sed -n '2,22p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "${BASH_SOURCE[0]}"; exit 0 ;;
     --json-out) [ $# -ge 2 ] || die "--json-out needs a path"; JSON_OUT=$2; shift ;;
     --json-out=*) JSON_OUT=${1#--json-out=} ;;
     *) EXTRA+=("$1") ;;
@@ -69,7 +74,9 @@ WORK=$(mktemp -d "$TMPBASE/grokgate-gateway-bench.XXXXXX")
 # ---- process bookkeeping and cleanup ---------------------------------------------------------------------
 # Every long-lived process is started with setsid, so it leads its own process group and stopping the group
 # stops whatever it spawned. Only PIDs recorded here are ever signalled.
-UPSTREAM_PID="" LITELLM_PID="" LITELLM_STARTER_PID="" GG_PID="" GG2_PID="" GG3_PID="" BASE_TREE=""
+UPSTREAM_PID="" LITELLM_PID="" LITELLM_STARTER_PID="" GG_PID="" GG2_PID="" GG3_PID="" GG4_PID="" BASE_TREE=""
+PG_DB="" PG_BASE_DB=""
+PG_ADMIN=${GROKGATE_PG_ADMIN:-postgresql://postgres@127.0.0.1:5432/test}
 OK=0
 
 pgid_of() { awk '{sub(/^.*\) /, ""); print $3}' "/proc/$1/stat" 2>/dev/null; }
@@ -95,6 +102,9 @@ cleanup() {
   set +e
   stop_proc grokgate-noacct "$GG2_PID"
   stop_proc grokgate-base "$GG3_PID"
+  stop_proc grokgate-pg "$GG4_PID"
+  [ -z "$PG_DB" ] || psql "$PG_ADMIN" -qc "DROP DATABASE IF EXISTS $PG_DB" >/dev/null 2>&1 || true
+  [ -z "$PG_BASE_DB" ] || psql "$PG_ADMIN" -qc "DROP DATABASE IF EXISTS $PG_BASE_DB" >/dev/null 2>&1 || true
   [ -z "$BASE_TREE" ] || git -C "$ROOT" worktree remove --force "$BASE_TREE" 2>/dev/null || true
   stop_proc grokgate "$GG_PID"
   if [ -z "$LITELLM_PID" ] && [ -n "$LITELLM_STARTER_PID" ]; then
@@ -186,11 +196,11 @@ models:
   $MODEL: [{backend: fake}]
 EOF
 
-start_grokgate() {  # start_grokgate NAME PORT ACCOUNTS(true|false) PIDVAR [SRC]: the pid goes into $PIDVAR at once
+start_grokgate() {  # start_grokgate NAME PORT ACCOUNTS(true|false) PIDVAR [SRC [ENV...]]: the pid goes into $PIDVAR at once
   local name=$1 port=$2 accounts=$3 pid
   mkdir -p "$WORK/data-$name"
-  setsid env ${5:+PYTHONPATH="$5"} GROKGATE_API_KEYS="$ADMIN_TOKEN" GROKGATE_DATA_DIR="$WORK/data-$name" \
-    GROKGATE_CONFIG="$WORK/grokgate.yaml" GROKGATE_ACCOUNTS="$accounts" \
+  setsid env ${5:+PYTHONPATH="$5"} "${@:6}" GROKGATE_API_KEYS="$ADMIN_TOKEN" GROKGATE_DATA_DIR="$WORK/data-$name" \
+    GROKGATE_CONFIG="$WORK/grokgate.yaml" GROKGATE_ACCOUNTS="$accounts" GROKGATE_GRPC_PORT=0 \
     "$GROKGATE" serve --port "$port" --log-level WARNING >"$WORK/$name.log" 2>&1 &
   pid=$!
   printf -v "$4" '%s' "$pid"  # recorded before waiting, so cleanup stops it even if it never gets ready
@@ -225,13 +235,35 @@ if [ "$WITH_NOACCT" = 1 ]; then
   GG2_IDLE_RSS_KB=$(rss_kb "$GG2_PID")
 fi
 
+GG4_PORT="" PG_TOKEN=""
+if [ "$SCALE_OUT" = 1 ]; then
+  command -v psql >/dev/null || die "--scale-out needs psql (and a PostgreSQL at $PG_ADMIN)"
+  PG_DB="grokgate_bench_$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
+  psql "$PG_ADMIN" -qc "CREATE DATABASE $PG_DB" >/dev/null || die "cannot create database $PG_DB at $PG_ADMIN"
+  GG4_PORT=$(free_port $((GG_PORT + 3)))
+  say "starting grokgate-pg (PostgreSQL database $PG_DB + Redis, accounts on) on :$GG4_PORT"
+  start_grokgate grokgate-pg "$GG4_PORT" true GG4_PID "" GROKGATE_DATABASE_URL="${PG_ADMIN%/*}/$PG_DB" \
+    GROKGATE_REDIS_URL="${GROKGATE_BENCH_REDIS:-redis://127.0.0.1:6379/0}" GROKGATE_REDIS_KEY_PREFIX="$PG_DB:" \
+    GROKGATE_INSTANCE_ID="bench-pg"
+  PG_TOKEN=$(curl -s -X POST "http://127.0.0.1:$GG4_PORT/admin/keys" -H "Authorization: Bearer $ADMIN_TOKEN" \
+    -H 'content-type: application/json' -d '{"name": "bench", "credits": "100000000"}' |
+    "$BENCH_PY" -c 'import json,sys; print(json.load(sys.stdin)["token"])') || die "no token from grokgate-pg"
+fi
+
 GG3_PORT="" BASE_TOKEN=""
 if [ -n "$BASE_REV" ]; then
   BASE_TREE="$WORK/base-tree"
   git -C "$ROOT" worktree add --detach "$BASE_TREE" "$BASE_REV" >&2 || die "cannot check out $BASE_REV"
   GG3_PORT=$(free_port $((GG_PORT + 2)))
   say "starting grokgate-base ($BASE_REV, accounts on) on :$GG3_PORT"
-  start_grokgate grokgate-base "$GG3_PORT" true GG3_PID "$BASE_TREE/src"
+  BASE_ENV=()
+  if [ "$SCALE_OUT" = 1 ]; then  # before/after of the scale-out path: the base on PostgreSQL + Redis as well
+    PG_BASE_DB="${PG_DB}_base"
+    psql "$PG_ADMIN" -qc "CREATE DATABASE $PG_BASE_DB" >/dev/null || die "cannot create database $PG_BASE_DB"
+    BASE_ENV=(GROKGATE_DATABASE_URL="${PG_ADMIN%/*}/$PG_BASE_DB" GROKGATE_INSTANCE_ID="bench-pg-base"
+              GROKGATE_REDIS_URL="${GROKGATE_BENCH_REDIS:-redis://127.0.0.1:6379/0}" GROKGATE_REDIS_KEY_PREFIX="$PG_BASE_DB:")
+  fi
+  start_grokgate grokgate-base "$GG3_PORT" true GG3_PID "$BASE_TREE/src" ${BASE_ENV[@]+"${BASE_ENV[@]}"}
   BASE_TOKEN=$(curl -s -X POST "http://127.0.0.1:$GG3_PORT/admin/keys" -H "Authorization: Bearer $ADMIN_TOKEN" \
     -H 'content-type: application/json' -d '{"name": "bench", "credits": "100000000"}' |
     "$BENCH_PY" -c 'import json,sys; print(json.load(sys.stdin)["token"])') || die "no token from grokgate-base"
@@ -257,6 +289,7 @@ say "smoke test: one non-streaming and one streaming request through each gatewa
 [ "$NO_LITELLM" = 1 ] || smoke litellm "http://127.0.0.1:$LITELLM_PORT/v1/chat/completions" "$LITELLM_KEY"
 smoke grokgate "$GG_URL/grok/chat/completions" "$TOKEN"
 [ -z "$GG3_PORT" ] || smoke grokgate-base "http://127.0.0.1:$GG3_PORT/grok/chat/completions" "$BASE_TOKEN"
+[ -z "$GG4_PORT" ] || smoke grokgate-pg "http://127.0.0.1:$GG4_PORT/grok/chat/completions" "$PG_TOKEN"
 [ -z "$GG2_PORT" ] || smoke grokgate-noacct "http://127.0.0.1:$GG2_PORT/grok/chat/completions" "$ADMIN_TOKEN"
 
 # x-grokgate-overhead-ms of N sequential single requests; prints "n=.. min=.. p50=.. max=.. ms"
@@ -282,6 +315,10 @@ N_OVH=10
 say "measuring x-grokgate-overhead-ms on $N_OVH sequential single requests per mode (before load)"
 OVH_GG_NS=$(overhead "$GG_URL/grok/chat/completions" "$TOKEN" 0 "$N_OVH")
 OVH_GG_ST=$(overhead "$GG_URL/grok/chat/completions" "$TOKEN" 1 "$N_OVH")
+if [ -n "$GG4_PORT" ]; then
+  OVH_GG4_NS=$(overhead "http://127.0.0.1:$GG4_PORT/grok/chat/completions" "$PG_TOKEN" 0 "$N_OVH")
+  OVH_GG4_ST=$(overhead "http://127.0.0.1:$GG4_PORT/grok/chat/completions" "$PG_TOKEN" 1 "$N_OVH")
+fi
 if [ -n "$GG2_PORT" ]; then
   OVH_GG2_NS=$(overhead "http://127.0.0.1:$GG2_PORT/grok/chat/completions" "$ADMIN_TOKEN" 0 "$N_OVH")
   OVH_GG2_ST=$(overhead "http://127.0.0.1:$GG2_PORT/grok/chat/completions" "$ADMIN_TOKEN" 1 "$N_OVH")
@@ -296,6 +333,8 @@ TARGETS=(--target "grokgate|$GG_URL|/grok/chat/completions|$TOKEN|$GG_PID")
   TARGETS+=(--target "grokgate-noacct|http://127.0.0.1:$GG2_PORT|/grok/chat/completions|$ADMIN_TOKEN|$GG2_PID")
 [ -z "$GG3_PORT" ] ||
   TARGETS+=(--target "grokgate-base|http://127.0.0.1:$GG3_PORT|/grok/chat/completions|$BASE_TOKEN|$GG3_PID")
+[ -z "$GG4_PORT" ] ||
+  TARGETS+=(--target "grokgate-pg|http://127.0.0.1:$GG4_PORT|/grok/chat/completions|$PG_TOKEN|$GG4_PID")
 say "step 5: gateway_bench.py (progress below; the table follows on stdout)"
 "$BENCH_PY" "$SHARED/gateway_bench.py" --label grokgate-vs-litellm \
   --direct-url "http://127.0.0.1:$UPSTREAM_PORT/v1/chat/completions" --model "$MODEL" --python "$BENCH_PY" \
@@ -321,6 +360,10 @@ echo "- grokgate idle RSS before load (/proc/$GG_PID/status VmRSS): $((GG_IDLE_R
   echo "- grokgate-noacct idle RSS before load: $((GG2_IDLE_RSS_KB / 1024)) MB ($GG2_IDLE_RSS_KB kB)"
 echo "- grokgate x-grokgate-overhead-ms, single requests before load, non-stream: $OVH_GG_NS"
 echo "- grokgate x-grokgate-overhead-ms, single requests before load, stream (until the response starts): $OVH_GG_ST"
+if [ -n "$GG4_PORT" ]; then
+  echo "- grokgate-pg x-grokgate-overhead-ms, non-stream: $OVH_GG4_NS"
+  echo "- grokgate-pg x-grokgate-overhead-ms, stream: $OVH_GG4_ST"
+fi
 if [ -n "$GG2_PORT" ]; then
   echo "- grokgate-noacct x-grokgate-overhead-ms, non-stream: $OVH_GG2_NS"
   echo "- grokgate-noacct x-grokgate-overhead-ms, stream: $OVH_GG2_ST"
@@ -350,7 +393,7 @@ try:
 except Exception as exc:  # noqa: BLE001
     print("- grokgate ledger check failed: %r" % exc)
 PY
-for name in grokgate grokgate-noacct grokgate-base; do
+for name in grokgate grokgate-noacct grokgate-base grokgate-pg; do
   log=$WORK/$name.log
   [ -f "$log" ] || continue
   # started with --log-level WARNING: anything but the start-up banner is worth a look
