@@ -28,6 +28,12 @@ log = logging.getLogger("grokgate.billing")
 # Request ids the limiter counted (admitted, or refused for credits after `acquire`) whose error may still reach
 # `AccountAdmission.refused`, which must not count them twice: kept only for failures, the oldest dropped first.
 _COUNTED_MAX = 4096
+_UNLIMITED = Decision(True, None, 0.0, {})  # what the limiter decides for a key with no limit set
+
+
+def _any_limit(limits: Limits) -> bool:
+    return limits.rpm is not None or limits.tpm is not None or limits.concurrency is not None
+
 # Keys this process found past their rpm, at most; past it the notes are dropped (they are only a shortcut).
 _HELD_BACK_MAX = 10_000
 
@@ -204,23 +210,28 @@ class AccountAdmission:
                              output, period_start, principal.limit_period)
 
     async def _acquire(self, principal: Principal, request_id: str, limits: Limits, tokens: int) -> Decision:
-        """The key's limits, then its account's (all its keys together): both must admit the request."""
-        decision = await self.limiter.acquire(principal.key_id, request_id, limits, tokens)
-        if not decision.allowed:
-            raise _limited(decision, "key")
+        """The key's limits, then its account's (all its keys together): both must admit the request. A key with
+        no limit set is not asked about (with Redis, a round trip per request that could only say yes)."""
+        decision = _UNLIMITED
+        if _any_limit(limits):
+            decision = await self.limiter.acquire(principal.key_id, request_id, limits, tokens)
+            if not decision.allowed:
+                raise _limited(decision, "key")
         account_limits = principal.account_limits
-        if account_limits is None:
+        if account_limits is None or not _any_limit(account_limits):
             return decision
         shared = await self.limiter.acquire(_account_key(principal), request_id, account_limits, tokens)
         if not shared.allowed:
-            await self.limiter.release(principal.key_id, request_id, limits, tokens, 0)
+            if _any_limit(limits):
+                await self.limiter.release(principal.key_id, request_id, limits, tokens, 0)
             raise _limited(shared, "account")
         return decision
 
     async def release(self, principal: Principal, request_id: str, limits: Limits, estimated: int,
                       actual: int) -> None:
-        await self.limiter.release(principal.key_id, request_id, limits, estimated, actual)
-        if principal.account_limits is not None:
+        if _any_limit(limits):
+            await self.limiter.release(principal.key_id, request_id, limits, estimated, actual)
+        if principal.account_limits is not None and _any_limit(principal.account_limits):
             await self.limiter.release(_account_key(principal), request_id, principal.account_limits, estimated,
                                        actual)
 
