@@ -385,7 +385,7 @@ def test_migration_from_0002_sqlite(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/old.db"
     asyncio.run(_migrate_from_0002(url))
     with sqlite3.connect(tmp_path / "old.db") as db:
-        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("0006",)]
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("0007",)]
         indexes = {row[1] for row in db.execute("PRAGMA index_list(responses)")}
         assert "ix_responses_expires" in indexes
 

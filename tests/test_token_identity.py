@@ -305,5 +305,5 @@ def test_an_upgrade_that_fails_midway_leaves_the_database_as_it_was(tmp_path: Pa
         db.execute("DROP TABLE _api_tokens_0004")
     asyncio.run(open_close())
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("0006",)]
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("0007",)]
         assert db.execute("SELECT id, name FROM api_tokens").fetchall() == [(1, "token-1")]

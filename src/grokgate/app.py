@@ -297,7 +297,8 @@ def build_accounts(settings: Settings, redis: RedisDeployment | None = None) -> 
     store = SqlStore(settings.database_url or default_url(settings.data_dir), owner=settings.instance(),
                      writer_process=settings.sqlite_writer == "process",
                      heartbeat_seconds=settings.instance_heartbeat_seconds,
-                     dead_after_seconds=settings.instance_dead_after_seconds)
+                     dead_after_seconds=settings.instance_dead_after_seconds,
+                     synchronous_commit=settings.database_synchronous_commit)
     limiter: RateLimiter
     if redis is not None:
         url = redis.url

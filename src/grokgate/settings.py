@@ -100,6 +100,11 @@ class Settings(BaseSettings):
     accounts: bool = True
     # SQLAlchemy URL; default: SQLite in data_dir. `postgresql://...` for several replicas.
     database_url: str | None = None
+    # PostgreSQL: whether a settlement's or reservation's commit waits for the WAL to reach the disk. Off (the
+    # default), like SQLite's WAL with synchronous=NORMAL: nothing is lost when a replica is killed, and a crash of
+    # PostgreSQL itself may lose its last ~3 x wal_writer_delay of them, whole (docs/operations.md: the books stay
+    # exact; those requests go unbilled). On: each group commit waits for its fsync.
+    database_synchronous_commit: bool = False
     # With Redis, rate limits hold across replicas; without it they are per process.
     redis_url: str | None = None
     rate_limit_store_error: Literal["fail_open", "fail_closed"] = "fail_closed"

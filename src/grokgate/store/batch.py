@@ -16,6 +16,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     String,
+    Table,
     bindparam,
     case,
     delete,
@@ -225,13 +226,18 @@ def release_held(conn: Connection, condition: ColumnElement[bool]) -> int:
     return len(rows)
 
 
+def dialect_insert(dialect: str, table: Table) -> Any:
+    """INSERT with ON CONFLICT (both databases grokgate runs on have it)."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+    return insert(table)
+
+
 @functools.cache
 def _upsert_daily(dialect: str) -> Any:
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert  # type: ignore[assignment]
-    stmt = dialect_insert(usage_daily).values(
+    stmt = dialect_insert(dialect, usage_daily).values(
         day=bindparam("day"), token_id=bindparam("token_id"), model=bindparam("model"),
         account_id=bindparam("account_id"),
         **{c: bindparam(c) for c in COUNTERS},

@@ -115,7 +115,7 @@ def charge_and_record(run: Runner, fresh: Sequence[Settlement | SettlementRow],
             remaining -= charge
             total += charge
             if charge < s.cost:
-                _report_capped(s, charge)
+                report_capped(s, charge)
         if total:
             run.execute(CHARGE, {"account": account_id, "charge": total})
         if row is not None:
@@ -172,7 +172,7 @@ def charge_and_record(run: Runner, fresh: Sequence[Settlement | SettlementRow],
     return balances, keys
 
 
-def _report_capped(s: Settlement | SettlementRow, charge: int) -> None:
+def report_capped(s: Settlement | SettlementRow, charge: int) -> None:
     """Usage given away: unreachable while reservations bound the cost (core/pricing.py), so loud if taken.
     The serving process also counts it (the overrun metric in api/chat.py). Imported here, on this path only, so
     the SQLite writer process does not load logging otherwise; there, with no handler configured, the line goes

@@ -1,0 +1,114 @@
+"""PostgreSQL: a batch of settlements and reservations committed in one round trip.
+
+The group-commit writer (store/group_commit.py) hands a batch that holds only settlements and reservations to
+`PgCommitter.commit`, which calls `grokgate_commit(...)` (migration 0007) on a connection of its own: one statement,
+its own transaction, the same rules as store/batch.py. Through SQLAlchemy the same batch was ~12 round trips, each
+with its statement's Python around it; that was most of a PostgreSQL replica's cost per request.
+
+The connection is plain asyncpg. Its one statement is prepared once per connection (then a call is one round
+trip); behind a pooler in transaction mode (PgBouncer before 1.21), where a prepared statement may not outlive its
+transaction, `prepared=False` prepares it unnamed on every call (two round trips). A broken connection is dropped and the next batch opens another;
+the batch that saw it fails, and the writer retries its items one by one (store/group_commit.py), each idempotent
+by request id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+import orjson
+from sqlalchemy.engine import make_url
+
+from grokgate.core.accounts import Settlement
+from grokgate.core.budgets import GRANTED, Hold, Reserved
+from grokgate.store.settling import KeySpend, report_capped
+
+_CALL = "SELECT grokgate_commit($1::jsonb, $2::jsonb, $3, $4, $5, $6)::text"
+_CONNECT_TIMEOUT_S = 5.0
+
+
+def asyncpg_dsn(url: str) -> str:
+    """The SQLAlchemy URL (postgresql+asyncpg://...) as a libpq DSN asyncpg takes."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def settlement_item(s: Settlement) -> dict[str, Any]:
+    u = s.usage
+    return {"r": s.request_id, "t": s.token_id, "a": s.account_id, "m": s.model, "b": s.backend, "e": s.endpoint,
+            "pt": u.prompt_tokens, "ct": u.cached_tokens, "ot": u.completion_tokens, "rt": u.reasoning_tokens,
+            "st": u.server_tool_calls, "tk": u.cost_in_usd_ticks, "c": s.cost, "pv": s.price_version,
+            "s": s.status, "est": s.estimated, "d": s.duration_ms, "ps": s.period_start, "lp": s.limit_period,
+            "h": bool(s.reserved)}
+
+
+def hold_item(h: Hold) -> dict[str, Any]:
+    return {"r": h.request_id, "t": h.token_id, "a": h.account_id, "n": h.amount, "ps": h.period_start,
+            "lp": h.limit_period}
+
+
+def _reserved(row: list[Any]) -> Reserved:
+    granted, limit, available = row
+    return GRANTED if granted else Reserved(False, limit, int(available))
+
+
+class PgCommitter:
+    """One connection, used by the group-commit writer only (one batch at a time)."""
+
+    def __init__(self, url: str, owner: str, *, durable: bool = False, prepared: bool = True) -> None:
+        self._dsn = asyncpg_dsn(url)
+        self._owner = owner
+        self._durable = durable
+        self._cache_size = 8 if prepared else 0
+        self._conn: Any = None
+        self._lock = asyncio.Lock()
+
+    async def _connection(self) -> Any:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await asyncpg.connect(self._dsn, statement_cache_size=self._cache_size, timeout=_CONNECT_TIMEOUT_S)
+        return self._conn
+
+    async def commit(self, settlements: Sequence[Settlement],
+                     holds: Sequence[Hold]) -> tuple[KeySpend, list[Reserved]]:
+        """Settle, then reserve, in one transaction. Returns the settled accounts' balances and keys' counters
+        after it, and each hold's outcome in order."""
+        settles = orjson.dumps([settlement_item(s) for s in settlements]).decode()
+        reserves = orjson.dumps([hold_item(h) for h in holds]).decode()
+        created = int(time.time() * 1000)
+        today = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
+        async with self._lock:
+            conn = await self._connection()
+            try:
+                raw = await conn.fetchval(_CALL, settles, reserves, self._owner, created, today, self._durable)
+            except (OSError, asyncpg.exceptions.ConnectionDoesNotExistError,
+                    asyncpg.exceptions.InterfaceError):
+                await self._drop()
+                raise
+        result = orjson.loads(raw)
+        spent: KeySpend = ({}, {})
+        settled = result.get("s")
+        if settled:
+            by_id = {s.request_id: s for s in settlements}
+            for request_id, charge in settled["c"]:
+                report_capped(by_id[request_id], int(charge))
+            spent = ({int(a): int(b) for a, b in settled["b"].items()},
+                     {int(t): (int(v[0]), int(v[1])) for t, v in settled["k"].items()})
+        return spent, [_reserved(row) for row in result["r"]]
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._conn is not None:
+                conn, self._conn = self._conn, None
+                try:
+                    await asyncio.wait_for(conn.close(), 2.0)
+                except (OSError, TimeoutError, asyncpg.exceptions.InterfaceError):
+                    conn.terminate()
