@@ -271,6 +271,12 @@ class Settlement:
     limit_period: str | None = None  # the reset period `period_start` is of (core/budgets.py Hold)
 
 
+class StoreUnavailable(Exception):
+    """The accounts database did not answer (refused, reset, timed out). What was sent may or may not have
+    committed: a store that raises this for a reservation releases it once the database is back, and a
+    settlement is not raised but kept and committed then (store/holds.py), once, by its request id."""
+
+
 class AccountStore(Protocol):
     async def find_token(self, token_hash: str) -> TokenRecord | None: ...
 

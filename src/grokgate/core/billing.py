@@ -15,7 +15,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from grokgate.core.accounts import AccountStore, Settlement, TokenRecord, format_credits, hash_token, now_ms
+from grokgate.core.accounts import (
+    AccountStore,
+    Settlement,
+    StoreUnavailable,
+    TokenRecord,
+    format_credits,
+    hash_token,
+    now_ms,
+)
 from grokgate.core.admission import AdmissionRequest, Principal, bearer_token
 from grokgate.core.budgets import Hold, Reserved, period_bounds
 from grokgate.core.errors import GatewayError
@@ -199,6 +207,11 @@ class AccountAdmission:
                     principal.limit_period)
         try:
             outcome = await self.store.reserve(hold)
+        except StoreUnavailable:
+            await self.release(principal, request.request_id, limits, estimated_tokens, 0)
+            self.counted(request.request_id)
+            raise GatewayError(503, "accounts_unavailable", "The accounts database cannot be reached right now; "
+                               "nothing was charged. Retry in a moment.", headers={"retry-after": "1"}) from None
         except BaseException:
             await self.release(principal, request.request_id, limits, estimated_tokens, 0)
             raise

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from grokgate.core.accounts import Settlement
+from grokgate.core.accounts import Settlement, StoreUnavailable
 from grokgate.store.batch import reserve_many, settle_many
 from grokgate.store.cache import RefreshingCache
 from grokgate.store.pg_commit import PgCommitter
@@ -82,6 +82,13 @@ class GroupCommit:
             started = time.perf_counter()
             try:
                 results = await self._execute(batch)
+            except StoreUnavailable as exc:
+                # The database is away: one by one, each would wait for it again. Every caller decides what
+                # its item's unknown outcome means (store/holds.py).
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(StoreUnavailable(str(exc)))
+                continue
             except Exception:
                 # One bad operation must not sink the others: run each in its own transaction.
                 for item in batch:

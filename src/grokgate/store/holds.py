@@ -9,18 +9,29 @@ subtracted from them.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from grokgate.core.accounts import Settlement, TokenRecord, now_ms
+from grokgate.core.accounts import Settlement, StoreUnavailable, TokenRecord, now_ms
 from grokgate.core.budgets import GRANTED, AccountRecord, Hold, Reserved, period_bounds, spent_in
+from grokgate.store.batch import release_held
 from grokgate.store.cache import RefreshingCache
-from grokgate.store.schema import accounts, api_tokens
+from grokgate.store.schema import accounts, api_tokens, reservations
 from grokgate.store.settling import KeySpend
+
+log = logging.getLogger("grokgate.store")
+
+# While the database is away: at most this many settlements and releases kept, retried every 0.2 s, backing off to 5.
+_PENDING_MAX = 100_000
+_RETRY_FIRST_S = 0.2
+_RETRY_MAX_S = 5.0
 
 
 class HoldsMixin:
@@ -35,6 +46,9 @@ class HoldsMixin:
     _keys: RefreshingCache[int, tuple[int | None, int, int, str | None] | None]
     _tokens: RefreshingCache[str, tuple[TokenRecord, bool] | None]
     _submit: Callable[[str, Any], Coroutine[Any, Any, Any]]
+    write: Callable[[Callable[[Any], Any]], Coroutine[Any, Any, Any]]
+    _pending: dict[str, tuple[Settlement | None, float]]  # request id -> its settlement (None: a release), since
+    _retrier: asyncio.Task[None] | None
 
     @property
     def engine(self) -> AsyncEngine:
@@ -42,7 +56,12 @@ class HoldsMixin:
 
     async def reserve(self, hold: Hold) -> Reserved:
         if not self._memory_holds:
-            outcome: Reserved = await self._submit("reserve", hold)
+            try:
+                outcome: Reserved = await self._submit("reserve", hold)
+            except StoreUnavailable:
+                # It may have committed: its row would hold credits until this instance retires.
+                self._defer(hold.request_id, None)
+                raise
         else:
             outcome = await self._reserve_in_memory(hold)
         self._unsettled += outcome.granted and hold.amount > 0
@@ -74,7 +93,19 @@ class HoldsMixin:
         return GRANTED
 
     async def settle(self, s: Settlement) -> None:
-        if self._memory_holds and s.token_id is not None:
+        if not self._memory_holds:
+            try:
+                await self._submit("settle", s)
+            except StoreUnavailable:
+                # The answer is the client's: its settlement commits when the database is back (idempotent by
+                # request id, so an attempt that did commit is not charged again). Counted unsettled till then.
+                self._defer(s.request_id, s)
+                return
+            finally:
+                if s.request_id not in self._pending and s.account_id is not None and s.reserved:
+                    self._unsettled = max(0, self._unsettled - 1)
+            return
+        if s.token_id is not None:
             moved = self._moved_periods.get((s.token_id, s.period_start))
             if moved is not None:
                 s = dataclasses.replace(s, period_start=moved)
@@ -104,6 +135,53 @@ class HoldsMixin:
                     # A read that began before this commit may still be storing the counters without this
                     # charge: dropping it makes the next reservation read them again.
                     self._keys.invalidate(token_id)
+
+    # -- while the database is away (PostgreSQL) ------------------------------------------------------------
+
+    def _defer(self, request_id: str, s: Settlement | None) -> None:
+        """Keep a settlement (or, None: the release of a reservation whose commit is unknown) for when the
+        database answers again. Bounded: past _PENDING_MAX the oldest is dropped, logged as given away."""
+        if not self._pending:
+            log.warning("the accounts database is unreachable: settlements are kept and committed when it is back")
+        if len(self._pending) >= _PENDING_MAX:
+            dropped, (lost, _) = next(iter(self._pending.items()))
+            del self._pending[dropped]
+            log.error("kept settlements past %d: request %s goes unbilled", _PENDING_MAX, dropped)
+            if lost is not None and lost.account_id is not None and lost.reserved:
+                self._unsettled = max(0, self._unsettled - 1)
+        self._pending[request_id] = (s, time.monotonic())
+        if self._retrier is None or self._retrier.done():
+            self._retrier = asyncio.create_task(self._retry(), name="store-retry")
+
+    async def _retry(self) -> None:
+        delay = _RETRY_FIRST_S
+        while self._pending:
+            await asyncio.sleep(delay)
+            items = list(self._pending.items())
+            done = await asyncio.gather(*(self._redo(rid, s) for rid, (s, _) in items), return_exceptions=True)
+            kept = 0
+            for (rid, (s, _)), outcome in zip(items, done, strict=True):
+                if isinstance(outcome, BaseException):
+                    kept += 1
+                    continue
+                self._pending.pop(rid, None)
+                if s is not None and s.account_id is not None and s.reserved:
+                    self._unsettled = max(0, self._unsettled - 1)
+            delay = min(delay * 2, _RETRY_MAX_S) if kept else _RETRY_FIRST_S
+            if len(items) > kept:
+                log.warning("the accounts database answers again: %d kept settlement(s) and release(s) committed, "
+                            "%d still waiting", len(items) - kept, len(self._pending))
+
+    async def _redo(self, request_id: str, s: Settlement | None) -> None:
+        if s is not None:
+            await self._submit("settle", s)
+        else:
+            await self.write(lambda conn: release_held(conn, reservations.c.request_id == request_id))
+
+    @property
+    def pending(self) -> int:
+        """Settlements and releases waiting for the database (a metric, and what close() reports as lost)."""
+        return len(self._pending)
 
     async def _committed_balance(self, account_id: int) -> int | None:
         # A top-up by another process shows up within twice store/sql.py _CACHE_SECONDS (an expired entry is served

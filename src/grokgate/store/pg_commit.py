@@ -7,9 +7,10 @@ with its statement's Python around it; that was most of a PostgreSQL replica's c
 
 The connection is plain asyncpg. Its one statement is prepared once per connection (then a call is one round
 trip); behind a pooler in transaction mode (PgBouncer before 1.21), where a prepared statement may not outlive its
-transaction, `prepared=False` prepares it unnamed on every call (two round trips). A broken connection is dropped and the next batch opens another;
-the batch that saw it fails, and the writer retries its items one by one (store/group_commit.py), each idempotent
-by request id.
+transaction, `prepared=False` prepares it unnamed on every call (two round trips). A database that does not answer
+(refused, reset, timed out) is `StoreUnavailable`: the connection is dropped, the next batch opens another, and
+the callers decide what the batch's unknown outcome means (store/holds.py: refuse, release later, or keep the
+settlement until it commits, once by its request id).
 """
 
 from __future__ import annotations
@@ -24,12 +25,20 @@ import asyncpg
 import orjson
 from sqlalchemy.engine import make_url
 
-from grokgate.core.accounts import Settlement
+from grokgate.core.accounts import Settlement, StoreUnavailable
 from grokgate.core.budgets import GRANTED, Hold, Reserved
 from grokgate.store.settling import KeySpend, report_capped
 
 _CALL = "SELECT grokgate_commit($1::jsonb, $2::jsonb, $3, $4, $5, $6)::text"
-_CONNECT_TIMEOUT_S = 5.0
+# A database that drops packets must not hold requests for the kernel's TCP timeout: past these a batch is
+# StoreUnavailable (its outcome unknown, which its callers handle: store/holds.py).
+_CONNECT_TIMEOUT_S = 2.0
+_CALL_TIMEOUT_S = 10.0
+# Errors that say the database is away (not that the batch is wrong): connection refused, reset or timed out; the
+# server shutting down or starting up (class 57); too many connections (class 53).
+UNREACHABLE: tuple[type[BaseException], ...] = (
+    OSError, TimeoutError, asyncpg.exceptions.PostgresConnectionError, asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.InsufficientResourcesError)
 
 
 def asyncpg_dsn(url: str) -> str:
@@ -69,7 +78,8 @@ class PgCommitter:
 
     async def _connection(self) -> Any:
         if self._conn is None or self._conn.is_closed():
-            self._conn = await asyncpg.connect(self._dsn, statement_cache_size=self._cache_size, timeout=_CONNECT_TIMEOUT_S)
+            self._conn = await asyncpg.connect(self._dsn, statement_cache_size=self._cache_size,
+                                               timeout=_CONNECT_TIMEOUT_S)
         return self._conn
 
     async def commit(self, settlements: Sequence[Settlement],
@@ -81,13 +91,16 @@ class PgCommitter:
         created = int(time.time() * 1000)
         today = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
         async with self._lock:
-            conn = await self._connection()
             try:
-                raw = await conn.fetchval(_CALL, settles, reserves, self._owner, created, today, self._durable)
-            except (OSError, asyncpg.exceptions.ConnectionDoesNotExistError,
-                    asyncpg.exceptions.InterfaceError):
+                conn = await self._connection()
+            except UNREACHABLE as exc:
+                raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+            try:
+                raw = await conn.fetchval(_CALL, settles, reserves, self._owner, created, today, self._durable,
+                                          timeout=_CALL_TIMEOUT_S)
+            except UNREACHABLE as exc:
                 await self._drop()
-                raise
+                raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
         result = orjson.loads(raw)
         spent: KeySpend = ({}, {})
         settled = result.get("s")

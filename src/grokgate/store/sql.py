@@ -22,7 +22,7 @@ from sqlalchemy import Engine, create_engine, event, make_url, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
-from grokgate.core.accounts import TokenRecord, now_ms
+from grokgate.core.accounts import Settlement, TokenRecord, now_ms
 from grokgate.core.pricing import Price
 from grokgate.store.batch import dialect_insert, sqlite_statements
 from grokgate.store.cache import RefreshingCache
@@ -103,6 +103,8 @@ class SqlStore(GroupCommit, HoldsMixin, InstancesMixin, KeysMixin, PricesMixin, 
             _CACHE_SECONDS)
         self._lock_file: Any = None
         self._unsettled = 0  # reservations granted and not yet settled: close() waits for them
+        self._pending: dict[str, tuple[Settlement | None, float]] = {}  # kept while the database is away (holds.py)
+        self._retrier: asyncio.Task[None] | None = None
         self._closed = False
         # The deployment's identity (the `deployment` row, migration 0004), read at open: every replica of this
         # database has the same, another database never does (store/deployment.py).
@@ -201,6 +203,14 @@ class SqlStore(GroupCommit, HoldsMixin, InstancesMixin, KeysMixin, PricesMixin, 
                 await asyncio.shield(self._writer)
             else:
                 await asyncio.sleep(0.01)
+        if self._retrier is not None:
+            self._retrier.cancel()
+            await asyncio.gather(self._retrier, return_exceptions=True)
+            self._retrier = None
+        if self._pending:
+            log.error("closing with %d settlement(s) and release(s) not committed: the accounts database was "
+                      "unreachable until shutdown; those requests go unbilled, and their reservations are released "
+                      "by the other instances (or this one's next start)", len(self._pending))
         if self._heartbeat is not None:
             # Heartbeats went on while settlements drained (others must not take us for dead meanwhile).
             # Nothing of ours settles after this, so what is still held is released now, not after a lease.

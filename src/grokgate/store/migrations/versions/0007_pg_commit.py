@@ -33,6 +33,8 @@ SETTLE = f"""
 CREATE OR REPLACE FUNCTION grokgate_settle(batch jsonb, created bigint, today text) RETURNS jsonb
 LANGUAGE plpgsql AS $fn$
 DECLARE
+  ids text[];
+  done text[];
   fresh jsonb;
   held jsonb;
   charges jsonb := '{{}}';  -- request id -> charge, only where capped below the cost
@@ -50,17 +52,21 @@ DECLARE
   kspent bigint;
 BEGIN
   -- Idempotent by request id: the first settlement of each id in the batch, unless the ledger has it already.
+  -- Every lookup below is `= ANY(array)` or by primary key: an index scan whatever the planner guesses of a
+  -- JSON function's rows (a join on one read the whole ledger).
+  ids := ARRAY(SELECT DISTINCT e->>'r' FROM jsonb_array_elements(batch) e);
+  done := ARRAY(SELECT request_id FROM ledger WHERE request_id = ANY(ids));
   SELECT coalesce(jsonb_agg(x.item ORDER BY x.n), '[]') INTO fresh FROM (
     SELECT DISTINCT ON (e.item->>'r') e.item, e.n FROM jsonb_array_elements(batch) WITH ORDINALITY AS e(item, n)
-    WHERE NOT EXISTS (SELECT 1 FROM ledger l WHERE l.request_id = e.item->>'r')
+    WHERE NOT (e.item->>'r' = ANY(done))
     ORDER BY e.item->>'r', e.n) x;
   IF jsonb_array_length(fresh) = 0 THEN
     RETURN jsonb_build_object('b', balances, 'k', keys, 'c', capped);
   END IF;
   -- What each reservation held, and in which of its key's periods (missing: released by crash recovery).
   WITH d AS (
-    DELETE FROM reservations WHERE request_id IN (
-      SELECT f->>'r' FROM jsonb_array_elements(fresh) f WHERE (f->>'h')::boolean AND f->>'t' IS NOT NULL)
+    DELETE FROM reservations WHERE request_id = ANY(ARRAY(
+      SELECT f->>'r' FROM jsonb_array_elements(fresh) f WHERE (f->>'h')::boolean AND f->>'t' IS NOT NULL))
     RETURNING request_id, amount, period_start)
   SELECT coalesce(jsonb_object_agg(d.request_id, jsonb_build_array(d.amount, d.period_start)), '{{}}')
     INTO held FROM d;
@@ -196,7 +202,7 @@ BEGIN
   -- Accounts by id, then keys by id: the order settlements and releases lock them in (no deadlocks).
   FOR r IN
     SELECT id, balance FROM accounts
-    WHERE id IN (SELECT DISTINCT (e->>'a')::int FROM jsonb_array_elements(batch) e) ORDER BY id FOR UPDATE
+    WHERE id = ANY(ARRAY(SELECT DISTINCT (e->>'a')::int FROM jsonb_array_elements(batch) e)) ORDER BY id FOR UPDATE
   LOOP
     balances := balances || jsonb_build_object(r.id::text, r.balance);
   END LOOP;
@@ -247,10 +253,16 @@ BEGIN
     INSERT INTO reservations (request_id, token_id, account_id, amount, period_start, owner, created_at)
       VALUES (i.e->>'r', tok::int, acct::int, amount, (keys->tok->>1)::bigint, holder, created);
   END LOOP;
-  UPDATE accounts SET balance = balance - h.value::bigint, reserved = reserved + h.value::bigint
-    FROM jsonb_each_text(held) h WHERE accounts.id = h.key::int AND h.value::bigint <> 0;
-  UPDATE api_tokens SET period_reserved = period_reserved + h.value::bigint
-    FROM jsonb_each_text(key_held) h WHERE api_tokens.id = h.key::int AND h.value::bigint <> 0;
+  FOR r IN SELECT key::int AS id, value::bigint AS total FROM jsonb_each_text(held) LOOP
+    IF r.total <> 0 THEN
+      UPDATE accounts SET balance = balance - r.total, reserved = reserved + r.total WHERE id = r.id;
+    END IF;
+  END LOOP;
+  FOR r IN SELECT key::int AS id, value::bigint AS total FROM jsonb_each_text(key_held) LOOP
+    IF r.total <> 0 THEN
+      UPDATE api_tokens SET period_reserved = period_reserved + r.total WHERE id = r.id;
+    END IF;
+  END LOOP;
   RETURN results;
 END
 $fn$
