@@ -100,7 +100,12 @@ class Settings(BaseSettings):
     accounts: bool = True
     # SQLAlchemy URL; default: SQLite in data_dir. `postgresql://...` for several replicas.
     database_url: str | None = None
-    # With Redis, rate limits hold across replicas; without it they are per process.
+    # What sits between grokgate and PostgreSQL: `pgbouncer` (transaction or session mode) turns off the drivers'
+    # prepared-statement caches, which a transaction-mode pooler breaks (store/engine_options.py).
+    database_pooler: Literal["none", "pgbouncer"] = "none"
+    # With Redis, rate limits hold across replicas; without it they are per process. `redis://host:port/db`, or
+    # a Redis Cluster: `redis+cluster://host:port[,host:port...]` (`rediss+cluster://` with TLS); any node will
+    # do, the others are found from it (store/redis_client.py).
     redis_url: str | None = None
     rate_limit_store_error: Literal["fail_open", "fail_closed"] = "fail_closed"
     credits_per_usd: float = Field(default=1.0, gt=0)

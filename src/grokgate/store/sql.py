@@ -37,7 +37,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import StaticPool
 
 from grokgate.core.accounts import Settlement, TokenRecord, check_text, now_ms, storable
@@ -45,6 +45,7 @@ from grokgate.core.budgets import GRANTED, AccountRecord, Hold, Reserved, period
 from grokgate.core.pricing import Price
 from grokgate.store.batch import release_held, reserve_many, settle_many, sqlite_statements
 from grokgate.store.cache import RefreshingCache
+from grokgate.store.engine_options import async_engine
 from grokgate.store.keys_sql import KeysMixin
 from grokgate.store.reports import Reports
 from grokgate.store.schema import accounts, api_tokens, deployment, instances, prices, reservations
@@ -143,7 +144,7 @@ class SqlStore(KeysMixin, Reports):
         path = _sqlite_file(self.url)
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._engine = create_async_engine(self.url, pool_pre_ping=True)
+        self._engine = async_engine(self.url, pool_pre_ping=True)  # store/engine_options.py: poolers
         if self.dialect == "sqlite":
             event.listen(self._engine.sync_engine, "connect", _sqlite_pragmas)
             self._sync_engine = create_engine(self.url.replace("+aiosqlite", ""), poolclass=StaticPool,
