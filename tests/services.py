@@ -87,8 +87,13 @@ class RedisClusterNodes:
         """grokgate's URL of the cluster (store/redis_client.py): every node listed, any one would do."""
         return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
-    def node(self, port: int) -> RedisNode:
-        return next(n for n in self.nodes if n.port == port)
+    def restart(self, node: RedisNode) -> None:
+        """A stopped node again, on its port with its nodes.conf (its identity and slots); the cluster's
+        clean-up stops it."""
+        stop_process(node.process)
+        with node.log.open("ab") as out:
+            node.process = subprocess.Popen(node.process.args, stdout=out, stderr=subprocess.STDOUT)
+        wait_port(node.port, node.process, node.log)
 
 
 def _cli(port: int, *args: str, timeout: float = 30) -> str:
@@ -122,7 +127,7 @@ def redis_cluster(tmp: Path, nodes: int = 3) -> Iterator[RedisClusterNodes]:
         for _ in range(nodes):
             for attempt in range(3):
                 node = _start_redis(tmp / uuid.uuid4().hex[:6], server, free_port())
-                stack.callback(stop_process, node.process)
+                stack.callback(lambda n=node: stop_process(n.process))  # the process `restart` made, if any
                 try:
                     wait_port(node.port, node.process, node.log)
                     break
