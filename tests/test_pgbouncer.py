@@ -31,7 +31,6 @@ from tests.fakes.fake_xai import FakeXAI
 from tests.services import PgBouncer, pgbouncer
 from tests.test_billing import CHEAP, admin_get, check_books, fake, reservation_of, upstream_env
 
-pytestmark = E2E
 __all__ = ["fake"]  # the upstream fixture, shared with tests/test_billing.py
 
 STREAM = {**CHEAP, "stream": True}
@@ -101,6 +100,7 @@ def fire_mixed(servers: list[Server], token: str, count: int) -> list[httpx.Resp
     return asyncio.run(run())
 
 
+@E2E
 def test_replicas_migrate_through_pgbouncer(deployment: Deployment) -> None:
     heads = direct(deployment.bouncer, "SELECT count(*) FROM alembic_version")
     assert heads == 1
@@ -110,6 +110,7 @@ def test_replicas_migrate_through_pgbouncer(deployment: Deployment) -> None:
     no_prepared_statement_errors(deployment)
 
 
+@E2E
 def test_concurrent_funded_requests_keep_the_books_exact(deployment: Deployment) -> None:
     d = deployment
     reservation = max(reservation_of(d.a, CHEAP), reservation_of(d.a, STREAM))
@@ -133,6 +134,7 @@ def test_concurrent_funded_requests_keep_the_books_exact(deployment: Deployment)
     no_prepared_statement_errors(d)
 
 
+@E2E
 def test_the_admin_api_through_pgbouncer(deployment: Deployment) -> None:
     d = deployment
     account = admin_post(d.b, "/admin/accounts", {"name": f"acct-{uuid.uuid4().hex[:6]}", "credits": "5"})
@@ -146,6 +148,7 @@ def test_the_admin_api_through_pgbouncer(deployment: Deployment) -> None:
     no_prepared_statement_errors(d)
 
 
+@E2E
 def test_without_the_setting_pgbouncer_breaks_prepared_statements(deployment: Deployment) -> None:
     """The control: SQLAlchemy's default caches, through the same PgBouncer, fail on a pooled connection's second
     transaction (its cached statement was prepared on a server connection since reset); with the option, not."""
@@ -177,3 +180,19 @@ def test_without_the_setting_pgbouncer_breaks_prepared_statements(deployment: De
     asyncio.run(raw())
 
 
+def test_the_pooler_travels_on_the_url_and_no_driver_sees_it() -> None:
+    from grokgate.store.engine_options import engine_args, split_pooler
+
+    url = with_pooler("postgresql://u@h:6432/db?sslmode=require", "pgbouncer")
+    assert split_pooler(url) == ("postgresql://u@h:6432/db?sslmode=require", "pgbouncer")
+    assert with_pooler("postgresql://u@h/db", "none") == "postgresql://u@h/db"
+    bare, options = engine_args(normalise_url(url))
+    assert bare == "postgresql+asyncpg://u@h:6432/db?sslmode=require"
+    args = options["connect_args"]
+    assert args["statement_cache_size"] == 0 and args["prepared_statement_cache_size"] == 0
+    assert args["prepared_statement_name_func"]() != args["prepared_statement_name_func"]()
+    assert engine_args("postgresql+asyncpg://u@h/db") == ("postgresql+asyncpg://u@h/db", {})
+    assert asyncpg_connect_args(normalise_url(url)) == ("postgresql://u@h:6432/db?sslmode=require",
+                                                        {"statement_cache_size": 0})
+    with pytest.raises(ValueError, match="PostgreSQL"):
+        with_pooler("sqlite:///x.db", "pgbouncer")

@@ -38,7 +38,6 @@ from tests.fakes.fake_xai import FakeXAI
 from tests.services import RedisClusterNodes, redis_cluster, stop_process
 from tests.test_billing import CHEAP, check_books, fake, upstream_env
 
-pytestmark = E2E
 __all__ = ["fake"]  # the upstream fixture, shared with tests/test_billing.py
 
 CACHED = {"model": "grok-3", "messages": user("What is 2+2?"), "temperature": 0, "max_tokens": 8}
@@ -101,6 +100,7 @@ def alternate(d: Deployment, count: int, body: dict[str, Any], tokens: list[str]
     return [((d.a, d.b)[i % 2]).chat(body, token=tokens[i % len(tokens)]).status_code for i in range(count)]
 
 
+@E2E
 def test_a_keys_rpm_holds_exactly_across_replicas(deployment: Deployment) -> None:
     token, key = create_key(deployment.a, f"rpm-{uuid.uuid4().hex[:6]}", credits="10", rpm=5)
     codes = alternate(deployment, 12, CHEAP, [token])
@@ -109,6 +109,7 @@ def test_a_keys_rpm_holds_exactly_across_replicas(deployment: Deployment) -> Non
     no_cluster_errors(deployment.logs())
 
 
+@E2E
 def test_an_accounts_rpm_spans_its_keys_and_the_replicas(deployment: Deployment) -> None:
     account = admin_post(deployment.a, "/admin/accounts", {"name": f"acct-{uuid.uuid4().hex[:6]}", "credits": "10",
                                                            "rpm": 4})
@@ -123,6 +124,7 @@ def test_an_accounts_rpm_spans_its_keys_and_the_replicas(deployment: Deployment)
     no_cluster_errors(deployment.logs())
 
 
+@E2E
 def test_an_answer_cached_by_one_replica_is_a_hit_on_the_other(deployment: Deployment) -> None:
     token, _ = create_key(deployment.a, f"cache-{uuid.uuid4().hex[:6]}", credits="10")
     body = {**CACHED, "messages": user(f"What is 2+2? ({uuid.uuid4().hex[:8]})")}
@@ -137,6 +139,7 @@ def test_an_answer_cached_by_one_replica_is_a_hit_on_the_other(deployment: Deplo
     no_cluster_errors(deployment.logs())
 
 
+@E2E
 def test_tenants_spread_over_the_nodes_each_in_one_slot(deployment: Deployment) -> None:
     tokens = [create_key(deployment.a, f"spread-{i}-{uuid.uuid4().hex[:6]}", credits="10", rpm=100,
                          max_concurrency=10)[0] for i in range(24)]
@@ -158,6 +161,7 @@ def test_tenants_spread_over_the_nodes_each_in_one_slot(deployment: Deployment) 
     no_cluster_errors(deployment.logs())
 
 
+@E2E
 def test_a_failed_node_refuses_limited_requests_until_it_is_back(deployment: Deployment) -> None:
     """Last in the module (it stops a node). fail_closed: a request whose bucket cannot be checked is refused
     with 503 rate_limiter_unavailable and costs nothing; once the cluster reports the node failed (after
@@ -192,3 +196,19 @@ def test_a_failed_node_refuses_limited_requests_until_it_is_back(deployment: Dep
             assert r.status_code == 503 and time.monotonic() < deadline, r.text
             time.sleep(0.2)
     check_books(d.a, key["id"], 10_000_000, 3)
+
+
+def test_cluster_urls_list_their_nodes_and_keep_credentials() -> None:
+    from grokgate.store.redis_client import cluster_nodes, connect, is_cluster_url
+
+    assert not is_cluster_url("redis://127.0.0.1:6379/0")
+    assert is_cluster_url("rediss+cluster://h:1")
+    first, nodes = cluster_nodes("redis+cluster://u:p%40ss@10.0.0.1:7000,10.0.0.2:7001,[::1]:7002,10.0.0.4")
+    assert first == "redis://u:p%40ss@10.0.0.1:7000"
+    assert nodes == [("10.0.0.1", 7000), ("10.0.0.2", 7001), ("::1", 7002), ("10.0.0.4", 6379)]
+    with pytest.raises(ValueError, match="database 0"):
+        cluster_nodes("redis+cluster://h:1/3")
+    client = connect("rediss+cluster://u:pw@h:7000,h2:7001", max_connections=7)
+    assert {(n.host, n.port) for n in client.nodes_manager.startup_nodes.values()} == {("h", 7000), ("h2", 7001)}
+    assert client.connection_kwargs["password"] == "pw" and client.connection_kwargs["username"] == "u"
+    assert client.connection_kwargs["connection_class"].__name__ == "SSLConnection"
