@@ -9,6 +9,7 @@ the test with the reason.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -103,6 +104,21 @@ def _cli(port: int, *args: str, timeout: float = 30) -> str:
     return done.stdout
 
 
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (10,000 higher, so the port is at most 55535) is free too."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randint(20_000, 55_535)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10_000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
 def _start_redis(tmp: Path, server: str, port: int) -> RedisNode:
     home = tmp / f"redis-{port}"
     home.mkdir(parents=True)
@@ -126,7 +142,7 @@ def redis_cluster(tmp: Path, nodes: int = 3) -> Iterator[RedisClusterNodes]:
         started: list[RedisNode] = []
         for _ in range(nodes):
             for attempt in range(3):
-                node = _start_redis(tmp / uuid.uuid4().hex[:6], server, free_port())
+                node = _start_redis(tmp / uuid.uuid4().hex[:6], server, _cluster_port())
                 stack.callback(lambda n=node: stop_process(n.process))  # the process `restart` made, if any
                 try:
                     wait_port(node.port, node.process, node.log)

@@ -141,7 +141,8 @@ def test_an_answer_cached_by_one_replica_is_a_hit_on_the_other(deployment: Deplo
 
 @E2E
 def test_tenants_spread_over_the_nodes_each_in_one_slot(deployment: Deployment) -> None:
-    tokens = [create_key(deployment.a, f"spread-{i}-{uuid.uuid4().hex[:6]}", credits="10", rpm=100,
+    # rpm 1: a bucket that served one request drains for a minute, so none expires before it is looked at.
+    tokens = [create_key(deployment.a, f"spread-{i}-{uuid.uuid4().hex[:6]}", credits="10", rpm=1,
                          max_concurrency=10)[0] for i in range(24)]
     assert set(alternate(deployment, len(tokens), CHEAP, tokens)) == {200}
     by_node = node_keys(deployment.cluster)
