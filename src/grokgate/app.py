@@ -54,6 +54,7 @@ from grokgate.serving.response_cache import ResponseCache
 from grokgate.serving.responses import ResponsesService
 from grokgate.settings import Settings
 from grokgate.store.deployment import RedisDeployment, static_deployment_id
+from grokgate.store.engine_options import with_pooler
 from grokgate.store.limits_memory import MemoryRateLimiter
 from grokgate.store.limits_redis import RedisRateLimiter
 from grokgate.store.response_cache_memory import MemoryResponseCache
@@ -294,7 +295,8 @@ def build_response_cache(settings: Settings, metrics: Metrics,
 
 
 def build_accounts(settings: Settings, redis: RedisDeployment | None = None) -> tuple[AccountAdmission, SqlStore]:
-    store = SqlStore(settings.database_url or default_url(settings.data_dir), owner=settings.instance(),
+    store = SqlStore(with_pooler(settings.database_url or default_url(settings.data_dir), settings.database_pooler),
+                     owner=settings.instance(),
                      writer_process=settings.sqlite_writer == "process",
                      heartbeat_seconds=settings.instance_heartbeat_seconds,
                      dead_after_seconds=settings.instance_dead_after_seconds,

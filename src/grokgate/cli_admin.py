@@ -23,10 +23,12 @@ from grokgate.core.pricing import Price
 
 def _store() -> Any:
     from grokgate.settings import Settings
+    from grokgate.store.engine_options import with_pooler
     from grokgate.store.sql import SqlStore, default_url
 
     settings = Settings()
-    return SqlStore(settings.database_url or default_url(settings.data_dir), owner=settings.instance())
+    return SqlStore(with_pooler(settings.database_url or default_url(settings.data_dir), settings.database_pooler),
+                    owner=settings.instance())
 
 
 def _run(action: Callable[[Any, argparse.Namespace], Awaitable[int]], args: argparse.Namespace) -> int:

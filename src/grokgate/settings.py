@@ -105,7 +105,12 @@ class Settings(BaseSettings):
     # PostgreSQL itself may lose its last ~3 x wal_writer_delay of them, whole (docs/operations.md: the books stay
     # exact; those requests go unbilled). On: each group commit waits for its fsync.
     database_synchronous_commit: bool = False
-    # With Redis, rate limits hold across replicas; without it they are per process.
+    # What sits between grokgate and PostgreSQL: `pgbouncer` (transaction or session mode) turns off the drivers'
+    # prepared-statement caches, which a transaction-mode pooler breaks (store/engine_options.py).
+    database_pooler: Literal["none", "pgbouncer"] = "none"
+    # With Redis, rate limits hold across replicas; without it they are per process. `redis://host:port/db`, or
+    # a Redis Cluster: `redis+cluster://host:port[,host:port...]` (`rediss+cluster://` with TLS); any node will
+    # do, the others are found from it (store/redis_client.py).
     redis_url: str | None = None
     rate_limit_store_error: Literal["fail_open", "fail_closed"] = "fail_closed"
     credits_per_usd: float = Field(default=1.0, gt=0)

@@ -23,13 +23,15 @@ import logging
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException, RedisError
 
 from grokgate.core.admission import static_key_id
 from grokgate.core.limits import Decision, Limits, RateLimiter
 from grokgate.core.response_cache import ResponseCacheStore
 from grokgate.store.limits_redis import RedisRateLimiter
+from grokgate.store.redis_client import connect
 
 log = logging.getLogger("grokgate.deployment")
 
@@ -152,15 +154,14 @@ class RedisDeployment:
         found there (also logged as a warning), else None. A Redis that does not answer is logged and skipped."""
         assert self.deployment_id is not None
         key = self.key_prefix + REGISTRY_KEY
-        client = Redis.from_url(self.url, socket_timeout=_REGISTER_TIMEOUT_S,
-                                socket_connect_timeout=_REGISTER_TIMEOUT_S)
+        client = connect(self.url, max_connections=1, socket_timeout=_REGISTER_TIMEOUT_S, retry=Retry(NoBackoff(), 1))
         try:
             if await client.set(key, self.deployment_id, nx=True):
                 other = None
             else:
                 found = await client.get(key)
                 other = found.decode() if isinstance(found, bytes) else found
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             log.warning("could not register deployment %s under GROKGATE_REDIS_KEY_PREFIX %r in Redis (%s); its "
                         "keys are kept apart by the deployment id all the same", self.deployment_id, self.key_prefix,
                         exc)

@@ -28,20 +28,24 @@ import logging
 from itertools import islice
 from typing import Literal
 
-from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import ClusterDownError, ReadOnlyError, RedisClusterException, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from grokgate.core.limits import WINDOW_MS, Decision, Limits, decide, requests_only
+from grokgate.store.redis_client import RedisClient, connect
 
 log = logging.getLogger("grokgate.limits")
 
 # Failures that mean "the store is unreachable right now", not a bug in the script: a replica promoted
-# mid-failover answers READONLY until clients reconnect to the new primary.
-STORE_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
+# mid-failover answers READONLY until clients reconnect to the new primary. On a Redis Cluster
+# (store/redis_client.py): CLUSTERDOWN once a primary is known to have failed (with
+# cluster-require-full-coverage, every node answers it), TRYAGAIN while a slot migrates, and redis-py's own
+# RedisClusterException when no node of the cluster can be reached or a slot has no node.
+STORE_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError,
+                                                 ClusterDownError, TryAgainError, RedisClusterException)
 
 # Slack added to every TTL so a key never vanishes while its state still matters.
 _TTL_SLACK_MS = 1000
@@ -176,7 +180,7 @@ def _pool_exhausted(exc: BaseException) -> bool:
 class RedisRateLimiter:
     def __init__(
         self,
-        client: Redis | str,
+        client: RedisClient | str,
         *,
         key_prefix: str = "grokgate:rl:",
         on_store_error: Literal["fail_open", "fail_closed"] = "fail_open",
@@ -197,12 +201,8 @@ class RedisRateLimiter:
             # The limiter sits on every request's path: when Redis is down, answer (degraded) within about a
             # second instead of redis-py's defaults of 5 s timeouts and 10 retries. The retry covers sending
             # and reading, not the wait for a pool connection, which `pool_timeout` bounds on its own.
-            pool = BlockingConnectionPool.from_url(
-                client, max_connections=max_connections, timeout=pool_timeout,
-                socket_timeout=0.5, socket_connect_timeout=0.5,
-                retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
-            )
-            client = Redis.from_pool(pool)  # the client owns the pool: aclose() closes both
+            client = connect(client, max_connections=max_connections, pool_timeout=pool_timeout,
+                             socket_timeout=0.5, retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1))
             self._owns_client = True
             self._pool_hint = (f"; all {max_connections} connections stayed busy for {pool_timeout:g} s: see "
                                "GROKGATE_REDIS_MAX_CONNECTIONS and GROKGATE_REDIS_POOL_TIMEOUT_SECONDS")

@@ -6,11 +6,12 @@ its own transaction, the same rules as store/batch.py. Through SQLAlchemy the sa
 with its statement's Python around it; that was most of a PostgreSQL replica's cost per request.
 
 The connection is plain asyncpg. Its one statement is prepared once per connection (then a call is one round
-trip); behind a pooler in transaction mode (PgBouncer before 1.21), where a prepared statement may not outlive its
-transaction, `prepared=False` prepares it unnamed on every call (two round trips). A database that does not answer
-(refused, reset, timed out) is `StoreUnavailable`: the connection is dropped, the next batch opens another, and
-the callers decide what the batch's unknown outcome means (store/holds.py: refuse, release later, or keep the
-settlement until it commits, once by its request id).
+trip); behind a pooler in transaction mode (GROKGATE_DATABASE_POOLER=pgbouncer: store/engine_options.py), where a
+prepared statement may not outlive its transaction, it is prepared unnamed on every call (two round trips).
+
+A database that does not answer (refused, reset, timed out) is `StoreUnavailable`: the connection is dropped, the
+next batch opens another, and the callers decide what the batch's unknown outcome means (store/holds.py: refuse,
+release later, or keep the settlement until it commits, once by its request id).
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from typing import Any
 
 import asyncpg
 import orjson
-from sqlalchemy.engine import make_url
 
 from grokgate.core.accounts import Settlement, StoreUnavailable
 from grokgate.core.budgets import GRANTED, Hold, Reserved
+from grokgate.store.engine_options import asyncpg_connect_args
 from grokgate.store.settling import KeySpend, report_capped
 
 _CALL = "SELECT grokgate_commit($1::jsonb, $2::jsonb, $3, $4, $5, $6)::text"
@@ -39,11 +40,6 @@ _CALL_TIMEOUT_S = 10.0
 UNREACHABLE: tuple[type[BaseException], ...] = (
     OSError, TimeoutError, asyncpg.exceptions.PostgresConnectionError, asyncpg.exceptions.InterfaceError,
     asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.InsufficientResourcesError)
-
-
-def asyncpg_dsn(url: str) -> str:
-    """The SQLAlchemy URL (postgresql+asyncpg://...) as a libpq DSN asyncpg takes."""
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 def settlement_item(s: Settlement) -> dict[str, Any]:
@@ -68,18 +64,17 @@ def _reserved(row: list[Any]) -> Reserved:
 class PgCommitter:
     """One connection, used by the group-commit writer only (one batch at a time)."""
 
-    def __init__(self, url: str, owner: str, *, durable: bool = False, prepared: bool = True) -> None:
-        self._dsn = asyncpg_dsn(url)
+    def __init__(self, url: str, owner: str, *, durable: bool = False) -> None:
+        self._dsn, options = asyncpg_connect_args(url)
+        self._options = {"statement_cache_size": 8, **options}  # a pooler's turn the cache off
         self._owner = owner
         self._durable = durable
-        self._cache_size = 8 if prepared else 0
         self._conn: Any = None
         self._lock = asyncio.Lock()
 
     async def _connection(self) -> Any:
         if self._conn is None or self._conn.is_closed():
-            self._conn = await asyncpg.connect(self._dsn, statement_cache_size=self._cache_size,
-                                               timeout=_CONNECT_TIMEOUT_S)
+            self._conn = await asyncpg.connect(self._dsn, timeout=_CONNECT_TIMEOUT_S, **self._options)
         return self._conn
 
     async def commit(self, settlements: Sequence[Settlement],

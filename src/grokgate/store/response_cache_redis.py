@@ -8,22 +8,29 @@ limits, even with one prefix. The digest already contains the owner (serving/res
 answers are never read under another's key.
 
 The cache is an optimisation: short timeouts and no retries, so a Redis that is down costs a request about half
-a second at most and the request is then served as a miss (the serving layer counts the error).
+a second at most and the request is then served as a miss (the serving layer counts the error). On a Redis
+Cluster (`redis+cluster://`, store/redis_client.py) each key lives on the primary of its own slot: answers spread
+over the nodes, and a node that is down costs the answers in its slots only.
 """
 
 from __future__ import annotations
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from grokgate.store.redis_client import RedisClient, connect, is_cluster_url
+
+_ONE_RETRY = Retry(NoBackoff(), 1)
 
 
 class RedisResponseCache:
-    def __init__(self, client: Redis | str, *, key_prefix: str = "grokgate:rl:cache:", max_connections: int = 64,
+    def __init__(self, client: RedisClient | str, *, key_prefix: str = "grokgate:rl:cache:", max_connections: int = 64,
                  pool_timeout: float = 2.0, socket_timeout: float = 0.5) -> None:
         if isinstance(client, str):
-            pool = BlockingConnectionPool.from_url(client, max_connections=max_connections, timeout=pool_timeout,
-                                                   socket_timeout=socket_timeout,
-                                                   socket_connect_timeout=socket_timeout)
-            client = Redis.from_pool(pool)  # the client owns the pool: aclose() closes both
+            # On a cluster, one more try after a connection error (with the slot map refreshed), not redis-py's
+            # three: a miss is cheaper than waiting. MOVED/ASK are followed whatever this says.
+            client = connect(client, max_connections=max_connections, pool_timeout=pool_timeout,
+                             socket_timeout=socket_timeout, retry=_ONE_RETRY if is_cluster_url(client) else None)
             self._owns_client = True
         else:
             self._owns_client = False

@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, make_url, select, text
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import StaticPool
 
 from grokgate.core.accounts import Settlement, TokenRecord, now_ms
 from grokgate.core.pricing import Price
 from grokgate.store.batch import dialect_insert, sqlite_statements
 from grokgate.store.cache import RefreshingCache
+from grokgate.store.engine_options import async_engine
 from grokgate.store.group_commit import GroupCommit, Op
 from grokgate.store.holds import HoldsMixin
 from grokgate.store.instances import InstancesMixin
@@ -128,7 +129,7 @@ class SqlStore(GroupCommit, HoldsMixin, InstancesMixin, KeysMixin, PricesMixin, 
         path = _sqlite_file(self.url)
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._engine = create_async_engine(self.url, pool_pre_ping=True)
+        self._engine = async_engine(self.url, pool_pre_ping=True)  # store/engine_options.py: poolers
         if self.dialect == "sqlite":
             event.listen(self._engine.sync_engine, "connect", _sqlite_pragmas)
             self._sync_engine = create_engine(self.url.replace("+aiosqlite", ""), poolclass=StaticPool,
