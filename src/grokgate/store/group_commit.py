@@ -44,7 +44,7 @@ class GroupCommit:
     _closed: bool
     _max_batch: int
     _queue: list[tuple[str, Any, asyncio.Future[Any]]]
-    _writer: asyncio.Task[None] | None
+    _writers: list[asyncio.Task[None] | None]  # one slot per lane: batches committing at once
     _settler: SqliteWriter | None
     _pg: PgCommitter | None
     _sync_engine: Engine | None
@@ -72,16 +72,27 @@ class GroupCommit:
             raise RuntimeError("the store is closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((kind, payload, future))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._drain(), name="store-writer")
+        writers = self._writers  # one lane but PostgreSQL's serving path: SQLite commits in order
+        for lane, writer in enumerate(writers):
+            if writer is None or writer.done():
+                writers[lane] = asyncio.create_task(self._drain(lane), name=f"store-writer-{lane}")
+                break
         return await asyncio.shield(future)
 
-    async def _drain(self) -> None:
+    def writing(self) -> list[asyncio.Task[None]]:
+        """The writers with a batch to commit (close() waits for them)."""
+        return [w for w in self._writers if w is not None and not w.done()]
+
+    async def _drain(self, lane: int = 0) -> None:
+        """Commit what is queued, a batch at a time. On PostgreSQL a second lane takes the next batch while the
+        first is still at the database (each on a connection of its own: store/pg_commit.py), so the database
+        works on one batch while this process sends the next; rows they both touch (an account's balance) are
+        locked in one order by both, so they serialise there and nowhere else."""
         while self._queue:
             batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch:]
             started = time.perf_counter()
             try:
-                results = await self._execute(batch)
+                results = await self._execute(batch, lane)
             except StoreUnavailable as exc:
                 # The database is away: one by one, each would wait for it again. Every caller decides what
                 # its item's unknown outcome means (store/holds.py).
@@ -94,7 +105,7 @@ class GroupCommit:
                 for item in batch:
                     future = item[2]
                     try:
-                        (result,) = await self._execute([item])
+                        (result,) = await self._execute([item], lane)
                     except Exception as exc:
                         if not future.done():
                             future.set_exception(exc)
@@ -112,7 +123,7 @@ class GroupCommit:
                 else:
                     future.set_result(result)
 
-    async def _execute(self, batch: list[tuple[str, Any, Any]]) -> list[Any]:
+    async def _execute(self, batch: list[tuple[str, Any, Any]], lane: int = 0) -> list[Any]:
         """One transaction for the batch. SQLite: the whole batch in one thread hop on a plain sqlite3
         connection (aiosqlite hops threads once per statement, which made the writer the bottleneck).
         PostgreSQL: the same synchronous code, driven over asyncpg by SQLAlchemy's run_sync. With the SQLite
@@ -120,17 +131,17 @@ class GroupCommit:
         if self._settler is not None and any(kind in _CHILD_KINDS for kind, _, _ in batch):
             return await self._execute_split(batch)
         if self._pg is not None and all(kind in _PG_KINDS for kind, _, _ in batch):
-            return await self._execute_pg(batch)
+            return await self._execute_pg(batch, lane)
         if self._sync_engine is not None:
             return await asyncio.to_thread(self._execute_sync, batch)
         async with self.engine.begin() as conn:
             results: list[Any] = await conn.run_sync(self._run, batch)
             return results
 
-    async def _execute_pg(self, batch: list[tuple[str, Any, Any]]) -> list[Any]:
+    async def _execute_pg(self, batch: list[tuple[str, Any, Any]], lane: int) -> list[Any]:
         assert self._pg is not None
         spent, granted = await self._pg.commit([p for kind, p, _ in batch if kind == "settle"],
-                                               [p for kind, p, _ in batch if kind == "reserve"])
+                                               [p for kind, p, _ in batch if kind == "reserve"], lane=lane)
         outcomes = iter(granted)
         return [spent if kind == "settle" else next(outcomes) for kind, _, _ in batch]
 

@@ -30,6 +30,8 @@ from grokgate.core.budgets import GRANTED, Hold, Reserved
 from grokgate.store.engine_options import asyncpg_connect_args
 from grokgate.store.settling import KeySpend, report_capped
 
+# Batches committing at once, each on its own connection (store/group_commit.py `_drain`).
+PG_LANES = 2
 _CALL = "SELECT grokgate_commit($1::jsonb, $2::jsonb, $3, $4, $5, $6)::text"
 # A database that drops packets must not hold requests for the kernel's TCP timeout: past these a batch is
 # StoreUnavailable (its outcome unknown, which its callers handle: store/holds.py).
@@ -69,32 +71,33 @@ class PgCommitter:
         self._options = {"statement_cache_size": 8, **options}  # a pooler's turn the cache off
         self._owner = owner
         self._durable = durable
-        self._conn: Any = None
-        self._lock = asyncio.Lock()
+        self._conns: list[Any] = [None] * PG_LANES
+        self._locks = [asyncio.Lock() for _ in range(PG_LANES)]
 
-    async def _connection(self) -> Any:
-        if self._conn is None or self._conn.is_closed():
-            self._conn = await asyncpg.connect(self._dsn, timeout=_CONNECT_TIMEOUT_S, **self._options)
-        return self._conn
+    async def _connection(self, lane: int) -> Any:
+        conn = self._conns[lane]
+        if conn is None or conn.is_closed():
+            conn = self._conns[lane] = await asyncpg.connect(self._dsn, timeout=_CONNECT_TIMEOUT_S, **self._options)
+        return conn
 
-    async def commit(self, settlements: Sequence[Settlement],
-                     holds: Sequence[Hold]) -> tuple[KeySpend, list[Reserved]]:
+    async def commit(self, settlements: Sequence[Settlement], holds: Sequence[Hold],
+                     lane: int = 0) -> tuple[KeySpend, list[Reserved]]:
         """Settle, then reserve, in one transaction. Returns the settled accounts' balances and keys' counters
         after it, and each hold's outcome in order."""
         settles = orjson.dumps([settlement_item(s) for s in settlements]).decode()
         reserves = orjson.dumps([hold_item(h) for h in holds]).decode()
         created = int(time.time() * 1000)
         today = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
-        async with self._lock:
+        async with self._locks[lane]:
             try:
-                conn = await self._connection()
+                conn = await self._connection(lane)
             except UNREACHABLE as exc:
                 raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
             try:
                 raw = await conn.fetchval(_CALL, settles, reserves, self._owner, created, today, self._durable,
                                           timeout=_CALL_TIMEOUT_S)
             except UNREACHABLE as exc:
-                await self._drop()
+                self._drop(lane)
                 raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
         result = orjson.loads(raw)
         spent: KeySpend = ({}, {})
@@ -107,15 +110,17 @@ class PgCommitter:
                      {int(t): (int(v[0]), int(v[1])) for t, v in settled["k"].items()})
         return spent, [_reserved(row) for row in result["r"]]
 
-    async def _drop(self) -> None:
-        conn, self._conn = self._conn, None
+    def _drop(self, lane: int) -> None:
+        conn, self._conns[lane] = self._conns[lane], None
         if conn is not None:
             conn.terminate()
 
     async def close(self) -> None:
-        async with self._lock:
-            if self._conn is not None:
-                conn, self._conn = self._conn, None
+        for lane, lock in enumerate(self._locks):
+            async with lock:
+                conn, self._conns[lane] = self._conns[lane], None
+                if conn is None:
+                    continue
                 try:
                     await asyncio.wait_for(conn.close(), 2.0)
                 except (OSError, TimeoutError, asyncpg.exceptions.InterfaceError):

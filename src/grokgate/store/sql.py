@@ -31,7 +31,7 @@ from grokgate.store.group_commit import GroupCommit, Op
 from grokgate.store.holds import HoldsMixin
 from grokgate.store.instances import InstancesMixin
 from grokgate.store.keys_sql import KeysMixin
-from grokgate.store.pg_commit import PgCommitter
+from grokgate.store.pg_commit import PG_LANES, PgCommitter
 from grokgate.store.prices_sql import PricesMixin
 from grokgate.store.reports import Reports
 from grokgate.store.schema import deployment
@@ -85,7 +85,7 @@ class SqlStore(GroupCommit, HoldsMixin, InstancesMixin, KeysMixin, PricesMixin, 
         self._engine: AsyncEngine | None = None
         self._sync_engine: Engine | None = None  # SQLite's writer
         self._queue: list[tuple[str, Any, asyncio.Future[Any]]] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._writers: list[asyncio.Task[None] | None] = [None]  # PostgreSQL serving: PG_LANES (open)
         self._tokens: RefreshingCache[str, tuple[TokenRecord, bool] | None] = RefreshingCache(_CACHE_SECONDS)
         self._prices: RefreshingCache[str, dict[str, Price]] = RefreshingCache(_CACHE_SECONDS)
         self.on_commit: Callable[[float, int], None] | None = None  # metrics: (seconds, operations)
@@ -148,6 +148,7 @@ class SqlStore(GroupCommit, HoldsMixin, InstancesMixin, KeysMixin, PricesMixin, 
             await self._sweep()
             self._heartbeat = asyncio.create_task(self._heartbeats(), name="store-heartbeat")
             self._pg = PgCommitter(self.url, self.owner, durable=self._synchronous_commit)
+            self._writers = [None] * PG_LANES
         if self._memory_holds and self._use_writer_process:
             if path is not None:
                 settler = SqliteWriter(path, sqlite_statements())
@@ -195,13 +196,13 @@ class SqlStore(GroupCommit, HoldsMixin, InstancesMixin, KeysMixin, PricesMixin, 
         (up to `grace` seconds) for every granted reservation to be settled and every queued write to commit."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        while self._queue or self._unsettled or (self._writer is not None and not self._writer.done()):
+        while self._queue or self._unsettled or self.writing():
             if loop.time() >= deadline:
                 log.warning("closing the store with %d reservation(s) unsettled and %d write(s) queued",
                             self._unsettled, len(self._queue))
                 break
-            if self._writer is not None and not self._writer.done():
-                await asyncio.shield(self._writer)
+            if writing := self.writing():
+                await asyncio.shield(asyncio.gather(*writing, return_exceptions=True))
             else:
                 await asyncio.sleep(0.01)
         if self._retrier is not None:
