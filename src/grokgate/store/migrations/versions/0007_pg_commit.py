@@ -293,16 +293,24 @@ $fn$
 """
 
 
+# The reservations table is a queue (a row per request in flight, deleted at settlement): vacuumed by row count,
+# not as a fraction of its few live rows, so dead rows do not pile up between autovacuum's visits.
+CHURN = ("ALTER TABLE reservations SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 5000, "
+         "autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 5000)")
+
+
 def upgrade() -> None:
     if op.get_bind().dialect.name != "postgresql":
         return
-    for ddl in (SETTLE, RESERVE, COMMIT):
+    for ddl in (SETTLE, RESERVE, COMMIT, CHURN):
         op.execute(ddl)
 
 
 def downgrade() -> None:
     if op.get_bind().dialect.name != "postgresql":
         return
+    op.execute("ALTER TABLE reservations RESET (autovacuum_vacuum_scale_factor, autovacuum_vacuum_threshold, "
+               "autovacuum_vacuum_insert_scale_factor, autovacuum_vacuum_insert_threshold)")
     op.execute("DROP FUNCTION IF EXISTS grokgate_commit(jsonb, jsonb, text, bigint, text, boolean)")
     op.execute("DROP FUNCTION IF EXISTS grokgate_reserve(jsonb, text, bigint)")
     op.execute("DROP FUNCTION IF EXISTS grokgate_settle(jsonb, bigint, text)")
