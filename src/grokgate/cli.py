@@ -37,6 +37,10 @@ def _serve(args: argparse.Namespace) -> int:
         else:
             overrides["model_path"] = Path(args.model)
     settings = Settings(**overrides)
+    if args.workers is not None and args.workers > 1:  # several processes on the port: grokgate/workers.py
+        from grokgate.workers import supervise
+
+        return supervise(settings, overrides, args.workers)
     # The app's imports after the settings: a bad setting is refused without ~1 s of importing.
     import uvicorn
 
@@ -360,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ctx-per-slot", type=int, help="context tokens per slot (default 4096)")
     serve.add_argument("--keepalive-seconds", type=float, help="SSE keep-alive interval (default 10)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    serve.add_argument("--workers", type=int, metavar="N",
+                       help="serve from N processes on the one port (PostgreSQL + Redis; SIGHUP reloads them one "
+                            "at a time; docs/operations.md)")
     serve.add_argument("--record", type=Path, metavar="DIR",
                        help="record every request that reaches a backend into cassettes in DIR (docs/replay.md)")
     serve.add_argument("--replay", type=Path, metavar="DIR",

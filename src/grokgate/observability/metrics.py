@@ -8,6 +8,7 @@ collector, so the hot path pays nothing for them.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -74,14 +75,20 @@ class Metrics:
         self.responses_purged = Counter("grokgate_responses_purged", "Stored responses purged after retention",
                                         registry=r)
         # What the store holds now (read every minute by app.py's purge task: counting the table is not free).
-        self.responses_kept = Gauge("grokgate_responses_kept", "Stored responses kept now", registry=r)
-        self.responses_kept_bytes = Gauge("grokgate_responses_kept_bytes", "Bytes of JSON they hold", registry=r)
-        self.in_flight = Gauge("grokgate_requests_in_flight", "Inference requests being served", registry=r)
+        # multiprocess_mode: how `grokgate serve --workers` adds up the workers' gauges (one process: no effect).
+        self.responses_kept = Gauge("grokgate_responses_kept", "Stored responses kept now", registry=r,
+                                    multiprocess_mode="mostrecent")
+        self.responses_kept_bytes = Gauge("grokgate_responses_kept_bytes", "Bytes of JSON they hold", registry=r,
+                                          multiprocess_mode="mostrecent")
+        self.in_flight = Gauge("grokgate_requests_in_flight", "Inference requests being served", registry=r,
+                               multiprocess_mode="livesum")
         self.commit = Histogram("grokgate_store_commit_seconds", "Ledger/store group-commit duration",
                                 buckets=OVERHEAD_BUCKETS + LATENCY_BUCKETS[4:], registry=r)
         self.commit_batch = Histogram("grokgate_store_commit_batch_size", "Operations per group commit",
                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
 
+        self._states: list[_Collector] = []
+        self._workers = self._workers_registry()
         self._requests, self._latency, self._first_event = (_Children(self.requests), _Children(self.latency),
                                                             _Children(self.first_event))
         self._tokens, self._backend_prompt = _Children(self.tokens), _Children(self.backend_prompt)
@@ -120,9 +127,26 @@ class Metrics:
     def add_state(self, name: str, read: Callable[[], Iterator[Metric]]) -> None:
         """Gauges computed at scrape time (engine slots, breaker states, limiter degradation)."""
         self.registry.register(_Collector(read))
+        self._states.append(_Collector(read))
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self._workers is None:
+            return generate_latest(self.registry)
+        return generate_latest(self._workers)
+
+    def _workers_registry(self) -> CollectorRegistry | None:
+        """Under `grokgate serve --workers` (grokgate/workers.py), PROMETHEUS_MULTIPROC_DIR names the run's
+        directory, where prometheus_client keeps every worker's values in files: a scrape of any worker adds up
+        all of them (those of workers already replaced too: counters never go back). The scrape-time state
+        (engine slots, breakers) is this worker's own."""
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return None
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        registry.register(_Collector(lambda: (m for c in self._states for m in c.collect())))
+        return registry
 
 
 class _Collector(Collector):

@@ -1,0 +1,355 @@
+"""`grokgate serve --workers N`: N serving processes on one port, under one supervisor.
+
+The supervisor (this module's `supervise`, the process `grokgate serve` started) serves nothing itself:
+
+- **sockets**: it binds N listening sockets on the one address, with SO_REUSEPORT, and hands socket k to worker k.
+  The kernel spreads new connections over the N sockets evenly (a shared single socket lets whichever worker
+  wakes first accept a whole burst). The supervisor keeps every socket open for as long as it runs, so a
+  connection hashed to worker k's socket while worker k is being replaced waits in that socket's queue for the
+  next worker k instead of being refused. A plain bind of the port is tried first, so a port another server
+  holds is refused as without `--workers` (SO_REUSEPORT alone would share it with any process of this user).
+- **workers**: each is `python -m grokgate.workers`, a whole grokgate app (create_app) on its socket, with its own
+  instance id `<instance>-w<k>` (`.<generation>` after a reload), so it is a replica of the deployment like
+  a server on another host: reservations, heartbeats and limits are shared through PostgreSQL and Redis, which
+  keep them exact across replicas already (store/holds.py, store/instances.py, store/limits_redis.py).
+- **metrics**: prometheus_client's multiprocess mode, in a directory of this run: each worker's counters and
+  histograms are files there, and /metrics of any worker adds up every worker's, those of workers already
+  replaced included (observability/metrics.py).
+- **SIGHUP**: a rolling reload, one worker at a time: the new worker starts and reports ready (its app's
+  start-up done, its socket being served) before the old one gets SIGTERM; the old one finishes what it serves.
+  The worker serving gRPC (worker 0, one gRPC port) is stopped first instead, since its successor must bind it.
+- **SIGTERM / SIGINT**: forwarded to every worker once; each stops as one server does (its requests finish, its
+  store settles, store/sql.py close); the supervisor exits when all have, 0 if all exited 0.
+- a worker that dies unasked is started again (same index and instance id, so it releases what it held).
+
+What `--workers` refuses (`WorkersRefused`): SQLite (its reservations live in one process's memory and one
+process holds its lock: store/sql.py), rate limits without Redis (they would be per process, N times the
+limit), accounts off (stored responses and deferred results would be per process), and the local engine (each
+worker would load the model). docs/operations.md says what to run instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from grokgate.settings import Settings
+
+# Seconds a worker may take to start (imports, migrations, the first heartbeat) before a reload gives up on it.
+START_TIMEOUT_S = 120.0
+# After a SIGTERM, a worker keeps serving this long with `Connection: close` on every answer, so clients stop
+# reusing its kept-alive connections before it closes them (see `_DrainHeaders`).
+DRAIN_S = 1.0
+# A worker that dies unasked is restarted; if it keeps dying at start, at most once per this many seconds.
+RESTART_BACKOFF_S = 1.0
+_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_SPEC_ENV = "GROKGATE_WORKER_SPEC_"  # not a setting (Settings ignores unknown names)
+
+
+class WorkersRefused(Exception):
+    """The settings cannot be served by several processes; the message says why and what to do."""
+
+
+def check(settings: Settings) -> None:
+    """Refuse settings that several worker processes would serve wrongly (see the module's docstring)."""
+    from grokgate import routing
+
+    if not settings.accounts:
+        raise WorkersRefused("--workers needs accounts on (GROKGATE_ACCOUNTS): without a database, stored "
+                             "responses and deferred results would live in one worker's memory")
+    url = settings.database_url or ""
+    if not url.startswith(("postgresql", "postgres:")):
+        raise WorkersRefused("--workers needs PostgreSQL (GROKGATE_DATABASE_URL=postgresql://...) and Redis: on "
+                             "SQLite one process holds the reservations and the database's lock; serve SQLite with "
+                             "one process")
+    if not settings.redis_url:
+        raise WorkersRefused("--workers needs Redis (GROKGATE_REDIS_URL): without it each worker would keep "
+                             "rate limits of its own, N times the limit")
+    pure_replay = settings.replay_dir is not None and not settings.record_missing
+    if not pure_replay:
+        config = routing.load(settings.config, settings.environment()) if settings.config else None
+        config = config or routing.default_config(settings)
+        if config is None or any(b.kind == "local" for b in config.backends.values()):
+            raise WorkersRefused("--workers with the local engine would load the model once per worker: serve the "
+                                 "model from one `grokgate serve` and route to it as an `openai` backend")
+
+
+# -- the supervisor -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Worker:
+    index: int
+    generation: int
+    process: subprocess.Popen[bytes]
+    ready: int  # the read end of the pipe the worker writes one byte to when it serves
+    started: float = field(default_factory=time.monotonic)
+
+    def wait_ready(self, timeout: float) -> bool:
+        import select
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return False
+            readable, _, _ = select.select([self.ready], [], [], 0.1)
+            if readable:
+                return os.read(self.ready, 1) == b"r"
+        return False
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, overrides: dict[str, Any], count: int) -> None:
+        self.settings = settings
+        self.overrides = overrides
+        self.count = count
+        self.sockets: list[socket.socket] = []
+        self.workers: list[_Worker | None] = [None] * count
+        self.metrics_dir = Path(tempfile.mkdtemp(prefix="grokgate-metrics-"))
+        self.signals: list[int] = []
+
+    # -- sockets and processes ----------------------------------------------------------------------------------
+
+    def bind(self) -> None:
+        host, port = self.settings.host, self.settings.port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:  # taken by any server: refused, as one process
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+            port = probe.getsockname()[1]  # port 0: the one the kernel chose, for every worker
+        for _ in range(self.count):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            sock.listen(2048)  # server.py BACKLOG
+            sock.set_inheritable(True)
+            self.sockets.append(sock)
+        self.settings.port = port
+
+    def instance(self, index: int, generation: int) -> str:
+        base = f"{self.settings.instance()}-w{index}"
+        return base if generation == 0 else f"{base}.{generation}"
+
+    def spawn(self, index: int, generation: int) -> _Worker:
+        read, write = os.pipe()
+        sock = self.sockets[index]
+        overrides = {**self.overrides, "instance_id": self.instance(index, generation), "port": self.settings.port}
+        if index != 0:
+            overrides["grpc_port"] = 0  # one gRPC server, on worker 0: its port takes no second bind
+        spec = {"fd": sock.fileno(), "ready": write, "index": index, "overrides": overrides}
+        # The spec in the environment, not the arguments: it may hold the run's token, and `ps` shows arguments.
+        env = {**os.environ, _MULTIPROC_ENV: str(self.metrics_dir), _SPEC_ENV: json.dumps(spec, default=str)}
+        process = subprocess.Popen([sys.executable, "-m", "grokgate.workers"],
+                                   pass_fds=(sock.fileno(), write), env=env, process_group=0)
+        os.close(write)
+        return _Worker(index, generation, process, read)
+
+    def retire(self, worker: _Worker, sig: int | None = signal.SIGTERM, timeout: float | None = None) -> int | None:
+        """Stop a worker (SIGTERM: it finishes what it serves; None: already asked) and forget its live gauges."""
+        from prometheus_client import multiprocess
+
+        if sig is not None and worker.process.poll() is None:
+            worker.process.send_signal(sig)
+        try:
+            code = worker.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            worker.process.kill()
+            code = worker.process.wait()
+        multiprocess.mark_process_dead(worker.process.pid, str(self.metrics_dir))  # type: ignore[no-untyped-call]
+        os.close(worker.ready)
+        return code
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda s, _f: self.signals.append(s))
+        try:
+            self.bind()
+            for k in range(self.count):
+                self.workers[k] = self.spawn(k, 0)
+            for worker in list(self.workers):
+                assert worker is not None
+                if not worker.wait_ready(START_TIMEOUT_S):
+                    print(f"grokgate: worker {worker.index} did not start", file=sys.stderr, flush=True)
+                    self.stop(signal.SIGTERM)
+                    return 1
+            print(f"grokgate: serving on http://{self.settings.host}:{self.settings.port} with {self.count} "
+                  "workers  (docs: /docs)", file=sys.stderr, flush=True)
+            return self.loop()
+        finally:
+            for sock in self.sockets:
+                sock.close()
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+    def loop(self) -> int:
+        last_restart = 0.0
+        while True:
+            while self.signals:
+                sig = self.signals.pop(0)
+                if sig == signal.SIGHUP:
+                    self.reload()
+                else:
+                    return self.stop(sig)
+            for k, worker in enumerate(self.workers):
+                if worker is not None and worker.process.poll() is not None:
+                    code = self.retire(worker, None)
+                    wait = last_restart + RESTART_BACKOFF_S - time.monotonic()
+                    print(f"grokgate: worker {k} exited ({code}); starting it again", file=sys.stderr, flush=True)
+                    if wait > 0:
+                        time.sleep(wait)
+                    last_restart = time.monotonic()
+                    self.workers[k] = self.spawn(k, worker.generation)  # same id: it releases what was held
+            time.sleep(0.1)
+
+    def reload(self) -> None:
+        """Replace the workers one at a time, each new one serving before its old one stops."""
+        print("grokgate: SIGHUP: replacing the workers one at a time", file=sys.stderr, flush=True)
+        for k, old in enumerate(self.workers):
+            if old is None:
+                continue
+            grpc_owner = k == 0 and self.settings.grpc_port != 0
+            if grpc_owner:
+                self.retire(old, timeout=60)
+            new = self.spawn(k, old.generation + 1)
+            if not new.wait_ready(START_TIMEOUT_S):
+                print(f"grokgate: reload: the new worker {k} did not start; keeping the old ones",
+                      file=sys.stderr, flush=True)
+                self.retire(new, timeout=10)
+                if grpc_owner:  # its predecessor is gone: serve again as before the reload
+                    self.workers[k] = self.spawn(k, old.generation)
+                return
+            self.workers[k] = new
+            if not grpc_owner:
+                self.retire(old, timeout=60)
+            if self.signals and self.signals[0] != signal.SIGHUP:
+                return  # a stop asked for meanwhile: the loop handles it
+        print("grokgate: reload done", file=sys.stderr, flush=True)
+
+    def stop(self, sig: int) -> int:
+        forwarded = signal.SIGINT if sig == signal.SIGINT else signal.SIGTERM
+        running = [w for w in self.workers if w is not None]
+        for worker in running:
+            if worker.process.poll() is None:
+                worker.process.send_signal(forwarded)
+        codes = [self.retire(w, None, timeout=60) for w in running]
+        self.workers = [None] * self.count
+        return 0 if all(c == 0 for c in codes) else 1
+
+
+def supervise(settings: Settings, overrides: dict[str, Any], count: int) -> int:
+    """`grokgate serve --workers COUNT`: refuse what several processes cannot serve, then supervise."""
+    try:
+        check(settings)
+    except WorkersRefused as exc:
+        print(f"grokgate: {exc}", file=sys.stderr)
+        return 2
+    if not settings.api_keys:
+        import secrets
+
+        token = "gg-" + secrets.token_urlsafe(24)
+        overrides = {**overrides, "api_keys": [token]}
+        print("grokgate: no GROKGATE_API_KEYS configured; this run accepts the token below (shown once):\n"
+              f"\n    Authorization: Bearer {token}\n", flush=True)
+    return Supervisor(settings, overrides, count).run()
+
+
+# -- a worker -------------------------------------------------------------------------------------------------
+
+
+class _DrainHeaders:
+    """ASGI wrapper: while `draining`, every answer says `Connection: close` (uvicorn then closes the connection
+    after it), so a client does not send its next request on a connection this worker is about to close."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.draining = False
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not self.draining:
+            await self.app(scope, receive, send)
+            return
+
+        async def closing(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), (b"connection", b"close")]
+            await send(message)
+
+        await self.app(scope, receive, closing)
+
+
+def _die_with_parent() -> None:
+    """SIGTERM this worker when the supervisor dies (even by SIGKILL): no worker outlives it."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def worker_main(spec: dict[str, Any]) -> int:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor's to handle (a terminal hangs up the group)
+    _die_with_parent()
+    settings = Settings(**spec["overrides"])
+    import uvicorn
+
+    from grokgate.app import create_app
+    from grokgate.observability.logging import configure
+    from grokgate.server import BACKLOG, KEEP_ALIVE_SECONDS, http_protocol
+
+    configure(settings.log_level)
+    protocol = http_protocol(settings)
+    app = _DrainHeaders(create_app(settings))
+    sock = socket.socket(fileno=spec["fd"])
+    ready_fd: int = spec["ready"]
+
+    class Server(uvicorn.Server):
+        drain_until: float | None = None
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                os.write(ready_fd, b"r")
+                os.close(ready_fd)
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # A signal handler: it only sets what the main loop's tick (every 0.1 s) reads, as uvicorn's does;
+            # unlike uvicorn's, it does not re-raise the signal at the end, so a graceful stop exits 0.
+            if self.should_exit or self.drain_until is not None:  # a second signal: stop now
+                self.should_exit = self.force_exit = True
+            elif sig == signal.SIGTERM and self.started:
+                app.draining = True  # answers close their connections; accepting stops after DRAIN_S
+                self.drain_until = time.monotonic() + DRAIN_S
+            else:
+                self.should_exit = True
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.drain_until is not None and time.monotonic() >= self.drain_until:
+                self.drain_until = None
+                self.should_exit = True
+            return await super().on_tick(counter)
+
+    # The same options as one process (cli.py _serve).
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+                            proxy_headers=False, http=protocol, ws="none", backlog=BACKLOG,
+                            timeout_keep_alive=KEEP_ALIVE_SECONDS, lifespan="on")
+    server = Server(config)
+    with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run: a SIGINT before the handlers were installed
+        server.run(sockets=[sock])
+    return 0 if server.started else 3
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(json.loads(os.environ.pop(_SPEC_ENV))))

@@ -1,0 +1,248 @@
+"""`grokgate serve --workers 2` (grokgate/workers.py) on PostgreSQL + Redis, through the real server: one port,
+two worker processes, each a replica of its own instance id.
+
+The books and limits are exact across the workers (a funded burst: one ledger row per answer, nothing left
+reserved; rpm N: exactly N of a burst pass), /metrics of any worker counts every worker's requests, a SIGHUP
+replaces both workers under load without a failed request, and SIGTERM ends every process with nothing reserved.
+What `--workers` refuses (SQLite, no Redis, the local engine) is refused at start with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+
+from grokgate.core.accounts import format_credits
+from tests.conftest import (
+    E2E,
+    PG_ADMIN_URL,
+    REDIS_URL,
+    Server,
+    _pg_execute,
+    create_key,
+    start_server,
+    stop_server,
+)
+from tests.fakes.fake_xai import FakeXAI
+from tests.test_billing import CHEAP, check_books, fake, fire, reservation_of, upstream_env
+
+__all__ = ["fake"]  # the upstream fixture, shared with tests/test_billing.py
+
+BURST = 200
+
+
+@dataclass
+class Workers:
+    server: Server
+    database: str  # PostgreSQL URL of its database (for the test's own checks)
+
+    def children(self) -> list[int]:
+        path = Path(f"/proc/{self.server.process.pid}/task/{self.server.process.pid}/children")
+        return [int(p) for p in path.read_text().split()]
+
+    def query(self, sql: str) -> object:
+        async def run() -> object:
+            conn = await asyncpg.connect(self.database, timeout=5)
+            try:
+                return await conn.fetchval(sql)
+            finally:
+                await conn.close()
+
+        return asyncio.run(run())
+
+
+def _redis_or_skip() -> None:
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        pytest.skip(f"Redis is not reachable at {REDIS_URL}: {exc}")
+
+
+def _database() -> str:
+    name = f"grokgate_test_{uuid.uuid4().hex[:12]}"
+    try:
+        _pg_execute(f'CREATE DATABASE "{name}"')
+    except (OSError, TimeoutError) as exc:
+        pytest.skip(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc}")
+    return name
+
+
+def start_workers(tmp: Path, fake: FakeXAI, database: str, name: str) -> Workers:
+    env = upstream_env(tmp, fake, GROKGATE_DATABASE_URL=f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{database}",
+                       GROKGATE_REDIS_URL=REDIS_URL, GROKGATE_MAX_CONNECTIONS_PER_CLIENT="1000",
+                       GROKGATE_LOG_LEVEL="WARNING")
+    server = start_server(tmp, "--workers", "2", env=env, name=name)
+    return Workers(server, f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{database}")
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory: pytest.TempPathFactory, fake: FakeXAI) -> Iterator[Workers]:
+    _redis_or_skip()
+    database = _database()
+    try:
+        w = start_workers(tmp_path_factory.mktemp("workers"), fake, database, "workers")
+        try:
+            yield w
+        finally:
+            stop_server(w.server)
+    finally:
+        _pg_execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def requests_counted(server: Server) -> int:
+    """grokgate_requests_total over every label, as one scrape (on a fresh connection: either worker) shows it."""
+    with server.client() as c:
+        text = c.get("/metrics").text
+    return int(sum(float(m) for m in re.findall(r"^grokgate_requests_total\{[^}]*\} (\S+)$", text, re.M)))
+
+
+@E2E
+def test_two_workers_are_two_replicas_serving_one_port(workers: Workers) -> None:
+    children = workers.children()
+    assert len(children) == 2
+    before = {pid: cpu_ticks(pid) for pid in children}
+    token, _ = create_key(workers.server, "spread", credits="1000")
+    responses = fire([workers.server], token, BURST, CHEAP)
+    assert [r.status_code for r in responses] == [200] * BURST
+    # SO_REUSEPORT spreads connections over the workers' sockets: each served a share of the burst.
+    used = {pid: cpu_ticks(pid) - before[pid] for pid in children}
+    assert all(ticks > 0 for ticks in used.values()), used
+    owners = workers.query("SELECT string_agg(owner, ',' ORDER BY owner) FROM instances")
+    assert isinstance(owners, str) and re.fullmatch(r".+-w0,.+-w1", owners), owners
+
+
+@E2E
+def test_funded_burst_is_exact_across_workers(workers: Workers) -> None:
+    reservation = reservation_of(workers.server, CHEAP)
+    initial = reservation * 10 + reservation // 2  # funded for about 10 requests
+    token, key = create_key(workers.server, "racer", credits=format_credits(initial))
+    responses = fire([workers.server], token, BURST, CHEAP)
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 403}, codes
+    served = codes.count(200)
+    assert served >= 10 and 403 in codes, served
+    check_books(workers.server, key["id"], initial, served)
+    assert workers.query("SELECT count(*) FROM reservations") == 0
+
+
+@E2E
+def test_rpm_is_exact_across_workers(workers: Workers) -> None:
+    token, _ = create_key(workers.server, "limited", credits="1000", rpm=17)
+    codes = [r.status_code for r in fire([workers.server], token, 60, CHEAP)]
+    assert codes.count(200) == 17 and codes.count(429) == 43, codes
+
+
+@E2E
+def test_metrics_count_every_workers_requests(workers: Workers) -> None:
+    token, _ = create_key(workers.server, "counted", credits="1000")
+    before = requests_counted(workers.server)
+    fire([workers.server], token, 50, CHEAP)
+    # Several scrapes, each on its own connection: whichever worker answers, the sum is every worker's.
+    assert {requests_counted(workers.server) - before for _ in range(6)} == {50}
+
+
+def load(server: Server, token: str, stop: threading.Event, results: list[int], errors: list[str]) -> None:
+    """Requests back to back on one kept-alive client until `stop`."""
+    with server.client(timeout=60) as c:
+        while not stop.is_set():
+            try:
+                r = c.post("/grok/chat/completions", json=CHEAP, headers={"Authorization": f"Bearer {token}"})
+                results.append(r.status_code)
+            except httpx.HTTPError as exc:
+                errors.append(repr(exc))
+
+
+@E2E
+def test_sighup_replaces_every_worker_without_a_failed_request(workers: Workers) -> None:
+    token, key = create_key(workers.server, "reloaded", credits="100000")
+    old = set(workers.children())
+    stop, results, errors = threading.Event(), [], []
+    threads = [threading.Thread(target=load, args=(workers.server, token, stop, results, errors)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1)
+        workers.server.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 120
+        while "reload done" not in workers.server.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert "reload done" in workers.server.log(), workers.server.log()[-3000:]
+    new = set(workers.children())
+    assert len(new) == 2 and not new & old, (old, new)
+    assert errors == [] and set(results) == {200}, (errors[:5], sorted(set(results)))
+    assert len(results) > 100
+    check_books(workers.server, key["id"], 100_000 * 1_000_000, len(results))
+    owners = workers.query("SELECT string_agg(owner, ',' ORDER BY owner) FROM instances")
+    assert isinstance(owners, str) and re.fullmatch(r".+-w0\.1,.+-w1\.1", owners), owners
+
+
+@E2E
+def test_sigterm_stops_every_worker_with_nothing_reserved(tmp_path: Path, fake: FakeXAI) -> None:
+    _redis_or_skip()
+    database = _database()
+    try:
+        w = start_workers(tmp_path, fake, database, "stopped")
+        try:
+            token, key = create_key(w.server, "stopped", credits="100000")
+            children = w.children()
+            stop, results, errors = threading.Event(), [], []
+            threads = [threading.Thread(target=load, args=(w.server, token, stop, results, errors))
+                       for _ in range(4)]
+            for t in threads:
+                t.start()
+            time.sleep(1)
+            w.server.process.send_signal(signal.SIGTERM)
+            assert w.server.process.wait(60) == 0, w.server.log()[-3000:]
+            stop.set()
+            for t in threads:
+                t.join()
+            assert all(not Path(f"/proc/{pid}").exists() for pid in children)
+            assert results and set(results) == {200}, sorted(set(results))
+            assert w.query("SELECT count(*) FROM reservations") == 0
+            assert w.query("SELECT count(*) FROM instances") == 0  # both retired
+            charged = w.query(f"SELECT count(*) FROM ledger WHERE token_id = {key['id']} AND kind = 'usage'")
+            assert charged == len(results)  # every answer billed once, nothing billed unanswered
+        finally:
+            stop_server(w.server)
+    finally:
+        _pg_execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+@pytest.mark.parametrize(("env", "reason"), [
+    ({}, "needs PostgreSQL"),
+    ({"GROKGATE_DATABASE_URL": "postgresql://u@127.0.0.1:1/x"}, "needs Redis"),
+    ({"GROKGATE_DATABASE_URL": "postgresql://u@127.0.0.1:1/x", "GROKGATE_REDIS_URL": "redis://127.0.0.1:1/0"},
+     "local engine"),
+    ({"GROKGATE_ACCOUNTS": "false"}, "accounts on"),
+])
+def test_what_workers_cannot_serve_is_refused_at_start(tmp_path: Path, env: dict[str, str], reason: str) -> None:
+    full = {**os.environ, "GROKGATE_DATA_DIR": str(tmp_path), **env}
+    done = subprocess.run([sys.executable, "-m", "grokgate", "serve", "--workers", "2", "--port", "0"],
+                          env=full, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and reason in done.stderr, done.stderr
