@@ -7,7 +7,7 @@ import contextlib
 import logging
 import resource
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -120,7 +120,10 @@ def create_app(
     *,
     admission: Admission | None = None,
     models: ModelTable | None = None,
+    accounts: Callable[[Settings, RedisDeployment | None], tuple[AccountAdmission, SqlStore]] | None = None,
 ) -> FastAPI:
+    """`accounts`: builds the admission and store in place of `build_accounts` (a worker of `grokgate serve
+    --workers` on SQLite: grokgate/workers_sqlite.py)."""
     settings = settings or Settings()
     if models is None:
         # Pure replay builds no backend: no local engine is loaded and no upstream key is needed.
@@ -132,7 +135,7 @@ def create_app(
     redis = RedisDeployment(settings.redis_url, settings.redis_key_prefix) if settings.redis_url else None
     store = None
     if admission is None and settings.accounts:
-        admission, store = build_accounts(settings, redis)
+        admission, store = (accounts or build_accounts)(settings, redis)
     admission = admission or StaticKeyAdmission(settings.api_keys)
     # Replaying answers from cassettes, in their recorded order: a cache in front would repeat the first one (and
     # read the routing file pure replay does without).

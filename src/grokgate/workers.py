@@ -69,14 +69,9 @@ def check(settings: Settings) -> None:
     if not settings.accounts:
         raise WorkersRefused("--workers needs accounts on (GROKGATE_ACCOUNTS): without a database, stored "
                              "responses and deferred results would live in one worker's memory")
-    url = settings.database_url or ""
-    if not url.startswith(("postgresql", "postgres:")):
-        raise WorkersRefused("--workers needs PostgreSQL (GROKGATE_DATABASE_URL=postgresql://...) and Redis: on "
-                             "SQLite one process holds the reservations and the database's lock; serve SQLite with "
-                             "one process")
-    if not settings.redis_url:
-        raise WorkersRefused("--workers needs Redis (GROKGATE_REDIS_URL): without it each worker would keep "
-                             "rate limits of its own, N times the limit")
+    if is_postgres(settings) and not settings.redis_url:
+        raise WorkersRefused("--workers on PostgreSQL needs Redis (GROKGATE_REDIS_URL): without it each worker "
+                             "would keep rate limits of its own, N times the limit")
     pure_replay = settings.replay_dir is not None and not settings.record_missing
     if not pure_replay:
         config = routing.load(settings.config, settings.environment()) if settings.config else None
@@ -84,6 +79,11 @@ def check(settings: Settings) -> None:
         if config is None or any(b.kind == "local" for b in config.backends.values()):
             raise WorkersRefused("--workers with the local engine would load the model once per worker: serve the "
                                  "model from one `grokgate serve` and route to it as an `openai` backend")
+
+
+def is_postgres(settings: Settings) -> bool:
+    """PostgreSQL (each worker a replica); else SQLite (the supervisor holds the holds: workers_sqlite.py)."""
+    return (settings.database_url or "").startswith(("postgres:", "postgresql"))
 
 
 # -- the supervisor -------------------------------------------------------------------------------------------
@@ -119,6 +119,20 @@ class Supervisor:
         self.workers: list[_Worker | None] = [None] * count
         self.metrics_dir = Path(tempfile.mkdtemp(prefix="grokgate-metrics-"))
         self.signals: list[int] = []
+        self.holds: Any = None  # SQLite: the HoldsServer (grokgate/workers_sqlite.py)
+        self.holds_dir: Path | None = None
+
+    def start_holds(self) -> None:
+        """SQLite: open the store as its one serving process, and serve its holds (and limits) to the workers."""
+        from grokgate.app import build_accounts
+        from grokgate.store.limits_memory import MemoryRateLimiter
+        from grokgate.workers_sqlite import HoldsServer, socket_dir
+
+        _, store = build_accounts(self.settings)  # the store one process would serve; its admission unused
+        self.holds_dir = socket_dir()
+        limiter = None if self.settings.redis_url else MemoryRateLimiter()
+        self.holds = HoldsServer(store, limiter, self.holds_dir / "holds.sock")
+        self.holds.start()
 
     # -- sockets and processes ----------------------------------------------------------------------------------
 
@@ -149,7 +163,8 @@ class Supervisor:
         overrides = {**self.overrides, "instance_id": self.instance(index, generation), "port": self.settings.port}
         if index != 0:
             overrides["grpc_port"] = 0  # one gRPC server, on worker 0: its port takes no second bind
-        spec = {"fd": sock.fileno(), "ready": write, "index": index, "overrides": overrides}
+        spec = {"fd": sock.fileno(), "ready": write, "index": index, "overrides": overrides,
+                "holds": None if self.holds is None else str(self.holds.path)}
         # The spec in the environment, not the arguments: it may hold the run's token, and `ps` shows arguments.
         env = {**os.environ, _MULTIPROC_ENV: str(self.metrics_dir), _SPEC_ENV: json.dumps(spec, default=str)}
         process = subprocess.Popen([sys.executable, "-m", "grokgate.workers"],
@@ -179,6 +194,8 @@ class Supervisor:
             signal.signal(sig, lambda s, _f: self.signals.append(s))
         try:
             self.bind()
+            if not is_postgres(self.settings):
+                self.start_holds()
             for k in range(self.count):
                 self.workers[k] = self.spawn(k, 0)
             for worker in list(self.workers):
@@ -191,9 +208,16 @@ class Supervisor:
                   "workers  (docs: /docs)", file=sys.stderr, flush=True)
             return self.loop()
         finally:
+            for worker in self.workers:  # only after a failed start: stop() ended them otherwise
+                if worker is not None:
+                    self.retire(worker, signal.SIGTERM, timeout=30)
+            if self.holds is not None:  # after every worker: what they settled is committed, then it closes
+                self.holds.stop()
             for sock in self.sockets:
                 sock.close()
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            if self.holds_dir is not None:
+                shutil.rmtree(self.holds_dir, ignore_errors=True)
 
     def loop(self) -> int:
         last_restart = 0.0
@@ -264,7 +288,11 @@ def supervise(settings: Settings, overrides: dict[str, Any], count: int) -> int:
         overrides = {**overrides, "api_keys": [token]}
         print("grokgate: no GROKGATE_API_KEYS configured; this run accepts the token below (shown once):\n"
               f"\n    Authorization: Bearer {token}\n", flush=True)
-    return Supervisor(settings, overrides, count).run()
+    try:
+        return Supervisor(settings, overrides, count).run()
+    except OSError as exc:  # the port is taken, or the SQLite file is served by another grokgate
+        print(f"grokgate: {exc}", file=sys.stderr)
+        return 1
 
 
 # -- a worker -------------------------------------------------------------------------------------------------
@@ -311,7 +339,12 @@ def worker_main(spec: dict[str, Any]) -> int:
 
     configure(settings.log_level)
     protocol = http_protocol(settings)
-    app = _DrainHeaders(create_app(settings))
+    accounts = None
+    if spec["holds"] is not None:
+        from grokgate.workers_sqlite import worker_accounts
+
+        accounts = worker_accounts(spec["holds"])
+    app = _DrainHeaders(create_app(settings, accounts=accounts))
     sock = socket.socket(fileno=spec["fd"])
     ready_fd: int = spec["ready"]
 
