@@ -313,10 +313,34 @@ def _in_flight(server: Server) -> float:
     return float(found.group(1)) if found else 0.0
 
 
+@E2E
+def test_the_local_model_is_loaded_once_and_serves_every_worker(tmp_path: Path) -> None:
+    """The local engine on SQLite: the supervisor maps the model, no worker does; requests through either worker
+    run on its slots (streamed and not), billed as in one process."""
+    server = start_server(tmp_path, "--workers", "2", "--slots", "2", "--ctx-per-slot", "1024", name="engine")
+    try:
+        w = Workers(server, str(tmp_path / "engine-data" / "grokgate.db"))
+        token, key = create_key(server, "local", credits="1000")
+        body = {"model": "grok-3", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4}
+        responses = fire([server], token, 8, body) + fire([server], token, 4, {**body, "stream": True})
+        assert [r.status_code for r in responses] == [200] * 12, [r.text for r in responses if r.status_code != 200]
+        assert all("data: [DONE]" in r.text for r in responses[8:])
+        check_books(server, key["id"], 1000 * 1_000_000, 12)
+
+        def maps_model(pid: int) -> bool:
+            return ".gguf" in Path(f"/proc/{pid}/maps").read_text()
+
+        assert maps_model(server.process.pid)
+        assert [maps_model(pid) for pid in w.children() if "workers" in Path(f"/proc/{pid}/cmdline").read_text()] \
+            == [False, False]
+        with server.client() as c:
+            assert c.get("/readyz").json()["backends"]["local"]["slots"] == 2  # the supervisor's engine
+    finally:
+        stop_server(server)
+
+
 @pytest.mark.parametrize(("env", "reason"), [
     ({"GROKGATE_DATABASE_URL": "postgresql://u@127.0.0.1:1/x"}, "needs Redis"),
-    ({"GROKGATE_DATABASE_URL": "postgresql://u@127.0.0.1:1/x", "GROKGATE_REDIS_URL": "redis://127.0.0.1:1/0"},
-     "local engine"),
     ({"GROKGATE_ACCOUNTS": "false"}, "accounts on"),
 ])
 def test_what_workers_cannot_serve_is_refused_at_start(tmp_path: Path, env: dict[str, str], reason: str) -> None:

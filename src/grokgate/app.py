@@ -70,25 +70,26 @@ bearer token, OpenAI chat-completion bodies and SSE streaming. Errors use the en
 `{"error": {"code", "message", "type", "param"}, "trace_id"}`; every response carries `x-request-id`."""
 
 
-def build_routing(settings: Settings) -> ModelTable:
-    """The routing file if there is one; else xAI when a key is set; else the local engine for every name."""
+def local_options(settings: Settings) -> dict[str, object]:
+    """The local engine's configuration (providers/local.py LocalEngine)."""
+    return {"model_path": settings.model_path, "catalog_model": CATALOG[settings.local_model],
+            "cache_dir": settings.cache_dir, "threads": settings.threads, "slots": settings.slots,
+            "ctx_per_slot": settings.ctx_per_slot, "slot_prompt_similarity": settings.slot_prompt_similarity,
+            "prompt_cache_ram_mib": settings.prompt_cache_ram_mib, "shared_prompt_cache": settings.prompt_cache_shared}
+
+
+def build_routing(settings: Settings, local_engine: Callable[[], Provider] | None = None) -> ModelTable:
+    """The routing file if there is one; else xAI when a key is set; else the local engine for every name.
+    `local_engine`: builds the local backend in place of loading the model in this process (a worker of
+    `grokgate serve --workers`: grokgate/workers_engine.py)."""
     import grokgate.providers.local
     import grokgate.providers.openai_compat
     import grokgate.providers.xai  # noqa: F401  (each registers its kind)
 
     def local() -> Provider:
-        engine: Provider = base.create(
-            "local",
-            model_path=settings.model_path,
-            catalog_model=CATALOG[settings.local_model],
-            cache_dir=settings.cache_dir,
-            threads=settings.threads,
-            slots=settings.slots,
-            ctx_per_slot=settings.ctx_per_slot,
-            slot_prompt_similarity=settings.slot_prompt_similarity,
-            prompt_cache_ram_mib=settings.prompt_cache_ram_mib,
-            shared_prompt_cache=settings.prompt_cache_shared,
-        )
+        if local_engine is not None:
+            return local_engine()
+        engine: Provider = base.create("local", **local_options(settings))
         return engine
 
     config = routing.load(settings.config, settings.environment()) if settings.config else None

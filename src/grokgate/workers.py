@@ -64,21 +64,23 @@ class WorkersRefused(Exception):
 
 def check(settings: Settings) -> None:
     """Refuse settings that several worker processes would serve wrongly (see the module's docstring)."""
-    from grokgate import routing
-
     if not settings.accounts:
         raise WorkersRefused("--workers needs accounts on (GROKGATE_ACCOUNTS): without a database, stored "
                              "responses and deferred results would live in one worker's memory")
     if is_postgres(settings) and not settings.redis_url:
         raise WorkersRefused("--workers on PostgreSQL needs Redis (GROKGATE_REDIS_URL): without it each worker "
                              "would keep rate limits of its own, N times the limit")
-    pure_replay = settings.replay_dir is not None and not settings.record_missing
-    if not pure_replay:
-        config = routing.load(settings.config, settings.environment()) if settings.config else None
-        config = config or routing.default_config(settings)
-        if config is None or any(b.kind == "local" for b in config.backends.values()):
-            raise WorkersRefused("--workers with the local engine would load the model once per worker: serve the "
-                                 "model from one `grokgate serve` and route to it as an `openai` backend")
+
+
+def uses_local_engine(settings: Settings) -> bool:
+    """Whether the routing has the local engine (then the supervisor loads it: grokgate/workers_engine.py)."""
+    from grokgate import routing
+
+    if settings.replay_dir is not None and not settings.record_missing:
+        return False  # pure replay builds no backend
+    config = routing.load(settings.config, settings.environment()) if settings.config else None
+    config = config or routing.default_config(settings)
+    return config is None or any(b.kind == "local" for b in config.backends.values())
 
 
 def is_postgres(settings: Settings) -> bool:
@@ -120,7 +122,8 @@ class Supervisor:
         self.metrics_dir = Path(tempfile.mkdtemp(prefix="grokgate-metrics-"))
         self.signals: list[int] = []
         self.holds: Any = None  # SQLite: the HoldsServer (grokgate/workers_sqlite.py)
-        self.holds_dir: Path | None = None
+        self.engine: Any = None  # the local engine's EngineServer (grokgate/workers_engine.py)
+        self.run_dir: Path | None = None  # their sockets
 
     def start_holds(self) -> None:
         """SQLite: open the store as its one serving process, and serve its holds (and limits) to the workers."""
@@ -129,10 +132,22 @@ class Supervisor:
         from grokgate.workers_sqlite import HoldsServer, socket_dir
 
         _, store = build_accounts(self.settings)  # the store one process would serve; its admission unused
-        self.holds_dir = socket_dir()
+        self.run_dir = self.run_dir or socket_dir()
         limiter = None if self.settings.redis_url else MemoryRateLimiter()
-        self.holds = HoldsServer(store, limiter, self.holds_dir / "holds.sock")
+        self.holds = HoldsServer(store, limiter, self.run_dir / "holds.sock")
         self.holds.start()
+
+    def start_engine(self) -> None:
+        """Load the model here, once, and serve it to the workers."""
+        from grokgate.app import local_options
+        from grokgate.providers.local import LocalEngine
+        from grokgate.workers_engine import EngineServer
+        from grokgate.workers_sqlite import socket_dir
+
+        self.run_dir = self.run_dir or socket_dir()
+        self.engine = EngineServer(LocalEngine(**local_options(self.settings)),  # type: ignore[arg-type]
+                                   self.run_dir / "engine.sock")
+        self.engine.start()
 
     # -- sockets and processes ----------------------------------------------------------------------------------
 
@@ -164,7 +179,8 @@ class Supervisor:
         if index != 0:
             overrides["grpc_port"] = 0  # one gRPC server, on worker 0: its port takes no second bind
         spec = {"fd": sock.fileno(), "ready": write, "index": index, "overrides": overrides,
-                "holds": None if self.holds is None else str(self.holds.path)}
+                "holds": None if self.holds is None else str(self.holds.path),
+                "engine": None if self.engine is None else str(self.engine.path)}
         # The spec in the environment, not the arguments: it may hold the run's token, and `ps` shows arguments.
         env = {**os.environ, _MULTIPROC_ENV: str(self.metrics_dir), _SPEC_ENV: json.dumps(spec, default=str)}
         process = subprocess.Popen([sys.executable, "-m", "grokgate.workers"],
@@ -196,6 +212,8 @@ class Supervisor:
             self.bind()
             if not is_postgres(self.settings):
                 self.start_holds()
+            if uses_local_engine(self.settings):
+                self.start_engine()
             for k in range(self.count):
                 self.workers[k] = self.spawn(k, 0)
             for worker in list(self.workers):
@@ -211,13 +229,15 @@ class Supervisor:
             for worker in self.workers:  # only after a failed start: stop() ended them otherwise
                 if worker is not None:
                     self.retire(worker, signal.SIGTERM, timeout=30)
+            if self.engine is not None:
+                self.engine.stop()
             if self.holds is not None:  # after every worker: what they settled is committed, then it closes
                 self.holds.stop()
             for sock in self.sockets:
                 sock.close()
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
-            if self.holds_dir is not None:
-                shutil.rmtree(self.holds_dir, ignore_errors=True)
+            if self.run_dir is not None:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def loop(self) -> int:
         last_restart = 0.0
@@ -344,7 +364,13 @@ def worker_main(spec: dict[str, Any]) -> int:
         from grokgate.workers_sqlite import worker_accounts
 
         accounts = worker_accounts(spec["holds"])
-    app = _DrainHeaders(create_app(settings, accounts=accounts))
+    models = None
+    if spec["engine"] is not None:
+        from grokgate.app import build_routing, local_options
+        from grokgate.workers_engine import remote_engine
+
+        models = build_routing(settings, remote_engine(spec["engine"], local_options(settings)))
+    app = _DrainHeaders(create_app(settings, accounts=accounts, models=models))
     sock = socket.socket(fileno=spec["fd"])
     ready_fd: int = spec["ready"]
 

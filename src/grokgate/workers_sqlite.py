@@ -47,13 +47,13 @@ _HEADER = struct.Struct("!I")
 _CLOSE_GRACE_S = 10.0
 
 
-async def _send(writer: asyncio.StreamWriter, message: Any) -> None:
+async def send_frame(writer: asyncio.StreamWriter, message: Any) -> None:
     data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     writer.write(_HEADER.pack(len(data)) + data)
     await writer.drain()
 
 
-async def _receive(reader: asyncio.StreamReader) -> Any:
+async def receive_frame(reader: asyncio.StreamReader) -> Any:
     (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
     # Only this user's processes can reach the socket (its directory is 0700), so unpickling trusts a peer
     # that could as well run its own code.
@@ -113,7 +113,7 @@ class HoldsServer:
         try:
             while True:
                 try:
-                    call_id, method, args = await _receive(reader)
+                    call_id, method, args = await receive_frame(reader)
                 except (asyncio.IncompleteReadError, ConnectionError):
                     break
                 # Each call in a task: a settlement waiting for its commit must not hold up the next reservation.
@@ -133,7 +133,7 @@ class HoldsServer:
         except Exception as exc:  # the worker raises it in the request that asked
             result = (False, f"{type(exc).__name__}: {exc}")
         with contextlib.suppress(ConnectionError, RuntimeError):
-            await _send(writer, (call_id, *result))
+            await send_frame(writer, (call_id, *result))
 
     async def _call(self, peer: _Peer, method: str, args: tuple[Any, ...]) -> Any:
         if method == "reserve":
@@ -217,7 +217,7 @@ class HoldsClient:
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
-                call_id, ok, result = await _receive(reader)
+                call_id, ok, result = await receive_frame(reader)
                 future = self._calls.pop(call_id, None)
                 if future is not None and not future.done():
                     if ok:
@@ -238,7 +238,7 @@ class HoldsClient:
         self._next += 1
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._calls[self._next] = future
-        await _send(writer, (self._next, method, args))
+        await send_frame(writer, (self._next, method, args))
         return await future
 
     async def close(self) -> None:
