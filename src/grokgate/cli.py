@@ -37,6 +37,9 @@ def _serve(args: argparse.Namespace) -> int:
         else:
             overrides["model_path"] = Path(args.model)
     settings = Settings(**overrides)
+    if args.workers is not None and args.workers < 1:
+        print("grokgate: --workers must be at least 1", file=sys.stderr)
+        return 2
     if args.workers is not None and args.workers > 1:  # several processes on the port: grokgate/workers.py
         from grokgate.workers import supervise
 
