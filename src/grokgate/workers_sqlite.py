@@ -131,7 +131,11 @@ class HoldsServer:
         try:
             result = (True, await self._call(peer, method, args))
         except Exception as exc:  # the worker raises it in the request that asked
+            if call_id == 0:
+                log.exception("a worker's %s failed", method)
             result = (False, f"{type(exc).__name__}: {exc}")
+        if call_id == 0:  # a notification (HoldsClient.notify): nobody waits for an answer
+            return
         with contextlib.suppress(ConnectionError, RuntimeError):
             await send_frame(writer, (call_id, *result))
 
@@ -241,6 +245,11 @@ class HoldsClient:
         await send_frame(writer, (self._next, method, args))
         return await future
 
+    async def notify(self, method: str, *args: Any) -> None:
+        """A call nobody waits for the answer of. Calls are taken up in the order they were sent, so a later
+        call of this worker sees its effect."""
+        await send_frame(await self._connect(), (0, method, args))
+
     async def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
@@ -302,7 +311,8 @@ class RemoteLimiter:
 
     async def release(self, key: str, request_id: str, limits: Limits, estimated_tokens: int,
                       actual_tokens: int) -> None:
-        await self.client.call("release", key, request_id, limits, estimated_tokens, actual_tokens)
+        # Not waited for: the supervisor applies it before this worker's next call (see HoldsClient.notify).
+        await self.client.notify("release", key, request_id, limits, estimated_tokens, actual_tokens)
 
     async def count_refusal(self, key: str, limits: Limits) -> Decision:
         decision: Decision = await self.client.call("count_refusal", key, limits)
