@@ -28,7 +28,7 @@ from grokgate.core.errors import GatewayError
 from grokgate.core.events import Event, Origin, Usage
 from grokgate.providers.base import BackendStatus, Call, Token
 from grokgate.providers.local import LocalEngine
-from grokgate.workers_sqlite import receive_frame, send_frame
+from grokgate.workers_sqlite import new_loop, receive_frame, send_frame
 
 log = logging.getLogger("grokgate.workers")
 
@@ -58,7 +58,7 @@ class EngineServer:
     def __init__(self, engine: LocalEngine, path: Path) -> None:
         self.engine = engine
         self.path = path
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="engine-server", daemon=True)
         self._server: asyncio.AbstractServer | None = None
 
