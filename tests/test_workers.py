@@ -188,6 +188,19 @@ def test_metrics_count_every_workers_requests(workers: Workers) -> None:
     assert {requests_counted(workers.server) - before for _ in range(6)} == {50}
 
 
+@E2E
+def test_a_top_up_through_one_worker_is_spendable_through_any_at_once(workers: Workers) -> None:
+    reservation = reservation_of(workers.server, CHEAP)
+    token, key = create_key(workers.server, "topped", credits=format_credits(reservation // 2))
+    assert _post(workers.server, token) == 403  # less than one reservation
+    with workers.server.client() as c:
+        r = c.post(f"/admin/keys/{key['id']}/credits", json={"amount": format_credits(4 * reservation)},
+                   headers={"Authorization": f"Bearer {workers.server.token}"})
+    assert r.status_code == 200, r.text
+    # At once, on fresh connections (either worker): SQLite's holds are the supervisor's, told of the change.
+    assert [_post(workers.server, token) for _ in range(4)] == [200] * 4
+
+
 def load(server: Server, token: str, stop: threading.Event, results: list[int], errors: list[str]) -> None:
     """Requests back to back on one kept-alive client until `stop`."""
     with server.client(timeout=60) as c:

@@ -31,7 +31,7 @@ import os
 import pickle
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +183,9 @@ class HoldsServer:
         if method == "forget":
             self.store._forget(**args[0])  # an admin change in a worker: read the key or account again
             return None
+        if method == "restart_held":
+            self.store._restart_held(*args)  # a key's reset period changed: its holds move with its counters
+            return None
         assert self.limiter is not None, method
         if method == "acquire":
             key, request_id, limits, tokens = args
@@ -312,11 +315,19 @@ class RemoteHoldsStore(SqlStore):
     def _forget(self, *, token_id: int | None = None, account_id: int | None = None) -> None:
         super()._forget(token_id=token_id, account_id=account_id)
         # The supervisor's cached balance and key counters (what reservations check) are read again too.
-        with contextlib.suppress(RuntimeError):
-            task = asyncio.get_running_loop().create_task(
-                self.client.call("forget", {"token_id": token_id, "account_id": account_id}))
+        self._background(self.client.notify("forget", {"token_id": token_id, "account_id": account_id}))
+
+    def _restart_held(self, token_id: int, before: int, start: int) -> None:
+        # The holds are the supervisor's: it moves them (store/holds.py), before this worker's next call.
+        self._background(self.client.notify("restart_held", token_id, before, start))
+
+    def _background(self, call: Coroutine[Any, Any, Any]) -> None:
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing is served, nothing held
+            task = asyncio.get_running_loop().create_task(call)
             _background.add(task)
             task.add_done_callback(_background.discard)
+            return
+        call.close()
 
     async def close(self, grace: float = 10.0) -> None:
         await super().close(grace)
