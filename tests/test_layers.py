@@ -69,6 +69,10 @@ RULES: dict[str, Rule] = {
     "cli_admin": rule(*ANY),
     "server": rule(*ANY),
     "runtime": rule(*ANY),
+    # `grokgate serve --workers` (docs/operations.md): a supervisor wiring stores, engine and processes, like app.py.
+    "workers": rule(*ANY),
+    "workers_sqlite": rule(*ANY),
+    "workers_engine": rule(*ANY),
     "__main__": rule(*ANY),
     "__init__": rule(),
 }
