@@ -310,7 +310,7 @@ def supervise(settings: Settings, overrides: dict[str, Any], count: int) -> int:
               f"\n    Authorization: Bearer {token}\n", flush=True)
     try:
         return Supervisor(settings, overrides, count).run()
-    except OSError as exc:  # the port is taken, or the SQLite file is served by another grokgate
+    except (OSError, RuntimeError) as exc:  # the port is taken, or the SQLite file is served by another grokgate
         print(f"grokgate: {exc}", file=sys.stderr)
         return 1
 
