@@ -94,12 +94,13 @@ def _database() -> str:
     return name
 
 
-def start_workers(tmp: Path, fake: FakeXAI, database: str | None, name: str) -> Workers:
-    """`--workers 2` on PostgreSQL (`database`) + Redis, or (None) on SQLite in its data dir without Redis."""
+def start_workers(tmp: Path, fake: FakeXAI, database: str | None, name: str, redis: bool = True) -> Workers:
+    """`--workers 2` on PostgreSQL (`database`) + Redis (unless not `redis`), or (None) on SQLite in its data dir
+    without Redis."""
     env = upstream_env(tmp, fake, GROKGATE_MAX_CONNECTIONS_PER_CLIENT="1000", GROKGATE_LOG_LEVEL="WARNING")
     if database is not None:
         url = f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{database}"
-        env.update(GROKGATE_DATABASE_URL=url, GROKGATE_REDIS_URL=REDIS_URL)
+        env.update(GROKGATE_DATABASE_URL=url, **({"GROKGATE_REDIS_URL": REDIS_URL} if redis else {}))
     else:
         url = str(tmp / f"{name}-data" / "grokgate.db")
     server = start_server(tmp, "--workers", "2", env=env, name=name)
@@ -109,11 +110,12 @@ def start_workers(tmp: Path, fake: FakeXAI, database: str | None, name: str) -> 
 @contextlib.contextmanager
 def deployment(tmp: Path, fake: FakeXAI, kind: str, name: str) -> Iterator[Workers]:
     database = None
-    if kind == "postgres":
-        _redis_or_skip()
+    if kind.startswith("postgres"):
+        if kind == "postgres":
+            _redis_or_skip()
         database = _database()
     try:
-        w = start_workers(tmp, fake, database, name)
+        w = start_workers(tmp, fake, database, name, redis=kind == "postgres")
         try:
             yield w
         finally:
@@ -199,6 +201,15 @@ def test_a_top_up_through_one_worker_is_spendable_through_any_at_once(workers: W
     assert r.status_code == 200, r.text
     # At once, on fresh connections (either worker): SQLite's holds are the supervisor's, told of the change.
     assert [_post(workers.server, token) for _ in range(4)] == [200] * 4
+
+
+@E2E
+def test_postgres_without_redis_shares_the_supervisors_rate_limiter(tmp_path: Path, fake: FakeXAI) -> None:
+    with deployment(tmp_path, fake, "postgres-no-redis", "no-redis") as w:
+        token, key = create_key(w.server, "limited", credits="1000", rpm=11)
+        codes = [r.status_code for r in fire([w.server], token, 40, CHEAP)]
+        assert codes.count(200) == 11 and codes.count(429) == 29, codes
+        check_books(w.server, key["id"], 1000 * 1_000_000, 11)
 
 
 def load(server: Server, token: str, stop: threading.Event, results: list[int], errors: list[str]) -> None:
@@ -353,7 +364,6 @@ def test_the_local_model_is_loaded_once_and_serves_every_worker(tmp_path: Path) 
 
 
 @pytest.mark.parametrize(("env", "reason"), [
-    ({"GROKGATE_DATABASE_URL": "postgresql://u@127.0.0.1:1/x"}, "needs Redis"),
     ({"GROKGATE_ACCOUNTS": "false"}, "accounts on"),
 ])
 def test_what_workers_cannot_serve_is_refused_at_start(tmp_path: Path, env: dict[str, str], reason: str) -> None:

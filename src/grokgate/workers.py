@@ -9,9 +9,13 @@ The supervisor (this module's `supervise`, the process `grokgate serve` started)
   next worker k instead of being refused. A plain bind of the port is tried first, so a port another server
   holds is refused as without `--workers` (SO_REUSEPORT alone would share it with any process of this user).
 - **workers**: each is `python -m grokgate.workers`, a whole grokgate app (create_app) on its socket, with its own
-  instance id `<instance>-w<k>` (`.<generation>` after a reload), so it is a replica of the deployment like
-  a server on another host: reservations, heartbeats and limits are shared through PostgreSQL and Redis, which
-  keep them exact across replicas already (store/holds.py, store/instances.py, store/limits_redis.py).
+  instance id `<instance>-w<k>` (`.<generation>` after a reload). On PostgreSQL each is a replica of the
+  deployment like a server on another host: reservations and heartbeats are shared through the database, which
+  keeps them exact across replicas already (store/holds.py, store/instances.py).
+- **what one process must hold** is held by the supervisor and served to the workers over Unix sockets: on
+  SQLite the store's reservations and its writer (grokgate/workers_sqlite.py); without Redis the rate limiter
+  (with Redis, every worker uses it: store/limits_redis.py); the local engine, loaded once
+  (grokgate/workers_engine.py).
 - **metrics**: prometheus_client's multiprocess mode, in a directory of this run: each worker's counters and
   histograms are files there, and /metrics of any worker adds up every worker's, those of workers already
   replaced included (observability/metrics.py).
@@ -19,13 +23,11 @@ The supervisor (this module's `supervise`, the process `grokgate serve` started)
   start-up done, its socket being served) before the old one gets SIGTERM; the old one finishes what it serves.
   The worker serving gRPC (worker 0, one gRPC port) is stopped first instead, since its successor must bind it.
 - **SIGTERM / SIGINT**: forwarded to every worker once; each stops as one server does (its requests finish, its
-  store settles, store/sql.py close); the supervisor exits when all have, 0 if all exited 0.
+  store settles, store/sql.py close); then the supervisor closes the engine and the store it holds, and exits,
+  0 if every worker exited 0.
 - a worker that dies unasked is started again (same index and instance id, so it releases what it held).
 
-What `--workers` refuses (`WorkersRefused`): SQLite (its reservations live in one process's memory and one
-process holds its lock: store/sql.py), rate limits without Redis (they would be per process, N times the
-limit), accounts off (stored responses and deferred results would be per process), and the local engine (each
-worker would load the model). docs/operations.md says what to run instead.
+`--workers` refuses accounts off (stored responses and deferred results would be per process).
 """
 
 from __future__ import annotations
@@ -67,9 +69,6 @@ def check(settings: Settings) -> None:
     if not settings.accounts:
         raise WorkersRefused("--workers needs accounts on (GROKGATE_ACCOUNTS): without a database, stored "
                              "responses and deferred results would live in one worker's memory")
-    if is_postgres(settings) and not settings.redis_url:
-        raise WorkersRefused("--workers on PostgreSQL needs Redis (GROKGATE_REDIS_URL): without it each worker "
-                             "would keep rate limits of its own, N times the limit")
 
 
 def uses_local_engine(settings: Settings) -> bool:
@@ -126,12 +125,14 @@ class Supervisor:
         self.run_dir: Path | None = None  # their sockets
 
     def start_holds(self) -> None:
-        """SQLite: open the store as its one serving process, and serve its holds (and limits) to the workers."""
+        """SQLite: open the store as its one serving process and serve its holds to the workers; without Redis,
+        serve them one rate limiter too (on PostgreSQL only that)."""
         from grokgate.app import build_accounts
         from grokgate.store.limits_memory import MemoryRateLimiter
         from grokgate.workers_sqlite import HoldsServer, socket_dir
 
-        _, store = build_accounts(self.settings)  # the store one process would serve; its admission unused
+        # The store one process would serve (its admission unused); PostgreSQL: each worker's own.
+        store = None if is_postgres(self.settings) else build_accounts(self.settings)[1]
         self.run_dir = self.run_dir or socket_dir()
         limiter = None if self.settings.redis_url else MemoryRateLimiter()
         self.holds = HoldsServer(store, limiter, self.run_dir / "holds.sock")
@@ -210,7 +211,7 @@ class Supervisor:
             signal.signal(sig, lambda s, _f: self.signals.append(s))
         try:
             self.bind()
-            if not is_postgres(self.settings):
+            if not is_postgres(self.settings) or not self.settings.redis_url:
                 self.start_holds()
             if uses_local_engine(self.settings):
                 self.start_engine()
@@ -363,7 +364,7 @@ def worker_main(spec: dict[str, Any]) -> int:
     if spec["holds"] is not None:
         from grokgate.workers_sqlite import worker_accounts
 
-        accounts = worker_accounts(spec["holds"])
+        accounts = worker_accounts(spec["holds"], holds=not is_postgres(settings))
     models = None
     if spec["engine"] is not None:
         from grokgate.app import build_routing, local_options

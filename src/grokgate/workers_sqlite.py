@@ -43,6 +43,7 @@ from grokgate.store.sql import SqlStore
 log = logging.getLogger("grokgate.workers")
 
 _HEADER = struct.Struct("!I")
+_STORE_CALLS = frozenset({"reserve", "settle", "forget", "restart_held"})
 # The supervisor's store waits this long at shutdown for what workers still settle (store/sql.py close).
 _CLOSE_GRACE_S = 10.0
 
@@ -101,7 +102,7 @@ class _Peer:
 class HoldsServer:
     """The supervisor's store and limiter, served to the workers over a Unix socket (see the module docstring)."""
 
-    def __init__(self, store: SqlStore, limiter: RateLimiter | None, path: Path) -> None:
+    def __init__(self, store: SqlStore | None, limiter: RateLimiter | None, path: Path) -> None:
         self.store = store
         self.limiter = limiter
         self.path = path
@@ -116,7 +117,8 @@ class HoldsServer:
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result()
 
     async def _start(self) -> None:
-        await self.store.open(serve=True)
+        if self.store is not None:  # None: PostgreSQL without Redis, only the limiter is served
+            await self.store.open(serve=True)
         self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
 
     def stop(self) -> None:
@@ -129,7 +131,8 @@ class HoldsServer:
     async def _stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        await self.store.close(grace=_CLOSE_GRACE_S)
+        if self.store is not None:
+            await self.store.close(grace=_CLOSE_GRACE_S)
         if self.limiter is not None:
             await self.limiter.close()
 
@@ -167,25 +170,33 @@ class HoldsServer:
             await send_frame(writer, (call_id, *result))
 
     async def _call(self, peer: _Peer, method: str, args: tuple[Any, ...]) -> Any:
+        if method in _STORE_CALLS:
+            if self.store is None:
+                raise ValueError(f"{method}: this supervisor serves no store")
+            return await self._store_call(self.store, peer, method, args)
+        return await self._limiter_call(peer, method, args)
+
+    async def _store_call(self, store: SqlStore, peer: _Peer, method: str, args: tuple[Any, ...]) -> Any:
         if method == "reserve":
             hold: Hold = args[0]
-            outcome = await self.store.reserve(hold)
+            outcome = await store.reserve(hold)
             if outcome.granted and hold.amount > 0:
                 peer.holds[hold.request_id] = hold
             return outcome
         if method == "settle":
             settlement: Settlement = args[0]
             try:
-                await self.store.settle(settlement)
+                await store.settle(settlement)
             finally:
                 peer.holds.pop(settlement.request_id, None)
             return None
         if method == "forget":
-            self.store._forget(**args[0])  # an admin change in a worker: read the key or account again
-            return None
-        if method == "restart_held":
-            self.store._restart_held(*args)  # a key's reset period changed: its holds move with its counters
-            return None
+            store._forget(**args[0])  # an admin change in a worker: read the key or account again
+        else:
+            store._restart_held(*args)  # a key's reset period changed: its holds move with its counters
+        return None
+
+    async def _limiter_call(self, peer: _Peer, method: str, args: tuple[Any, ...]) -> Any:
         assert self.limiter is not None, method
         if method == "acquire":
             key, request_id, limits, tokens = args
@@ -208,7 +219,8 @@ class HoldsServer:
         store = self.store
         if peer.holds:
             log.warning("a worker left with %d reservation(s) unsettled: released", len(peer.holds))
-        for hold in peer.holds.values():
+        for hold in peer.holds.values():  # only with a store (reserve adds them)
+            assert store is not None
             # As store/holds.py settle's release of a hold, without a settlement (the request was never answered).
             store._unsettled = max(0, store._unsettled - 1)
             store._held[hold.account_id] = max(0, store._held.get(hold.account_id, 0) - hold.amount)
@@ -364,17 +376,19 @@ class RemoteLimiter:
         return None  # the client closes with the store
 
 
-def worker_accounts(path: str) -> Callable[..., Any]:
-    """app.py's `build_accounts` for a worker on SQLite: the store and, without Redis, the limiter remote."""
+def worker_accounts(path: str, *, holds: bool) -> Callable[..., Any]:
+    """app.py's `build_accounts` for a worker: the supervisor's holds (`holds`: SQLite) and, without Redis, its
+    rate limiter; on PostgreSQL the store is the worker's own (a replica)."""
     from grokgate import app
     from grokgate.core.billing import AccountAdmission
 
     def build(settings: Any, redis: Any = None) -> tuple[AccountAdmission, SqlStore]:
         client = HoldsClient(path)
-        local, store = app.build_accounts(settings, redis)  # as one process builds them; the store stays closed
-        remote = RemoteHoldsStore(store.url, client, owner=store.owner, writer_process=False)
+        local, store = app.build_accounts(settings, redis)  # as one process builds them
+        if holds:  # that store stays closed: the worker's asks the supervisor
+            store = RemoteHoldsStore(store.url, client, owner=store.owner, writer_process=False)
         limiter = local.limiter if redis is not None else RemoteLimiter(client)
-        return AccountAdmission(remote, limiter, settings.api_keys, local.policy), remote
+        return AccountAdmission(store, limiter, settings.api_keys, local.policy), store
 
     return build
 
