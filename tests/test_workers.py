@@ -359,6 +359,14 @@ def test_the_local_model_is_loaded_once_and_serves_every_worker(tmp_path: Path) 
             == [False, False]
         with server.client() as c:
             assert c.get("/readyz").json()["backends"]["local"]["slots"] == 2  # the supervisor's engine
+        # A reload replaces the workers, not the model: the new ones generate through the same engine.
+        server.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while "reload done" not in server.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "reload done" in server.log(), server.log()[-3000:]
+        assert [r.status_code for r in fire([server], token, 4, body)] == [200] * 4
+        assert maps_model(server.process.pid)
     finally:
         stop_server(server)
 
