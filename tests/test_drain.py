@@ -98,8 +98,8 @@ def test_second_signal_stops_at_once(tmp_path: Path, fake: FakeXAI) -> None:
         assert httpx.get(f"{server.url}/healthz", timeout=2).status_code == 200
         forced = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
-        code = server.process.wait(10)
-        assert time.monotonic() - forced < 5
+        code = server.process.wait(20)  # not the 60 s drain
+        assert time.monotonic() - forced < 20
         assert code == -signal.SIGTERM, "a forced stop ends by the signal, not as a clean one"
     finally:
         stop_server(server)
@@ -114,8 +114,9 @@ def test_no_drain_stops_accepting_at_once(tmp_path: Path, fake: FakeXAI, sig: si
     try:
         signalled = time.monotonic()
         server.process.send_signal(sig)
-        assert server.process.wait(10) == 0
-        assert time.monotonic() - signalled < 5
+        code = server.process.wait(25)  # a loaded machine may take seconds to close the store: far less than 30
+        assert code == 0, server.log()[-2000:]
+        assert "draining for" not in server.log(), f"{time.monotonic() - signalled:.1f} s"
         assert refused(server)
     finally:
         stop_server(server)

@@ -1,9 +1,9 @@
 """Three replicas behind HAProxy (issue 19): one SIGKILLed under load, then a rolling restart under load.
 
 Each test starts its own deployment: a fresh PostgreSQL database, a Redis key prefix of its own, three
-`grokgate serve` replicas (GROKGATE_INSTANCE_ID lb-0..lb-2, heartbeats every 0.5 s, dead after 2 s, a 2 s drain)
+`grokgate serve` replicas (GROKGATE_INSTANCE_ID lb-0..lb-2, heartbeats every 0.5 s, dead after 2 s, a 3 s drain)
 serving grok-3 from a fake xAI upstream paced so that requests stay in flight (a 0.1 s stall, 25 ms between
-stream chunks) and grok-4 from a slow one (a stream of 6 chunks 0.5 s apart), and HAProxy in front
+stream chunks) and grok-4 from a slow one (a stream of 8 chunks 0.5 s apart), and HAProxy in front
 (tests/haproxy.py: readiness checks, retries of requests that never reached a replica). Clients send streamed
 and non-streamed requests on funded keys through HAProxy, without pause, for the whole test.
 
@@ -62,9 +62,9 @@ CLIENTS = 6
 KEYS = 3
 CREDITS = 100_000_000  # micro-credits per key: far more than a test spends
 HEARTBEAT, DEAD_AFTER = 0.5, 2.0
-DRAIN = 2.0
+DRAIN = 3.0
 FAST_PACE = {"x-fake-fault": "stall;seconds=0.1", "x-fake-chunk-delay-ms": "25"}
-SLOW_CHUNKS, SLOW_DELAY_MS = 6, 500  # a grok-4 stream lasts 3 s: past a 2 s drain
+SLOW_CHUNKS, SLOW_DELAY_MS = 8, 500  # a grok-4 stream lasts about 5 s: past the drain
 BODY = {"model": "grok-3", "messages": user("hi"), "max_tokens": 5}
 SLOW = {"model": "grok-4", "messages": user("take your time"), "max_tokens": 5, "stream": True}
 
