@@ -6,7 +6,7 @@ refused. `DrainingServer` (a `uvicorn.Server`) splits the stop in three:
 
 1. **drain** (`drain_seconds` after a SIGTERM): `/readyz` answers 503 `{"status": "draining"}` (api/meta.py) while
    new and in-flight requests are served as before; every answer now carries `Connection: close` (server.py's
-   protocol reads `Drain.draining`), so no idle keep-alive connection is left for the balancer to reuse later.
+   protocol reads the `Drain`), so no idle keep-alive connection is left for the balancer to reuse later.
 2. **graceful stop** (uvicorn's, `timeout_graceful_shutdown`): the listening socket closes, idle connections
    close, requests in flight (streams included) run to their end; past the timeout their tasks are cancelled.
 3. **lifespan shutdown**: the app closes its store, which waits for every unsettled reservation to settle
@@ -15,7 +15,8 @@ refused. `DrainingServer` (a `uvicorn.Server`) splits the stop in three:
 `drain_seconds` = 0 skips step 1; so does SIGINT (Ctrl+C in a terminal: nothing balances a terminal's server).
 A second SIGTERM or SIGINT forces the stop: nothing more is waited for, and the process ends by that signal
 (uvicorn re-raises it), as an operator who insisted expects. What the forced stop left held is released like a
-killed replica's: by the survivors' instance sweep (store/instances.py).
+killed replica's: by the survivors' instance sweep on PostgreSQL (store/instances.py), at the next start on
+SQLite.
 
 One process, one `DrainingServer`: `grokgate serve` runs it through `serve` below; a worker process of a
 multi-process server runs its own the same way, with its share of the listening socket (`sockets=`), and drains
