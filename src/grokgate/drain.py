@@ -36,24 +36,9 @@ from typing import Any
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 
+from grokgate.core.draining import Drain
+
 log = logging.getLogger("grokgate.server")
-
-
-class Drain:
-    """Whether this process is draining: set once by its server, read by /readyz and the HTTP protocol."""
-
-    __slots__ = ("since",)
-
-    def __init__(self) -> None:
-        self.since: float | None = None  # time.monotonic() of the SIGTERM
-
-    @property
-    def draining(self) -> bool:
-        return self.since is not None
-
-    def start(self) -> None:
-        if self.since is None:
-            self.since = time.monotonic()
 
 
 class DrainingServer(uvicorn.Server):

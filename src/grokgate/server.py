@@ -43,8 +43,8 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.protocols.utils import get_remote_addr
 from uvicorn.server import ServerState
 
+from grokgate.core.draining import Drain
 from grokgate.core.errors import GatewayError
-from grokgate.drain import Drain
 from grokgate.settings import Settings
 
 log = logging.getLogger("grokgate.server")

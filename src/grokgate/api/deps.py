@@ -17,10 +17,10 @@ from grokgate.core.accounts import AdminStore
 from grokgate.core.admission import OPEN, Admission, Gate, Principal
 from grokgate.core.cassette import HEADER as CASSETTE_HEADER
 from grokgate.core.cassette import cassette_name
+from grokgate.core.draining import Drain
 from grokgate.core.errors import GatewayError
 from grokgate.core.response_cache import CACHE_HEADER, parse_option
 from grokgate.core.tenancy import tenant_of
-from grokgate.drain import Drain
 from grokgate.observability.metrics import Metrics
 from grokgate.providers.base import ModelTable
 from grokgate.schemas.chat import CONVERSATION_HEADER, conversation_header
