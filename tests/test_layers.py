@@ -68,6 +68,7 @@ RULES: dict[str, Rule] = {
     "cli": rule(*ANY),
     "cli_admin": rule(*ANY),
     "server": rule(*ANY),
+    "drain": rule(*ANY),
     "runtime": rule(*ANY),
     "__main__": rule(*ANY),
     "__init__": rule(),
