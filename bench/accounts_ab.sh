@@ -25,7 +25,7 @@ printf 'backends: {fake: {kind: openai, base_url: "http://127.0.0.1:18000/v1"}}\
 ADMIN="gg-admin-ab-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
 start() {  # start NAME PORT ACCOUNTS WRITER
   setsid env GROKGATE_API_KEYS="$ADMIN" GROKGATE_DATA_DIR="$W/data-$1" GROKGATE_CONFIG="$W/routing.yaml" \
-    GROKGATE_ACCOUNTS="$3" GROKGATE_SQLITE_WRITER="$4" "$ROOT/.venv/bin/grokgate" serve --port "$2" \
+    GROKGATE_ACCOUNTS="$3" GROKGATE_SQLITE_WRITER="$4" GROKGATE_GRPC_PORT=0 "$ROOT/.venv/bin/grokgate" serve --port "$2" \
     --log-level WARNING >"$W/$1.log" 2>&1 &
   PIDS+=($!)
 }

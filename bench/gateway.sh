@@ -15,6 +15,8 @@
 #   --scale-out adds "grokgate-pg": the same grokgate as a scale-out replica, accounts in a fresh PostgreSQL database
 #     (GROKGATE_PG_ADMIN, default postgresql://postgres@127.0.0.1:5432/test, creates and drops it) and rate limits in
 #     Redis (GROKGATE_BENCH_REDIS, default redis://127.0.0.1:6379/0, under a key prefix of its own).
+#   --workers N adds "grokgate-wN": the SQLite default served by `grokgate serve --workers N` (its CPU is the whole
+#     process tree's: supervisor and workers).
 #   --base REV adds "grokgate-base": grokgate as of git revision REV (a temporary worktree on PYTHONPATH, same
 #     venv), accounts on, measured in the same alternating rounds: a change's before/after on one host, one run.
 # Then it runs gateway_bench.py (defaults: --concurrency 1,16,64 --modes nonstream,stream -d 10 --warmup 2
@@ -47,6 +49,7 @@ WITH_NOACCT=0
 NO_LITELLM=0
 BASE_REV=""
 SCALE_OUT=0
+WORKERS=""
 EXTRA=()
 JSON_OUT=""
 while [ $# -gt 0 ]; do
@@ -54,8 +57,9 @@ while [ $# -gt 0 ]; do
     --with-accounts-off) WITH_NOACCT=1 ;;
     --no-litellm) NO_LITELLM=1 ;;
     --scale-out) SCALE_OUT=1 ;;
+    --workers) [ $# -ge 2 ] || die "--workers needs a number"; WORKERS=$2; shift ;;
     --base) [ $# -ge 2 ] || die "--base needs a git revision"; BASE_REV=$2; shift ;;
-    -h|--help) sed -n '2,25p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "${BASH_SOURCE[0]}"; exit 0 ;;
     --json-out) [ $# -ge 2 ] || die "--json-out needs a path"; JSON_OUT=$2; shift ;;
     --json-out=*) JSON_OUT=${1#--json-out=} ;;
     *) EXTRA+=("$1") ;;
@@ -74,7 +78,7 @@ WORK=$(mktemp -d "$TMPBASE/grokgate-gateway-bench.XXXXXX")
 # ---- process bookkeeping and cleanup ---------------------------------------------------------------------
 # Every long-lived process is started with setsid, so it leads its own process group and stopping the group
 # stops whatever it spawned. Only PIDs recorded here are ever signalled.
-UPSTREAM_PID="" LITELLM_PID="" LITELLM_STARTER_PID="" GG_PID="" GG2_PID="" GG3_PID="" GG4_PID="" BASE_TREE=""
+UPSTREAM_PID="" LITELLM_PID="" LITELLM_STARTER_PID="" GG_PID="" GG2_PID="" GG3_PID="" GG4_PID="" GG5_PID="" BASE_TREE=""
 PG_DB="" PG_BASE_DB=""
 PG_ADMIN=${GROKGATE_PG_ADMIN:-postgresql://postgres@127.0.0.1:5432/test}
 OK=0
@@ -103,6 +107,7 @@ cleanup() {
   stop_proc grokgate-noacct "$GG2_PID"
   stop_proc grokgate-base "$GG3_PID"
   stop_proc grokgate-pg "$GG4_PID"
+  stop_proc "grokgate-w$WORKERS" "$GG5_PID"
   [ -z "$PG_DB" ] || psql "$PG_ADMIN" -qc "DROP DATABASE IF EXISTS $PG_DB" >/dev/null 2>&1 || true
   [ -z "$PG_BASE_DB" ] || psql "$PG_ADMIN" -qc "DROP DATABASE IF EXISTS $PG_BASE_DB" >/dev/null 2>&1 || true
   [ -z "$BASE_TREE" ] || git -C "$ROOT" worktree remove --force "$BASE_TREE" 2>/dev/null || true
@@ -201,7 +206,7 @@ start_grokgate() {  # start_grokgate NAME PORT ACCOUNTS(true|false) PIDVAR [SRC 
   mkdir -p "$WORK/data-$name"
   setsid env ${5:+PYTHONPATH="$5"} "${@:6}" GROKGATE_API_KEYS="$ADMIN_TOKEN" GROKGATE_DATA_DIR="$WORK/data-$name" \
     GROKGATE_CONFIG="$WORK/grokgate.yaml" GROKGATE_ACCOUNTS="$accounts" GROKGATE_GRPC_PORT=0 \
-    "$GROKGATE" serve --port "$port" --log-level WARNING >"$WORK/$name.log" 2>&1 &
+    "$GROKGATE" serve --port "$port" --log-level WARNING ${SERVE_ARGS:-} >"$WORK/$name.log" 2>&1 &
   pid=$!
   printf -v "$4" '%s' "$pid"  # recorded before waiting, so cleanup stops it even if it never gets ready
   local t0=$SECONDS
@@ -250,6 +255,16 @@ if [ "$SCALE_OUT" = 1 ]; then
     "$BENCH_PY" -c 'import json,sys; print(json.load(sys.stdin)["token"])') || die "no token from grokgate-pg"
 fi
 
+GG5_PORT="" W_TOKEN=""
+if [ -n "$WORKERS" ]; then
+  GG5_PORT=$(free_port $((GG_PORT + 4)))
+  say "starting grokgate-w$WORKERS (grokgate serve --workers $WORKERS, SQLite, accounts on) on :$GG5_PORT"
+  SERVE_ARGS="--workers $WORKERS" start_grokgate "grokgate-w$WORKERS" "$GG5_PORT" true GG5_PID
+  W_TOKEN=$(curl -s -X POST "http://127.0.0.1:$GG5_PORT/admin/keys" -H "Authorization: Bearer $ADMIN_TOKEN" \
+    -H 'content-type: application/json' -d '{"name": "bench", "credits": "100000000"}' |
+    "$BENCH_PY" -c 'import json,sys; print(json.load(sys.stdin)["token"])') || die "no token from grokgate-w$WORKERS"
+fi
+
 GG3_PORT="" BASE_TOKEN=""
 if [ -n "$BASE_REV" ]; then
   BASE_TREE="$WORK/base-tree"
@@ -289,6 +304,7 @@ say "smoke test: one non-streaming and one streaming request through each gatewa
 [ "$NO_LITELLM" = 1 ] || smoke litellm "http://127.0.0.1:$LITELLM_PORT/v1/chat/completions" "$LITELLM_KEY"
 smoke grokgate "$GG_URL/grok/chat/completions" "$TOKEN"
 [ -z "$GG3_PORT" ] || smoke grokgate-base "http://127.0.0.1:$GG3_PORT/grok/chat/completions" "$BASE_TOKEN"
+[ -z "$GG5_PORT" ] || smoke "grokgate-w$WORKERS" "http://127.0.0.1:$GG5_PORT/grok/chat/completions" "$W_TOKEN"
 [ -z "$GG4_PORT" ] || smoke grokgate-pg "http://127.0.0.1:$GG4_PORT/grok/chat/completions" "$PG_TOKEN"
 [ -z "$GG2_PORT" ] || smoke grokgate-noacct "http://127.0.0.1:$GG2_PORT/grok/chat/completions" "$ADMIN_TOKEN"
 
@@ -333,6 +349,8 @@ TARGETS=(--target "grokgate|$GG_URL|/grok/chat/completions|$TOKEN|$GG_PID")
   TARGETS+=(--target "grokgate-noacct|http://127.0.0.1:$GG2_PORT|/grok/chat/completions|$ADMIN_TOKEN|$GG2_PID")
 [ -z "$GG3_PORT" ] ||
   TARGETS+=(--target "grokgate-base|http://127.0.0.1:$GG3_PORT|/grok/chat/completions|$BASE_TOKEN|$GG3_PID")
+[ -z "$GG5_PORT" ] ||
+  TARGETS+=(--target "grokgate-w$WORKERS|http://127.0.0.1:$GG5_PORT|/grok/chat/completions|$W_TOKEN|$GG5_PID")
 [ -z "$GG4_PORT" ] ||
   TARGETS+=(--target "grokgate-pg|http://127.0.0.1:$GG4_PORT|/grok/chat/completions|$PG_TOKEN|$GG4_PID")
 say "step 5: gateway_bench.py (progress below; the table follows on stdout)"
@@ -393,7 +411,7 @@ try:
 except Exception as exc:  # noqa: BLE001
     print("- grokgate ledger check failed: %r" % exc)
 PY
-for name in grokgate grokgate-noacct grokgate-base grokgate-pg; do
+for name in grokgate grokgate-noacct grokgate-base grokgate-pg "grokgate-w$WORKERS"; do
   log=$WORK/$name.log
   [ -f "$log" ] || continue
   # started with --log-level WARNING: anything but the start-up banner is worth a look

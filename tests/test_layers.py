@@ -68,6 +68,7 @@ RULES: dict[str, Rule] = {
     "cli": rule(*ANY),
     "cli_admin": rule(*ANY),
     "server": rule(*ANY),
+    "drain": rule(*ANY),
     "runtime": rule(*ANY),
     # `grokgate serve --workers` (docs/operations.md): a supervisor wiring stores, engine and processes, like app.py.
     "workers": rule(*ANY),

@@ -45,9 +45,8 @@ def _serve(args: argparse.Namespace) -> int:
 
         return supervise(settings, overrides, args.workers)
     # The app's imports after the settings: a bad setting is refused without ~1 s of importing.
-    import uvicorn
-
     from grokgate.app import create_app
+    from grokgate.drain import serve
     from grokgate.observability.logging import configure
     from grokgate.server import BACKLOG, KEEP_ALIVE_SECONDS, http_protocol
 
@@ -64,13 +63,15 @@ def _serve(args: argparse.Namespace) -> int:
         )
     app = create_app(settings)
     print(f"grokgate: serving on http://{settings.host}:{settings.port}  (docs: /docs)", file=sys.stderr, flush=True)
-    uvicorn.run(
+    # grokgate.drain: on SIGTERM, /readyz goes 503 for GROKGATE_DRAIN_SECONDS before the server stops accepting.
+    return serve(
         app,
+        drain_seconds=settings.drain_seconds,
         host=settings.host,
         port=settings.port,
         log_level="warning",
         access_log=False,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=settings.graceful_timeout_seconds,
         # The peer address is the socket's: X-Forwarded-For from a local proxy must not rewrite it (the
         # /metrics loopback rule and the per-client connection bound read it).
         proxy_headers=False,
@@ -80,7 +81,6 @@ def _serve(args: argparse.Namespace) -> int:
         backlog=BACKLOG,
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
     )
-    return 0
 
 
 def progress_printer(label: str) -> Callable[[int, int], None]:

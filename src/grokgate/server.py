@@ -43,6 +43,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.protocols.utils import get_remote_addr
 from uvicorn.server import ServerState
 
+from grokgate.core.draining import Drain
 from grokgate.core.errors import GatewayError
 from grokgate.settings import Settings
 
@@ -202,6 +203,8 @@ class Guard:
         self.interval = min(1.0, max(0.05, min(limits.header_timeout, limits.body_timeout) / 4))
         self._sweeper: asyncio.TimerHandle | None = None
         self._flusher: asyncio.TimerHandle | None = None
+        # The process's drain (grokgate.drain), set by its server: while draining, answers close their connection.
+        self.drain: Drain | None = None
 
     def admit(self, conn: GuardedHttpToolsProtocol, key: str | None) -> str | None:
         """Take a place for `conn`, or name the limit it is over."""
@@ -331,6 +334,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._phase = _BODY
         self._since = self.loop.time()
         super().on_headers_complete()
+        drain = self.guard.drain
+        if drain is not None and drain.since is not None:
+            # Draining: this answer goes out with `Connection: close` (uvicorn adds it when keep_alive is off), so
+            # a load balancer keeps no idle connection here to send a request on once the server stops accepting.
+            self.cycle.keep_alive = False
 
     def on_chunk_header(self) -> None:
         # Only for chunked bodies. The last (empty) chunk is followed by trailer fields, which httptools joins

@@ -212,6 +212,11 @@ class Settings(BaseSettings):
     # Open connections in all and per client address; 0 = derived from the process's descriptor limit.
     max_connections: int = Field(default=0, ge=0, le=1_000_000)
     max_connections_per_client: int = Field(default=256, ge=1, le=1_000_000)
+    # Stopping (grokgate.drain): after a SIGTERM, /readyz answers 503 "draining" for `drain_seconds` while requests
+    # are still served (so a load balancer's health check takes this server out first; 0: stop accepting at once);
+    # then requests in flight, streams included, get `graceful_timeout_seconds` to finish before they are cancelled.
+    drain_seconds: float = Field(default=5.0, ge=0, le=3600)
+    graceful_timeout_seconds: float = Field(default=5.0, ge=0, le=86_400)
 
     # /metrics: `loopback` (open to 127.0.0.1/::1 only), `open`, `token` (Bearer metrics_token), or `off`.
     metrics_access: Literal["loopback", "open", "token", "off"] = "loopback"

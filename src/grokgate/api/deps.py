@@ -17,6 +17,7 @@ from grokgate.core.accounts import AdminStore
 from grokgate.core.admission import OPEN, Admission, Gate, Principal
 from grokgate.core.cassette import HEADER as CASSETTE_HEADER
 from grokgate.core.cassette import cassette_name
+from grokgate.core.draining import Drain
 from grokgate.core.errors import GatewayError
 from grokgate.core.response_cache import CACHE_HEADER, parse_option
 from grokgate.core.tenancy import tenant_of
@@ -43,6 +44,8 @@ class Gateway:
     # Deferred completions (serving/deferred.py): app.py always builds it; None only for a Gateway built bare.
     deferred: Deferred | None = None
     started_at: int = field(default_factory=lambda: int(time.time()))
+    # Set when this process begins to stop (grokgate.drain): /readyz answers 503 "draining" from then on.
+    drain: Drain = field(default_factory=Drain)
     # What admission does before and besides `admit` (refusals counted, large bodies gated), when it limits
     # callers at all; and the worker threads large bodies are parsed in (api/body.py).
     gate: Gate = field(init=False, default=OPEN)

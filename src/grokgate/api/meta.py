@@ -48,7 +48,7 @@ class Health(_Closed):
 
 
 class Readiness(_Closed):
-    status: Literal["ready", "loading"]
+    status: Literal["ready", "loading", "draining"]
     backends: dict[str, dict[str, Any]]
 
 
@@ -101,12 +101,14 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", tags=["health"], summary="Readiness: every backend can take requests", response_model=None,
             responses={200: {"model": Readiness, "description": "Every backend is ready"},
-                       503: {"model": Readiness, "description": "A backend is still loading or unavailable"}})
+                       503: {"model": Readiness, "description": "A backend is still loading or unavailable, "
+                                                                 "or the process is stopping (draining)"}})
 async def readyz(gw: Annotated[Gateway, Depends(gateway)]) -> JSONResponse:
     backends = {p.name: p.status() for p in gw.models.providers()}
     ready = all(p.ready() for p in gw.models.providers())
-    body = {"status": "ready" if ready else "loading", "backends": backends}
-    return JSONResponse(body, status_code=200 if ready else 503)
+    # Draining (grokgate.drain): still serving, but a load balancer should send nothing new here.
+    status = "draining" if gw.drain.draining else "ready" if ready else "loading"
+    return JSONResponse({"status": status, "backends": backends}, status_code=200 if status == "ready" else 503)
 
 
 # -- who may scrape ------------------------------------------------------------------------------------------

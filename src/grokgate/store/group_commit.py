@@ -17,11 +17,11 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Connection, Engine
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from grokgate.core.accounts import Settlement, StoreUnavailable
 from grokgate.store.batch import reserve_many, settle_many
 from grokgate.store.cache import RefreshingCache
+from grokgate.store.parts import StorePart
 from grokgate.store.pg_commit import PgCommitter
 from grokgate.store.settling import KeySpend
 from grokgate.store.sqlite_writer import SqliteWriter, WriterFailed
@@ -36,7 +36,7 @@ _CHILD_KINDS = ("settle", "rows")
 _PG_KINDS = ("settle", "reserve")
 
 
-class GroupCommit:
+class GroupCommit(StorePart):
     """Mixed into SqlStore, which sets these up (store/sql.py)."""
 
     owner: str
@@ -51,10 +51,6 @@ class GroupCommit:
     _memory_holds: bool
     _balances: RefreshingCache[int, int | None]
     _keys: RefreshingCache[int, tuple[int | None, int, int, str | None] | None]
-
-    @property
-    def engine(self) -> AsyncEngine:
-        raise NotImplementedError
 
     async def write(self, op: Op) -> Any:
         """Run `op` in the next group transaction and return its result once committed."""

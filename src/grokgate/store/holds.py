@@ -17,12 +17,12 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from grokgate.core.accounts import Settlement, StoreUnavailable, TokenRecord, now_ms
 from grokgate.core.budgets import GRANTED, AccountRecord, Hold, Reserved, period_bounds, spent_in
 from grokgate.store.batch import release_held
 from grokgate.store.cache import RefreshingCache
+from grokgate.store.parts import StorePart
 from grokgate.store.schema import accounts, api_tokens, reservations
 from grokgate.store.settling import KeySpend
 
@@ -34,7 +34,7 @@ _RETRY_FIRST_S = 0.2
 _RETRY_MAX_S = 5.0
 
 
-class HoldsMixin:
+class HoldsMixin(StorePart):
     """Mixed into SqlStore, which sets these up (store/sql.py)."""
 
     _memory_holds: bool
@@ -46,13 +46,8 @@ class HoldsMixin:
     _keys: RefreshingCache[int, tuple[int | None, int, int, str | None] | None]
     _tokens: RefreshingCache[str, tuple[TokenRecord, bool] | None]
     _submit: Callable[[str, Any], Coroutine[Any, Any, Any]]
-    write: Callable[[Callable[[Any], Any]], Coroutine[Any, Any, Any]]
     _pending: dict[str, tuple[Settlement | None, float]]  # request id -> its settlement (None: a release), since
     _retrier: asyncio.Task[None] | None
-
-    @property
-    def engine(self) -> AsyncEngine:
-        raise NotImplementedError
 
     async def reserve(self, hold: Hold) -> Reserved:
         if not self._memory_holds:

@@ -10,36 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, Interval, delete, func, literal, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from grokgate.core.accounts import now_ms
 from grokgate.store.batch import dialect_insert, release_held
+from grokgate.store.parts import StorePart
 from grokgate.store.schema import instances, reservations
 
 log = logging.getLogger("grokgate.store")
 
 
-class InstancesMixin:
+class InstancesMixin(StorePart):
     """Mixed into SqlStore, which sets these up (store/sql.py)."""
 
     owner: str
     heartbeat_seconds: float
     dead_after_seconds: float
     _beaten: bool
-    write: Callable[[Callable[[Connection], Any]], Awaitable[Any]]
-
-    @property
-    def engine(self) -> AsyncEngine:
-        raise NotImplementedError
-
-    @property
-    def dialect(self) -> str:
-        raise NotImplementedError
 
     async def reclaim(self, *, owner: str | None = None, older_than_ms: int | None = None) -> int:
         """Release reservations left by a crash: this owner's, or any older than the cut-off."""

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import hmac
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy import Connection, Select, delete, func, insert, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from grokgate.core.accounts import (
     TokenRecord,
@@ -31,6 +29,7 @@ from grokgate.core.errors import GatewayError
 from grokgate.core.limits import Limits
 from grokgate.store.batch import release_held, restart_period
 from grokgate.store.cache import RefreshingCache
+from grokgate.store.parts import StorePart
 from grokgate.store.schema import accounts, api_tokens, ledger, reservations
 
 _KEY_FIELDS = {"name", "disabled", "expires_at", "allowed_models", "rpm", "tpm", "max_concurrency", "spend_limit",
@@ -59,19 +58,10 @@ def check_period(period: str | None) -> str | None:
     return period
 
 
-class KeysMixin:
+class KeysMixin(StorePart):
     """Mixed into SqlStore, which provides these."""
 
     _tokens: RefreshingCache[str, tuple[TokenRecord, bool] | None]
-    write: Callable[[Callable[[Connection], Any]], Awaitable[Any]]
-
-    @property
-    def engine(self) -> AsyncEngine:
-        raise NotImplementedError
-
-    @property
-    def dialect(self) -> str:
-        raise NotImplementedError
 
     def _with_holds(self, record: TokenRecord) -> TokenRecord:
         raise NotImplementedError

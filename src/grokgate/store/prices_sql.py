@@ -3,28 +3,22 @@ SqlStore (store/sql.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy import Connection, insert, select
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from grokgate.core.accounts import check_text, now_ms, storable
 from grokgate.core.pricing import Price
 from grokgate.store.batch import dialect_insert
 from grokgate.store.cache import RefreshingCache
+from grokgate.store.parts import StorePart
 from grokgate.store.schema import prices
 
 
-class PricesMixin:
+class PricesMixin(StorePart):
     """Mixed into SqlStore, which provides these."""
 
     _prices: RefreshingCache[str, dict[str, Price]]
-    write: Callable[[Callable[[Connection], Any]], Awaitable[Any]]
-
-    @property
-    def engine(self) -> AsyncEngine:
-        raise NotImplementedError
 
     async def current_prices(self) -> dict[str, Price]:
         return await self._prices.get("current", self._read_prices)

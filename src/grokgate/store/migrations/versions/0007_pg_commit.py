@@ -38,8 +38,6 @@ SETTLE = f"""
 CREATE OR REPLACE FUNCTION grokgate_settle(batch jsonb, created bigint, today text) RETURNS jsonb
 LANGUAGE plpgsql SET enable_seqscan = off AS $fn$
 DECLARE
-  ids text[];
-  done text[];
   fresh jsonb;
   held jsonb;
   charges jsonb := '{{}}';  -- request id -> charge, only where capped below the cost
@@ -59,11 +57,10 @@ BEGIN
   -- Idempotent by request id: the first settlement of each id in the batch, unless the ledger has it already.
   -- Every lookup below is `= ANY(array)` or by primary key: an index scan whatever the planner guesses of a
   -- JSON function's rows (a join on one read the whole ledger).
-  ids := ARRAY(SELECT DISTINCT e->>'r' FROM jsonb_array_elements(batch) e);
-  done := ARRAY(SELECT request_id FROM ledger WHERE request_id = ANY(ids));
   SELECT coalesce(jsonb_agg(x.item ORDER BY x.n), '[]') INTO fresh FROM (
     SELECT DISTINCT ON (e.item->>'r') e.item, e.n FROM jsonb_array_elements(batch) WITH ORDINALITY AS e(item, n)
-    WHERE NOT (e.item->>'r' = ANY(done))
+    WHERE NOT (e.item->>'r' = ANY(ARRAY(
+      SELECT request_id FROM ledger WHERE request_id = ANY(ARRAY(SELECT b->>'r' FROM jsonb_array_elements(batch) b)))))
     ORDER BY e.item->>'r', e.n) x;
   IF jsonb_array_length(fresh) = 0 THEN
     RETURN jsonb_build_object('b', balances, 'k', keys, 'c', capped);
@@ -141,32 +138,30 @@ BEGIN
       keys := keys || jsonb_build_object(k.token::text, jsonb_build_array(kstart, kspent));
     END IF;
   END LOOP;
+  -- The ledger rows, and the day's totals from what was inserted: one statement.
   WITH rows AS (
     SELECT f, n, CASE WHEN f->>'a' IS NULL THEN 0
                       ELSE coalesce((charges->>(f->>'r'))::bigint, (f->>'c')::bigint) END AS due
-    FROM jsonb_array_elements(fresh) WITH ORDINALITY AS e(f, n))
-  INSERT INTO ledger (request_id, token_id, account_id, kind, model, backend, endpoint, prompt_tokens,
-                      cached_tokens, completion_tokens, reasoning_tokens, server_tool_calls, amount, cost,
-                      price_version, status, estimated, duration_ms, created_at, upstream_cost_ticks, note)
-  SELECT f->>'r', (f->>'t')::int, (f->>'a')::int, 'usage', f->>'m', f->>'b', f->>'e', (f->>'pt')::int,
-         (f->>'ct')::int, (f->>'ot')::int, (f->>'rt')::int, (f->>'st')::int, -due, (f->>'c')::bigint,
-         (f->>'pv')::int, f->>'s', (f->>'est')::boolean, (f->>'d')::int, created, (f->>'tk')::bigint,
-         CASE WHEN f->>'a' IS NOT NULL AND due <> (f->>'c')::bigint
-              THEN 'cost ' || (f->>'c') || ' capped at the balance' END
-  FROM rows ORDER BY n;
-  WITH rows AS (
-    SELECT coalesce((f->>'t')::int, 0) AS token, f->>'m' AS model, coalesce((f->>'a')::int, 0) AS account,
-           (f->>'pt')::bigint AS pt, (f->>'ct')::bigint AS ct, (f->>'ot')::bigint AS ot, (f->>'rt')::bigint AS rt,
-           (f->>'tk')::bigint AS tk,
-           CASE WHEN f->>'a' IS NULL THEN 0
-                ELSE coalesce((charges->>(f->>'r'))::bigint, (f->>'c')::bigint) END AS due
-    FROM jsonb_array_elements(fresh) f)
+    FROM jsonb_array_elements(fresh) WITH ORDINALITY AS e(f, n)),
+  added AS (
+    INSERT INTO ledger (request_id, token_id, account_id, kind, model, backend, endpoint, prompt_tokens,
+                        cached_tokens, completion_tokens, reasoning_tokens, server_tool_calls, amount, cost,
+                        price_version, status, estimated, duration_ms, created_at, upstream_cost_ticks, note)
+    SELECT f->>'r', (f->>'t')::int, (f->>'a')::int, 'usage', f->>'m', f->>'b', f->>'e', (f->>'pt')::int,
+           (f->>'ct')::int, (f->>'ot')::int, (f->>'rt')::int, (f->>'st')::int, -due, (f->>'c')::bigint,
+           (f->>'pv')::int, f->>'s', (f->>'est')::boolean, (f->>'d')::int, created, (f->>'tk')::bigint,
+           CASE WHEN f->>'a' IS NOT NULL AND due <> (f->>'c')::bigint
+                THEN 'cost ' || (f->>'c') || ' capped at the balance' END
+    FROM rows ORDER BY n
+    RETURNING token_id, model, account_id, prompt_tokens, cached_tokens, completion_tokens, reasoning_tokens,
+              amount, upstream_cost_ticks)
   INSERT INTO usage_daily AS u (day, token_id, model, account_id, requests, prompt_tokens, cached_tokens,
                                 completion_tokens, reasoning_tokens, cost, upstream_requests, upstream_cost_ticks,
                                 upstream_charged)
-  SELECT today, token, model, max(account), count(*), sum(pt), sum(ct), sum(ot), sum(rt), sum(due),
-         count(tk), coalesce(sum(tk), 0), sum(CASE WHEN tk IS NOT NULL THEN due ELSE 0 END)
-  FROM rows GROUP BY token, model ORDER BY token, model
+  SELECT today, coalesce(token_id, 0), model, max(coalesce(account_id, 0)), count(*), sum(prompt_tokens),
+         sum(cached_tokens), sum(completion_tokens), sum(reasoning_tokens), sum(-amount), count(upstream_cost_ticks),
+         coalesce(sum(upstream_cost_ticks), 0), sum(CASE WHEN upstream_cost_ticks IS NOT NULL THEN -amount ELSE 0 END)
+  FROM added GROUP BY coalesce(token_id, 0), model ORDER BY 2, 3
   ON CONFLICT (day, token_id, model) DO UPDATE SET
     requests = u.requests + excluded.requests, prompt_tokens = u.prompt_tokens + excluded.prompt_tokens,
     cached_tokens = u.cached_tokens + excluded.cached_tokens,
