@@ -97,7 +97,9 @@ def _database() -> str:
 def start_workers(tmp: Path, fake: FakeXAI, database: str | None, name: str, redis: bool = True) -> Workers:
     """`--workers 2` on PostgreSQL (`database`) + Redis (unless not `redis`), or (None) on SQLite in its data dir
     without Redis."""
-    env = upstream_env(tmp, fake, GROKGATE_MAX_CONNECTIONS_PER_CLIENT="1000", GROKGATE_LOG_LEVEL="WARNING")
+    # A short drain: a stop (SIGTERM) keeps serving, /readyz 503, for that long first (grokgate.drain).
+    env = upstream_env(tmp, fake, GROKGATE_MAX_CONNECTIONS_PER_CLIENT="1000", GROKGATE_LOG_LEVEL="WARNING",
+                       GROKGATE_DRAIN_SECONDS="1")
     if database is not None:
         url = f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{database}"
         env.update(GROKGATE_DATABASE_URL=url, **({"GROKGATE_REDIS_URL": REDIS_URL} if redis else {}))
@@ -265,6 +267,13 @@ def test_sigterm_stops_every_worker_with_nothing_reserved(tmp_path: Path, fake: 
             t.start()
         time.sleep(1)
         w.server.process.send_signal(signal.SIGTERM)
+        # Every worker drains as one server does: still serving, not ready (grokgate.drain).
+        readiness = set()
+        deadline = time.monotonic() + 0.8
+        while time.monotonic() < deadline:
+            with w.server.client() as c:
+                readiness.add(c.get("/readyz").json()["status"])
+        assert "draining" in readiness, readiness
         assert w.server.process.wait(60) == 0, w.server.log()[-3000:]
         stop.set()
         for t in threads:

@@ -51,8 +51,8 @@ from grokgate.settings import Settings
 
 # Seconds a worker may take to start (imports, migrations, the first heartbeat) before a reload gives up on it.
 START_TIMEOUT_S = 120.0
-# After a SIGTERM, a worker keeps serving this long with `Connection: close` on every answer, so clients stop
-# reusing its kept-alive connections before it closes them (see `_DrainHeaders`).
+# A worker a reload replaces (SIGUSR2) keeps serving this long with `Connection: close` on every answer, so clients
+# stop reusing its kept-alive connections before it closes them (see `_DrainHeaders`).
 DRAIN_S = 1.0
 # A worker that dies unasked is restarted; if it keeps dying at start, at most once per this many seconds.
 RESTART_BACKOFF_S = 1.0
@@ -268,7 +268,7 @@ class Supervisor:
                 continue
             grpc_owner = k == 0 and self.settings.grpc_port != 0
             if grpc_owner:
-                self.retire(old, timeout=60)
+                self.retire(old, signal.SIGUSR2, timeout=60)
             new = self.spawn(k, old.generation + 1)
             if not new.wait_ready(START_TIMEOUT_S):
                 print(f"grokgate: reload: the new worker {k} did not start; keeping the old ones",
@@ -279,7 +279,7 @@ class Supervisor:
                 return
             self.workers[k] = new
             if not grpc_owner:
-                self.retire(old, timeout=60)
+                self.retire(old, signal.SIGUSR2, timeout=60)
             if self.signals and self.signals[0] != signal.SIGHUP:
                 return  # a stop asked for meanwhile: the loop handles it
         print("grokgate: reload done", file=sys.stderr, flush=True)
@@ -355,6 +355,7 @@ def worker_main(spec: dict[str, Any]) -> int:
     import uvicorn
 
     from grokgate.app import create_app
+    from grokgate.drain import DrainingServer
     from grokgate.observability.logging import configure
     from grokgate.server import BACKLOG, KEEP_ALIVE_SECONDS, http_protocol
 
@@ -371,12 +372,21 @@ def worker_main(spec: dict[str, Any]) -> int:
         from grokgate.workers_engine import remote_engine
 
         models = build_routing(settings, remote_engine(spec["engine"], local_options(settings)))
-    app = _DrainHeaders(create_app(settings, accounts=accounts, models=models))
+    gateway_app = create_app(settings, accounts=accounts, models=models)
+    app = _DrainHeaders(gateway_app)
     sock = socket.socket(fileno=spec["fd"])
     ready_fd: int = spec["ready"]
+    # SIGTERM (the supervisor stopping): this worker drains as one server does (grokgate.drain: /readyz 503, every
+    # answer closing its connection, then the graceful stop). SIGUSR2 (a reload replacing it): it leaves quietly,
+    # its readiness unchanged (a balancer's health check may reach any worker of the port, and the port stays
+    # ready), closing its connections for DRAIN_S before it stops accepting.
+    drain = gateway_app.state.gateway.drain
+    guard = getattr(protocol, "guard", None)
+    if guard is not None:
+        guard.drain = drain
 
-    class Server(uvicorn.Server):
-        drain_until: float | None = None
+    class Server(DrainingServer):
+        leave_at: float | None = None
 
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets)
@@ -384,28 +394,25 @@ def worker_main(spec: dict[str, Any]) -> int:
                 os.write(ready_fd, b"r")
                 os.close(ready_fd)
 
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            # A signal handler: it only sets what the main loop's tick (every 0.1 s) reads, as uvicorn's does;
-            # unlike uvicorn's, it does not re-raise the signal at the end, so a graceful stop exits 0.
-            if self.should_exit or self.drain_until is not None:  # a second signal: stop now
-                self.should_exit = self.force_exit = True
-            elif sig == signal.SIGTERM and self.started:
-                app.draining = True  # answers close their connections; accepting stops after DRAIN_S
-                self.drain_until = time.monotonic() + DRAIN_S
-            else:
-                self.should_exit = True
+        def leave(self) -> None:  # a signal handler, as handle_exit: it only sets what the loop's tick reads
+            if not self.started:
+                self.should_exit = True  # uvicorn stops right after its start-up
+            elif self.leave_at is None and not self.should_exit:
+                app.draining = True
+                self.leave_at = time.monotonic() + DRAIN_S
 
         async def on_tick(self, counter: int) -> bool:
-            if self.drain_until is not None and time.monotonic() >= self.drain_until:
-                self.drain_until = None
+            if self.leave_at is not None and not self.should_exit and time.monotonic() >= self.leave_at:
                 self.should_exit = True
             return await super().on_tick(counter)
 
-    # The same options as one process (cli.py _serve).
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
-                            proxy_headers=False, http=protocol, ws="none", backlog=BACKLOG,
-                            timeout_keep_alive=KEEP_ALIVE_SECONDS, lifespan="on")
-    server = Server(config)
+    # The same options as one process (cli.py _serve); uvicorn's graceful timeout is asyncio.wait_for's (a float).
+    options: dict[str, Any] = {"timeout_graceful_shutdown": settings.graceful_timeout_seconds}
+    config = uvicorn.Config(app, log_level="warning", access_log=False, proxy_headers=False, http=protocol,
+                            ws="none", backlog=BACKLOG, timeout_keep_alive=KEEP_ALIVE_SECONDS, lifespan="on",
+                            **options)
+    server = Server(config, drain=drain, drain_seconds=settings.drain_seconds)
+    signal.signal(signal.SIGUSR2, lambda _s, _f: server.leave())
     with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run: a SIGINT before the handlers were installed
         server.run(sockets=[sock])
     return 0 if server.started else 3
