@@ -20,7 +20,8 @@ W=$(mktemp -d "${TMPDIR:-/tmp}/grokgate-workers-bench.XXXXXX")
 DB="grokgate_bench_workers_$$"
 PIDS=()
 cleanup() {
-  for p in "${PIDS[@]}"; do kill -TERM -- "-$p" 2>/dev/null || true; done; sleep 2
+  for p in "${PIDS[@]}"; do kill -TERM -- "-$p" 2>/dev/null || true; done  # supervisors stop their workers
+  for p in "${PIDS[@]}"; do for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done; done
   for i in 1 2; do psql "$PGURL/postgres" -qc "DROP DATABASE IF EXISTS ${DB}_$i WITH (FORCE)" 2>/dev/null || true; done
   rm -rf "$W"
 }
@@ -35,7 +36,7 @@ ADMIN="gg-admin-w-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
 start() {  # start NAME PORT WORKERS [ENV...]
   local name=$1 port=$2 workers=$3; shift 3
   setsid env GROKGATE_API_KEYS="$ADMIN" GROKGATE_DATA_DIR="$W/data-$name" GROKGATE_CONFIG="$W/routing.yaml" \
-    GROKGATE_GRPC_PORT=0 "$@" "$GG" serve --port "$port" --workers "$workers" --log-level WARNING \
+    GROKGATE_GRPC_PORT=0 GROKGATE_DRAIN_SECONDS=0 "$@" "$GG" serve --port "$port" --workers "$workers" --log-level WARNING \
     >"$W/$name.log" 2>&1 &
   PIDS+=($!)
 }
