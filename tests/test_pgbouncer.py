@@ -209,6 +209,9 @@ def test_the_pooler_travels_on_the_url_and_no_driver_sees_it() -> None:
     assert engine_args("postgresql+asyncpg://u@h/db") == (
         "postgresql+asyncpg://u@h/db", {"connect_args": {"timeout": 2.0, "command_timeout": 30.0}})
     assert engine_args("sqlite+aiosqlite:///x.db") == ("sqlite+aiosqlite:///x.db", {})
+    # Migrations run unbounded: an UPDATE of a large ledger, or waiting on another replica's migration lock.
+    assert engine_args("postgresql+asyncpg://u@h/db", bounded=False) == (
+        "postgresql+asyncpg://u@h/db", {"connect_args": {"timeout": 2.0}})
     assert asyncpg_connect_args(normalise_url(url)) == ("postgresql://u@h:6432/db?sslmode=require",
                                                         {"statement_cache_size": 0})
     with pytest.raises(ValueError, match="PostgreSQL"):

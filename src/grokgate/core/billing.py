@@ -36,7 +36,6 @@ log = logging.getLogger("grokgate.billing")
 # Request ids the limiter counted (admitted, or refused for credits after `acquire`) whose error may still reach
 # `AccountAdmission.refused`, which must not count them twice: kept only for failures, the oldest dropped first.
 _COUNTED_MAX = 4096
-_UNLIMITED = Decision(True, None, 0.0, {})  # what the limiter decides for a key with no limit set
 
 
 def _any_limit(limits: Limits) -> bool:
@@ -225,7 +224,7 @@ class AccountAdmission:
     async def _acquire(self, principal: Principal, request_id: str, limits: Limits, tokens: int) -> Decision:
         """The key's limits, then its account's (all its keys together): both must admit the request. A key with
         no limit set is not asked about (with Redis, a round trip per request that could only say yes)."""
-        decision = _UNLIMITED
+        decision = Decision(True, None, 0.0, {})  # what the limiter decides for a key with no limit set
         if _any_limit(limits):
             decision = await self.limiter.acquire(principal.key_id, request_id, limits, tokens)
             if not decision.allowed:

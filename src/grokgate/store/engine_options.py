@@ -89,19 +89,23 @@ CONNECT_TIMEOUT_S = 2.0
 COMMAND_TIMEOUT_S = 30.0
 
 
-def engine_args(url: str) -> tuple[str, dict[str, Any]]:
-    """The URL and keyword arguments of SQLAlchemy's `create_async_engine` for a store URL."""
+def engine_args(url: str, *, bounded: bool = True) -> tuple[str, dict[str, Any]]:
+    """The URL and keyword arguments of SQLAlchemy's `create_async_engine` for a store URL. `bounded=False`: no
+    limit on a statement's time, for migrations (a 0006-style UPDATE of a large ledger, or a replica waiting on
+    another's migration lock, may take minutes)."""
     bare, pooler = split_pooler(url)
     if not _is_postgres(bare):
         return bare, {}
-    connect: dict[str, Any] = {"timeout": CONNECT_TIMEOUT_S, "command_timeout": COMMAND_TIMEOUT_S}
+    connect: dict[str, Any] = {"timeout": CONNECT_TIMEOUT_S}
+    if bounded:
+        connect["command_timeout"] = COMMAND_TIMEOUT_S
     if pooler != "none":
         connect.update(asyncpg_options(pooler), prepared_statement_cache_size=0,
                        prepared_statement_name_func=_statement_name)
     return bare, {"connect_args": connect}
 
 
-def async_engine(url: str, **kwargs: Any) -> AsyncEngine:
+def async_engine(url: str, *, bounded: bool = True, **kwargs: Any) -> AsyncEngine:
     """`create_async_engine` for a store URL, with the pooler's options (store/sql.py opens its engine here)."""
-    bare, options = engine_args(url)
+    bare, options = engine_args(url, bounded=bounded)
     return create_async_engine(bare, **options, **kwargs)

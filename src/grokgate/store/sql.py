@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, make_url, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import NullPool, StaticPool
 
 from grokgate.core.accounts import Settlement, TokenRecord, now_ms
 from grokgate.core.pricing import Price
@@ -171,13 +171,22 @@ class SqlStore(GroupCommit, HoldsMixin, InstancesMixin, KeysMixin, PricesMixin, 
             config.attributes["connection"] = sync_conn
             command.upgrade(config, "head")
 
-        async with self.engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
+        if self.dialect != "postgresql":
+            async with self.engine.begin() as conn:
+                await conn.run_sync(run)
+            return
+        # Migrations may take minutes on a large ledger (and a replica waits for another's): an engine of their
+        # own, without the serving engine's statement timeout (store/engine_options.py).
+        engine = async_engine(self.url, bounded=False, poolclass=NullPool)
+        try:
+            async with engine.begin() as conn:
                 # Replicas started together on an empty database would each create alembic_version and the
                 # tables, and all but one fail (a unique violation in the catalog). One migrates at a time;
                 # the others then find the schema at head. Released at commit.
                 await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
-            await conn.run_sync(run)
+                await conn.run_sync(run)
+        finally:
+            await engine.dispose()
 
     async def _read_deployment_id(self) -> str:
         """The one `deployment` row's id; made now (once, whichever replica gets there first) if it was deleted."""
