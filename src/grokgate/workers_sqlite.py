@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import logging
 import os
 import pickle
@@ -43,7 +45,7 @@ from grokgate.store.sql import SqlStore
 log = logging.getLogger("grokgate.workers")
 
 _HEADER = struct.Struct("!I")
-_STORE_CALLS = frozenset({"reserve", "settle", "forget", "restart_held"})
+_STORE_CALLS = frozenset({"reserve", "unhold", "settle", "forget", "restart_held"})
 # The supervisor's store waits this long at shutdown for what workers still settle (store/sql.py close).
 _CLOSE_GRACE_S = 10.0
 
@@ -110,6 +112,7 @@ class HoldsServer:
         self._thread = threading.Thread(target=self._loop.run_forever, name="holds-server", daemon=True)
         self._server: asyncio.AbstractServer | None = None
         self._peers: set[_Peer] = set()
+        self._held_ids: set[str] = set()  # request ids whose holds are granted and not yet settled or released
 
     def start(self) -> None:
         """Open the store (migrating it, taking the file's lock, starting its writer child) and listen."""
@@ -182,13 +185,25 @@ class HoldsServer:
             outcome = await store.reserve(hold)
             if outcome.granted and hold.amount > 0:
                 peer.holds[hold.request_id] = hold
+                self._held_ids.add(hold.request_id)
             return outcome
+        if method == "unhold":  # a reservation whose request was cancelled while it was being granted
+            dropped = peer.holds.pop(args[0], None)
+            if dropped is not None:
+                self._held_ids.discard(dropped.request_id)
+                store.drop_hold(dropped)
+            return None
         if method == "settle":
             settlement: Settlement = args[0]
+            if settlement.reserved and settlement.request_id not in self._held_ids:
+                # Its hold was released already (its worker's connection dropped and came back): charged, but
+                # nothing is released twice.
+                settlement = dataclasses.replace(settlement, reserved=0)
             try:
                 await store.settle(settlement)
             finally:
                 peer.holds.pop(settlement.request_id, None)
+                self._held_ids.discard(settlement.request_id)
             return None
         if method == "forget":
             store._forget(**args[0])  # an admin change in a worker: read the key or account again
@@ -221,15 +236,8 @@ class HoldsServer:
             log.warning("a worker left with %d reservation(s) unsettled: released", len(peer.holds))
         for hold in peer.holds.values():  # only with a store (reserve adds them)
             assert store is not None
-            # As store/holds.py settle's release of a hold, without a settlement (the request was never answered).
-            store._unsettled = max(0, store._unsettled - 1)
-            store._held[hold.account_id] = max(0, store._held.get(hold.account_id, 0) - hold.amount)
-            slot = (hold.token_id, store._moved_periods.get((hold.token_id, hold.period_start), hold.period_start))
-            left = store._key_held.get(slot, 0) - hold.amount
-            if left > 0:
-                store._key_held[slot] = left
-            else:
-                store._key_held.pop(slot, None)
+            self._held_ids.discard(hold.request_id)
+            store.drop_hold(hold)  # the request was never answered: no settlement
         if self.limiter is not None:
             for (key, request_id), (limits, tokens) in peer.slots.items():
                 await self.limiter.release(key, request_id, limits, tokens, 0)
@@ -313,9 +321,19 @@ class RemoteHoldsStore(SqlStore):
         await super().open(migrate=False, serve=False)
 
     async def reserve(self, hold: Hold) -> Reserved:
-        outcome: Reserved = await self.client.call("reserve", hold)
+        call = asyncio.ensure_future(self.client.call("reserve", hold))
+        try:
+            outcome: Reserved = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            # The request is gone, but the supervisor may grant the hold all the same: then it is given back.
+            call.add_done_callback(functools.partial(self._unhold, hold))
+            raise
         self._unsettled += outcome.granted and hold.amount > 0
         return outcome
+
+    def _unhold(self, hold: Hold, call: asyncio.Future[Any]) -> None:
+        if not call.cancelled() and call.exception() is None and call.result().granted:
+            self._background(self.client.notify("unhold", hold.request_id))
 
     async def settle(self, s: Settlement) -> None:
         try:

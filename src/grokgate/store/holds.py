@@ -109,14 +109,7 @@ class HoldsMixin(StorePart):
         finally:
             if s.account_id is not None and s.reserved:
                 self._unsettled = max(0, self._unsettled - 1)
-                if self._memory_holds:
-                    self._held[s.account_id] = max(0, self._held.get(s.account_id, 0) - s.reserved)
-                    slot = (s.token_id or 0, s.period_start)
-                    left = self._key_held.get(slot, 0) - s.reserved
-                    if left > 0:
-                        self._key_held[slot] = left
-                    else:
-                        self._key_held.pop(slot, None)
+                self._drop_held(s.account_id, s.token_id or 0, s.period_start, s.reserved)
         if self._memory_holds:
             # What each settlement read under the row lock is the newest committed state.
             balances, keys = spent
@@ -130,6 +123,22 @@ class HoldsMixin(StorePart):
                     # A read that began before this commit may still be storing the counters without this
                     # charge: dropping it makes the next reservation read them again.
                     self._keys.invalidate(token_id)
+
+    def _drop_held(self, account_id: int, token_id: int, period_start: int, amount: int) -> None:
+        """Give back what a hold keeps of an account's balance and of its key's period (memory holds)."""
+        self._held[account_id] = max(0, self._held.get(account_id, 0) - amount)
+        slot = (token_id, period_start)
+        left = self._key_held.get(slot, 0) - amount
+        if left > 0:
+            self._key_held[slot] = left
+        else:
+            self._key_held.pop(slot, None)
+
+    def drop_hold(self, hold: Hold) -> None:
+        """Release a granted memory hold whose request is never settled (its worker is gone: grokgate/workers.py)."""
+        self._unsettled = max(0, self._unsettled - 1)
+        period = self._moved_periods.get((hold.token_id, hold.period_start), hold.period_start)
+        self._drop_held(hold.account_id, hold.token_id, period, hold.amount)
 
     # -- while the database is away (PostgreSQL) ------------------------------------------------------------
 
