@@ -14,6 +14,8 @@ import contextlib
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -22,6 +24,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -35,6 +38,7 @@ from tests.conftest import (
     Server,
     _pg_execute,
     create_key,
+    raw_request,
     start_server,
     stop_server,
 )
@@ -376,6 +380,22 @@ def test_the_local_model_is_loaded_once_and_serves_every_worker(tmp_path: Path) 
         assert "reload done" in server.log(), server.log()[-3000:]
         assert [r.status_code for r in fire([server], token, 4, body)] == [200] * 4
         assert maps_model(server.process.pid)
+        # A client gone while the supervisor's engine evaluates its long prompt is billed that prompt (its
+        # estimate), as in one process: the stopped generation reports what it consumed back to the worker.
+        long = {**body, "messages": [{"role": "user", "content": "Count the words: " + "lorem ipsum " * 400}],
+                "stream": True}
+        with raw_request(server, long, token) as sock:
+            time.sleep(0.3)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset, not a close
+        deadline = time.monotonic() + 30
+        rows: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            rows = [r for r in admin_get(server, f"/admin/ledger?token={key['id']}&limit=10000")["data"]
+                    if r["kind"] == "usage" and r["status"] == "client_disconnected"]
+            if rows:
+                break
+            time.sleep(0.2)
+        assert len(rows) == 1 and rows[0]["prompt_tokens"] > 400 and rows[0]["cost"] > 0, rows
     finally:
         stop_server(server)
 

@@ -33,6 +33,7 @@ from grokgate.workers_sqlite import new_loop, receive_frame, send_frame
 log = logging.getLogger("grokgate.workers")
 
 _POLL_S = 1.0
+_STOP_WAIT_S = 2.0  # a stopped generation's usage, from the supervisor (then the request settles without it)
 
 
 def _error_fields(exc: BaseException) -> tuple[Any, ...]:
@@ -136,11 +137,13 @@ class EngineServer:
 
     async def _generate(self, send: Callable[[Any], Any], call_id: int, call: Call, model: str) -> None:
         generation = self.engine.generate(call, model)
+        stopped = False
         try:
             async for event in generation:
                 await send((call_id, "event", (event, generation.usage_so_far())))
             await send((call_id, "end", generation.usage_so_far()))
         except asyncio.CancelledError:
+            stopped = True
             raise
         except ConnectionError:
             pass
@@ -149,6 +152,9 @@ class EngineServer:
                 await send((call_id, "error", _error_fields(exc)))
         finally:
             await generation.aclose()
+            if stopped:  # the worker's request ended early: what was consumed (the prompt included) is billed
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await send((call_id, "end", generation.usage_so_far()))
 
 
 # -- a worker's side ------------------------------------------------------------------------------------------
@@ -201,11 +207,23 @@ class _Client:
     def done(self, call_id: int) -> None:
         self._waiting.pop(call_id, None)
 
-    async def stop(self, call_id: int) -> None:
-        self.done(call_id)
-        if self._writer is not None:
+    async def stop(self, call_id: int) -> Usage | None:
+        """Stop a generation; what it consumed, as the engine counted it (None if the engine did not answer)."""
+        queue = self._waiting.get(call_id)
+        try:
+            if self._writer is None or queue is None:
+                return None
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await send_frame(self._writer, (call_id, "stop", ()))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_STOP_WAIT_S):
+                    while True:  # events already sent come first
+                        kind, payload = await queue.get()
+                        if kind != "event":
+                            return payload if kind == "end" else None
+            return None
+        finally:
+            self.done(call_id)
 
     async def call(self, method: str, *args: Any) -> Any:
         call_id, queue = await self.start(method, *args)
@@ -332,7 +350,11 @@ class RemoteGeneration:
             return
         self._closed = True
         if self._id is not None:
-            await self._engine._client.stop(self._id)  # the supervisor stops it and frees its slot
+            # The supervisor stops it, frees its slot and says what it consumed (a client gone during the
+            # prompt's evaluation is billed its estimate, as in one process: providers/local_jobs.py).
+            usage = await self._engine._client.stop(self._id)
+            if usage is not None:
+                self._usage = usage
 
 
 def remote_engine(path: str, options: dict[str, Any]) -> Callable[[], RemoteEngine]:
