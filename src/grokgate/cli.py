@@ -368,8 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--keepalive-seconds", type=float, help="SSE keep-alive interval (default 10)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     serve.add_argument("--workers", type=int, metavar="N",
-                       help="serve from N processes on the one port (PostgreSQL + Redis; SIGHUP reloads them one "
-                            "at a time; docs/operations.md)")
+                       help="serve from N processes on the one port (SQLite or PostgreSQL, the local model loaded "
+                            "once; SIGHUP reloads them one at a time; docs/operations.md)")
     serve.add_argument("--record", type=Path, metavar="DIR",
                        help="record every request that reaches a backend into cassettes in DIR (docs/replay.md)")
     serve.add_argument("--replay", type=Path, metavar="DIR",

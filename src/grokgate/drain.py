@@ -14,9 +14,9 @@ refused. `DrainingServer` (a `uvicorn.Server`) splits the stop in three:
 
 `drain_seconds` = 0 skips step 1; so does SIGINT (Ctrl+C in a terminal: nothing balances a terminal's server).
 A second SIGTERM or SIGINT forces the stop: nothing more is waited for, and the process ends by that signal
-(uvicorn re-raises it), as an operator who insisted expects. What the forced stop left held is released like a
-killed replica's: by the survivors' instance sweep on PostgreSQL (store/instances.py), at the next start on
-SQLite.
+(uvicorn re-raises it; a SIGINT exits 130), as an operator who insisted expects. Like a kill, the forced stop
+settles nothing more: requests in flight go unbilled, and what they held is released by the survivors' instance
+sweep on PostgreSQL (store/instances.py); on SQLite holds live in memory and go with the process.
 
 One process, one `DrainingServer`: `grokgate serve` runs it through `serve` below; a worker process of a
 multi-process server runs its own the same way, with its share of the listening socket (`sockets=`), and drains
@@ -88,7 +88,8 @@ def serve(app: Any, *, drain_seconds: float, sockets: list[socket.socket] | None
     try:
         server.run(sockets=sockets)
     except KeyboardInterrupt:  # as uvicorn.run: a SIGINT that arrived before the handlers were installed
-        pass
+        if server.force_exit:  # or a SIGINT that forced the stop (re-raised by uvicorn): not a clean stop
+            return 128 + signal.SIGINT
     if not server.started:
         sys.exit(STARTUP_FAILURE)
     return 0

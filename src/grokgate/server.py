@@ -205,6 +205,8 @@ class Guard:
         self._flusher: asyncio.TimerHandle | None = None
         # The process's drain (grokgate.drain), set by its server: while draining, answers close their connection.
         self.drain: Drain | None = None
+        # Answers close their connection, readiness unchanged: a worker replaced by a reload (grokgate/workers.py).
+        self.closing = False
 
     def admit(self, conn: GuardedHttpToolsProtocol, key: str | None) -> str | None:
         """Take a place for `conn`, or name the limit it is over."""
@@ -334,8 +336,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._phase = _BODY
         self._since = self.loop.time()
         super().on_headers_complete()
-        drain = self.guard.drain
-        if drain is not None and drain.since is not None:
+        guard = self.guard
+        if guard.closing or (guard.drain is not None and guard.drain.since is not None):
             # Draining: this answer goes out with `Connection: close` (uvicorn adds it when keep_alive is off), so
             # a load balancer keeps no idle connection here to send a request on once the server stops accepting.
             self.cycle.keep_alive = False

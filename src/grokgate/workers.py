@@ -42,7 +42,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +51,7 @@ from grokgate.settings import Settings
 # Seconds a worker may take to start (imports, migrations, the first heartbeat) before a reload gives up on it.
 START_TIMEOUT_S = 120.0
 # A worker a reload replaces (SIGUSR2) keeps serving this long with `Connection: close` on every answer, so clients
-# stop reusing its kept-alive connections before it closes them (see `_DrainHeaders`).
+# stop reusing its kept-alive connections before it closes them (server.py Guard.closing).
 DRAIN_S = 1.0
 # A worker that dies unasked is restarted; if it keeps dying at start, at most once per this many seconds.
 RESTART_BACKOFF_S = 1.0
@@ -189,6 +188,12 @@ class Supervisor:
         os.close(write)
         return _Worker(index, generation, process, read)
 
+    @property
+    def stop_timeout(self) -> float:
+        """How long a stopping worker may take before it is killed: its drain, its requests' graceful end and its
+        store's close (app.py), so a stream is never cut short by the supervisor alone."""
+        return DRAIN_S + self.settings.drain_seconds + self.settings.graceful_timeout_seconds + 20.0
+
     def retire(self, worker: _Worker, sig: int | None = signal.SIGTERM, timeout: float | None = None) -> int | None:
         """Stop a worker (SIGTERM: it finishes what it serves; None: already asked) and forget its live gauges."""
         from prometheus_client import multiprocess
@@ -268,7 +273,7 @@ class Supervisor:
                 continue
             grpc_owner = k == 0 and self.settings.grpc_port != 0
             if grpc_owner:
-                self.retire(old, signal.SIGUSR2, timeout=60)
+                self.retire(old, signal.SIGUSR2, timeout=self.stop_timeout)
             new = self.spawn(k, old.generation + 1)
             if not new.wait_ready(START_TIMEOUT_S):
                 print(f"grokgate: reload: the new worker {k} did not start; keeping the old ones",
@@ -279,7 +284,7 @@ class Supervisor:
                 return
             self.workers[k] = new
             if not grpc_owner:
-                self.retire(old, signal.SIGUSR2, timeout=60)
+                self.retire(old, signal.SIGUSR2, timeout=self.stop_timeout)
             if self.signals and self.signals[0] != signal.SIGHUP:
                 return  # a stop asked for meanwhile: the loop handles it
         print("grokgate: reload done", file=sys.stderr, flush=True)
@@ -290,7 +295,7 @@ class Supervisor:
         for worker in running:
             if worker.process.poll() is None:
                 worker.process.send_signal(forwarded)
-        codes = [self.retire(w, None, timeout=60) for w in running]
+        codes = [self.retire(w, None, timeout=self.stop_timeout) for w in running]
         self.workers = [None] * self.count
         return 0 if all(c == 0 for c in codes) else 1
 
@@ -317,27 +322,6 @@ def supervise(settings: Settings, overrides: dict[str, Any], count: int) -> int:
 
 
 # -- a worker -------------------------------------------------------------------------------------------------
-
-
-class _DrainHeaders:
-    """ASGI wrapper: while `draining`, every answer says `Connection: close` (uvicorn then closes the connection
-    after it), so a client does not send its next request on a connection this worker is about to close."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.draining = False
-
-    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not self.draining:
-            await self.app(scope, receive, send)
-            return
-
-        async def closing(message: MutableMapping[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), (b"connection", b"close")]
-            await send(message)
-
-        await self.app(scope, receive, closing)
 
 
 def _die_with_parent() -> None:
@@ -372,15 +356,14 @@ def worker_main(spec: dict[str, Any]) -> int:
         from grokgate.workers_engine import remote_engine
 
         models = build_routing(settings, remote_engine(spec["engine"], local_options(settings)))
-    gateway_app = create_app(settings, accounts=accounts, models=models)
-    app = _DrainHeaders(gateway_app)
+    app = create_app(settings, accounts=accounts, models=models)
     sock = socket.socket(fileno=spec["fd"])
     ready_fd: int = spec["ready"]
     # SIGTERM (the supervisor stopping): this worker drains as one server does (grokgate.drain: /readyz 503, every
     # answer closing its connection, then the graceful stop). SIGUSR2 (a reload replacing it): it leaves quietly,
     # its readiness unchanged (a balancer's health check may reach any worker of the port, and the port stays
     # ready), closing its connections for DRAIN_S before it stops accepting.
-    drain = gateway_app.state.gateway.drain
+    drain = app.state.gateway.drain
     guard = getattr(protocol, "guard", None)
     if guard is not None:
         guard.drain = drain
@@ -398,7 +381,8 @@ def worker_main(spec: dict[str, Any]) -> int:
             if not self.started:
                 self.should_exit = True  # uvicorn stops right after its start-up
             elif self.leave_at is None and not self.should_exit:
-                app.draining = True
+                if guard is not None:
+                    guard.closing = True
                 self.leave_at = time.monotonic() + DRAIN_S
 
         async def on_tick(self, counter: int) -> bool:
@@ -413,8 +397,11 @@ def worker_main(spec: dict[str, Any]) -> int:
                             **options)
     server = Server(config, drain=drain, drain_seconds=settings.drain_seconds)
     signal.signal(signal.SIGUSR2, lambda _s, _f: server.leave())
-    with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run: a SIGINT before the handlers were installed
+    try:
         server.run(sockets=[sock])
+    except KeyboardInterrupt:  # as uvicorn.run: a SIGINT before the handlers were installed
+        if server.force_exit:  # or one that forced the stop: not a clean exit
+            return 128 + signal.SIGINT
     return 0 if server.started else 3
 
 
